@@ -1,0 +1,155 @@
+"""Idempotent provisioning of Streamfold's topics, refusing to run on conflicting ones.
+
+Event topics are the event store: kept forever and never compacted. An aggregate
+type's command and event topics share a partition count so that one worker owns
+both halves of an aggregate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from app.settings import AGGREGATES, Settings
+
+FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+
+
+class TopicConflict(RuntimeError):
+    """An existing topic's settings contradict what Streamfold needs of it."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """The Kafka cluster did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    # Settings whose value on an existing topic must match exactly.
+    enforced: tuple[str, ...] = ()
+
+
+def required_topics(settings: Settings) -> list[TopicSpec]:
+    topics = settings.topics
+    size = {"max.message.bytes": str(settings.max_message_bytes)}
+    specs: list[TopicSpec] = []
+    for aggregate in AGGREGATES:
+        commands, events = topics.commands(aggregate), topics.events(aggregate)
+        specs += [
+            TopicSpec(commands, settings.partitions, dict(size)),
+            TopicSpec(events, settings.partitions, {**FOREVER, **size}, tuple(FOREVER)),
+            # Dead letters carry what was refused; losing them would lose input.
+            TopicSpec(topics.dead_letter(commands), 1, dict(FOREVER), tuple(FOREVER)),
+            TopicSpec(topics.dead_letter(events), 1, dict(FOREVER), tuple(FOREVER)),
+        ]
+    specs.append(TopicSpec(topics.results, settings.partitions, dict(size)))
+    specs.append(
+        TopicSpec(
+            topics.schemas,
+            1,
+            {"cleanup.policy": "compact", "retention.ms": "-1"},
+            ("cleanup.policy",),
+        )
+    )
+    return specs
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient(settings.kafka_client_config())
+
+
+def ensure_topics(
+    settings: Settings, specs: list[TopicSpec] | None = None, *, _attempt: int = 0
+) -> list[str]:
+    """Create missing topics; verify existing ones. Returns the names created."""
+    specs = required_topics(settings) if specs is None else specs
+    admin = admin_client(settings)
+    try:
+        metadata = admin.list_topics(timeout=15)
+    except KafkaException as error:
+        raise BrokerUnavailable(
+            f"Kafka at {settings.bootstrap_servers} did not answer: {error}"
+        ) from error
+    existing = metadata.topics
+    problems: list[str] = []
+    to_create = [s for s in specs if s.name not in existing]
+    present = [s for s in specs if s.name in existing]
+    for spec in present:
+        partitions = len(existing[spec.name].partitions)
+        if partitions != spec.partitions:
+            problems.append(
+                f"topic {spec.name} has {partitions} partitions, Streamfold is configured "
+                f"for {spec.partitions} (STREAMFOLD_PARTITIONS)"
+            )
+    if present:
+        resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
+        futures = admin.describe_configs(resources)
+        for spec, resource in zip(present, resources, strict=True):
+            actual = futures[resource].result(timeout=15)
+            for key in spec.enforced:
+                value = actual[key].value if key in actual else None
+                if value != spec.config[key]:
+                    problems.append(
+                        f"topic {spec.name} has {key}={value}, Streamfold requires "
+                        f"{key}={spec.config[key]}"
+                    )
+    problems += _co_partitioning(settings, existing, specs)
+    if problems:
+        raise TopicConflict(
+            "refusing to start on conflicting topics:\n  - " + "\n  - ".join(problems)
+        )
+    raced = False
+    if to_create:
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    s.name,
+                    num_partitions=s.partitions,
+                    replication_factor=settings.replication_factor,
+                    config=s.config,
+                )
+                for s in to_create
+            ],
+            operation_timeout=30,
+        )
+        for future in futures.values():
+            try:
+                future.result(timeout=30)
+            except KafkaException as error:
+                if "TOPIC_ALREADY_EXISTS" not in str(error):
+                    raise
+                raced = True
+    if raced:
+        # Someone created it between our look and our create (or metadata lagged):
+        # look again, so its settings are verified rather than assumed.
+        if _attempt >= 5:
+            raise BrokerUnavailable("topic metadata did not settle after 5 attempts")
+        time.sleep(0.2 * (_attempt + 1))
+        ensure_topics(settings, specs, _attempt=_attempt + 1)
+    return [s.name for s in to_create]
+
+
+def _co_partitioning(
+    settings: Settings, existing: dict, specs: list[TopicSpec]
+) -> list[str]:
+    wanted = {s.name: s.partitions for s in specs}
+    counts = {
+        name: len(existing[name].partitions) if name in existing else wanted.get(name)
+        for name in wanted
+    }
+    problems = []
+    for aggregate in AGGREGATES:
+        commands = settings.topics.commands(aggregate)
+        events = settings.topics.events(aggregate)
+        if counts.get(commands) != counts.get(events):
+            problems.append(
+                f"{commands} has {counts.get(commands)} partitions but {events} has "
+                f"{counts.get(events)}; an aggregate's command and event topics must match"
+            )
+    return problems

@@ -1,0 +1,161 @@
+"""``decide`` for accounts: turn a command into events, or refuse it."""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+from app.domain.accounts.commands import (
+    CloseAccount,
+    Command,
+    Deposit,
+    OpenAccount,
+    Withdraw,
+)
+from app.domain.accounts.events import (
+    AccountClosed,
+    AccountOpened,
+    Event,
+    MoneyDeposited,
+    MoneyWithdrawn,
+)
+from app.domain.accounts.state import AccountState, AccountStatus
+from app.domain.errors import (
+    DomainError,
+    ErrorCode,
+    invalid,
+    optional_text,
+    require_id,
+    require_int,
+    require_text,
+)
+from app.domain.money import (
+    MAX_AMOUNT_MINOR,
+    MAX_LONG,
+    fmt,
+    require_amount,
+    require_currency,
+)
+
+
+def decide(state: AccountState, command: Command) -> tuple[Event, ...]:
+    """The events ``command`` produces from ``state``; raises ``DomainError``.
+
+    Checks run in a fixed order: existence, status, field validation, business rules.
+    """
+    match command:
+        case OpenAccount():
+            return _open(state, command)
+        case Deposit():
+            return _deposit(_open_account(state, command.account_id), command)
+        case Withdraw():
+            return _withdraw(_open_account(state, command.account_id), command)
+        case CloseAccount():
+            return _close(_open_account(state, command.account_id), command)
+        case _:
+            assert_never(command)
+
+
+def _open_account(state: AccountState, account_id: str) -> AccountState:
+    if state.status is AccountStatus.NEW:
+        raise DomainError(ErrorCode.NOT_FOUND, f"account {account_id!r} does not exist")
+    if account_id != state.account_id:
+        # The application loads state by the command's id; a mismatch is a wiring bug.
+        raise invalid(
+            "account_id",
+            f"{account_id!r} does not match the loaded account {state.account_id!r}",
+        )
+    if state.status is AccountStatus.CLOSED:
+        raise DomainError(ErrorCode.ACCOUNT_CLOSED, f"account {account_id!r} is closed")
+    return state
+
+
+def _require_same_currency(state: AccountState, currency: str) -> None:
+    if currency != state.currency:
+        raise DomainError(
+            ErrorCode.CURRENCY_MISMATCH,
+            f"{currency} does not match account currency {state.currency}",
+            "currency",
+        )
+
+
+def _open(state: AccountState, command: OpenAccount) -> tuple[Event, ...]:
+    if state.status is not AccountStatus.NEW:
+        raise DomainError(
+            ErrorCode.ALREADY_EXISTS, f"account {command.account_id!r} already exists"
+        )
+    return (
+        AccountOpened(
+            account_id=require_id(command.account_id, "account_id"),
+            owner_id=require_id(command.owner_id, "owner_id"),
+            currency=require_currency(command.currency),
+            overdraft_limit_minor=require_int(
+                command.overdraft_limit_minor,
+                "overdraft_limit_minor",
+                0,
+                MAX_AMOUNT_MINOR,
+            ),
+        ),
+    )
+
+
+def _deposit(state: AccountState, command: Deposit) -> tuple[Event, ...]:
+    transaction_id = require_id(command.transaction_id, "transaction_id")
+    amount = require_amount(command.amount_minor)
+    currency = require_currency(command.currency)
+    source = require_text(command.source, "source")
+    reference = optional_text(command.reference, "reference")
+    _require_same_currency(state, currency)
+    balance_after = state.balance_minor + amount
+    if balance_after > MAX_LONG:
+        raise invalid("amount_minor", f"would bring the balance beyond {MAX_LONG}")
+    return (
+        MoneyDeposited(
+            account_id=state.account_id,
+            transaction_id=transaction_id,
+            amount_minor=amount,
+            currency=currency,
+            source=source,
+            reference=reference,
+            balance_after_minor=balance_after,
+        ),
+    )
+
+
+def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
+    transaction_id = require_id(command.transaction_id, "transaction_id")
+    amount = require_amount(command.amount_minor)
+    currency = require_currency(command.currency)
+    destination = require_text(command.destination, "destination")
+    reference = optional_text(command.reference, "reference")
+    _require_same_currency(state, currency)
+    balance_after = state.balance_minor - amount
+    if balance_after < -state.overdraft_limit_minor:
+        raise DomainError(
+            ErrorCode.INSUFFICIENT_FUNDS,
+            f"withdrawing {fmt(amount, currency)} from balance "
+            f"{fmt(state.balance_minor, currency)} would exceed the overdraft limit "
+            f"of {fmt(state.overdraft_limit_minor, currency)}",
+            "amount_minor",
+        )
+    return (
+        MoneyWithdrawn(
+            account_id=state.account_id,
+            transaction_id=transaction_id,
+            amount_minor=amount,
+            currency=currency,
+            destination=destination,
+            reference=reference,
+            balance_after_minor=balance_after,
+        ),
+    )
+
+
+def _close(state: AccountState, command: CloseAccount) -> tuple[Event, ...]:
+    reason = require_text(command.reason, "reason")
+    if state.balance_minor != 0:
+        raise DomainError(
+            ErrorCode.NON_ZERO_BALANCE,
+            f"cannot close account {state.account_id!r} with balance "
+            f"{fmt(state.balance_minor, state.currency)}; it must be 0",
+        )
+    return (AccountClosed(account_id=state.account_id, reason=reason),)

@@ -1,0 +1,85 @@
+"""The domain's one exception, its codes, and the small guards that raise it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Why a command was refused; the value travels on ``command-results``."""
+
+    VALIDATION = "Validation"
+    ALREADY_EXISTS = "AlreadyExists"
+    NOT_FOUND = "NotFound"
+    INVALID_STATE = "InvalidState"
+    PAYMENT_MISMATCH = "PaymentMismatch"
+    CURRENCY_MISMATCH = "CurrencyMismatch"
+    INSUFFICIENT_FUNDS = "InsufficientFunds"
+    ACCOUNT_CLOSED = "AccountClosed"
+    NON_ZERO_BALANCE = "NonZeroBalance"
+
+
+class DomainError(Exception):
+    """A command broke a business rule; nothing was decided."""
+
+    code: str
+    message: str
+    field: str | None
+
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        # The plain value, so the code serialises and compares the same everywhere.
+        self.code = ErrorCode(code).value
+        self.message = message
+        self.field = field
+
+    def __reduce__(self) -> tuple[type[DomainError], tuple[ErrorCode, str, str | None]]:
+        # Exception pickles only ``args``; keep code and field across process hops.
+        return (type(self), (ErrorCode(self.code), self.message, self.field))
+
+    def __repr__(self) -> str:
+        return f"DomainError({self.code!r}, {self.message!r}, field={self.field!r})"
+
+
+def invalid(field: str, message: str) -> DomainError:
+    """A VALIDATION error; the message is prefixed with the field it concerns."""
+    return DomainError(ErrorCode.VALIDATION, f"{field} {message}", field)
+
+
+def require_text(value: str, field: str) -> str:
+    """Free text that must not be blank; returned stripped."""
+    if not isinstance(value, str):
+        raise invalid(field, f"must be a string, got {type(value).__name__}")
+    stripped = value.strip()
+    if not stripped:
+        raise invalid(field, "must not be empty")
+    return stripped
+
+
+def optional_text(value: str, field: str) -> str:
+    """Free text that may be empty; returned stripped."""
+    if not isinstance(value, str):
+        raise invalid(field, f"must be a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def require_id(value: str, field: str) -> str:
+    """An identifier: not blank, and kept verbatim.
+
+    Surrounding whitespace is refused rather than stripped, because ids key streams and
+    partitions: silently rewriting one would split an aggregate in two.
+    """
+    require_text(value, field)
+    if value != value.strip():
+        raise invalid(field, f"must not start or end with whitespace, got {value!r}")
+    return value
+
+
+def require_int(value: int, field: str, low: int, high: int) -> int:
+    """A whole number within ``low..high`` inclusive."""
+    # bool is an int subclass; True as a quantity is a bug upstream, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(field, f"must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise invalid(field, f"must be between {low} and {high}, got {value}")
+    return value

@@ -1,0 +1,332 @@
+"""Streamfold's configuration: one frozen object read from the environment.
+
+Every value is validated at start-up; a bad one raises ``SettingsError`` naming the
+variable, so a worker never runs half-configured.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing, malformed or contradicts another."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topics:
+    """Topic names, all derived from one optional prefix so tests and tenants can
+    run side by side on one broker."""
+
+    prefix: str = ""
+
+    def commands(self, aggregate: str) -> str:
+        return f"{self.prefix}{aggregate}.commands"
+
+    def events(self, aggregate: str) -> str:
+        return f"{self.prefix}{aggregate}.events"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}command-results"
+
+    def dead_letter(self, source_topic: str) -> str:
+        return f"{source_topic}.dlq"
+
+    @property
+    def schemas(self) -> str:
+        return f"{self.prefix}_streamfold-schemas"
+
+
+AGGREGATES = ("orders", "accounts")
+PRODUCER_ACKS = "all"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    database_url: str = (
+        "postgresql://streamfold_writer:streamfold@127.0.0.1:5432/streamfold"
+    )
+    query_database_url: str = (
+        "postgresql://streamfold_reader:streamfold@127.0.0.1:5432/streamfold"
+    )
+    schema_registry_url: str = "http://127.0.0.1:8081"
+    app_id: str = "streamfold"
+    topics: Topics = Topics()
+    partitions: int = 4
+    replication_factor: int = 1
+    home: Path = Path.home() / ".streamfold"
+    cache: Path = Path.home() / ".cache" / "streamfold"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    registry_port: int = 8081
+    store: str = "rocksdb"
+    max_message_bytes: int = 1_048_576
+    command_timeout_s: float = 10.0
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise ``SettingsError`` on the first bad one."""
+        env = os.environ if env is None else env
+        default = cls()
+
+        def get(name: str, parse: Callable[[str, str], T], fallback: T) -> T:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return fallback
+            return parse(name, raw.strip())
+
+        settings = cls(
+            bootstrap_servers=get(
+                "KAFKA_BOOTSTRAP_SERVERS", _hostports, default.bootstrap_servers
+            ),
+            database_url=get("DATABASE_URL", _postgres_url, default.database_url),
+            query_database_url=get(
+                "QUERY_DATABASE_URL", _postgres_url, default.query_database_url
+            ),
+            schema_registry_url=get(
+                "SCHEMA_REGISTRY_URL", _http_url, default.schema_registry_url
+            ),
+            app_id=get("STREAMFOLD_APP_ID", _name, default.app_id),
+            topics=Topics(prefix=get("STREAMFOLD_TOPIC_PREFIX", _prefix, "")),
+            partitions=get(
+                "STREAMFOLD_PARTITIONS", _int_between(1, 1024), default.partitions
+            ),
+            replication_factor=get(
+                "STREAMFOLD_REPLICATION_FACTOR",
+                _int_between(1, 16),
+                default.replication_factor,
+            ),
+            home=get("STREAMFOLD_HOME", _path, default.home),
+            cache=get("STREAMFOLD_CACHE", _path, default.cache),
+            web_host=get("STREAMFOLD_WEB_HOST", _name, default.web_host),
+            web_port=get(
+                "STREAMFOLD_WEB_PORT", _int_between(1, 65535), default.web_port
+            ),
+            registry_port=get(
+                "STREAMFOLD_REGISTRY_PORT",
+                _int_between(1, 65535),
+                default.registry_port,
+            ),
+            store=get("STREAMFOLD_STORE", _one_of("rocksdb", "memory"), default.store),
+            max_message_bytes=get(
+                "STREAMFOLD_MAX_MESSAGE_BYTES",
+                _int_between(1024, 100 * 1_048_576),
+                default.max_message_bytes,
+            ),
+            command_timeout_s=get(
+                "STREAMFOLD_COMMAND_TIMEOUT",
+                _float_between(0.1, 3600),
+                default.command_timeout_s,
+            ),
+            security_protocol=get(
+                "KAFKA_SECURITY_PROTOCOL",
+                _one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+                default.security_protocol,
+            ),
+            sasl_mechanism=get(
+                "KAFKA_SASL_MECHANISM",
+                _one_of("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+                None,
+            ),
+            sasl_username=get("KAFKA_SASL_USERNAME", _text, None),
+            sasl_password=get("KAFKA_SASL_PASSWORD", _text, None),
+            ssl_cafile=get("KAFKA_SSL_CAFILE", _existing_file, None),
+        )
+        # Streamfold's promises rest on durable, de-duplicated appends: a producer that
+        # may lose or repeat a write is refused rather than quietly weakened.
+        get("KAFKA_PRODUCER_ACKS", _one_of(PRODUCER_ACKS), PRODUCER_ACKS)
+        get("KAFKA_ENABLE_IDEMPOTENCE", _one_of("true"), "true")
+        settings._check_combinations()
+        return settings
+
+    def _check_combinations(self) -> None:
+        if self.security_protocol.startswith("SASL_"):
+            if not self.sasl_mechanism:
+                raise SettingsError(
+                    "KAFKA_SASL_MECHANISM",
+                    f"required when KAFKA_SECURITY_PROTOCOL={self.security_protocol}",
+                )
+            for name, value in (
+                ("KAFKA_SASL_USERNAME", self.sasl_username),
+                ("KAFKA_SASL_PASSWORD", self.sasl_password),
+            ):
+                if not value:
+                    raise SettingsError(
+                        name,
+                        f"required when KAFKA_SECURITY_PROTOCOL={self.security_protocol}",
+                    )
+        elif self.sasl_mechanism:
+            raise SettingsError(
+                "KAFKA_SASL_MECHANISM",
+                "set, but KAFKA_SECURITY_PROTOCOL is not SASL_PLAINTEXT or SASL_SSL; "
+                "refusing to connect without authentication",
+            )
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that makes a child process read these same settings."""
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+            "DATABASE_URL": self.database_url,
+            "QUERY_DATABASE_URL": self.query_database_url,
+            "SCHEMA_REGISTRY_URL": self.schema_registry_url,
+            "STREAMFOLD_APP_ID": self.app_id,
+            "STREAMFOLD_TOPIC_PREFIX": self.topics.prefix,
+            "STREAMFOLD_PARTITIONS": str(self.partitions),
+            "STREAMFOLD_REPLICATION_FACTOR": str(self.replication_factor),
+            "STREAMFOLD_HOME": str(self.home),
+            "STREAMFOLD_CACHE": str(self.cache),
+            "STREAMFOLD_WEB_HOST": self.web_host,
+            "STREAMFOLD_WEB_PORT": str(self.web_port),
+            "STREAMFOLD_REGISTRY_PORT": str(self.registry_port),
+            "STREAMFOLD_STORE": self.store,
+            "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
+            "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
+            "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
+        }
+        optional = {
+            "KAFKA_SASL_MECHANISM": self.sasl_mechanism,
+            "KAFKA_SASL_USERNAME": self.sasl_username,
+            "KAFKA_SASL_PASSWORD": self.sasl_password,
+            "KAFKA_SSL_CAFILE": self.ssl_cafile,
+        }
+        env.update({k: v for k, v in optional.items() if v})
+        return env
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka settings shared by every confluent-kafka client Streamfold makes."""
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username or ""
+            config["sasl.password"] = self.sasl_password or ""
+        if self.ssl_cafile:
+            config["ssl.ca.location"] = self.ssl_cafile
+        return config
+
+    def producer_config(self) -> dict[str, str | int | bool]:
+        return {
+            **self.kafka_client_config(),
+            "acks": PRODUCER_ACKS,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "message.max.bytes": self.max_message_bytes + 65_536,
+        }
+
+
+def _hostports(name: str, raw: str) -> str:
+    for part in raw.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(name, f"expected host:port[,host:port...], got {raw!r}")
+    return raw
+
+
+def _postgres_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise SettingsError(
+            name, f"expected postgresql://user:password@host:port/database, got {raw!r}"
+        )
+    return raw
+
+
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(name, f"expected an http(s):// URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+def _name(name: str, raw: str) -> str:
+    if not _NAME.match(raw):
+        raise SettingsError(
+            name, f"expected letters, digits, '.', '_' or '-', got {raw!r}"
+        )
+    return raw
+
+
+def _prefix(name: str, raw: str) -> str:
+    if not re.match(r"^[A-Za-z0-9._-]{1,100}$", raw):
+        raise SettingsError(
+            name, f"expected letters, digits, '.', '_' or '-', got {raw!r}"
+        )
+    return raw
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _existing_file(name: str, raw: str) -> str:
+    if not Path(raw).is_file():
+        raise SettingsError(name, f"no such file: {raw}")
+    return raw
+
+
+def _int_between(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(name, f"expected a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_between(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(
+                name, f"expected a number of seconds, got {raw!r}"
+            ) from None
+        if not low <= value <= high:
+            raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in choices:
+            raise SettingsError(
+                name, f"must be one of {', '.join(choices)}, got {raw!r}"
+            )
+        return raw
+
+    return parse

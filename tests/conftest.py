@@ -1,0 +1,91 @@
+"""Fixtures that start (or reuse) the real Kafka broker and PostgreSQL server.
+
+A test that needs a service gets it from here or fails with the reason; nothing skips.
+Each test session writes to topics under its own prefix and to its own database, so
+runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from app.local import postgres
+from app.local.kafka import KafkaNode
+from app.settings import Settings, Topics
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "services: needs the real Kafka broker and Postgres"
+    )
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def kafka(base_settings: Settings) -> Iterator[KafkaNode]:
+    node = KafkaNode(home=base_settings.home, cache=base_settings.cache)
+    if base_settings.bootstrap_servers != node.bootstrap:
+        pytest.fail(
+            "tests start their own broker on 127.0.0.1:9092; unset "
+            f"KAFKA_BOOTSTRAP_SERVERS (it is {base_settings.bootstrap_servers})"
+        )
+    started = node.start()
+    yield node
+    if started:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(base_settings: Settings) -> postgres.Conninfo:
+    writer = postgres.Conninfo.parse(base_settings.database_url)
+    reader = postgres.Conninfo.parse(base_settings.query_database_url)
+    postgres.ensure_running(writer.port)
+    postgres.ensure_database(writer, reader)
+    return writer
+
+
+@pytest.fixture(scope="session")
+def session_settings(
+    base_settings: Settings, kafka: KafkaNode, postgres_server: postgres.Conninfo
+) -> Iterator[Settings]:
+    """Settings for this test session: a fresh database and a topic prefix of its own."""
+    tag = uuid.uuid4().hex[:8]
+    database = f"streamfold_test_{tag}"
+    writer = postgres.Conninfo.parse(base_settings.database_url)
+    reader = postgres.Conninfo.parse(base_settings.query_database_url)
+    postgres.create_database(
+        database, owner=writer.user, reader=reader.user, port=writer.port
+    )
+    settings = dataclasses.replace(
+        base_settings,
+        database_url=_with_database(base_settings.database_url, database),
+        query_database_url=_with_database(base_settings.query_database_url, database),
+        topics=Topics(prefix=f"t{tag}."),
+        app_id=f"streamfold-test-{tag}",
+    )
+    yield settings
+    postgres.drop_database(database, port=writer.port)
+
+
+def fresh_settings(settings: Settings, **changes: object) -> Settings:
+    """A copy with its own topic prefix and application id: an isolated deployment."""
+    tag = uuid.uuid4().hex[:8]
+    return dataclasses.replace(
+        settings,
+        topics=Topics(prefix=f"t{tag}."),
+        app_id=f"streamfold-test-{tag}",
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def _with_database(url: str, database: str) -> str:
+    head, _, _ = url.rpartition("/")
+    return f"{head}/{database}"
