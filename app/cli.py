@@ -44,6 +44,8 @@ def cmd_test(settings: Settings, args: argparse.Namespace) -> int:
     from app.local import stack
 
     stack.up(settings)
+    if cmd_schemas(settings, args) != 0:
+        return 1
     pytest_args = list(args.pytest_args) or ["-q"]
     return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO)
 
@@ -55,6 +57,96 @@ def cmd_kafka_tool(settings: Settings, args: argparse.Namespace) -> int:
     node = stack.kafka_node(settings)
     node.resolve()
     return subprocess.call(node.java(_tool_class(args.tool), *args.tool_args))
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the worker (command agents, projections, web views) in the foreground."""
+    from app import worker
+
+    worker.run(settings)
+    return 0
+
+
+def cmd_registry(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the schema registry (Confluent REST API) in the foreground."""
+    from app.adapters import registry_server
+
+    registry_server.main(settings)
+    return 0
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    """Send one command and wait for its result (exit 0 accepted, 3 rejected)."""
+    import json
+
+    from app.adapters import mapper
+    from app.adapters.catalog import SchemaCatalog
+    from app.client import CommandClient, CommandTimeout
+
+    catalog = SchemaCatalog.load()
+    try:
+        cls = catalog.command_class(args.command_type)
+    except LookupError as error:
+        raise SettingsError("COMMAND", str(error)) from None
+    try:
+        payload = json.loads(args.payload)
+        command = mapper.from_dict(cls, payload)
+    except (ValueError, mapper.MappingError) as error:
+        print(
+            f"streamfold: invalid {args.command_type} payload: {error}", file=sys.stderr
+        )
+        return 2
+    with CommandClient(settings, catalog=catalog) as client:
+        try:
+            result = client.send(
+                command,
+                timeout=args.timeout,
+                command_id=args.command_id,
+                user_id=args.user,
+                expected_version=args.expected_version,
+                correlation_id=args.correlation_id,
+            )
+        except CommandTimeout as error:
+            print(f"streamfold: {error}", file=sys.stderr)
+            return 4
+    print(json.dumps(_result_json(result), indent=2))
+    return 0 if result.accepted else 3
+
+
+def _result_json(result: object) -> dict[str, object]:
+    import dataclasses
+
+    data = dataclasses.asdict(result)  # type: ignore[call-overload]
+    data["event_ids"] = list(data["event_ids"])
+    return data
+
+
+def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
+    """Check every schema in schemas/ against its earlier versions (BACKWARD_TRANSITIVE)."""
+    from app.adapters.catalog import SchemaCatalog, check_catalog
+
+    catalog = SchemaCatalog.load()
+    problems = check_catalog(catalog)
+    for problem in problems:
+        print(f"  ✗ {problem}")
+    count = sum(len(catalog.versions(name)) for name in catalog.names())
+    if problems:
+        print(
+            f"schemas check failed: {len(problems)} problem(s) in {count} schema files"
+        )
+        return 1
+    print(
+        f"schemas check passed: {len(catalog.names())} records, {count} versions, "
+        "each BACKWARD_TRANSITIVE-compatible with the versions before it"
+    )
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Bring everything up, drive a demo workload through it, and say what happened."""
+    from app import demo
+
+    return demo.run(settings)
 
 
 def _tool_class(name: str) -> str:
@@ -90,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--keep-postgres", action="store_true")
     test = add("test", cmd_test)
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    add("worker", cmd_worker)
+    add("registry", cmd_registry)
+    send = add("send", cmd_send)
+    send.add_argument("command_type", help="a command record name, e.g. CreateOrder")
+    send.add_argument("payload", help="the command's fields as JSON")
+    send.add_argument("--command-id", help="idempotency key (default: a new UUID)")
+    send.add_argument(
+        "--expected-version", type=int, help="optimistic concurrency check"
+    )
+    send.add_argument("--correlation-id")
+    send.add_argument("--user", default=os.environ.get("USER"), help="user id")
+    send.add_argument("--timeout", type=float, help="seconds to wait for the result")
+    schemas = add("schemas", cmd_schemas)
+    schemas.add_argument("action", choices=["check"])
+    add("demo", cmd_demo)
     tool = add("kafka-tool", cmd_kafka_tool)
     tool.add_argument("tool", help="consumer-groups, topics, configs, acls, ...")
     tool.add_argument("tool_args", nargs=argparse.REMAINDER)

@@ -232,7 +232,7 @@ class Settings:
             "acks": PRODUCER_ACKS,
             "enable.idempotence": True,
             "linger.ms": 5,
-            "message.max.bytes": self.max_message_bytes + 65_536,
+            "message.max.bytes": 2 * self.max_message_bytes + 65_536,
         }
 
 

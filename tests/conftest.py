@@ -89,3 +89,38 @@ def fresh_settings(settings: Settings, **changes: object) -> Settings:
 def _with_database(url: str, database: str) -> str:
     head, _, _ = url.rpartition("/")
     return f"{head}/{database}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def registry_settings(session_settings: Settings) -> Iterator[Settings]:
+    """Session settings pointing at a schema registry of this session's own."""
+    from app.local.registry import RegistryProcess
+
+    port = free_port()
+    settings = dataclasses.replace(
+        session_settings,
+        registry_port=port,
+        schema_registry_url=f"http://127.0.0.1:{port}",
+    )
+    process = RegistryProcess(settings)
+    process.start()
+    yield settings
+    process.stop()
+
+
+@pytest.fixture
+def deployment(registry_settings: Settings) -> Settings:
+    """An isolated deployment (own topics, app id and web port) with topics provisioned."""
+    from app.adapters import topics
+
+    settings = fresh_settings(registry_settings, web_port=free_port())
+    topics.ensure_topics(settings)
+    return settings

@@ -37,7 +37,9 @@ class TopicSpec:
 
 def required_topics(settings: Settings) -> list[TopicSpec]:
     topics = settings.topics
-    size = {"max.message.bytes": str(settings.max_message_bytes)}
+    # Topics take twice the configured limit, so an oversized command reaches the
+    # worker and is dead-lettered with a clear reason instead of vanishing at a producer.
+    size = {"max.message.bytes": str(2 * settings.max_message_bytes + 65_536)}
     specs: list[TopicSpec] = []
     for aggregate in AGGREGATES:
         commands, events = topics.commands(aggregate), topics.events(aggregate)
@@ -45,8 +47,12 @@ def required_topics(settings: Settings) -> list[TopicSpec]:
             TopicSpec(commands, settings.partitions, dict(size)),
             TopicSpec(events, settings.partitions, {**FOREVER, **size}, tuple(FOREVER)),
             # Dead letters carry what was refused; losing them would lose input.
-            TopicSpec(topics.dead_letter(commands), 1, dict(FOREVER), tuple(FOREVER)),
-            TopicSpec(topics.dead_letter(events), 1, dict(FOREVER), tuple(FOREVER)),
+            TopicSpec(
+                topics.dead_letter(commands), 1, {**FOREVER, **size}, tuple(FOREVER)
+            ),
+            TopicSpec(
+                topics.dead_letter(events), 1, {**FOREVER, **size}, tuple(FOREVER)
+            ),
         ]
     specs.append(TopicSpec(topics.results, settings.partitions, dict(size)))
     specs.append(

@@ -151,7 +151,7 @@ class KafkaNode:
         )
         try:
             admin.list_topics(timeout=timeout)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means "not answering yet"
             return False
         return True
 

@@ -1,0 +1,490 @@
+"""Avro records on the wire in Confluent framing: magic byte 0, schema id, Avro body.
+
+Subjects follow the topic-record-name strategy (``<topic>-<record full name>``). Old
+writers' data comes back upcast to the catalog's latest version of its record.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from io import BytesIO
+from typing import Any, Protocol
+
+import fastavro
+from fastavro import schemaless_reader, schemaless_writer
+
+from app.adapters.catalog import SchemaCatalog, UnknownRecord, UpcastError, short_name
+
+MAGIC = 0
+HEADER_SIZE = 5
+_MAGIC_PREFIX = bytes([MAGIC])
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+class RegistryError(Exception):
+    """The schema registry refused or failed a request."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached or answered with a server error; retry."""
+
+
+class SchemaRejected(RegistryError):
+    """The registry refused a schema: invalid, or incompatible with the subject."""
+
+
+class SchemaNotFound(RegistryError):
+    """No schema has the asked-for id."""
+
+
+class EncodeError(ValueError):
+    """A record could not be written with its schema."""
+
+
+class DecodeError(Exception):
+    """A payload cannot be read; ``reason`` says why, for a rejection or dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotFramed(DecodeError):
+    """Empty, shorter than the 5-byte header, or a magic byte other than 0."""
+
+
+class UnknownSchemaId(DecodeError):
+    """The registry has no schema under the payload's id."""
+
+
+class Undecodable(DecodeError):
+    """The body does not decode with its writer schema."""
+
+
+class UnknownRecordType(DecodeError):
+    """The writer schema names a record the catalog does not know."""
+
+
+class TooLarge(DecodeError):
+    """The payload exceeds the size limit."""
+
+
+def validate_size(payload: bytes, limit: int) -> None:
+    """Raise ``TooLarge`` when ``payload`` is longer than ``limit`` bytes."""
+    if len(payload) > limit:
+        raise TooLarge(
+            f"payload of {len(payload)} bytes exceeds the limit of {limit} bytes"
+        )
+
+
+# -- the registry port and its adapters -------------------------------------------------
+
+
+class SchemaRegistry(Protocol):
+    """Where schemas get their ids: the Confluent Schema Registry REST API, or a fake."""
+
+    def register(self, subject: str, schema: str) -> int:
+        """Register ``schema`` under ``subject`` (idempotent) and return its id.
+
+        Raises ``SchemaRejected`` if the registry refuses it, ``RegistryUnavailable``
+        if it cannot be asked.
+        """
+        ...
+
+    def schema_by_id(self, schema_id: int) -> str:
+        """The schema text registered under ``schema_id``.
+
+        Raises ``SchemaNotFound`` if there is none, ``RegistryUnavailable`` if the
+        registry cannot be asked.
+        """
+        ...
+
+
+class ConfluentRegistry:
+    """``SchemaRegistry`` over confluent-kafka's ``SchemaRegistryClient``."""
+
+    def __init__(self, url: str, conf: Mapping[str, Any] | None = None) -> None:
+        try:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+        except ImportError as exc:
+            raise RegistryError(
+                "the schema registry client needs confluent-kafka[schemaregistry] "
+                f"installed: {exc}"
+            ) from exc
+
+        self._client = SchemaRegistryClient({**(conf or {}), "url": url})
+        self._url = url
+
+    def register(self, subject: str, schema: str) -> int:
+        from confluent_kafka.schema_registry import Schema
+
+        try:
+            return int(self._client.register_schema(subject, Schema(schema, "AVRO")))
+        except Exception as exc:
+            translated = _translate(exc, f"registering {subject} at {self._url}")
+            if translated is None:
+                raise
+            raise translated from exc
+
+    def schema_by_id(self, schema_id: int) -> str:
+        try:
+            return str(self._client.get_schema(schema_id).schema_str)
+        except Exception as exc:
+            translated = _translate(
+                exc, f"fetching schema id {schema_id} at {self._url}"
+            )
+            if translated is None:
+                raise
+            raise translated from exc
+
+
+def _translate(exc: Exception, where: str) -> RegistryError | None:
+    """Streamfold's error for one of the registry client's; None if it is not one."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    if isinstance(exc, SchemaRegistryError):
+        status = exc.http_status_code
+        detail = f"{where}: {exc.error_message} (HTTP {status}, code {exc.error_code})"
+        if status == 404:
+            return SchemaNotFound(detail)
+        if status in (409, 422):
+            return SchemaRejected(detail)
+        if status >= 500 or status in (408, 429):
+            return RegistryUnavailable(detail)
+        return RegistryError(detail)
+    if isinstance(exc, _transport_errors()):
+        return RegistryUnavailable(f"{where}: {exc!r}")
+    return None
+
+
+@cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # The client speaks httpx2 when it is installed and httpx otherwise.
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+class InMemoryRegistry:
+    """A ``SchemaRegistry`` in a dict, for unit tests.
+
+    Equal schemas (by the registry's canonical form) share one id across subjects, as
+    in the Confluent registry. With a ``compatibility`` mode other than ``NONE`` a
+    subject's new schema must pass the same check the real registry makes.
+    """
+
+    def __init__(self, compatibility: str = "NONE", first_id: int = 1) -> None:
+        self.compatibility = compatibility
+        self.subjects: dict[str, list[int]] = {}
+        self._ids: dict[str, int] = {}
+        self._schemas: dict[int, str] = {}
+        self._next = first_id
+        self._lock = threading.Lock()
+        self.lookups = 0
+
+    def register(self, subject: str, schema: str) -> int:
+        from app.adapters import compatibility
+
+        try:
+            canonical = compatibility.canonical_form(schema)
+        except ValueError as exc:
+            raise SchemaRejected(f"{subject}: {exc}") from exc
+        with self._lock:
+            schema_id = self._ids.get(canonical)
+            versions = self.subjects.setdefault(subject, [])
+            if schema_id is not None and schema_id in versions:
+                return schema_id
+            problems = compatibility.check(
+                self.compatibility, schema, [self._schemas[i] for i in versions]
+            )
+            if problems:
+                raise SchemaRejected(f"{subject}: {'; '.join(problems)}")
+            if schema_id is None:
+                schema_id = self._next
+                self._next += 1
+                self._ids[canonical] = schema_id
+                self._schemas[schema_id] = schema
+            versions.append(schema_id)
+            return schema_id
+
+    def schema_by_id(self, schema_id: int) -> str:
+        self.lookups += 1
+        try:
+            return self._schemas[schema_id]
+        except KeyError:
+            raise SchemaNotFound(f"no schema has id {schema_id}") from None
+
+
+# -- the codec --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded record: ``data`` is at the catalog's latest version of its record."""
+
+    record_name: str  # full name, e.g. streamfold.orders.OrderCreated
+    short_name: str  # e.g. OrderCreated
+    # The catalog version the payload was written with; None for a writer schema the
+    # catalog does not hold (an external producer's compatible variant).
+    writer_version: int | None
+    schema_id: int
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    record_name: str
+    short_name: str
+    writer_version: int | None
+    writer: dict[str, Any]
+    # Set only for a writer outside the catalog: read with Avro resolution into it.
+    reader: dict[str, Any] | None
+    # Set when the writer is an older catalog version: upcast after reading.
+    upcast_from: int | None
+
+
+class Codec:
+    """Encodes dicts as framed Avro and decodes them back, upcast to the latest version.
+
+    Registrations and writer schemas are cached per subject and per id, so the hot
+    path makes no registry call and parses no JSON. Safe to share between threads.
+    """
+
+    def __init__(self, registry: SchemaRegistry, catalog: SchemaCatalog) -> None:
+        self._registry = registry
+        self._catalog = catalog
+        self._writers: dict[tuple[str, str, int | None], tuple[bytes, Any]] = {}
+        self._readers: dict[int, _Reader] = {}
+        self._refused: dict[int, DecodeError] = {}
+
+    @property
+    def catalog(self) -> SchemaCatalog:
+        return self._catalog
+
+    def encode(
+        self,
+        topic: str,
+        record_name: str,
+        data: Mapping[str, Any],
+        *,
+        version: int | None = None,
+    ) -> bytes:
+        """``data`` framed under subject ``<topic>-<full name>``.
+
+        ``record_name`` is a full or unique short name; ``version`` defaults to the
+        latest (an older one is for tools and tests that play old writers).
+        """
+        try:
+            header, schema = self._writers[(topic, record_name, version)]
+        except KeyError:
+            header, schema = self._writer(topic, record_name, version)
+        out = BytesIO()
+        out.write(header)
+        try:
+            schemaless_writer(out, schema, data, strict_allow_default=True)
+        except Exception as exc:  # fastavro raises many kinds for a bad datum
+            raise EncodeError(
+                f"{short_name(schema['name'])} does not fit its schema: {exc}"
+            ) from exc
+        return out.getvalue()
+
+    def decode(self, payload: bytes) -> Decoded:
+        """The record in ``payload``, at its record's latest version; raises
+        ``DecodeError`` (``NotFramed``, ``UnknownSchemaId``, ``Undecodable``,
+        ``UnknownRecordType``) or ``RegistryUnavailable``."""
+        if len(payload) < HEADER_SIZE or payload[0] != MAGIC:
+            raise NotFramed(_framing_problem(payload))
+        schema_id = int.from_bytes(payload[1:HEADER_SIZE], "big")
+        reader = self._readers.get(schema_id)
+        if reader is None:
+            reader = self._reader(schema_id)
+        body = BytesIO(payload)
+        body.seek(HEADER_SIZE)
+        try:
+            data: Any = schemaless_reader(body, reader.writer, reader.reader)
+        except Exception as exc:  # noqa: BLE001 - fastavro raises many kinds for a bad body
+            raise Undecodable(
+                f"{reader.short_name} body does not decode with schema id "
+                f"{schema_id}: {type(exc).__name__}: {exc}"
+            ) from None
+        if body.tell() != len(payload):
+            raise Undecodable(
+                f"{reader.short_name} body has {len(payload) - body.tell()} bytes "
+                f"left over after the record (schema id {schema_id})"
+            )
+        if reader.upcast_from is not None:
+            try:
+                data = self._catalog.upcast(
+                    reader.record_name, reader.upcast_from, data
+                )
+            except (UpcastError, KeyError, TypeError, ValueError) as exc:
+                raise Undecodable(
+                    f"{reader.short_name} v{reader.upcast_from} could not be upcast: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+        return Decoded(
+            reader.record_name,
+            reader.short_name,
+            reader.writer_version,
+            schema_id,
+            data,
+        )
+
+    def _writer(
+        self, topic: str, record_name: str, version: int | None
+    ) -> tuple[bytes, Any]:
+        catalog = self._catalog
+        try:
+            full = catalog.full_name(record_name)
+            schema_text = catalog.schema(full, version)
+            parsed = catalog.parsed(full, version)
+        except UnknownRecord as exc:
+            raise EncodeError(str(exc)) from None
+        schema_id = self._registry.register(f"{topic}-{full}", schema_text)
+        entry = (_MAGIC_PREFIX + schema_id.to_bytes(4, "big"), parsed)
+        self._writers[(topic, record_name, version)] = entry
+        return entry
+
+    def _reader(self, schema_id: int) -> _Reader:
+        refused = self._refused.get(schema_id)
+        if refused is not None:
+            raise type(refused)(refused.reason)
+        try:
+            text = self._registry.schema_by_id(schema_id)
+        except SchemaNotFound:
+            raise UnknownSchemaId(
+                f"schema id {schema_id} is not in the registry"
+            ) from None
+        try:
+            reader = self._identify(schema_id, text)
+        except DecodeError as exc:
+            # An id's schema never changes, so neither does this verdict.
+            self._refused[schema_id] = exc
+            raise
+        self._readers[schema_id] = reader
+        return reader
+
+    def _identify(self, schema_id: int, text: str) -> _Reader:
+        catalog = self._catalog
+        identity = catalog.identify(text)
+        if identity is not None:
+            name, version = identity
+            latest = catalog.latest_version(name)
+            return _Reader(
+                record_name=name,
+                short_name=short_name(name),
+                writer_version=version,
+                writer=catalog.parsed(name, version),
+                reader=None,
+                upcast_from=None if version == latest else version,
+            )
+        try:
+            writer: Any = fastavro.parse_schema(json.loads(text), named_schemas={})
+        except Exception as exc:  # noqa: BLE001 - fastavro raises several kinds
+            raise Undecodable(
+                f"writer schema id {schema_id} is not a valid Avro schema: {exc}"
+            ) from None
+        written = writer.get("name") if isinstance(writer, dict) else None
+        if not isinstance(written, str) or written not in catalog:
+            raise UnknownRecordType(
+                f"schema id {schema_id} writes {written or 'an unnamed type'}, a "
+                "record the catalog does not know"
+            )
+        return _Reader(
+            record_name=written,
+            short_name=short_name(written),
+            writer_version=None,
+            writer=writer,
+            reader=catalog.parsed(written),
+            upcast_from=None,
+        )
+
+
+def _framing_problem(payload: bytes) -> str:
+    if not payload:
+        return "empty payload; expected Confluent framing (magic byte 0, schema id)"
+    if payload[0] != MAGIC:
+        return f"magic byte is 0x{payload[0]:02x}, not 0x00: not Confluent-framed Avro"
+    return (
+        f"payload of {len(payload)} bytes is shorter than the {HEADER_SIZE}-byte "
+        "Confluent header"
+    )
+
+
+# -- headers ---------------------------------------------------------------------------
+
+Headers = list[tuple[str, bytes]]
+
+
+class _Headers:
+    """Kafka headers that repeat a record's type, versions and ids, so tools can
+    route and filter without decoding.
+
+    ``headers.for_event(...)`` and ``headers.for_command(...)`` take the values;
+    ``headers(record_name, record)`` reads them from a record about to be encoded.
+    """
+
+    @staticmethod
+    def for_event(
+        *,
+        event_type: str,
+        event_version: int,
+        stream_version: int,
+        aggregate_id: str,
+        correlation_id: str,
+        event_id: str,
+    ) -> Headers:
+        return [
+            ("event-type", event_type.encode()),
+            ("event-version", str(event_version).encode()),
+            ("stream-version", str(stream_version).encode()),
+            ("aggregate-id", aggregate_id.encode()),
+            ("correlation-id", correlation_id.encode()),
+            ("event-id", event_id.encode()),
+        ]
+
+    @staticmethod
+    def for_command(
+        *, command_type: str, command_id: str, correlation_id: str
+    ) -> Headers:
+        return [
+            ("command-type", short_name(command_type).encode()),
+            ("command-id", command_id.encode()),
+            ("correlation-id", correlation_id.encode()),
+        ]
+
+    def __call__(self, record_name: str, record: Mapping[str, Any]) -> Headers:
+        """Headers for an event record (it has ``metadata``) or a command record (it
+        has ``envelope``); other records get none."""
+        if "metadata" in record:
+            meta = record["metadata"]
+            return self.for_event(
+                event_type=meta["event_type"],
+                event_version=meta["event_version"],
+                stream_version=meta["stream_version"],
+                aggregate_id=meta["aggregate_id"],
+                correlation_id=meta["correlation_id"],
+                event_id=meta["event_id"],
+            )
+        if "envelope" in record:
+            envelope = record["envelope"]
+            return self.for_command(
+                command_type=record_name,
+                command_id=envelope["command_id"],
+                correlation_id=envelope["correlation_id"],
+            )
+        return []
+
+
+headers = _Headers()

@@ -1,0 +1,242 @@
+"""The Kafka event log: durable appends, reads back by partition, command results.
+
+Appends go through Streamfold's own idempotent ``acks=all`` producer (Faust's producer
+offers no idempotence outside transactions) and return only once the broker has
+acknowledged every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from app.adapters import mapper
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, headers
+from app.application.commands import Metadata, NewEvent, Position, Result
+from app.settings import Settings
+
+
+class AppendFailed(RuntimeError):
+    """The broker did not acknowledge an append; nothing may be reported accepted."""
+
+
+def aiokafka_security(settings: Settings) -> dict[str, Any]:
+    """The same security settings for aiokafka clients as for confluent-kafka ones."""
+    config: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism:
+        config |= {
+            "sasl_mechanism": settings.sasl_mechanism,
+            "sasl_plain_username": settings.sasl_username,
+            "sasl_plain_password": settings.sasl_password,
+        }
+    if settings.ssl_cafile:
+        from aiokafka.helpers import create_ssl_context
+
+        config["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile)
+    return config
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=1,
+        max_request_size=2 * settings.max_message_bytes + 65_536,
+        **aiokafka_security(settings),
+    )
+
+
+def metadata_record(meta: Metadata, event_version: int) -> dict[str, Any]:
+    return {
+        "event_id": meta.event_id,
+        "event_type": meta.event_type,
+        "event_version": event_version,
+        "aggregate_type": meta.aggregate_type,
+        "aggregate_id": meta.aggregate_id,
+        "stream_version": meta.stream_version,
+        "timestamp": meta.timestamp,
+        "user_id": meta.user_id,
+        "correlation_id": meta.correlation_id,
+        "causation_id": meta.causation_id,
+        "command_id": meta.command_id,
+    }
+
+
+def metadata_from_record(record: dict[str, Any]) -> Metadata:
+    timestamp = record["timestamp"]
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return Metadata(
+        event_id=record["event_id"],
+        event_type=record["event_type"],
+        aggregate_type=record["aggregate_type"],
+        aggregate_id=record["aggregate_id"],
+        stream_version=record["stream_version"],
+        timestamp=timestamp,
+        user_id=record["user_id"],
+        correlation_id=record["correlation_id"],
+        causation_id=record["causation_id"],
+        command_id=record["command_id"],
+    )
+
+
+@dataclass(slots=True)
+class KafkaEventLog:
+    producer: AIOKafkaProducer
+    codec: Codec
+    catalog: SchemaCatalog
+    topic: str
+
+    async def append(
+        self, partition: int, aggregate_id: str, events: Sequence[NewEvent]
+    ) -> list[Position]:
+        key = aggregate_id.encode()
+        pending = []
+        for new in events:
+            name = self.catalog.record_name(type(new.event))
+            version = self.catalog.latest_version(name)
+            record = mapper.event_record(
+                new.event, metadata_record(new.metadata, version)
+            )
+            value = self.codec.encode(self.topic, name, record)
+            meta = new.metadata
+            pending.append(
+                await self.producer.send(
+                    self.topic,
+                    value,
+                    key=key,
+                    partition=partition,
+                    timestamp_ms=int(meta.timestamp.timestamp() * 1000),
+                    headers=headers.for_event(
+                        event_type=meta.event_type,
+                        event_version=version,
+                        stream_version=meta.stream_version,
+                        aggregate_id=meta.aggregate_id,
+                        correlation_id=meta.correlation_id,
+                        event_id=meta.event_id,
+                    ),
+                )
+            )
+        try:
+            delivered = await asyncio.gather(*pending)
+        except KafkaError as error:
+            raise AppendFailed(
+                f"append to {self.topic}[{partition}] failed: {error}"
+            ) from error
+        return [Position(partition=m.partition, offset=m.offset) for m in delivered]
+
+
+def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
+    return {
+        "command_id": result.command_id,
+        "aggregate_type": result.aggregate_type,
+        "aggregate_id": result.aggregate_id,
+        "status": "ACCEPTED" if result.accepted else "REJECTED",
+        "version": result.version,
+        "event_ids": list(result.event_ids),
+        "partition": result.position.partition if result.position else None,
+        "offset": result.position.offset if result.position else None,
+        "code": result.code,
+        "message": result.message,
+        "field": result.field,
+        "correlation_id": result.correlation_id,
+        "processed_at": processed_at,
+    }
+
+
+RESULT_RECORD = "streamfold.CommandResult"
+
+
+@dataclass(slots=True)
+class KafkaResults:
+    producer: AIOKafkaProducer
+    codec: Codec
+    topic: str
+
+    async def publish(self, result: Result) -> None:
+        value = self.codec.encode(
+            self.topic, RESULT_RECORD, result_record(result, datetime.now(UTC))
+        )
+        future = await self.producer.send(
+            self.topic, value, key=result.command_id.encode()
+        )
+        try:
+            await future
+        except KafkaError as error:
+            raise AppendFailed(
+                f"result for {result.command_id} not delivered: {error}"
+            ) from error
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event read back from the log, decoded and upcast to the newest version."""
+
+    partition: int
+    offset: int
+    record_name: str
+    metadata: Metadata
+    event: Any
+
+
+def read_partition(
+    settings: Settings,
+    codec: Codec,
+    catalog: SchemaCatalog,
+    topic: str,
+    partition: int,
+    start: int,
+    end: int | None = None,
+) -> Iterator[StoredEvent]:
+    """Read [start, end) of one partition (end defaults to the current high watermark).
+
+    Blocking; the worker calls it in a thread. No consumer group is involved.
+    """
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": "streamfold-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        low, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=30
+        )
+        end = high if end is None else min(end, high)
+        offset = max(start, low)
+        if offset >= end:
+            return
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        while offset < end:
+            message = consumer.poll(5.0)
+            if message is None:
+                continue
+            if message.error():
+                if message.error().code() == -191:  # _PARTITION_EOF
+                    break
+                raise KafkaException(message.error())
+            offset = message.offset() + 1
+            decoded = codec.decode(message.value())
+            meta, payload = mapper.split_event(decoded.data)
+            cls = catalog.class_for(decoded.record_name)
+            yield StoredEvent(
+                partition=partition,
+                offset=message.offset(),
+                record_name=decoded.record_name,
+                metadata=metadata_from_record(meta),
+                event=mapper.from_dict(cls, payload),
+            )
+    finally:
+        consumer.close()

@@ -1,0 +1,211 @@
+"""The client API: produce commands and wait for their results.
+
+Any Kafka client can produce commands (Confluent-framed Avro, key = aggregate id);
+this one adds the envelope, the framing and the wait for ``command-results``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+from app.adapters import mapper
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.domain import accounts, orders
+from app.settings import Settings
+
+AREAS = {
+    orders.AGGREGATE_TYPE: ("orders", orders),
+    accounts.AGGREGATE_TYPE: ("accounts", accounts),
+}
+
+
+class CommandTimeout(TimeoutError):
+    """No result arrived in time; the command may still be processed later."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    command_id: str
+    accepted: bool
+    aggregate_type: str
+    aggregate_id: str
+    version: int | None
+    event_ids: tuple[str, ...]
+    partition: int | None
+    offset: int | None
+    code: str | None
+    message: str | None
+    field: str | None
+    correlation_id: str
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> CommandResult:
+        return cls(
+            command_id=data["command_id"],
+            accepted=data["status"] == "ACCEPTED",
+            aggregate_type=data["aggregate_type"],
+            aggregate_id=data["aggregate_id"],
+            version=data["version"],
+            event_ids=tuple(data["event_ids"]),
+            partition=data["partition"],
+            offset=data["offset"],
+            code=data["code"],
+            message=data["message"],
+            field=data["field"],
+            correlation_id=data["correlation_id"],
+        )
+
+
+def area_of(command: Any) -> str:
+    """The topic area ("orders" / "accounts") a command class belongs to."""
+    for area, module in AREAS.values():
+        if type(command) in module.COMMANDS:
+            return area
+    raise TypeError(f"{type(command).__name__} is not a Streamfold command")
+
+
+def aggregate_id_of(command: Any) -> str:
+    return str(getattr(command, "order_id", None) or command.account_id)
+
+
+class CommandClient:
+    """Sends commands and waits for results. Not thread-safe; one per thread."""
+
+    def __init__(
+        self, settings: Settings, *, catalog: SchemaCatalog | None = None
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog or SchemaCatalog.load()
+        self.codec = Codec(
+            ConfluentRegistry(settings.schema_registry_url), self.catalog
+        )
+        self.producer = Producer({**settings.producer_config(), "linger.ms": 2})
+        self.results: dict[str, CommandResult] = {}
+        self._consumer: Consumer | None = None
+
+    def _listen(self) -> Consumer:
+        """Start listening at the current end of command-results, before producing."""
+        if self._consumer is None:
+            consumer = Consumer(
+                {
+                    **self.settings.kafka_client_config(),
+                    "group.id": f"streamfold-client-{uuid.uuid4()}",
+                    "enable.auto.commit": False,
+                }
+            )
+            topic = self.settings.topics.results
+            metadata = consumer.list_topics(topic, timeout=30)
+            partitions = metadata.topics[topic].partitions
+            assignment = []
+            for p in partitions:
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=30
+                )
+                assignment.append(TopicPartition(topic, p, high))
+            consumer.assign(assignment or [TopicPartition(topic, 0, OFFSET_END)])
+            self._consumer = consumer
+        return self._consumer
+
+    def submit(
+        self,
+        command: Any,
+        *,
+        command_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        user_id: str | None = None,
+        expected_version: int | None = None,
+        issued_at: datetime | None = None,
+    ) -> str:
+        """Produce one command; returns its command id. Call ``flush`` or ``wait``."""
+        self._listen()
+        command_id = command_id or str(uuid.uuid4())
+        envelope = {
+            "command_id": command_id,
+            "correlation_id": correlation_id or command_id,
+            "causation_id": causation_id or command_id,
+            "user_id": user_id,
+            "issued_at": issued_at or datetime.now(UTC),
+            "expected_version": expected_version,
+        }
+        area = area_of(command)
+        topic = self.settings.topics.commands(area)
+        name = self.catalog.record_name(type(command))
+        value = self.codec.encode(topic, name, mapper.command_record(command, envelope))
+        self.producer.produce(
+            topic,
+            value,
+            key=aggregate_id_of(command).encode(),
+            headers=headers.for_command(
+                command_type=type(command).__name__,
+                command_id=command_id,
+                correlation_id=envelope["correlation_id"],
+            ),
+        )
+        self.producer.poll(0)
+        return command_id
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self.producer.flush(timeout) > 0:
+            raise CommandTimeout(
+                f"commands not acknowledged by Kafka within {timeout}s"
+            )
+
+    def wait(
+        self, command_ids: Iterable[str], timeout: float | None = None
+    ) -> list[CommandResult]:
+        """Wait for the results of these commands, in the order given."""
+        wanted = list(command_ids)
+        self.flush()
+        consumer = self._listen()
+        deadline = time.monotonic() + (timeout or self.settings.command_timeout_s)
+        missing = {c for c in wanted if c not in self.results}
+        while missing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CommandTimeout(
+                    f"no result for {len(missing)} command(s) within the timeout, "
+                    f"e.g. {sorted(missing)[0]}"
+                )
+            for message in consumer.consume(500, min(remaining, 0.5)):
+                if message.error():
+                    raise KafkaException(message.error())
+                result = CommandResult.from_record(
+                    self.codec.decode(message.value()).data
+                )
+                self.results.setdefault(result.command_id, result)
+                missing.discard(result.command_id)
+        return [self.results[c] for c in wanted]
+
+    def send(
+        self, command: Any, timeout: float | None = None, **envelope: Any
+    ) -> CommandResult:
+        """Produce one command and wait for its result."""
+        command_id = self.submit(command, **envelope)
+        return self.wait([command_id], timeout)[0]
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def __enter__(self) -> CommandClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

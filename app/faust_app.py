@@ -1,0 +1,47 @@
+"""The Faust application, wired from settings. Agents register themselves on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faust
+
+from app.settings import Settings
+
+
+def worker_datadir(settings: Settings) -> Path:
+    return settings.home / "worker-data" / f"{settings.app_id}-{settings.web_port}"
+
+
+def create_app(settings: Settings) -> faust.App:
+    worker_datadir(settings).parent.mkdir(parents=True, exist_ok=True)
+    credentials = None
+    if settings.sasl_mechanism:
+        credentials = faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=None,
+        )
+    return faust.App(
+        settings.app_id,
+        broker=[f"kafka://{hp}" for hp in settings.bootstrap_servers.split(",")],
+        broker_credentials=credentials,
+        store="rocksdb://" if settings.store == "rocksdb" else "memory://",
+        # One directory per worker (app id + web port), so two workers of one app on
+        # one machine never share a RocksDB store.
+        datadir=str(worker_datadir(settings)),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        # Streamfold catches every error itself; anything escaping is a bug that must
+        # stop the worker rather than let Faust ack and skip the message.
+        agent_supervisor="mode.CrashingSupervisor",
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        table_standby_replicas=0,
+        broker_commit_interval=1.0,
+        autodiscover=False,
+    )

@@ -1,0 +1,308 @@
+"""The worker's runtime: decodes a command message, hands it to the application
+service, and answers — turning every failure into a rejection or a dead letter.
+
+Agents call ``CommandProcessor.process``; nothing here raises for bad input, and
+infrastructure failures are retried in place (never skipped, never reordered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from app.adapters import mapper
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, DecodeError
+from app.adapters.eventlog import AppendFailed, KafkaResults, read_partition
+from app.application.commands import (
+    Aggregate,
+    CommandService,
+    Envelope,
+    Position,
+    Record,
+    Result,
+)
+from app.domain import accounts, orders
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.worker")
+
+ORDERS = Aggregate(type=orders.AGGREGATE_TYPE, decider=orders, id_field="order_id")
+ACCOUNTS = Aggregate(
+    type=accounts.AGGREGATE_TYPE, decider=accounts, id_field="account_id"
+)
+AGGREGATES = {"orders": ORDERS, "accounts": ACCOUNTS}
+TRANSIENT = (KafkaError, AppendFailed, ConnectionError, TimeoutError, OSError)
+POSITION_KEY = "\x00position/{partition}"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """The parts of a Kafka message the processor needs; keeps Faust out of tests."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class TableStore:
+    """The aggregate store over a Faust table (or any mutable mapping), in JSON."""
+
+    def __init__(self, table: Any, aggregate: Aggregate) -> None:
+        self.table = table
+        self.state_type = type(aggregate.initial_state())
+
+    def load(self, aggregate_id: str) -> Record | None:
+        raw = self.table.get(aggregate_id)
+        return None if raw is None else record_from_json(raw, self.state_type)
+
+    def save(self, aggregate_id: str, record: Record) -> None:
+        self.table[aggregate_id] = record_to_json(record)
+
+    def next_offset(self, partition: int) -> int:
+        return int(self.table.get(POSITION_KEY.format(partition=partition)) or 0)
+
+    def set_next_offset(self, partition: int, offset: int) -> None:
+        # Only forward: a repeated command answers with an old position.
+        if offset > self.next_offset(partition):
+            self.table[POSITION_KEY.format(partition=partition)] = offset
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    return {
+        "state": mapper.to_dict(record.state),
+        "version": record.version,
+        "recent": [result_to_json(r) for r in record.recent.values()],
+    }
+
+
+def record_from_json(raw: dict[str, Any], state_type: type) -> Record:
+    recent = [result_from_json(r) for r in raw["recent"]]
+    return Record(
+        state=mapper.from_dict(state_type, raw["state"]),
+        version=raw["version"],
+        recent={r.command_id: r for r in recent},
+    )
+
+
+def result_to_json(result: Result) -> dict[str, Any]:
+    data = {
+        "command_id": result.command_id,
+        "aggregate_type": result.aggregate_type,
+        "aggregate_id": result.aggregate_id,
+        "accepted": result.accepted,
+        "correlation_id": result.correlation_id,
+        "version": result.version,
+        "event_ids": list(result.event_ids),
+        "code": result.code,
+        "message": result.message,
+        "field": result.field,
+    }
+    if result.position is not None:
+        data["position"] = [result.position.partition, result.position.offset]
+    return data
+
+
+def result_from_json(data: dict[str, Any]) -> Result:
+    position = data.get("position")
+    return Result(
+        command_id=data["command_id"],
+        aggregate_type=data["aggregate_type"],
+        aggregate_id=data["aggregate_id"],
+        accepted=data["accepted"],
+        correlation_id=data["correlation_id"],
+        version=data["version"],
+        event_ids=tuple(data["event_ids"]),
+        code=data["code"],
+        message=data["message"],
+        field=data["field"],
+        position=Position(partition=position[0], offset=position[1])
+        if position
+        else None,
+    )
+
+
+def envelope_from_record(record: dict[str, Any]) -> Envelope:
+    issued_at = record["issued_at"]
+    if issued_at.tzinfo is None:
+        issued_at = issued_at.replace(tzinfo=UTC)
+    return Envelope(
+        command_id=record["command_id"],
+        correlation_id=record["correlation_id"],
+        causation_id=record["causation_id"],
+        user_id=record["user_id"],
+        issued_at=issued_at,
+        expected_version=record["expected_version"],
+    )
+
+
+@dataclass(slots=True)
+class CommandProcessor:
+    """One aggregate type's command pipeline inside the worker."""
+
+    settings: Settings
+    aggregate: Aggregate
+    service: CommandService
+    store: TableStore
+    codec: Codec
+    catalog: SchemaCatalog
+    results: KafkaResults
+    producer: AIOKafkaProducer
+    events_topic: str
+    caught_up: set[int] = field(default_factory=set)
+
+    def forget_partitions(self) -> None:
+        """After a rebalance, re-read the log tail before trusting the table again."""
+        self.caught_up.clear()
+
+    async def process(self, message: Incoming) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._process(message)
+                return
+            except TRANSIENT as error:
+                # Retry in place: skipping would lose the command, reordering would
+                # break the aggregate's order.
+                log.warning(
+                    "transient failure on %s[%d]@%d, retrying in %.1fs: %s",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    delay,
+                    error,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except Exception as error:
+                log.exception(
+                    "dead-lettering %s[%d]@%d",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                )
+                await self.dead_letter(
+                    message, f"internal error: {type(error).__name__}: {error}"
+                )
+                return
+
+    async def _process(self, message: Incoming) -> None:
+        if message.partition not in self.caught_up:
+            await self.catch_up(message.partition)
+        value = message.value
+        if value is None:
+            await self.dead_letter(message, "empty message (no value)")
+            return
+        if len(value) > self.settings.max_message_bytes:
+            await self.dead_letter(
+                message,
+                f"message of {len(value)} bytes exceeds the limit of "
+                f"{self.settings.max_message_bytes} (STREAMFOLD_MAX_MESSAGE_BYTES)",
+            )
+            return
+        try:
+            decoded = self.codec.decode(value)
+        except DecodeError as error:
+            await self.dead_letter(message, f"undecodable command: {error.reason}")
+            return
+        try:
+            cls = self.catalog.class_for(decoded.record_name)
+            envelope_data, payload = mapper.split_command(decoded.data)
+            envelope = envelope_from_record(envelope_data)
+        except (KeyError, LookupError) as error:
+            await self.dead_letter(
+                message,
+                f"{decoded.record_name} is not a command of {self.aggregate.type}: "
+                f"{error}",
+            )
+            return
+        if cls not in self.aggregate.decider.COMMANDS:
+            await self.dead_letter(
+                message, f"{decoded.record_name} is not a {self.aggregate.type} command"
+            )
+            return
+        try:
+            command = mapper.from_dict(cls, payload)
+        except mapper.MappingError as error:
+            result = Result.rejected(
+                envelope,
+                self.aggregate,
+                _key(message),
+                "Validation",
+                str(error),
+                error.path,
+            )
+            await self.results.publish(result)
+            return
+        result = await self.service.execute(message.partition, envelope, command)
+        if result.accepted and result.position is not None:
+            self.store.set_next_offset(message.partition, result.position.offset + 1)
+        await self.results.publish(result)
+
+    async def catch_up(self, partition: int) -> None:
+        """Fold whatever the log holds beyond what the table reflects (after a crash,
+        a lost changelog write, or a deleted local store)."""
+        start = self.store.next_offset(partition)
+        stored = await asyncio.to_thread(
+            lambda: list(
+                read_partition(
+                    self.settings,
+                    self.codec,
+                    self.catalog,
+                    self.events_topic,
+                    partition,
+                    start,
+                )
+            )
+        )
+        for item in stored:
+            self.service.replay(
+                item.metadata,
+                item.event,
+                Position(partition=partition, offset=item.offset),
+            )
+        if stored:
+            self.store.set_next_offset(partition, stored[-1].offset + 1)
+            log.info(
+                "caught up %s partition %d: %d events from offset %d",
+                self.events_topic,
+                partition,
+                len(stored),
+                start,
+            )
+        self.caught_up.add(partition)
+
+    async def dead_letter(self, message: Incoming, reason: str) -> None:
+        """Keep the original bytes and say where they came from and why."""
+        topic = self.settings.topics.dead_letter(message.topic)
+        headers = [
+            *message.headers,
+            ("dlq-source-topic", message.topic.encode()),
+            ("dlq-source-partition", str(message.partition).encode()),
+            ("dlq-source-offset", str(message.offset).encode()),
+            ("dlq-reason", reason.encode()[:4000]),
+        ]
+        future = await self.producer.send(
+            topic, message.value, key=message.key, headers=headers
+        )
+        await future
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
+
+
+def _key(message: Incoming) -> str:
+    return (message.key or b"").decode(errors="replace")

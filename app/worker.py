@@ -1,0 +1,126 @@
+"""Builds the worker: the Faust app, its tables and agents, the codec and producers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaProducer
+
+from agents import commands as command_agents
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.eventlog import KafkaEventLog, KafkaResults, new_producer
+from app.adapters.topics import ensure_topics
+from app.application.commands import CommandService
+from app.faust_app import create_app
+from app.runtime import AGGREGATES, CommandProcessor, TableStore
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.worker")
+
+
+class LazyProducer:
+    """Streamfold's idempotent producer, started inside the worker's event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def get(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._producer is None:
+                    producer = new_producer(self.settings)
+                    await producer.start()
+                    self._producer = producer
+        return self._producer
+
+    async def send(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self.get()).send(*args, **kwargs)
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+
+@dataclass(slots=True)
+class Worker:
+    settings: Settings
+    app: faust.App
+    processors: dict[str, CommandProcessor] = field(default_factory=dict)
+
+
+def build(settings: Settings) -> Worker:
+    ensure_topics(settings)
+    app = create_app(settings)
+    catalog = SchemaCatalog.load()
+    codec = Codec(ConfluentRegistry(settings.schema_registry_url), catalog)
+    producer = LazyProducer(settings)
+    worker = Worker(settings=settings, app=app)
+    for name, aggregate in AGGREGATES.items():
+        table = app.Table(
+            f"{aggregate.type}-aggregates",
+            partitions=settings.partitions,
+            key_type=str,
+        )
+        store = TableStore(table, aggregate)
+        events_topic = settings.topics.events(name)
+        processor = CommandProcessor(
+            settings=settings,
+            aggregate=aggregate,
+            service=CommandService(
+                aggregate=aggregate,
+                store=store,
+                log=KafkaEventLog(producer, codec, catalog, events_topic),  # type: ignore[arg-type]
+            ),
+            store=store,
+            codec=codec,
+            catalog=catalog,
+            results=KafkaResults(producer, codec, settings.topics.results),  # type: ignore[arg-type]
+            producer=producer,  # type: ignore[arg-type]
+            events_topic=events_topic,
+        )
+        topic = app.topic(
+            settings.topics.commands(name),
+            partitions=settings.partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        command_agents.register(app, topic, processor)
+        worker.processors[name] = processor
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        for processor in worker.processors.values():
+            processor.forget_partitions()
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        for processor in worker.processors.values():
+            processor.forget_partitions()
+
+    @app.page("/status")
+    async def status(web: Any, request: Any) -> Any:
+        assignment = (
+            sorted((tp.topic, tp.partition) for tp in app.consumer.assignment())
+            if app.consumer
+            else []
+        )
+        return web.json({"app_id": settings.app_id, "assignment": assignment})
+
+    return worker
+
+
+def run(settings: Settings) -> None:
+    """Run the worker in the foreground until interrupted."""
+    worker = build(settings)
+    worker.app.finalize()
+    from faust.worker import Worker as FaustWorker
+
+    FaustWorker(worker.app, loglevel="warning", quiet=True).execute_from_commandline()

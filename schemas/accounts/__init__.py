@@ -1,0 +1,1 @@
+"""Avro records of the account aggregate: its events and commands."""

@@ -1,0 +1,1 @@
+"""Records every area shares: event metadata, command envelope, command result."""

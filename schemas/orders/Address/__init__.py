@@ -1,0 +1,1 @@
+"""``Address``: its ``v<N>.avsc`` files, and ``upcasters.py`` if a step needs one."""

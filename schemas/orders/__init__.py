@@ -1,0 +1,1 @@
+"""Avro records of the order aggregate: its events, commands and value objects."""

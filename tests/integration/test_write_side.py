@@ -1,0 +1,264 @@
+"""The write side against the real broker: results, concurrency, idempotency, poison."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+from confluent_kafka import Producer
+
+from app.client import CommandClient
+from app.domain.accounts import CloseAccount, Deposit, OpenAccount, Withdraw
+from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
+from app.settings import Settings
+from tests.support import (
+    events_by_aggregate,
+    read_topic,
+    results_by_command,
+    running_worker,
+)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _order(order_id: str) -> CreateOrder:
+    return CreateOrder(
+        order_id=order_id,
+        customer_id="c-1",
+        customer_name="Ada Lovelace",
+        customer_email="ada@example.com",
+        items=(
+            LineItem(
+                product_id="p-1", quantity=2, unit_price_minor=1250, tax_rate_bps=2000
+            ),
+            LineItem(product_id="p-2", quantity=1, unit_price_minor=999),
+        ),
+        currency="EUR",
+        shipping_address=Address(
+            street="1 Analytical Way",
+            city="London",
+            state="",
+            zip_code="N1",
+            country="UK",
+        ),
+    )
+
+
+def test_accepted_and_rejected_commands_get_one_result_each(
+    deployment: Settings,
+) -> None:
+    account = _id("acc")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        opened = client.send(
+            OpenAccount(account_id=account, owner_id="c-1", currency="EUR")
+        )
+        deposited = client.send(
+            Deposit(
+                account_id=account,
+                transaction_id="t-1",
+                amount_minor=5000,
+                currency="EUR",
+                source="card",
+                reference="top-up",
+            )
+        )
+        refused = client.send(
+            Withdraw(
+                account_id=account,
+                transaction_id="t-2",
+                amount_minor=9000,
+                currency="EUR",
+                destination="bank",
+                reference="rent",
+            )
+        )
+        order = client.send(_order(_id("ord")))
+    assert opened.accepted and opened.version == 1
+    assert deposited.accepted and deposited.version == 2
+    assert deposited.partition is not None and deposited.offset is not None
+    assert not refused.accepted
+    assert refused.code == "InsufficientFunds"
+    assert "9000" in (refused.message or "")
+    assert order.accepted and order.version == 1
+    stream = events_by_aggregate(deployment, "accounts")[account]
+    assert [e["metadata"]["stream_version"] for e in stream] == [1, 2]
+    assert [e["metadata"]["event_type"] for e in stream] == [
+        "AccountOpened",
+        "MoneyDeposited",
+    ]
+    assert stream[1]["metadata"]["event_id"] == deposited.event_ids[0]
+    # The order total is computed from its items, never taken from the client.
+    orders = events_by_aggregate(deployment, "orders")
+    created = orders[order.aggregate_id][0]
+    assert created["total_minor"] == 2 * 1250 + 500 + 999
+
+
+def test_stale_expected_version_is_rejected_and_writes_nothing(
+    deployment: Settings,
+) -> None:
+    account = _id("acc")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
+        stale = client.send(
+            Deposit(
+                account_id=account,
+                transaction_id="t-1",
+                amount_minor=100,
+                currency="USD",
+                source="cash",
+                reference="",
+            ),
+            expected_version=0,
+        )
+        fresh = client.send(
+            Deposit(
+                account_id=account,
+                transaction_id="t-2",
+                amount_minor=100,
+                currency="USD",
+                source="cash",
+                reference="",
+            ),
+            expected_version=1,
+        )
+    assert not stale.accepted
+    assert stale.code == "ConcurrencyConflict"
+    assert "expected version 0" in (stale.message or "")
+    assert "version 1" in (stale.message or "")
+    assert fresh.accepted and fresh.version == 2
+    assert len(events_by_aggregate(deployment, "accounts")[account]) == 2
+
+
+def test_racing_clients_with_one_expected_version_one_wins(
+    deployment: Settings,
+) -> None:
+    account = _id("acc")
+    outcomes: list[bool] = []
+    with running_worker(deployment):
+        with CommandClient(deployment) as client:
+            client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
+
+        def race(n: int) -> None:
+            with CommandClient(deployment) as racer:
+                result = racer.send(
+                    Deposit(
+                        account_id=account,
+                        transaction_id=f"t-{n}",
+                        amount_minor=10,
+                        currency="USD",
+                        source="cash",
+                        reference="",
+                    ),
+                    expected_version=1,
+                )
+                outcomes.append(result.accepted)
+
+        threads = [threading.Thread(target=race, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(outcomes) == [False, False, False, True]
+    assert len(events_by_aggregate(deployment, "accounts")[account]) == 2
+
+
+def test_a_repeated_command_id_gets_the_same_result_across_restarts(
+    deployment: Settings,
+) -> None:
+    account = _id("acc")
+    deposit = Deposit(
+        account_id=account,
+        transaction_id="t-1",
+        amount_minor=700,
+        currency="USD",
+        source="cash",
+        reference="",
+    )
+    with running_worker(deployment), CommandClient(deployment) as client:
+        client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
+        first = client.send(deposit, command_id="dep-once")
+        again = client.send(deposit, command_id="dep-once")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        after_restart = client.send(deposit, command_id="dep-once")
+        closed = client.send(CloseAccount(account_id=account, reason="done"))
+    assert first.accepted and first.version == 2
+    assert (again.version, again.event_ids) == (first.version, first.event_ids)
+    assert (after_restart.version, after_restart.event_ids) == (
+        first.version,
+        first.event_ids,
+    )
+    # The balance holds one deposit, so closing (which needs zero) is refused.
+    assert closed.code == "NonZeroBalance"
+    assert len(events_by_aggregate(deployment, "accounts")[account]) == 2
+
+
+def test_poison_commands_are_dead_lettered_and_the_next_one_is_processed(
+    deployment: Settings,
+) -> None:
+    topic = deployment.topics.commands("accounts")
+    producer = Producer(deployment.producer_config())
+    producer.produce(topic, b"not avro at all", key=b"acc-poison")
+    producer.produce(topic, b"\x00\x00\x01\x86\xa0garbage", key=b"acc-poison")
+    producer.produce(
+        topic, b"x" * (deployment.max_message_bytes + 10), key=b"acc-poison"
+    )
+    assert producer.flush(30) == 0
+    account = _id("acc")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        good = client.send(
+            OpenAccount(account_id=account, owner_id="c-1", currency="USD")
+        )
+    assert good.accepted
+    dead = read_topic(deployment, deployment.topics.dead_letter(topic))
+    assert len(dead) == 3
+    assert dead[0].value == b"not avro at all"
+    assert dead[0].headers["dlq-source-topic"] == topic.encode()
+    assert b"magic byte" in dead[0].headers["dlq-reason"].lower()
+    assert b"schema id" in dead[1].headers["dlq-reason"].lower()
+    assert b"exceeds the limit" in dead[2].headers["dlq-reason"]
+    assert dead[2].value == b"x" * (deployment.max_message_bytes + 10)
+
+
+def test_invalid_values_are_rejected_naming_the_field(deployment: Settings) -> None:
+    order, account = _id("ord"), _id("acc")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        missing = client.send(
+            ProcessPayment(
+                order_id=order,
+                payment_id="pay-1",
+                amount_minor=1,
+                currency="EUR",
+                method="cheque",
+                transaction_id="tx",
+            )
+        )
+        created = client.send(_order(order))
+        cheque = client.send(
+            ProcessPayment(
+                order_id=order,
+                payment_id="pay-1",
+                amount_minor=3999,
+                currency="EUR",
+                method="cheque",
+                transaction_id="tx",
+            )
+        )
+        client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
+        negative = client.send(
+            Deposit(
+                account_id=account,
+                transaction_id="t-1",
+                amount_minor=-5,
+                currency="USD",
+                source="cash",
+                reference="",
+            )
+        )
+    assert missing.code == "NotFound"
+    assert created.accepted
+    assert (cheque.code, cheque.field) == ("Validation", "method")
+    assert (negative.code, negative.field) == ("Validation", "amount_minor")
+    results = results_by_command(deployment)
+    assert len(results) == 5
