@@ -43,5 +43,9 @@ def create_app(settings: Settings) -> faust.App:
         web_in_thread=False,
         table_standby_replicas=0,
         broker_commit_interval=1.0,
+        # A killed worker's partitions move on after this, not Faust's default 60s.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(settings.session_timeout_s / 10, 0.5),
+        broker_rebalance_timeout=max(settings.session_timeout_s * 2, 20.0),
         autodiscover=False,
     )

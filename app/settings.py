@@ -77,6 +77,7 @@ class Settings:
     store: str = "rocksdb"
     max_message_bytes: int = 1_048_576
     command_timeout_s: float = 10.0
+    session_timeout_s: float = 10.0
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -137,6 +138,11 @@ class Settings:
                 "STREAMFOLD_COMMAND_TIMEOUT",
                 _float_between(0.1, 3600),
                 default.command_timeout_s,
+            ),
+            session_timeout_s=get(
+                "STREAMFOLD_SESSION_TIMEOUT",
+                _float_between(6, 300),
+                default.session_timeout_s,
             ),
             security_protocol=get(
                 "KAFKA_SECURITY_PROTOCOL",
@@ -201,6 +207,7 @@ class Settings:
             "STREAMFOLD_STORE": self.store,
             "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
             "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
+            "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
             "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
         }
         optional = {
