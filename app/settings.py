@@ -78,6 +78,9 @@ class Settings:
     max_message_bytes: int = 1_048_576
     command_timeout_s: float = 10.0
     session_timeout_s: float = 10.0
+    query_wait_s: float = 2.0
+    projections: tuple[str, ...] | None = None
+    registry_host: str = "127.0.0.1"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -144,6 +147,9 @@ class Settings:
                 _float_between(6, 300),
                 default.session_timeout_s,
             ),
+            query_wait_s=get("STREAMFOLD_QUERY_WAIT", _float_between(0, 60), 2.0),
+            projections=get("STREAMFOLD_PROJECTIONS", _projections, None),
+            registry_host=get("STREAMFOLD_REGISTRY_HOST", _name, default.registry_host),
             security_protocol=get(
                 "KAFKA_SECURITY_PROTOCOL",
                 _one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -208,8 +214,12 @@ class Settings:
             "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
             "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
+            "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),
+            "STREAMFOLD_REGISTRY_HOST": self.registry_host,
             "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
         }
+        if self.projections is not None:
+            env["STREAMFOLD_PROJECTIONS"] = ",".join(self.projections) or "none"
         optional = {
             "KAFKA_SASL_MECHANISM": self.sasl_mechanism,
             "KAFKA_SASL_USERNAME": self.sasl_username,
@@ -284,6 +294,23 @@ def _prefix(name: str, raw: str) -> str:
             name, f"expected letters, digits, '.', '_' or '-', got {raw!r}"
         )
     return raw
+
+
+PROJECTION_NAMES = ("orders", "ledger")
+
+
+def _projections(name: str, raw: str) -> tuple[str, ...]:
+    if raw == "none":
+        return ()
+    chosen = tuple(part.strip() for part in raw.split(",") if part.strip())
+    unknown = [p for p in chosen if p not in PROJECTION_NAMES]
+    if unknown:
+        raise SettingsError(
+            name,
+            f"unknown projection(s) {', '.join(unknown)}; known: "
+            f"{', '.join(PROJECTION_NAMES)} (or 'none')",
+        )
+    return chosen
 
 
 def _text(name: str, raw: str) -> str:

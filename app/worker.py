@@ -11,12 +11,15 @@ import faust
 from aiokafka import AIOKafkaProducer
 
 from agents import commands as command_agents
+from app import readside
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
 from app.adapters.eventlog import KafkaEventLog, KafkaResults, new_producer
+from app.adapters.migrations import migrate
 from app.adapters.topics import ensure_topics
 from app.application.commands import CommandService
 from app.faust_app import create_app
+from app.readside import ReadSide
 from app.runtime import AGGREGATES, CommandProcessor, TableStore
 from app.settings import Settings
 
@@ -54,6 +57,7 @@ class Worker:
     settings: Settings
     app: faust.App
     processors: dict[str, CommandProcessor] = field(default_factory=dict)
+    read: ReadSide | None = None
 
 
 def build(settings: Settings) -> Worker:
@@ -105,22 +109,19 @@ def build(settings: Settings) -> Worker:
         for processor in worker.processors.values():
             processor.forget_partitions()
 
-    @app.page("/status")
-    async def status(web: Any, request: Any) -> Any:
-        assignment = (
-            sorted((tp.topic, tp.partition) for tp in app.consumer.assignment())
-            if app.consumer
-            else []
-        )
-        return web.json({"app_id": settings.app_id, "assignment": assignment})
-
+    read = ReadSide(settings, codec, settings.projections)
+    readside.attach(app, settings, read)
+    worker.read = read
     return worker
 
 
 def run(settings: Settings) -> None:
     """Run the worker in the foreground until interrupted."""
+    migrate(settings.database_url)
     worker = build(settings)
     worker.app.finalize()
+    if worker.read is not None:
+        worker.read.start()
     from faust.worker import Worker as FaustWorker
 
     FaustWorker(worker.app, loglevel="warning", quiet=True).execute_from_commandline()

@@ -1,0 +1,8 @@
+"""Projections: read models folded from the event topics."""
+
+from __future__ import annotations
+
+from app.projections.ledger import LedgerProjection
+from app.projections.orders import OrdersProjection
+
+PROJECTIONS = {p.name: p for p in (OrdersProjection(), LedgerProjection())}

@@ -1,0 +1,223 @@
+"""The read side inside the worker: Postgres projections on their own threads, and
+the HTTP query views, status and metrics on the worker's web server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import faust
+from psycopg_pool import AsyncConnectionPool
+
+from app import query
+from app.adapters.codec import Codec
+from app.projections import PROJECTIONS
+from app.projections.engine import ProjectionRunner, Status
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.query")
+
+# Which projection's progress answers a read-your-writes wait, per query area.
+AREA_PROJECTION = {"orders": "orders", "accounts": "ledger"}
+
+
+class ReadSide:
+    def __init__(
+        self, settings: Settings, codec: Codec, names: tuple[str, ...] | None = None
+    ) -> None:
+        self.settings = settings
+        chosen = names if names is not None else tuple(PROJECTIONS)
+        self.runners = {
+            name: ProjectionRunner(settings, PROJECTIONS[name], codec)
+            for name in chosen
+        }
+        self._pool: AsyncConnectionPool | None = None
+
+    def start(self) -> None:
+        for runner in self.runners.values():
+            runner.start()
+
+    def stop(self) -> None:
+        for runner in self.runners.values():
+            runner.stop()
+
+    async def pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            pool = AsyncConnectionPool(
+                self.settings.query_database_url, min_size=1, max_size=4, open=False
+            )
+            await pool.open(wait=True, timeout=30)
+            self._pool = pool
+        return self._pool
+
+    def statuses(self) -> list[Status]:
+        return [runner.status for runner in self.runners.values()]
+
+    async def wait_for(self, area: str, after: str | None) -> bool:
+        """Read-your-writes: True when the area's projection has passed ``after``
+        ("partition:offset" from a command result), False when it timed out (stale)."""
+        if not after:
+            return True
+        partition, offset = _position(after)
+        runner = self.runners.get(AREA_PROJECTION[area])
+        if runner is None:
+            return False
+        topic = self.settings.topics.events(area)
+        return await asyncio.to_thread(
+            runner.wait_for, topic, partition, offset, self.settings.query_wait_s
+        )
+
+
+def _position(after: str) -> tuple[int, int]:
+    try:
+        partition, offset = (int(part) for part in after.split(":"))
+    except ValueError:
+        raise query.BadParameter(
+            "after", f"must be PARTITION:OFFSET from a command result, got {after!r}"
+        ) from None
+    if partition < 0 or offset < 0:
+        raise query.BadParameter("after", "partition and offset must not be negative")
+    return partition, offset
+
+
+def status_document(settings: Settings, read: ReadSide) -> dict[str, Any]:
+    return {
+        "app_id": settings.app_id,
+        "projections": [
+            {
+                "name": s.projection,
+                "applied": s.applied,
+                "dead_lettered": s.dead_lettered,
+                "lag_events": s.lag_events,
+                "lag_seconds": round(s.lag_seconds, 3),
+                "rebuilt_at": s.rebuilt_at.isoformat() if s.rebuilt_at else None,
+                "error": s.error,
+                "positions": [
+                    {
+                        "topic": t,
+                        "partition": p,
+                        "next_offset": o,
+                        "head": s.heads.get((t, p)),
+                    }
+                    for (t, p), o in sorted(s.positions.items())
+                ],
+            }
+            for s in read.statuses()
+        ],
+    }
+
+
+def metrics_text(read: ReadSide) -> str:
+    lines = [
+        "# HELP streamfold_projection_lag_events Events between the projection and the head.",
+        "# TYPE streamfold_projection_lag_events gauge",
+    ]
+    for s in read.statuses():
+        lines.append(
+            f'streamfold_projection_lag_events{{projection="{s.projection}"}} '
+            f"{s.lag_events}"
+        )
+    lines += [
+        "# HELP streamfold_projection_lag_seconds Age of the newest applied event while behind.",
+        "# TYPE streamfold_projection_lag_seconds gauge",
+    ]
+    for s in read.statuses():
+        lines.append(
+            f'streamfold_projection_lag_seconds{{projection="{s.projection}"}} '
+            f"{s.lag_seconds:.3f}"
+        )
+    lines += [
+        "# HELP streamfold_projection_events_total Events applied since start.",
+        "# TYPE streamfold_projection_events_total counter",
+    ]
+    for s in read.statuses():
+        lines.append(
+            f'streamfold_projection_events_total{{projection="{s.projection}"}} '
+            f"{s.applied}"
+        )
+    lines += [
+        "# HELP streamfold_projection_dead_letters_total Events sent to the dead-letter topic.",
+        "# TYPE streamfold_projection_dead_letters_total counter",
+    ]
+    for s in read.statuses():
+        lines.append(
+            f'streamfold_projection_dead_letters_total{{projection="{s.projection}"}} '
+            f"{s.dead_lettered}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+Query = Callable[[Any, Mapping[str, str], dict[str, str]], Awaitable[dict[str, Any]]]
+
+
+def attach(app: faust.App, settings: Settings, read: ReadSide) -> None:
+    """Register the query views, /status and /metrics on the worker's web server."""
+
+    def view(area: str | None, run: Query) -> Callable[..., Awaitable[Any]]:
+        async def handler(web: Any, request: Any, **match: str) -> Any:
+            params = dict(request.query)
+            try:
+                fresh = await read.wait_for(area, params.get("after")) if area else True
+                async with (await read.pool()).connection() as conn:
+                    body = await run(conn, params, match)
+            except query.BadParameter as error:
+                return web.json(
+                    {"error": error.message, "field": error.field}, status=400
+                )
+            except query.NotFound as error:
+                return web.json({"error": str(error)}, status=404)
+            except Exception:
+                reference = str(uuid.uuid4())
+                log.exception("query failed (correlation id %s)", reference)
+                return web.json(
+                    {"error": "internal error", "correlation_id": reference}, status=500
+                )
+            if area:
+                body["stale"] = not fresh
+            return web.json(body)
+
+        return handler
+
+    routes: dict[str, tuple[str | None, Query]] = {
+        "/query/orders/{order_id}": (
+            "orders",
+            lambda c, p, m: query.order(c, m["order_id"]),
+        ),
+        "/query/orders": ("orders", lambda c, p, m: query.search_orders(c, p)),
+        "/query/customers/{customer_id}/orders": (
+            "orders",
+            lambda c, p, m: query.customer_orders(c, m["customer_id"], p),
+        ),
+        "/query/accounts/{account_id}": (
+            "accounts",
+            lambda c, p, m: query.account(c, m["account_id"]),
+        ),
+        "/query/accounts/{account_id}/transactions": (
+            "accounts",
+            lambda c, p, m: query.transactions(c, m["account_id"], p),
+        ),
+        "/query/reports/daily": ("accounts", lambda c, p, m: query.daily_report(c, p)),
+    }
+    for path, (area, run) in routes.items():
+        handler = view(area, run)
+        handler.__name__ = "query_" + path.strip("/").replace("/", "_").replace(
+            "{", ""
+        ).replace("}", "")
+        app.page(path)(handler)
+
+    async def status(web: Any, request: Any) -> Any:
+        document = status_document(settings, read)
+        if app.consumer is not None:
+            document["assignment"] = sorted(
+                [tp.topic, tp.partition] for tp in app.consumer.assignment()
+            )
+        return web.json(document)
+
+    async def metrics(web: Any, request: Any) -> Any:
+        return web.text(metrics_text(read), content_type="text/plain; version=0.0.4")
+
+    app.page("/status")(status)
+    app.page("/metrics")(metrics)
