@@ -117,10 +117,23 @@ def registry_settings(session_settings: Settings) -> Iterator[Settings]:
 
 
 @pytest.fixture
-def deployment(registry_settings: Settings) -> Settings:
-    """An isolated deployment (own topics, app id and web port) with topics provisioned."""
-    from app.adapters import topics
+def deployment(registry_settings: Settings) -> Iterator[Settings]:
+    """An isolated deployment: its own topics, app id, web port and database."""
+    from app.adapters import migrations, topics
 
     settings = fresh_settings(registry_settings, web_port=free_port())
+    database = settings.app_id.replace("-", "_")
+    writer = postgres.Conninfo.parse(settings.database_url)
+    reader = postgres.Conninfo.parse(settings.query_database_url)
+    postgres.create_database(
+        database, owner=writer.user, reader=reader.user, port=writer.port
+    )
+    settings = dataclasses.replace(
+        settings,
+        database_url=_with_database(settings.database_url, database),
+        query_database_url=_with_database(settings.query_database_url, database),
+    )
     topics.ensure_topics(settings)
-    return settings
+    migrations.migrate(settings.database_url)
+    yield settings
+    postgres.drop_database(database, port=writer.port)

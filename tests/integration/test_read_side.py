@@ -1,0 +1,315 @@
+"""The read side against the real broker and Postgres: read models equal the fold of
+the log, query views behave, read-your-writes, lag, poison events, faults."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psycopg
+from confluent_kafka import Producer
+
+from app.client import CommandClient
+from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.orders import (
+    Address,
+    CancelOrder,
+    CreateOrder,
+    DeliverOrder,
+    LineItem,
+    ProcessPayment,
+    ShipOrder,
+)
+from app.local import postgres
+from app.settings import Settings
+from tests.readmodels import (
+    actual_ledger,
+    actual_orders,
+    expected_ledger,
+    expected_orders,
+)
+from tests.support import read_topic, running_worker
+
+
+def eventually(actual: Callable[[], Any], expected: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    value = actual()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.3)
+        value = actual()
+    assert value == expected
+
+
+def _order(order_id: str, customer: str, price: int) -> CreateOrder:
+    return CreateOrder(
+        order_id=order_id,
+        customer_id=customer,
+        customer_name=f"Customer {customer}",
+        customer_email=f"{customer}@example.com",
+        items=(
+            LineItem(product_id="p-1", quantity=1, unit_price_minor=price),
+            LineItem(
+                product_id="p-2", quantity=3, unit_price_minor=250, tax_rate_bps=1000
+            ),
+        ),
+        currency="USD",
+        shipping_address=Address(
+            street="1 Main St",
+            city="Springfield",
+            state="IL",
+            zip_code="62701",
+            country="US",
+        ),
+    )
+
+
+def mixed_workload(
+    client: CommandClient, rng: random.Random, orders: int = 30, accounts: int = 10
+) -> None:
+    """Orders through their whole life and a busy ledger, in a seeded random mix."""
+    ids = []
+    sent: list[str] = []
+    for n in range(accounts):
+        account = f"acc-{n}-{uuid.uuid4().hex[:4]}"
+        ids.append(account)
+        sent.append(
+            client.submit(
+                OpenAccount(account_id=account, owner_id=f"o{n}", currency="USD")
+            )
+        )
+    for n in range(accounts * 8):
+        account = rng.choice(ids)
+        amount = rng.randint(1, 900)
+        if rng.random() < 0.6:
+            sent.append(
+                client.submit(
+                    Deposit(
+                        account_id=account,
+                        transaction_id=f"d{n}",
+                        amount_minor=amount,
+                        currency="USD",
+                        source="card",
+                        reference=f"ref-{n}",
+                    )
+                )
+            )
+        else:
+            sent.append(
+                client.submit(
+                    Withdraw(
+                        account_id=account,
+                        transaction_id=f"w{n}",
+                        amount_minor=amount,
+                        currency="USD",
+                        destination="bank",
+                        reference="",
+                    )
+                )
+            )
+    for n in range(orders):
+        order = f"ord-{n}-{uuid.uuid4().hex[:4]}"
+        price = rng.randint(100, 5000)
+        created = client.send(_order(order, f"cust-{n % 5}", price))
+        assert created.accepted, created
+        total = 1 * price + 750 + 75
+        steps = rng.choice(["created", "paid", "shipped", "delivered", "cancelled"])
+        if steps in ("paid", "shipped", "delivered", "cancelled"):
+            sent.append(
+                client.submit(
+                    ProcessPayment(
+                        order_id=order,
+                        payment_id=f"pay-{n}",
+                        amount_minor=total,
+                        currency="USD",
+                        method="credit_card",
+                        transaction_id=f"tx-{n}",
+                    )
+                )
+            )
+        if steps in ("shipped", "delivered"):
+            sent.append(
+                client.submit(
+                    ShipOrder(order_id=order, tracking_number=f"TRK{n}", carrier="UPS")
+                )
+            )
+        if steps == "delivered":
+            sent.append(client.submit(DeliverOrder(order_id=order)))
+        if steps == "cancelled":
+            sent.append(
+                client.submit(CancelOrder(order_id=order, reason="changed mind"))
+            )
+    client.wait(sent, timeout=120)
+
+
+def test_read_models_equal_the_fold_of_the_log(deployment: Settings) -> None:
+    rng = random.Random(3)
+    with running_worker(deployment), CommandClient(deployment) as client:
+        mixed_workload(client, rng)
+        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment))
+        eventually(lambda: actual_orders(deployment), expected_orders(deployment))
+    with psycopg.connect(deployment.query_database_url) as conn:
+        stats = conn.execute(
+            "SELECT sum(total_orders) FROM customer_statistics"
+        ).fetchone()
+        assert stats == (30,)
+
+
+def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
+    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    account = f"acc-{uuid.uuid4().hex[:6]}"
+    order = f"ord-{uuid.uuid4().hex[:6]}"
+    with running_worker(deployment), CommandClient(deployment) as client:
+        client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
+        deposit = client.send(
+            Deposit(
+                account_id=account,
+                transaction_id="t1",
+                amount_minor=1234,
+                currency="USD",
+                source="card",
+                reference="<script>alert(1)</script>",
+            )
+        )
+        created = client.send(_order(order, "cust-rw", 1000))
+        balance = httpx.get(
+            f"{base}/query/accounts/{account}",
+            params={"after": f"{deposit.partition}:{deposit.offset}"},
+        ).json()
+        assert balance["balance_minor"] == 1234
+        assert balance["stale"] is False
+        summary = httpx.get(
+            f"{base}/query/orders/{order}",
+            params={"after": f"{created.partition}:{created.offset}"},
+        ).json()
+        assert summary["status"] == "CREATED"
+        assert summary["total_minor"] == 1000 + 750 + 75
+        assert [i["product_id"] for i in summary["items"]] == ["p-1", "p-2"]
+        history = httpx.get(
+            f"{base}/query/accounts/{account}/transactions",
+            params={"page": 0, "page_size": 1},
+        ).json()
+        assert history["total_count"] == 1
+        assert history["items"][0]["reference"] == "<script>alert(1)</script>"
+        mine = httpx.get(f"{base}/query/customers/cust-rw/orders").json()
+        assert mine["total_count"] == 1
+        assert mine["statistics"][0]["total_orders"] == 1
+        found = httpx.get(
+            f"{base}/query/orders",
+            params={"status": "CREATED", "customer_id": "cust-rw"},
+        ).json()
+        assert [o["order_id"] for o in found["items"]] == [order]
+        report = httpx.get(
+            f"{base}/query/reports/daily", params={"currency": "USD"}
+        ).json()
+        assert sum(day["deposits_minor"] for day in report["items"]) == 1234
+
+        # A position the projection cannot reach in time is answered, marked stale.
+        stale = httpx.get(
+            f"{base}/query/accounts/{account}",
+            params={"after": f"{deposit.partition}:{deposit.offset + 10_000}"},
+        )
+        assert stale.status_code == 200
+        assert stale.json()["stale"] is True
+
+        missing = httpx.get(f"{base}/query/orders/no-such-order")
+        assert missing.status_code == 404
+        assert "no-such-order" in missing.json()["error"]
+        for path, params, field in [
+            ("/query/customers/cust-rw/orders", {"page_size": "1000"}, "page_size"),
+            ("/query/customers/cust-rw/orders", {"page": "-1"}, "page"),
+            ("/query/orders", {"status": "LOST"}, "status"),
+            ("/query/orders", {"from": "yesterday"}, "from"),
+            ("/query/orders", {"customer_id": "x' OR '1'='1"}, None),
+            (f"/query/accounts/{account}", {"after": "zero"}, "after"),
+        ]:
+            response = httpx.get(base + path, params=params)
+            body = response.text
+            assert "Traceback" not in body and "SELECT" not in body
+            assert "order_summaries" not in body
+            if field is None:
+                assert response.status_code == 200
+                assert response.json()["items"] == []
+            else:
+                assert response.status_code == 400, (path, params)
+                assert response.json()["field"] == field
+
+
+def test_lag_is_reported_in_status_and_metrics(deployment: Settings) -> None:
+    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    with running_worker(deployment), CommandClient(deployment) as client:
+        client.send(OpenAccount(account_id="acc-lag", owner_id="o", currency="USD"))
+        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment))
+        status = httpx.get(f"{base}/status").json()
+        ledger = next(p for p in status["projections"] if p["name"] == "ledger")
+        assert ledger["applied"] == 1
+        assert ledger["lag_events"] == 0
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'streamfold_projection_lag_events{projection="ledger"} 0' in metrics
+        assert 'streamfold_projection_events_total{projection="ledger"} 1' in metrics
+
+
+def test_poison_events_are_dead_lettered_and_the_projection_goes_on(
+    deployment: Settings,
+) -> None:
+    from app.projections.engine import dead_letter_topic
+
+    producer = Producer(deployment.producer_config())
+    producer.produce(
+        deployment.topics.events("accounts"),
+        b"\x00\x00\x00\x00\x07junk",
+        key=b"acc-poison",
+    )
+    assert producer.flush(30) == 0
+    with running_worker(deployment), CommandClient(deployment) as client:
+        client.send(OpenAccount(account_id="acc-after", owner_id="o", currency="USD"))
+        eventually(lambda: "acc-after" in actual_ledger(deployment)["balances"], True)
+    dead = read_topic(deployment, dead_letter_topic(deployment, "ledger"))
+    assert len(dead) == 1
+    assert dead[0].value == b"\x00\x00\x00\x00\x07junk"
+    assert b"schema id 7" in dead[0].headers["dlq-reason"]
+
+
+def test_postgres_restart_and_worker_kill_keep_read_models_exact(
+    deployment: Settings,
+) -> None:
+    rng = random.Random(5)
+    from app.local.worker import WorkerProcess
+
+    worker = WorkerProcess(deployment)
+    worker.start(timeout=120)
+    try:
+        with CommandClient(deployment) as client:
+            ids = []
+            for n in range(20):
+                ids.append(
+                    client.submit(
+                        OpenAccount(account_id=f"pg-{n}", owner_id="o", currency="USD")
+                    )
+                )
+            for n in range(600):
+                ids.append(
+                    client.submit(
+                        Deposit(
+                            account_id=f"pg-{rng.randrange(20)}",
+                            transaction_id=f"t{n}",
+                            amount_minor=rng.randint(1, 100),
+                            currency="USD",
+                            source="s",
+                            reference="",
+                        )
+                    )
+                )
+                if n == 200:
+                    postgres.stop(mode="immediate")
+                    postgres.ensure_running()
+                if n == 400:
+                    worker.stop(kill=True)
+                    worker.start(timeout=120)
+            client.wait(ids, timeout=180)
+        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment), 120)
+    finally:
+        worker.stop()
