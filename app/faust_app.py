@@ -39,6 +39,7 @@ def create_app(settings: Settings) -> faust.App:
         # stop the worker rather than let Faust ack and skip the message.
         agent_supervisor="mode.CrashingSupervisor",
         web_host=settings.web_host,
+        web_bind=settings.web_host,
         web_port=settings.web_port,
         web_in_thread=False,
         table_standby_replicas=0,

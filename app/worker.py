@@ -11,6 +11,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 
 from agents import commands as command_agents
+from agents import views as view_agents
 from app import readside
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
@@ -109,6 +110,7 @@ def build(settings: Settings) -> Worker:
         for processor in worker.processors.values():
             processor.forget_partitions()
 
+    view_agents.register(app, settings, codec)
     read = ReadSide(settings, codec, settings.projections)
     readside.attach(app, settings, read)
     worker.read = read
