@@ -67,7 +67,8 @@ def required_topics(settings: Settings) -> list[TopicSpec]:
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient(settings.kafka_client_config())
+    # log_level 3: errors only; librdkafka's informational chatter is not for users.
+    return AdminClient({**settings.kafka_client_config(), "log_level": 3})
 
 
 def ensure_topics(

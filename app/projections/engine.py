@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -36,7 +36,7 @@ class Projection(Protocol):
     name: str
     areas: tuple[str, ...]
     tables: tuple[str, ...]
-    handlers: dict[str, Handler]
+    handlers: Mapping[str, Handler]
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +333,9 @@ class ProjectionRunner:
                     if version <= versions.get(aggregate_id, 0):
                         continue  # seen before: a re-emitted or replayed event
                     versions[aggregate_id] = touched[aggregate_id] = version
-                    handler = self.projection.handlers.get(event.metadata["event_type"])
+                    handlers = self.projection.handlers
+                    # "*" is a projection's catch-all, e.g. the event-log index.
+                    handler = handlers.get(event.metadata["event_type"], handlers.get("*"))
                     if handler is not None:
                         handler(cur, event.metadata, event.data)
                     applied += 1

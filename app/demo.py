@@ -1,0 +1,233 @@
+"""`streamfold demo`: bring everything up, drive a small shop and ledger through it,
+and show what happened and where to look."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from app.client import CommandClient, CommandResult
+from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.orders import (
+    Address,
+    CreateOrder,
+    DeliverOrder,
+    LineItem,
+    ProcessPayment,
+    ShipOrder,
+)
+from app.local import stack
+from app.local.worker import WorkerProcess
+from app.settings import Settings
+
+
+def run(settings: Settings) -> int:
+    stack.up(settings)
+    fresh = WorkerProcess(settings).start(timeout=120)
+    web = f"http://{settings.web_host}:{settings.web_port}"
+    print(f"worker    {'started' if fresh else 'running'}  {web}")
+    tag = uuid.uuid4().hex[:6]
+    account, order, customer = f"acc-{tag}", f"ord-{tag}", f"cust-{tag}"
+    print(f"\n── demo workload (ids end in {tag}) " + "─" * 40)
+    with CommandClient(settings) as client:
+        steps: list[tuple[str, Any, dict[str, Any]]] = [
+            (
+                "open account",
+                OpenAccount(
+                    account_id=account,
+                    owner_id=customer,
+                    currency="USD",
+                    overdraft_limit_minor=0,
+                ),
+                {},
+            ),
+            (
+                "deposit 100.00",
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"dep-{tag}",
+                    amount_minor=10_000,
+                    currency="USD",
+                    source="card",
+                    reference="welcome top-up",
+                ),
+                {},
+            ),
+            (
+                "create order",
+                CreateOrder(
+                    order_id=order,
+                    customer_id=customer,
+                    customer_name="Ada Lovelace",
+                    customer_email="ada@example.com",
+                    items=(
+                        LineItem(
+                            product_id="notebook",
+                            quantity=2,
+                            unit_price_minor=1_250,
+                            tax_rate_bps=2_000,
+                        ),
+                        LineItem(product_id="pen", quantity=3, unit_price_minor=199),
+                    ),
+                    currency="USD",
+                    shipping_address=Address(
+                        street="12 St James's Square",
+                        city="London",
+                        state="",
+                        zip_code="SW1Y 4JH",
+                        country="UK",
+                    ),
+                    account_id=account,
+                ),
+                {},
+            ),
+            (
+                "pay from account",
+                Withdraw(
+                    account_id=account,
+                    transaction_id=f"pay-{tag}",
+                    amount_minor=3_597,
+                    currency="USD",
+                    destination=f"order {order}",
+                    reference=order,
+                ),
+                {},
+            ),
+            (
+                "record payment",
+                ProcessPayment(
+                    order_id=order,
+                    payment_id=f"pay-{tag}",
+                    amount_minor=3_597,
+                    currency="USD",
+                    method="account",
+                    transaction_id=f"pay-{tag}",
+                ),
+                {},
+            ),
+            (
+                "ship",
+                ShipOrder(
+                    order_id=order, tracking_number=f"1Z{tag.upper()}", carrier="UPS"
+                ),
+                {},
+            ),
+            ("deliver", DeliverOrder(order_id=order), {}),
+            (
+                "overdraw (refused)",
+                Withdraw(
+                    account_id=account,
+                    transaction_id=f"big-{tag}",
+                    amount_minor=1_000_000,
+                    currency="USD",
+                    destination="yacht",
+                    reference="",
+                ),
+                {},
+            ),
+            (
+                "stale version (refused)",
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"late-{tag}",
+                    amount_minor=1,
+                    currency="USD",
+                    source="cash",
+                    reference="",
+                ),
+                {"expected_version": 1},
+            ),
+            (
+                "same command id again",
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"dep-{tag}",
+                    amount_minor=10_000,
+                    currency="USD",
+                    source="card",
+                    reference="welcome top-up",
+                ),
+                {"command_id": f"repeat-{tag}"},
+            ),
+            (
+                "…and once more",
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"dep-{tag}",
+                    amount_minor=10_000,
+                    currency="USD",
+                    source="card",
+                    reference="welcome top-up",
+                ),
+                {"command_id": f"repeat-{tag}"},
+            ),
+        ]
+        last: dict[str, CommandResult] = {}
+        for label, command, envelope in steps:
+            result = client.send(command, timeout=30, **envelope)
+            last[result.aggregate_type] = (
+                result if result.accepted else last.get(result.aggregate_type, result)
+            )
+            outcome = (
+                f"accepted  v{result.version}  events@{result.partition}:{result.offset}"
+                if result.accepted
+                else f"rejected  {result.code}: {result.message}"
+            )
+            print(f"  {label:<26} {outcome}")
+    print(
+        "\n── read models (waiting for each projection to reach the last write) "
+        + "─" * 8
+    )
+    order_pos = last["order"]
+    account_pos = last["account"]
+    for label, url, after in (
+        ("order (Postgres)", f"{web}/query/orders/{order}", order_pos),
+        ("account (Postgres)", f"{web}/query/accounts/{account}", account_pos),
+        ("order (Faust table)", f"{web}/orders/{order}", None),
+    ):
+        params = {"after": f"{after.partition}:{after.offset}"} if after else {}
+        body = _get(url, params)
+        print(f"  {label}: {json.dumps(_brief(body))}")
+    print(f"""
+── where to look {"─" * 60}
+  web views      {web}/orders/{order}   {web}/accounts/{account}
+                 {web}/customers/{customer}/orders
+  query views    {web}/query/orders/{order}   {web}/query/accounts/{account}/transactions
+                 {web}/query/orders?status=DELIVERED   {web}/query/reports/daily
+  status         {web}/status   {web}/metrics   (or: bin/streamfold status)
+  history        bin/streamfold history {order}
+  topics         {settings.topics.commands("orders")}, {settings.topics.events("orders")},
+                 {settings.topics.events("accounts")}, {settings.topics.results}
+  Postgres       psql postgresql://streamfold_reader:streamfold@127.0.0.1:5432/streamfold
+  registry       {settings.schema_registry_url}/subjects
+  stop it all    bin/streamfold down""")
+    return 0
+
+
+def _get(url: str, params: dict[str, str]) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        response = httpx.get(url, params=params, timeout=10)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return dict(response.json())
+        time.sleep(0.2)
+
+
+def _brief(body: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "order_id",
+        "account_id",
+        "status",
+        "total_minor",
+        "balance_minor",
+        "version",
+        "tracking_number",
+        "items_count",
+        "stale",
+        "error",
+    )
+    return {k: body[k] for k in keep if k in body}
