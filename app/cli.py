@@ -149,6 +149,75 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return demo.run(settings)
 
 
+def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    """Print an aggregate's events as a table (or a correlation id's whole flow)."""
+    import psycopg
+
+    from app.history import EventStore
+
+    with psycopg.connect(settings.query_database_url) as conn:
+        store = EventStore(conn)
+        if args.correlation:
+            events = store.read_correlation(args.id)
+        else:
+            kind = store.aggregate_type(args.id, args.type)
+            events = store.read_stream(kind, args.id)
+    if not events:
+        print(f"no events for {args.id}")
+        return 1
+    print(
+        f"{'ver':>4}  {'time (UTC)':<26} {'event':<18} {'schema':>6}  {'event id':<36}  data"
+    )
+    for e in events:
+        data = ", ".join(
+            f"{k}={v}" for k, v in e.data.items() if not isinstance(v, list | dict)
+        )
+        print(
+            f"{e.stream_version:>4}  {e.occurred_at.isoformat():<26} {e.event_type:<18} "
+            f"{'v' + str(e.schema_version) if e.schema_version else '-':>6}  "
+            f"{e.event_id:<36}  {data[:80]}"
+        )
+    return 0
+
+
+def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
+    """Print an aggregate's state now, as of --version N, or as of --at TIME."""
+    import json
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from app.adapters import mapper
+    from app.history import EventStore
+
+    at = None
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise SettingsError(
+                "--at", f"expected an ISO-8601 time, got {args.at!r}"
+            ) from None
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    with psycopg.connect(settings.query_database_url) as conn:
+        store = EventStore(conn)
+        kind = store.aggregate_type(args.id, args.type)
+        state, version = store.state(kind, args.id, version=args.version, at=at)
+    print(
+        json.dumps(
+            {
+                "aggregate_type": kind,
+                "aggregate_id": args.id,
+                "version": version,
+                "state": mapper.to_dict(state),
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    return 0
+
+
 def _tool_class(name: str) -> str:
     from app.local.kafka import TOOLS
 
@@ -197,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     schemas = add("schemas", cmd_schemas)
     schemas.add_argument("action", choices=["check"])
     add("demo", cmd_demo)
+    history = add("history", cmd_history)
+    history.add_argument(
+        "id", help="an aggregate id (or a correlation id with --correlation)"
+    )
+    history.add_argument("--type", choices=["order", "account"])
+    history.add_argument("--correlation", action="store_true")
+    state = add("state", cmd_state)
+    state.add_argument("id")
+    state.add_argument("--type", choices=["order", "account"])
+    when = state.add_mutually_exclusive_group()
+    when.add_argument("--version", type=int)
+    when.add_argument("--at", help="ISO-8601 time, e.g. 2026-11-26T09:00:00Z")
     tool = add("kafka-tool", cmd_kafka_tool)
     tool.add_argument("tool", help="consumer-groups, topics, configs, acls, ...")
     tool.add_argument("tool_args", nargs=argparse.REMAINDER)
@@ -213,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ServiceError as error:
         print(f"streamfold: {error}", file=sys.stderr)
+        return 1
+    except LookupError as error:
+        # Unknown or ambiguous aggregate ids, unknown records: the user's input.
+        print(f"streamfold: {error.args[0] if error.args else error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -7,7 +7,7 @@ and refused with ``BadParameter`` naming the field, so the HTTP layer stays thin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from psycopg import AsyncConnection

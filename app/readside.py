@@ -153,6 +153,97 @@ def metrics_text(read: ReadSide) -> str:
 Query = Callable[[Any, Mapping[str, str], dict[str, str]], Awaitable[dict[str, Any]]]
 
 
+def _historic(event: Any) -> dict[str, Any]:
+    return {
+        "stream_version": event.stream_version,
+        "event_type": event.event_type,
+        "schema_version": event.schema_version,
+        "occurred_at": event.occurred_at.isoformat(),
+        "event_id": event.event_id,
+        "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id,
+        "user_id": event.user_id,
+        "data": event.data,
+    }
+
+
+def _with_store(settings: Settings, work: Callable[[Any], dict[str, Any]]) -> Any:
+    import psycopg
+
+    from app.history import AmbiguousAggregate, EventStore, UnknownAggregate
+
+    def run() -> dict[str, Any]:
+        with psycopg.connect(settings.query_database_url) as conn:
+            try:
+                return work(EventStore(conn))
+            except UnknownAggregate as error:
+                raise query.NotFound(str(error)) from None
+            except AmbiguousAggregate as error:
+                raise query.BadParameter("type", str(error)) from None
+
+    return asyncio.to_thread(run)
+
+
+def _kind(params: Mapping[str, str]) -> str | None:
+    return query.choice(params, "type", ("order", "account"))
+
+
+async def history_view(
+    settings: Settings, aggregate_id: str, params: Mapping[str, str]
+) -> dict[str, Any]:
+    first = query.integer(params, "from_version", 1, 1, 2**62)
+    last = query.integer(params, "to_version", 2**62, 1, 2**62)
+    kind = _kind(params)
+
+    def work(store: Any) -> dict[str, Any]:
+        resolved = store.aggregate_type(aggregate_id, kind)
+        events = store.read_stream(resolved, aggregate_id, first, last)
+        return {
+            "aggregate_type": resolved,
+            "aggregate_id": aggregate_id,
+            "events": [_historic(e) for e in events],
+        }
+
+    return await _with_store(settings, work)
+
+
+async def state_view(
+    settings: Settings, aggregate_id: str, params: Mapping[str, str]
+) -> dict[str, Any]:
+    from app.adapters import mapper
+
+    version = query.integer(params, "version", 0, 0, 2**62) or None
+    at = query.timestamp(params, "at")
+    if version and at:
+        raise query.BadParameter("at", "give either version or at, not both")
+    kind = _kind(params)
+
+    def work(store: Any) -> dict[str, Any]:
+        resolved = store.aggregate_type(aggregate_id, kind)
+        state, reached = store.state(resolved, aggregate_id, version=version, at=at)
+        return {
+            "aggregate_type": resolved,
+            "aggregate_id": aggregate_id,
+            "version": reached,
+            "state": mapper.to_dict(state),
+        }
+
+    return await _with_store(settings, work)
+
+
+async def correlation_view(settings: Settings, correlation_id: str) -> dict[str, Any]:
+    def work(store: Any) -> dict[str, Any]:
+        events = store.read_correlation(correlation_id)
+        if not events:
+            raise query.NotFound(f"no events with correlation id {correlation_id}")
+        return {
+            "correlation_id": correlation_id,
+            "events": [_historic(e) for e in events],
+        }
+
+    return await _with_store(settings, work)
+
+
 def attach(app: faust.App, settings: Settings, read: ReadSide) -> None:
     """Register the query views, /status and /metrics on the worker's web server."""
 
@@ -200,6 +291,18 @@ def attach(app: faust.App, settings: Settings, read: ReadSide) -> None:
             lambda c, p, m: query.transactions(c, m["account_id"], p),
         ),
         "/query/reports/daily": ("accounts", lambda c, p, m: query.daily_report(c, p)),
+        "/query/history/{aggregate_id}": (
+            None,
+            lambda c, p, m: history_view(settings, m["aggregate_id"], p),
+        ),
+        "/query/state/{aggregate_id}": (
+            None,
+            lambda c, p, m: state_view(settings, m["aggregate_id"], p),
+        ),
+        "/query/correlation/{correlation_id}": (
+            None,
+            lambda c, p, m: correlation_view(settings, m["correlation_id"]),
+        ),
     }
     for path, (area, run) in routes.items():
         handler = view(area, run)

@@ -296,7 +296,7 @@ def _prefix(name: str, raw: str) -> str:
     return raw
 
 
-PROJECTION_NAMES = ("orders", "ledger")
+PROJECTION_NAMES = ("orders", "ledger", "event_log")
 
 
 def _projections(name: str, raw: str) -> tuple[str, ...]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from app.history import EventLogProjection
 from app.projections.ledger import LedgerProjection
 from app.projections.orders import OrdersProjection
 
-PROJECTIONS = {p.name: p for p in (OrdersProjection(), LedgerProjection())}
+PROJECTIONS = {
+    p.name: p for p in (OrdersProjection(), LedgerProjection(), EventLogProjection())
+}

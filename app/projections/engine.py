@@ -260,6 +260,14 @@ class ProjectionRunner:
                 decoded = self.codec.decode(message.value())
                 data = dict(decoded.data)
                 metadata = data.pop("metadata")
+                # Where the event came from, for projections that index the log itself.
+                metadata["source"] = {
+                    "topic": message.topic(),
+                    "partition": message.partition(),
+                    "offset": message.offset(),
+                    "record_name": decoded.record_name,
+                    "writer_version": decoded.writer_version,
+                }
             except DecodeError as error:
                 rejects.append((message, f"undecodable event: {error.reason}"))
                 continue
@@ -335,7 +343,9 @@ class ProjectionRunner:
                     versions[aggregate_id] = touched[aggregate_id] = version
                     handlers = self.projection.handlers
                     # "*" is a projection's catch-all, e.g. the event-log index.
-                    handler = handlers.get(event.metadata["event_type"], handlers.get("*"))
+                    handler = handlers.get(
+                        event.metadata["event_type"], handlers.get("*")
+                    )
                     if handler is not None:
                         handler(cur, event.metadata, event.data)
                     applied += 1
