@@ -218,6 +218,42 @@ def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """Show the services and each projection's position and lag (events, seconds)."""
+    import json
+
+    from app.local import stack
+    from app.local.process import http_ok
+
+    node = stack.kafka_node(settings)
+    print(
+        f"kafka     {'up' if node.answers(timeout=3) else 'DOWN'}  {settings.bootstrap_servers}"
+    )
+    print(
+        f"registry  {'up' if http_ok(settings.schema_registry_url + '/subjects') else 'DOWN'}"
+        f"  {settings.schema_registry_url}"
+    )
+    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    try:
+        import httpx
+
+        document = httpx.get(url, timeout=5).json()
+    except Exception:  # noqa: BLE001 - any failure means the worker is not answering
+        print(f"worker    DOWN  {url}")
+        return 1
+    print(f"worker    up    {url}")
+    for projection in document.get("projections", []):
+        state = "error: " + projection["error"] if projection["error"] else "ok"
+        print(
+            f"  {projection['name']:<10} applied {projection['applied']:>8}  "
+            f"lag {projection['lag_events']:>6} events  {projection['lag_seconds']:>7.1f}s"
+            f"  dead-lettered {projection['dead_lettered']}  {state}"
+        )
+    if args.json:
+        print(json.dumps(document, indent=2))
+    return 0
+
+
 def _tool_class(name: str) -> str:
     from app.local.kafka import TOOLS
 
@@ -266,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     schemas = add("schemas", cmd_schemas)
     schemas.add_argument("action", choices=["check"])
     add("demo", cmd_demo)
+    status = add("status", cmd_status)
+    status.add_argument(
+        "--json", action="store_true", help="also print the raw /status"
+    )
     history = add("history", cmd_history)
     history.add_argument(
         "id", help="an aggregate id (or a correlation id with --correlation)"
