@@ -1,0 +1,59 @@
+"""The README's CLI examples run as written, against an isolated deployment."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.settings import Settings
+from tests.support import running_worker
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _examples(command: str) -> list[list[str]]:
+    found = []
+    for line in README.read_text().splitlines():
+        match = re.match(rf"^\$ bin/streamfold ({command}\b.*?)(\s+#.*)?$", line)
+        if match:
+            found.append(shlex.split(match.group(1)))
+    return found
+
+
+def _run(settings: Settings, args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_readme_cli_examples_work(deployment: Settings) -> None:
+    sends = _examples("send")
+    assert len(sends) >= 2, "the README lost its send examples"
+    with running_worker(deployment):
+        for args in sends:
+            done = _run(deployment, args)
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+            assert '"accepted": true' in done.stdout
+        [history] = _examples("history")
+        deadline = time.monotonic() + 60
+        shown = _run(deployment, history)
+        while "MoneyDeposited" not in shown.stdout and time.monotonic() < deadline:
+            time.sleep(0.3)
+            shown = _run(deployment, history)
+        assert "AccountOpened" in shown.stdout and "MoneyDeposited" in shown.stdout
+        [state] = _examples("state")
+        then = _run(deployment, state)
+        assert then.returncode == 0, then.stderr
+        assert '"version": 1' in then.stdout and '"balance_minor": 0' in then.stdout
+    [check] = _examples("schemas check")
+    assert _run(deployment, check).returncode == 0
