@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from app.settings import AGGREGATES, Settings
@@ -24,6 +24,10 @@ class TopicConflict(RuntimeError):
 
 class BrokerUnavailable(RuntimeError):
     """The Kafka cluster did not answer in time."""
+
+
+class AuthenticationFailed(BrokerUnavailable):
+    """The cluster refused Streamfold's credentials (never retried unauthenticated)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +80,26 @@ def ensure_topics(
 ) -> list[str]:
     """Create missing topics; verify existing ones. Returns the names created."""
     specs = required_topics(settings) if specs is None else specs
-    admin = admin_client(settings)
+    # librdkafka reports why a connection failed only through error_cb; keep it, so
+    # a refused password is named as such rather than as a "transport failure".
+    seen: list[KafkaError] = []
+    admin = AdminClient(
+        {**settings.kafka_client_config(), "log_level": 3, "error_cb": seen.append}
+    )
     try:
         metadata = admin.list_topics(timeout=15)
     except KafkaException as error:
+        admin.poll(0.5)  # error_cb runs from poll(): collect what was queued
+        refused = [e for e in seen if e.code() == KafkaError._AUTHENTICATION]
+        if refused:
+            raise AuthenticationFailed(
+                f"Kafka at {settings.bootstrap_servers} refused the credentials of "
+                f"{settings.sasl_username!r} ({settings.sasl_mechanism}): "
+                f"{refused[-1].str()}"
+            ) from error
+        cause = seen[-1].str() if seen else str(error)
         raise BrokerUnavailable(
-            f"Kafka at {settings.bootstrap_servers} did not answer: {error}"
+            f"Kafka at {settings.bootstrap_servers} did not answer: {cause}"
         ) from error
     existing = metadata.topics
     problems: list[str] = []

@@ -7,6 +7,7 @@ controller on 127.0.0.1:9092 with a small heap.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -50,6 +51,10 @@ class KafkaNode:
     controller_port: int = 9093
     heap: str = "512m"
     extra_config: str = ""
+    # librdkafka settings for the readiness probe (a SASL listener needs credentials).
+    client_config: tuple[tuple[str, str], ...] = ()
+    # Extra `kafka-storage format` arguments, e.g. SCRAM credentials to create.
+    format_args: tuple[str, ...] = ()
 
     @property
     def version(self) -> str:
@@ -70,7 +75,9 @@ class KafkaNode:
     def resolve(self) -> Path:
         """Download the pinned jars once; later calls find them in the cache."""
         marker = self.libs / ".complete"
-        if marker.exists():
+        # The marker holds the pom's digest, so editing the pom resolves again.
+        wanted = hashlib.sha256(POM.read_bytes()).hexdigest()
+        if marker.exists() and marker.read_text() == wanted:
             return self.libs
         if shutil.which("mvn") is None:
             raise ServiceError(
@@ -98,7 +105,7 @@ class KafkaNode:
                 f"mvn could not resolve Kafka {self.version}:\n{result.stdout[-2000:]}"
                 f"{result.stderr[-2000:]}"
             )
-        (staging / ".complete").write_text(self.version)
+        (staging / ".complete").write_text(wanted)
         if self.libs.exists():
             shutil.rmtree(self.libs)
         staging.rename(self.libs)
@@ -144,6 +151,7 @@ class KafkaNode:
 
         admin = AdminClient(
             {
+                **dict(self.client_config),
                 "bootstrap.servers": self.bootstrap,
                 "log_level": 0,
                 "logger": _silent_logger(),
@@ -177,6 +185,7 @@ class KafkaNode:
                     "-c",
                     str(config),
                     "--standalone",
+                    *self.format_args,
                 ),
                 capture_output=True,
                 text=True,

@@ -313,3 +313,19 @@ def test_postgres_restart_and_worker_kill_keep_read_models_exact(
         eventually(lambda: actual_ledger(deployment), expected_ledger(deployment), 120)
     finally:
         worker.stop()
+
+
+def test_an_internal_failure_is_a_generic_500_with_a_correlation_id(
+    deployment: Settings,
+) -> None:
+    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    with running_worker(deployment):
+        with psycopg.connect(deployment.database_url) as conn:
+            conn.execute("ALTER TABLE order_summaries RENAME TO order_summaries_gone")
+        response = httpx.get(f"{base}/query/orders/o-1")
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"] == "internal error"
+    assert uuid.UUID(body["correlation_id"])
+    assert "order_summaries" not in response.text
+    assert "Traceback" not in response.text
