@@ -798,8 +798,10 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     return app
 
 
-def serve(settings: Settings, host: str = "127.0.0.1", port: int | None = None) -> None:
-    """Serve the registry until SIGINT or SIGTERM; port defaults to the settings'."""
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Serve the registry until SIGINT or SIGTERM; host and port default to the
+    settings' (STREAMFOLD_REGISTRY_HOST, STREAMFOLD_REGISTRY_PORT)."""
+    host = settings.registry_host if host is None else host
     port = settings.registry_port if port is None else port
     log.info(
         "schema registry on http://%s:%d, topic %s at %s",
