@@ -137,3 +137,19 @@ def deployment(registry_settings: Settings) -> Iterator[Settings]:
     migrations.migrate(settings.database_url)
     yield settings
     postgres.drop_database(database, port=writer.port)
+    _delete_topics(settings)
+
+
+def _delete_topics(settings: Settings) -> None:
+    """Remove a finished deployment's topics, so a long run keeps the broker lean."""
+    from app.adapters import topics
+
+    admin = topics.admin_client(settings)
+    names = [
+        name
+        for name in admin.list_topics(timeout=30).topics
+        if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
+    ]
+    if names:
+        # Deletion is asynchronous; waiting for it would only slow the next test.
+        admin.delete_topics(names, operation_timeout=30)
