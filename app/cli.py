@@ -254,6 +254,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Rebuild a projection from the start of its topics (blue/green unless --in-place)."""
+    from app.projections import replay
+
+    return replay.main(settings, args.projection, in_place=args.in_place)
+
+
 def _tool_class(name: str) -> str:
     from app.local.kafka import TOOLS
 
@@ -318,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     when = state.add_mutually_exclusive_group()
     when.add_argument("--version", type=int)
     when.add_argument("--at", help="ISO-8601 time, e.g. 2026-11-26T09:00:00Z")
+    replay = add("replay", cmd_replay)
+    replay.add_argument("projection", help="orders, ledger, event_log")
+    replay.add_argument(
+        "--in-place",
+        action="store_true",
+        help="empty the live tables and rewind the live group instead of building "
+        "new tables beside them",
+    )
     tool = add("kafka-tool", cmd_kafka_tool)
     tool.add_argument("tool", help="consumer-groups, topics, configs, acls, ...")
     tool.add_argument("tool_args", nargs=argparse.REMAINDER)

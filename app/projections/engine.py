@@ -5,21 +5,36 @@ offset) commit in one Postgres transaction; on start the projection resumes from
 stored position. Kafka's committed group offsets follow the Postgres commit so Kafka's
 own tools show lag and can rewind the group: a rewound group is noticed at start-up
 and the projection is rebuilt from the beginning.
+
+Each batch transaction also takes the projection's switch lock (shared) and checks its
+epoch: a replay that swapped or emptied the tables meanwhile (``replay.py``) bumps the
+epoch under the same lock held exclusively, and the runner then drops the batch and
+seeks to the positions the new tables hold.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
 import time
+import weakref
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
@@ -27,11 +42,23 @@ from app.settings import Settings
 
 log = logging.getLogger("streamfold.projections")
 
+# Any constants work; every Streamfold process has to use the same ones.
+SWITCH_LOCK = 0x5F0_1E
+# How often an idle runner looks for a replay's switch (a busy one checks every batch).
+EPOCH_CHECK_S = 1.0
+
 Handler = Callable[[psycopg.Cursor[Any], dict[str, Any], dict[str, Any]], None]
 
 
 class Projection(Protocol):
-    """A read model: which events it folds, into which tables, and how."""
+    """A read model: which events it folds, into which tables, and how.
+
+    Handlers write only ``tables`` (plus the runner's bookkeeping) through the cursor
+    they are given and send nothing outward: no Kafka, HTTP or mail. A replay folds
+    the whole log again, so anything sent from a handler would be sent again. The
+    Postgres projections keep it so; the runner's own dead letters are sent once per
+    source event (see ``ProjectionRunner._dead_letter``).
+    """
 
     name: str
     areas: tuple[str, ...]
@@ -72,9 +99,40 @@ def stored_positions(
     return {(topic, partition): offset for topic, partition, offset in rows}
 
 
-def reset(conn: psycopg.Connection[Any], projection: Projection) -> None:
-    """Empty the projection's tables and forget its positions (one transaction)."""
+def switch_lock(projection: str) -> tuple[int, int]:
+    """The advisory lock key guarding a projection's tables against a swap."""
+    return SWITCH_LOCK, zlib.crc32(projection.encode()) - 2**31
+
+
+def lock_for_switch(conn: psycopg.Connection[Any], projection: str) -> None:
+    """Hold the switch lock exclusively until the transaction ends: running batches
+    finish first, later ones wait and then see the new epoch."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", switch_lock(projection))
+
+
+def current_epoch(conn: psycopg.Connection[Any], projection: str) -> int:
+    row = conn.execute(
+        "SELECT epoch FROM projection_epochs WHERE projection = %s", (projection,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def bump_epoch(conn: psycopg.Connection[Any], projection: str) -> int:
+    row = conn.execute(
+        "INSERT INTO projection_epochs (projection, epoch) VALUES (%s, 1) "
+        "ON CONFLICT (projection) DO UPDATE SET "
+        "epoch = projection_epochs.epoch + 1, changed_at = now() RETURNING epoch",
+        (projection,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def reset(conn: psycopg.Connection[Any], projection: Projection) -> int:
+    """Empty the projection's tables, forget its positions and bump its epoch (one
+    transaction, under the switch lock); return the new epoch."""
     with conn.transaction():
+        lock_for_switch(conn, projection.name)
         conn.execute("TRUNCATE " + ", ".join(projection.tables))  # type: ignore[arg-type]
         conn.execute(
             "DELETE FROM projection_positions WHERE projection = %s", (projection.name,)
@@ -82,6 +140,7 @@ def reset(conn: psycopg.Connection[Any], projection: Projection) -> None:
         conn.execute(
             "DELETE FROM projection_streams WHERE projection = %s", (projection.name,)
         )
+        return bump_epoch(conn, projection.name)
 
 
 @dataclass
@@ -111,7 +170,11 @@ class Status:
 
 
 class ProjectionRunner:
-    """One projection's consume → apply → commit loop, on its own thread."""
+    """One projection's consume → apply → commit loop, on its own thread.
+
+    ``schema`` and ``group`` let a replay run the same code into a schema of its own
+    under a consumer group of its own; by default the live tables and group.
+    """
 
     def __init__(
         self,
@@ -121,12 +184,19 @@ class ProjectionRunner:
         *,
         batch_size: int = 1000,
         poll_timeout: float = 0.05,
+        schema: str = "public",
+        group: str | None = None,
     ) -> None:
         self.settings = settings
         self.projection = projection
         self.codec = codec
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
+        self.schema = schema
+        self.group = group or group_id(settings, projection.name)
+        self._epoch: int | None = None
+        self._next_epoch_check = 0.0
+        self._dead_lettered: set[tuple[str, int, int]] = set()
         self.status = Status(projection.name)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -142,11 +212,16 @@ class ProjectionRunner:
             target=self.run, name=f"projection-{self.projection.name}", daemon=True
         )
         self._thread.start()
+        _STARTED.add(self)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
         """Consume until stopped; infrastructure failures are retried, never skipped."""
@@ -172,15 +247,25 @@ class ProjectionRunner:
                 delay = min(delay * 2, 10.0)
 
     def _run_once(self) -> None:
-        self._conn = psycopg.connect(self.settings.database_url, autocommit=False)
+        options = {}
+        if self.schema != "public":
+            # Only the replay's schema: a table it did not copy fails loudly instead
+            # of writing to the live one.
+            options["options"] = f"-c search_path={self.schema}"
+        self._conn = psycopg.connect(
+            self.settings.database_url, autocommit=False, **options
+        )
         self._consumer = Consumer(
             {
                 **self.settings.kafka_client_config(),
-                "group.id": group_id(self.settings, self.projection.name),
+                "group.id": self.group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "fetch.wait.max.ms": 50,
+                # As the worker's own consumers: a killed worker's partitions move on
+                # (and its group can be reset) after this, not librdkafka's 45 s.
+                "session.timeout.ms": int(self.settings.session_timeout_s * 1000),
             }
         )
         self._consumer.subscribe(
@@ -190,8 +275,13 @@ class ProjectionRunner:
         try:
             while not self._stop.is_set():
                 messages = self._consumer.consume(self.batch_size, self.poll_timeout)
-                if messages:
-                    self._handle(messages)
+                try:
+                    if messages:
+                        self._handle(messages)
+                    elif time.monotonic() >= self._next_epoch_check:
+                        self._check_epoch()
+                except EpochChanged:
+                    self._resync()
                 self._refresh_heads()
         finally:
             self._close()
@@ -208,6 +298,8 @@ class ProjectionRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assert self._conn is not None
+        # The epoch before the positions: a switch in between is noticed later.
+        epoch = current_epoch(self._conn, self.projection.name)
         stored = stored_positions(self._conn, self.projection.name)
         self._conn.commit()
         committed = consumer.committed(partitions, timeout=30)
@@ -225,14 +317,80 @@ class ProjectionRunner:
                 self.projection.name,
                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in rewound),
             )
-            reset(self._conn, self.projection)
+            epoch = reset(self._conn, self.projection)
             self.status.rebuilt_at = datetime.now(UTC)
             stored = {}
         for tp in partitions:
             position = stored.get((tp.topic, tp.partition))
             tp.offset = position if position is not None else _earliest(consumer, tp)
             self.status.positions[(tp.topic, tp.partition)] = tp.offset
+        self._epoch = epoch
         consumer.assign(partitions)
+
+    # -- epochs: a replay swapped or emptied the tables -----------------------------
+
+    def _check_epoch(self) -> None:
+        assert self._conn is not None
+        self._next_epoch_check = time.monotonic() + EPOCH_CHECK_S
+        if self._epoch is None:
+            return  # not assigned yet; the assignment reads the epoch
+        epoch = current_epoch(self._conn, self.projection.name)
+        self._conn.commit()
+        if epoch != self._epoch:
+            raise EpochChanged
+
+    def _fence(self, cur: psycopg.Cursor[Any]) -> None:
+        """First in every batch transaction: the shared switch lock, then the epoch."""
+        name = self.projection.name
+        cur.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", switch_lock(name))
+        # A statement of its own: its snapshot is taken once the lock is granted, so
+        # it sees a switch that committed while this batch waited.
+        cur.execute(
+            "SELECT epoch FROM projection_epochs WHERE projection = %s", (name,)
+        )
+        row = cur.fetchone()
+        if (row[0] if row else 0) != self._epoch:
+            assert self._conn is not None
+            self._conn.rollback()
+            raise EpochChanged
+
+    def _resync(self) -> None:
+        """Continue from the positions the current tables hold; what was fetched for
+        the old ones is dropped by the seek."""
+        conn, consumer = self._conn, self._consumer
+        assert conn is not None
+        assert consumer is not None
+        name = self.projection.name
+        conn.rollback()
+        epoch = current_epoch(conn, name)
+        stored = stored_positions(conn, name)
+        conn.commit()
+        positions = {}
+        for tp in consumer.assignment():
+            position = stored.get((tp.topic, tp.partition))
+            if position is None:
+                position = _earliest(consumer, tp)
+            positions[(tp.topic, tp.partition)] = position
+        log.warning(
+            "projection %s: tables replaced (epoch %d -> %d); continuing from their "
+            "positions",
+            name,
+            self._epoch or 0,
+            epoch,
+        )
+        with self._progress:
+            self.status.positions = positions
+            self.status.rebuilt_at = datetime.now(UTC)
+            self._progress.notify_all()
+        # Offsets first: should the seek fail and the consumer start over, the group
+        # must not look rewound (that would rebuild the projection once more).
+        self._commit_offsets()
+        try:
+            for (topic, partition), offset in positions.items():
+                consumer.seek(TopicPartition(topic, partition, offset))
+        except KafkaException as error:
+            raise KafkaTransient(f"seek after a table switch: {error}") from error
+        self._epoch = epoch
 
     def _refresh_heads(self) -> None:
         assert self._consumer is not None
@@ -286,7 +444,7 @@ class ProjectionRunner:
             )
         try:
             self._apply(events, [m for m, _ in rejects])
-        except (psycopg.OperationalError, KafkaTransient):
+        except (psycopg.OperationalError, KafkaTransient, EpochChanged):
             raise
         except Exception as error:  # noqa: BLE001 - find the poison event, keep going
             assert self._conn is not None
@@ -299,7 +457,7 @@ class ProjectionRunner:
             for event in events:
                 try:
                     self._apply([event], [])
-                except psycopg.OperationalError:
+                except (psycopg.OperationalError, EpochChanged):
                     raise
                 except Exception as single:  # noqa: BLE001 - this one is the poison
                     self._conn.rollback()
@@ -322,6 +480,7 @@ class ProjectionRunner:
             positions[key] = max(positions.get(key, 0), item.offset() + 1)
         applied = 0
         with conn.cursor() as cur:
+            self._fence(cur)
             ids = list({e.metadata["aggregate_id"] for e in events})
             versions: dict[str, int] = {}
             if ids:
@@ -389,12 +548,23 @@ class ProjectionRunner:
                 )
 
     def _dead_letter(self, message: Any, reason: str) -> None:
+        """Send a poison event to the dead-letter topic, once per source event: a
+        replay or a rewound group meets the same poison again and sends nothing."""
         if self._producer is None:
             topic = dead_letter_topic(self.settings, self.projection.name)
             ensure_topics(
                 self.settings, [TopicSpec(topic, 1, dict(FOREVER), tuple(FOREVER))]
             )
+            self._dead_lettered = dead_lettered(self.settings, topic)
             self._producer = Producer(self.settings.producer_config())
+        source = (message.topic(), message.partition(), message.offset())
+        if source in self._dead_lettered:
+            log.info(
+                "projection %s: %s[%d]@%d is already dead-lettered",
+                self.projection.name,
+                *source,
+            )
+            return
         headers = [
             *(message.headers() or []),
             ("dlq-source-topic", message.topic().encode()),
@@ -411,6 +581,7 @@ class ProjectionRunner:
         )
         if self._producer.flush(30) != 0:
             raise KafkaTransient("dead letter not acknowledged")
+        self._dead_lettered.add(source)
         self.status.dead_lettered += 1
         log.warning(
             "projection %s dead-lettered %s[%d]@%d: %s",
@@ -435,8 +606,75 @@ class ProjectionRunner:
         return True
 
 
+_STARTED: weakref.WeakSet[ProjectionRunner] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_started() -> None:
+    # Runner threads are daemons: without this an exiting worker never closes their
+    # consumers, so its groups stay "Stable" until the session times out, and Kafka's
+    # consumer-groups tool refuses to reset them meanwhile.
+    runners = list(_STARTED)
+    for runner in runners:
+        runner._stop.set()
+    for runner in runners:
+        runner.stop(timeout=10)
+
+
 class KafkaTransient(RuntimeError):
     """A retriable Kafka error: the batch is retried from the stored position."""
+
+
+class EpochChanged(Exception):
+    """The projection's tables were swapped or emptied since this runner looked."""
+
+
+def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
+    """The source (topic, partition, offset) of every record in a dead-letter topic."""
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": f"{settings.app_id}.dead-letter-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    found: set[tuple[str, int, int]] = set()
+    try:
+        metadata = consumer.list_topics(topic, timeout=30).topics[topic]
+        for partition in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=30
+            )
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, low)])
+            deadline = time.monotonic() + 30
+            while True:
+                message = consumer.poll(1.0)
+                if message is None:
+                    if time.monotonic() > deadline:
+                        raise KafkaTransient(f"{topic}[{partition}] stalled")
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
+                    raise KafkaTransient(str(error))
+                headers = dict(message.headers() or [])
+                with contextlib.suppress(KeyError, ValueError):
+                    found.add(
+                        (
+                            headers["dlq-source-topic"].decode(),
+                            int(headers["dlq-source-partition"]),
+                            int(headers["dlq-source-offset"]),
+                        )
+                    )
+                if message.offset() + 1 >= high:
+                    break
+    finally:
+        consumer.close()
+    return found
 
 
 def _earliest(consumer: Consumer, tp: TopicPartition) -> int:
