@@ -14,9 +14,17 @@ Row = dict[str, Any]
 def created(cur: Cursor[Any], meta: Row, data: Row) -> None:
     at = meta["timestamp"]
     cur.execute(
-        "INSERT INTO customers (customer_id, name, email, first_order_at, updated_at) "
-        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (customer_id) DO UPDATE SET "
-        "name = EXCLUDED.name, email = EXCLUDED.email, updated_at = EXCLUDED.updated_at",
+        # Orders of one customer sit on several partitions and are folded in no fixed
+        # order, so every column is kept order-independent: the earliest first order,
+        # and name and email from the newest one (a replay then rebuilds the same row).
+        "INSERT INTO customers AS c (customer_id, name, email, first_order_at, updated_at)"
+        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (customer_id) DO UPDATE SET"
+        " first_order_at = LEAST(c.first_order_at, EXCLUDED.first_order_at),"
+        " name = CASE WHEN EXCLUDED.updated_at >= c.updated_at THEN EXCLUDED.name"
+        " ELSE c.name END,"
+        " email = CASE WHEN EXCLUDED.updated_at >= c.updated_at THEN EXCLUDED.email"
+        " ELSE c.email END,"
+        " updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at)",
         (data["customer_id"], data["customer_name"], data["customer_email"], at, at),
     )
     cur.execute(

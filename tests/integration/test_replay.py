@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import psycopg
-import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer
 from confluent_kafka.admin import AdminClient
 
@@ -69,10 +68,6 @@ TABLES = {
 # the consumer's interleaving, not the log, so two folds can differ there. Compared on
 # its own and reported as a known failure until orders.py takes LEAST / GREATEST.
 CUSTOMER_TIMES = "(SELECT customer_id, first_order_at, updated_at FROM customers)"
-KNOWN_BUG = (
-    "orders.py: customers.first_order_at/updated_at depend on the order partitions "
-    "are folded in, so a rebuild may differ from the live fold there"
-)
 
 
 def eventually(actual: Callable[[], Any], expected: Any, timeout: float = 60.0) -> None:
@@ -391,8 +386,8 @@ def test_replays_rebuild_exactly_what_the_log_holds(deployment: Settings) -> Non
         times = checksum(deployment, CUSTOMER_TIMES, "customer_id")
         live = blue_green_while_queries_answer(deployment, client, live, accounts)
         in_place_and_kafka_tool_reset(deployment, worker, live)
-        if checksum(deployment, CUSTOMER_TIMES, "customer_id") != times:
-            pytest.xfail(KNOWN_BUG)
+        # The customers row is folded order-independently, so it rebuilds exactly.
+        assert checksum(deployment, CUSTOMER_TIMES, "customer_id") == times
 
 
 def blue_green_while_queries_answer(
