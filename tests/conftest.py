@@ -26,7 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
-    return Settings.from_env()
+    # A generous wait for command results: a freshly started worker on a busy
+    # 2-core machine first joins its group and catches up from the log.
+    return dataclasses.replace(Settings.from_env(), command_timeout_s=60.0)
 
 
 @pytest.fixture(scope="session")
