@@ -1,0 +1,752 @@
+"""End to end: a command produced → its read model visible in Postgres, through a real
+worker process, beside a raw confluent-kafka + psycopg pipeline in the same run.
+
+Per system: a warm-up, then a backlog of order lifecycles (create with 3 items, pay,
+ship, deliver) produced at once — sustained commands/s = commands / (first produce →
+last read model visible) — then the same workload paced at half that rate for the
+p50/p99 latency. CPU seconds of every process are sampled over the backlog.
+
+The raw pipeline is one process with two threads: one consumes the commands and
+produces each one's bytes to an events topic (acks=all, idempotent, offsets stored
+once acknowledged); the other consumes the events and inserts them into Postgres with
+its positions in the same transaction. It decodes nothing and decides nothing: the
+floor for Python, this broker and this Postgres with the same delivery guarantees.
+
+A read model is visible when the projection's stored position (committed with its
+rows) passes the event's offset; ``PositionWatcher`` polls the positions table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from app.adapters import topics
+from app.adapters.codec import Codec
+from app.client import CommandClient
+from app.local import stack
+from app.local.process import ServiceError, tail
+from app.local.worker import WorkerProcess
+from app.settings import Settings
+from bench.harness import (
+    CommandEncoder,
+    CpuSampler,
+    Outgoing,
+    PositionWatcher,
+    Sent,
+    figure,
+    high_watermarks,
+    new_codec,
+    new_producer,
+    order_lifecycles,
+    peak_memory_mib,
+    percentile,
+    postgres_backends,
+    postgres_background,
+    produce,
+    wait_until,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    warmup_orders: int
+    orders: int  # backlog: 4 commands per order
+    latency_seconds: float
+    sequential_orders: int  # one command at a time, for the peer comparison
+
+
+# -- command results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    at: float
+    accepted: bool
+    partition: int | None
+    offset: int | None
+
+
+class ResultListener:
+    """Reads command-results from its current end on a thread of its own.
+
+    ``consume(n, timeout)`` returns only when ``n`` messages arrived or the timeout
+    passed, so the timeout is kept short: an arrival is noted at most 5 ms late.
+    """
+
+    def __init__(self, settings: Settings, codec: Codec) -> None:
+        self.arrived: dict[str, Arrived] = {}
+        self._codec = codec
+        self._stop = threading.Event()
+        self._news = threading.Condition()
+        topic = settings.topics.results
+        self._consumer = Consumer(
+            {
+                **settings.kafka_client_config(),
+                "group.id": f"{settings.app_id}-bench-results",
+                "enable.auto.commit": False,
+            }
+        )
+        self._consumer.assign(
+            [
+                TopicPartition(topic, p, high)
+                for p, high in high_watermarks(settings, topic).items()
+            ]
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._consumer.consume(1000, 0.005)
+            now = time.monotonic()
+            for message in batch:
+                if message.error():
+                    continue
+                data = self._codec.decode(message.value()).data
+                self.arrived.setdefault(
+                    data["command_id"],
+                    Arrived(
+                        now,
+                        data["status"] == "ACCEPTED",
+                        data["partition"],
+                        data["offset"],
+                    ),
+                )
+            if batch:
+                with self._news:
+                    self._news.notify_all()
+
+    def wait_for(self, command_id: str, timeout: float) -> Arrived:
+        with self._news:
+            if not self._news.wait_for(lambda: command_id in self.arrived, timeout):
+                raise TimeoutError(f"no result for {command_id} in {timeout:.0f}s")
+        return self.arrived[command_id]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+def _wait_all(ids: Sequence[str], found: Callable[[str], bool], timeout: float) -> None:
+    missing = list(ids)
+    deadline = time.monotonic() + timeout
+    while missing:
+        missing = [c for c in missing if not found(c)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(missing)} of {len(ids)} commands not done")
+        time.sleep(0.05)
+
+
+# -- the systems under test --------------------------------------------------------------
+
+
+class StreamfoldSystem:
+    """The worker (`streamfold worker`, every projection the product runs)."""
+
+    name = "streamfold"
+
+    def __init__(self, settings: Settings, codec: Codec) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.topic = settings.topics.commands("orders")
+        self.worker = WorkerProcess(settings, "bench-worker")
+        self.listener: ResultListener | None = None
+        self.watcher: PositionWatcher | None = None
+
+    def start(self) -> int:
+        self.worker.start(timeout=180)
+        pid = self.worker.pid()
+        if pid is None:
+            raise ServiceError("the worker exited right after starting")
+        self.listener = ResultListener(self.settings, self.codec)
+        self.watcher = PositionWatcher(
+            self.settings.database_url,
+            "SELECT partition, next_offset FROM projection_positions"
+            " WHERE projection = 'orders' AND topic = %s",
+            (self.settings.topics.events("orders"),),
+        )
+        return pid
+
+    def wait(self, sent: Sent, timeout: float) -> None:
+        assert self.listener is not None
+        assert self.watcher is not None
+        arrived = self.listener.arrived
+        _wait_all(list(sent.at), arrived.__contains__, timeout)
+        needed: dict[int, int] = {}
+        for command_id in sent.at:
+            result = arrived[command_id]
+            if result.accepted and result.partition is not None:
+                offset = result.offset or 0
+                needed[result.partition] = max(needed.get(result.partition, 0), offset)
+        watcher = self.watcher
+        wait_until(
+            lambda: all(watcher.current(p) > o for p, o in needed.items()),
+            timeout,
+            "the orders projection",
+        )
+
+    def settle(self, timeout: float) -> float:
+        """Seconds until every projection the worker runs reports no lag, so
+        one-at-a-time commands meet an idle worker rather than its catch-up."""
+        url = f"http://{self.settings.web_host}:{self.settings.web_port}/status"
+        began = time.monotonic()
+
+        def idle() -> bool:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                status = json.loads(response.read())
+            return all(p["lag_events"] == 0 for p in status["projections"])
+
+        wait_until(idle, timeout, "the worker's projections to catch up")
+        return round(time.monotonic() - began, 2)
+
+    def visible_at(self, sent: Sent, command_id: str) -> float | None:
+        assert self.listener is not None
+        assert self.watcher is not None
+        result = self.listener.arrived.get(command_id)
+        if result is None or not result.accepted or result.partition is None:
+            return None
+        return self.watcher.visible_at(result.partition, result.offset or 0)
+
+    def durable_at(self, command_id: str) -> float | None:
+        assert self.listener is not None
+        result = self.listener.arrived.get(command_id)
+        return None if result is None else result.at
+
+    def rejected(self, sent: Sent) -> int:
+        assert self.listener is not None
+        arrived = self.listener.arrived
+        return sum(1 for c in sent.at if c in arrived and not arrived[c].accepted)
+
+    def stop(self) -> None:
+        for part in (self.listener, self.watcher):
+            if part is not None:
+                part.close()
+        self.worker.stop()
+
+
+RAW_TABLES = """
+CREATE TABLE IF NOT EXISTS bench_raw_events (
+    partition integer NOT NULL,
+    "offset" bigint NOT NULL,
+    aggregate_id text NOT NULL,
+    body bytea NOT NULL,
+    PRIMARY KEY (partition, "offset")
+);
+CREATE TABLE IF NOT EXISTS bench_raw_positions (
+    partition integer PRIMARY KEY,
+    next_offset bigint NOT NULL
+);
+"""
+
+
+def raw_topics(settings: Settings) -> tuple[str, str]:
+    prefix = settings.topics.prefix
+    return f"{prefix}raw.commands", f"{prefix}raw.events"
+
+
+class RawSystem:
+    """The raw pipeline, a subprocess of this module (``--raw-pipeline``)."""
+
+    name = "raw pipeline"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic, events = raw_topics(settings)
+        standing_for = {
+            settings.topics.commands("orders"): self.topic,
+            settings.topics.events("orders"): events,
+        }
+        topics.ensure_topics(
+            settings,
+            [
+                topics.TopicSpec(
+                    standing_for[s.name], s.partitions, dict(s.config), s.enforced
+                )
+                for s in topics.required_topics(settings)
+                if s.name in standing_for
+            ],
+        )
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(RAW_TABLES)  # type: ignore[arg-type]
+        self.ready = settings.home / "bench" / f"{settings.app_id}.raw-ready"
+        self.log = settings.home / "bench" / f"{settings.app_id}.raw.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.watcher: PositionWatcher | None = None
+
+    def start(self) -> int:
+        self.ready.parent.mkdir(parents=True, exist_ok=True)
+        self.ready.unlink(missing_ok=True)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.end_to_end",
+                    "--raw-pipeline",
+                    str(self.ready),
+                ],
+                env={**os.environ, **self.settings.as_env()},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        process = self.process
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise ServiceError(f"the raw pipeline exited:\n{tail(self.log)}")
+            return self.ready.exists()
+
+        wait_until(ready, 60, "the raw pipeline's partition assignment")
+        self.watcher = PositionWatcher(
+            self.settings.database_url,
+            "SELECT partition, next_offset FROM bench_raw_positions",
+        )
+        return process.pid
+
+    def wait(self, sent: Sent, timeout: float) -> None:
+        assert self.watcher is not None
+        _wait_all(list(sent.at), sent.position.__contains__, timeout)
+        needed: dict[int, int] = {}
+        for partition, offset in sent.position.values():
+            needed[partition] = max(needed.get(partition, 0), offset)
+        watcher = self.watcher
+        wait_until(
+            lambda: all(watcher.current(p) > o for p, o in needed.items()),
+            timeout,
+            "the raw pipeline's rows",
+        )
+
+    def visible_at(self, sent: Sent, command_id: str) -> float | None:
+        assert self.watcher is not None
+        position = sent.position.get(command_id)
+        return None if position is None else self.watcher.visible_at(*position)
+
+    def durable_at(self, command_id: str) -> float | None:
+        return None
+
+    def rejected(self, sent: Sent) -> int:
+        return 0
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.ready.unlink(missing_ok=True)
+
+
+def raw_pipeline(settings: Settings, ready_file: Path) -> None:
+    """Consume → produce the event → once acknowledged, store the offset; and
+    consume the events → insert rows and positions in one transaction."""
+    commands, events = raw_topics(settings)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    assigned = {"forward": False, "project": False}
+
+    def forward() -> None:
+        consumer = Consumer(
+            {
+                **settings.kafka_client_config(),
+                "group.id": f"{settings.app_id}-raw-forward",
+                "auto.offset.reset": "earliest",
+                "enable.auto.offset.store": False,
+            }
+        )
+        producer = Producer(settings.producer_config())
+
+        def stored(message: Any) -> Callable[[Any, Any], None]:
+            def report(error: Any, _: Any) -> None:
+                if error is not None:
+                    raise SystemExit(f"event not delivered: {error}")
+                consumer.store_offsets(message)
+
+            return report
+
+        consumer.subscribe([commands])
+        while not stopping.is_set():
+            batch = consumer.consume(500, 0.005)
+            assigned["forward"] = assigned["forward"] or bool(consumer.assignment())
+            for message in batch:
+                if message.error():
+                    continue
+                producer.produce(
+                    events,
+                    message.value(),
+                    message.key(),
+                    partition=message.partition(),
+                    headers=[("src-offset", str(message.offset()).encode())],
+                    on_delivery=stored(message),
+                )
+            producer.poll(0)
+        producer.flush(10)
+        consumer.close()
+
+    def project() -> None:
+        conn = psycopg.connect(settings.database_url, autocommit=False)
+        consumer = Consumer(
+            {
+                **settings.kafka_client_config(),
+                "group.id": f"{settings.app_id}-raw-project",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 50,
+            }
+        )
+        consumer.subscribe([events])
+        while not stopping.is_set():
+            batch = consumer.consume(1000, 0.005)
+            assigned["project"] = assigned["project"] or bool(consumer.assignment())
+            rows = []
+            positions: dict[int, int] = {}
+            for message in batch:
+                if message.error():
+                    continue
+                source = int(dict(message.headers() or [])["src-offset"])
+                rows.append(
+                    (
+                        message.partition(),
+                        message.offset(),
+                        message.key().decode(),
+                        message.value(),
+                    )
+                )
+                positions[message.partition()] = max(
+                    positions.get(message.partition(), 0), source + 1
+                )
+            if not rows:
+                continue
+            with conn.cursor() as cur:
+                cur.executemany(
+                    'INSERT INTO bench_raw_events (partition, "offset", aggregate_id,'
+                    " body) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    rows,
+                )
+                cur.executemany(
+                    "INSERT INTO bench_raw_positions (partition, next_offset)"
+                    " VALUES (%s, %s) ON CONFLICT (partition) DO UPDATE SET"
+                    " next_offset = EXCLUDED.next_offset",
+                    list(positions.items()),
+                )
+            conn.commit()
+            consumer.commit(asynchronous=False)
+        consumer.close()
+        conn.close()
+
+    threads = [threading.Thread(target=forward), threading.Thread(target=project)]
+    for thread in threads:
+        thread.start()
+    while not stopping.is_set():
+        if all(assigned.values()) and not ready_file.exists():
+            ready_file.write_text("ready")
+        if not all(t.is_alive() for t in threads):
+            stopping.set()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(15)
+
+
+# -- one measurement ---------------------------------------------------------------------
+
+
+System = StreamfoldSystem | RawSystem
+
+
+def _messages(
+    encode: CommandEncoder, topic: str, lifecycles: list[list[Any]]
+) -> list[Outgoing]:
+    return [encode(command, topic) for lifecycle in lifecycles for command in lifecycle]
+
+
+def measure(
+    system: System,
+    settings: Settings,
+    sizes: Sizes,
+    seed: int,
+    broker_pid: int,
+    codec: Codec,
+) -> dict[str, Any]:
+    phases: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        phases[name] = round(now - clock, 2)
+        clock = now
+
+    encode = CommandEncoder(settings, codec, seed)
+    warm = order_lifecycles(seed, sizes.warmup_orders)
+    backlog = order_lifecycles(seed, sizes.orders, first=sizes.warmup_orders)
+    warm_messages = _messages(encode, system.topic, warm)
+    backlog_messages = _messages(encode, system.topic, backlog)
+    producer = new_producer(settings)
+    phase("encode")
+    pid = system.start()
+    phase("start")
+    try:
+        system.wait(produce(producer, system.topic, warm_messages), 180)
+        phase("warm_up")
+
+        assert system.watcher is not None
+        sampler = CpuSampler(
+            {
+                "process": lambda: [pid],
+                "broker": lambda: [broker_pid],
+                "postgres": postgres_backends(
+                    _database(settings), exclude=[system.watcher.backend_pid]
+                ),
+                "postgres_background": postgres_background,
+                "driver": lambda: [os.getpid()],
+            }
+        )
+        sampler.start()
+        started = time.monotonic()
+        sent = produce(producer, system.topic, backlog_messages)
+        system.wait(sent, 900)
+        cpu = sampler.stop()
+        phase("backlog")
+        done = max(_times(system.visible_at, sent))
+        commands = len(backlog_messages)
+        throughput = commands / (done - started)
+        durable_done = max(
+            _times(lambda _, c: system.durable_at(c), sent), default=None
+        )
+
+        rate = max(20.0, throughput / 2)
+        paced_orders = max(1, math.ceil(rate * sizes.latency_seconds / 4))
+        first = sizes.warmup_orders + sizes.orders
+        paced_messages = _messages(
+            encode, system.topic, order_lifecycles(seed, paced_orders, first=first)
+        )
+        paced = produce(producer, system.topic, paced_messages, rate=rate)
+        last_sent = time.monotonic()
+        system.wait(paced, 300)
+        phase("paced")
+        latencies = _since(system.visible_at, paced)
+        durable = _since(lambda _, c: system.durable_at(c), paced)
+        shown = _times(system.visible_at, paced)
+        drain = max(shown) - last_sent
+        paced_span = max(shown) - min(paced.at.values())
+        memory = peak_memory_mib(pid)
+        sequential = None
+        if isinstance(system, StreamfoldSystem):
+            phases["settle_wait"] = system.settle(300)
+            clock = time.monotonic()
+            first += paced_orders
+            n = sizes.sequential_orders
+            sequential = _sequential(
+                system,
+                encode,
+                producer,
+                order_lifecycles(seed, n, first=first),
+                order_lifecycles(seed, n, first=first + n),
+            )
+            phase("sequential")
+        return {
+            "system": system.name,
+            "commands": commands,
+            "seconds": round(done - started, 3),
+            "commands_per_s": round(throughput, 1),
+            "durable_commands_per_s": (
+                round(commands / (durable_done - started), 1) if durable_done else None
+            ),
+            "rejected": system.rejected(sent) + system.rejected(paced),
+            "latency": {
+                "rate_per_s": round(rate, 1),
+                "seconds": sizes.latency_seconds,
+                **_latencies(latencies),
+                "max_ms": _round(max(latencies, default=None)),
+                "durable": _latencies(durable) if durable else None,
+                # The rate read models actually became visible at while paced: well
+                # below the offered rate means the latencies grew with a queue.
+                "visible_rate_per_s": round(len(paced.at) / paced_span, 1),
+                "drain_seconds": round(drain, 3),
+            },
+            "cpu_seconds": cpu,
+            "window_seconds": round(sampler.seconds, 3),
+            "peak_memory_mib": memory,
+            "position_polls": system.watcher.polls,
+            "sequential": sequential,
+            "phase_seconds": phases,
+        }
+    finally:
+        system.stop()
+
+
+def _times(at: Callable[[Sent, str], float | None], sent: Sent) -> list[float]:
+    return [t for c in sent.at if (t := at(sent, c)) is not None]
+
+
+def _since(at: Callable[[Sent, str], float | None], sent: Sent) -> list[float]:
+    """Milliseconds from each send to ``at``, for the messages that have one."""
+    return [
+        (t - began) * 1000
+        for c, began in sent.at.items()
+        if (t := at(sent, c)) is not None
+    ]
+
+
+def _sequential(
+    system: StreamfoldSystem,
+    encode: CommandEncoder,
+    producer: Producer,
+    orders: list[list[Any]],
+    client_orders: list[list[Any]],
+) -> dict[str, Any]:
+    """One command at a time, each waiting for its result (the write side, durable
+    in Kafka): first produced directly and its result read by the listener, then
+    through ``CommandClient.send`` as an application would."""
+    assert system.listener is not None
+    direct = []
+    rejected = 0
+    for lifecycle in orders:
+        for command in lifecycle:
+            message = encode(command, system.topic)
+            began = time.monotonic()
+            producer.produce(
+                system.topic, message.value, message.key, headers=message.headers
+            )
+            producer.flush(30)
+            result = system.listener.wait_for(message.command_id, 60)
+            direct.append((result.at - began) * 1000)
+            rejected += not result.accepted
+    client = []
+    with CommandClient(system.settings) as sender:
+        for lifecycle in client_orders:
+            for command in lifecycle:
+                began = time.monotonic()
+                rejected += not sender.send(command, timeout=60).accepted
+                client.append((time.monotonic() - began) * 1000)
+    return {
+        "rejected": rejected,
+        # Every value, in order: a stall shows as one long wait among short ones.
+        "direct": {**_latencies(direct), "values_ms": [round(v, 1) for v in direct]},
+        "client": _latencies(client),
+    }
+
+
+def _latencies(values: list[float]) -> dict[str, Any]:
+    return {
+        "commands": len(values),
+        "p50_ms": _round(percentile(values, 0.50)),
+        "p99_ms": _round(percentile(values, 0.99)),
+        "mean_ms": _round(sum(values) / len(values) if values else None),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _database(settings: Settings) -> str:
+    return settings.database_url.rpartition("/")[2]
+
+
+def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, Any]:
+    """Both systems, each in a deployment of its own."""
+    broker_pid = stack.kafka_node(base).daemon.pid()
+    if broker_pid is None:
+        raise ServiceError("the local broker is not running")
+    rows = {}
+    # One deployment: the raw pipeline has topics and tables of its own and is
+    # stopped before the worker starts.
+    with deployment(base, "e2e") as settings:
+        codec = new_codec(settings)
+        rows["raw"] = measure(
+            RawSystem(settings), settings, sizes, seed, broker_pid, codec
+        )
+        rows["streamfold"] = measure(
+            StreamfoldSystem(settings, codec), settings, sizes, seed, broker_pid, codec
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw-pipeline", type=Path, required=True)
+    args = parser.parse_args(argv)
+    raw_pipeline(Settings.from_env(), args.raw_pipeline)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def figures(rows: dict[str, Any]) -> list[dict[str, Any]]:
+    ours, raw = rows["streamfold"], rows["raw"]
+
+    def load(row: dict[str, Any]) -> str:
+        latency = row["latency"]
+        return (
+            f"{latency['rate_per_s']:.0f}/s offered, "
+            f"{latency['visible_rate_per_s']:.0f}/s shown"
+        )
+
+    return [
+        figure(
+            "e2e.throughput",
+            "End to end, command → read model visible: sustained",
+            "commands/s",
+            ours["commands_per_s"],
+            raw["commands_per_s"],
+            "raw consume→produce→INSERT pipeline",
+            better="higher",
+            digits=1,
+        ),
+        figure(
+            "e2e.p50",
+            f"End to end p50 at half max load ({load(ours)}; raw {load(raw)})",
+            "ms",
+            ours["latency"]["p50_ms"],
+            raw["latency"]["p50_ms"],
+            "raw pipeline at half its max load",
+            better="lower",
+            digits=1,
+        ),
+        figure(
+            "e2e.p99",
+            f"End to end p99 at half max load ({load(ours)}; raw {load(raw)})",
+            "ms",
+            ours["latency"]["p99_ms"],
+            raw["latency"]["p99_ms"],
+            "raw pipeline at half its max load",
+            better="lower",
+            digits=1,
+        ),
+        figure(
+            "e2e.client_send_p50",
+            "Command client send() → result, one at a time: p50",
+            "ms",
+            (ours["sequential"] or {}).get("client", {}).get("p50_ms"),
+            (ours["sequential"] or {}).get("direct", {}).get("p50_ms"),
+            "the same worker, produce + result consumer",
+            better="lower",
+            digits=1,
+        ),
+    ]
