@@ -1,0 +1,482 @@
+"""Write-side benchmark: sustained commands/s with events durable, through the worker,
+beside a raw confluent-kafka consume→produce loop on topics with the same settings.
+
+    .venv/bin/python -m bench.commands [--quick] [--partitions 1 4]
+
+Per partition count, in one run against the local stack (``app.local.stack.up``) on
+an isolated topic prefix:
+
+- throughput: a backlog of deposits and withdrawals on many accounts is produced at
+  once; commands/s = commands / (first produce → last result);
+- latency: the same mix at half the measured throughput; p50/p99 produce → result;
+- CPU seconds of the worker (or the raw loop) and of the broker over the backlog.
+
+The raw loop reads the commands-like topic, produces each command's bytes to an
+events-like topic (acks=all, idempotent), and once the broker acknowledges that,
+a result to a results-like topic; it stores the consumer offset after the result is
+acknowledged. It decodes nothing and decides nothing: the ceiling for Python and
+this broker on this machine. Results go to bench/results/commands.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from app.adapters import mapper, topics
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.local import stack
+from app.local.process import wait_for
+from app.local.worker import WorkerProcess
+from app.settings import Settings
+from bench.common import (
+    CpuMeter,
+    Outgoing,
+    ResultListener,
+    delete_topics,
+    isolated,
+    new_producer,
+    percentile,
+    produce_all,
+    produce_paced,
+    run_id,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "commands.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    accounts: int
+    backlog: int
+    latency_s: float
+
+
+FULL = Size(accounts=2000, backlog=40_000, latency_s=15.0)
+QUICK = Size(accounts=200, backlog=6_000, latency_s=4.0)
+
+
+@dataclass
+class Figures:
+    system: str
+    partitions: int
+    commands: int
+    seconds: float
+    commands_per_s: float
+    p50_ms: float
+    p99_ms: float
+    latency_rate: float
+    latency_commands: int
+    cpu_s: dict[str, float]
+    cpu_ms_per_command: dict[str, float]
+    accepted: int | None = None
+    rejected: int | None = None
+
+
+# -- workload ---------------------------------------------------------------------------
+
+
+class Encoder:
+    def __init__(self, settings: Settings) -> None:
+        self.catalog = SchemaCatalog.load()
+        self.codec = Codec(
+            ConfluentRegistry(settings.schema_registry_url), self.catalog
+        )
+        self.topic = settings.topics.commands("accounts")
+
+    def __call__(self, command: Any) -> Outgoing:
+        command_id = str(uuid.uuid4())
+        envelope = {
+            "command_id": command_id,
+            "correlation_id": command_id,
+            "causation_id": command_id,
+            "user_id": "bench",
+            "issued_at": datetime.now(UTC),
+            "expected_version": None,
+        }
+        name = self.catalog.record_name(type(command))
+        return Outgoing(
+            command_id=command_id,
+            key=command.account_id.encode(),
+            value=self.codec.encode(
+                self.topic, name, mapper.command_record(command, envelope)
+            ),
+            headers=headers.for_command(
+                command_type=type(command).__name__,
+                command_id=command_id,
+                correlation_id=command_id,
+            ),
+        )
+
+
+def opening(encode: Encoder, accounts: list[str]) -> list[Outgoing]:
+    return [
+        encode(OpenAccount(account_id=a, owner_id=f"owner-{a}", currency="USD"))
+        for a in accounts
+    ]
+
+
+def traffic(
+    encode: Encoder, accounts: list[str], count: int, seed: int
+) -> list[Outgoing]:
+    """Mostly deposits; a quarter withdrawals, some of which overdraw (rejected)."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        account = rng.choice(accounts)
+        amount = rng.randint(1, 400)
+        if rng.random() < 0.75:
+            command: Any = Deposit(
+                account_id=account,
+                transaction_id=f"t{seed}-{n}",
+                amount_minor=amount,
+                currency="USD",
+                source="bench",
+                reference="",
+            )
+        else:
+            command = Withdraw(
+                account_id=account,
+                transaction_id=f"t{seed}-{n}",
+                amount_minor=amount,
+                currency="USD",
+                destination="bench",
+                reference="",
+            )
+        out.append(encode(command))
+    return out
+
+
+# -- one system under test ----------------------------------------------------------------
+
+
+def measure(
+    system: str,
+    settings: Settings,
+    pids: dict[str, int],
+    commands_topic: str,
+    listener: ResultListener,
+    encode: Encoder,
+    size: Size,
+) -> Figures:
+    producer = new_producer(settings)
+    accounts = [f"acc-{n:05d}" for n in range(size.accounts)]
+    opened = produce_all(producer, commands_topic, opening(encode, accounts))
+    listener.wait_for(list(opened), timeout=120)
+    # Warm-up: caches, connections, batch sizes.
+    warm = produce_all(
+        producer, commands_topic, traffic(encode, accounts, size.backlog // 10, 1)
+    )
+    listener.wait_for(list(warm), timeout=300)
+
+    backlog = traffic(encode, accounts, size.backlog, 2)
+    meter = CpuMeter(pids)
+    meter.start()
+    started = time.monotonic()
+    produce_all(producer, commands_topic, backlog)
+    finished = listener.wait_for([c.command_id for c in backlog], timeout=900)
+    cpu = meter.stop()
+    seconds = finished - started
+    rate = len(backlog) / seconds
+
+    paced_rate = max(50.0, rate / 2)
+    paced = traffic(encode, accounts, int(paced_rate * size.latency_s), 3)
+    sent = produce_paced(producer, commands_topic, paced, paced_rate)
+    listener.wait_for(list(sent), timeout=300)
+    latencies = [
+        (listener.arrived[c] - t) * 1000
+        for c, t in sent.items()
+        if c in listener.arrived
+    ]
+    return Figures(
+        system=system,
+        partitions=settings.partitions,
+        commands=len(backlog),
+        seconds=round(seconds, 2),
+        commands_per_s=round(rate),
+        p50_ms=round(percentile(latencies, 0.50), 1),
+        p99_ms=round(percentile(latencies, 0.99), 1),
+        latency_rate=round(paced_rate),
+        latency_commands=len(paced),
+        cpu_s=cpu,
+        cpu_ms_per_command={
+            name: round(1000 * seconds_ / len(backlog), 3)
+            for name, seconds_ in cpu.items()
+        },
+    )
+
+
+def bench_worker(settings: Settings, broker_pid: int, size: Size) -> Figures:
+    encode = Encoder(settings)
+    codec = encode.codec
+    outcomes: dict[str, str] = {}
+
+    def command_id_of(value: bytes) -> str:
+        data = codec.decode(value).data
+        outcomes[data["command_id"]] = data["status"]
+        return str(data["command_id"])
+
+    worker = WorkerProcess(settings, "bench-worker")
+    worker.start(timeout=180)
+    listener = ResultListener(settings, settings.topics.results, command_id_of)
+    try:
+        pid = worker.pid()
+        assert pid is not None
+        figures = measure(
+            "worker",
+            settings,
+            {"worker": pid, "broker": broker_pid},
+            settings.topics.commands("accounts"),
+            listener,
+            encode,
+            size,
+        )
+    finally:
+        listener.close()
+        worker.stop()
+    figures.accepted = sum(1 for s in outcomes.values() if s == "ACCEPTED")
+    figures.rejected = sum(1 for s in outcomes.values() if s == "REJECTED")
+    return figures
+
+
+# -- the raw loop -----------------------------------------------------------------------
+
+
+def raw_topics(settings: Settings) -> dict[str, str]:
+    prefix = settings.topics.prefix
+    return {
+        "commands": f"{prefix}raw.commands",
+        "events": f"{prefix}raw.events",
+        "results": f"{prefix}raw.results",
+    }
+
+
+def provision_raw(settings: Settings) -> None:
+    """The raw loop's topics, with the settings of the ones they stand for."""
+    names = raw_topics(settings)
+    standing_for = {
+        settings.topics.commands("accounts"): names["commands"],
+        settings.topics.events("accounts"): names["events"],
+        settings.topics.results: names["results"],
+    }
+    specs = [
+        topics.TopicSpec(standing_for[spec.name], spec.partitions, dict(spec.config))
+        for spec in topics.required_topics(settings)
+        if spec.name in standing_for
+    ]
+    topics.ensure_topics(settings, specs)
+
+
+def raw_loop(settings: Settings, ready_file: Path) -> None:
+    """Consume → produce the event → once acknowledged, produce the result."""
+    from confluent_kafka import Consumer, Producer
+
+    names = raw_topics(settings)
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": f"{settings.app_id}-raw-loop",
+            "auto.offset.reset": "earliest",
+            "enable.auto.offset.store": False,
+            "fetch.wait.max.ms": 5,
+        }
+    )
+    producer = Producer({**settings.producer_config(), "linger.ms": 2})
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+
+    def on_result(message: Any, error: Any, _: Any) -> None:
+        if error is not None:
+            raise SystemExit(f"result not delivered: {error}")
+        consumer.store_offsets(message)
+
+    def on_event(message: Any, command_id: bytes, error: Any, _: Any) -> None:
+        if error is not None:
+            raise SystemExit(f"event not delivered: {error}")
+        producer.produce(
+            names["results"],
+            command_id,
+            command_id,
+            on_delivery=partial(on_result, message),
+        )
+
+    consumer.subscribe([names["commands"]])
+    while not stopping:
+        batch = consumer.consume(500, 0.05)
+        if consumer.assignment() and not ready_file.exists():
+            ready_file.write_text("ready")
+        for message in batch:
+            if message.error():
+                continue
+            command_id = dict(message.headers() or [])[b"command-id".decode()]
+            producer.produce(
+                names["events"],
+                message.value(),
+                message.key(),
+                partition=message.partition(),
+                on_delivery=partial(on_event, message, command_id),
+            )
+        producer.poll(0)
+    producer.flush(10)
+    consumer.close()
+
+
+def bench_raw(settings: Settings, broker_pid: int, size: Size) -> Figures:
+    provision_raw(settings)
+    names = raw_topics(settings)
+    ready = settings.home / "bench" / f"{settings.app_id}.ready"
+    ready.parent.mkdir(parents=True, exist_ok=True)
+    ready.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.commands", "--raw-loop", str(ready)],
+        env={**os.environ, **settings.as_env()},
+    )
+    listener = ResultListener(settings, names["results"], bytes.decode)
+    try:
+        wait_for(ready.exists, 60, "the raw loop's partition assignment")
+        encode = Encoder(settings)
+        return measure(
+            "raw loop",
+            settings,
+            {"raw loop": process.pid, "broker": broker_pid},
+            names["commands"],
+            listener,
+            encode,
+            size,
+        )
+    finally:
+        listener.close()
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+        ready.unlink(missing_ok=True)
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'system':<9} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'@rate':>6} {'proc ms/cmd':>11} {'broker ms/cmd':>13}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        own = next(k for k in row["cpu_ms_per_command"] if k != "broker")
+        lines.append(
+            f"{row['system']:<9} {row['partitions']:>5} {row['commands_per_s']:>7} "
+            f"{row['ratio_to_raw']['commands_per_s']:>5.2f} {row['p50_ms']:>7} "
+            f"{row['p99_ms']:>7} {row['latency_rate']:>6} "
+            f"{row['cpu_ms_per_command'][own]:>11} "
+            f"{row['cpu_ms_per_command']['broker']:>13}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(figures: Figures, raw: Figures) -> dict[str, float]:
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else float("nan")
+
+    own = next(k for k in figures.cpu_ms_per_command if k != "broker")
+    raw_own = next(k for k in raw.cpu_ms_per_command if k != "broker")
+    return {
+        "commands_per_s": ratio(figures.commands_per_s, raw.commands_per_s),
+        "p50_ms": ratio(figures.p50_ms, raw.p50_ms),
+        "p99_ms": ratio(figures.p99_ms, raw.p99_ms),
+        "process_cpu_per_command": ratio(
+            figures.cpu_ms_per_command[own], raw.cpu_ms_per_command[raw_own]
+        ),
+        "broker_cpu_per_command": ratio(
+            figures.cpu_ms_per_command["broker"], raw.cpu_ms_per_command["broker"]
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run (≤ 60 s)")
+    parser.add_argument("--partitions", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--raw-loop", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.raw_loop:
+        raw_loop(Settings.from_env(), args.raw_loop)
+        return 0
+
+    began = time.monotonic()
+    size = QUICK if args.quick else FULL
+    base = Settings.from_env()
+    run = run_id()
+    rows: list[dict[str, Any]] = []
+    for partitions in args.partitions:
+        settings = isolated(base, partitions, run)
+        stack.up(settings, say=lambda line: None)
+        broker_pid = stack.kafka_node(settings).daemon.pid()
+        if broker_pid is None:
+            raise SystemExit("the local broker is not running (app.local.stack.up)")
+        try:
+            raw = bench_raw(settings, broker_pid, size)
+            worker = bench_worker(settings, broker_pid, size)
+        finally:
+            delete_topics(settings)
+        for figures in (raw, worker):
+            rows.append({**asdict(figures), "ratio_to_raw": ratios(figures, raw)})
+        print(f"... {partitions} partition(s) done", file=sys.stderr)
+    report = {
+        "benchmark": "bench.commands",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": machine(),
+        "size": asdict(size),
+        "notes": (
+            "Local single-broker Kafka on the same machine as worker and driver; "
+            "worker without Postgres projections (STREAMFOLD_PROJECTIONS=none), "
+            "Faust-table views still running."
+        ),
+        "rows": rows,
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(rows))
+    print(
+        f"{report['machine']['cores']} cores ({report['machine']['cpu']}); "
+        f"{report['seconds']}s; written to {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""Benchmark helpers: isolated deployments, CPU seconds from /proc, and a driver that
+produces commands and times each one until its result arrives."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from app.client import PARTITIONER
+from app.settings import Settings, Topics
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (psutil is not installed)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may hold spaces; the fields after it are fixed.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds each named process spends between ``start`` and ``stop``."""
+
+    pids: dict[str, int]
+    _start: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {
+            name: round(cpu_seconds(pid) - self._start[name], 2)
+            for name, pid in self.pids.items()
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def isolated(settings: Settings, partitions: int, run: str) -> Settings:
+    """A deployment of its own: topic prefix, application id, web port, no
+    Postgres projections (the write side is what is measured)."""
+    name = f"bench-{run}-p{partitions}"
+    return dataclasses.replace(
+        settings,
+        topics=Topics(prefix=f"{name}."),
+        app_id=f"streamfold-{name}",
+        partitions=partitions,
+        web_port=free_port(),
+        projections=(),
+    )
+
+
+def run_id() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One pre-encoded command: produced as is, so the driver stays cheap."""
+
+    command_id: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+class ResultListener:
+    """Reads a results topic from its current end on a thread of its own and notes
+    when each command's first result arrives."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        command_id_of: Callable[[bytes], str],
+    ) -> None:
+        self.arrived: dict[str, float] = {}
+        self.results = 0
+        self._topic = topic
+        self._command_id_of = command_id_of
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {
+                **settings.kafka_client_config(),
+                "group.id": f"bench-listener-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,
+            }
+        )
+        self._consumer.assign(self._ends(topic))
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _ends(self, topic: str) -> list[TopicPartition]:
+        # A topic created a moment ago may not have a leader yet: ask again.
+        for attempt in range(60):
+            try:
+                metadata = self._consumer.list_topics(topic, timeout=30)
+                return [
+                    TopicPartition(topic, partition, high)
+                    for partition in metadata.topics[topic].partitions
+                    for _, high in [
+                        self._consumer.get_watermark_offsets(
+                            TopicPartition(topic, partition), timeout=30
+                        )
+                    ]
+                ]
+            except KafkaException:
+                if attempt == 59:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    def _run(self) -> None:
+        arrived = self.arrived
+        while not self._stop.is_set():
+            for message in self._consumer.consume(1000, 0.05):
+                if message.error():
+                    continue
+                now = time.monotonic()
+                self.results += 1
+                arrived.setdefault(self._command_id_of(message.value()), now)
+
+    def wait_for(self, command_ids: Sequence[str], timeout: float) -> float:
+        """Seconds until all have a result (monotonic clock); raises on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = sum(1 for c in command_ids if c not in self.arrived)
+            if not missing:
+                return max(self.arrived[c] for c in command_ids)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{missing} of {len(command_ids)} results missing")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+def new_producer(settings: Settings) -> Producer:
+    return Producer(
+        {**settings.producer_config(), "linger.ms": 1, "partitioner": PARTITIONER}
+    )
+
+
+def produce_all(
+    producer: Producer, topic: str, commands: Sequence[Outgoing]
+) -> dict[str, float]:
+    """Produce as fast as librdkafka takes them; returns each command's send time."""
+    sent: dict[str, float] = {}
+    for command in commands:
+        while True:
+            try:
+                producer.produce(
+                    topic, command.value, command.key, headers=command.headers
+                )
+                break
+            except BufferError:
+                producer.poll(0.01)
+        sent[command.command_id] = time.monotonic()
+        producer.poll(0)
+    producer.flush(60)
+    return sent
+
+
+def produce_paced(
+    producer: Producer, topic: str, commands: Sequence[Outgoing], rate: float
+) -> dict[str, float]:
+    """Produce at a steady ``rate`` per second (in 2 ms slices)."""
+    sent: dict[str, float] = {}
+    started = time.monotonic()
+    for index, command in enumerate(commands):
+        due = started + index / rate
+        delay = due - time.monotonic()
+        if delay > 0.002:
+            time.sleep(delay)
+        producer.produce(topic, command.value, command.key, headers=command.headers)
+        sent[command.command_id] = time.monotonic()
+        producer.poll(0)
+    producer.flush(60)
+    return sent
+
+
+def delete_topics(settings: Settings) -> int:
+    """Remove a benchmark deployment's topics (its prefix, and Faust's under its
+    application id), so repeated runs do not pile partitions onto the broker."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_client_config())
+    names = [
+        name
+        for name in admin.list_topics(timeout=30).topics
+        if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
+    ]
+    for start in range(0, len(names), 100):
+        for future in admin.delete_topics(
+            names[start : start + 100], operation_timeout=60
+        ).values():
+            # Already gone, or the broker finishes it later: either will do.
+            with contextlib.suppress(KafkaException):
+                future.result(timeout=120)
+    return len(names)
