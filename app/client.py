@@ -33,6 +33,11 @@ AREAS = {
 }
 
 
+# Kafka's Java client and aiokafka (so Faust's router) hash keys with murmur2;
+# librdkafka's default differs, which would split one aggregate across partitions.
+PARTITIONER = "murmur2_random"
+
+
 class CommandTimeout(TimeoutError):
     """No result arrived in time; the command may still be processed later."""
 
@@ -93,7 +98,9 @@ class CommandClient:
         self.codec = Codec(
             ConfluentRegistry(settings.schema_registry_url), self.catalog
         )
-        self.producer = Producer({**settings.producer_config(), "linger.ms": 2})
+        self.producer = Producer(
+            {**settings.producer_config(), "linger.ms": 2, "partitioner": PARTITIONER}
+        )
         self.results: dict[str, CommandResult] = {}
         self._consumer: Consumer | None = None
 
