@@ -49,11 +49,13 @@ def timestamp(params: Mapping[str, str], name: str) -> datetime | None:
     if not raw:
         return None
     try:
-        return datetime.fromisoformat(raw)
+        value = datetime.fromisoformat(raw)
     except ValueError:
         raise BadParameter(
             name, f"must be an ISO-8601 date or time, got {raw!r}"
         ) from None
+    # A time without a zone is read as UTC, the zone every stored time is in.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def day(params: Mapping[str, str], name: str) -> date | None:
