@@ -43,6 +43,11 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.web_port,
         web_in_thread=False,
         table_standby_replicas=0,
+        # A local store ahead of its changelog (the changelog topic lost or
+        # recreated) is not an error here: every aggregate is checked against the
+        # event topic, the source of truth, from the position recorded beside it.
+        # Faust's check would stop the worker for good (ConsistencyError).
+        recovery_consistency_check=False,
         broker_commit_interval=1.0,
         # A killed worker's partitions move on after this, not Faust's default 60s.
         broker_session_timeout=settings.session_timeout_s,

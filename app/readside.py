@@ -40,9 +40,9 @@ class ReadSide:
         for runner in self.runners.values():
             runner.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         for runner in self.runners.values():
-            runner.stop()
+            runner.stop(timeout)
 
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:

@@ -3,6 +3,15 @@ service, and answers — turning every failure into a rejection or a dead letter
 
 Agents call ``CommandProcessor.process``; nothing here raises for bad input, and
 infrastructure failures are retried in place (never skipped, never reordered).
+
+The processor keeps its own position in each command partition (in the aggregate
+table, beside the states it covers) rather than trusting Faust's committed offsets:
+when a rebalance interrupts Faust's fetcher, the record being handed to the stream
+is dropped while Faust's read offset moves past it, and its offset-gap bookkeeping
+(``faust/transport/consumer.py``, ``_drain_messages`` and ``_add_gap``, 0.15.x)
+later commits past it. A message beyond the position therefore means some were
+skipped: they are read back from the topic and processed first. A partition whose
+tail was skipped gets no later message to show it; ``probe_stalled`` sends one.
 """
 
 from __future__ import annotations
@@ -15,11 +24,17 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from confluent_kafka import KafkaException
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, DecodeError
-from app.adapters.eventlog import AppendFailed, KafkaResults, read_partition
+from app.adapters.eventlog import (
+    AppendFailed,
+    KafkaResults,
+    read_partition,
+    read_records,
+)
 from app.application.commands import (
     Aggregate,
     CommandService,
@@ -38,8 +53,18 @@ ACCOUNTS = Aggregate(
     type=accounts.AGGREGATE_TYPE, decider=accounts, id_field="account_id"
 )
 AGGREGATES = {"orders": ORDERS, "accounts": ACCOUNTS}
-TRANSIENT = (KafkaError, AppendFailed, ConnectionError, TimeoutError, OSError)
+TRANSIENT = (
+    KafkaError,
+    KafkaException,
+    AppendFailed,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
 POSITION_KEY = "\x00position/{partition}"
+COMMANDS_KEY = "\x00commands/{partition}"
+# A record with this header only reveals skipped records before it (see above).
+PROBE_HEADER = "streamfold-probe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +100,16 @@ class TableStore:
         # Only forward: a repeated command answers with an old position.
         if offset > self.next_offset(partition):
             self.table[POSITION_KEY.format(partition=partition)] = offset
+
+    def next_command(self, partition: int) -> int | None:
+        """The next command offset not yet processed; None before the first."""
+        raw = self.table.get(COMMANDS_KEY.format(partition=partition))
+        return None if raw is None else int(raw)
+
+    def set_next_command(self, partition: int, offset: int) -> None:
+        current = self.next_command(partition)
+        if current is None or offset > current:
+            self.table[COMMANDS_KEY.format(partition=partition)] = offset
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
@@ -159,12 +194,98 @@ class CommandProcessor:
     producer: AIOKafkaProducer
     events_topic: str
     caught_up: set[int] = field(default_factory=set)
+    # Per partition: the position last seen by ``probe_stalled``, and the one probed.
+    _seen: dict[int, int] = field(default_factory=dict)
+    _probed: dict[int, int] = field(default_factory=dict)
 
     def forget_partitions(self) -> None:
         """After a rebalance, re-read the log tail before trusting the table again."""
         self.caught_up.clear()
 
     async def process(self, message: Incoming) -> None:
+        """Handle one message, first any skipped before it (see the module doc)."""
+        expected = self.store.next_command(message.partition)
+        if expected is not None and message.offset > expected:
+            missed = await self._read_back(message, expected)
+            log.warning(
+                "%s[%d]: %d message(s) from offset %d not marked processed here "
+                "(skipped by the consumer, or their mark was lost); processing them "
+                "from the log",
+                message.topic,
+                message.partition,
+                len(missed),
+                expected,
+            )
+            for skipped in missed:
+                await self._handle(skipped)
+        await self._handle(message)
+
+    async def _read_back(self, message: Incoming, start: int) -> list[Incoming]:
+        delay = 0.5
+        while True:
+            try:
+                records = await asyncio.to_thread(
+                    lambda: list(
+                        read_records(
+                            self.settings,
+                            message.topic,
+                            message.partition,
+                            start,
+                            message.offset,
+                        )
+                    )
+                )
+            except TRANSIENT as error:
+                log.warning("read-back failed, retrying in %.1fs: %s", delay, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            return [
+                Incoming(
+                    message.topic,
+                    message.partition,
+                    r.offset,
+                    r.key,
+                    r.value,
+                    r.headers,
+                )
+                for r in records
+            ]
+
+    async def _handle(self, message: Incoming) -> None:
+        if not any(name == PROBE_HEADER for name, _ in message.headers):
+            await self._handle_command(message)
+        self.store.set_next_command(message.partition, message.offset + 1)
+
+    async def probe_stalled(self, topic: str, highwaters: dict[int, int]) -> None:
+        """Send a probe to each partition of ``topic`` (partition -> high watermark,
+        owned here) whose position is behind its end and has not moved since the
+        last call: only a later message shows the processor what it missed."""
+        for partition, high in highwaters.items():
+            position = self.store.next_command(partition)
+            if position is None:
+                continue
+            stalled = self._seen.get(partition) == position
+            self._seen[partition] = position
+            if stalled and high > position and self._probed.get(partition) != position:
+                self._probed[partition] = position
+                log.warning(
+                    "%s[%d] stalled at %d of %d; probing",
+                    topic,
+                    partition,
+                    position,
+                    high,
+                )
+                future = await self.producer.send(
+                    topic,
+                    b"",
+                    key=None,
+                    partition=partition,
+                    headers=[(PROBE_HEADER, b"1")],
+                )
+                await future
+
+    async def _handle_command(self, message: Incoming) -> None:
         delay = 0.2
         while True:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 
 from agents import commands as command_agents
+from agents import saga as saga_agents
 from agents import views as view_agents
 from app import readside
 from app.adapters.catalog import SchemaCatalog
@@ -21,10 +23,12 @@ from app.adapters.topics import ensure_topics
 from app.application.commands import CommandService
 from app.faust_app import create_app
 from app.readside import ReadSide
-from app.runtime import AGGREGATES, CommandProcessor, TableStore
+from app.runtime import AGGREGATES, TRANSIENT, CommandProcessor, TableStore
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.worker")
+# How often a command partition that stopped short of its end is looked at.
+PROBE_INTERVAL_S = 5.0
 
 
 class LazyProducer:
@@ -100,6 +104,24 @@ def build(settings: Settings) -> Worker:
         command_agents.register(app, topic, processor)
         worker.processors[name] = processor
 
+    @app.timer(interval=PROBE_INTERVAL_S)
+    async def _probe_stalled() -> None:
+        if app.rebalancing or app.in_recovery or app.consumer is None:
+            return
+        assigned = app.consumer.assignment()
+        for name, processor in worker.processors.items():
+            topic = settings.topics.commands(name)
+            highwaters = {
+                tp.partition: high
+                for tp in assigned
+                if tp.topic == topic
+                and (high := app.consumer.highwater(tp)) is not None
+            }
+            try:
+                await processor.probe_stalled(topic, highwaters)
+            except TRANSIENT as error:  # an exception here would crash the app
+                log.warning("could not probe %s: %r", topic, error)
+
     @app.on_partitions_revoked.connect
     async def _revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         for processor in worker.processors.values():
@@ -110,7 +132,21 @@ def build(settings: Settings) -> Worker:
         for processor in worker.processors.values():
             processor.forget_partitions()
 
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        """200 once this worker owns partitions and has recovered its tables (so
+        it is processing commands), 503 before that and during a rebalance."""
+        serving = bool(
+            app.consumer is not None
+            and app.consumer.assignment()
+            and not app.rebalancing
+            and not app.in_recovery
+            and app.tables.recovery.completed.is_set()
+        )
+        return web.json({"ready": serving}, status=200 if serving else 503)
+
     view_agents.register(app, settings, codec)
+    saga_agents.register(app, settings, codec)
     read = ReadSide(settings, codec, settings.projections)
     readside.attach(app, settings, read)
     worker.read = read
@@ -126,4 +162,22 @@ def run(settings: Settings) -> None:
         worker.read.start()
     from faust.worker import Worker as FaustWorker
 
-    FaustWorker(worker.app, loglevel="warning", quiet=True).execute_from_commandline()
+    faust_worker = FaustWorker(worker.app, loglevel="warning", quiet=True)
+    # Faust's terminal spinner sets the root logger to DEBUG so that every record
+    # spins it (faust/worker.py, _setup_spinner_handler): every debug call in Faust
+    # and aiokafka then builds a record only for the handler to drop it.
+    faust_worker.spinner = None
+    code = 0
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else 1
+    finally:
+        # Exit now, also after a crash: the projections' consumers would otherwise
+        # hold the process open while librdkafka waits out a pending group request
+        # (up to 5 minutes), and a supervisor would see a live process that serves
+        # nothing. Their positions are in Postgres, so this is as safe as SIGKILL.
+        if worker.read is not None:
+            worker.read.stop(timeout=3.0)
+        logging.shutdown()
+        os._exit(code)

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from app.adapters import mapper
@@ -26,6 +27,12 @@ from app.settings import Settings
 
 class AppendFailed(RuntimeError):
     """The broker did not acknowledge an append; nothing may be reported accepted."""
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's Java client (and librdkafka's ``murmur2_random``, and
+    aiokafka's default partitioner, so Faust's) picks for ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def aiokafka_security(settings: Settings) -> dict[str, Any]:
@@ -188,19 +195,26 @@ class StoredEvent:
     event: Any
 
 
-def read_partition(
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record read back from a partition, as stored."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def read_records(
     settings: Settings,
-    codec: Codec,
-    catalog: SchemaCatalog,
     topic: str,
     partition: int,
     start: int,
     end: int | None = None,
-) -> Iterator[StoredEvent]:
-    """Read [start, end) of one partition (end defaults to the current high watermark).
-
-    Blocking; the worker calls it in a thread. No consumer group is involved.
-    """
+) -> Iterator[RawRecord]:
+    """Read [start, end) of one partition (end defaults to the current high
+    watermark), without a consumer group. Blocking: the worker calls it in a thread.
+    Raises ``KafkaException`` when Kafka does not deliver what it holds."""
     consumer = Consumer(
         {
             **settings.kafka_client_config(),
@@ -219,24 +233,50 @@ def read_partition(
         if offset >= end:
             return
         consumer.assign([TopicPartition(topic, partition, offset)])
+        idle = 0
         while offset < end:
             message = consumer.poll(5.0)
             if message is None:
+                idle += 1
+                if idle >= 6:
+                    raise KafkaException(f"{topic}[{partition}] stalled at {offset}")
                 continue
-            if message.error():
-                if message.error().code() == -191:  # _PARTITION_EOF
+            idle = 0
+            error = message.error()
+            if error is not None:
+                if error.code() == -191:  # _PARTITION_EOF
                     break
-                raise KafkaException(message.error())
+                raise KafkaException(error)
             offset = message.offset() + 1
-            decoded = codec.decode(message.value())
-            meta, payload = mapper.split_event(decoded.data)
-            cls = catalog.class_for(decoded.record_name)
-            yield StoredEvent(
-                partition=partition,
-                offset=message.offset(),
-                record_name=decoded.record_name,
-                metadata=metadata_from_record(meta),
-                event=mapper.from_dict(cls, payload),
-            )
+            if message.offset() < end:
+                yield RawRecord(
+                    message.offset(),
+                    message.key(),
+                    message.value(),
+                    list(message.headers() or []),
+                )
     finally:
         consumer.close()
+
+
+def read_partition(
+    settings: Settings,
+    codec: Codec,
+    catalog: SchemaCatalog,
+    topic: str,
+    partition: int,
+    start: int,
+    end: int | None = None,
+) -> Iterator[StoredEvent]:
+    """The events in [start, end) of one partition, decoded and upcast."""
+    for record in read_records(settings, topic, partition, start, end):
+        decoded = codec.decode(record.value or b"")
+        meta, payload = mapper.split_event(decoded.data)
+        cls = catalog.class_for(decoded.record_name)
+        yield StoredEvent(
+            partition=partition,
+            offset=record.offset,
+            record_name=decoded.record_name,
+            metadata=metadata_from_record(meta),
+            event=mapper.from_dict(cls, payload),
+        )
