@@ -261,6 +261,35 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return replay.main(settings, args.projection, in_place=args.in_place)
 
 
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    """Check every promise against what Kafka and Postgres hold now (reads all topics)."""
+    from app import audit
+
+    findings = audit.audit(
+        settings, read_models=not args.no_read_models, payments=not args.no_payments
+    )
+    print(audit.report(findings))
+    return 0 if all(f.ok for f in findings) else 1
+
+
+def cmd_soak(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a mixed workload with random faults for a while, then audit everything."""
+    from app import soak
+
+    faults = [f for f in args.faults.split(",") if f] if args.faults else []
+    try:
+        return soak.run(
+            settings,
+            minutes=args.minutes,
+            rate=args.rate,
+            faults=faults,
+            seed=args.seed,
+            keep=args.keep,
+        )
+    except ValueError as error:
+        raise SettingsError("--faults", str(error)) from error
+
+
 def _tool_class(name: str) -> str:
     from app.local.kafka import TOOLS
 
@@ -333,6 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="empty the live tables and rewind the live group instead of building "
         "new tables beside them",
     )
+    checks = add("audit", cmd_audit)
+    checks.add_argument(
+        "--no-read-models", action="store_true", help="skip comparing Postgres"
+    )
+    checks.add_argument(
+        "--no-payments", action="store_true", help="skip the payment saga's checks"
+    )
+    soak = add("soak", cmd_soak)
+    soak.add_argument("--minutes", type=float, default=20.0)
+    soak.add_argument("--rate", type=float, default=40.0, help="commands per second")
+    soak.add_argument(
+        "--faults",
+        default="worker,broker,postgres",
+        help="comma-separated: worker, broker, postgres ('' for none)",
+    )
+    soak.add_argument("--seed", type=int, default=1)
+    soak.add_argument(
+        "--keep", action="store_true", help="keep the soak's topics and database"
+    )
     tool = add("kafka-tool", cmd_kafka_tool)
     tool.add_argument("tool", help="consumer-groups, topics, configs, acls, ...")
     tool.add_argument("tool_args", nargs=argparse.REMAINDER)
@@ -340,7 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `test` hands everything after it to pytest, options included (`test -k saga`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "test":
+        args.pytest_args = [*extra, *args.pytest_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = Settings.from_env()
         return int(args.handler(settings, args))

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.local import postgres
+from app.local import deployments, postgres
+from app.local.deployments import free_port, with_database
 from app.local.kafka import KafkaNode
 from app.settings import Settings, Topics
 
@@ -68,8 +69,8 @@ def session_settings(
     )
     settings = dataclasses.replace(
         base_settings,
-        database_url=_with_database(base_settings.database_url, database),
-        query_database_url=_with_database(base_settings.query_database_url, database),
+        database_url=with_database(base_settings.database_url, database),
+        query_database_url=with_database(base_settings.query_database_url, database),
         topics=Topics(prefix=f"t{tag}."),
         app_id=f"streamfold-test-{tag}",
     )
@@ -86,19 +87,6 @@ def fresh_settings(settings: Settings, **changes: object) -> Settings:
         app_id=f"streamfold-test-{tag}",
         **changes,  # type: ignore[arg-type]
     )
-
-
-def _with_database(url: str, database: str) -> str:
-    head, _, _ = url.rpartition("/")
-    return f"{head}/{database}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -121,37 +109,6 @@ def registry_settings(session_settings: Settings) -> Iterator[Settings]:
 @pytest.fixture
 def deployment(registry_settings: Settings) -> Iterator[Settings]:
     """An isolated deployment: its own topics, app id, web port and database."""
-    from app.adapters import migrations, topics
-
-    settings = fresh_settings(registry_settings, web_port=free_port())
-    database = settings.app_id.replace("-", "_")
-    writer = postgres.Conninfo.parse(settings.database_url)
-    reader = postgres.Conninfo.parse(settings.query_database_url)
-    postgres.create_database(
-        database, owner=writer.user, reader=reader.user, port=writer.port
-    )
-    settings = dataclasses.replace(
-        settings,
-        database_url=_with_database(settings.database_url, database),
-        query_database_url=_with_database(settings.query_database_url, database),
-    )
-    topics.ensure_topics(settings)
-    migrations.migrate(settings.database_url)
+    settings = deployments.create(registry_settings)
     yield settings
-    postgres.drop_database(database, port=writer.port)
-    _delete_topics(settings)
-
-
-def _delete_topics(settings: Settings) -> None:
-    """Remove a finished deployment's topics, so a long run keeps the broker lean."""
-    from app.adapters import topics
-
-    admin = topics.admin_client(settings)
-    names = [
-        name
-        for name in admin.list_topics(timeout=30).topics
-        if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
-    ]
-    if names:
-        # Deletion is asynchronous; waiting for it would only slow the next test.
-        admin.delete_topics(names, operation_timeout=30)
+    deployments.remove(settings)

@@ -1,7 +1,6 @@
-"""Recompute the read models from the event log, to compare with what Postgres holds.
-
-The fold here is written independently of the projections' SQL, so a test comparing
-the two catches a projection that drops, repeats or misapplies an event.
+"""Recompute the read models from the event log, to compare with what Postgres holds
+(the folds live in ``app.audit``, written independently of the projections' SQL, so
+a comparison catches a projection that drops, repeats or misapplies an event).
 """
 
 from __future__ import annotations
@@ -13,85 +12,18 @@ from typing import Any
 import httpx
 import psycopg
 
+from app import audit
+from app.audit import actual_ledger, actual_orders  # noqa: F401 - re-exported
 from app.settings import Settings
 from tests.support import events_by_aggregate
 
 
-def _unique(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_version = {e["metadata"]["stream_version"]: e for e in events}
-    return [by_version[v] for v in sorted(by_version)]
-
-
 def expected_ledger(settings: Settings) -> dict[str, Any]:
-    balances: dict[str, tuple[Any, ...]] = {}
-    transactions = 0
-    for account, events in events_by_aggregate(settings, "accounts").items():
-        balance, status, version = 0, "OPEN", 0
-        currency = ""
-        for event in _unique(events):
-            kind = event["metadata"]["event_type"]
-            version = event["metadata"]["stream_version"]
-            if kind == "AccountOpened":
-                currency = event["currency"]
-            elif kind == "MoneyDeposited":
-                balance += event["amount_minor"]
-                transactions += 1
-            elif kind == "MoneyWithdrawn":
-                balance -= event["amount_minor"]
-                transactions += 1
-            elif kind == "AccountClosed":
-                status = "CLOSED"
-        balances[account] = (currency, balance, status, version)
-    return {"balances": balances, "transactions": transactions}
-
-
-def actual_ledger(settings: Settings) -> dict[str, Any]:
-    with psycopg.connect(settings.query_database_url) as conn:
-        rows = conn.execute(
-            "SELECT account_id, currency, balance_minor, status, version FROM account_balances"
-        ).fetchall()
-        (transactions,) = conn.execute("SELECT count(*) FROM transactions").fetchone()  # type: ignore[misc]
-    return {
-        "balances": {r[0]: tuple(r[1:]) for r in rows},
-        "transactions": transactions,
-    }
+    return audit.expected_ledger(events_by_aggregate(settings, "accounts"))
 
 
 def expected_orders(settings: Settings) -> dict[str, tuple[Any, ...]]:
-    orders: dict[str, tuple[Any, ...]] = {}
-    for order_id, events in events_by_aggregate(settings, "orders").items():
-        status, total, items, version = "", 0, 0, 0
-        for event in _unique(events):
-            kind = event["metadata"]["event_type"]
-            version = event["metadata"]["stream_version"]
-            if kind == "OrderCreated":
-                status, total, items = (
-                    "CREATED",
-                    event["total_minor"],
-                    len(event["items"]),
-                )
-            elif kind == "OrderItemAdded":
-                total, items = event["total_minor"], items + 1
-            elif kind == "OrderItemRemoved":
-                total, items = event["total_minor"], items - 1
-            elif kind == "PaymentProcessed":
-                status = "PAID"
-            elif kind == "OrderShipped":
-                status = "SHIPPED"
-            elif kind == "OrderDelivered":
-                status = "DELIVERED"
-            elif kind == "OrderCancelled":
-                status = "CANCELLED"
-        orders[order_id] = (status, total, items, version)
-    return orders
-
-
-def actual_orders(settings: Settings) -> dict[str, tuple[Any, ...]]:
-    with psycopg.connect(settings.query_database_url) as conn:
-        rows = conn.execute(
-            "SELECT order_id, status, total_minor, items_count, version FROM order_summaries"
-        ).fetchall()
-    return {r[0]: tuple(r[1:]) for r in rows}
+    return audit.expected_orders(events_by_aggregate(settings, "orders"))
 
 
 def checksum(settings: Settings, table: str, order_by: str) -> str:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from app.settings import Settings
+from tests.readmodels import wait_caught_up
 from tests.support import running_worker
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -55,5 +56,13 @@ def test_the_readme_cli_examples_work(deployment: Settings) -> None:
         then = _run(deployment, state)
         assert then.returncode == 0, then.stderr
         assert '"version": 1' in then.stdout and '"balance_minor": 0' in then.stdout
+        # The audit reads every topic and compares Postgres with a fold of the log;
+        # the history above showed the projections have the deposit.
+        wait_caught_up(deployment)
+        [check_all] = _examples("audit")
+        audited = _run(deployment, check_all)
+        assert audited.returncode == 0, audited.stdout + audited.stderr
+        assert "ok   answers" in audited.stdout and "FAIL" not in audited.stdout
+        assert "ok   read models" in audited.stdout, audited.stdout
     [check] = _examples("schemas check")
     assert _run(deployment, check).returncode == 0

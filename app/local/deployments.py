@@ -1,0 +1,62 @@
+"""Isolated deployments on the local services: their own topic prefix, application id
+(so consumer groups and Faust tables), web port and database. Tests, the soak and
+the benchmarks each work in one and remove it afterwards."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import uuid
+
+from app.adapters import migrations, topics
+from app.local import postgres
+from app.settings import Settings, Topics
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def with_database(url: str, database: str) -> str:
+    head, _, _ = url.rpartition("/")
+    return f"{head}/{database}"
+
+
+def create(settings: Settings, kind: str = "test") -> Settings:
+    """A new deployment beside ``settings``, with its topics and tables in place."""
+    tag = uuid.uuid4().hex[:8]
+    app_id = f"streamfold-{kind}-{tag}"
+    database = app_id.replace("-", "_")
+    writer = postgres.Conninfo.parse(settings.database_url)
+    reader = postgres.Conninfo.parse(settings.query_database_url)
+    postgres.create_database(
+        database, owner=writer.user, reader=reader.user, port=writer.port
+    )
+    own = dataclasses.replace(
+        settings,
+        database_url=with_database(settings.database_url, database),
+        query_database_url=with_database(settings.query_database_url, database),
+        topics=Topics(prefix=f"{kind[0]}{tag}."),
+        app_id=app_id,
+        web_port=free_port(),
+    )
+    topics.ensure_topics(own)
+    migrations.migrate(own.database_url)
+    return own
+
+
+def remove(settings: Settings) -> None:
+    """Drop the deployment's database and delete its topics (asynchronously: waiting
+    for the broker would only slow whoever comes next)."""
+    admin = topics.admin_client(settings)
+    names = [
+        name
+        for name in admin.list_topics(timeout=30).topics
+        if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
+    ]
+    if names:
+        admin.delete_topics(names, operation_timeout=30)
+    database = postgres.Conninfo.parse(settings.database_url)
+    postgres.drop_database(database.database, port=database.port)

@@ -1,0 +1,82 @@
+"""The write side's promises as assertions over ``app.audit``'s checks, and a worker
+that is known to be processing before a test talks to it.
+
+Promise 2: one answer per command (repeats after a crash are the same answer).
+Promise 4: each aggregate's events are versions 1..n, one event per version.
+Promise 5 (write side): every balance the writer recorded equals the fold of the log.
+Nothing acknowledged is lost: every accepted event id is in the log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from app import audit
+from app.client import CommandResult
+from app.local.process import Daemon, http_ok, wait_for
+from app.local.worker import WorkerProcess
+from app.settings import Settings
+
+
+def ready_url(settings: Settings) -> str:
+    return f"http://{settings.web_host}:{settings.web_port}/ready"
+
+
+def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
+    """Until the worker owns partitions and has recovered its tables."""
+    wait_for(lambda: http_ok(ready_url(settings)), timeout, "the worker's /ready")
+
+
+def start_serving(worker: Daemon, settings: Settings, timeout: float = 120.0) -> None:
+    started = time.monotonic()
+    worker.start(timeout=timeout)
+    wait_ready(settings, max(1.0, timeout - (time.monotonic() - started)))
+
+
+@contextmanager
+def serving_worker(settings: Settings, name: str = "worker") -> Iterator[Daemon]:
+    """A worker process that is processing commands by the time the body runs."""
+    worker = WorkerProcess(settings, name)
+    try:
+        start_serving(worker, settings)
+        yield worker
+    finally:
+        worker.stop()
+
+
+def assert_ok(finding: audit.Finding) -> None:
+    assert finding.ok, audit.report([finding])
+
+
+def assert_balances_fold(streams: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Promise 5 on the write side; returns each account's folded balance."""
+    balances, problems = audit.fold_balances(streams)
+    assert not problems, problems[:10]
+    return balances
+
+
+def assert_write_side_promises(
+    settings: Settings, results: Sequence[CommandResult], area: str = "accounts"
+) -> dict[str, list[dict[str, Any]]]:
+    """Every promise above for commands whose results the client has; returns the
+    streams for further checks."""
+    codec = audit.new_codec(settings)
+    logged = audit.results_by_command(settings, codec)
+    assert_ok(
+        audit.check_answers(settings, logged, codec, [r.command_id for r in results])
+    )
+    streams = audit.events_by_aggregate(settings, area, codec)
+    assert_ok(audit.check_streams(streams))
+    if area == "accounts":
+        assert_balances_fold(streams)
+    # Nothing acknowledged is lost: the accepted results this client saw included.
+    seen = {
+        r.command_id: [{"status": "ACCEPTED", "event_ids": list(r.event_ids)}]
+        for r in results
+        if r.accepted
+    }
+    assert_ok(audit.check_acknowledged({**logged, **seen}, [streams]))
+    return streams
