@@ -22,9 +22,13 @@ log = logging.getLogger("streamfold.views")
 
 def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     partitions = settings.partitions
-    orders = app.Table("order-views", key_type=str, partitions=partitions)
-    accounts = app.Table("account-views", key_type=str, partitions=partitions)
-    by_customer = app.Table("customer-orders", key_type=str, partitions=partitions)
+    # Raw (bytes) keys: str keys are JSON in a table, and Faust's router would then
+    # hash '"o-1"' for a lookup while the row sits in the partition of the event
+    # keyed b"o-1" (murmur2), sending requests to a worker that does not own it.
+    keyed = {"key_type": bytes, "partitions": partitions}
+    orders = app.Table("order-views", **keyed)
+    accounts = app.Table("account-views", **keyed)
+    by_customer = app.Table("customer-orders", **keyed)
     raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": partitions}
     order_events = app.topic(settings.topics.events("orders"), **raw)
     account_events = app.topic(settings.topics.events("accounts"), **raw)
@@ -56,16 +60,18 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             found = decoded(event)
             if found is None:
                 continue
-            summary = views.fold_order(orders.get(found[0]["aggregate_id"]), *found)
+            summary = views.fold_order(
+                orders.get(found[0]["aggregate_id"].encode()), *found
+            )
             if summary is not None:
-                orders[summary["order_id"]] = summary
+                orders[summary["order_id"].encode()] = summary
                 await summaries.send(key=summary["customer_id"], value=summary)
 
     @app.agent(summaries, name="customer-orders")
     async def customer_orders(stream: faust.StreamT) -> None:
         async for customer_id, summary in stream.items():
-            by_customer[customer_id] = views.upsert_order(
-                by_customer.get(customer_id), summary
+            by_customer[customer_id.encode()] = views.upsert_order(
+                by_customer.get(customer_id.encode()), summary
             )
 
     @app.agent(account_events, name="account-views")
@@ -74,9 +80,11 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             found = decoded(event)
             if found is None:
                 continue
-            view = views.fold_account(accounts.get(found[0]["aggregate_id"]), *found)
+            view = views.fold_account(
+                accounts.get(found[0]["aggregate_id"].encode()), *found
+            )
             if view is not None:
-                accounts[view["account_id"]] = view
+                accounts[view["account_id"].encode()] = view
 
     @app.task
     async def warm_routing() -> None:
@@ -89,18 +97,20 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     @app.page("/orders/{order_id}")
     @app.table_route(table=orders, match_info="order_id")
     async def get_order(web: Any, request: Any, order_id: str) -> Any:
-        return _found(web, orders.get(order_id), f"order {order_id}")
+        return _found(web, orders.get(order_id.encode()), f"order {order_id}")
 
     @app.page("/accounts/{account_id}")
     @app.table_route(table=accounts, match_info="account_id")
     async def get_account(web: Any, request: Any, account_id: str) -> Any:
-        return _found(web, accounts.get(account_id), f"account {account_id}")
+        return _found(web, accounts.get(account_id.encode()), f"account {account_id}")
 
     @app.page("/customers/{customer_id}/orders")
     @app.table_route(table=by_customer, match_info="customer_id")
     async def get_customer_orders(web: Any, request: Any, customer_id: str) -> Any:
         try:
-            page = views.page(by_customer.get(customer_id), dict(request.query))
+            page = views.page(
+                by_customer.get(customer_id.encode()), dict(request.query)
+            )
         except views.BadPage as error:
             return web.json({"error": error.message, "field": error.field}, status=400)
         return web.json({"customer_id": customer_id, **page})

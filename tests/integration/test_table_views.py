@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
 
 import httpx
 
+from app.adapters.eventlog import partition_for
 from app.client import CommandClient
 from app.domain.accounts import Deposit, OpenAccount
 from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment, ShipOrder
+from app.local.deployments import free_port
 from app.settings import Settings
+from tests.invariants import serving_worker
 from tests.support import running_worker
 
 
@@ -90,3 +94,39 @@ def test_table_views_follow_the_events(deployment: Settings) -> None:
         bad = httpx.get(f"{base}/customers/{customer}/orders?page=minus")
         assert bad.status_code == 400
         assert bad.json()["field"] == "page"
+
+
+def _owned(settings: Settings) -> set[int]:
+    """The order-command partitions this worker owns, from its /status."""
+    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    topic = settings.topics.commands("orders")
+    assignment = httpx.get(url, timeout=10).json().get("assignment", [])
+    return {p for t, p in assignment if t == topic}
+
+
+def test_views_are_routed_to_the_worker_owning_the_key(deployment: Settings) -> None:
+    second = dataclasses.replace(deployment, web_port=free_port(), projections=())
+    orders = [f"o-{n}-{uuid.uuid4().hex[:4]}" for n in range(12)]
+    with serving_worker(deployment), serving_worker(second, "second"):
+        # Both workers share the partitions (so some keys live only on the other).
+        deadline = time.monotonic() + 90
+        while not (_owned(deployment) and _owned(second)):
+            assert time.monotonic() < deadline, "the workers did not share partitions"
+            time.sleep(0.5)
+        assert not _owned(deployment) & _owned(second)
+        owners = {
+            partition_for(order.encode(), deployment.partitions) for order in orders
+        }
+        assert owners & _owned(deployment) and owners & _owned(second), owners
+        with CommandClient(deployment) as client:
+            for order in orders:
+                assert client.send(_create(order, "c-routed"), timeout=60).accepted
+        # Every key answers on either worker: a non-owner forwards to the owner.
+        for port in (deployment.web_port, second.web_port):
+            for order in orders:
+                found = _get(
+                    f"http://{deployment.web_host}:{port}/orders/{order}",
+                    lambda r: r.status_code == 200,
+                    timeout=60,
+                )
+                assert found.json().get("order_id") == order, (port, found.text)

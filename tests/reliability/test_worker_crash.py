@@ -12,7 +12,7 @@ from app.client import CommandClient
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.local.worker import WorkerProcess
 from app.settings import Settings
-from tests.support import events_by_aggregate, results_by_command
+from tests.invariants import assert_write_side_promises
 
 ACCOUNTS = 40
 COMMANDS = 2400
@@ -52,17 +52,6 @@ def _workload(seed: int) -> list[tuple[str, Any]]:
     return work
 
 
-def _canonical(result: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        result["status"],
-        result["version"],
-        tuple(result["event_ids"]),
-        result["code"],
-        result["partition"],
-        result["offset"],
-    )
-
-
 def test_sigkill_under_load_keeps_every_promise(deployment: Settings) -> None:
     rng = random.Random(7)
     work = _workload(seed=11)
@@ -81,36 +70,7 @@ def test_sigkill_under_load_keeps_every_promise(deployment: Settings) -> None:
     finally:
         worker.stop()
 
-    # Promise 2: exactly one result per command (a repeat after a crash is identical).
     assert len(results) == len(work)
-    logged = results_by_command(deployment)
-    for command_id, _ in work:
-        assert len({_canonical(r) for r in logged[command_id]}) == 1, command_id
-
-    # Promise 4: versions 1..n, never two different events at one version.
-    streams = events_by_aggregate(deployment, "accounts")
-    accepted_ids = {e for r in results if r.accepted for e in r.event_ids}
-    for account, events in streams.items():
-        by_version: dict[int, set[str]] = {}
-        for event in events:
-            meta = event["metadata"]
-            by_version.setdefault(meta["stream_version"], set()).add(meta["event_id"])
-        assert sorted(by_version) == list(range(1, len(by_version) + 1)), account
-        assert all(len(ids) == 1 for ids in by_version.values()), account
-        # Promise 5 on the write side: the state the writer reported equals the fold.
-        unique = {e["metadata"]["stream_version"]: e for e in events}
-        balance = 0
-        for version in sorted(unique):
-            event = unique[version]
-            if event["metadata"]["event_type"] == "MoneyDeposited":
-                balance += event["amount_minor"]
-            elif event["metadata"]["event_type"] == "MoneyWithdrawn":
-                balance -= event["amount_minor"]
-            if "balance_after_minor" in event:
-                assert event["balance_after_minor"] == balance, (account, version)
-            assert balance >= 0
-    # No acknowledged command was lost: every accepted event id is in the log.
-    in_log = {e["metadata"]["event_id"] for events in streams.values() for e in events}
-    assert accepted_ids <= in_log
+    assert_write_side_promises(deployment, results)
     outcomes = Counter(r.accepted for r in results)
     assert outcomes[True] > ACCOUNTS and outcomes[False] > 0

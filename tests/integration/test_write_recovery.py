@@ -1,0 +1,182 @@
+"""A restarted worker that has lost its table rebuilds every aggregate exactly: with
+its local store deleted, with the table's changelog topic deleted, and with both
+gone (then only the event topic is left to rebuild from).
+
+Checked per aggregate on the rebuilt worker: the next command gets version n+1 under
+``expected_version=n``; a withdrawal of one more than the balance is refused and
+one of exactly the balance is accepted (decisions read the rebuilt state); and an
+old command id sent again is answered as before, writing nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from confluent_kafka.admin import AdminClient
+
+from app.client import CommandClient, CommandResult
+from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.money import fmt
+from app.settings import Settings
+from tests.invariants import (
+    assert_balances_fold,
+    assert_write_side_promises,
+    serving_worker,
+)
+from tests.support import delete_local_store, events_by_aggregate
+
+ACCOUNTS = 12
+COMMANDS_EACH = 20  # below the 64 answers an aggregate remembers
+RECOVERY_DEADLINE_S = 120
+
+
+def _history(client: CommandClient) -> dict[str, list[tuple[str, object]]]:
+    rng = random.Random(5)
+    sent: dict[str, list[tuple[str, object]]] = {}
+    for n in range(ACCOUNTS):
+        account = f"acc-{n:02d}"
+        commands: list[object] = [
+            OpenAccount(account_id=account, owner_id="o", currency="USD")
+        ]
+        for k in range(COMMANDS_EACH - 1):
+            amount = rng.randint(1, 300)
+            if rng.random() < 0.7:
+                commands.append(
+                    Deposit(
+                        account_id=account,
+                        transaction_id=f"d{k}",
+                        amount_minor=amount,
+                        currency="USD",
+                        source="s",
+                        reference="",
+                    )
+                )
+            else:
+                commands.append(_withdraw(account, amount, f"w{k}"))
+        sent[account] = [
+            (client.submit(command, command_id=f"{account}/{k}"), command)
+            for k, command in enumerate(commands)
+        ]
+    return sent
+
+
+def _withdraw(account: str, amount: int, reference: str) -> Withdraw:
+    return Withdraw(
+        account_id=account,
+        transaction_id=reference,
+        amount_minor=amount,
+        currency="USD",
+        destination="d",
+        reference=reference,
+    )
+
+
+def _delete_changelog(settings: Settings) -> None:
+    topic = f"{settings.app_id}-account-aggregates-changelog"
+    admin = AdminClient(settings.kafka_client_config())
+    admin.delete_topics([topic], operation_timeout=60)[topic].result(timeout=90)
+    deadline = time.monotonic() + 60
+    while topic in admin.list_topics(timeout=30).topics:
+        assert time.monotonic() < deadline, f"{topic} was not deleted"
+        time.sleep(0.5)
+
+
+LOSSES = ("local store", "changelog", "both")
+
+
+def test_a_worker_that_lost_its_table_rebuilds_every_aggregate(
+    deployment: Settings,
+) -> None:
+    with serving_worker(deployment), CommandClient(deployment) as client:
+        sent = _history(client)
+        first = {
+            r.command_id: r
+            for r in client.wait(
+                [cid for commands in sent.values() for cid, _ in commands],
+                timeout=120,
+            )
+        }
+    answered = list(first.values())
+    assert_write_side_promises(deployment, answered)
+    # One loss after another, each followed by a restart that must rebuild exactly.
+    for n, lost in enumerate(LOSSES):
+        streams = events_by_aggregate(deployment, "accounts")
+        balances = assert_balances_fold(streams)
+        versions = {
+            a: max(e["metadata"]["stream_version"] for e in s)
+            for a, s in streams.items()
+        }
+        assert set(versions) == set(sent)
+        if lost in ("local store", "both"):
+            delete_local_store(deployment)
+        if lost in ("changelog", "both"):
+            _delete_changelog(deployment)
+        after = _after_loss(deployment, sent, first, balances, versions, n)
+        answered += after.values()
+        streams = assert_write_side_promises(deployment, answered)
+        assert assert_balances_fold(streams) == dict.fromkeys(sent, 11), lost
+
+
+def _after_loss(
+    deployment: Settings,
+    sent: dict[str, list[tuple[str, object]]],
+    first: dict[str, CommandResult],
+    balances: dict[str, int],
+    versions: dict[str, int],
+    n: int,
+) -> dict[str, CommandResult]:
+    """On a restarted worker, per account: a repeat of the last accepted command of
+    the history, an overdraft, a withdrawal of exactly the balance under the
+    expected version, and a deposit of 11; each checked against the log's fold."""
+    with serving_worker(deployment), CommandClient(deployment) as client:
+        refused, emptied, repeated, deposited = {}, {}, {}, {}
+        for account in sent:
+            old_id = max(
+                (cid for cid, _ in sent[account] if first[cid].accepted),
+                key=lambda cid: first[cid].version or 0,
+            )
+            old = dict(sent[account])[old_id]
+            repeated[account] = client.submit(old, command_id=old_id)
+            refused[account] = client.submit(
+                _withdraw(account, balances[account] + 1, f"too-much-{n}")
+            )
+            emptied[account] = client.submit(
+                _withdraw(account, balances[account], f"all-{n}"),
+                expected_version=versions[account],
+            )
+            deposited[account] = client.submit(
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"after-{n}",
+                    amount_minor=11,
+                    currency="USD",
+                    source="s",
+                    reference="",
+                ),
+                expected_version=versions[account] + 1,
+            )
+        ids = [
+            *refused.values(),
+            *emptied.values(),
+            *repeated.values(),
+            *deposited.values(),
+        ]
+        after = {r.command_id: r for r in client.wait(ids, timeout=RECOVERY_DEADLINE_S)}
+    for account in sent:
+        version = versions[account]
+        no: CommandResult = after[refused[account]]
+        assert no.code == "InsufficientFunds", (account, no)
+        assert fmt(balances[account], "USD") in (no.message or ""), no.message
+        all_out = after[emptied[account]]
+        assert all_out.accepted and all_out.version == version + 1, (account, all_out)
+        more = after[deposited[account]]
+        assert more.accepted and more.version == version + 2, (account, more)
+        again = after[repeated[account]]
+        original = first[again.command_id]
+        assert (again.version, again.event_ids, again.offset) == (
+            original.version,
+            original.event_ids,
+            original.offset,
+        ), account
+    return after

@@ -1,0 +1,62 @@
+"""Promises 2, 4 and 5 when the broker dies: the Kafka broker is killed with SIGKILL
+while commands flow and started again on the same data. Nobody touches the worker
+or the client: producers retry, the worker resumes, and nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from app.client import CommandClient
+from app.local.kafka import KafkaNode
+from app.local.process import tail
+from app.settings import Settings
+from tests.invariants import assert_write_side_promises, serving_worker
+from tests.reliability.test_worker_crash import ACCOUNTS, _workload
+
+RATE = 300  # commands per second: the broker dies with commands in every stage
+DOWN_S = 4.0
+
+
+def test_broker_sigkill_under_load_loses_nothing(
+    deployment: Settings, kafka: KafkaNode
+) -> None:
+    work = _workload(seed=31)
+    produced = threading.Event()
+    with serving_worker(deployment) as worker, CommandClient(deployment) as client:
+        client._listen()  # results from here on
+        survivor = worker.pid()
+
+        def produce() -> None:
+            started = time.monotonic()
+            for n, (command_id, command) in enumerate(work):
+                delay = started + n / RATE - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                client.submit(command, command_id=command_id)
+            # Until the restarted broker has elected leaders again (it recovers
+            # every partition's log after an unclean shutdown first).
+            client.flush(timeout=240)
+            produced.set()
+
+        producer = threading.Thread(target=produce, daemon=True)
+        producer.start()
+        time.sleep(2.5)
+        assert kafka.stop(kill=True), "the broker was not running"
+        time.sleep(DOWN_S)
+        kafka.start(timeout=120)
+        producer.join(300)
+        assert produced.is_set(), "the client did not get every command to the broker"
+        try:
+            results = client.wait([cid for cid, _ in work], timeout=300)
+        except TimeoutError as error:
+            raise AssertionError(f"{error}\n{tail(worker.log_file, 40)}") from error
+        # The same worker process carried on: it resumed by itself.
+        assert worker.pid() == survivor, tail(worker.log_file, 40)
+
+    assert len(results) == len(work)
+    assert_write_side_promises(deployment, results)
+    outcomes = Counter(r.accepted for r in results)
+    assert outcomes[True] > ACCOUNTS and outcomes[False] > 0

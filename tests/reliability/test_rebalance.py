@@ -1,0 +1,119 @@
+"""Promises 2, 4 and 5 while partitions move: two workers of one application share
+the partitions under load; a third joins, one leaves gracefully, one is killed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+from typing import Any
+
+from app.client import CommandClient
+from app.local.process import Daemon, tail, wait_for
+from app.local.worker import WorkerProcess
+from app.settings import Settings
+from tests.conftest import free_port
+from tests.invariants import assert_write_side_promises, start_serving
+from tests.reliability.test_worker_crash import ACCOUNTS, _workload
+
+RATE = 400  # commands per second, spread over the whole choreography
+COMMANDS = 8000
+
+
+def _worker(settings: Settings) -> tuple[Daemon, Settings]:
+    own = dataclasses.replace(settings, web_port=free_port())
+    return WorkerProcess(own), own
+
+
+def _assignment(settings: Settings) -> set[tuple[str, int]]:
+    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            document = json.load(response)
+    except OSError:
+        return set()
+    commands = settings.topics.commands("accounts")
+    return {(t, p) for t, p in document.get("assignment", []) if t == commands}
+
+
+def test_partitions_move_under_load_and_every_promise_holds(
+    deployment: Settings,
+) -> None:
+    work = _more(COMMANDS)
+    first, first_settings = _worker(deployment)
+    second, second_settings = _worker(deployment)
+    third, third_settings = _worker(deployment)
+    produced = threading.Event()
+    client = CommandClient(deployment)
+    client._listen()  # results from here on
+
+    def produce() -> None:
+        started = time.monotonic()
+        for n, (command_id, command) in enumerate(work):
+            delay = started + n / RATE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            client.submit(command, command_id=command_id)
+        client.flush()
+        produced.set()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    # Shown with a failure: where each worker wrote its log.
+    print("worker logs:", *(w.log_file for w in (first, second, third)))
+    try:
+        start_serving(first, first_settings)
+        producer.start()
+        time.sleep(3)
+        # Join: the two share the partitions.
+        start_serving(second, second_settings)
+        wait_for(
+            lambda: (
+                bool(_assignment(first_settings)) and bool(_assignment(second_settings))
+            ),
+            90,
+            "both workers to own partitions",
+        )
+        shared = _assignment(first_settings) | _assignment(second_settings)
+        assert len(shared) == deployment.partitions
+        assert not _assignment(first_settings) & _assignment(second_settings)
+        time.sleep(3)
+        first.stop()  # graceful: in-flight commands complete before it lets go
+        time.sleep(2)
+        start_serving(third, third_settings)
+        time.sleep(3)
+        second.stop(kill=True)  # its partitions move after the session timeout
+        producer.join(120)
+        assert produced.is_set()
+        try:
+            results = client.wait([cid for cid, _ in work], timeout=300)
+        except TimeoutError as error:
+            logs = "\n".join(
+                f"--- {w.log_file}\n{tail(w.log_file, 30)}"
+                for w in (first, second, third)
+            )
+            raise AssertionError(f"{error}\n{logs}") from error
+    finally:
+        client.close()
+        for worker in (first, second, third):
+            worker.stop()
+
+    assert len(results) == len(work)
+    assert_write_side_promises(deployment, results)
+    outcomes = Counter(r.accepted for r in results)
+    assert outcomes[True] > ACCOUNTS and outcomes[False] > 0
+
+
+def _more(count: int) -> list[tuple[str, Any]]:
+    """The crash test's workload, extended with more seeds to ``count`` commands."""
+    work = _workload(seed=23)
+    seed = 24
+    while len(work) < count:
+        work += [
+            (f"{command_id}-{seed}", command)
+            for command_id, command in _workload(seed=seed)[ACCOUNTS:]
+        ]
+        seed += 1
+    return work[:count]
