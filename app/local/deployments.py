@@ -4,9 +4,12 @@ the benchmarks each work in one and remove it afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import uuid
+
+from confluent_kafka import KafkaException
 
 from app.adapters import migrations, topics
 from app.local import postgres
@@ -48,8 +51,7 @@ def create(settings: Settings, kind: str = "test") -> Settings:
 
 
 def remove(settings: Settings) -> None:
-    """Drop the deployment's database and delete its topics (asynchronously: waiting
-    for the broker would only slow whoever comes next)."""
+    """Drop the deployment's database and delete its topics."""
     admin = topics.admin_client(settings)
     names = [
         name
@@ -57,6 +59,10 @@ def remove(settings: Settings) -> None:
         if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
     ]
     if names:
-        admin.delete_topics(names, operation_timeout=30)
+        # Wait only for the broker to accept the deletion (the files go later): an
+        # admin client dropped before its request is sent deletes nothing.
+        for future in admin.delete_topics(names, operation_timeout=0).values():
+            with contextlib.suppress(KafkaException):
+                future.result(timeout=30)
     database = postgres.Conninfo.parse(settings.database_url)
     postgres.drop_database(database.database, port=database.port)
