@@ -172,7 +172,7 @@ class Faults:
             kind = self.rng.choice(self.kinds)
             started = time.monotonic()
             try:
-                getattr(self, kind)()
+                getattr(self, f"_{kind}")()
             except Exception as error:  # noqa: BLE001 - reported, and the soak goes on
                 self.say(f"fault     {kind}: recovery failed: {error}")
                 continue
@@ -181,17 +181,17 @@ class Faults:
                 f"fault     {kind} killed and back in {time.monotonic() - started:.1f}s"
             )
 
-    def worker(self) -> None:
+    def _worker(self) -> None:
         self.worker.stop(kill=True)
         self.worker.start(timeout=180)
 
-    def broker(self) -> None:
+    def _broker(self) -> None:
         node = stack.kafka_node(self.settings)
         node.stop(kill=True)
         time.sleep(self.rng.uniform(1, 5))
         node.start(timeout=180)
 
-    def postgres(self) -> None:
+    def _postgres(self) -> None:
         port = postgres.Conninfo.parse(self.settings.database_url).port
         postgres.stop(mode="immediate")
         time.sleep(self.rng.uniform(1, 5))
