@@ -8,13 +8,17 @@ It runs in a deployment of its own (topic prefix, application id, database, web
 port), removed afterwards unless ``--keep``. Faults, one every 20-60 s:
 
 - ``worker``: SIGKILL, then a restart (as a process supervisor would);
-- ``broker``: SIGKILL of the local Kafka broker, restarted on the same data after a
-  few seconds; nobody touches the worker or the client;
+- ``broker``: SIGKILL of the Kafka broker, restarted on the same data after a few
+  seconds; nobody touches the worker or the client. With this fault the soak starts
+  a broker (and schema registry) of its own on free ports, removed at the end even
+  with ``--keep``: killing the shared broker would hit everything else on it, and
+  it recovers every partition it holds before it answers again;
 - ``postgres``: an immediate-mode stop of the local cluster, started again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -38,6 +42,7 @@ from app.domain.orders import (
     ShipOrder,
 )
 from app.local import deployments, postgres, stack
+from app.local.kafka import KafkaNode
 from app.local.process import Daemon, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
@@ -157,11 +162,13 @@ class Faults:
         self,
         settings: Settings,
         worker: Daemon,
+        broker: KafkaNode | None,
         kinds: list[str],
         rng: random.Random,
         say: Callable[[str], None],
     ) -> None:
-        self.settings, self.worker, self.kinds = settings, worker, kinds
+        self.settings, self.worker, self.broker = settings, worker, broker
+        self.kinds = kinds
         self.rng, self.say = rng, say
         self.injected: Counter[str] = Counter()
         self.stop = threading.Event()
@@ -186,10 +193,10 @@ class Faults:
         self.worker.start(timeout=180)
 
     def _broker(self) -> None:
-        node = stack.kafka_node(self.settings)
-        node.stop(kill=True)
+        assert self.broker is not None, "broker faults need the soak's own broker"
+        self.broker.stop(kill=True)
         time.sleep(self.rng.uniform(1, 5))
-        node.start(timeout=180)
+        self.broker.start(timeout=180)
 
     def _postgres(self) -> None:
         port = postgres.Conninfo.parse(self.settings.database_url).port
@@ -212,6 +219,24 @@ def run(
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
     stack.up(settings, say)
+    with contextlib.ExitStack() as scope:
+        broker = None
+        if "broker" in faults:
+            settings, broker = scope.enter_context(deployments.private_broker(settings))
+            say(f"broker    {broker.bootstrap}, the soak's own")
+        return _soak(settings, broker, minutes, rate, faults, seed, keep, say)
+
+
+def _soak(
+    settings: Settings,
+    broker: KafkaNode | None,
+    minutes: float,
+    rate: float,
+    faults: list[str],
+    seed: int,
+    keep: bool,
+    say: Callable[[str], None],
+) -> int:
     own = deployments.create(settings, kind="soak")
     say(
         f"soak      {own.app_id}: {minutes:g} min at {rate:g} commands/s, faults {faults}"
@@ -220,7 +245,7 @@ def run(
     workload = Workload(rng)
     worker = WorkerProcess(own)
     worker.start(timeout=180)
-    injector = Faults(own, worker, faults, random.Random(seed + 1), say)  # noqa: S311
+    injector = Faults(own, worker, broker, faults, random.Random(seed + 1), say)  # noqa: S311
     client = CommandClient(own)
     sent: list[str] = []
     kinds: Counter[str] = Counter()

@@ -3,10 +3,8 @@ produces commands and times each one until its result arrives."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import socket
 import threading
 import time
 import uuid
@@ -17,6 +15,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from app.client import PARTITIONER
+from app.local.deployments import free_port
 from app.settings import Settings, Topics
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -45,12 +44,6 @@ class CpuMeter:
             name: round(cpu_seconds(pid) - self._start[name], 2)
             for name, pid in self.pids.items()
         }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def isolated(settings: Settings, partitions: int, run: str) -> Settings:
@@ -205,24 +198,3 @@ def produce_paced(
         producer.poll(0)
     producer.flush(60)
     return sent
-
-
-def delete_topics(settings: Settings) -> int:
-    """Remove a benchmark deployment's topics (its prefix, and Faust's under its
-    application id), so repeated runs do not pile partitions onto the broker."""
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient(settings.kafka_client_config())
-    names = [
-        name
-        for name in admin.list_topics(timeout=30).topics
-        if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
-    ]
-    for start in range(0, len(names), 100):
-        for future in admin.delete_topics(
-            names[start : start + 100], operation_timeout=60
-        ).values():
-            # Already gone, or the broker finishes it later: either will do.
-            with contextlib.suppress(KafkaException):
-                future.result(timeout=120)
-    return len(names)

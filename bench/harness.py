@@ -13,7 +13,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import threading
 import time
@@ -46,6 +45,7 @@ from app.domain.orders import (
 )
 from app.faust_app import worker_datadir
 from app.local import postgres
+from app.local.deployments import delete_topics, free_port
 from app.settings import Settings, Topics
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -162,12 +162,6 @@ def load_average() -> list[float]:
 # -- isolated deployments ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _with_database(url: str, database: str) -> str:
     head, _, _ = url.rpartition("/")
     return f"{head}/{database}"
@@ -212,21 +206,6 @@ def deployment(
             postgres.drop_database(dbname, port=writer.port)
         delete_topics(settings)
         shutil.rmtree(worker_datadir(settings), ignore_errors=True)
-
-
-def delete_topics(settings: Settings) -> None:
-    """The deployment's topics, Faust's internal ones (named after the app id)
-    included; event topics are kept forever otherwise."""
-    admin = topics.admin_client(settings)
-    with contextlib.suppress(Exception):  # cleanup is best effort; the run is over
-        names = [
-            name
-            for name in admin.list_topics(timeout=15).topics
-            if name.startswith((settings.topics.prefix, settings.app_id))
-        ]
-        if names:
-            for future in admin.delete_topics(names, operation_timeout=30).values():
-                future.result(timeout=30)
 
 
 # -- the seeded workload -----------------------------------------------------------------

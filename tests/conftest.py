@@ -75,18 +75,26 @@ def session_settings(
         app_id=f"streamfold-test-{tag}",
     )
     yield settings
+    for used in [settings, *_FRESH]:
+        deployments.delete_topics(used)
     postgres.drop_database(database, port=writer.port)
+
+
+# Settings handed out by fresh_settings, whose topics the session deletes at its end.
+_FRESH: list[Settings] = []
 
 
 def fresh_settings(settings: Settings, **changes: object) -> Settings:
     """A copy with its own topic prefix and application id: an isolated deployment."""
     tag = uuid.uuid4().hex[:8]
-    return dataclasses.replace(
+    fresh = dataclasses.replace(
         settings,
         topics=Topics(prefix=f"t{tag}."),
         app_id=f"streamfold-test-{tag}",
         **changes,  # type: ignore[arg-type]
     )
+    _FRESH.append(fresh)
+    return fresh
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import socket
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 from confluent_kafka import KafkaException
 
 from app.adapters import migrations, topics
 from app.local import postgres
+from app.local.kafka import KafkaNode
+from app.local.registry import RegistryProcess
 from app.settings import Settings, Topics
 
 
@@ -52,6 +58,13 @@ def create(settings: Settings, kind: str = "test") -> Settings:
 
 def remove(settings: Settings) -> None:
     """Drop the deployment's database and delete its topics."""
+    delete_topics(settings)
+    database = postgres.Conninfo.parse(settings.database_url)
+    postgres.drop_database(database.database, port=database.port)
+
+
+def delete_topics(settings: Settings) -> None:
+    """Delete the topics under the settings' prefix and application id."""
     admin = topics.admin_client(settings)
     names = [
         name
@@ -64,5 +77,41 @@ def remove(settings: Settings) -> None:
         for future in admin.delete_topics(names, operation_timeout=0).values():
             with contextlib.suppress(KafkaException):
                 future.result(timeout=30)
-    database = postgres.Conninfo.parse(settings.database_url)
-    postgres.drop_database(database.database, port=database.port)
+
+
+@contextlib.contextmanager
+def private_broker(
+    settings: Settings, *, heap: str = "384m"
+) -> Iterator[tuple[Settings, KafkaNode]]:
+    """A Kafka broker and a schema registry of their own, on free ports, for work that
+    kills the broker: it restarts in seconds (it hosts only this work's partitions) and
+    nothing else on the machine notices. Removed, data and all, on exit."""
+    home = Path(tempfile.mkdtemp(prefix="broker-", dir=_mkdir(settings.home)))
+    node = KafkaNode(
+        home=home,
+        cache=settings.cache,
+        port=free_port(),
+        controller_port=free_port(),
+        heap=heap,
+    )
+    registry_port = free_port()
+    own = dataclasses.replace(
+        settings,
+        bootstrap_servers=node.bootstrap,
+        registry_port=registry_port,
+        schema_registry_url=f"http://127.0.0.1:{registry_port}",
+    )
+    registry = RegistryProcess(dataclasses.replace(own, home=home))
+    try:
+        node.start(timeout=120)
+        registry.start(timeout=120)
+        yield own, node
+    finally:
+        registry.stop()
+        node.stop(kill=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
