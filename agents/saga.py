@@ -50,6 +50,7 @@ from app.adapters.saga_io import (
 )
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
 from app.application import saga
+from app.runtime import settle_commits
 from app.settings import Settings, SettingsError
 
 log = logging.getLogger("streamfold.saga")
@@ -316,6 +317,7 @@ class SagaRunner:
             if high is not None and high > position and stalled:
                 sends.append((None, PROBE, tp.partition))
             self._positions[tp.partition] = position
+            await settle_commits(self.app.consumer, tp, position)
         try:
             pending = [
                 await self.app.producer.send(

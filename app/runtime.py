@@ -32,6 +32,7 @@ from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import (
     AppendFailed,
     KafkaResults,
+    committed_offset,
     read_partition,
     read_records,
 )
@@ -205,7 +206,11 @@ class CommandProcessor:
     async def process(self, message: Incoming) -> None:
         """Handle one message, first any skipped before it (see the module doc)."""
         expected = self.store.next_command(message.partition)
-        if expected is not None and message.offset > expected:
+        if expected is None:
+            # Nothing processed here yet, or the table was lost: the group's
+            # committed offset is where this partition's work starts.
+            expected = await self._committed(message.topic, message.partition)
+        if message.offset > expected:
             missed = await self._read_back(message, expected)
             log.warning(
                 "%s[%d]: %d message(s) from offset %d not marked processed here "
@@ -219,6 +224,22 @@ class CommandProcessor:
             for skipped in missed:
                 await self._handle(skipped)
         await self._handle(message)
+
+    async def _committed(self, topic: str, partition: int) -> int:
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(
+                    committed_offset,
+                    self.settings,
+                    self.settings.app_id,
+                    topic,
+                    partition,
+                )
+            except TRANSIENT as error:
+                log.warning("committed offset lookup failed, retrying: %s", error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _read_back(self, message: Incoming, start: int) -> list[Incoming]:
         delay = 0.5
@@ -262,9 +283,9 @@ class CommandProcessor:
         owned here) whose position is behind its end and has not moved since the
         last call: only a later message shows the processor what it missed."""
         for partition, high in highwaters.items():
-            position = self.store.next_command(partition)
-            if position is None:
-                continue
+            # A partition never processed here counts as stalled at 0: Faust may
+            # have dropped all it fetched (``process`` then starts at the commit).
+            position = self.store.next_command(partition) or 0
             stalled = self._seen.get(partition) == position
             self._seen[partition] = position
             if stalled and high > position and self._probed.get(partition) != position:
@@ -427,3 +448,21 @@ class CommandProcessor:
 
 def _key(message: Incoming) -> str:
     return (message.key or b"").decode(errors="replace")
+
+
+async def settle_commits(consumer: Any, tp: Any, next_offset: int | None) -> None:
+    """Fill the hole Faust's commit waits at, once the processor (whose position is
+    ``next_offset``) has handled it.
+
+    Faust commits the run of acked offsets that starts next to its last commit; a
+    record it dropped leaves a hole before that run, and the commit stops there for
+    good while its acked list grows. The processor read such records back, so the
+    hole is done: it is handed to Faust's ``_add_gap``, the hook Faust uses itself
+    for offsets with no message. Only the hole, so nothing is marked twice."""
+    committed = consumer._committed_offset.get(tp)
+    acked = consumer._acked.get(tp)
+    if not next_offset or committed is None or not acked:
+        return
+    first = min(acked)
+    if first - committed > 1 and next_offset >= first:
+        await consumer._add_gap(tp, committed + 1, first - 1)

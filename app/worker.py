@@ -23,7 +23,13 @@ from app.adapters.topics import ensure_topics
 from app.application.commands import CommandService
 from app.faust_app import create_app
 from app.readside import ReadSide
-from app.runtime import AGGREGATES, TRANSIENT, CommandProcessor, TableStore
+from app.runtime import (
+    AGGREGATES,
+    TRANSIENT,
+    CommandProcessor,
+    TableStore,
+    settle_commits,
+)
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.worker")
@@ -121,6 +127,10 @@ def build(settings: Settings) -> Worker:
                 await processor.probe_stalled(topic, highwaters)
             except TRANSIENT as error:  # an exception here would crash the app
                 log.warning("could not probe %s: %r", topic, error)
+            for tp in assigned:
+                if tp.topic == topic:
+                    own = processor.store.next_command(tp.partition)
+                    await settle_commits(app.consumer, tp, own)
 
     @app.on_partitions_revoked.connect
     async def _revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
@@ -162,7 +172,8 @@ def run(settings: Settings) -> None:
         worker.read.start()
     from faust.worker import Worker as FaustWorker
 
-    faust_worker = FaustWorker(worker.app, loglevel="warning", quiet=True)
+    level = os.environ.get("STREAMFOLD_LOG_LEVEL", "warning").lower()
+    faust_worker = FaustWorker(worker.app, loglevel=level, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that every record
     # spins it (faust/worker.py, _setup_spinner_handler): every debug call in Faust
     # and aiokafka then builds a record only for the handler to drop it.

@@ -205,6 +205,24 @@ class RawRecord:
     headers: list[tuple[str, bytes]]
 
 
+def committed_offset(settings: Settings, group: str, topic: str, partition: int) -> int:
+    """The offset ``group`` has committed for one partition; 0 when it has none."""
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": group,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        [found] = consumer.committed([TopicPartition(topic, partition)], timeout=30)
+    finally:
+        consumer.close()
+    if found.error is not None:
+        raise KafkaException(found.error)
+    return max(found.offset, 0)
+
+
 def read_records(
     settings: Settings,
     topic: str,

@@ -7,6 +7,7 @@ rebalance interrupts its fetcher and later commit past it; see app/runtime.py.)"
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
@@ -21,6 +22,50 @@ from app.client import CommandClient
 from app.domain.accounts import Deposit, OpenAccount
 from app.runtime import ACCOUNTS, PROBE_HEADER, CommandProcessor, Incoming, TableStore
 from app.settings import Settings
+
+
+def _processor(settings: Settings, producer: Any) -> CommandProcessor:
+    catalog = SchemaCatalog.load()
+    codec = Codec(ConfluentRegistry(settings.schema_registry_url), catalog)
+    store = TableStore({}, ACCOUNTS)
+    events = settings.topics.events("accounts")
+    return CommandProcessor(
+        settings=settings,
+        aggregate=ACCOUNTS,
+        service=CommandService(
+            aggregate=ACCOUNTS,
+            store=store,
+            log=KafkaEventLog(producer, codec, catalog, events),
+        ),
+        store=store,
+        codec=codec,
+        catalog=catalog,
+        results=KafkaResults(producer, codec, settings.topics.results),
+        producer=producer,
+        events_topic=events,
+    )
+
+
+def _sent(
+    settings: Settings, client: CommandClient, deposits: int
+) -> tuple[list[str], int, list[Incoming]]:
+    """Open acc-gap and deposit into it; the command ids, its partition and the
+    records there."""
+    topic = settings.topics.commands("accounts")
+    opened = OpenAccount(account_id="acc-gap", owner_id="o", currency="USD")
+    ids = [client.submit(opened)]
+    ids += [client.submit(_deposit(n)) for n in range(1, deposits + 1)]
+    client.flush()
+    partition = next(
+        p
+        for p in range(settings.partitions)
+        if list(read_records(settings, topic, p, 0))
+    )
+    records = [
+        Incoming(topic, partition, r.offset, r.key, r.value, r.headers)
+        for r in read_records(settings, topic, partition, 0)
+    ]
+    return ids, partition, records
 
 
 def _deposit(n: int) -> Deposit:
@@ -39,43 +84,15 @@ def test_skipped_commands_are_read_back_and_a_stalled_tail_is_probed(
 ) -> None:
     topic = deployment.topics.commands("accounts")
     client = CommandClient(deployment)
-    opened = OpenAccount(account_id="acc-gap", owner_id="o", currency="USD")
-    ids = [client.submit(opened), *(client.submit(_deposit(n)) for n in (1, 2, 3))]
-    client.flush()
-    partition = next(
-        p
-        for p in range(deployment.partitions)
-        if list(read_records(deployment, topic, p, 0))
-    )
-    records = [
-        Incoming(topic, partition, r.offset, r.key, r.value, r.headers)
-        for r in read_records(deployment, topic, partition, 0)
-    ]
+    ids, partition, records = _sent(deployment, client, deposits=3)
     assert [r.offset for r in records] == [0, 1, 2, 3]
 
     async def scenario() -> tuple[dict[str, object], list[int]]:
-        catalog = SchemaCatalog.load()
-        codec = Codec(ConfluentRegistry(deployment.schema_registry_url), catalog)
         producer = new_producer(deployment)
         await producer.start()
         try:
-            store = TableStore({}, ACCOUNTS)
-            events = deployment.topics.events("accounts")
-            processor = CommandProcessor(
-                settings=deployment,
-                aggregate=ACCOUNTS,
-                service=CommandService(
-                    aggregate=ACCOUNTS,
-                    store=store,
-                    log=KafkaEventLog(producer, codec, catalog, events),
-                ),
-                store=store,
-                codec=codec,
-                catalog=catalog,
-                results=KafkaResults(producer, codec, deployment.topics.results),
-                producer=producer,
-                events_topic=events,
-            )
+            processor = _processor(deployment, producer)
+            store = processor.store
             await processor.process(records[0])
             # The consumer "skipped" offsets 1 and 2 and hands over offset 3.
             await processor.process(records[3])
@@ -106,3 +123,44 @@ def test_skipped_commands_are_read_back_and_a_stalled_tail_is_probed(
         results = client.wait(ids, timeout=30)
     assert [r.version for r in results] == [1, 2, 3, 4]
     assert all(r.accepted for r in results)
+
+
+def test_a_partition_never_processed_here_starts_at_the_groups_commit(
+    deployment: Settings,
+) -> None:
+    """With no position of its own (a partition new to this table, or a lost
+    table), the group's committed offset is where processing starts: records the
+    consumer dropped before its first delivery are read back, and a partition that
+    delivered nothing at all is probed."""
+    topic = deployment.topics.commands("accounts")
+    client = CommandClient(deployment)
+    ids, partition, records = _sent(deployment, client, deposits=2)
+
+    async def scenario() -> tuple[int | None, int | None, list[int]]:
+        producer = new_producer(deployment)
+        await producer.start()
+        try:
+            idle = _processor(deployment, producer)
+            for _ in range(3):  # nothing ever delivered: stalled at 0 of 3
+                await idle.probe_stalled(topic, {partition: 3})
+            late = _processor(deployment, producer)
+            # The first delivery is offset 2; the group has committed nothing.
+            await late.process(records[2])
+            record = late.store.load("acc-gap")
+            return (
+                record.version if record else None,
+                late.store.next_command(partition),
+                [
+                    r.offset
+                    for r in read_records(deployment, topic, partition, 0)
+                    if any(name == PROBE_HEADER for name, _ in r.headers)
+                ],
+            )
+        finally:
+            await producer.stop()
+
+    version, position, probes = asyncio.run(scenario())
+    assert (version, position, probes) == (3, 3, [3])
+    with client:
+        results = client.wait(ids, timeout=30)
+    assert [r.version for r in results] == [1, 2, 3]
