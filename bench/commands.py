@@ -41,6 +41,7 @@ from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.local import stack
+from app.local.deployments import delete_topics
 from app.local.process import wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
@@ -48,7 +49,6 @@ from bench.common import (
     CpuMeter,
     Outgoing,
     ResultListener,
-    delete_topics,
     isolated,
     new_producer,
     percentile,

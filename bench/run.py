@@ -497,7 +497,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     )
     ax.set_xscale("log")
     # Room on the right for the annotations.
-    ax.set_xlim(min(*ratios, 1.0) / 2, max(*ratios, 1.0) * 400)
+    ax.set_xlim(min([*ratios, 1.0]) / 2, max([*ratios, 1.0]) * 400)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(
         range(len(rows)),

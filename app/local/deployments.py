@@ -72,9 +72,9 @@ def delete_topics(settings: Settings) -> None:
         if name.startswith((settings.topics.prefix, f"{settings.app_id}-"))
     ]
     if names:
-        # Wait only for the broker to accept the deletion (the files go later): an
+        # Wait until the topics are gone from the metadata (their files go later): an
         # admin client dropped before its request is sent deletes nothing.
-        for future in admin.delete_topics(names, operation_timeout=0).values():
+        for future in admin.delete_topics(names, operation_timeout=30).values():
             with contextlib.suppress(KafkaException):
                 future.result(timeout=30)
 
