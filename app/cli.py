@@ -274,8 +274,12 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_soak(settings: Settings, args: argparse.Namespace) -> int:
     """Run a mixed workload with random faults for a while, then audit everything."""
+    import signal
+
     from app import soak
 
+    # SIGTERM unwinds like Ctrl-C, so the soak's worker, broker and deployment go too.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     faults = [f for f in args.faults.split(",") if f] if args.faults else []
     try:
         return soak.run(

@@ -62,10 +62,10 @@ FULL: dict[str, float] = {
 QUICK: dict[str, float] = {
     "commands_timeout": 100,
     "commands_accounts": 100,
-    "commands_backlog": 2500,
+    "commands_backlog": 1000,
     "commands_latency_seconds": 2,
     "e2e_warmup_orders": 10,
-    "e2e_orders": 150,
+    "e2e_orders": 100,
     "e2e_latency_seconds": 1.5,
     "sequential_orders": 1,
     "peer_threads": 4,

@@ -19,8 +19,8 @@ from tests.conftest import free_port
 from tests.invariants import assert_write_side_promises, start_serving
 from tests.reliability.test_worker_crash import ACCOUNTS, _workload
 
-RATE = 400  # commands per second, spread over the whole choreography
-COMMANDS = 8000
+RATE = 200  # commands per second, spread over the whole choreography
+COMMANDS = 4000
 
 
 def _worker(settings: Settings) -> tuple[Daemon, Settings]:
