@@ -3,7 +3,8 @@ that is known to be processing before a test talks to it.
 
 Promise 2: one answer per command (repeats after a crash are the same answer).
 Promise 4: each aggregate's events are versions 1..n, one event per version.
-Promise 5 (write side): every balance the writer recorded equals the fold of the log.
+Promise 5: every balance the writer recorded equals the fold of the log, and so do
+the Postgres read models once the projections have caught up.
 Nothing acknowledged is lost: every accepted event id is in the log.
 """
 
@@ -19,6 +20,7 @@ from app.client import CommandResult
 from app.local.process import Daemon, http_ok, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from tests.readmodels import wait_caught_up
 
 
 def ready_url(settings: Settings) -> str:
@@ -59,24 +61,49 @@ def assert_balances_fold(streams: dict[str, list[dict[str, Any]]]) -> dict[str, 
 
 
 def assert_write_side_promises(
-    settings: Settings, results: Sequence[CommandResult], area: str = "accounts"
-) -> dict[str, list[dict[str, Any]]]:
-    """Every promise above for commands whose results the client has; returns the
-    streams for further checks."""
+    settings: Settings, results: Sequence[CommandResult]
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every promise above, over orders and accounts, for commands whose results the
+    client has; returns each aggregate type's streams for further checks."""
     codec = audit.new_codec(settings)
     logged = audit.results_by_command(settings, codec)
     assert_ok(
         audit.check_answers(settings, logged, codec, [r.command_id for r in results])
     )
-    streams = audit.events_by_aggregate(settings, area, codec)
-    assert_ok(audit.check_streams(streams))
-    if area == "accounts":
-        assert_balances_fold(streams)
+    streams = {
+        area: audit.events_by_aggregate(settings, area, codec)
+        for area in ("orders", "accounts")
+    }
+    for area_streams in streams.values():
+        assert_ok(audit.check_streams(area_streams))
+    assert_balances_fold(streams["accounts"])
     # Nothing acknowledged is lost: the accepted results this client saw included.
     seen = {
         r.command_id: [{"status": "ACCEPTED", "event_ids": list(r.event_ids)}]
         for r in results
         if r.accepted
     }
-    assert_ok(audit.check_acknowledged({**logged, **seen}, [streams]))
+    assert_ok(audit.check_acknowledged({**logged, **seen}, list(streams.values())))
     return streams
+
+
+def assert_read_models_match_the_log(
+    settings: Settings, timeout: float = 120.0
+) -> None:
+    """Promise 5 on the read side, checked while a worker serves: once projections
+    have caught up, the Postgres read models equal a fold of the log. Sagas still
+    in flight append events meanwhile, so the check repeats until it holds or the
+    time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        wait_caught_up(settings, timeout=max(1.0, deadline - time.monotonic()))
+        codec = audit.new_codec(settings)
+        finding = audit.check_read_models(
+            settings,
+            audit.events_by_aggregate(settings, "orders", codec),
+            audit.events_by_aggregate(settings, "accounts", codec),
+        )
+        if finding.ok or time.monotonic() > deadline:
+            assert_ok(finding)
+            return
+        time.sleep(2.0)

@@ -20,7 +20,11 @@ from app.local import deployments
 from app.local.kafka import KafkaNode
 from app.local.process import tail
 from app.settings import Settings
-from tests.invariants import assert_write_side_promises, serving_worker
+from tests.invariants import (
+    assert_read_models_match_the_log,
+    assert_write_side_promises,
+    serving_worker,
+)
 from tests.reliability.test_worker_crash import ACCOUNTS, _workload
 
 RATE = 300  # commands per second: the broker dies with commands in every stage
@@ -74,6 +78,7 @@ def test_broker_sigkill_under_load_loses_nothing(
             raise AssertionError(f"{error}\n{tail(worker.log_file, 40)}") from error
         # The same worker process carried on: it resumed by itself.
         assert worker.pid() == survivor, tail(worker.log_file, 40)
+        assert_read_models_match_the_log(deployment)
 
     assert len(results) == len(work)
     assert_write_side_promises(deployment, results)

@@ -9,14 +9,17 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from typing import Any
 
 from app.client import CommandClient
 from app.local.process import Daemon, tail, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from tests.conftest import free_port
-from tests.invariants import assert_write_side_promises, start_serving
+from tests.invariants import (
+    assert_read_models_match_the_log,
+    assert_write_side_promises,
+    start_serving,
+)
 from tests.reliability.test_worker_crash import ACCOUNTS, _workload
 
 RATE = 200  # commands per second, spread over the whole choreography
@@ -42,7 +45,7 @@ def _assignment(settings: Settings) -> set[tuple[str, int]]:
 def test_partitions_move_under_load_and_every_promise_holds(
     deployment: Settings,
 ) -> None:
-    work = _more(COMMANDS)
+    work = _workload(seed=23, count=COMMANDS)
     first, first_settings = _worker(deployment)
     second, second_settings = _worker(deployment)
     third, third_settings = _worker(deployment)
@@ -95,6 +98,7 @@ def test_partitions_move_under_load_and_every_promise_holds(
                 for w in (first, second, third)
             )
             raise AssertionError(f"{error}\n{logs}") from error
+        assert_read_models_match_the_log(third_settings)
     finally:
         client.close()
         for worker in (first, second, third):
@@ -104,16 +108,3 @@ def test_partitions_move_under_load_and_every_promise_holds(
     assert_write_side_promises(deployment, results)
     outcomes = Counter(r.accepted for r in results)
     assert outcomes[True] > ACCOUNTS and outcomes[False] > 0
-
-
-def _more(count: int) -> list[tuple[str, Any]]:
-    """The crash test's workload, extended with more seeds to ``count`` commands."""
-    work = _workload(seed=23)
-    seed = 24
-    while len(work) < count:
-        work += [
-            (f"{command_id}-{seed}", command)
-            for command_id, command in _workload(seed=seed)[ACCOUNTS:]
-        ]
-        seed += 1
-    return work[:count]
