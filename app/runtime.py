@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -48,6 +49,7 @@ from app.domain import accounts, orders
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.worker")
+T = TypeVar("T")
 
 ORDERS = Aggregate(type=orders.AGGREGATE_TYPE, decider=orders, id_field="order_id")
 ACCOUNTS = Aggregate(
@@ -226,52 +228,32 @@ class CommandProcessor:
         await self._handle(message)
 
     async def _committed(self, topic: str, partition: int) -> int:
-        delay = 0.5
-        while True:
-            try:
-                return await asyncio.to_thread(
-                    committed_offset,
-                    self.settings,
-                    self.settings.app_id,
-                    topic,
-                    partition,
-                )
-            except TRANSIENT as error:
-                log.warning("committed offset lookup failed, retrying: %s", error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        return await _in_thread_retrying(
+            "committed offset lookup",
+            lambda: committed_offset(
+                self.settings, self.settings.app_id, topic, partition
+            ),
+        )
 
     async def _read_back(self, message: Incoming, start: int) -> list[Incoming]:
-        delay = 0.5
-        while True:
-            try:
-                records = await asyncio.to_thread(
-                    lambda: list(
-                        read_records(
-                            self.settings,
-                            message.topic,
-                            message.partition,
-                            start,
-                            message.offset,
-                        )
-                    )
-                )
-            except TRANSIENT as error:
-                log.warning("read-back failed, retrying in %.1fs: %s", delay, error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            return [
-                Incoming(
+        records = await _in_thread_retrying(
+            "read-back",
+            lambda: list(
+                read_records(
+                    self.settings,
                     message.topic,
                     message.partition,
-                    r.offset,
-                    r.key,
-                    r.value,
-                    r.headers,
+                    start,
+                    message.offset,
                 )
-                for r in records
-            ]
+            ),
+        )
+        return [
+            Incoming(
+                message.topic, message.partition, r.offset, r.key, r.value, r.headers
+            )
+            for r in records
+        ]
 
     async def _handle(self, message: Incoming) -> None:
         if not any(name == PROBE_HEADER for name, _ in message.headers):
@@ -444,6 +426,19 @@ class CommandProcessor:
             message.offset,
             reason,
         )
+
+
+async def _in_thread_retrying(what: str, call: Callable[[], T]) -> T:
+    """Run a blocking Kafka read in a thread until it succeeds: a transient failure
+    is retried with backoff, never skipped."""
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(call)
+        except TRANSIENT as error:
+            log.warning("%s failed, retrying in %.1fs: %s", what, delay, error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _key(message: Incoming) -> str:

@@ -86,7 +86,8 @@ def private_broker(
     """A Kafka broker and a schema registry of their own, on free ports, for work that
     kills the broker: it restarts in seconds (it hosts only this work's partitions) and
     nothing else on the machine notices. Removed, data and all, on exit."""
-    home = Path(tempfile.mkdtemp(prefix="broker-", dir=_mkdir(settings.home)))
+    settings.home.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="broker-", dir=settings.home))
     node = KafkaNode(
         home=home,
         cache=settings.cache,
@@ -110,8 +111,3 @@ def private_broker(
         registry.stop()
         node.stop(kill=True)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
