@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
+from app.adapters.rows import KEEP, Rows
 from app.domain import accounts, orders
 
 log = logging.getLogger("streamfold.history")
@@ -72,61 +73,69 @@ def state_schema(cls: type) -> str:
     return hashlib.sha256(json.dumps(shape(cls)).encode()).hexdigest()[:16]
 
 
-def _jsonable(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# Events and states as JSON, with their timestamps as ISO 8601 strings.
+_dumps = functools.partial(json.dumps, default=_json_default)
+
+
+def _jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=_dumps)
 
 
 # -- the index projection ------------------------------------------------------------
 
 
-def index_event(
-    cur: psycopg.Cursor[Any], meta: dict[str, Any], data: dict[str, Any]
-) -> None:
+def index_event(rows: Rows, meta: dict[str, Any], data: dict[str, Any]) -> None:
     source = meta["source"]
     catalog = _catalog()
     metadata = {k: v for k, v in meta.items() if k != "source"}
-    cur.execute(
-        "INSERT INTO event_log (event_id, aggregate_type, aggregate_id, stream_version,"
-        " event_type, record_name, schema_version, data_version, data, metadata, topic,"
-        ' partition, "offset", occurred_at, correlation_id) VALUES'
-        " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT DO NOTHING",
-        (
-            meta["event_id"],
-            meta["aggregate_type"],
-            meta["aggregate_id"],
-            meta["stream_version"],
-            meta["event_type"],
-            source["record_name"],
-            source["writer_version"],
-            catalog.latest_version(source["record_name"]),
-            Jsonb(_jsonable(data)),
-            Jsonb(_jsonable(metadata)),
-            source["topic"],
-            source["partition"],
-            source["offset"],
-            meta["timestamp"],
-            meta["correlation_id"],
-        ),
+    rows.insert(
+        "event_log",
+        {
+            "event_id": meta["event_id"],
+            "aggregate_type": meta["aggregate_type"],
+            "aggregate_id": meta["aggregate_id"],
+            "stream_version": meta["stream_version"],
+            "event_type": meta["event_type"],
+            "record_name": source["record_name"],
+            "schema_version": source["writer_version"],
+            "data_version": catalog.latest_version(source["record_name"]),
+            "data": _jsonb(data),
+            "metadata": _jsonb(metadata),
+            "topic": source["topic"],
+            "partition": source["partition"],
+            "offset": source["offset"],
+            "occurred_at": meta["timestamp"],
+            "correlation_id": meta["correlation_id"],
+        },
     )
     if (
         meta["stream_version"] % SNAPSHOT_EVERY == 0
         and meta["aggregate_type"] in DECIDERS
     ):
         # Every N events the state is folded once and kept, so loading stays short.
-        store = EventStore(cur.connection)
-        state, version = store.state(
-            meta["aggregate_type"], meta["aggregate_id"], version=meta["stream_version"]
+        # After the batch's rows are written: the fold reads this very event.
+        rows.then(
+            functools.partial(
+                _snapshot,
+                meta["aggregate_type"],
+                meta["aggregate_id"],
+                meta["stream_version"],
+            )
         )
-        store.save_snapshot(
-            meta["aggregate_type"], meta["aggregate_id"], version, state, cur=cur
-        )
+
+
+def _snapshot(
+    aggregate_type: str, aggregate_id: str, version: int, cur: psycopg.Cursor[Any]
+) -> None:
+    store = EventStore(cur.connection)
+    state, folded = store.state(aggregate_type, aggregate_id, version=version)
+    store.save_snapshot(aggregate_type, aggregate_id, folded, state, cur=cur)
 
 
 class EventLogProjection:
@@ -135,6 +144,8 @@ class EventLogProjection:
     name = "event_log"
     areas = ("orders", "accounts")
     tables = ("event_log", "snapshots")
+    # A re-emitted event (another id, same stream version) keeps the first one.
+    conflicts = MappingProxyType({"event_log": KEEP})
     handlers = MappingProxyType({"*": index_event})
 
 
@@ -309,6 +320,6 @@ class EventStore:
                 aggregate_id,
                 version,
                 state_schema(type(state)),
-                Jsonb(_jsonable(mapper.to_dict(state))),
+                _jsonb(mapper.to_dict(state)),
             ),
         )

@@ -22,6 +22,7 @@ from app.adapters.migrations import migrate
 from app.adapters.topics import ensure_topics
 from app.application.commands import CommandService
 from app.faust_app import create_app
+from app.projections.engine import tune_gc
 from app.readside import ReadSide
 from app.runtime import (
     AGGREGATES,
@@ -168,6 +169,7 @@ def run(settings: Settings) -> None:
     migrate(settings.database_url)
     worker = build(settings)
     worker.app.finalize()
+    tune_gc()
     if worker.read is not None:
         worker.read.start()
     from faust.worker import Worker as FaustWorker

@@ -23,7 +23,7 @@ from psycopg import sql
 from app.adapters.codec import Codec
 from app.domain import orders
 from app.history import EventLogProjection
-from app.projections.engine import Projection, ProjectionRunner
+from app.projections.engine import Projection, ProjectionRunner, tune_gc
 from app.projections.orders import OrdersProjection
 from app.settings import Settings
 from bench.harness import (
@@ -50,6 +50,7 @@ def replay(
     highs = high_watermarks(settings, topic)
     events = sum(highs.values())
     runner = ProjectionRunner(settings, projection, codec)
+    tune_gc()  # as the worker and `streamfold replay` do
     began = time.monotonic()
     runner.start()
     positions = runner.status.positions
@@ -58,9 +59,10 @@ def replay(
             _check(runner, began, 60, "partition assignment")
             time.sleep(0.002)
         assigned = time.monotonic()
-        while any(positions.get((topic, p), 0) < high for p, high in highs.items()):
-            _check(runner, began, 900, "the replay")
-            time.sleep(0.002)
+        for partition, high in highs.items():
+            # Blocks on the runner's progress instead of polling beside it.
+            while high and not runner.wait_for(topic, partition, high - 1, 1.0):
+                _check(runner, began, 900, "the replay")
         done = time.monotonic()
     finally:
         runner.stop()

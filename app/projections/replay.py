@@ -73,6 +73,7 @@ from app.projections.engine import (
     source_topics,
     stored_positions,
     switch_lock,
+    tune_gc,
 )
 from app.settings import Settings
 
@@ -125,6 +126,7 @@ def main(settings: Settings, name: str, *, in_place: bool = False) -> int:
         )
     migrate(settings.database_url)
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
+    tune_gc()
     try:
         done = replay(settings, PROJECTIONS[name], codec, in_place=in_place)
     except (
