@@ -251,7 +251,12 @@ def _cluster_id() -> str:
     # Kafka wants a base64url-encoded 16-byte UUID, as `kafka-storage random-uuid` prints.
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # One id in 64 starts with "-", which the tool reads as an option; Kafka's own
+        # Uuid.randomUuid() draws again for the same reason.
+        if not cluster.startswith("-"):
+            return cluster
 
 
 def _silent_logger() -> object:
