@@ -6,6 +6,7 @@ rule and every error path lives in ``app.runtime`` and the domain.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import faust
@@ -15,7 +16,10 @@ from app.runtime import CommandProcessor, Incoming
 
 def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -> Any:
     async def process_commands(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        # Acked once handled, not when the next one arrives: commands are handled
+        # concurrently, and Faust's rebalance waits for what is unacked.
+        commands = stream.noack()
+        async for event in commands.events():
             message = event.message
             await processor.process(
                 Incoming(
@@ -25,7 +29,8 @@ def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -
                     key=message.key,
                     value=message.value,
                     headers=list(message.headers or []),
-                )
+                ),
+                functools.partial(commands.ack, event),
             )
 
     name = f"{processor.aggregate.type}-commands"
