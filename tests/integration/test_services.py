@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -18,12 +19,24 @@ from app.local.kafka import KafkaNode
 from app.settings import Settings
 from tests.conftest import fresh_settings
 
+_CREATED: list[str] = []
+
 
 def _topic(kafka: KafkaNode, partitions: int = 1) -> str:
     name = f"roundtrip-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
     admin.create_topics([NewTopic(name, partitions, 1)])[name].result(timeout=30)
+    _CREATED.append(name)
     return name
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _delete_created(kafka: KafkaNode) -> Iterator[None]:
+    yield
+    if _CREATED:
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        for future in admin.delete_topics(_CREATED, operation_timeout=30).values():
+            future.result(timeout=30)
 
 
 def test_confluent_kafka_round_trip(kafka: KafkaNode) -> None:
