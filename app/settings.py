@@ -79,6 +79,7 @@ class Settings:
     # Commands of one partition in flight at once (those of one aggregate in order).
     command_concurrency: int = 64
     command_timeout_s: float = 10.0
+    log_level: str = "warning"  # the worker's
     session_timeout_s: float = 10.0
     query_wait_s: float = 2.0
     projections: tuple[str, ...] | None = None
@@ -148,6 +149,11 @@ class Settings:
                 "STREAMFOLD_COMMAND_TIMEOUT",
                 _float_between(0.1, 3600),
                 default.command_timeout_s,
+            ),
+            log_level=get(
+                "STREAMFOLD_LOG_LEVEL",
+                lambda name, raw: _one_of(*LOG_LEVELS)(name, raw.lower()),
+                default.log_level,
             ),
             session_timeout_s=get(
                 "STREAMFOLD_SESSION_TIMEOUT",
@@ -221,6 +227,7 @@ class Settings:
             "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
             "STREAMFOLD_COMMAND_CONCURRENCY": str(self.command_concurrency),
             "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
+            "STREAMFOLD_LOG_LEVEL": self.log_level,
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
             "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),
             "STREAMFOLD_REGISTRY_HOST": self.registry_host,
@@ -361,6 +368,9 @@ def _float_between(low: float, high: float) -> Callable[[str, str], float]:
         return value
 
     return parse
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _one_of(*choices: str) -> Callable[[str, str], str]:

@@ -177,8 +177,7 @@ def run(settings: Settings) -> None:
         worker.read.start()
     from faust.worker import Worker as FaustWorker
 
-    level = os.environ.get("STREAMFOLD_LOG_LEVEL", "warning").lower()
-    faust_worker = FaustWorker(worker.app, loglevel=level, quiet=True)
+    faust_worker = FaustWorker(worker.app, loglevel=settings.log_level, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that every record
     # spins it (faust/worker.py, _setup_spinner_handler): every debug call in Faust
     # and aiokafka then builds a record only for the handler to drop it.

@@ -94,3 +94,12 @@ def test_as_env_round_trips() -> None:
         {"STREAMFOLD_TOPIC_PREFIX": "x.", "STREAMFOLD_PARTITIONS": "3"}
     )
     assert Settings.from_env(settings.as_env()) == settings
+
+
+def test_the_log_level_is_checked_and_passed_on() -> None:
+    assert Settings.from_env({}).log_level == "warning"
+    settings = Settings.from_env({"STREAMFOLD_LOG_LEVEL": "INFO"})
+    assert settings.log_level == "info"
+    assert settings.as_env()["STREAMFOLD_LOG_LEVEL"] == "info"
+    with pytest.raises(SettingsError, match=r"STREAMFOLD_LOG_LEVEL.*loud"):
+        Settings.from_env({"STREAMFOLD_LOG_LEVEL": "loud"})
