@@ -491,7 +491,7 @@ class CommandProcessor:
         """Decide and append; move the partition's event position once no append
         is in flight (an event before it is then always in the state)."""
         flight = self._flights.get(partition)
-        if flight is None:  # not dispatched (a test calling in directly)
+        if flight is None:  # forgotten by a rebalance while this command ran
             flight = _Flight(next=0, appended=self.store.next_offset(partition))
         flight.appending += 1
         try:
