@@ -31,7 +31,6 @@ def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -
                     headers=list(message.headers or []),
                 ),
                 functools.partial(commands.ack, event),
-                keep=event,
             )
 
     name = f"{processor.aggregate.type}-commands"

@@ -17,6 +17,7 @@ tail was skipped gets no later message to show it; ``probe_stalled`` sends one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -236,16 +237,11 @@ class CommandProcessor:
             await asyncio.wait(running)
 
     async def process(
-        self,
-        message: Incoming,
-        done: Callable[[], Awaitable[Any]] | None = None,
-        keep: Any = None,
+        self, message: Incoming, done: Callable[[], Awaitable[Any]] | None = None
     ) -> None:
         """Start handling one message, first any skipped before it (see the module
         doc); ``done`` is awaited once it has been handled. Returns as soon as the
-        message is in flight, or once the partition has room for it. ``keep`` is
-        held until then: Faust's tables find the partition they write to through
-        a weak reference to the event being processed."""
+        message is in flight, or once the partition has room for it."""
         partition = message.partition
         flight = self._flights.get(partition)
         if flight is None:
@@ -268,8 +264,8 @@ class CommandProcessor:
                 flight.next,
             )
             for skipped in missed:
-                await self._dispatch(flight, skipped, None, keep)
-        await self._dispatch(flight, message, done, keep)
+                await self._dispatch(flight, skipped, None)
+        await self._dispatch(flight, message, done)
 
     async def _catch_up(self, partition: int) -> None:
         if partition not in self.caught_up:
@@ -280,53 +276,51 @@ class CommandProcessor:
         flight: _Flight,
         message: Incoming,
         done: Callable[[], Awaitable[Any]] | None,
-        keep: Any,
     ) -> None:
         while len(flight.running) >= self.settings.command_concurrency:
             await asyncio.wait(flight.running, return_when=asyncio.FIRST_COMPLETED)
         # Keyed by the message key, which must be the aggregate id (``_process``
         # rejects any other): one aggregate's commands run one after another.
         before = flight.tails.get(message.key)
-        task = asyncio.ensure_future(self._run(flight, message, before, done, keep))
+        task = asyncio.ensure_future(self._run(message, before, done))
         flight.running[task] = message.offset
         flight.tails[message.key] = task
         flight.next = max(flight.next, message.offset + 1)
+        task.add_done_callback(functools.partial(self._landed, flight, message))
 
     async def _run(
         self,
-        flight: _Flight,
         message: Incoming,
         before: asyncio.Future[None] | None,
         done: Callable[[], Awaitable[Any]] | None,
-        keep: Any,
     ) -> None:
-        handled = False
         try:
             if before is not None:
                 await asyncio.wait([before])
             await self._handle(message)
-            handled = True
         finally:
-            self._landed(flight, message, handled)
-            # Acked even if unhandled: the position stays before it, so a restart
-            # reads it back; an unacked one would hold up Faust's commit and every
-            # rebalance.
+            # Acked even if unhandled: the position (``_landed``) stays before it,
+            # so a restart reads it back; an unacked one would hold up Faust's
+            # commit and every rebalance.
             if done is not None:
                 await done()
-            del keep
 
-    def _landed(self, flight: _Flight, message: Incoming, handled: bool) -> None:
-        task = asyncio.current_task()
-        flight.running.pop(task, None)  # type: ignore[arg-type]
+    def _landed(
+        self, flight: _Flight, message: Incoming, task: asyncio.Future[None]
+    ) -> None:
+        flight.running.pop(task, None)
         if flight.tails.get(message.key) is task:
             del flight.tails[message.key]
-        if not handled:
-            log.error(
-                "%s[%d]@%d was not handled; a restart reads it back",
-                message.topic,
-                message.partition,
-                message.offset,
-            )
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.error(
+                    "%s[%d]@%d was not handled: %r",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    task.exception(),
+                )
+            # Never marked handled: a restart reads it back.
             if flight.unfinished is None or message.offset < flight.unfinished:
                 flight.unfinished = message.offset
         self.store.set_next_command(message.partition, flight.position())
