@@ -6,7 +6,6 @@ rule and every error path lives in ``app.runtime`` and the domain.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import faust
@@ -16,10 +15,7 @@ from app.runtime import CommandProcessor, Incoming
 
 def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -> Any:
     async def process_commands(stream: faust.StreamT) -> None:
-        # Acked once handled, not when the next one arrives: commands are handled
-        # concurrently, and Faust's rebalance waits for what is unacked.
-        commands = stream.noack()
-        async for event in commands.events():
+        async for event in stream.events():
             message = event.message
             await processor.process(
                 Incoming(
@@ -29,8 +25,7 @@ def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -
                     key=message.key,
                     value=message.value,
                     headers=list(message.headers or []),
-                ),
-                functools.partial(commands.ack, event),
+                )
             )
 
     name = f"{processor.aggregate.type}-commands"

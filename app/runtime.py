@@ -17,9 +17,8 @@ tail was skipped gets no later message to show it; ``probe_stalled`` sends one.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, TypeVar
@@ -185,27 +184,6 @@ def envelope_from_record(record: dict[str, Any]) -> Envelope:
 
 
 @dataclass(slots=True)
-class _Flight:
-    """One partition's commands in flight: concurrent across aggregates, in order
-    within one (commands of one aggregate share its key)."""
-
-    next: int  # the offset the consumer should deliver next
-    running: dict[asyncio.Future[None], int] = field(default_factory=dict)
-    tails: dict[bytes | None, asyncio.Future[None]] = field(default_factory=dict)
-    # The lowest offset whose handling did not finish (cancelled at shutdown).
-    unfinished: int | None = None
-    appending: int = 0  # appends sent and not yet reflected in the state
-    appended: int = 0  # the event offset after the last append acknowledged
-
-    def position(self) -> int:
-        """The offset before which every command has been handled."""
-        return min(
-            [self.next, *self.running.values()]
-            + ([] if self.unfinished is None else [self.unfinished])
-        )
-
-
-@dataclass(slots=True)
 class CommandProcessor:
     """One aggregate type's command pipeline inside the worker."""
 
@@ -222,108 +200,32 @@ class CommandProcessor:
     # Per partition: the position last seen by ``probe_stalled``, and the one probed.
     _seen: dict[int, int] = field(default_factory=dict)
     _probed: dict[int, int] = field(default_factory=dict)
-    _flights: dict[int, _Flight] = field(default_factory=dict)
 
     def forget_partitions(self) -> None:
-        """After a rebalance, re-read the log tail before trusting the table again
-        (call ``drain`` first: nothing of the old assignment may still run)."""
+        """After a rebalance, re-read the log tail before trusting the table again."""
         self.caught_up.clear()
-        self._flights.clear()
 
-    async def drain(self) -> None:
-        """Wait until every command in flight has been handled."""
-        running = [f for flight in self._flights.values() for f in flight.running]
-        if running:
-            await asyncio.wait(running)
-
-    async def process(
-        self, message: Incoming, done: Callable[[], Awaitable[Any]] | None = None
-    ) -> None:
-        """Start handling one message, first any skipped before it (see the module
-        doc); ``done`` is awaited once it has been handled. Returns as soon as the
-        message is in flight, or once the partition has room for it."""
-        partition = message.partition
-        flight = self._flights.get(partition)
-        if flight is None:
-            expected = self.store.next_command(partition)
-            if expected is None:
-                # Nothing processed here yet, or the table was lost: the group's
-                # committed offset is where this partition's work starts.
-                expected = await self._committed(message.topic, partition)
-            flight = self._flights[partition] = _Flight(next=expected)
-        await _retrying(f"catch-up of partition {partition}", self._catch_up, partition)
-        if message.offset > flight.next:
-            missed = await self._read_back(message, flight.next)
+    async def process(self, message: Incoming) -> None:
+        """Handle one message, first any skipped before it (see the module doc)."""
+        expected = self.store.next_command(message.partition)
+        if expected is None:
+            # Nothing processed here yet, or the table was lost: the group's
+            # committed offset is where this partition's work starts.
+            expected = await self._committed(message.topic, message.partition)
+        if message.offset > expected:
+            missed = await self._read_back(message, expected)
             log.warning(
                 "%s[%d]: %d message(s) from offset %d not marked processed here "
                 "(skipped by the consumer, or their mark was lost); processing them "
                 "from the log",
                 message.topic,
-                partition,
+                message.partition,
                 len(missed),
-                flight.next,
+                expected,
             )
             for skipped in missed:
-                await self._dispatch(flight, skipped, None)
-        await self._dispatch(flight, message, done)
-
-    async def _catch_up(self, partition: int) -> None:
-        if partition not in self.caught_up:
-            await self.catch_up(partition)
-
-    async def _dispatch(
-        self,
-        flight: _Flight,
-        message: Incoming,
-        done: Callable[[], Awaitable[Any]] | None,
-    ) -> None:
-        while len(flight.running) >= self.settings.command_concurrency:
-            await asyncio.wait(flight.running, return_when=asyncio.FIRST_COMPLETED)
-        # Keyed by the message key, which must be the aggregate id (``_process``
-        # rejects any other): one aggregate's commands run one after another.
-        before = flight.tails.get(message.key)
-        task = asyncio.ensure_future(self._run(message, before, done))
-        flight.running[task] = message.offset
-        flight.tails[message.key] = task
-        flight.next = max(flight.next, message.offset + 1)
-        task.add_done_callback(functools.partial(self._landed, flight, message))
-
-    async def _run(
-        self,
-        message: Incoming,
-        before: asyncio.Future[None] | None,
-        done: Callable[[], Awaitable[Any]] | None,
-    ) -> None:
-        try:
-            if before is not None:
-                await asyncio.wait([before])
-            await self._handle(message)
-        finally:
-            # Acked even if unhandled: the position (``_landed``) stays before it,
-            # so a restart reads it back; an unacked one would hold up Faust's
-            # commit and every rebalance.
-            if done is not None:
-                await done()
-
-    def _landed(
-        self, flight: _Flight, message: Incoming, task: asyncio.Future[None]
-    ) -> None:
-        flight.running.pop(task, None)
-        if flight.tails.get(message.key) is task:
-            del flight.tails[message.key]
-        if task.cancelled() or task.exception() is not None:
-            if not task.cancelled():
-                log.error(
-                    "%s[%d]@%d was not handled: %r",
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    task.exception(),
-                )
-            # Never marked handled: a restart reads it back.
-            if flight.unfinished is None or message.offset < flight.unfinished:
-                flight.unfinished = message.offset
-        self.store.set_next_command(message.partition, flight.position())
+                await self._handle(skipped)
+        await self._handle(message)
 
     async def _committed(self, topic: str, partition: int) -> int:
         return await _in_thread_retrying(
@@ -356,6 +258,7 @@ class CommandProcessor:
     async def _handle(self, message: Incoming) -> None:
         if not any(name == PROBE_HEADER for name, _ in message.headers):
             await self._handle_command(message)
+        self.store.set_next_command(message.partition, message.offset + 1)
 
     async def probe_stalled(self, topic: str, highwaters: dict[int, int]) -> None:
         """Send a probe to each partition of ``topic`` (partition -> high watermark,
@@ -417,6 +320,8 @@ class CommandProcessor:
                 return
 
     async def _process(self, message: Incoming) -> None:
+        if message.partition not in self.caught_up:
+            await self.catch_up(message.partition)
         value = message.value
         if value is None:
             await self.dead_letter(message, "empty message (no value)")
@@ -462,41 +367,10 @@ class CommandProcessor:
             )
             await self.results.publish(result)
             return
-        aggregate_id = self.aggregate.aggregate_id(command)
-        if message.key != aggregate_id.encode():
-            result = Result.rejected(
-                envelope,
-                self.aggregate,
-                aggregate_id,
-                "Misrouted",
-                f"the message key must be the {self.aggregate.type} id "
-                f"{aggregate_id!r}, so that all its commands meet on one partition "
-                f"(it was {_key(message)!r})",
-                "key",
-            )
-            await self.results.publish(result)
-            return
-        result = await self._execute(message.partition, envelope, command)
+        result = await self.service.execute(message.partition, envelope, command)
+        if result.accepted and result.position is not None:
+            self.store.set_next_offset(message.partition, result.position.offset + 1)
         await self.results.publish(result)
-
-    async def _execute(
-        self, partition: int, envelope: Envelope, command: Any
-    ) -> Result:
-        """Decide and append; move the partition's event position once no append
-        is in flight (an event before it is then always in the state)."""
-        flight = self._flights.get(partition)
-        if flight is None:  # forgotten by a rebalance while this command ran
-            flight = _Flight(next=0, appended=self.store.next_offset(partition))
-        flight.appending += 1
-        try:
-            result = await self.service.execute(partition, envelope, command)
-            if result.accepted and result.position is not None:
-                flight.appended = max(flight.appended, result.position.offset + 1)
-        finally:
-            flight.appending -= 1
-        if flight.appending == 0:
-            self.store.set_next_offset(partition, flight.appended)
-        return result
 
     async def catch_up(self, partition: int) -> None:
         """Fold whatever the log holds beyond what the table reflects (after a crash,
@@ -555,17 +429,12 @@ class CommandProcessor:
 
 
 async def _in_thread_retrying(what: str, call: Callable[[], T]) -> T:
-    """Run a blocking Kafka read in a thread until it succeeds."""
-    return await _retrying(what, asyncio.to_thread, call)
-
-
-async def _retrying(what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Await ``call(*args)`` until it succeeds: a transient failure is retried with
-    backoff, never skipped."""
+    """Run a blocking Kafka read in a thread until it succeeds: a transient failure
+    is retried with backoff, never skipped."""
     delay = 0.5
     while True:
         try:
-            return await call(*args)
+            return await asyncio.to_thread(call)
         except TRANSIENT as error:
             log.warning("%s failed, retrying in %.1fs: %s", what, delay, error)
             await asyncio.sleep(delay)

@@ -76,8 +76,6 @@ class Settings:
     registry_port: int = 8081
     store: str = "rocksdb"
     max_message_bytes: int = 1_048_576
-    # Commands of one partition in flight at once (those of one aggregate in order).
-    command_concurrency: int = 64
     command_timeout_s: float = 10.0
     log_level: str = "warning"  # the worker's
     session_timeout_s: float = 10.0
@@ -139,11 +137,6 @@ class Settings:
                 "STREAMFOLD_MAX_MESSAGE_BYTES",
                 _int_between(1024, 100 * 1_048_576),
                 default.max_message_bytes,
-            ),
-            command_concurrency=get(
-                "STREAMFOLD_COMMAND_CONCURRENCY",
-                _int_between(1, 10_000),
-                default.command_concurrency,
             ),
             command_timeout_s=get(
                 "STREAMFOLD_COMMAND_TIMEOUT",
@@ -225,7 +218,6 @@ class Settings:
             "STREAMFOLD_REGISTRY_PORT": str(self.registry_port),
             "STREAMFOLD_STORE": self.store,
             "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
-            "STREAMFOLD_COMMAND_CONCURRENCY": str(self.command_concurrency),
             "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
             "STREAMFOLD_LOG_LEVEL": self.log_level,
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),

@@ -136,9 +136,6 @@ def build(settings: Settings) -> Worker:
     @app.on_partitions_revoked.connect
     async def _revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         for processor in worker.processors.values():
-            # Commands read back from the log are in flight without a Faust message
-            # that the rebalance would wait for.
-            await processor.drain()
             processor.forget_partitions()
 
     @app.on_partitions_assigned.connect

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import UTC, datetime
 
 from confluent_kafka import Producer
 
-from app.adapters.saga_io import frame_command
 from app.client import CommandClient
 from app.domain.accounts import CloseAccount, Deposit, OpenAccount, Withdraw
 from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
@@ -264,42 +262,3 @@ def test_invalid_values_are_rejected_naming_the_field(deployment: Settings) -> N
     assert (negative.code, negative.field) == ("Validation", "amount_minor")
     results = results_by_command(deployment)
     assert len(results) == 5
-
-
-def test_a_command_keyed_other_than_its_aggregate_is_rejected_naming_the_key(
-    deployment: Settings,
-) -> None:
-    """Commands of one aggregate must meet on one partition, in one order: the key
-    is the aggregate id. Anything else is refused, and nothing is written."""
-    account = _id("acc")
-    with running_worker(deployment), CommandClient(deployment) as client:
-        framed = frame_command(
-            deployment,
-            client.codec,
-            OpenAccount(account_id=account, owner_id="c-1", currency="EUR"),
-            {
-                "command_id": "misrouted-1",
-                "correlation_id": "misrouted-1",
-                "causation_id": "misrouted-1",
-                "user_id": None,
-                "issued_at": datetime.now(UTC),
-                "expected_version": None,
-            },
-        )
-        client._listen()
-        producer = Producer(deployment.producer_config())
-        for key in (b"someone-else", None):
-            producer.produce(
-                framed.topic, framed.value, key=key, headers=framed.headers
-            )
-        assert producer.flush(30) == 0
-        (refused,) = client.wait(["misrouted-1"])
-        opened = client.send(
-            OpenAccount(account_id=account, owner_id="c-1", currency="EUR")
-        )
-    assert not refused.accepted
-    assert refused.code == "Misrouted"
-    assert refused.field == "key"
-    assert account in (refused.message or "")
-    assert opened.accepted
-    assert opened.version == 1  # the refused ones wrote nothing
