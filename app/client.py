@@ -188,7 +188,12 @@ class CommandClient:
                     f"no result for {len(missing)} command(s) within the timeout, "
                     f"e.g. {sorted(missing)[0]}"
                 )
-            for message in consumer.consume(500, min(remaining, 0.5)):
+            # ``consume`` waits out its whole timeout unless the batch fills, so
+            # wait for one result, then take what else has arrived.
+            first = consumer.poll(min(remaining, 0.5))
+            if first is None:
+                continue
+            for message in [first, *consumer.consume(500, 0)]:
                 if message.error():
                     raise KafkaException(message.error())
                 result = CommandResult.from_record(
