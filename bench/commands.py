@@ -440,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     base = Settings.from_env()
     run = run_id()
     rows: list[dict[str, Any]] = []
+    # Up with the shared settings: a registry started here serves every deployment
+    # (subjects carry the topic prefix) from the shared schemas topic, which the
+    # clean-up of an isolated deployment's topics leaves alone.
+    stack.up(base, say=lambda line: None)
     for partitions in args.partitions:
         settings = isolated(base, partitions, run)
-        stack.up(settings, say=lambda line: None)
         broker_pid = stack.kafka_node(settings).daemon.pid()
         if broker_pid is None:
             raise SystemExit("the local broker is not running (app.local.stack.up)")
