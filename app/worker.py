@@ -17,9 +17,10 @@ from agents import views as view_agents
 from app import readside
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
-from app.adapters.eventlog import new_producer
+from app.adapters.eventlog import KafkaEventLog, KafkaResults, new_producer
 from app.adapters.migrations import migrate
 from app.adapters.topics import ensure_topics
+from app.application.commands import CommandService
 from app.faust_app import create_app
 from app.projections.engine import tune_gc
 from app.readside import ReadSide
@@ -84,24 +85,25 @@ def build(settings: Settings) -> Worker:
             partitions=settings.partitions,
             key_type=str,
         )
-        answers = app.Table(
-            f"{aggregate.type}-answers",
-            partitions=settings.partitions,
-            key_type=str,
-        )
-        commands_topic = settings.topics.commands(name)
-        store = TableStore(table, answers, aggregate, commands_topic)
+        store = TableStore(table, aggregate)
+        events_topic = settings.topics.events(name)
         processor = CommandProcessor(
             settings=settings,
             aggregate=aggregate,
+            service=CommandService(
+                aggregate=aggregate,
+                store=store,
+                log=KafkaEventLog(producer, codec, catalog, events_topic),  # type: ignore[arg-type]
+            ),
             store=store,
             codec=codec,
             catalog=catalog,
+            results=KafkaResults(producer, codec, settings.topics.results),  # type: ignore[arg-type]
             producer=producer,  # type: ignore[arg-type]
-            events_topic=settings.topics.events(name),
+            events_topic=events_topic,
         )
         topic = app.topic(
-            commands_topic,
+            settings.topics.commands(name),
             partitions=settings.partitions,
             key_serializer="raw",
             value_serializer="raw",
