@@ -18,6 +18,7 @@ from datetime import datetime
 from types import MappingProxyType, ModuleType
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -73,14 +74,9 @@ def state_schema(cls: type) -> str:
     return hashlib.sha256(json.dumps(shape(cls)).encode()).hexdigest()[:16]
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-# Events and states as JSON, with their timestamps as ISO 8601 strings.
-_dumps = functools.partial(json.dumps, default=_json_default)
+# Events and states as JSON, with their timestamps as ISO 8601 strings (orjson writes
+# a datetime as ``isoformat()`` does). A value JSON has no form for raises TypeError.
+_dumps = functools.partial(orjson.dumps, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _jsonb(value: Any) -> Jsonb:
