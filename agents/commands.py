@@ -1,7 +1,9 @@
 """Command agents: one per aggregate type, the single writer for its partitions.
 
-Thin by design: turn the Faust event into an ``Incoming`` and hand it over; every
-rule and every error path lives in ``app.runtime`` and the domain.
+Thin by design: take the Faust events in batches, turn them into ``Incoming`` and
+hand them over; every rule and every error path lives in ``app.runtime`` and the
+domain. Faust acks a batch's events only once ``process_batch`` has returned, that
+is once they are durable, answered and marked processed.
 """
 
 from __future__ import annotations
@@ -12,20 +14,27 @@ import faust
 
 from app.runtime import CommandProcessor, Incoming
 
+# How long a batch waits to fill up once it has a first command.
+BATCH_WAIT_S = 0.005
+
 
 def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -> Any:
+    batch = processor.settings.command_batch
+
     async def process_commands(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            message = event.message
-            await processor.process(
-                Incoming(
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=message.key,
-                    value=message.value,
-                    headers=list(message.headers or []),
-                )
+        async for events in stream.take_events(batch, within=BATCH_WAIT_S):
+            await processor.process_batch(
+                [
+                    Incoming(
+                        topic=event.message.topic,
+                        partition=event.message.partition,
+                        offset=event.message.offset,
+                        key=event.message.key,
+                        value=event.message.value,
+                        headers=list(event.message.headers or []),
+                    )
+                    for event in events
+                ]
             )
 
     name = f"{processor.aggregate.type}-commands"

@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from confluent_kafka import KafkaException
+from faust.streams import _current_event
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import (
     AppendFailed,
+    KafkaEventLog,
     KafkaResults,
     committed_offset,
     read_partition,
@@ -40,6 +45,7 @@ from app.adapters.eventlog import (
 from app.application.commands import (
     Aggregate,
     CommandService,
+    Decision,
     Envelope,
     Position,
     Record,
@@ -82,53 +88,95 @@ class Incoming:
     headers: list[tuple[str, bytes]]
 
 
-class TableStore:
-    """The aggregate store over a Faust table (or any mutable mapping), in JSON."""
+class _PartitionEvent:
+    """What Faust's table and RocksDB store read from the current event: the
+    partition a key lives in (its changelog partition and local database) and the
+    source topic. Faust sets the current event while an agent iterates one event at
+    a time; the command agent takes a batch across partitions and saves once the
+    batch is durable, so it names each write's partition itself."""
 
-    def __init__(self, table: Any, aggregate: Aggregate) -> None:
+    __slots__ = ("__weakref__", "message")
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self.message = SimpleNamespace(topic=topic, partition=partition)
+
+
+class TableStore:
+    """The aggregate store over two Faust tables (or any mutable mappings), in JSON:
+    records by aggregate id, and the answer to every command decided, by command id.
+    Reads and writes happen inside ``partition(p)``: a Faust table keeps each key in
+    the partition of the commands that own it."""
+
+    def __init__(
+        self, table: Any, answers: Any, aggregate: Aggregate, topic: str = ""
+    ) -> None:
         self.table = table
+        self.answers = answers
+        self.topic = topic
         self.state_type = type(aggregate.initial_state())
+        self._events: dict[int, _PartitionEvent] = {}
+
+    @contextmanager
+    def partition(self, partition: int) -> Iterator[None]:
+        event = self._events.get(partition)
+        if event is None:
+            event = self._events[partition] = _PartitionEvent(self.topic, partition)
+        token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            _current_event.reset(token)
 
     def load(self, aggregate_id: str) -> Record | None:
         raw = self.table.get(aggregate_id)
-        return None if raw is None else record_from_json(raw, self.state_type)
+        if raw is None:
+            return None
+        # Records written before the answers table kept their last answers inside.
+        for kept in raw.get("recent", ()):
+            if self.answers.get(kept["command_id"]) is None:
+                self.answers[kept["command_id"]] = kept
+        return record_from_json(raw, self.state_type)
 
     def save(self, aggregate_id: str, record: Record) -> None:
         self.table[aggregate_id] = record_to_json(record)
 
+    def answer(self, command_id: str) -> Result | None:
+        raw = self.answers.get(command_id)
+        return None if raw is None else result_from_json(raw)
+
+    def remember(self, result: Result) -> None:
+        self.answers[result.command_id] = result_to_json(result)
+
     def next_offset(self, partition: int) -> int:
-        return int(self.table.get(POSITION_KEY.format(partition=partition)) or 0)
+        with self.partition(partition):
+            return int(self.table.get(POSITION_KEY.format(partition=partition)) or 0)
 
     def set_next_offset(self, partition: int, offset: int) -> None:
         # Only forward: a repeated command answers with an old position.
         if offset > self.next_offset(partition):
-            self.table[POSITION_KEY.format(partition=partition)] = offset
+            with self.partition(partition):
+                self.table[POSITION_KEY.format(partition=partition)] = offset
 
     def next_command(self, partition: int) -> int | None:
         """The next command offset not yet processed; None before the first."""
-        raw = self.table.get(COMMANDS_KEY.format(partition=partition))
+        with self.partition(partition):
+            raw = self.table.get(COMMANDS_KEY.format(partition=partition))
         return None if raw is None else int(raw)
 
     def set_next_command(self, partition: int, offset: int) -> None:
         current = self.next_command(partition)
         if current is None or offset > current:
-            self.table[COMMANDS_KEY.format(partition=partition)] = offset
+            with self.partition(partition):
+                self.table[COMMANDS_KEY.format(partition=partition)] = offset
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
-    return {
-        "state": mapper.to_dict(record.state),
-        "version": record.version,
-        "recent": [result_to_json(r) for r in record.recent.values()],
-    }
+    return {"state": mapper.to_dict(record.state), "version": record.version}
 
 
 def record_from_json(raw: dict[str, Any], state_type: type) -> Record:
-    recent = [result_from_json(r) for r in raw["recent"]]
     return Record(
-        state=mapper.from_dict(state_type, raw["state"]),
-        version=raw["version"],
-        recent={r.command_id: r for r in recent},
+        state=mapper.from_dict(state_type, raw["state"]), version=raw["version"]
     )
 
 
@@ -184,34 +232,105 @@ def envelope_from_record(record: dict[str, Any]) -> Envelope:
 
 
 @dataclass(slots=True)
+class _Batch:
+    """Commands taken but not yet durable. Their events and dead letters are on the
+    way to the broker; nothing of them is saved, answered or marked processed until
+    the broker has acknowledged every one (``CommandProcessor._flush``). At most one
+    command per aggregate and per command id: the next one waits for the flush, so
+    it decides on a durable state (or finds the answer), and an aggregate's appends
+    are never in flight together."""
+
+    decided: list[tuple[int, Decision, Awaitable[list[Position]] | None]] = field(
+        default_factory=list
+    )
+    # ("aggregate", id) and ("command", id) of the commands decided.
+    keys: set[tuple[str, str]] = field(default_factory=set)
+    answers: list[Result] = field(default_factory=list)
+    dead_letters: list[Awaitable[Any]] = field(default_factory=list)
+    # Per partition, the offset after the last message taken.
+    marks: dict[int, int] = field(default_factory=dict)
+
+    def pending(self) -> list[Awaitable[Any]]:
+        return [d for _, _, d in self.decided if d is not None] + self.dead_letters
+
+
+@dataclass(slots=True)
 class CommandProcessor:
     """One aggregate type's command pipeline inside the worker."""
 
     settings: Settings
     aggregate: Aggregate
-    service: CommandService
     store: TableStore
     codec: Codec
     catalog: SchemaCatalog
-    results: KafkaResults
     producer: AIOKafkaProducer
     events_topic: str
+    service: CommandService = field(init=False)
+    log: KafkaEventLog = field(init=False)
+    results: KafkaResults = field(init=False)
     caught_up: set[int] = field(default_factory=set)
     # Per partition: the position last seen by ``probe_stalled``, and the one probed.
     _seen: dict[int, int] = field(default_factory=dict)
     _probed: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.service = CommandService(aggregate=self.aggregate, store=self.store)
+        self.log = KafkaEventLog(
+            self.producer, self.codec, self.catalog, self.events_topic
+        )
+        self.results = KafkaResults(
+            self.producer, self.codec, self.settings.topics.results
+        )
 
     def forget_partitions(self) -> None:
         """After a rebalance, re-read the log tail before trusting the table again."""
         self.caught_up.clear()
 
     async def process(self, message: Incoming) -> None:
-        """Handle one message, first any skipped before it (see the module doc)."""
-        expected = self.store.next_command(message.partition)
+        await self.process_batch([message])
+
+    async def process_batch(self, messages: Sequence[Incoming]) -> None:
+        """Handle messages in order, first any skipped before them (see the module
+        doc). Their events are appended together and awaited once; a transient
+        failure waits for every append in flight, then takes the messages again
+        from the log's truth (those already done are passed over)."""
+        delay = 0.2
+        while True:
+            batch = _Batch()
+            try:
+                for message in messages:
+                    await self._take(message, batch)
+                await self._flush(batch)
+                return
+            except TRANSIENT as error:
+                # Retry in place: skipping would lose a command, reordering would
+                # break an aggregate's order.
+                await asyncio.gather(*batch.pending(), return_exceptions=True)
+                log.warning(
+                    "transient failure on %d command(s) from %s[%d]@%d, retrying "
+                    "in %.1fs: %s",
+                    len(messages),
+                    messages[0].topic,
+                    messages[0].partition,
+                    messages[0].offset,
+                    delay,
+                    error,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                # Events of the failed batch may have landed: fold them first.
+                self.forget_partitions()
+
+    async def _take(self, message: Incoming, batch: _Batch) -> None:
+        expected = batch.marks.get(message.partition)
+        if expected is None:
+            expected = self.store.next_command(message.partition)
         if expected is None:
             # Nothing processed here yet, or the table was lost: the group's
             # committed offset is where this partition's work starts.
             expected = await self._committed(message.topic, message.partition)
+        if message.offset < expected:
+            return  # done before a retried batch failed
         if message.offset > expected:
             missed = await self._read_back(message, expected)
             log.warning(
@@ -224,8 +343,26 @@ class CommandProcessor:
                 expected,
             )
             for skipped in missed:
-                await self._handle(skipped)
-        await self._handle(message)
+                await self._take_one(skipped, batch)
+        await self._take_one(message, batch)
+
+    async def _take_one(self, message: Incoming, batch: _Batch) -> None:
+        if not any(name == PROBE_HEADER for name, _ in message.headers):
+            try:
+                await self._decide(message, batch)
+            except TRANSIENT:
+                raise
+            except Exception as error:
+                log.exception(
+                    "dead-lettering %s[%d]@%d",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                )
+                await self.dead_letter(
+                    message, f"internal error: {type(error).__name__}: {error}", batch
+                )
+        batch.marks[message.partition] = message.offset + 1
 
     async def _committed(self, topic: str, partition: int) -> int:
         return await _in_thread_retrying(
@@ -255,11 +392,6 @@ class CommandProcessor:
             for r in records
         ]
 
-    async def _handle(self, message: Incoming) -> None:
-        if not any(name == PROBE_HEADER for name, _ in message.headers):
-            await self._handle_command(message)
-        self.store.set_next_command(message.partition, message.offset + 1)
-
     async def probe_stalled(self, topic: str, highwaters: dict[int, int]) -> None:
         """Send a probe to each partition of ``topic`` (partition -> high watermark,
         owned here) whose position is behind its end and has not moved since the
@@ -288,55 +420,27 @@ class CommandProcessor:
                 )
                 await future
 
-    async def _handle_command(self, message: Incoming) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self._process(message)
-                return
-            except TRANSIENT as error:
-                # Retry in place: skipping would lose the command, reordering would
-                # break the aggregate's order.
-                log.warning(
-                    "transient failure on %s[%d]@%d, retrying in %.1fs: %s",
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    delay,
-                    error,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            except Exception as error:
-                log.exception(
-                    "dead-lettering %s[%d]@%d",
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                )
-                await self.dead_letter(
-                    message, f"internal error: {type(error).__name__}: {error}"
-                )
-                return
-
-    async def _process(self, message: Incoming) -> None:
+    async def _decide(self, message: Incoming, batch: _Batch) -> None:
         if message.partition not in self.caught_up:
             await self.catch_up(message.partition)
         value = message.value
         if value is None:
-            await self.dead_letter(message, "empty message (no value)")
+            await self.dead_letter(message, "empty message (no value)", batch)
             return
         if len(value) > self.settings.max_message_bytes:
             await self.dead_letter(
                 message,
                 f"message of {len(value)} bytes exceeds the limit of "
                 f"{self.settings.max_message_bytes} (STREAMFOLD_MAX_MESSAGE_BYTES)",
+                batch,
             )
             return
         try:
             decoded = self.codec.decode(value)
         except DecodeError as error:
-            await self.dead_letter(message, f"undecodable command: {error.reason}")
+            await self.dead_letter(
+                message, f"undecodable command: {error.reason}", batch
+            )
             return
         try:
             cls = self.catalog.class_for(decoded.record_name)
@@ -347,30 +451,71 @@ class CommandProcessor:
                 message,
                 f"{decoded.record_name} is not a command of {self.aggregate.type}: "
                 f"{error}",
+                batch,
             )
             return
         if cls not in self.aggregate.decider.COMMANDS:
             await self.dead_letter(
-                message, f"{decoded.record_name} is not a {self.aggregate.type} command"
+                message,
+                f"{decoded.record_name} is not a {self.aggregate.type} command",
+                batch,
             )
             return
         try:
             command = mapper.from_dict(cls, payload)
         except mapper.MappingError as error:
-            result = Result.rejected(
-                envelope,
-                self.aggregate,
-                _key(message),
-                "Validation",
-                str(error),
-                error.path,
+            batch.answers.append(
+                Result.rejected(
+                    envelope,
+                    self.aggregate,
+                    _key(message),
+                    "Validation",
+                    str(error),
+                    error.path,
+                )
             )
-            await self.results.publish(result)
             return
-        result = await self.service.execute(message.partition, envelope, command)
-        if result.accepted and result.position is not None:
-            self.store.set_next_offset(message.partition, result.position.offset + 1)
-        await self.results.publish(result)
+        keys = {
+            ("aggregate", self.aggregate.aggregate_id(command)),
+            ("command", envelope.command_id),
+        }
+        if keys & batch.keys:
+            await self._flush(batch)
+        with self.store.partition(message.partition):
+            decision = self.service.decide(envelope, command)
+        delivery = None
+        if decision.events:
+            delivery = await self.log.send(
+                message.partition, decision.aggregate_id, decision.events
+            )
+        batch.decided.append((message.partition, decision, delivery))
+        batch.keys |= keys
+
+    async def _flush(self, batch: _Batch) -> None:
+        """Once every append and dead letter of ``batch`` is acknowledged: save the
+        aggregates, answer, and mark the messages processed, in that order."""
+        decided = [
+            (partition, decision, await delivery if delivery is not None else [])
+            for partition, decision, delivery in batch.decided
+        ]
+        await asyncio.gather(*batch.dead_letters)
+        answers = []
+        events_end: dict[int, int] = {}
+        for partition, decision, positions in decided:
+            with self.store.partition(partition):
+                answers.append(self.service.complete(decision, positions))
+            if positions:
+                events_end[partition] = positions[-1].offset + 1
+        for partition, offset in events_end.items():
+            self.store.set_next_offset(partition, offset)
+        sent = [await self.results.send(r) for r in answers + batch.answers]
+        await asyncio.gather(*sent)
+        for partition, offset in batch.marks.items():
+            self.store.set_next_command(partition, offset)
+        batch.decided.clear()
+        batch.keys.clear()
+        batch.answers.clear()
+        batch.dead_letters.clear()
 
     async def catch_up(self, partition: int) -> None:
         """Fold whatever the log holds beyond what the table reflects (after a crash,
@@ -388,12 +533,13 @@ class CommandProcessor:
                 )
             )
         )
-        for item in stored:
-            self.service.replay(
-                item.metadata,
-                item.event,
-                Position(partition=partition, offset=item.offset),
-            )
+        with self.store.partition(partition):
+            for item in stored:
+                self.service.replay(
+                    item.metadata,
+                    item.event,
+                    Position(partition=partition, offset=item.offset),
+                )
         if stored:
             self.store.set_next_offset(partition, stored[-1].offset + 1)
             log.info(
@@ -405,8 +551,9 @@ class CommandProcessor:
             )
         self.caught_up.add(partition)
 
-    async def dead_letter(self, message: Incoming, reason: str) -> None:
-        """Keep the original bytes and say where they came from and why."""
+    async def dead_letter(self, message: Incoming, reason: str, batch: _Batch) -> None:
+        """Keep the original bytes and say where they came from and why; ``batch``
+        awaits the broker's acknowledgement before the message counts as done."""
         topic = self.settings.topics.dead_letter(message.topic)
         headers = [
             *message.headers,
@@ -415,12 +562,13 @@ class CommandProcessor:
             ("dlq-source-offset", str(message.offset).encode()),
             ("dlq-reason", reason.encode()[:4000]),
         ]
-        future = await self.producer.send(
-            topic, message.value, key=message.key, headers=headers
+        batch.dead_letters.append(
+            await self.producer.send(
+                topic, message.value, key=message.key, headers=headers
+            )
         )
-        await future
         log.warning(
-            "dead-lettered %s[%d]@%d: %s",
+            "dead-lettering %s[%d]@%d: %s",
             message.topic,
             message.partition,
             message.offset,

@@ -77,6 +77,8 @@ class Settings:
     store: str = "rocksdb"
     max_message_bytes: int = 1_048_576
     command_timeout_s: float = 10.0
+    # Commands a worker takes at once per aggregate type; 1 = one at a time.
+    command_batch: int = 500
     log_level: str = "warning"  # the worker's
     session_timeout_s: float = 10.0
     query_wait_s: float = 2.0
@@ -142,6 +144,11 @@ class Settings:
                 "STREAMFOLD_COMMAND_TIMEOUT",
                 _float_between(0.1, 3600),
                 default.command_timeout_s,
+            ),
+            command_batch=get(
+                "STREAMFOLD_COMMAND_BATCH",
+                _int_between(1, 10_000),
+                default.command_batch,
             ),
             log_level=get(
                 "STREAMFOLD_LOG_LEVEL",
@@ -219,6 +226,7 @@ class Settings:
             "STREAMFOLD_STORE": self.store,
             "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
             "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
+            "STREAMFOLD_COMMAND_BATCH": str(self.command_batch),
             "STREAMFOLD_LOG_LEVEL": self.log_level,
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
             "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),

@@ -17,10 +17,9 @@ from agents import views as view_agents
 from app import readside
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
-from app.adapters.eventlog import KafkaEventLog, KafkaResults, new_producer
+from app.adapters.eventlog import new_producer
 from app.adapters.migrations import migrate
 from app.adapters.topics import ensure_topics
-from app.application.commands import CommandService
 from app.faust_app import create_app
 from app.projections.engine import tune_gc
 from app.readside import ReadSide
@@ -85,25 +84,24 @@ def build(settings: Settings) -> Worker:
             partitions=settings.partitions,
             key_type=str,
         )
-        store = TableStore(table, aggregate)
-        events_topic = settings.topics.events(name)
+        answers = app.Table(
+            f"{aggregate.type}-answers",
+            partitions=settings.partitions,
+            key_type=str,
+        )
+        commands_topic = settings.topics.commands(name)
+        store = TableStore(table, answers, aggregate, commands_topic)
         processor = CommandProcessor(
             settings=settings,
             aggregate=aggregate,
-            service=CommandService(
-                aggregate=aggregate,
-                store=store,
-                log=KafkaEventLog(producer, codec, catalog, events_topic),  # type: ignore[arg-type]
-            ),
             store=store,
             codec=codec,
             catalog=catalog,
-            results=KafkaResults(producer, codec, settings.topics.results),  # type: ignore[arg-type]
             producer=producer,  # type: ignore[arg-type]
-            events_topic=events_topic,
+            events_topic=settings.topics.events(name),
         )
         topic = app.topic(
-            settings.topics.commands(name),
+            commands_topic,
             partitions=settings.partitions,
             key_serializer="raw",
             value_serializer="raw",

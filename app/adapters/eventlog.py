@@ -1,14 +1,15 @@
 """The Kafka event log: durable appends, reads back by partition, command results.
 
 Appends go through Streamfold's own idempotent ``acks=all`` producer (Faust's producer
-offers no idempotence outside transactions) and return only once the broker has
-acknowledged every event.
+offers no idempotence outside transactions). Sending returns an awaitable, so the
+writer can hand many appends to the producer before it waits: an append counts only
+once that awaitable says the broker acknowledged every event.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -103,9 +104,11 @@ class KafkaEventLog:
     catalog: SchemaCatalog
     topic: str
 
-    async def append(
+    async def send(
         self, partition: int, aggregate_id: str, events: Sequence[NewEvent]
-    ) -> list[Position]:
+    ) -> Awaitable[list[Position]]:
+        """Hand ``events`` to the producer; await the returned awaitable for their
+        positions, which raises ``AppendFailed`` unless the broker took them all."""
         key = aggregate_id.encode()
         pending = []
         for new in events:
@@ -133,13 +136,17 @@ class KafkaEventLog:
                     ),
                 )
             )
-        try:
-            delivered = await asyncio.gather(*pending)
-        except KafkaError as error:
-            raise AppendFailed(
-                f"append to {self.topic}[{partition}] failed: {error}"
-            ) from error
-        return [Position(partition=m.partition, offset=m.offset) for m in delivered]
+        return asyncio.ensure_future(
+            _delivered(pending, f"append to {self.topic}[{partition}]")
+        )
+
+
+async def _delivered(pending: Sequence[Awaitable[Any]], what: str) -> list[Position]:
+    try:
+        delivered = await asyncio.gather(*pending)
+    except KafkaError as error:
+        raise AppendFailed(f"{what} failed: {error}") from error
+    return [Position(partition=m.partition, offset=m.offset) for m in delivered]
 
 
 def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
@@ -169,19 +176,18 @@ class KafkaResults:
     codec: Codec
     topic: str
 
-    async def publish(self, result: Result) -> None:
+    async def send(self, result: Result) -> Awaitable[list[Position]]:
+        """Hand one answer to the producer; await the returned awaitable, which
+        raises ``AppendFailed`` unless the broker took it."""
         value = self.codec.encode(
             self.topic, RESULT_RECORD, result_record(result, datetime.now(UTC))
         )
         future = await self.producer.send(
             self.topic, value, key=result.command_id.encode()
         )
-        try:
-            await future
-        except KafkaError as error:
-            raise AppendFailed(
-                f"result for {result.command_id} not delivered: {error}"
-            ) from error
+        return asyncio.ensure_future(
+            _delivered([future], f"result for {result.command_id}")
+        )
 
 
 @dataclass(frozen=True, slots=True)

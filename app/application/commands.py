@@ -1,24 +1,24 @@
-"""Command handling: load → check → decide → append, with no broker or SQL in sight.
+"""Command handling: load → check → decide, then save once the events are durable,
+with no broker or SQL in sight.
 
-The single writer for a partition calls ``CommandService.execute`` once per command,
-in order. Optimistic concurrency and idempotency live here because Kafka offers
-neither: the service knows each aggregate's version and the commands it has answered.
+The single writer for a partition calls ``CommandService.decide`` once per command,
+in order, appends the decision's events, and calls ``complete`` once the broker has
+acknowledged them. Optimistic concurrency and idempotency live here because Kafka
+offers neither: the service knows each aggregate's version and the commands it has
+answered.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from types import ModuleType
 from typing import Any, Protocol
 
 from app.domain.errors import DomainError
 
-# Commands remembered per aggregate for de-duplication beyond what the event log
-# records (rejections). Accepted commands are always recoverable from the log itself.
-RECENT_COMMANDS = 64
 EVENT_ID_NAMESPACE = uuid.UUID("5f0ad1c0-57e4-4e6f-9a0b-2f4c8d1b7e10")
 CONCURRENCY_CONFLICT = "ConcurrencyConflict"
 
@@ -122,33 +122,32 @@ class Result:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Record:
-    """What the single writer keeps per aggregate: state, version, recent answers."""
+    """What the single writer keeps per aggregate: its state and version."""
 
     state: Any
     version: int = 0
-    recent: Mapping[str, Result] = field(default_factory=dict)
 
-    def remember(self, result: Result) -> Record:
-        recent = dict(self.recent)
-        recent[result.command_id] = result
-        while len(recent) > RECENT_COMMANDS:
-            recent.pop(next(iter(recent)))
-        return replace(self, recent=recent)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """What one command does, before it is durable: the events to append (none for
+    a rejection) and the answer. ``record`` is the one decided on; None when the
+    command was answered before (a repeat), so nothing is remembered again."""
+
+    aggregate_id: str
+    record: Record | None
+    result: Result
+    events: tuple[NewEvent, ...] = ()
 
 
 class AggregateStore(Protocol):
-    """Where the writer keeps its records (a Faust table in the worker)."""
+    """Where the writer keeps its records and the answer to every command it has
+    decided, by command id (Faust tables in the worker)."""
 
     def load(self, aggregate_id: str) -> Record | None: ...
     def save(self, aggregate_id: str, record: Record) -> None: ...
-
-
-class EventLog(Protocol):
-    """The event store: appends are acknowledged by the broker before they return."""
-
-    async def append(
-        self, partition: int, aggregate_id: str, events: Sequence[NewEvent]
-    ) -> list[Position]: ...
+    def answer(self, command_id: str) -> Result | None: ...
+    def remember(self, result: Result) -> None: ...
 
 
 def event_id(
@@ -185,7 +184,6 @@ class GapError(RuntimeError):
 class CommandService:
     aggregate: Aggregate
     store: AggregateStore
-    log: EventLog
 
     def record(self, aggregate_id: str) -> Record:
         found = self.store.load(aggregate_id)
@@ -193,40 +191,33 @@ class CommandService:
             found if found is not None else Record(state=self.aggregate.initial_state())
         )
 
-    async def execute(self, partition: int, envelope: Envelope, command: Any) -> Result:
+    def decide(self, envelope: Envelope, command: Any) -> Decision:
+        """Check and decide one command against the stored record. Nothing is saved:
+        ``complete`` does that, once the decision's events are acknowledged."""
         aggregate = self.aggregate
         aggregate_id = aggregate.aggregate_id(command)
         record = self.record(aggregate_id)
-        previous = record.recent.get(envelope.command_id)
+        previous = self.store.answer(envelope.command_id)
         if previous is not None:
-            return previous
+            return Decision(aggregate_id=aggregate_id, record=None, result=previous)
         expected = envelope.expected_version
         if expected is not None and expected != record.version:
-            result = Result.rejected(
+            return self._rejected(
+                record,
                 envelope,
-                aggregate,
                 aggregate_id,
                 CONCURRENCY_CONFLICT,
                 f"expected version {expected}, but {aggregate.type} {aggregate_id} "
                 f"is at version {record.version}",
                 "expected_version",
             )
-            self.store.save(aggregate_id, record.remember(result))
-            return result
         try:
             events = aggregate.decide(record.state, command)
         except DomainError as error:
-            result = Result.rejected(
-                envelope,
-                aggregate,
-                aggregate_id,
-                error.code,
-                error.message,
-                error.field,
+            return self._rejected(
+                record, envelope, aggregate_id, error.code, error.message, error.field
             )
-            self.store.save(aggregate_id, record.remember(result))
-            return result
-        stamped = [
+        stamped = tuple(
             NewEvent(
                 metadata=self._metadata(
                     envelope, aggregate_id, record.version + index, event
@@ -234,24 +225,51 @@ class CommandService:
                 event=event,
             )
             for index, event in enumerate(events, start=1)
-        ]
-        # The append is acknowledged before the state moves: the state may lag the
-        # log after a crash (and catches up from it), but it never runs ahead of it.
-        positions = await self.log.append(partition, aggregate_id, stamped)
-        for new in stamped:
-            record = fold(aggregate, record, new.metadata, new.event)
+        )
         result = Result(
             command_id=envelope.command_id,
             aggregate_type=aggregate.type,
             aggregate_id=aggregate_id,
             accepted=True,
             correlation_id=envelope.correlation_id,
-            version=record.version,
+            version=record.version + len(stamped),
             event_ids=tuple(new.metadata.event_id for new in stamped),
-            position=positions[-1] if positions else None,
         )
-        self.store.save(aggregate_id, record.remember(result))
+        return Decision(
+            aggregate_id=aggregate_id, record=record, result=result, events=stamped
+        )
+
+    def complete(
+        self, decision: Decision, positions: Sequence[Position] = ()
+    ) -> Result:
+        """Save what a decision changes, once the broker has acknowledged its events
+        (at ``positions``): the state may lag the log after a crash (and catches up
+        from it), but it never runs ahead of it."""
+        record, result = decision.record, decision.result
+        if record is None:
+            return result
+        if decision.events:
+            for new in decision.events:
+                record = fold(self.aggregate, record, new.metadata, new.event)
+            self.store.save(decision.aggregate_id, record)
+        if positions:
+            result = replace(result, position=positions[-1])
+        self.store.remember(result)
         return result
+
+    def _rejected(
+        self,
+        record: Record,
+        envelope: Envelope,
+        aggregate_id: str,
+        code: str,
+        message: str,
+        field: str | None,
+    ) -> Decision:
+        result = Result.rejected(
+            envelope, self.aggregate, aggregate_id, code, message, field
+        )
+        return Decision(aggregate_id=aggregate_id, record=record, result=result)
 
     def _metadata(
         self, envelope: Envelope, aggregate_id: str, version: int, event: Any
@@ -277,10 +295,10 @@ class CommandService:
         folded = fold(self.aggregate, record, metadata, event)
         if folded is record:
             return
-        # An accepted command is recognisable from its last event, so a command
-        # re-sent after a crash is answered from the log instead of decided again.
-        previous = folded.recent.get(metadata.command_id)
-        event_ids = previous.event_ids if previous and previous.accepted else ()
+        # An accepted command is recognisable from its events, so a command re-sent
+        # after a crash is answered from the log instead of decided again.
+        previous = self.store.answer(metadata.command_id)
+        known = previous.event_ids if previous is not None and previous.accepted else ()
         result = Result(
             command_id=metadata.command_id,
             aggregate_type=self.aggregate.type,
@@ -288,7 +306,10 @@ class CommandService:
             accepted=True,
             correlation_id=metadata.correlation_id,
             version=folded.version,
-            event_ids=(*event_ids, metadata.event_id),
+            event_ids=known
+            if metadata.event_id in known
+            else (*known, metadata.event_id),
             position=position,
         )
-        self.store.save(metadata.aggregate_id, folded.remember(result))
+        self.store.save(metadata.aggregate_id, folded)
+        self.store.remember(result)

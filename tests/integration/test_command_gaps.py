@@ -11,13 +11,7 @@ from typing import Any
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
-from app.adapters.eventlog import (
-    KafkaEventLog,
-    KafkaResults,
-    new_producer,
-    read_records,
-)
-from app.application.commands import CommandService
+from app.adapters.eventlog import new_producer, read_records
 from app.client import CommandClient
 from app.domain.accounts import Deposit, OpenAccount
 from app.runtime import ACCOUNTS, PROBE_HEADER, CommandProcessor, Incoming, TableStore
@@ -27,22 +21,14 @@ from app.settings import Settings
 def _processor(settings: Settings, producer: Any) -> CommandProcessor:
     catalog = SchemaCatalog.load()
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), catalog)
-    store = TableStore({}, ACCOUNTS)
-    events = settings.topics.events("accounts")
     return CommandProcessor(
         settings=settings,
         aggregate=ACCOUNTS,
-        service=CommandService(
-            aggregate=ACCOUNTS,
-            store=store,
-            log=KafkaEventLog(producer, codec, catalog, events),
-        ),
-        store=store,
+        store=TableStore({}, {}, ACCOUNTS),
         codec=codec,
         catalog=catalog,
-        results=KafkaResults(producer, codec, settings.topics.results),
         producer=producer,
-        events_topic=events,
+        events_topic=settings.topics.events("accounts"),
     )
 
 

@@ -73,12 +73,17 @@ def _withdraw(account: str, amount: int, reference: str) -> Withdraw:
 
 
 def _delete_changelog(settings: Settings) -> None:
-    topic = f"{settings.app_id}-account-aggregates-changelog"
+    """Both changelogs of the account store: records and answers."""
+    names = [
+        f"{settings.app_id}-account-{table}-changelog"
+        for table in ("aggregates", "answers")
+    ]
     admin = AdminClient(settings.kafka_client_config())
-    admin.delete_topics([topic], operation_timeout=60)[topic].result(timeout=90)
+    for future in admin.delete_topics(names, operation_timeout=60).values():
+        future.result(timeout=90)
     deadline = time.monotonic() + 60
-    while topic in admin.list_topics(timeout=30).topics:
-        assert time.monotonic() < deadline, f"{topic} was not deleted"
+    while set(names) & set(admin.list_topics(timeout=30).topics):
+        assert time.monotonic() < deadline, f"{names} were not deleted"
         time.sleep(0.5)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
 from confluent_kafka import Producer
 
+from app.adapters.eventlog import partition_for
 from app.client import CommandClient
 from app.domain.accounts import CloseAccount, Deposit, OpenAccount, Withdraw
 from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
@@ -263,3 +265,94 @@ def test_invalid_values_are_rejected_naming_the_field(deployment: Settings) -> N
     assert (negative.code, negative.field) == ("Validation", "amount_minor")
     results = results_by_command(deployment)
     assert len(results) == 5
+
+
+def test_aggregate_table_keys_stay_in_their_command_partition(
+    deployment: Settings,
+) -> None:
+    """The agent takes commands of several partitions in one batch and saves once
+    they are durable, outside Faust's per-event context: each table write must
+    still go to the changelog partition of the commands that own its key, or a
+    worker taking a partition over would restore another one's state."""
+    accounts = [_id("acc") for _ in range(24)]
+    with running_worker(deployment), CommandClient(deployment) as client:
+        ids = [
+            client.submit(OpenAccount(account_id=a, owner_id="c-1", currency="EUR"))
+            for a in accounts
+        ]
+        ids += [
+            client.submit(
+                Deposit(
+                    account_id=a,
+                    transaction_id="t-1",
+                    amount_minor=100,
+                    currency="EUR",
+                    source="card",
+                    reference="",
+                )
+            )
+            for a in accounts
+        ]
+        results = client.wait(ids, timeout=60)
+    assert all(r.accepted for r in results)
+    changelog = f"{deployment.app_id}-account-aggregates-changelog"
+    placed: dict[str, set[int]] = {}
+    for message in read_topic(deployment, changelog):
+        key = (message.key or b"").decode()
+        key = json.loads(key) if key.startswith('"') else key
+        placed.setdefault(key, set()).add(message.partition)
+    partitions = deployment.partitions
+    for account in accounts:
+        assert placed[account] == {partition_for(account.encode(), partitions)}
+    marks = {k: p for k, p in placed.items() if k.startswith("\x00")}
+    assert marks, "no position marks in the changelog"
+    for key, found in marks.items():
+        assert found == {int(key.rsplit("/", 1)[1])}, key
+    assert {p for found in placed.values() for p in found} == set(range(partitions))
+
+
+def test_a_command_id_repeated_within_one_batch_is_decided_once(
+    deployment: Settings,
+) -> None:
+    """Sent back to back, the repeats land in one batch of the agent: the same
+    deposit twice, and the same command id for another account of the partition."""
+    partitions = deployment.partitions
+    first = _id("acc")
+    home = partition_for(first.encode(), partitions)
+    second = next(
+        a
+        for a in (_id("acc") for _ in range(1000))
+        if partition_for(a.encode(), partitions) == home
+    )
+
+    def deposit(account: str) -> Deposit:
+        return Deposit(
+            account_id=account,
+            transaction_id="t-1",
+            amount_minor=300,
+            currency="EUR",
+            source="card",
+            reference="",
+        )
+
+    with running_worker(deployment), CommandClient(deployment) as client:
+        opened = [
+            client.submit(OpenAccount(account_id=a, owner_id="c-1", currency="EUR"))
+            for a in (first, second)
+        ]
+        client.wait(opened, timeout=30)
+        ids = [
+            client.submit(deposit(first), command_id="dep-x"),
+            client.submit(deposit(second), command_id="dep-x"),
+            client.submit(deposit(first), command_id="dep-x"),
+        ]
+        client.wait(ids, timeout=30)
+    answers = {
+        (r["status"], r["aggregate_id"], r["version"], tuple(r["event_ids"]))
+        for r in results_by_command(deployment)["dep-x"]
+    }
+    assert len(answers) == 1
+    assert next(iter(answers))[:3] == ("ACCEPTED", first, 2)
+    streams = events_by_aggregate(deployment, "accounts")
+    assert len(streams[first]) == 2
+    assert len(streams[second]) == 1

@@ -1,0 +1,105 @@
+"""The command service between the domain and the log: decisions save nothing until
+they are completed, answers are remembered by command id, and recovery folds the
+log into records and answers. No broker: positions stand for acknowledgements."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from app.application.commands import (
+    CONCURRENCY_CONFLICT,
+    CommandService,
+    Envelope,
+    Position,
+)
+from app.domain.accounts import Deposit, OpenAccount
+from app.runtime import ACCOUNTS, TableStore
+
+
+def _service() -> tuple[CommandService, TableStore]:
+    store = TableStore({}, {}, ACCOUNTS)
+    return CommandService(aggregate=ACCOUNTS, store=store), store
+
+
+def _envelope(command_id: str, expected: int | None = None) -> Envelope:
+    return Envelope(
+        command_id=command_id,
+        correlation_id=command_id,
+        causation_id=command_id,
+        user_id="u-1",
+        issued_at=datetime(2026, 11, 26, tzinfo=UTC),
+        expected_version=expected,
+    )
+
+
+OPEN = OpenAccount(account_id="acc-1", owner_id="o-1", currency="EUR")
+DEPOSIT = Deposit(
+    account_id="acc-1",
+    transaction_id="t-1",
+    amount_minor=500,
+    currency="EUR",
+    source="card",
+    reference="",
+)
+
+
+def test_a_decision_changes_nothing_until_it_is_completed() -> None:
+    service, store = _service()
+    decision = service.decide(_envelope("c-1"), OPEN)
+    assert [type(e.event).__name__ for e in decision.events] == ["AccountOpened"]
+    assert store.load("acc-1") is None
+    assert store.answer("c-1") is None
+    result = service.complete(decision, [Position(partition=2, offset=7)])
+    assert result.accepted and result.version == 1
+    assert result.position == Position(partition=2, offset=7)
+    assert store.answer("c-1") == result
+    record = store.load("acc-1")
+    assert record is not None and record.version == 1
+
+
+def test_a_repeated_command_id_is_answered_as_before_and_saves_nothing() -> None:
+    service, store = _service()
+    first = service.complete(
+        service.decide(_envelope("c-1"), OPEN), [Position(partition=0, offset=0)]
+    )
+    again = service.decide(_envelope("c-1"), OPEN)
+    assert again.record is None and again.events == ()
+    assert service.complete(again) == first
+    record = store.load("acc-1")
+    assert record is not None and record.version == 1
+
+
+def test_a_stale_expected_version_is_rejected_remembered_and_writes_no_event() -> None:
+    service, store = _service()
+    service.complete(
+        service.decide(_envelope("c-1"), OPEN), [Position(partition=0, offset=0)]
+    )
+    decision = service.decide(_envelope("c-2", expected=0), DEPOSIT)
+    assert decision.events == ()
+    rejected = service.complete(decision)
+    assert rejected.code == CONCURRENCY_CONFLICT
+    assert "expected version 0" in (rejected.message or "")
+    assert store.answer("c-2") == rejected
+    record = store.load("acc-1")
+    assert record is not None and record.version == 1
+
+
+def test_recovery_folds_the_log_into_records_and_answers_once() -> None:
+    source, _ = _service()
+    opened = source.decide(_envelope("c-1"), OPEN)
+    source.complete(opened, [Position(partition=0, offset=0)])
+    deposit = source.decide(_envelope("c-2"), DEPOSIT)
+    source.complete(deposit, [Position(partition=0, offset=1)])
+    log = [(new, n) for n, d in enumerate((opened, deposit)) for new in d.events]
+
+    service, store = _service()  # a lost table, rebuilt from the log
+    for new, offset in log + log:  # read twice: a repeat changes nothing
+        service.replay(new.metadata, new.event, Position(partition=0, offset=offset))
+    record = store.load("acc-1")
+    assert record is not None and record.version == 2
+    answer = store.answer("c-2")
+    assert answer is not None and answer.accepted and answer.version == 2
+    assert answer.event_ids == deposit.result.event_ids
+    assert answer.position == Position(partition=0, offset=1)
+    # The re-sent command is answered from the log, not decided again.
+    assert service.decide(_envelope("c-2"), DEPOSIT).events == ()
