@@ -409,6 +409,7 @@ def encode_events(
                     aggregate_id=meta["aggregate_id"],
                     correlation_id=meta["correlation_id"],
                     event_id=meta["event_id"],
+                    command_id=meta["command_id"],
                 ),
                 int(meta["timestamp"].timestamp() * 1000),
             )

@@ -444,6 +444,7 @@ class _Headers:
         aggregate_id: str,
         correlation_id: str,
         event_id: str,
+        command_id: str,
     ) -> Headers:
         return [
             ("event-type", event_type.encode()),
@@ -452,6 +453,7 @@ class _Headers:
             ("aggregate-id", aggregate_id.encode()),
             ("correlation-id", correlation_id.encode()),
             ("event-id", event_id.encode()),
+            ("command-id", command_id.encode()),
         ]
 
     @staticmethod
@@ -476,6 +478,7 @@ class _Headers:
                 aggregate_id=meta["aggregate_id"],
                 correlation_id=meta["correlation_id"],
                 event_id=meta["event_id"],
+                command_id=meta["command_id"],
             )
         if "envelope" in record:
             envelope = record["envelope"]

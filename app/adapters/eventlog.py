@@ -133,6 +133,7 @@ class KafkaEventLog:
                         aggregate_id=meta.aggregate_id,
                         correlation_id=meta.correlation_id,
                         event_id=meta.event_id,
+                        command_id=meta.command_id,
                     ),
                 )
             )

@@ -217,8 +217,11 @@ class SagaFeed:
                     at=now,
                 )
             else:
-                kind = dict(message.headers() or []).get("event-type")
-                if kind is not None and kind.decode() not in saga.EVENT_TYPES:
+                found = dict(message.headers() or [])
+                kind, cause = found.get("event-type"), found.get("command-id")
+                if kind is not None and not saga.may_follow(
+                    kind.decode(), cause.decode() if cause is not None else None
+                ):
                     return None
                 decoded = self.codec.decode(message.value())
                 meta, payload = mapper.split_event(decoded.data)

@@ -193,6 +193,20 @@ MESSAGES: dict[str, type[Message]] = {
 }
 
 
+# Account movements the saga follows only when its own command caused them.
+OWN_MOVEMENTS = frozenset({"MoneyWithdrawn", "MoneyDeposited"})
+
+
+def may_follow(event_type: str, command_id: str | None) -> bool:
+    """Whether an event with this type and causing command (read from its headers,
+    None when it has none) can mean anything to the saga: a look before decoding."""
+    if event_type not in EVENT_TYPES:
+        return False
+    if event_type in OWN_MOVEMENTS and command_id is not None:
+        return parse_command_id(command_id) is not None
+    return True
+
+
 def message_for_event(
     event: Any, *, event_id: str, correlation_id: str, command_id: str, at: datetime
 ) -> Message | None:

@@ -207,6 +207,7 @@ def test_events_written_with_old_schemas_are_read_as_the_newest(
                     aggregate_id=order_id,
                     correlation_id=order_id,
                     event_id=f"old-{order_id}",
+                    command_id=f"legacy-{order_id}",
                 ),
             )
         client.flush()

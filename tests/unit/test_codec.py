@@ -616,6 +616,7 @@ def test_event_headers(catalog: SchemaCatalog) -> None:
         ("aggregate-id", b"agg-1"),
         ("correlation-id", b"corr-1"),
         ("event-id", b"e-1"),
+        ("command-id", b"cmd-1"),
     ]
     assert headers(ORDER_CREATED, record) == expected
     assert (
@@ -626,6 +627,7 @@ def test_event_headers(catalog: SchemaCatalog) -> None:
             aggregate_id="agg-1",
             correlation_id="corr-1",
             event_id="e-1",
+            command_id="cmd-1",
         )
         == expected
     )

@@ -575,3 +575,19 @@ def test_off_registers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("STREAMFOLD_SAGA", "off")
     saga_agents.register(Untouchable(), Untouchable(), Untouchable())  # type: ignore[arg-type]
+
+
+def test_the_feed_looks_at_headers_before_decoding_an_event() -> None:
+    """An account movement matters only when a saga command caused it; the feed can
+    tell from the event's command-id header and skips decoding the rest."""
+    withdraw = saga.command_id(ORDER, Step.WITHDRAW)
+    refund = saga.command_id(ORDER, Step.REFUND)
+    assert saga.may_follow("MoneyWithdrawn", withdraw)
+    assert saga.may_follow("MoneyDeposited", refund)
+    assert not saga.may_follow("MoneyWithdrawn", "client-cmd-1")
+    assert not saga.may_follow("MoneyDeposited", "client-cmd-2")
+    # Order events count whoever caused them; events older than the header count.
+    assert saga.may_follow("OrderCreated", "client-cmd-3")
+    assert saga.may_follow("MoneyWithdrawn", None)
+    assert not saga.may_follow("OrderItemAdded", None)
+    assert not saga.may_follow("AccountOpened", withdraw)
