@@ -148,26 +148,29 @@ class TableStore:
         self.answers[result.command_id] = result_to_json(result)
 
     def next_offset(self, partition: int) -> int:
-        with self.partition(partition):
-            return int(self.table.get(POSITION_KEY.format(partition=partition)) or 0)
+        return self._mark(POSITION_KEY, partition) or 0
 
     def set_next_offset(self, partition: int, offset: int) -> None:
         # Only forward: a repeated command answers with an old position.
-        if offset > self.next_offset(partition):
-            with self.partition(partition):
-                self.table[POSITION_KEY.format(partition=partition)] = offset
+        self._advance(POSITION_KEY, partition, offset)
 
     def next_command(self, partition: int) -> int | None:
         """The next command offset not yet processed; None before the first."""
-        with self.partition(partition):
-            raw = self.table.get(COMMANDS_KEY.format(partition=partition))
-        return None if raw is None else int(raw)
+        return self._mark(COMMANDS_KEY, partition)
 
     def set_next_command(self, partition: int, offset: int) -> None:
-        current = self.next_command(partition)
+        self._advance(COMMANDS_KEY, partition, offset)
+
+    def _mark(self, key: str, partition: int) -> int | None:
+        with self.partition(partition):
+            raw = self.table.get(key.format(partition=partition))
+        return None if raw is None else int(raw)
+
+    def _advance(self, key: str, partition: int, offset: int) -> None:
+        current = self._mark(key, partition)
         if current is None or offset > current:
             with self.partition(partition):
-                self.table[COMMANDS_KEY.format(partition=partition)] = offset
+                self.table[key.format(partition=partition)] = offset
 
 
 def record_to_json(record: Record) -> dict[str, Any]:
