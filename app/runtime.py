@@ -115,6 +115,33 @@ class TableStore:
         self.topic = topic
         self.state_type = type(aggregate.initial_state())
         self._events: dict[int, _PartitionEvent] = {}
+        self._unacknowledged: list[Awaitable[Any]] = []
+        for faust_table in (table, answers):
+            if hasattr(faust_table, "send_changelog"):
+                faust_table.send_changelog = self._keeping(faust_table.send_changelog)
+
+    def _keeping(self, send: Callable[..., Any]) -> Callable[..., Any]:
+        # A Faust table buffers each change for its changelog and drops the future
+        # that says the broker has it; this keeps them for ``durable``.
+        def send_changelog(*args: Any, **kwargs: Any) -> Any:
+            future = send(*args, **kwargs)
+            self._unacknowledged.append(future)
+            return future
+
+        return send_changelog
+
+    async def durable(self) -> None:
+        """Wait until the broker holds every change made so far (Faust sends them
+        from a buffer, in the background). A failed send raises; its change stays
+        in the local store, but a changelog restore would miss it."""
+        pending = list(self._unacknowledged)
+        if not pending:
+            return
+        # Not gather: cancelling this wait must not cancel Faust's futures.
+        await asyncio.wait(pending)
+        del self._unacknowledged[: len(pending)]
+        for future in pending:
+            future.result()
 
     @contextmanager
     def partition(self, partition: int) -> Iterator[None]:
@@ -515,6 +542,10 @@ class CommandProcessor:
         await asyncio.gather(*sent)
         for partition, offset in batch.marks.items():
             self.store.set_next_command(partition, offset)
+        # A rejection lives only in the answers table. Were it lost while a later
+        # command's events reached the log (SIGKILL), the command would be decided
+        # again on a later state: so nothing more is decided until it is durable.
+        await self.store.durable()
         batch.decided.clear()
         batch.keys.clear()
         batch.answers.clear()

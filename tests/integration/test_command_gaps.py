@@ -18,13 +18,15 @@ from app.runtime import ACCOUNTS, PROBE_HEADER, CommandProcessor, Incoming, Tabl
 from app.settings import Settings
 
 
-def _processor(settings: Settings, producer: Any) -> CommandProcessor:
+def _processor(
+    settings: Settings, producer: Any, store: TableStore | None = None
+) -> CommandProcessor:
     catalog = SchemaCatalog.load()
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), catalog)
     return CommandProcessor(
         settings=settings,
         aggregate=ACCOUNTS,
-        store=TableStore({}, {}, ACCOUNTS),
+        store=store or TableStore({}, {}, ACCOUNTS),
         codec=codec,
         catalog=catalog,
         producer=producer,
@@ -150,3 +152,33 @@ def test_a_partition_never_processed_here_starts_at_the_groups_commit(
     with client:
         results = client.wait(ids, timeout=30)
     assert [r.version for r in results] == [1, 2, 3]
+
+
+def test_a_batch_is_done_only_once_its_table_writes_are_durable(
+    deployment: Settings,
+) -> None:
+    """Answers and marks are written, then awaited on the broker, before the batch
+    returns (and Faust hands over the next). The open and the deposit share an
+    aggregate, so the deposit waits for the open's flush: two flushes."""
+    client = CommandClient(deployment)
+    ids, partition, records = _sent(deployment, client, deposits=1)
+    seen: list[object] = []
+
+    class Recording(TableStore):
+        async def durable(self) -> None:
+            seen.append((sorted(self.answers), self.next_command(partition)))
+            await super().durable()
+
+    async def scenario() -> None:
+        producer = new_producer(deployment)
+        await producer.start()
+        try:
+            store = Recording({}, {}, ACCOUNTS)
+            await _processor(deployment, producer, store).process_batch(records)
+            seen.append("returned")
+        finally:
+            await producer.stop()
+
+    asyncio.run(scenario())
+    client.close()
+    assert seen == [([ids[0]], 1), (sorted(ids), 2), "returned"]

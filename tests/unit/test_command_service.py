@@ -4,7 +4,10 @@ log into records and answers. No broker: positions stand for acknowledgements.""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
+
+import faust
 
 from app.application.commands import (
     CONCURRENCY_CONFLICT,
@@ -103,3 +106,36 @@ def test_recovery_folds_the_log_into_records_and_answers_once() -> None:
     assert answer.position == Position(partition=0, offset=1)
     # The re-sent command is answered from the log, not decided again.
     assert service.decide(_envelope("c-2"), DEPOSIT).events == ()
+
+
+def test_durable_waits_until_the_broker_has_every_table_write() -> None:
+    """Through Faust's own tables: a write is buffered for the changelog, and
+    ``durable`` returns once the producer has an acknowledgement for each."""
+
+    async def scenario() -> None:
+        app = faust.App(
+            "durable-probe", broker="kafka://127.0.0.1:1", store="memory://"
+        )
+        records = app.Table("records", partitions=1)
+        answers = app.Table("answers", partitions=1)
+        store = TableStore(records, answers, ACCOUNTS, "commands")
+        service = CommandService(aggregate=ACCOUNTS, store=store)
+        with store.partition(0):
+            service.complete(
+                service.decide(_envelope("c-1"), OPEN),
+                [Position(partition=0, offset=0)],
+            )
+        waiting = asyncio.ensure_future(store.durable())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # no broker here: nothing is acknowledged
+        buffered = app.producer.buffer.pending
+        sent = [buffered.get_nowait() for _ in range(buffered.qsize())]
+        assert len(sent) == 2  # the record and the answer
+        for message in sent[:-1]:
+            message.set_result(None)
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        sent[-1].set_result(None)
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(scenario())
