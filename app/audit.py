@@ -198,7 +198,11 @@ def check_answers(
         if not answers:
             problems.append(f"command {command_id}: no result")
         elif len(answers) > 1:
-            problems.append(f"command {command_id}: {len(answers)} different results")
+            problems.append(
+                f"command {command_id}: {len(answers)} different results "
+                "(status, version, event ids, code, partition, offset): "
+                + "; ".join(map(str, sorted(answers, key=repr)))
+            )
     return Finding("answers", len(wanted), problems)
 
 

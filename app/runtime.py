@@ -72,6 +72,7 @@ TRANSIENT = (
 )
 POSITION_KEY = "\x00position/{partition}"
 COMMANDS_KEY = "\x00commands/{partition}"
+ANSWER_KEY = "\x00answer/{command_id}"
 # A record with this header only reveals skipped records before it (see above).
 PROBE_HEADER = "streamfold-probe"
 
@@ -102,23 +103,24 @@ class _PartitionEvent:
 
 
 class TableStore:
-    """The aggregate store over two Faust tables (or any mutable mappings), in JSON:
-    records by aggregate id, and the answer to every command decided, by command id.
-    Reads and writes happen inside ``partition(p)``: a Faust table keeps each key in
-    the partition of the commands that own it."""
+    """The aggregate store over a Faust table (or any mutable mapping), in JSON:
+    records by aggregate id, the answer to every command decided by command id, and
+    the partition's position marks. Reads and writes happen inside ``partition(p)``:
+    a Faust table keeps each key in the partition of the commands that own it.
 
-    def __init__(
-        self, table: Any, answers: Any, aggregate: Aggregate, topic: str = ""
-    ) -> None:
+    One table, so one changelog partition holds all of a partition's writes in the
+    order they were made: a crash can lose a tail of them, never one from between.
+    That order is the answer, then the record, then the marks (see
+    ``CommandService.complete``): a record found after a restart has its answer."""
+
+    def __init__(self, table: Any, aggregate: Aggregate, topic: str = "") -> None:
         self.table = table
-        self.answers = answers
         self.topic = topic
         self.state_type = type(aggregate.initial_state())
         self._events: dict[int, _PartitionEvent] = {}
         self._unacknowledged: list[Awaitable[Any]] = []
-        for faust_table in (table, answers):
-            if hasattr(faust_table, "send_changelog"):
-                faust_table.send_changelog = self._keeping(faust_table.send_changelog)
+        if hasattr(table, "send_changelog"):
+            table.send_changelog = self._keeping(table.send_changelog)
 
     def _keeping(self, send: Callable[..., Any]) -> Callable[..., Any]:
         # A Faust table buffers each change for its changelog and drops the future
@@ -158,21 +160,24 @@ class TableStore:
         raw = self.table.get(aggregate_id)
         if raw is None:
             return None
-        # Records written before the answers table kept their last answers inside.
+        # Records written before answers had keys of their own kept the last ones.
         for kept in raw.get("recent", ()):
-            if self.answers.get(kept["command_id"]) is None:
-                self.answers[kept["command_id"]] = kept
+            key = ANSWER_KEY.format(command_id=kept["command_id"])
+            if self.table.get(key) is None:
+                self.table[key] = kept
         return record_from_json(raw, self.state_type)
 
     def save(self, aggregate_id: str, record: Record) -> None:
         self.table[aggregate_id] = record_to_json(record)
 
     def answer(self, command_id: str) -> Result | None:
-        raw = self.answers.get(command_id)
+        raw = self.table.get(ANSWER_KEY.format(command_id=command_id))
         return None if raw is None else result_from_json(raw)
 
     def remember(self, result: Result) -> None:
-        self.answers[result.command_id] = result_to_json(result)
+        self.table[ANSWER_KEY.format(command_id=result.command_id)] = result_to_json(
+            result
+        )
 
     def next_offset(self, partition: int) -> int:
         return self._mark(POSITION_KEY, partition) or 0
@@ -542,7 +547,7 @@ class CommandProcessor:
         await asyncio.gather(*sent)
         for partition, offset in batch.marks.items():
             self.store.set_next_command(partition, offset)
-        # A rejection lives only in the answers table. Were it lost while a later
+        # A rejection lives only in the table. Were it lost while a later
         # command's events reached the log (SIGKILL), the command would be decided
         # again on a later state: so nothing more is decided until it is durable.
         await self.store.durable()

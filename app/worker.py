@@ -84,13 +84,8 @@ def build(settings: Settings) -> Worker:
             partitions=settings.partitions,
             key_type=str,
         )
-        answers = app.Table(
-            f"{aggregate.type}-answers",
-            partitions=settings.partitions,
-            key_type=str,
-        )
         commands_topic = settings.topics.commands(name)
-        store = TableStore(table, answers, aggregate, commands_topic)
+        store = TableStore(table, aggregate, commands_topic)
         processor = CommandProcessor(
             settings=settings,
             aggregate=aggregate,

@@ -244,17 +244,19 @@ class CommandService:
     ) -> Result:
         """Save what a decision changes, once the broker has acknowledged its events
         (at ``positions``): the state may lag the log after a crash (and catches up
-        from it), but it never runs ahead of it."""
+        from it), but it never runs ahead of it. The answer is written before the
+        record: should a crash keep only the first of the two, a record that has
+        the events also has their answer."""
         record, result = decision.record, decision.result
         if record is None:
             return result
+        if positions:
+            result = replace(result, position=positions[-1])
+        self.store.remember(result)
         if decision.events:
             for new in decision.events:
                 record = fold(self.aggregate, record, new.metadata, new.event)
             self.store.save(decision.aggregate_id, record)
-        if positions:
-            result = replace(result, position=positions[-1])
-        self.store.remember(result)
         return result
 
     def _rejected(
@@ -311,5 +313,5 @@ class CommandService:
             else (*known, metadata.event_id),
             position=position,
         )
+        self.store.remember(result)  # first, as in ``complete``
         self.store.save(metadata.aggregate_id, folded)
-        self.store.remember(result)

@@ -73,11 +73,8 @@ def _withdraw(account: str, amount: int, reference: str) -> Withdraw:
 
 
 def _delete_changelog(settings: Settings) -> None:
-    """Both changelogs of the account store: records and answers."""
-    names = [
-        f"{settings.app_id}-account-{table}-changelog"
-        for table in ("aggregates", "answers")
-    ]
+    """The changelog of the account store: records, answers and marks."""
+    names = [f"{settings.app_id}-account-aggregates-changelog"]
     admin = AdminClient(settings.kafka_client_config())
     for future in admin.delete_topics(names, operation_timeout=60).values():
         future.result(timeout=90)

@@ -5,6 +5,7 @@ log into records and answers. No broker: positions stand for acknowledgements.""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 
 import faust
@@ -19,8 +20,20 @@ from app.domain.accounts import Deposit, OpenAccount
 from app.runtime import ACCOUNTS, TableStore
 
 
+class _Writes(dict[str, object]):
+    """A table that remembers the order of its writes, as a changelog would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+
+    def __setitem__(self, key: str, value: object) -> None:
+        self.order.append(key)
+        super().__setitem__(key, value)
+
+
 def _service() -> tuple[CommandService, TableStore]:
-    store = TableStore({}, {}, ACCOUNTS)
+    store = TableStore(_Writes(), ACCOUNTS)
     return CommandService(aggregate=ACCOUNTS, store=store), store
 
 
@@ -106,19 +119,25 @@ def test_recovery_folds_the_log_into_records_and_answers_once() -> None:
     assert answer.position == Position(partition=0, offset=1)
     # The re-sent command is answered from the log, not decided again.
     assert service.decide(_envelope("c-2"), DEPOSIT).events == ()
+    # Each answer is written before the record that holds its events.
+    assert store.table.order == [
+        "\x00answer/c-1",
+        "acc-1",
+        "\x00answer/c-2",
+        "acc-1",
+    ]
 
 
-def test_durable_waits_until_the_broker_has_every_table_write() -> None:
-    """Through Faust's own tables: a write is buffered for the changelog, and
-    ``durable`` returns once the producer has an acknowledgement for each."""
+def test_answer_then_record_reach_the_changelog_and_durable_waits_for_both() -> None:
+    """Through a Faust table of its own: each write is buffered for the changelog,
+    the answer before the record (a crash keeps a prefix of them), and ``durable``
+    returns once the producer has an acknowledgement for each."""
 
     async def scenario() -> None:
         app = faust.App(
             "durable-probe", broker="kafka://127.0.0.1:1", store="memory://"
         )
-        records = app.Table("records", partitions=1)
-        answers = app.Table("answers", partitions=1)
-        store = TableStore(records, answers, ACCOUNTS, "commands")
+        store = TableStore(app.Table("records", partitions=1), ACCOUNTS, "commands")
         service = CommandService(aggregate=ACCOUNTS, store=store)
         with store.partition(0):
             service.complete(
@@ -130,12 +149,13 @@ def test_durable_waits_until_the_broker_has_every_table_write() -> None:
         assert not waiting.done()  # no broker here: nothing is acknowledged
         buffered = app.producer.buffer.pending
         sent = [buffered.get_nowait() for _ in range(buffered.qsize())]
-        assert len(sent) == 2  # the record and the answer
-        for message in sent[:-1]:
-            message.set_result(None)
+        keys = [json.loads(m.message.key) for m in sent]  # Faust's JSON keys
+        assert keys == ["\x00answer/c-1", "acc-1"]
+        assert {m.message.partition for m in sent} == {0}
+        sent[0].set_result(None)
         await asyncio.sleep(0.05)
         assert not waiting.done()
-        sent[-1].set_result(None)
+        sent[1].set_result(None)
         await asyncio.wait_for(waiting, 5)
 
     asyncio.run(scenario())
