@@ -304,7 +304,14 @@ def test_aggregate_table_keys_stay_in_their_command_partition(
     partitions = deployment.partitions
     for account in accounts:
         assert placed[account] == {partition_for(account.encode(), partitions)}
-    marks = {k: p for k, p in placed.items() if k.startswith("\x00")}
+    for command_id, account in zip(ids, accounts + accounts, strict=True):
+        home = {partition_for(account.encode(), partitions)}
+        assert placed[f"\x00answer/{command_id}"] == home, command_id
+    marks = {
+        k: p
+        for k, p in placed.items()
+        if k.startswith(("\x00position/", "\x00commands/"))
+    }
     assert marks, "no position marks in the changelog"
     for key, found in marks.items():
         assert found == {int(key.rsplit("/", 1)[1])}, key
