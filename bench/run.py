@@ -66,7 +66,7 @@ QUICK: dict[str, float] = {
     "commands_backlog": 1000,
     "commands_latency_seconds": 2,
     "e2e_warmup_orders": 10,
-    "e2e_orders": 100,
+    "e2e_orders": 200,  # the raw pipeline, 800 commands, needs a few clock ticks
     "e2e_latency_seconds": 1.5,
     "sequential_orders": 1,
     "peer_threads": 4,
@@ -576,7 +576,8 @@ def table(summary: dict[str, Any], out: Path) -> str:
         lines.append(
             f"| {f['label']} | {_fmt(f['value'])} {f['unit']} | "
             f"{_fmt(f['baseline'])} {f['unit']} ({f['baseline_label']}) | "
-            f"{f['ratio']:g}× | {f['better']} |"
+            f"{'—' if f['ratio'] is None else format(f['ratio'], 'g') + '×'} | "
+            f"{f['better']} |"
         )
     if failed:
         lines += ["", f"Failed: {', '.join(failed)} (reasons in summary.json)."]
