@@ -160,12 +160,21 @@ class TableStore:
         raw = self.table.get(aggregate_id)
         if raw is None:
             return None
-        # Records written before answers had keys of their own kept the last ones.
-        for kept in raw.get("recent", ()):
+        if "recent" in raw:
+            raw = self._migrate(aggregate_id, raw)
+        return record_from_json(raw, self.state_type)
+
+    def _migrate(self, aggregate_id: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """A record written before answers had keys of their own kept its last
+        answers: they get their keys, then the record is saved without them (in
+        that order, as ``complete`` writes), so this happens once per record."""
+        for kept in raw["recent"]:
             key = ANSWER_KEY.format(command_id=kept["command_id"])
             if self.table.get(key) is None:
                 self.table[key] = kept
-        return record_from_json(raw, self.state_type)
+        raw = {name: value for name, value in raw.items() if name != "recent"}
+        self.table[aggregate_id] = raw
+        return raw
 
     def save(self, aggregate_id: str, record: Record) -> None:
         self.table[aggregate_id] = record_to_json(record)
@@ -199,10 +208,11 @@ class TableStore:
         return None if raw is None else int(raw)
 
     def _advance(self, key: str, partition: int, offset: int) -> None:
-        current = self._mark(key, partition)
-        if current is None or offset > current:
-            with self.partition(partition):
-                self.table[key.format(partition=partition)] = offset
+        name = key.format(partition=partition)
+        with self.partition(partition):
+            current = self.table.get(name)
+            if current is None or offset > int(current):
+                self.table[name] = offset
 
 
 def record_to_json(record: Record) -> dict[str, Any]:

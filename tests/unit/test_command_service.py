@@ -17,7 +17,7 @@ from app.application.commands import (
     Position,
 )
 from app.domain.accounts import Deposit, OpenAccount
-from app.runtime import ACCOUNTS, TableStore
+from app.runtime import ACCOUNTS, TableStore, result_to_json
 
 
 class _Writes(dict[str, object]):
@@ -159,3 +159,25 @@ def test_answer_then_record_reach_the_changelog_and_durable_waits_for_both() -> 
         await asyncio.wait_for(waiting, 5)
 
     asyncio.run(scenario())
+
+
+def test_a_record_that_kept_its_answers_gets_them_keyed_once() -> None:
+    # The format before answers had keys of their own: the record kept its last ones.
+    service, store = _service()
+    result = service.complete(
+        service.decide(_envelope("c-1"), OPEN), [Position(partition=0, offset=0)]
+    )
+    table = store.table
+    legacy = {**table["acc-1"], "recent": [result_to_json(result)]}
+    table.clear()
+    table["acc-1"] = legacy
+    table.order.clear()
+
+    record = store.load("acc-1")
+    assert record is not None and record.version == 1
+    # The answer before the record that no longer carries it, as complete() writes.
+    assert table.order == ["\x00answer/c-1", "acc-1"]
+    assert "recent" not in table["acc-1"]
+    assert store.answer("c-1") == result
+    store.load("acc-1")
+    assert table.order == ["\x00answer/c-1", "acc-1"]  # nothing written again
