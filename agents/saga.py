@@ -17,8 +17,8 @@ refund's MoneyDeposited, the saga's issued by user ``saga:order-payment``. Each
 command's causation id is the event, result or timeout that triggered it (listed in
 the history of ``/sagas/{order_id}``).
 
-Settings, read here: ``STREAMFOLD_SAGA=on|off`` (off registers nothing: use it for
-replays; the feed's group keeps its position and resumes there when switched back
+Settings (``app.settings``): ``STREAMFOLD_SAGA=on|off`` (off registers nothing: use it
+for replays; the feed's group keeps its position and resumes there when switched back
 on) and ``STREAMFOLD_SAGA_TIMEOUT`` (seconds to wait for the account, default 30).
 """
 
@@ -27,10 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,7 +47,7 @@ from app.adapters.saga_io import (
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
 from app.application import saga
 from app.runtime import settle_commits
-from app.settings import Settings, SettingsError
+from app.settings import Settings
 
 log = logging.getLogger("streamfold.saga")
 
@@ -62,33 +58,8 @@ PROBE = b'{"type":"Probe"}'
 MAX_TIMEOUT_S = 86_400.0
 
 
-@dataclass(frozen=True, slots=True)
-class SagaConfig:
-    enabled: bool = True
-    timeout: timedelta = timedelta(seconds=30)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> SagaConfig:
-        env = os.environ if env is None else env
-        switch = (env.get("STREAMFOLD_SAGA") or "on").strip()
-        if switch not in ("on", "off"):
-            raise SettingsError("STREAMFOLD_SAGA", f"must be on or off, got {switch!r}")
-        raw = (env.get("STREAMFOLD_SAGA_TIMEOUT") or "30").strip()
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = math.nan
-        if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan
-            raise SettingsError(
-                "STREAMFOLD_SAGA_TIMEOUT",
-                f"expected seconds above 0 and up to {MAX_TIMEOUT_S:g}, got {raw!r}",
-            )
-        return cls(enabled=switch == "on", timeout=timedelta(seconds=seconds))
-
-
 def register(app: faust.App, settings: Settings, codec: Codec) -> None:
-    config = SagaConfig.from_env()
-    if not config.enabled:
+    if not settings.saga:
         log.info("order payment saga is off (STREAMFOLD_SAGA=off)")
         return
     name = inbox_topic(settings)
@@ -111,7 +82,8 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    runner = SagaRunner(app, settings, codec, sagas, deadlines, config.timeout)
+    timeout = timedelta(seconds=settings.saga_timeout_s)
+    runner = SagaRunner(app, settings, codec, sagas, deadlines, timeout)
     feed = SagaFeed(settings, codec)
 
     @app.agent(inbox, name="order-payment-saga")
@@ -119,7 +91,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
         async for event in stream.events():
             await runner.handle(event.message)
 
-    @app.timer(interval=min(1.0, max(0.05, config.timeout.total_seconds() / 4)))
+    @app.timer(interval=min(1.0, max(0.05, settings.saga_timeout_s / 4)))
     async def saga_timer() -> None:
         await runner.tick()
 

@@ -83,6 +83,9 @@ class Settings:
     session_timeout_s: float = 10.0
     query_wait_s: float = 2.0
     projections: tuple[str, ...] | None = None
+    # The order payment saga (agents/saga.py): off registers nothing.
+    saga: bool = True
+    saga_timeout_s: float = 30.0
     registry_host: str = "127.0.0.1"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -162,6 +165,12 @@ class Settings:
             ),
             query_wait_s=get("STREAMFOLD_QUERY_WAIT", _float_between(0, 60), 2.0),
             projections=get("STREAMFOLD_PROJECTIONS", _projections, None),
+            saga=get("STREAMFOLD_SAGA", _one_of("on", "off"), "on") == "on",
+            saga_timeout_s=get(
+                "STREAMFOLD_SAGA_TIMEOUT",
+                _float_between(0.001, 86_400),
+                default.saga_timeout_s,
+            ),
             registry_host=get("STREAMFOLD_REGISTRY_HOST", _name, default.registry_host),
             security_protocol=get(
                 "KAFKA_SECURITY_PROTOCOL",
@@ -230,6 +239,8 @@ class Settings:
             "STREAMFOLD_LOG_LEVEL": self.log_level,
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
             "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),
+            "STREAMFOLD_SAGA": "on" if self.saga else "off",
+            "STREAMFOLD_SAGA_TIMEOUT": str(self.saga_timeout_s),
             "STREAMFOLD_REGISTRY_HOST": self.registry_host,
             "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
         }
@@ -349,7 +360,9 @@ def _int_between(low: int, high: int) -> Callable[[str, str], int]:
         except ValueError:
             raise SettingsError(name, f"expected a whole number, got {raw!r}") from None
         if not low <= value <= high:
-            raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+            raise SettingsError(
+                name, f"must be between {low:g} and {high:g}, got {raw}"
+            )
         return value
 
     return parse
@@ -364,7 +377,9 @@ def _float_between(low: float, high: float) -> Callable[[str, str], float]:
                 name, f"expected a number of seconds, got {raw!r}"
             ) from None
         if not low <= value <= high:
-            raise SettingsError(name, f"must be between {low} and {high}, got {value}")
+            raise SettingsError(
+                name, f"must be between {low:g} and {high:g}, got {raw}"
+            )
         return value
 
     return parse

@@ -11,11 +11,11 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -152,9 +152,9 @@ TIMEOUT_S = 8
 
 
 def test_outcomes_the_deadline_and_the_history_of_a_flow(
-    deployment: Settings, monkeypatch: pytest.MonkeyPatch
+    deployment: Settings,
 ) -> None:
-    monkeypatch.setenv("STREAMFOLD_SAGA_TIMEOUT", str(TIMEOUT_S))
+    deployment = replace(deployment, saga_timeout_s=TIMEOUT_S)
     rich, poor, closed, dollars = (_id(p) for p in ("rich", "poor", "closed", "usd"))
     happy, broke, shut, foreign, plain = (
         _id(p) for p in ("happy", "broke", "shut", "foreign", "plain")
@@ -376,9 +376,9 @@ KILLS = 2
 
 
 def test_sigkill_amid_many_sagas_then_a_replay_of_its_group(
-    deployment: Settings, monkeypatch: pytest.MonkeyPatch
+    deployment: Settings,
 ) -> None:
-    monkeypatch.setenv("STREAMFOLD_SAGA_TIMEOUT", "60")
+    deployment = replace(deployment, saga_timeout_s=60)
     rng = random.Random(5)
     funding = {f"acc-{n}": rng.choice([0, 2000, 5000, 20_000]) for n in range(ACCOUNTS)}
     closed = "acc-0"

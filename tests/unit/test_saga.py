@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from agents.saga import SagaConfig
 from app.application import saga
 from app.application.saga import (
     Cancelled,
@@ -28,7 +27,7 @@ from app.application.saga import (
 )
 from app.domain import accounts, orders
 from app.domain.orders import Address, OrderLine
-from app.settings import SettingsError
+from app.settings import Settings, SettingsError
 
 ORDER = "o-1"
 ACCOUNT = "a-1"
@@ -541,11 +540,14 @@ def test_malformed_messages_are_refused(data: dict[str, Any]) -> None:
 
 
 def test_configuration_defaults_and_parsing() -> None:
-    assert SagaConfig.from_env({}) == SagaConfig(True, timedelta(seconds=30))
-    config = SagaConfig.from_env(
+    default = Settings.from_env({})
+    assert (default.saga, default.saga_timeout_s) == (True, 30.0)
+    chosen = Settings.from_env(
         {"STREAMFOLD_SAGA": "off", "STREAMFOLD_SAGA_TIMEOUT": "2.5"}
     )
-    assert config == SagaConfig(False, timedelta(seconds=2.5))
+    assert (chosen.saga, chosen.saga_timeout_s) == (False, 2.5)
+    # A worker started from these settings reads the same ones.
+    assert Settings.from_env(chosen.as_env()) == chosen
 
 
 @pytest.mark.parametrize(
@@ -561,20 +563,20 @@ def test_configuration_defaults_and_parsing() -> None:
 )
 def test_bad_configuration_names_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
-        SagaConfig.from_env({variable: value})
+        Settings.from_env({variable: value})
     assert caught.value.variable == variable
     assert value in str(caught.value)
 
 
-def test_off_registers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_off_registers_nothing() -> None:
     from agents import saga as saga_agents
 
     class Untouchable:
         def __getattr__(self, name: str) -> Any:
             raise AssertionError(f"the saga is off but touched .{name}")
 
-    monkeypatch.setenv("STREAMFOLD_SAGA", "off")
-    saga_agents.register(Untouchable(), Untouchable(), Untouchable())  # type: ignore[arg-type]
+    off = replace(Settings(), saga=False)
+    saga_agents.register(Untouchable(), off, Untouchable())  # type: ignore[arg-type]
 
 
 def test_the_feed_looks_at_headers_before_decoding_an_event() -> None:
