@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -46,17 +45,8 @@ from app.local.deployments import delete_topics
 from app.local.process import wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
-from bench.common import (
-    CpuMeter,
-    Outgoing,
-    ResultListener,
-    isolated,
-    new_producer,
-    percentile,
-    produce_all,
-    produce_paced,
-    run_id,
-)
+from bench.common import CpuMeter, ResultListener, isolated, run_id
+from bench.harness import Outgoing, machine, new_producer, percentile, produce
 
 RESULTS = Path(__file__).resolve().parent / "results" / "commands.json"
 
@@ -178,19 +168,19 @@ def measure(
 ) -> Figures:
     producer = new_producer(settings)
     accounts = [f"acc-{n:05d}" for n in range(size.accounts)]
-    opened = produce_all(producer, commands_topic, opening(encode, accounts))
+    opened = produce(producer, commands_topic, opening(encode, accounts)).at
     listener.wait_for(list(opened), timeout=120)
     # Warm-up: caches, connections, batch sizes.
-    warm = produce_all(
+    warm = produce(
         producer, commands_topic, traffic(encode, accounts, size.backlog // 10, 1)
-    )
+    ).at
     listener.wait_for(list(warm), timeout=300)
 
     backlog = traffic(encode, accounts, size.backlog, 2)
     meter = CpuMeter(pids)
     meter.start()
     started = time.monotonic()
-    produce_all(producer, commands_topic, backlog)
+    produce(producer, commands_topic, backlog)
     finished = listener.wait_for([c.command_id for c in backlog], timeout=900)
     cpu = meter.stop()
     seconds = finished - started
@@ -201,7 +191,7 @@ def measure(
     time.sleep(SETTLE_S)
     paced_rate = max(50.0, rate / 2)
     paced = traffic(encode, accounts, int(paced_rate * size.latency_s), 3)
-    sent = produce_paced(producer, commands_topic, paced, paced_rate)
+    sent = produce(producer, commands_topic, paced, rate=paced_rate).at
     listener.wait_for(list(sent), timeout=300)
     latencies = [
         (listener.arrived[c] - t) * 1000
@@ -214,8 +204,8 @@ def measure(
         commands=len(backlog),
         seconds=round(seconds, 2),
         commands_per_s=round(rate),
-        p50_ms=round(percentile(latencies, 0.50), 1),
-        p99_ms=round(percentile(latencies, 0.99), 1),
+        p50_ms=_ms(latencies, 0.50),
+        p99_ms=_ms(latencies, 0.99),
         latency_rate=round(paced_rate),
         latency_commands=len(paced),
         cpu_s=cpu,
@@ -224,6 +214,13 @@ def measure(
             for name, seconds_ in cpu.items()
         },
     )
+
+
+def _ms(latencies: list[float], q: float) -> float:
+    value = percentile(latencies, q)
+    if value is None:
+        raise RuntimeError("no command was answered in the latency phase")
+    return round(value, 1)
 
 
 def bench_worker(settings: Settings, broker_pid: int, size: Size) -> Figures:
@@ -378,20 +375,6 @@ def bench_raw(settings: Settings, broker_pid: int, size: Size) -> Figures:
 # -- report -----------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cores": os.cpu_count(),
-        "cpu": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-    }
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'system':<9} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'p50 ms':>7} "
@@ -466,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench.commands",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
-        "machine": machine(),
+        "machine": machine(base),
         "size": asdict(size),
         "notes": (
             "Local single-broker Kafka on the same machine as worker and driver; "

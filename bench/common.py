@@ -1,32 +1,20 @@
-"""Benchmark helpers: isolated deployments, CPU seconds from /proc, and a driver that
-produces commands and times each one until its result arrives."""
+"""Helpers of ``bench.commands``: isolated deployments, CPU meters, and a listener that
+times each command until its result arrives (the rest is in ``bench.harness``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from app.client import PARTITIONER
 from app.local.deployments import free_port
 from app.settings import Settings, Topics
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (psutil is not installed)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name may hold spaces; the fields after it are fixed.
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+from bench.harness import cpu_seconds
 
 
 @dataclass
@@ -37,13 +25,20 @@ class CpuMeter:
     _start: dict[str, float] = field(default_factory=dict)
 
     def start(self) -> None:
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._start = {name: self._read(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> dict[str, float]:
         return {
-            name: round(cpu_seconds(pid) - self._start[name], 2)
+            name: round(self._read(pid) - self._start[name], 2)
             for name, pid in self.pids.items()
         }
+
+    @staticmethod
+    def _read(pid: int) -> float:
+        seconds = cpu_seconds(pid)
+        if seconds is None:
+            raise RuntimeError(f"process {pid} exited during the benchmark")
+        return seconds
 
 
 def isolated(settings: Settings, partitions: int, run: str) -> Settings:
@@ -62,24 +57,6 @@ def isolated(settings: Settings, partitions: int, run: str) -> Settings:
 
 def run_id() -> str:
     return uuid.uuid4().hex[:6]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One pre-encoded command: produced as is, so the driver stays cheap."""
-
-    command_id: str
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
 
 
 class ResultListener:
@@ -154,47 +131,3 @@ class ResultListener:
         self._stop.set()
         self._thread.join(5)
         self._consumer.close()
-
-
-def new_producer(settings: Settings) -> Producer:
-    return Producer(
-        {**settings.producer_config(), "linger.ms": 1, "partitioner": PARTITIONER}
-    )
-
-
-def produce_all(
-    producer: Producer, topic: str, commands: Sequence[Outgoing]
-) -> dict[str, float]:
-    """Produce as fast as librdkafka takes them; returns each command's send time."""
-    sent: dict[str, float] = {}
-    for command in commands:
-        while True:
-            try:
-                producer.produce(
-                    topic, command.value, command.key, headers=command.headers
-                )
-                break
-            except BufferError:
-                producer.poll(0.01)
-        sent[command.command_id] = time.monotonic()
-        producer.poll(0)
-    producer.flush(60)
-    return sent
-
-
-def produce_paced(
-    producer: Producer, topic: str, commands: Sequence[Outgoing], rate: float
-) -> dict[str, float]:
-    """Produce at a steady ``rate`` per second (in 2 ms slices)."""
-    sent: dict[str, float] = {}
-    started = time.monotonic()
-    for index, command in enumerate(commands):
-        due = started + index / rate
-        delay = due - time.monotonic()
-        if delay > 0.002:
-            time.sleep(delay)
-        producer.produce(topic, command.value, command.key, headers=command.headers)
-        sent[command.command_id] = time.monotonic()
-        producer.poll(0)
-    producer.flush(60)
-    return sent
