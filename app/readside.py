@@ -1,4 +1,4 @@
-"""The read side inside the worker: Postgres projections on their own threads, and
+"""The read side of the worker: its Postgres projections (in a child process), and
 the HTTP query views, status and metrics on the worker's web server."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import faust
 from psycopg_pool import AsyncConnectionPool
 
 from app import query
-from app.adapters.codec import Codec
 from app.projections import PROJECTIONS
-from app.projections.engine import ProjectionRunner, Status
+from app.projections.engine import Status
+from app.projections.process import ProjectionProcess
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.query")
@@ -25,24 +25,23 @@ AREA_PROJECTION = {"orders": "orders", "accounts": "ledger"}
 
 
 class ReadSide:
+    """The worker's read side: the Postgres projections (in a process of their own,
+    ``ProjectionProcess``) and the query connection pool."""
+
     def __init__(
-        self, settings: Settings, codec: Codec, names: tuple[str, ...] | None = None
+        self, settings: Settings, names: tuple[str, ...] | None = None
     ) -> None:
         self.settings = settings
         chosen = names if names is not None else tuple(PROJECTIONS)
-        self.runners = {
-            name: ProjectionRunner(settings, PROJECTIONS[name], codec)
-            for name in chosen
-        }
+        self.projections = ProjectionProcess(settings, chosen)
         self._pool: AsyncConnectionPool | None = None
 
     def start(self) -> None:
-        for runner in self.runners.values():
-            runner.start()
+        if self.projections.names:
+            self.projections.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        for runner in self.runners.values():
-            runner.stop(timeout)
+        self.projections.stop(timeout)
 
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:
@@ -54,7 +53,7 @@ class ReadSide:
         return self._pool
 
     def statuses(self) -> list[Status]:
-        return [runner.status for runner in self.runners.values()]
+        return list(self.projections.statuses.values())
 
     async def wait_for(self, area: str, after: str | None) -> bool:
         """Read-your-writes: True when the area's projection has passed ``after``
@@ -62,12 +61,17 @@ class ReadSide:
         if not after:
             return True
         partition, offset = _position(after)
-        runner = self.runners.get(AREA_PROJECTION[area])
-        if runner is None:
+        name = AREA_PROJECTION[area]
+        if name not in self.projections.statuses:
             return False
         topic = self.settings.topics.events(area)
         return await asyncio.to_thread(
-            runner.wait_for, topic, partition, offset, self.settings.query_wait_s
+            self.projections.wait_for,
+            name,
+            topic,
+            partition,
+            offset,
+            self.settings.query_wait_s,
         )
 
 

@@ -151,7 +151,7 @@ def build(settings: Settings) -> Worker:
 
     view_agents.register(app, settings, codec)
     saga_agents.register(app, settings, codec)
-    read = ReadSide(settings, codec, settings.projections)
+    read = ReadSide(settings, settings.projections)
     readside.attach(app, settings, read)
     worker.read = read
     return worker

@@ -192,6 +192,7 @@ class ProjectionRunner:
         poll_timeout: float = 0.05,
         schema: str = "public",
         group: str | None = None,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.projection = projection
@@ -211,6 +212,8 @@ class ProjectionRunner:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._progress = threading.Condition()
+        # Called after each commit (and table switch), on the runner's thread.
+        self._on_progress = on_progress
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -390,6 +393,8 @@ class ProjectionRunner:
             self.status.positions = positions
             self.status.rebuilt_at = datetime.now(UTC)
             self._progress.notify_all()
+        if self._on_progress is not None:
+            self._on_progress()
         # Offsets first: should the seek fail and the consumer start over, the group
         # must not look rewound (that would rebuild the projection once more).
         self._commit_offsets()
@@ -553,6 +558,8 @@ class ProjectionRunner:
             if events:
                 self.status.last_event_at = events[-1].metadata["timestamp"]
             self._progress.notify_all()
+        if self._on_progress is not None:
+            self._on_progress()
 
     def _commit_offsets(self) -> None:
         """Mirror Postgres' positions into the group (Postgres stays authoritative)."""

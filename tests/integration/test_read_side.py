@@ -3,10 +3,14 @@ the log, query views behave, read-your-writes, lag, poison events, faults."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -329,3 +333,90 @@ def test_an_internal_failure_is_a_generic_500_with_a_correlation_id(
     assert uuid.UUID(body["correlation_id"])
     assert "order_summaries" not in response.text
     assert "Traceback" not in response.text
+
+
+def _projection_process(worker: int, timeout: float = 60.0) -> int:
+    """The pid of the worker's projection process (a child running the spawn entry)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in os.listdir(f"/proc/{worker}/task"):
+            children = Path(f"/proc/{worker}/task/{task}/children").read_text()
+            for child in map(int, children.split()):
+                with contextlib.suppress(OSError):
+                    if (
+                        b"multiprocessing.spawn"
+                        in Path(f"/proc/{child}/cmdline").read_bytes()
+                    ):
+                        return child
+        time.sleep(0.05)
+    raise AssertionError(f"worker {worker} started no projection process")
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, not yet reaped
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
+    deployment: Settings,
+) -> None:
+    from app.local.worker import WorkerProcess
+
+    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    account = f"acc-{uuid.uuid4().hex[:6]}"
+
+    def errors() -> set[str | None]:
+        status = httpx.get(f"{base}/status").json()
+        return {p["error"] for p in status["projections"]}
+
+    worker = WorkerProcess(deployment)
+    worker.start(timeout=120)
+    try:
+        pid = worker.pid()
+        assert pid is not None
+        first = _projection_process(pid)
+        with CommandClient(deployment) as client:
+            client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
+            os.kill(first, signal.SIGKILL)
+            # Named in the status until the new process reports, then cleared.
+            eventually(
+                lambda: any("projection process exited" in (e or "") for e in errors()),
+                True,
+                timeout=10,
+            )
+            eventually(errors, {None})
+            second = _projection_process(pid)
+            assert second != first
+            deposit = client.send(
+                Deposit(
+                    account_id=account,
+                    transaction_id="t1",
+                    amount_minor=700,
+                    currency="USD",
+                    source="card",
+                    reference="",
+                )
+            )
+
+            def balance() -> Any:
+                body = httpx.get(
+                    f"{base}/query/accounts/{account}",
+                    params={"after": f"{deposit.partition}:{deposit.offset}"},
+                ).json()
+                return (body.get("balance_minor"), body.get("stale"))
+
+            # The killed process's consumers hold their partitions until the
+            # session times out; then the new one catches up and answers fresh.
+            eventually(balance, (700, False))
+        worker.stop(kill=True)
+        assert _gone(second, timeout=10), "the projection process outlived the worker"
+    finally:
+        worker.stop()
