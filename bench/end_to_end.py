@@ -58,6 +58,7 @@ from bench.harness import (
     percentile,
     postgres_backends,
     postgres_background,
+    process_tree,
     produce,
     wait_until,
 )
@@ -515,7 +516,7 @@ def measure(
         assert system.watcher is not None
         sampler = CpuSampler(
             {
-                "process": lambda: [pid],
+                "process": process_tree(pid),
                 "broker": lambda: [broker_pid],
                 "postgres": postgres_backends(
                     _database(settings), exclude=[system.watcher.backend_pid]
@@ -552,7 +553,8 @@ def measure(
         shown = _times(system.visible_at, paced)
         drain = max(shown) - last_sent
         paced_span = max(shown) - min(paced.at.values())
-        memory = peak_memory_mib(pid)
+        peaks = [peak_memory_mib(p) for p in process_tree(pid)()]
+        memory = round(sum(p for p in peaks if p is not None), 1) or None
         sequential = None
         if isinstance(system, StreamfoldSystem):
             phases["settle_wait"] = system.settle(300)

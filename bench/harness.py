@@ -591,6 +591,24 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_tree(pid: int) -> Callable[[], list[int]]:
+    """A finder for ``pid`` and its descendants (the worker and its projection
+    process), as they are when called."""
+
+    def find() -> list[int]:
+        found, todo = [], [pid]
+        while todo:
+            current = todo.pop()
+            found.append(current)
+            with contextlib.suppress(OSError, ValueError):
+                for task in os.listdir(f"/proc/{current}/task"):
+                    children = Path(f"/proc/{current}/task/{task}/children")
+                    todo += [int(child) for child in children.read_text().split()]
+        return found
+
+    return find
+
+
 def peak_memory_mib(pid: int) -> float | None:
     """The process's peak resident set (VmHWM) in MiB."""
     try:

@@ -33,7 +33,7 @@ def figures(e2e: dict[str, Any]) -> list[dict[str, Any]]:
     ours, raw = e2e["streamfold"], e2e["raw"]
     out = []
     for name, label in (
-        ("process", "Worker"),
+        ("process", "Worker (with its projection process)"),
         ("broker", "Kafka broker"),
         ("postgres", "Postgres backends"),
     ):
@@ -53,7 +53,7 @@ def figures(e2e: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         figure(
             "resources.busy.process",
-            "Worker cores busy during the backlog",
+            "Worker (with its projection process) cores busy during the backlog",
             "cores",
             _busy(ours, "process"),
             _busy(raw, "process"),
@@ -65,7 +65,7 @@ def figures(e2e: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         figure(
             "resources.peak_memory",
-            "Worker peak memory (VmHWM)",
+            "Worker peak memory (VmHWM, summed with its projection process)",
             "MiB",
             ours["peak_memory_mib"],
             raw["peak_memory_mib"],
