@@ -55,7 +55,6 @@ TRANSIENT = (KafkaError, RegistryUnavailable, OSError, TimeoutError)
 # The saga's own position in each inbox partition, kept in its table.
 POSITION = "\x00position/{partition}"
 PROBE = b'{"type":"Probe"}'
-MAX_TIMEOUT_S = 86_400.0
 
 
 def register(app: faust.App, settings: Settings, codec: Codec) -> None:

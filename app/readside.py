@@ -37,8 +37,7 @@ class ReadSide:
         self._pool: AsyncConnectionPool | None = None
 
     def start(self) -> None:
-        if self.projections.names:
-            self.projections.start()
+        self.projections.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self.projections.stop(timeout)

@@ -168,7 +168,7 @@ class Settings:
             saga=get("STREAMFOLD_SAGA", _one_of("on", "off"), "on") == "on",
             saga_timeout_s=get(
                 "STREAMFOLD_SAGA_TIMEOUT",
-                _float_between(0.001, 86_400),
+                _float_between(0.001, MAX_SAGA_TIMEOUT_S),
                 default.saga_timeout_s,
             ),
             registry_host=get("STREAMFOLD_REGISTRY_HOST", _name, default.registry_host),
@@ -385,6 +385,8 @@ def _float_between(low: float, high: float) -> Callable[[str, str], float]:
     return parse
 
 
+# A saga waits at most a day for the account's answer.
+MAX_SAGA_TIMEOUT_S = 86_400.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 

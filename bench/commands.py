@@ -45,8 +45,16 @@ from app.local.deployments import delete_topics
 from app.local.process import wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
-from bench.common import CpuMeter, ResultListener, isolated, run_id
-from bench.harness import Outgoing, machine, new_producer, percentile, produce
+from bench.common import ResultListener, isolated, run_id
+from bench.harness import (
+    CpuSampler,
+    Outgoing,
+    machine,
+    new_producer,
+    percentile,
+    process_tree,
+    produce,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "commands.json"
 
@@ -177,7 +185,7 @@ def measure(
     listener.wait_for(list(warm), timeout=300)
 
     backlog = traffic(encode, accounts, size.backlog, 2)
-    meter = CpuMeter(pids)
+    meter = CpuSampler({name: process_tree(pid) for name, pid in pids.items()})
     meter.start()
     started = time.monotonic()
     produce(producer, commands_topic, backlog)

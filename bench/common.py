@@ -1,5 +1,5 @@
-"""Helpers of ``bench.commands``: isolated deployments, CPU meters, and a listener that
-times each command until its result arrives (the rest is in ``bench.harness``)."""
+"""Helpers of ``bench.commands``: isolated deployments, and a listener that times each
+command until its result arrives (the rest is in ``bench.harness``)."""
 
 from __future__ import annotations
 
@@ -8,37 +8,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from app.local.deployments import free_port
 from app.settings import Settings, Topics
-from bench.harness import cpu_seconds
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds each named process spends between ``start`` and ``stop``."""
-
-    pids: dict[str, int]
-    _start: dict[str, float] = field(default_factory=dict)
-
-    def start(self) -> None:
-        self._start = {name: self._read(pid) for name, pid in self.pids.items()}
-
-    def stop(self) -> dict[str, float]:
-        return {
-            name: round(self._read(pid) - self._start[name], 2)
-            for name, pid in self.pids.items()
-        }
-
-    @staticmethod
-    def _read(pid: int) -> float:
-        seconds = cpu_seconds(pid)
-        if seconds is None:
-            raise RuntimeError(f"process {pid} exited during the benchmark")
-        return seconds
 
 
 def isolated(settings: Settings, partitions: int, run: str) -> Settings:

@@ -626,14 +626,11 @@ class ProjectionRunner:
 
     def wait_for(self, topic: str, partition: int, offset: int, timeout: float) -> bool:
         """True once the projection has applied ``offset`` of ``topic[partition]``."""
-        deadline = time.monotonic() + timeout
         with self._progress:
-            while self.status.positions.get((topic, partition), 0) <= offset:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._progress.wait(remaining)
-        return True
+            return self._progress.wait_for(
+                lambda: self.status.positions.get((topic, partition), 0) > offset,
+                timeout,
+            )
 
 
 _STARTED: weakref.WeakSet[ProjectionRunner] = weakref.WeakSet()

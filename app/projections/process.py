@@ -28,6 +28,9 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry
+from app.projections import PROJECTIONS
 from app.projections.engine import ProjectionRunner, Status, tune_gc
 from app.settings import Settings
 
@@ -50,9 +53,10 @@ class ProjectionProcess:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._child: Any = None
-        self.restarts = 0
 
     def start(self) -> None:
+        if not self.names:
+            return
         # From the thread that lives as long as the process: the child's death
         # signal fires when the thread that started it ends.
         self._thread = threading.Thread(
@@ -71,11 +75,6 @@ class ProjectionProcess:
                 child.join(5)
         if self._thread is not None:
             self._thread.join(5)
-
-    @property
-    def pid(self) -> int | None:
-        child = self._child
-        return None if child is None else child.pid
 
     def _supervise(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -106,7 +105,6 @@ class ProjectionProcess:
             with self._progress:
                 for status in self.statuses.values():
                     status.error = error
-            self.restarts += 1
             if time.monotonic() - began > 60:
                 delay = 0.5
             self._stopping.wait(delay)
@@ -122,14 +120,13 @@ class ProjectionProcess:
         self, name: str, topic: str, partition: int, offset: int, timeout: float
     ) -> bool:
         """True once projection ``name`` has applied ``offset`` of ``topic[partition]``."""
-        deadline = time.monotonic() + timeout
         with self._progress:
-            while self.statuses[name].positions.get((topic, partition), 0) <= offset:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._progress.wait(remaining)
-        return True
+            return self._progress.wait_for(
+                lambda: (
+                    self.statuses[name].positions.get((topic, partition), 0) > offset
+                ),
+                timeout,
+            )
 
 
 def project(
@@ -145,10 +142,6 @@ def project(
         level=settings.log_level.upper(),
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
     )
-    from app.adapters.catalog import SchemaCatalog
-    from app.adapters.codec import Codec, ConfluentRegistry
-    from app.projections import PROJECTIONS
-
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
     progressed = threading.Event()
     runners = [

@@ -29,7 +29,9 @@ from app.domain.orders import (
     ShipOrder,
 )
 from app.local import postgres
+from app.local.process import pid_alive, wait_for
 from app.settings import Settings
+from bench.harness import process_tree
 from tests.readmodels import (
     actual_ledger,
     actual_orders,
@@ -335,34 +337,23 @@ def test_an_internal_failure_is_a_generic_500_with_a_correlation_id(
     assert "Traceback" not in response.text
 
 
-def _projection_process(worker: int, timeout: float = 60.0) -> int:
-    """The pid of the worker's projection process (a child running the spawn entry)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for task in os.listdir(f"/proc/{worker}/task"):
-            children = Path(f"/proc/{worker}/task/{task}/children").read_text()
-            for child in map(int, children.split()):
-                with contextlib.suppress(OSError):
-                    if (
-                        b"multiprocessing.spawn"
-                        in Path(f"/proc/{child}/cmdline").read_bytes()
-                    ):
-                        return child
-        time.sleep(0.05)
-    raise AssertionError(f"worker {worker} started no projection process")
+def _projection_process(worker: int) -> int:
+    """The pid of the worker's projection process (its child running the spawn entry)."""
+    found: list[int] = []
 
+    def started() -> bool:
+        for pid in process_tree(worker)()[1:]:
+            with contextlib.suppress(OSError):
+                if (
+                    b"multiprocessing.spawn"
+                    in Path(f"/proc/{pid}/cmdline").read_bytes()
+                ):
+                    found.append(pid)
+                    return True
+        return False
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":  # exited, not yet reaped
-            return True
-        time.sleep(0.05)
-    return False
+    wait_for(started, 60, f"worker {worker}'s projection process")
+    return found[0]
 
 
 def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
@@ -417,6 +408,10 @@ def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
             # session times out; then the new one catches up and answers fresh.
             eventually(balance, (700, False))
         worker.stop(kill=True)
-        assert _gone(second, timeout=10), "the projection process outlived the worker"
+        wait_for(
+            lambda: not pid_alive(second),
+            10,
+            "the projection process to die with the worker",
+        )
     finally:
         worker.stop()
