@@ -258,7 +258,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     """Rebuild a projection from the start of its topics (blue/green unless --in-place)."""
     from app.projections import replay
 
-    return replay.main(settings, args.projection, in_place=args.in_place)
+    return replay.main(
+        settings, args.projection, in_place=args.in_place, processes=args.processes
+    )
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
@@ -365,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="empty the live tables and rewind the live group instead of building "
         "new tables beside them",
+    )
+    replay.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="processes folding side by side, sharing the topics' partitions "
+        "(default: one per core, at most one per partition)",
     )
     checks = add("audit", cmd_audit)
     checks.add_argument(

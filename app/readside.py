@@ -33,7 +33,9 @@ class ReadSide:
     ) -> None:
         self.settings = settings
         chosen = names if names is not None else tuple(PROJECTIONS)
-        self.projections = ProjectionProcess(settings, chosen)
+        self.projections = ProjectionProcess(
+            settings, chosen, processes=settings.projection_processes
+        )
         self._pool: AsyncConnectionPool | None = None
 
     def start(self) -> None:

@@ -83,6 +83,9 @@ class Settings:
     session_timeout_s: float = 10.0
     query_wait_s: float = 2.0
     projections: tuple[str, ...] | None = None
+    # Processes the worker runs its Postgres projections in; they share the
+    # partitions of each projection's topics (its consumer group).
+    projection_processes: int = 1
     # The order payment saga (agents/saga.py): off registers nothing.
     saga: bool = True
     saga_timeout_s: float = 30.0
@@ -165,6 +168,11 @@ class Settings:
             ),
             query_wait_s=get("STREAMFOLD_QUERY_WAIT", _float_between(0, 60), 2.0),
             projections=get("STREAMFOLD_PROJECTIONS", _projections, None),
+            projection_processes=get(
+                "STREAMFOLD_PROJECTION_PROCESSES",
+                _int_between(1, 64),
+                default.projection_processes,
+            ),
             saga=get("STREAMFOLD_SAGA", _one_of("on", "off"), "on") == "on",
             saga_timeout_s=get(
                 "STREAMFOLD_SAGA_TIMEOUT",
@@ -239,6 +247,7 @@ class Settings:
             "STREAMFOLD_LOG_LEVEL": self.log_level,
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
             "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),
+            "STREAMFOLD_PROJECTION_PROCESSES": str(self.projection_processes),
             "STREAMFOLD_SAGA": "on" if self.saga else "off",
             "STREAMFOLD_SAGA_TIMEOUT": str(self.saga_timeout_s),
             "STREAMFOLD_REGISTRY_HOST": self.registry_host,

@@ -81,7 +81,7 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
             step=timedelta(seconds=1),
         )
         produce(new_producer(settings), topic, encode_events(codec, topic, events))
-        indexing = replay(settings, EventLogProjection(), codec, topic)
+        indexing = replay(settings, EventLogProjection(), topic)
 
         middle = sizes.events // 2 + SNAPSHOT_EVERY // 2
         moment = start + timedelta(seconds=middle - 1)  # the time of version `middle`

@@ -4,8 +4,10 @@ group, as after a rewind), beside a raw confluent-kafka consume-from-earliest of
 same topic and beside ``COPY`` of the rows the projection wrote.
 
 The events are the order workload's, made by the domain's own ``decide`` and framed
-as the event log frames them. The runner runs in this process on its own thread, as
-it does inside the worker; its clock starts when it is assigned its partitions.
+as the event log frames them. The runners run in child processes, as in the worker
+and ``streamfold replay``: once in one process, then in as many as ``streamfold
+replay`` starts by default (one per core, at most one per partition); the clock
+starts when the first is assigned partitions.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from psycopg import sql
 from app.adapters.codec import Codec
 from app.domain import orders
 from app.history import EventLogProjection
-from app.projections.engine import Projection, ProjectionRunner, tune_gc
+from app.projections.engine import Projection, reset
 from app.projections.orders import OrdersProjection
+from app.projections.process import ProjectionProcess
+from app.projections.replay import default_processes
 from app.settings import Settings
 from bench.harness import (
     domain_events,
@@ -44,45 +48,54 @@ class Sizes:
 
 
 def replay(
-    settings: Settings, projection: Projection, codec: Codec, topic: str
+    settings: Settings, projection: Projection, topic: str, processes: int = 1
 ) -> dict[str, Any]:
-    """Run ``projection`` over ``topic`` from the start until it has caught up."""
+    """Run ``projection`` over ``topic`` from the start until it has caught up, in
+    ``processes`` child processes as ``streamfold replay`` does."""
     highs = high_watermarks(settings, topic)
     events = sum(highs.values())
-    runner = ProjectionRunner(settings, projection, codec)
-    tune_gc()  # as the worker and `streamfold replay` do
+    name = projection.name
+    runners = ProjectionProcess(settings, (name,), processes=processes)
     began = time.monotonic()
-    runner.start()
-    positions = runner.status.positions
+    runners.start()
     try:
-        while not any(t == topic for t, _ in list(positions)):
-            _check(runner, began, 60, "partition assignment")
+        while not any(t == topic for t, _ in runners.statuses[name].positions):
+            _check(runners, name, began, 60, "partition assignment")
             time.sleep(0.002)
         assigned = time.monotonic()
         for partition, high in highs.items():
-            # Blocks on the runner's progress instead of polling beside it.
-            while high and not runner.wait_for(topic, partition, high - 1, 1.0):
-                _check(runner, began, 900, "the replay")
+            # Blocks on the children's reports instead of polling beside them.
+            while high and not runners.wait_for(name, topic, partition, high - 1, 1.0):
+                _check(runners, name, began, 900, "the replay")
         done = time.monotonic()
+        status = runners.statuses[name]
     finally:
-        runner.stop()
+        runners.stop()
+    if status.applied + status.dead_lettered != events:
+        raise RuntimeError(
+            f"projection {name}: {status.applied} events applied and "
+            f"{status.dead_lettered} dead-lettered of {events}"
+        )
     seconds = done - assigned
     return {
-        "projection": projection.name,
+        "projection": name,
+        "processes": processes,
         "events": events,
-        "applied": runner.status.applied,
-        "dead_lettered": runner.status.dead_lettered,
+        "applied": status.applied,
+        "dead_lettered": status.dead_lettered,
         "assignment_seconds": round(assigned - began, 3),
         "seconds": round(seconds, 3),
         "events_per_s": round(events / seconds, 1),
     }
 
 
-def _check(runner: ProjectionRunner, began: float, timeout: float, what: str) -> None:
-    if time.monotonic() - began > timeout:
+def _check(
+    runners: ProjectionProcess, name: str, began: float, timeout: float, what: str
+) -> None:
+    if time.monotonic() - began > timeout or runners.exits:
         raise TimeoutError(
-            f"projection {runner.projection.name}: {what} took over {timeout:.0f}s "
-            f"(last error: {runner.status.error})"
+            f"projection {name}: {what} took over {timeout:.0f}s or a process "
+            f"exited (last error: {runners.statuses[name].error})"
         )
 
 
@@ -190,8 +203,14 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
             "raw_consume": raw,
             "consume_and_decode": decoded,
         }
+        processes = default_processes(settings, OrdersProjection())
+        out["processes"] = processes
         for projection in (OrdersProjection(), EventLogProjection()):
-            replayed = replay(settings, projection, codec, topic)
+            single = replay(settings, projection, topic)
+            with psycopg.connect(settings.database_url) as conn:
+                reset(conn, projection)  # empty tables, no positions: from the start
+            replayed = replay(settings, projection, topic, processes)
+            replayed["one_process"] = single
             replayed["copy"] = copy_rows(settings, projection.tables, len(events))
             out[projection.name] = replayed
         return out
@@ -204,26 +223,23 @@ def figures(data: dict[str, Any]) -> list[dict[str, Any]]:
         ("event_log", "event-log index"),
     ):
         row = data[name]
+        baselines = (
+            ("vs_one", row["one_process"], "the same replay in 1 process"),
+            ("vs_consume", data["raw_consume"], "raw consume from earliest"),
+            ("vs_copy", row["copy"], "COPY of the same rows"),
+        )
         out += [
             figure(
-                f"replay.{name}.vs_consume",
-                f"Replay into Postgres: {label} ({row['events']:,} events)",
+                f"replay.{name}.{key}",
+                f"Replay into Postgres: {label} ({row['events']:,} events, "
+                f"{row['processes']} processes)",
                 "events/s",
                 row["events_per_s"],
-                data["raw_consume"]["events_per_s"],
-                "raw consume from earliest",
+                baseline["events_per_s"],
+                what,
                 better="higher",
                 digits=1,
-            ),
-            figure(
-                f"replay.{name}.vs_copy",
-                f"Replay into Postgres: {label} ({row['events']:,} events)",
-                "events/s",
-                row["events_per_s"],
-                row["copy"]["events_per_s"],
-                "COPY of the same rows",
-                better="higher",
-                digits=1,
-            ),
+            )
+            for key, baseline, what in baselines
         ]
     return out

@@ -54,7 +54,7 @@ FULL: dict[str, float] = {
     "e2e_latency_seconds": 10,
     "sequential_orders": 10,
     "peer_threads": 4,
-    "replay_orders": 6000,
+    "replay_orders": 15000,
     "codec_orders": 1000,
     "codec_repeats": 15,
     "loading_events": 10_000,

@@ -10,6 +10,14 @@ Each batch transaction also takes the projection's switch lock (shared) and chec
 epoch: a replay that swapped or emptied the tables meanwhile (``replay.py``) bumps the
 epoch under the same lock held exclusively, and the runner then drops the batch and
 seeks to the positions the new tables hold.
+
+Several runners of one projection (processes of one worker, or several workers) share
+its partitions through their consumer group. A rebalance can hand a partition to
+another runner while this one still holds a batch of it, so each batch transaction
+also locks its partitions (advisory locks, in order) and checks that Postgres still
+holds the positions this runner last saw there; if another runner has moved one, the
+batch is dropped and the runner continues from Postgres. No event is applied twice,
+even by two runners at once.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from psycopg import sql
 
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.rows import Rows, Table, describe
@@ -46,6 +55,9 @@ log = logging.getLogger("streamfold.projections")
 
 # Any constants work; every Streamfold process has to use the same ones.
 SWITCH_LOCK = 0x5F0_1E
+PARTITION_LOCK = 0x5F0_20
+# Events a runner applies before it first checks its tables' statistics.
+ANALYZE_FIRST = 1_000
 # How often an idle runner looks for a replay's switch (a busy one checks every batch).
 EPOCH_CHECK_S = 1.0
 
@@ -202,6 +214,11 @@ class ProjectionRunner:
         self.schema = schema
         self.group = group or group_id(settings, projection.name)
         self._epoch: int | None = None
+        # Events applied at which to check the tables' statistics next (``_analyze``).
+        self._next_analyze = ANALYZE_FIRST
+        # Per partition, the position this runner last read or wrote in Postgres
+        # (None: no row yet); a batch applies only where Postgres still holds it.
+        self._claimed: dict[tuple[str, int], int | None] = {}
         self._next_epoch_check = 0.0
         self._dead_lettered: set[tuple[str, int, int]] = set()
         self.status = Status(projection.name)
@@ -212,7 +229,8 @@ class ProjectionRunner:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._progress = threading.Condition()
-        # Called after each commit (and table switch), on the runner's thread.
+        # Called after each commit, assignment and table switch, on the runner's
+        # thread.
         self._on_progress = on_progress
 
     # -- lifecycle ------------------------------------------------------------------
@@ -279,7 +297,9 @@ class ProjectionRunner:
             }
         )
         self._consumer.subscribe(
-            source_topics(self.settings, self.projection), on_assign=self._on_assign
+            source_topics(self.settings, self.projection),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
         )
         self.status.error = None
         try:
@@ -290,7 +310,7 @@ class ProjectionRunner:
                         self._write(*self._decode(messages))
                     elif time.monotonic() >= self._next_epoch_check:
                         self._check_epoch()
-                except EpochChanged:
+                except Superseded:
                     self._resync()
                 self._refresh_heads()
         finally:
@@ -332,11 +352,27 @@ class ProjectionRunner:
             self.status.rebuilt_at = datetime.now(UTC)
             stored = {}
         for tp in partitions:
-            position = stored.get((tp.topic, tp.partition))
+            key = (tp.topic, tp.partition)
+            position = stored.get(key)
+            self._claimed[key] = position
             tp.offset = position if position is not None else _earliest(consumer, tp)
-            self.status.positions[(tp.topic, tp.partition)] = tp.offset
+            self.status.positions[key] = tp.offset
         self._epoch = epoch
         consumer.assign(partitions)
+        if self._on_progress is not None:
+            self._on_progress()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Forget revoked partitions: their progress is now another runner's to
+        report, and a batch of theirs still in hand fails the position check."""
+        with self._progress:
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self._claimed.pop(key, None)
+                self.status.positions.pop(key, None)
+                self.status.heads.pop(key, None)
+        if self._on_progress is not None:
+            self._on_progress()
 
     # -- epochs: a replay swapped or emptied the tables -----------------------------
 
@@ -348,10 +384,14 @@ class ProjectionRunner:
         epoch = current_epoch(self._conn, self.projection.name)
         self._conn.commit()
         if epoch != self._epoch:
-            raise EpochChanged
+            raise Superseded
 
-    def _fence(self, cur: psycopg.Cursor[Any]) -> None:
-        """First in every batch transaction: the shared switch lock, then the epoch."""
+    def _fence(
+        self, cur: psycopg.Cursor[Any], partitions: Iterable[tuple[str, int]]
+    ) -> None:
+        """First in every batch transaction: the shared switch lock, then the epoch,
+        then the batch's partitions: locked in order, and still where this runner
+        last saw them in Postgres (no other runner moved them)."""
         name = self.projection.name
         cur.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", switch_lock(name))
         # A statement of its own: its snapshot is taken once the lock is granted, so
@@ -363,7 +403,35 @@ class ProjectionRunner:
         if (row[0] if row else 0) != self._epoch:
             assert self._conn is not None
             self._conn.rollback()
-            raise EpochChanged
+            raise Superseded
+        keys = sorted(partitions)
+        for topic, partition in keys:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)",
+                (
+                    PARTITION_LOCK,
+                    zlib.crc32(f"{name}/{topic}/{partition}".encode()) - 2**31,
+                ),
+            )
+        if not keys:
+            return
+        cur.execute(
+            "SELECT topic, partition, next_offset FROM projection_positions "
+            "WHERE projection = %s AND topic = ANY(%s)",
+            (name, list({topic for topic, _ in keys})),
+        )
+        stored = {(t, p): o for t, p, o in cur.fetchall()}
+        moved = [k for k in keys if stored.get(k) != self._claimed.get(k, -1)]
+        if moved:
+            assert self._conn is not None
+            self._conn.rollback()
+            log.warning(
+                "projection %s: %s moved by another runner (or no longer assigned "
+                "here); continuing from Postgres",
+                name,
+                ", ".join(f"{t}[{p}]" for t, p in moved),
+            )
+            raise Superseded
 
     def _resync(self) -> None:
         """Continue from the positions the current tables hold; what was fetched for
@@ -393,6 +461,7 @@ class ProjectionRunner:
             self.status.positions = positions
             self.status.rebuilt_at = datetime.now(UTC)
             self._progress.notify_all()
+        self._claimed = {key: stored.get(key) for key in positions}
         if self._on_progress is not None:
             self._on_progress()
         # Offsets first: should the seek fail and the consumer start over, the group
@@ -463,7 +532,7 @@ class ProjectionRunner:
         """Apply a decoded batch, dead-letter its poison, commit its offsets."""
         try:
             self._apply(events, [m for m, _ in rejects])
-        except (psycopg.OperationalError, KafkaTransient, EpochChanged):
+        except (psycopg.OperationalError, KafkaTransient, Superseded):
             raise
         except Exception as error:  # noqa: BLE001 - find the poison event, keep going
             assert self._conn is not None
@@ -476,7 +545,7 @@ class ProjectionRunner:
             for event in events:
                 try:
                     self._apply([event], [])
-                except (psycopg.OperationalError, EpochChanged):
+                except (psycopg.OperationalError, Superseded):
                     raise
                 except Exception as single:  # noqa: BLE001 - this one is the poison
                     self._conn.rollback()
@@ -487,6 +556,47 @@ class ProjectionRunner:
         for message, reason in rejects:
             self._dead_letter(message, reason)
         self._commit_offsets()
+        if self.status.applied >= self._next_analyze:
+            self._next_analyze = 2 * self.status.applied
+            self._analyze()
+
+    def _analyze(self) -> None:
+        """ANALYZE those of the projection's tables Postgres has no fresh statistics
+        for. A new table (a first run, a replay's copy) that grows fast has none
+        until autovacuum comes by (up to a minute), and meanwhile the planner takes
+        it for tiny: it looks a batch's keys up with a scan of all the rows (the
+        first replay of 60,000 events spent half its time there). Checked as the
+        runner's work doubles, so a long run analyzes a few times at most."""
+        conn = self._conn
+        assert conn is not None
+        stale = [
+            name
+            for (name,) in conn.execute(
+                "SELECT relname FROM pg_stat_user_tables WHERE relid IN "
+                "(SELECT to_regclass(t) FROM unnest(%s::text[]) AS t) AND "
+                "(coalesce(last_analyze, last_autoanalyze) IS NULL "
+                "OR n_mod_since_analyze > n_live_tup / 2)",
+                ([*self.projection.tables, "projection_streams"],),
+            ).fetchall()
+        ]
+        conn.commit()
+        for name in stale:
+            try:
+                # Never wait on another runner's ANALYZE of the same table.
+                conn.execute("SET LOCAL lock_timeout = '100ms'")
+                conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(name)))
+                conn.commit()
+            except (
+                psycopg.errors.LockNotAvailable,
+                psycopg.errors.InsufficientPrivilege,
+            ) as error:
+                conn.rollback()
+                log.info(
+                    "projection %s: ANALYZE %s skipped: %s",
+                    self.projection.name,
+                    name,
+                    error,
+                )
 
     def _apply(self, events: list[Event], skipped: Iterable[Any]) -> None:
         """Apply events and record positions in one transaction."""
@@ -502,7 +612,7 @@ class ProjectionRunner:
             self._tables = {t: describe(conn, t) for t in self.projection.tables}
         # In a pipeline, Postgres works through one statement while the next is built.
         with conn.cursor() as cur, conn.pipeline():
-            self._fence(cur)
+            self._fence(cur, {*positions, *((e.topic, e.partition) for e in events)})
             ids = list({e.metadata["aggregate_id"] for e in events})
             versions: dict[str, int] = {}
             if ids:
@@ -552,6 +662,7 @@ class ProjectionRunner:
                     ),
                 )
         conn.commit()
+        self._claimed.update(positions)
         with self._progress:
             self.status.positions.update(positions)
             self.status.applied += applied
@@ -668,8 +779,9 @@ class KafkaTransient(RuntimeError):
     """A retriable Kafka error: the batch is retried from the stored position."""
 
 
-class EpochChanged(Exception):
-    """The projection's tables were swapped or emptied since this runner looked."""
+class Superseded(Exception):
+    """Since this runner looked, a replay swapped or emptied the projection's tables,
+    or another runner moved one of its partitions: drop the batch, go on from Postgres."""
 
 
 def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:

@@ -3,15 +3,18 @@
 A projection folds events in Python on its thread; in the worker's process those
 threads would share one GIL with the event loop that runs the command agents, the
 saga and the Faust views, which then waits for the GIL after every socket call.
-So the worker starts one child process (``project``) that runs every projection it
-has chosen, and keeps a mirror of their progress for ``/status``, ``/metrics`` and
-read-your-writes (``ProjectionProcess.wait_for``).
+So the worker starts child processes (``project``; ``STREAMFOLD_PROJECTION_PROCESSES``,
+one by default) that each run every projection it has chosen, sharing each one's
+partitions through its consumer group, and keeps a mirror of their progress for
+``/status``, ``/metrics`` and read-your-writes (``ProjectionProcess.wait_for``).
+``streamfold replay`` folds through the same children, several by default.
 
-The child sends its runners' statuses over a pipe after every commit and at least
-every ``HEARTBEAT_S``. It dies with the worker (``PR_SET_PDEATHSIG``, so also when
+Each child sends its runners' statuses over a pipe after every commit and at least
+every ``HEARTBEAT_S``. It dies with its parent (``PR_SET_PDEATHSIG``, so also when
 the worker is SIGKILLed) and stops cleanly on SIGTERM. If it exits on its own, the
-worker names the exit in every projection's ``error`` and starts it again; positions
-live in Postgres, so nothing is lost or applied twice.
+parent names the exit in every projection's ``error`` and starts it again; positions
+live in Postgres, so nothing is lost or applied twice (see the partition check in
+``engine``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
+from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,96 +47,190 @@ PR_SET_PDEATHSIG = 1
 
 
 class ProjectionProcess:
-    """Starts the child, restarts it when it exits, and mirrors what it reports."""
+    """Starts the children, restarts each one that exits, and mirrors what they
+    report. ``processes`` children each run every projection in ``names``; through
+    each projection's consumer group they share its partitions. ``schema`` and
+    ``group`` are a replay's (see ``ProjectionRunner``); ``group`` needs one name."""
 
-    def __init__(self, settings: Settings, names: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        names: tuple[str, ...],
+        *,
+        processes: int = 1,
+        schema: str = "public",
+        group: str | None = None,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, not {processes}")
+        if group is not None and len(names) != 1:
+            raise ValueError("a consumer group of its own needs exactly one projection")
         self.settings = settings
         self.names = names
-        self.statuses = {name: Status(name) for name in names}
+        self.schema = schema
+        self.group = group
+        # What each child last reported, per projection.
+        self._reports = [
+            {name: Status(name) for name in names} for _ in range(processes)
+        ]
+        # Children that exited without being asked to.
+        self.exits = 0
         self._progress = threading.Condition()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._child: Any = None
+        self._threads: list[threading.Thread] = []
+        self._children: list[Any] = [None] * processes
 
     def start(self) -> None:
         if not self.names:
             return
-        # From the thread that lives as long as the process: the child's death
-        # signal fires when the thread that started it ends.
-        self._thread = threading.Thread(
-            target=self._supervise, name="projection-process", daemon=True
-        )
-        self._thread.start()
+        for index in range(len(self._children)):
+            # From a thread that lives as long as the process: a child's death
+            # signal fires when the thread that started it ends.
+            thread = threading.Thread(
+                target=self._supervise,
+                args=(index,),
+                name=f"projection-process-{index}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
-        child = self._child
-        if child is not None and child.is_alive():
+        children = [c for c in self._children if c is not None and c.is_alive()]
+        for child in children:
             child.terminate()  # SIGTERM: the child closes its consumers
-            child.join(timeout)
+        deadline = time.monotonic() + timeout
+        for child in children:
+            child.join(max(deadline - time.monotonic(), 0.1))
             if child.is_alive():
                 child.kill()
                 child.join(5)
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
 
-    def _supervise(self) -> None:
+    @property
+    def running(self) -> bool:
+        return any(c is not None and c.is_alive() for c in self._children)
+
+    @property
+    def statuses(self) -> dict[str, Status]:
+        """Each projection's status over all children: each reports the partitions
+        it holds."""
+        with self._progress:
+            return {
+                name: _merged(name, [report[name] for report in self._reports])
+                for name in self.names
+            }
+
+    def _supervise(self, index: int) -> None:
         context = multiprocessing.get_context("spawn")
         delay = 0.5
         while not self._stopping.is_set():
-            receiving, sending = context.Pipe(duplex=False)
-            child = context.Process(
-                target=project,
-                args=(self.settings, self.names, sending, os.getpid()),
-                name="streamfold-projections",
-            )
-            child.start()
-            sending.close()
-            self._child = child
             began = time.monotonic()
-            with contextlib.suppress(EOFError, OSError):
-                while True:
-                    self._mirror(receiving.recv())
-            receiving.close()
-            child.join(10)
+            try:
+                code = self._run_child(context, index)
+            except Exception as error:  # noqa: BLE001 - named in the status, retried
+                code = f"not started: {type(error).__name__}: {error}"
             if self._stopping.is_set():
                 return
             error = (
-                f"the projection process exited (code {child.exitcode}); "
-                f"restarting in {delay:.1f}s"
+                f"a projection process exited ({code}); restarting it in {delay:.1f}s"
             )
             log.error(error)
             with self._progress:
-                for status in self.statuses.values():
-                    status.error = error
+                self.exits += 1
+                # What it applied stays applied: its last report stands, with the
+                # error, until its partitions are reported by whoever holds them.
+                for name, status in self._reports[index].items():
+                    self._reports[index][name] = replace(status, error=error)
+                self._progress.notify_all()
             if time.monotonic() - began > 60:
                 delay = 0.5
             self._stopping.wait(delay)
             delay = min(delay * 2, 10.0)
 
-    def _mirror(self, reported: list[Status]) -> None:
+    def _run_child(self, context: Any, index: int) -> str:
+        """Start child ``index`` and mirror its reports until it exits."""
+        receiving, sending = context.Pipe(duplex=False)
+        child = context.Process(
+            target=project,
+            args=(
+                self.settings,
+                self.names,
+                sending,
+                os.getpid(),
+                self.schema,
+                self.group,
+            ),
+            name=f"streamfold-projections-{index}",
+        )
+        try:
+            child.start()
+        finally:
+            sending.close()
+        self._children[index] = child
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                self._mirror(index, receiving.recv())
+        receiving.close()
+        child.join(10)
+        return f"code {child.exitcode}"
+
+    def _mirror(self, index: int, reported: list[Status]) -> None:
         with self._progress:
             for status in reported:
-                self.statuses[status.projection] = status
+                self._reports[index][status.projection] = status
             self._progress.notify_all()
 
     def wait_for(
         self, name: str, topic: str, partition: int, offset: int, timeout: float
     ) -> bool:
         """True once projection ``name`` has applied ``offset`` of ``topic[partition]``."""
+        key = (topic, partition)
         with self._progress:
             return self._progress.wait_for(
-                lambda: (
-                    self.statuses[name].positions.get((topic, partition), 0) > offset
+                lambda: any(
+                    report[name].positions.get(key, 0) > offset
+                    for report in self._reports
                 ),
                 timeout,
             )
 
 
+def _merged(name: str, reported: list[Status]) -> Status:
+    merged = Status(name)
+    for status in reported:
+        merged.applied += status.applied
+        merged.dead_lettered += status.dead_lettered
+        # A partition two children report (handed over between their reports):
+        # the further position is the newer.
+        for key, offset in status.positions.items():
+            merged.positions[key] = max(merged.positions.get(key, offset), offset)
+        for key, high in status.heads.items():
+            merged.heads[key] = max(merged.heads.get(key, high), high)
+        merged.last_event_at = _latest(merged.last_event_at, status.last_event_at)
+        merged.rebuilt_at = _latest(merged.rebuilt_at, status.rebuilt_at)
+        if status.error and status.error not in (merged.error or ""):
+            merged.error = (
+                f"{merged.error}; {status.error}" if merged.error else status.error
+            )
+    return merged
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
 def project(
-    settings: Settings, names: tuple[str, ...], reports: Connection, parent: int
+    settings: Settings,
+    names: tuple[str, ...],
+    reports: Connection,
+    parent: int,
+    schema: str = "public",
+    group: str | None = None,
 ) -> None:
-    """The child: run the projections, report their statuses, stop on SIGTERM."""
+    """A child: run the projections, report their statuses, stop on SIGTERM."""
     _die_with_parent()
     if os.getppid() != parent:
         return  # the worker died before the death signal was set
@@ -145,7 +243,14 @@ def project(
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
     progressed = threading.Event()
     runners = [
-        ProjectionRunner(settings, PROJECTIONS[name], codec, on_progress=progressed.set)
+        ProjectionRunner(
+            settings,
+            PROJECTIONS[name],
+            codec,
+            schema=schema,
+            group=group,
+            on_progress=progressed.set,
+        )
         for name in names
     ]
     tune_gc()

@@ -43,6 +43,7 @@ are sent once per source event (a replayed poison event is not dead-lettered aga
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import time
@@ -61,10 +62,9 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from app.adapters.codec import Codec
+from app.projections import PROJECTIONS
 from app.projections.engine import (
     Projection,
-    ProjectionRunner,
     bump_epoch,
     current_epoch,
     group_id,
@@ -73,8 +73,8 @@ from app.projections.engine import (
     source_topics,
     stored_positions,
     switch_lock,
-    tune_gc,
 )
+from app.projections.process import ProjectionProcess
 from app.settings import Settings
 
 # Held for a whole replay, so two replays of one projection never overlap.
@@ -95,6 +95,8 @@ PRIVILEGES = (
 SET_SWITCH_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
 SWITCH_ATTEMPTS = 300
 Positions = dict[tuple[str, int], int]
+# A replay gives up once its processes have exited this often (each is restarted).
+MAX_EXITS = 3
 
 
 class ReplayError(RuntimeError):
@@ -111,12 +113,15 @@ class Replayed:
     positions: Positions
 
 
-def main(settings: Settings, name: str, *, in_place: bool = False) -> int:
+def main(
+    settings: Settings,
+    name: str,
+    *,
+    in_place: bool = False,
+    processes: int | None = None,
+) -> int:
     """The CLI's entry point: progress on stderr, a summary on stdout."""
-    from app.adapters.catalog import SchemaCatalog
-    from app.adapters.codec import ConfluentRegistry
     from app.adapters.migrations import migrate
-    from app.projections import PROJECTIONS
     from app.settings import SettingsError
 
     if name not in PROJECTIONS:
@@ -124,11 +129,13 @@ def main(settings: Settings, name: str, *, in_place: bool = False) -> int:
             "PROJECTION",
             f"unknown projection {name!r}; known: {', '.join(PROJECTIONS)}",
         )
+    if processes is not None and not 1 <= processes <= 64:
+        raise SettingsError("--processes", f"must be 1..64, not {processes}")
     migrate(settings.database_url)
-    codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
-    tune_gc()
     try:
-        done = replay(settings, PROJECTIONS[name], codec, in_place=in_place)
+        done = replay(
+            settings, PROJECTIONS[name], in_place=in_place, processes=processes
+        )
     except (
         ReplayError,
         psycopg.OperationalError,
@@ -148,13 +155,17 @@ def main(settings: Settings, name: str, *, in_place: bool = False) -> int:
 def replay(
     settings: Settings,
     projection: Projection,
-    codec: Codec,
     *,
     in_place: bool = False,
     out: TextIO | None = None,
+    processes: int | None = None,
 ) -> Replayed:
-    """Rebuild ``projection`` from the start of its topics; see the module docstring."""
+    """Rebuild ``projection`` from the start of its topics; see the module docstring.
+    ``processes`` fold it side by side (default: one per core, at most one per
+    partition of its topics)."""
     name = projection.name
+    if processes is None:
+        processes = default_processes(settings, projection)
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", name):
         raise ReplayError(f"projection name {name!r} is not a plain identifier")
     progress = Progress(f"replay {name}", out if out is not None else sys.stderr)
@@ -166,11 +177,11 @@ def replay(
         _drop_leftovers(conn, name)
         if in_place:
             events, epoch, positions = _in_place(
-                settings, projection, codec, conn, progress
+                settings, projection, conn, progress, processes
             )
         else:
             events, epoch, positions = _blue_green(
-                settings, projection, codec, conn, progress
+                settings, projection, conn, progress, processes
             )
     return Replayed(
         name, in_place, events, epoch, time.monotonic() - started, positions
@@ -180,12 +191,16 @@ def replay(
 # -- blue/green -----------------------------------------------------------------------
 
 
+def default_processes(settings: Settings, projection: Projection) -> int:
+    return max(1, min(os.cpu_count() or 1, settings.partitions * len(projection.areas)))
+
+
 def _blue_green(
     settings: Settings,
     projection: Projection,
-    codec: Codec,
     conn: psycopg.Connection[Any],
     progress: Progress,
+    processes: int,
 ) -> tuple[int, int, Positions]:
     name = projection.name
     n = current_epoch(conn, name) + 1
@@ -194,22 +209,22 @@ def _blue_green(
     _delete_group(settings, group)  # a crashed replay's, if any
     try:
         _create_shadow(conn, projection, shadow)
-        runner = ProjectionRunner(
-            settings, projection, codec, schema=shadow, group=group
+        runners = ProjectionProcess(
+            settings, (name,), processes=processes, schema=shadow, group=group
         )
-        runner.start()
+        runners.start()
         try:
             events = _follow(
                 settings,
                 projection,
-                lambda: dict(runner.status.positions),
+                lambda: runners.statuses[name].positions,
                 progress,
-                lambda: _runner_state(runner),
+                lambda: _runners_state(runners, name),
             )
         finally:
-            runner.stop()
-        if runner.running:
-            raise ReplayError("the replay's runner did not stop in time")
+            runners.stop()
+        if runners.running:
+            raise ReplayError("the replay's runners did not stop in time")
         epoch, positions = _switch(conn, projection, shadow, retired)
     finally:
         with contextlib.suppress(psycopg.Error):
@@ -360,9 +375,9 @@ def _switch(
 def _in_place(
     settings: Settings,
     projection: Projection,
-    codec: Codec,
     conn: psycopg.Connection[Any],
     progress: Progress,
+    processes: int,
 ) -> tuple[int, int, Positions]:
     name = projection.name
     live = group_id(settings, name)
@@ -383,14 +398,18 @@ def _in_place(
         )
         return events, epoch, positions()
     _point_group(settings, live, _earliest(settings, projection))
-    runner = ProjectionRunner(settings, projection, codec)
-    runner.start()
+    runners = ProjectionProcess(settings, (name,), processes=processes)
+    runners.start()
     try:
         events = _follow(
-            settings, projection, positions, progress, lambda: _runner_state(runner)
+            settings,
+            projection,
+            positions,
+            progress,
+            lambda: _runners_state(runners, name),
         )
     finally:
-        runner.stop()
+        runners.stop()
     return events, epoch, positions()
 
 
@@ -484,10 +503,13 @@ def _follow(
         watcher.close()
 
 
-def _runner_state(runner: ProjectionRunner) -> str:
-    if not runner.running:
-        raise ReplayError(f"the projection runner stopped: {runner.status.error}")
-    return runner.status.error or ""
+def _runners_state(runners: ProjectionProcess, name: str) -> str:
+    error = runners.statuses[name].error
+    if runners.exits >= MAX_EXITS:
+        raise ReplayError(
+            f"the replay's processes exited {runners.exits} times: {error}"
+        )
+    return error or ""
 
 
 def _worker_state(settings: Settings, group: str) -> Callable[[], str]:

@@ -4,6 +4,7 @@ the log, query views behave, read-your-writes, lag, poison events, faults."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -337,11 +338,13 @@ def test_an_internal_failure_is_a_generic_500_with_a_correlation_id(
     assert "Traceback" not in response.text
 
 
-def _projection_process(worker: int) -> int:
-    """The pid of the worker's projection process (its child running the spawn entry)."""
+def _projection_processes(worker: int, count: int) -> list[int]:
+    """The pids of the worker's ``count`` projection processes (its children
+    running the spawn entry)."""
     found: list[int] = []
 
     def started() -> bool:
+        found[:] = []
         for pid in process_tree(worker)()[1:]:
             with contextlib.suppress(OSError):
                 if (
@@ -349,17 +352,19 @@ def _projection_process(worker: int) -> int:
                     in Path(f"/proc/{pid}/cmdline").read_bytes()
                 ):
                     found.append(pid)
-                    return True
-        return False
+        return len(found) == count
 
-    wait_for(started, 60, f"worker {worker}'s projection process")
-    return found[0]
+    wait_for(started, 60, f"worker {worker}'s {count} projection processes")
+    return list(found)
 
 
-def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
+def test_projections_run_in_children_that_restart_and_die_with_the_worker(
     deployment: Settings,
 ) -> None:
     from app.local.worker import WorkerProcess
+
+    # Two processes share each projection's partitions.
+    deployment = dataclasses.replace(deployment, projection_processes=2)
 
     base = f"http://{deployment.web_host}:{deployment.web_port}"
     account = f"acc-{uuid.uuid4().hex[:6]}"
@@ -373,10 +378,10 @@ def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
     try:
         pid = worker.pid()
         assert pid is not None
-        first = _projection_process(pid)
+        first = _projection_processes(pid, 2)
         with CommandClient(deployment) as client:
             client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
-            os.kill(first, signal.SIGKILL)
+            os.kill(first[0], signal.SIGKILL)
             # Named in the status until the new process reports, then cleared.
             eventually(
                 lambda: any("projection process exited" in (e or "") for e in errors()),
@@ -384,8 +389,8 @@ def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
                 timeout=10,
             )
             eventually(errors, {None})
-            second = _projection_process(pid)
-            assert second != first
+            second = _projection_processes(pid, 2)
+            assert first[0] not in second and first[1] in second
             deposit = client.send(
                 Deposit(
                     account_id=account,
@@ -409,9 +414,9 @@ def test_projections_run_in_a_child_that_restarts_and_dies_with_the_worker(
             eventually(balance, (700, False))
         worker.stop(kill=True)
         wait_for(
-            lambda: not pid_alive(second),
+            lambda: not any(pid_alive(child) for child in second),
             10,
-            "the projection process to die with the worker",
+            "the projection processes to die with the worker",
         )
     finally:
         worker.stop()

@@ -477,7 +477,8 @@ def in_place_and_kafka_tool_reset(
 
     # In place with no worker: the command folds the projection itself under the
     # live group and leaves the group's offsets at the new positions.
-    replay(deployment, "orders", "--in-place")
+    # Three processes fold it side by side, sharing the partitions.
+    replay(deployment, "orders", "--in-place", "--processes", "3")
     assert checksums(deployment) == live
     assert committed(deployment, "orders") == positions(deployment, "orders")
 

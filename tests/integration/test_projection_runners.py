@@ -1,0 +1,174 @@
+"""Projection runners against the real broker and Postgres: a runner applies a
+partition only where Postgres still holds the position it last saw there (another
+runner of the projection may have moved it), and it gives fresh tables statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from app.domain import accounts
+from app.domain.accounts import Deposit, OpenAccount
+from app.projections.engine import ProjectionRunner
+from app.projections.ledger import LedgerProjection
+from app.settings import Settings
+from bench.harness import domain_events, encode_events
+from tests.support import codec_for
+
+ACCOUNTS = [f"acc-{n}" for n in range(8)]
+PARTITIONS = 4
+
+
+def partition_of(account: str) -> int:
+    return ACCOUNTS.index(account) % PARTITIONS
+
+
+def deposits(first: int, count: int) -> list[Deposit]:
+    """``count`` deposits on every account, interleaved across the accounts."""
+    return [
+        Deposit(
+            account_id=account,
+            transaction_id=f"t-{n}",
+            amount_minor=1 + n,
+            currency="USD",
+            source="card",
+            reference="",
+        )
+        for n in range(first, first + count)
+        for account in ACCOUNTS
+    ]
+
+
+def events_of(commands: list[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """One event per command, as the command agent would append them."""
+    made = domain_events(
+        accounts,
+        accounts.AGGREGATE_TYPE,
+        commands,
+        start=datetime(2026, 3, 1, tzinfo=UTC),
+    )
+    assert len(made) == len(commands)
+    return made
+
+
+def produce(settings: Settings, events: list[tuple[dict[str, Any], Any]]) -> None:
+    """Append ``events`` to each account's own partition."""
+    topic = settings.topics.events("accounts")
+    producer = Producer(settings.producer_config())
+    framed = encode_events(codec_for(settings), topic, events)
+    for outgoing, (meta, _) in zip(framed, events, strict=True):
+        producer.produce(
+            topic,
+            outgoing.value,
+            key=outgoing.key,
+            partition=partition_of(meta["aggregate_id"]),
+            headers=outgoing.headers,
+        )
+    assert producer.flush(30) == 0
+
+
+def highs(settings: Settings) -> dict[int, int]:
+    consumer = Consumer(
+        {**settings.kafka_client_config(), "group.id": f"{settings.app_id}.highs"}
+    )
+    topic = settings.topics.events("accounts")
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in range(PARTITIONS)
+        }
+    finally:
+        consumer.close()
+
+
+def caught_up(runner: ProjectionRunner, settings: Settings) -> None:
+    topic = settings.topics.events("accounts")
+    for partition, high in highs(settings).items():
+        assert runner.wait_for(topic, partition, high - 1, 60), (
+            f"{topic}[{partition}] not applied up to {high}: {runner.status}"
+        )
+
+
+def eventually(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def query(settings: Settings, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        cur = conn.execute(sql, args)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+def test_a_runner_applies_only_where_postgres_still_holds_its_position(
+    deployment: Settings,
+) -> None:
+    opening = [
+        OpenAccount(account_id=a, owner_id="o", currency="USD") for a in ACCOUNTS
+    ]
+    # 8 openings and 1,136 deposits (past the runner's first statistics check), then
+    # a wave of 3 deposits per account.
+    first = [*opening, *deposits(0, 142)]
+    events = events_of([*first, *deposits(1000, 3)])
+    produce(deployment, events[: len(first)])
+    runner = ProjectionRunner(deployment, LedgerProjection(), codec_for(deployment))
+    runner.start()
+    try:
+        caught_up(runner, deployment)
+
+        # The fresh tables got statistics from the runner, not a minute later.
+        def analyzed() -> bool:
+            rows = query(
+                deployment,
+                "SELECT relname FROM pg_stat_user_tables WHERE relname = ANY(%s) "
+                "AND coalesce(last_analyze, last_autoanalyze) IS NOT NULL",
+                ["transactions", "account_balances", "projection_streams"],
+            )
+            return len(rows) == 3
+
+        assert eventually(analyzed)
+
+        # Another runner of the projection (a rebalance handed it partition 0) has
+        # applied the first three events the next wave puts there.
+        held = highs(deployment)[0]
+        query(
+            deployment,
+            "UPDATE projection_positions SET next_offset = %s "
+            "WHERE projection = 'ledger' AND topic = %s AND partition = 0",
+            held + 3,
+            deployment.topics.events("accounts"),
+        )
+        produce(deployment, events[len(first) :])  # 6 events per partition
+        caught_up(runner, deployment)
+    finally:
+        runner.stop()
+    assert runner.status.error is None
+    # Partition 0 holds acc-0 and acc-4; its wave went acc-0, acc-4, acc-0, acc-4...
+    # The runner left the three events the other one had, and nothing else.
+    missing = query(
+        deployment,
+        "SELECT t.account_id, t.transaction_id FROM unnest(%s::text[], %s::text[]) "
+        "AS t(account_id, transaction_id) WHERE NOT EXISTS (SELECT 1 FROM "
+        "transactions x WHERE x.account_id = t.account_id AND "
+        "x.transaction_id = t.transaction_id) ORDER BY 1, 2",
+        [c.account_id for c in deposits(1000, 3)],
+        [c.transaction_id for c in deposits(1000, 3)],
+    )
+    assert missing == [("acc-0", "t-1000"), ("acc-0", "t-1001"), ("acc-4", "t-1000")]
+    assert query(deployment, "SELECT count(*) FROM transactions") == [
+        (8 * 142 + 8 * 3 - 3,)
+    ]
+    assert query(
+        deployment,
+        "SELECT partition, next_offset FROM projection_positions "
+        "WHERE projection = 'ledger' ORDER BY partition",
+    ) == sorted(highs(deployment).items())
