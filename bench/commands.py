@@ -22,6 +22,7 @@ this broker on this machine. Results go to bench/results/commands.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -41,9 +43,10 @@ from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.local import stack
-from app.local.deployments import delete_topics
+from app.local.deployments import delete_topics, free_port
 from app.local.process import wait_for
 from app.local.worker import WorkerProcess
+from app.projections.replay import group_members
 from app.settings import Settings
 from bench.common import ResultListener, isolated, run_id
 from bench.harness import (
@@ -168,7 +171,7 @@ def traffic(
 def measure(
     system: str,
     settings: Settings,
-    pids: dict[str, int],
+    pids: dict[str, Callable[[], list[int]]],
     commands_topic: str,
     listener: ResultListener,
     encode: Encoder,
@@ -185,7 +188,7 @@ def measure(
     listener.wait_for(list(warm), timeout=300)
 
     backlog = traffic(encode, accounts, size.backlog, 2)
-    meter = CpuSampler({name: process_tree(pid) for name, pid in pids.items()})
+    meter = CpuSampler(pids)
     meter.start()
     started = time.monotonic()
     produce(producer, commands_topic, backlog)
@@ -231,7 +234,10 @@ def _ms(latencies: list[float], q: float) -> float:
     return round(value, 1)
 
 
-def bench_worker(settings: Settings, broker_pid: int, size: Size) -> Figures:
+def bench_worker(
+    settings: Settings, broker_pid: int, size: Size, workers: int = 1
+) -> Figures:
+    """``workers`` workers of one application: they share the partitions."""
     encode = Encoder(settings)
     codec = encode.codec
     outcomes: dict[str, str] = {}
@@ -241,16 +247,31 @@ def bench_worker(settings: Settings, broker_pid: int, size: Size) -> Figures:
         outcomes[data["command_id"]] = data["status"]
         return str(data["command_id"])
 
-    worker = WorkerProcess(settings, "bench-worker")
-    worker.start(timeout=180)
+    processes = [
+        WorkerProcess(
+            dataclasses.replace(settings, web_port=free_port()) if n else settings,
+            f"bench-worker-{n}",
+        )
+        for n in range(workers)
+    ]
+    for worker in processes:
+        worker.start(timeout=180)
+    # Every worker in the group before the clock starts.
+    wait_for(
+        lambda: group_members(settings, settings.app_id) >= workers,
+        120,
+        f"{workers} workers in the consumer group",
+    )
     listener = ResultListener(settings, settings.topics.results, command_id_of)
     try:
-        pid = worker.pid()
-        assert pid is not None
+        trees = [process_tree(_pid(w)) for w in processes]
         figures = measure(
-            "worker",
+            "worker" if workers == 1 else f"{workers} workers",
             settings,
-            {"worker": pid, "broker": broker_pid},
+            {
+                "worker": lambda: [pid for tree in trees for pid in tree()],
+                "broker": process_tree(broker_pid),
+            },
             settings.topics.commands("accounts"),
             listener,
             encode,
@@ -258,10 +279,18 @@ def bench_worker(settings: Settings, broker_pid: int, size: Size) -> Figures:
         )
     finally:
         listener.close()
-        worker.stop()
+        for worker in processes:
+            worker.stop()
     figures.accepted = sum(1 for s in outcomes.values() if s == "ACCEPTED")
     figures.rejected = sum(1 for s in outcomes.values() if s == "REJECTED")
     return figures
+
+
+def _pid(worker: WorkerProcess) -> int:
+    pid = worker.pid()
+    if pid is None:
+        raise RuntimeError(f"{worker.name} has no pid")
+    return pid
 
 
 # -- the raw loop -----------------------------------------------------------------------
@@ -363,7 +392,7 @@ def bench_raw(settings: Settings, broker_pid: int, size: Size) -> Figures:
         return measure(
             "raw loop",
             settings,
-            {"raw loop": process.pid, "broker": broker_pid},
+            {"raw loop": process_tree(process.pid), "broker": process_tree(broker_pid)},
             names["commands"],
             listener,
             encode,
@@ -424,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (≤ 60 s)")
     parser.add_argument("--partitions", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also measure this many workers sharing the partitions, at the "
+        "largest partition count (1: only one worker)",
+    )
     parser.add_argument("--raw-loop", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -447,10 +483,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the local broker is not running (app.local.stack.up)")
         try:
             raw = bench_raw(settings, broker_pid, size)
-            worker = bench_worker(settings, broker_pid, size)
+            measured = [raw, bench_worker(settings, broker_pid, size)]
+            if 1 < args.workers <= partitions == max(args.partitions):
+                # A fresh deployment: the same backlog, from the same state.
+                delete_topics(settings)
+                settings = isolated(base, partitions, f"{run}w")
+                measured.append(bench_worker(settings, broker_pid, size, args.workers))
         finally:
             delete_topics(settings)
-        for figures in (raw, worker):
+        for figures in measured:
             rows.append({**asdict(figures), "ratio_to_raw": ratios(figures, raw)})
         print(f"... {partitions} partition(s) done", file=sys.stderr)
     report = {

@@ -203,7 +203,7 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
             "raw_consume": raw,
             "consume_and_decode": decoded,
         }
-        processes = default_processes(settings, OrdersProjection())
+        processes = default_processes(settings)
         out["processes"] = processes
         for projection in (OrdersProjection(), EventLogProjection()):
             single = replay(settings, projection, topic)

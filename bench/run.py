@@ -238,6 +238,20 @@ def command_figures(report: dict[str, Any]) -> list[dict[str, Any]]:
         suffix = f"{partitions} partition{'s' if partitions > 1 else ''}"
         out += [
             figure(
+                f"commands.throughput.p{partitions}.{system.replace(' ', '_')}",
+                f"Command pipeline, command → result ({suffix}, {system})",
+                "commands/s",
+                row["commands_per_s"],
+                ours["commands_per_s"],
+                "1 worker, same run",
+                better="higher",
+                digits=1,
+            )
+            for system, row in pair.items()
+            if system.endswith(" workers")
+        ]
+        out += [
+            figure(
                 f"commands.throughput.p{partitions}",
                 f"Command pipeline, command → result ({suffix})",
                 "commands/s",

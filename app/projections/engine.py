@@ -56,6 +56,9 @@ log = logging.getLogger("streamfold.projections")
 # Any constants work; every Streamfold process has to use the same ones.
 SWITCH_LOCK = 0x5F0_1E
 PARTITION_LOCK = 0x5F0_20
+# The metadata of the group offsets a runner commits: set by nobody else (Kafka's
+# tools leave it empty), so offsets behind Postgres without it are a rewind.
+COMMIT_MARK = "streamfold-projection"
 # Events a runner applies before it first checks its tables' statistics.
 ANALYZE_FIRST = 1_000
 # How often an idle runner looks for a replay's switch (a busy one checks every batch).
@@ -273,6 +276,13 @@ class ProjectionRunner:
                 self._close()
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception as error:
+                # A bug, not a fault to wait out: stop, named, so the process running
+                # this runner exits and is restarted (``process.project``).
+                self.status.error = f"stopped: {type(error).__name__}: {error}"
+                log.exception("projection %s stopped", self.projection.name)
+                self._close()
+                raise
 
     def _run_once(self) -> None:
         options = {}
@@ -334,10 +344,15 @@ class ProjectionRunner:
         stored = stored_positions(self._conn, self.projection.name)
         self._conn.commit()
         committed = consumer.committed(partitions, timeout=30)
+        # Behind Postgres is a rewind only if someone else committed it: a runner's
+        # own commit (marked) lags Postgres when it died or lost the partition
+        # between the two commits, and then Postgres simply wins.
         rewound = [
             tp
             for tp in committed
-            if tp.offset >= 0 and tp.offset < stored.get((tp.topic, tp.partition), 0)
+            if tp.offset >= 0
+            and tp.offset < stored.get((tp.topic, tp.partition), 0)
+            and tp.metadata != COMMIT_MARK
         ]
         if rewound:
             # Someone rewound the group (kafka-consumer-groups --reset-offsets): the rows
@@ -356,21 +371,28 @@ class ProjectionRunner:
             position = stored.get(key)
             self._claimed[key] = position
             tp.offset = position if position is not None else _earliest(consumer, tp)
-            self.status.positions[key] = tp.offset
+        with self._progress:
+            for tp in partitions:
+                self.status.positions[(tp.topic, tp.partition)] = tp.offset
+            # Read-your-writes waiters: a position already past theirs answers now.
+            self._progress.notify_all()
         self._epoch = epoch
         consumer.assign(partitions)
         if self._on_progress is not None:
             self._on_progress()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Forget revoked partitions: their progress is now another runner's to
-        report, and a batch of theirs still in hand fails the position check."""
+        """Commit the revoked partitions' offsets, then forget them: their progress
+        is now another runner's to report, and a batch of theirs still in hand fails
+        the position check."""
+        self._commit_offsets()
         with self._progress:
             for tp in partitions:
                 key = (tp.topic, tp.partition)
                 self._claimed.pop(key, None)
                 self.status.positions.pop(key, None)
                 self.status.heads.pop(key, None)
+            self._progress.notify_all()
         if self._on_progress is not None:
             self._on_progress()
 
@@ -410,7 +432,8 @@ class ProjectionRunner:
                 "SELECT pg_advisory_xact_lock(%s, %s)",
                 (
                     PARTITION_LOCK,
-                    zlib.crc32(f"{name}/{topic}/{partition}".encode()) - 2**31,
+                    zlib.crc32(f"{self.schema}/{name}/{topic}/{partition}".encode())
+                    - 2**31,
                 ),
             )
         if not keys:
@@ -451,8 +474,9 @@ class ProjectionRunner:
                 position = _earliest(consumer, tp)
             positions[(tp.topic, tp.partition)] = position
         log.warning(
-            "projection %s: tables replaced (epoch %d -> %d); continuing from their "
-            "positions",
+            "projection %s: continuing from the positions Postgres holds (epoch "
+            "%d -> %d: a replay replaced the tables, or another runner moved a "
+            "partition)",
             name,
             self._epoch or 0,
             epoch,
@@ -676,7 +700,8 @@ class ProjectionRunner:
         """Mirror Postgres' positions into the group (Postgres stays authoritative)."""
         assert self._consumer is not None
         offsets = [
-            TopicPartition(t, p, o) for (t, p), o in self.status.positions.items()
+            TopicPartition(t, p, o, metadata=COMMIT_MARK)
+            for (t, p), o in self.status.positions.items()
         ]
         if offsets:
             try:

@@ -44,6 +44,7 @@ log = logging.getLogger("streamfold.projections")
 # without commits).
 HEARTBEAT_S = 0.5
 PR_SET_PDEATHSIG = 1
+EXITED = "a projection process exited"
 
 
 class ProjectionProcess:
@@ -77,6 +78,8 @@ class ProjectionProcess:
         self.exits = 0
         self._progress = threading.Condition()
         self._stopping = threading.Event()
+        # Held while a child starts, so ``stop`` sees every child started.
+        self._starting = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._children: list[Any] = [None] * processes
 
@@ -96,7 +99,8 @@ class ProjectionProcess:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
+        with self._starting:
+            self._stopping.set()
         children = [c for c in self._children if c is not None and c.is_alive()]
         for child in children:
             child.terminate()  # SIGTERM: the child closes its consumers
@@ -134,16 +138,30 @@ class ProjectionProcess:
                 code = f"not started: {type(error).__name__}: {error}"
             if self._stopping.is_set():
                 return
+            with self._progress:
+                last = "; ".join(
+                    sorted(
+                        {
+                            s.error
+                            for s in self._reports[index].values()
+                            if s.error and not s.error.startswith(EXITED)
+                        }
+                    )
+                )
             error = (
-                f"a projection process exited ({code}); restarting it in {delay:.1f}s"
+                f"{EXITED} ({code}"
+                f"{', last error: ' + last if last else ''}); "
+                f"restarting it in {delay:.1f}s"
             )
             log.error(error)
             with self._progress:
                 self.exits += 1
-                # What it applied stays applied: its last report stands, with the
-                # error, until its partitions are reported by whoever holds them.
+                # Its positions go: they may be gone from Postgres by the time
+                # its partitions' new holder reports (a rebuild, a switch).
                 for name, status in self._reports[index].items():
-                    self._reports[index][name] = replace(status, error=error)
+                    self._reports[index][name] = replace(
+                        status, positions={}, heads={}, error=error
+                    )
                 self._progress.notify_all()
             if time.monotonic() - began > 60:
                 delay = 0.5
@@ -166,10 +184,13 @@ class ProjectionProcess:
             name=f"streamfold-projections-{index}",
         )
         try:
-            child.start()
+            with self._starting:
+                if self._stopping.is_set():
+                    return "not started: stopping"
+                child.start()
+                self._children[index] = child
         finally:
             sending.close()
-        self._children[index] = child
         with contextlib.suppress(EOFError, OSError):
             while True:
                 self._mirror(index, receiving.recv())
@@ -261,6 +282,10 @@ def project(
             progressed.wait(HEARTBEAT_S)
             progressed.clear()
             reports.send([_snapshot(runner.status) for runner in runners])
+            if not all(runner.running for runner in runners):
+                # A runner stopped on a bug (named in its status, just sent):
+                # exit, so the parent restarts this process and counts it.
+                raise SystemExit(1)
     except OSError:  # the worker is gone
         pass
     finally:

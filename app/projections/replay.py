@@ -165,7 +165,7 @@ def replay(
     partition of its topics)."""
     name = projection.name
     if processes is None:
-        processes = default_processes(settings, projection)
+        processes = default_processes(settings)
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", name):
         raise ReplayError(f"projection name {name!r} is not a plain identifier")
     progress = Progress(f"replay {name}", out if out is not None else sys.stderr)
@@ -191,8 +191,10 @@ def replay(
 # -- blue/green -----------------------------------------------------------------------
 
 
-def default_processes(settings: Settings, projection: Projection) -> int:
-    return max(1, min(os.cpu_count() or 1, settings.partitions * len(projection.areas)))
+def default_processes(settings: Settings) -> int:
+    """One per core, at most one per partition of a topic: Kafka's default
+    assignor hands out each topic's partitions on its own."""
+    return max(1, min(os.cpu_count() or 1, settings.partitions))
 
 
 def _blue_green(
@@ -381,7 +383,7 @@ def _in_place(
 ) -> tuple[int, int, Positions]:
     name = projection.name
     live = group_id(settings, name)
-    worker_runs = _members(settings, live) > 0
+    worker_runs = group_members(settings, live) > 0
     epoch = reset(conn, projection)
 
     def positions() -> Positions:
@@ -519,7 +521,7 @@ def _worker_state(settings: Settings, group: str) -> Callable[[], str]:
         nonlocal checked
         if time.monotonic() - checked > 2.0:
             checked = time.monotonic()
-            if _members(settings, group) == 0:
+            if group_members(settings, group) == 0:
                 raise ReplayError(
                     f"the worker left consumer group {group}; it goes on rebuilding "
                     "when it starts again"
@@ -599,7 +601,7 @@ def _admin(settings: Settings) -> AdminClient:
     return AdminClient(settings.kafka_client_config())
 
 
-def _members(settings: Settings, group: str) -> int:
+def group_members(settings: Settings, group: str) -> int:
     admin = _admin(settings)  # referenced until the future resolves: it runs it
     try:
         found = admin.describe_consumer_groups([group])[group].result(timeout=60)

@@ -14,8 +14,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.domain import accounts
 from app.domain.accounts import Deposit, OpenAccount
-from app.projections.engine import ProjectionRunner
+from app.projections.engine import COMMIT_MARK, ProjectionRunner, group_id
 from app.projections.ledger import LedgerProjection
+from app.projections.process import ProjectionProcess
 from app.settings import Settings
 from bench.harness import domain_events, encode_events
 from tests.support import codec_for
@@ -42,6 +43,13 @@ def deposits(first: int, count: int) -> list[Deposit]:
         for n in range(first, first + count)
         for account in ACCOUNTS
     ]
+
+
+def opening_and_deposits(count: int) -> list[Any]:
+    opening = [
+        OpenAccount(account_id=a, owner_id="o", currency="USD") for a in ACCOUNTS
+    ]
+    return [*opening, *deposits(0, count)]
 
 
 def events_of(commands: list[Any]) -> list[tuple[dict[str, Any], Any]]:
@@ -172,3 +180,73 @@ def test_a_runner_applies_only_where_postgres_still_holds_its_position(
         "SELECT partition, next_offset FROM projection_positions "
         "WHERE projection = 'ledger' ORDER BY partition",
     ) == sorted(highs(deployment).items())
+
+
+def test_a_process_whose_runner_stops_on_a_bug_exits_and_is_restarted(
+    deployment: Settings,
+) -> None:
+    # A schema without the bookkeeping tables: the runner fails on assignment with
+    # an error no retry fixes.
+    runners = ProjectionProcess(deployment, ("ledger",), schema="no_such_schema")
+    runners.start()
+    try:
+        assert eventually(lambda: runners.exits >= 2, timeout=90), runners.statuses
+        error = runners.statuses["ledger"].error or ""
+        assert error.startswith("a projection process exited (code 1, last error: ")
+        assert "stopped: UndefinedTable" in error
+    finally:
+        runners.stop()
+    assert not runners.running
+
+
+def commit(settings: Settings, offset: int, metadata: str | None) -> None:
+    """Commit ``offset`` for the ledger group on every accounts partition."""
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": group_id(settings, "ledger"),
+            "enable.auto.commit": False,
+        }
+    )
+    topic = settings.topics.events("accounts")
+    try:
+        consumer.commit(
+            offsets=[
+                TopicPartition(topic, p, offset, metadata=metadata or "")
+                for p in range(PARTITIONS)
+            ],
+            asynchronous=False,
+        )
+    finally:
+        consumer.close()
+
+
+def test_group_offsets_behind_postgres_are_a_rewind_only_if_not_a_runners_own(
+    deployment: Settings,
+) -> None:
+    produce(deployment, events_of(list(opening_and_deposits(20))))
+    codec = codec_for(deployment)
+
+    def fold() -> ProjectionRunner:
+        runner = ProjectionRunner(deployment, LedgerProjection(), codec)
+        runner.start()
+        try:
+            caught_up(runner, deployment)
+        finally:
+            runner.stop()
+        assert runner.status.error is None
+        return runner
+
+    assert fold().status.applied == 8 * 21
+    # A runner that died between its Postgres commit and its Kafka commit leaves
+    # its own (marked) offsets behind Postgres: resume from Postgres, fold nothing.
+    commit(deployment, 1, COMMIT_MARK)
+    resumed = fold()
+    assert (resumed.status.rebuilt_at, resumed.status.applied) == (None, 0)
+    # Someone else rewound the group (as Kafka's consumer-groups tool does, no
+    # metadata): rebuild from the beginning.
+    commit(deployment, 0, None)
+    rebuilt = fold()
+    assert rebuilt.status.rebuilt_at is not None
+    assert rebuilt.status.applied == 8 * 21
+    assert query(deployment, "SELECT count(*) FROM transactions") == [(8 * 20,)]
