@@ -25,9 +25,11 @@ def test_values_are_parsed() -> None:
             "STREAMFOLD_PARTITIONS": "8",
             "STREAMFOLD_TOPIC_PREFIX": "shop.",
             "STREAMFOLD_COMMAND_TIMEOUT": "2.5",
+            "STREAMFOLD_PROJECTION_PROCESSES": "3",
         }
     )
     assert settings.partitions == 8
+    assert settings.projection_processes == 3
     assert settings.topics.commands("orders") == "shop.orders.commands"
     assert settings.command_timeout_s == 2.5
 
@@ -44,6 +46,7 @@ def test_values_are_parsed() -> None:
         ("STREAMFOLD_STORE", "redis", "rocksdb, memory"),
         ("STREAMFOLD_TOPIC_PREFIX", "bad prefix!", "letters"),
         ("STREAMFOLD_COMMAND_TIMEOUT", "soon", "seconds"),
+        ("STREAMFOLD_PROJECTION_PROCESSES", "0", "between 1 and 64"),
         ("KAFKA_PRODUCER_ACKS", "1", "must be one of all"),
         ("KAFKA_ENABLE_IDEMPOTENCE", "false", "must be one of true"),
         ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM"),
@@ -91,7 +94,11 @@ def test_sasl_settings_reach_the_client_config() -> None:
 
 def test_as_env_round_trips() -> None:
     settings = Settings.from_env(
-        {"STREAMFOLD_TOPIC_PREFIX": "x.", "STREAMFOLD_PARTITIONS": "3"}
+        {
+            "STREAMFOLD_TOPIC_PREFIX": "x.",
+            "STREAMFOLD_PARTITIONS": "3",
+            "STREAMFOLD_PROJECTION_PROCESSES": "2",
+        }
     )
     assert Settings.from_env(settings.as_env()) == settings
 
