@@ -63,7 +63,8 @@ def state_schema(cls: type) -> str:
     def shape(tp: Any) -> Any:
         if is_dataclass(tp):
             hints = typing.get_type_hints(tp)
-            return [tp.__name__, [(f.name, shape(hints[f.name])) for f in fields(tp)]]
+            name = getattr(tp, "__name__", repr(tp))
+            return [name, [(f.name, shape(hints[f.name])) for f in fields(tp)]]
         args = typing.get_args(tp)
         return (
             [getattr(tp, "__name__", str(tp)), [shape(a) for a in args]]
@@ -269,7 +270,7 @@ class EventStore:
         else:
             events = self.read_stream(aggregate_type, aggregate_id, start, version)
         for event in events:
-            domain_event = mapper.from_dict(
+            domain_event: Any = mapper.from_dict(
                 self.catalog.class_for(event.record_name), event.data
             )
             state = decider.evolve(state, domain_event)

@@ -136,7 +136,7 @@ class _Checker(ReaderWriterCompatibilityChecker):
     point a message at the wrong field."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._locations: list[list[str]] = []
 
     def calculate_compatibility(

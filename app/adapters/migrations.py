@@ -43,7 +43,7 @@ def migrate(database_url: str) -> list[str]:
                 if version in done:
                     continue
                 with conn.transaction():
-                    conn.execute(sql)  # type: ignore[arg-type] - our own trusted files
+                    conn.execute(sql)  # our own migration files
                     conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                         (version, name),

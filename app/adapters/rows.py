@@ -141,7 +141,7 @@ class Rows:
                 self._write_table(cur, self._tables[name], self._changes[name])
         for query, calls in self._statements.items():
             cur.execute(
-                query,  # type: ignore[arg-type] - the projection's own constant SQL
+                query,  # the projection's own constant SQL
                 {column: [call[column] for call in calls] for column in calls[0]},
             )
         for callback in self._callbacks:
@@ -201,6 +201,7 @@ def _insert(
     conflicts: Mapping[str, str],
 ) -> sql.Composed:
     conflict = conflicts.get(table.name)
+    tail: sql.Composable
     if conflict is None:
         tail = sql.SQL("")
     elif conflict == KEEP:
@@ -208,7 +209,7 @@ def _insert(
     else:
         tail = sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(
             _names(table.key),
-            sql.SQL(conflict),  # type: ignore[arg-type] - the projection's own SQL
+            sql.SQL(conflict),  # the projection's own SQL
         )
     return sql.SQL("INSERT INTO {} AS t ({}) SELECT * FROM unnest({}){}").format(
         sql.Identifier(table.name), _names(columns), _arrays(table, columns), tail

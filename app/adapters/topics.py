@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
 from app.settings import AGGREGATES, Settings
 
@@ -83,9 +88,12 @@ def ensure_topics(
     # librdkafka reports why a connection failed only through error_cb; keep it, so
     # a refused password is named as such rather than as a "transport failure".
     seen: list[KafkaError] = []
-    admin = AdminClient(
-        {**settings.kafka_client_config(), "log_level": 3, "error_cb": seen.append}
-    )
+    config: dict[str, Any] = {
+        **settings.kafka_client_config(),
+        "log_level": 3,
+        "error_cb": seen.append,
+    }
+    admin = AdminClient(config)
     try:
         metadata = admin.list_topics(timeout=15)
     except KafkaException as error:
@@ -114,9 +122,9 @@ def ensure_topics(
             )
     if present:
         resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in present]
-        futures = admin.describe_configs(resources)
+        described = admin.describe_configs(resources)
         for spec, resource in zip(present, resources, strict=True):
-            actual = futures[resource].result(timeout=15)
+            actual = described[resource].result(timeout=15)
             for key in spec.enforced:
                 value = actual[key].value if key in actual else None
                 if value != spec.config[key]:
@@ -161,7 +169,7 @@ def ensure_topics(
 
 
 def _co_partitioning(
-    settings: Settings, existing: dict, specs: list[TopicSpec]
+    settings: Settings, existing: dict[str, Any], specs: list[TopicSpec]
 ) -> list[str]:
     wanted = {s.name: s.partitions for s in specs}
     counts = {

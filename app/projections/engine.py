@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import psycopg
 from confluent_kafka import (
@@ -80,11 +80,16 @@ class Projection(Protocol):
     insert does on a key conflict, per table (see ``Rows``).
     """
 
-    name: str
-    areas: tuple[str, ...]
-    tables: tuple[str, ...]
-    handlers: Mapping[str, Handler]
-    conflicts: Mapping[str, str]
+    @property
+    def name(self) -> str: ...
+    @property
+    def areas(self) -> tuple[str, ...]: ...
+    @property
+    def tables(self) -> tuple[str, ...]: ...
+    @property
+    def handlers(self) -> Mapping[str, Handler]: ...
+    @property
+    def conflicts(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +159,11 @@ def reset(conn: psycopg.Connection[Any], projection: Projection) -> int:
     transaction, under the switch lock); return the new epoch."""
     with conn.transaction():
         lock_for_switch(conn, projection.name)
-        conn.execute("TRUNCATE " + ", ".join(projection.tables))  # type: ignore[arg-type]
+        conn.execute(
+            sql.SQL("TRUNCATE {}").format(
+                sql.SQL(", ").join(map(sql.Identifier, projection.tables))
+            )
+        )
         conn.execute(
             "DELETE FROM projection_positions WHERE projection = %s", (projection.name,)
         )
@@ -285,7 +294,7 @@ class ProjectionRunner:
                 raise
 
     def _run_once(self) -> None:
-        options = {}
+        options: dict[str, Any] = {}
         if self.schema != "public":
             # Only the replay's schema: a table it did not copy fails loudly instead
             # of writing to the live one.
@@ -522,34 +531,33 @@ class ProjectionRunner:
                 if error.retriable() or not error.fatal():
                     raise KafkaTransient(str(error))
                 raise RuntimeError(f"Kafka error: {error}")
+            value = message.value()
+            if value is None:
+                rejects.append((message, "empty message (no value)"))
+                continue
+            # Set on every message without an error.
+            topic = cast(str, message.topic())
+            partition = cast(int, message.partition())
+            offset = cast(int, message.offset())
             try:
-                decoded = self.codec.decode(message.value())
+                decoded = self.codec.decode(value)
                 data = dict(decoded.data)
                 metadata = data.pop("metadata")
                 # Where the event came from, for projections that index the log itself.
                 metadata["source"] = {
-                    "topic": message.topic(),
-                    "partition": message.partition(),
-                    "offset": message.offset(),
+                    "topic": topic,
+                    "partition": partition,
+                    "offset": offset,
                     "record_name": decoded.record_name,
                     "writer_version": decoded.writer_version,
                 }
-            except DecodeError as error:
-                rejects.append((message, f"undecodable event: {error.reason}"))
+            except DecodeError as undecodable:
+                rejects.append((message, f"undecodable event: {undecodable.reason}"))
                 continue
             except (KeyError, TypeError):
                 rejects.append((message, "not an event record (no metadata)"))
                 continue
-            events.append(
-                Event(
-                    message.topic(),
-                    message.partition(),
-                    message.offset(),
-                    metadata,
-                    data,
-                    message,
-                )
-            )
+            events.append(Event(topic, partition, offset, metadata, data, message))
         return events, rejects
 
     def _write(self, events: list[Event], rejects: list[tuple[Message, str]]) -> None:
@@ -645,7 +653,7 @@ class ProjectionRunner:
                     "WHERE projection = %s AND aggregate_id = ANY(%s)",
                     (name, ids),
                 )
-                versions = dict(cur.fetchall())  # type: ignore[arg-type]
+                versions = dict(cur.fetchall())
             touched: dict[str, int] = {}
             rows = Rows(self._tables, self.projection.conflicts)
             handlers = self.projection.handlers
@@ -841,7 +849,9 @@ def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
                     if error.code() == KafkaError._PARTITION_EOF:
                         break
                     raise KafkaTransient(str(error))
-                headers = dict(message.headers() or [])
+                raw = message.headers() or []
+                pairs = raw.items() if isinstance(raw, dict) else raw
+                headers = {n: v for n, v in pairs if isinstance(v, bytes)}
                 with contextlib.suppress(KeyError, ValueError):
                     found.add(
                         (
@@ -850,7 +860,7 @@ def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
                             int(headers["dlq-source-offset"]),
                         )
                     )
-                if message.offset() + 1 >= high:
+                if (message.offset() or 0) + 1 >= high:
                     break
     finally:
         consumer.close()

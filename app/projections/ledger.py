@@ -3,6 +3,7 @@ report ``financial_daily_totals`` (per UTC day and currency, kept as running sum
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC
 from types import MappingProxyType
 from typing import Any
@@ -89,7 +90,7 @@ class LedgerProjection:
     name = "ledger"
     areas = ("accounts",)
     tables = ("account_balances", "transactions", "financial_daily_totals")
-    conflicts = MappingProxyType({})
+    conflicts: Mapping[str, str] = MappingProxyType({})
     handlers = MappingProxyType(
         {
             "AccountOpened": opened,

@@ -134,8 +134,8 @@ class ProjectionProcess:
             began = time.monotonic()
             try:
                 code = self._run_child(context, index)
-            except Exception as error:  # noqa: BLE001 - named in the status, retried
-                code = f"not started: {type(error).__name__}: {error}"
+            except Exception as failure:  # noqa: BLE001 - named in the status, retried
+                code = f"not started: {type(failure).__name__}: {failure}"
             if self._stopping.is_set():
                 return
             with self._progress:

@@ -286,7 +286,7 @@ def _copy_table(conn: psycopg.Connection[Any], table: str, schema: str) -> None:
     for definition, on_live, on_copy in indexes:
         if definition.count(on_live) != 1:
             raise ReplayError(f"cannot copy index {definition!r}")
-        conn.execute(sql.SQL(definition.replace(on_live, on_copy)))  # type: ignore[arg-type]
+        conn.execute(sql.SQL(definition.replace(on_live, on_copy)))
     grants = conn.execute(
         "SELECT a.grantee, r.rolname, a.privilege_type FROM pg_class c"
         " CROSS JOIN LATERAL aclexplode(c.relacl) a"
@@ -598,7 +598,8 @@ def _earliest(settings: Settings, projection: Projection) -> Positions:
 
 
 def _admin(settings: Settings) -> AdminClient:
-    return AdminClient(settings.kafka_client_config())
+    config: dict[str, str | int | float | bool] = {**settings.kafka_client_config()}
+    return AdminClient(config)
 
 
 def group_members(settings: Settings, group: str) -> int:
