@@ -17,6 +17,10 @@ STATUS = {
 }
 
 
+# Orders the customer-orders view keeps per customer (see ``upsert_order``).
+KEEP_ORDERS = 500
+
+
 class BadPage(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -72,11 +76,28 @@ def fold_order(current: Row | None, meta: Row, data: Row) -> Row | None:
     return row
 
 
-def upsert_order(orders: list[Row] | None, summary: Row) -> list[Row]:
-    kept = [o for o in orders or [] if o["order_id"] != summary["order_id"]]
+def upsert_order(current: Row | list[Row] | None, summary: Row) -> Row:
+    """A customer's ``KEEP_ORDERS`` most recent orders, newest first, with ``summary``
+    in its place; ``truncated`` once an older one was let go (it stays in Postgres).
+    A table value is one Kafka message: a list of every order would outgrow its 1 MiB
+    (at ~3,000 orders of ~350 bytes), and its changelog record could no longer be
+    written."""
+    held = _customer(current)
+    kept = [o for o in held["orders"] if o["order_id"] != summary["order_id"]]
     kept.append(summary)
     kept.sort(key=lambda o: (o.get("created_at", ""), o["order_id"]), reverse=True)
-    return kept
+    return {
+        "orders": kept[:KEEP_ORDERS],
+        "truncated": held["truncated"] or len(kept) > KEEP_ORDERS,
+    }
+
+
+def _customer(current: Row | list[Row] | None) -> Row:
+    if current is None:
+        return {"orders": [], "truncated": False}
+    if isinstance(current, list):  # written before the view was bounded
+        return {"orders": current, "truncated": False}
+    return current
 
 
 def fold_account(current: Row | None, meta: Row, data: Row) -> Row | None:
@@ -102,15 +123,18 @@ def fold_account(current: Row | None, meta: Row, data: Row) -> Row | None:
     return row
 
 
-def page(orders: list[Row] | None, params: dict[str, str]) -> Row:
+def page(current: Row | list[Row] | None, params: dict[str, str]) -> Row:
     number = _int(params, "page", 0, 0, 1_000_000)
     size = _int(params, "page_size", 20, 1, 100)
-    items = orders or []
+    held = _customer(current)
+    items = held["orders"]
     return {
         "items": items[number * size : (number + 1) * size],
         "total_count": len(items),
         "page": number,
         "page_size": size,
+        # Older orders than these are in the Postgres view (/query/customers/...).
+        "truncated": held["truncated"],
     }
 
 
