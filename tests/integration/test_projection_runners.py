@@ -1,6 +1,9 @@
 """Projection runners against the real broker and Postgres: a runner applies a
 partition only where Postgres still holds the position it last saw there (another
-runner of the projection may have moved it), and it gives fresh tables statistics."""
+runner of the projection may have moved it) and gives fresh tables statistics;
+runners hand partitions over under load without applying anything twice; a process
+whose runner hits a bug is restarted; only offsets someone else committed are a
+rewind."""
 
 from __future__ import annotations
 
@@ -250,3 +253,38 @@ def test_group_offsets_behind_postgres_are_a_rewind_only_if_not_a_runners_own(
     assert rebuilt.status.rebuilt_at is not None
     assert rebuilt.status.applied == 8 * 21
     assert query(deployment, "SELECT count(*) FROM transactions") == [(8 * 20,)]
+
+
+def test_runners_handing_partitions_over_under_load_apply_every_event_once(
+    deployment: Settings,
+) -> None:
+    events = events_of(opening_and_deposits(1200))  # 9,608 events
+    waves = [events[:808], events[808:4808], events[4808:]]
+    codec = codec_for(deployment)
+    first = ProjectionRunner(deployment, LedgerProjection(), codec, batch_size=50)
+    second = ProjectionRunner(deployment, LedgerProjection(), codec, batch_size=50)
+    produce(deployment, waves[0])
+    first.start()
+    try:
+        caught_up(first, deployment)
+        # A second runner joins: the partitions are split between the two.
+        second.start()
+        assert eventually(lambda: bool(second.status.positions), timeout=60)
+        produce(deployment, waves[1])
+        assert eventually(lambda: second.status.applied > 0, timeout=60)
+        # The first leaves with batches in hand; the second takes them all.
+        produce(deployment, waves[2])
+        first.stop()
+        caught_up(second, deployment)
+    finally:
+        first.stop()
+        second.stop()
+    assert (first.status.error, second.status.error) == (None, None)
+    assert first.status.applied + second.status.applied == len(events)
+    # Counters added to by every deposit: one more application would show here.
+    amounts = sum(1 + n for n in range(1200)) * 8
+    assert query(
+        deployment,
+        "SELECT sum(deposits_minor), sum(deposit_count) FROM financial_daily_totals",
+    ) == [(amounts, 8 * 1200)]
+    assert query(deployment, "SELECT count(*) FROM transactions") == [(8 * 1200,)]
