@@ -63,7 +63,7 @@ class ReadSide:
             return True
         partition, offset = _position(after)
         name = AREA_PROJECTION[area]
-        if name not in self.projections.statuses:
+        if name not in self.projections.names:
             return False
         topic = self.settings.topics.events(area)
         return await asyncio.to_thread(

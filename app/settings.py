@@ -170,7 +170,7 @@ class Settings:
             projections=get("STREAMFOLD_PROJECTIONS", _projections, None),
             projection_processes=get(
                 "STREAMFOLD_PROJECTION_PROCESSES",
-                _int_between(1, 64),
+                _int_between(1, MAX_PROJECTION_PROCESSES),
                 default.projection_processes,
             ),
             saga=get("STREAMFOLD_SAGA", _one_of("on", "off"), "on") == "on",
@@ -396,6 +396,8 @@ def _float_between(low: float, high: float) -> Callable[[str, str], float]:
 
 # A saga waits at most a day for the account's answer.
 MAX_SAGA_TIMEOUT_S = 86_400.0
+# Processes one projection may run in, in the worker or a replay.
+MAX_PROJECTION_PROCESSES = 64
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 

@@ -228,9 +228,6 @@ class ProjectionRunner:
         self._epoch: int | None = None
         # Events applied at which to check the tables' statistics next (``_analyze``).
         self._next_analyze = ANALYZE_FIRST
-        # Per partition, the position this runner last read or wrote in Postgres
-        # (None: no row yet); a batch applies only where Postgres still holds it.
-        self._claimed: dict[tuple[str, int], int | None] = {}
         self._next_epoch_check = 0.0
         self._dead_lettered: set[tuple[str, int, int]] = set()
         self.status = Status(projection.name)
@@ -376,9 +373,7 @@ class ProjectionRunner:
             self.status.rebuilt_at = datetime.now(UTC)
             stored = {}
         for tp in partitions:
-            key = (tp.topic, tp.partition)
-            position = stored.get(key)
-            self._claimed[key] = position
+            position = stored.get((tp.topic, tp.partition))
             tp.offset = position if position is not None else _earliest(consumer, tp)
         with self._progress:
             for tp in partitions:
@@ -398,7 +393,6 @@ class ProjectionRunner:
         with self._progress:
             for tp in partitions:
                 key = (tp.topic, tp.partition)
-                self._claimed.pop(key, None)
                 self.status.positions.pop(key, None)
                 self.status.heads.pop(key, None)
             self._progress.notify_all()
@@ -453,7 +447,11 @@ class ProjectionRunner:
             (name, list({topic for topic, _ in keys})),
         )
         stored = {(t, p): o for t, p, o in cur.fetchall()}
-        moved = [k for k in keys if stored.get(k) != self._claimed.get(k, -1)]
+        # status.positions holds what this runner read or wrote there last (a
+        # partition without a row starts at its earliest offset); a revoked one is
+        # gone from it.
+        held = self.status.positions
+        moved = [k for k in keys if k not in held or stored.get(k, held[k]) != held[k]]
         if moved:
             assert self._conn is not None
             self._conn.rollback()
@@ -494,7 +492,6 @@ class ProjectionRunner:
             self.status.positions = positions
             self.status.rebuilt_at = datetime.now(UTC)
             self._progress.notify_all()
-        self._claimed = {key: stored.get(key) for key in positions}
         if self._on_progress is not None:
             self._on_progress()
         # Offsets first: should the seek fail and the consumer start over, the group
@@ -694,7 +691,6 @@ class ProjectionRunner:
                     ),
                 )
         conn.commit()
-        self._claimed.update(positions)
         with self._progress:
             self.status.positions.update(positions)
             self.status.applied += applied

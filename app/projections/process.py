@@ -186,9 +186,13 @@ class ProjectionProcess:
         try:
             with self._starting:
                 if self._stopping.is_set():
+                    receiving.close()
                     return "not started: stopping"
                 child.start()
                 self._children[index] = child
+        except BaseException:
+            receiving.close()
+            raise
         finally:
             sending.close()
         with contextlib.suppress(EOFError, OSError):

@@ -122,15 +122,18 @@ def main(
 ) -> int:
     """The CLI's entry point: progress on stderr, a summary on stdout."""
     from app.adapters.migrations import migrate
-    from app.settings import SettingsError
+    from app.settings import MAX_PROJECTION_PROCESSES, SettingsError
 
     if name not in PROJECTIONS:
         raise SettingsError(
             "PROJECTION",
             f"unknown projection {name!r}; known: {', '.join(PROJECTIONS)}",
         )
-    if processes is not None and not 1 <= processes <= 64:
-        raise SettingsError("--processes", f"must be 1..64, not {processes}")
+    if processes is not None and not 1 <= processes <= MAX_PROJECTION_PROCESSES:
+        raise SettingsError(
+            "--processes",
+            f"must be between 1 and {MAX_PROJECTION_PROCESSES}, got {processes}",
+        )
     migrate(settings.database_url)
     try:
         done = replay(
