@@ -1,5 +1,6 @@
 """Write-side benchmark: sustained commands/s with events durable, through the worker,
-beside a raw confluent-kafka consume→produce loop on topics with the same settings.
+beside two baselines on topics with the same settings: a raw confluent-kafka
+consume→produce loop and a bare Faust agent (``bench.faust_loop``).
 
     .venv/bin/python -m bench.commands [--quick] [--partitions 1 4]
 
@@ -16,7 +17,9 @@ The raw loop reads the commands-like topic, produces each command's bytes to an
 events-like topic (acks=all, idempotent), and once the broker acknowledges that,
 a result to a results-like topic; it stores the consumer offset after the result is
 acknowledged. It decodes nothing and decides nothing: the ceiling for Python and
-this broker on this machine. Results go to bench/results/commands.json.
+this broker on this machine. The Faust loop does the same through a Faust agent
+with one RocksDB table write per command: the ceiling of the design (Faust agents,
+aggregate state in Faust tables). Results go to bench/results/commands.json.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from app.local.process import wait_for
 from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
+from bench import faust_loop
 from bench.common import ResultListener, isolated, run_id
 from bench.harness import (
     CpuSampler,
@@ -305,9 +309,8 @@ def raw_topics(settings: Settings) -> dict[str, str]:
     }
 
 
-def provision_raw(settings: Settings) -> None:
-    """The raw loop's topics, with the settings of the ones they stand for."""
-    names = raw_topics(settings)
+def provision_like(settings: Settings, names: dict[str, str]) -> None:
+    """A baseline's topics, with the settings of the ones they stand for."""
     standing_for = {
         settings.topics.commands("accounts"): names["commands"],
         settings.topics.events("accounts"): names["events"],
@@ -319,6 +322,9 @@ def provision_raw(settings: Settings) -> None:
         if spec.name in standing_for
     ]
     topics.ensure_topics(settings, specs)
+    # A result listener that assigned offsets on topics created a moment earlier
+    # fetched nothing on a fresh broker (every result "missing"); a pause avoids it.
+    time.sleep(3)
 
 
 def raw_loop(settings: Settings, ready_file: Path) -> None:
@@ -329,7 +335,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
     consumer = Consumer(
         {
             **settings.kafka_client_config(),
-            "group.id": f"{settings.app_id}-raw-loop",
+            "group.id": settings.app_id,
             "auto.offset.reset": "earliest",
             "enable.auto.offset.store": False,
             "fetch.wait.max.ms": 5,
@@ -375,24 +381,54 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
     consumer.close()
 
 
-def bench_raw(settings: Settings, broker_pid: int, size: Size) -> Figures:
-    provision_raw(settings)
-    names = raw_topics(settings)
+@dataclass(frozen=True)
+class Baseline:
+    system: str
+    topics: Callable[[Settings], dict[str, str]]
+    argv: Callable[[Path], list[str]]
+
+
+RAW = Baseline(
+    "raw loop", raw_topics, lambda ready: ["bench.commands", "--raw-loop", str(ready)]
+)
+FAUST = Baseline(
+    "faust loop", faust_loop.topics, lambda ready: ["bench.faust_loop", str(ready)]
+)
+
+
+def bench_baseline(
+    baseline: Baseline, settings: Settings, broker_pid: int, size: Size
+) -> Figures:
+    names = baseline.topics(settings)
+    provision_like(settings, names)
+    # An application id (consumer group, table changelogs) of its own.
+    settings = dataclasses.replace(
+        settings, app_id=f"{settings.app_id}-{baseline.system.replace(' ', '-')}"
+    )
     ready = settings.home / "bench" / f"{settings.app_id}.ready"
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.commands", "--raw-loop", str(ready)],
+        [sys.executable, "-m", *baseline.argv(ready)],
         env={**os.environ, **settings.as_env()},
     )
     listener = ResultListener(settings, names["results"], bytes.decode)
     try:
-        wait_for(ready.exists, 60, "the raw loop's partition assignment")
+        wait_for(
+            lambda: ready.exists() or process.poll() is not None,
+            120,
+            f"the {baseline.system}'s partition assignment",
+        )
+        if process.poll() is not None:
+            raise RuntimeError(f"the {baseline.system} exited ({process.returncode})")
         encode = Encoder(settings)
         return measure(
-            "raw loop",
+            baseline.system,
             settings,
-            {"raw loop": process_tree(process.pid), "broker": process_tree(broker_pid)},
+            {
+                baseline.system: process_tree(process.pid),
+                "broker": process_tree(broker_pid),
+            },
             names["commands"],
             listener,
             encode,
@@ -414,15 +450,16 @@ def bench_raw(settings: Settings, broker_pid: int, size: Size) -> Figures:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'system':<9} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'p50 ms':>7} "
+        f"{'system':<10} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'×faust':>6} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'@rate':>6} {'proc ms/cmd':>11} {'broker ms/cmd':>13}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
         own = next(k for k in row["cpu_ms_per_command"] if k != "broker")
         lines.append(
-            f"{row['system']:<9} {row['partitions']:>5} {row['commands_per_s']:>7} "
-            f"{row['ratio_to_raw']['commands_per_s']:>5.2f} {row['p50_ms']:>7} "
+            f"{row['system']:<10} {row['partitions']:>5} {row['commands_per_s']:>7} "
+            f"{row['ratio_to_raw']['commands_per_s']:>5.2f} "
+            f"{row['ratio_to_faust_loop']['commands_per_s']:>6.2f} {row['p50_ms']:>7} "
             f"{row['p99_ms']:>7} {row['latency_rate']:>6} "
             f"{row['cpu_ms_per_command'][own]:>11} "
             f"{row['cpu_ms_per_command']['broker']:>13}"
@@ -482,8 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         if broker_pid is None:
             raise SystemExit("the local broker is not running (app.local.stack.up)")
         try:
-            raw = bench_raw(settings, broker_pid, size)
-            measured = [raw, bench_worker(settings, broker_pid, size)]
+            raw = bench_baseline(RAW, settings, broker_pid, size)
+            floor = bench_baseline(FAUST, settings, broker_pid, size)
+            measured = [raw, floor, bench_worker(settings, broker_pid, size)]
             if 1 < args.workers <= partitions == max(args.partitions):
                 # A fresh deployment: the same backlog, from the same state.
                 delete_topics(settings)
@@ -492,7 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             delete_topics(settings)
         for figures in measured:
-            rows.append({**asdict(figures), "ratio_to_raw": ratios(figures, raw)})
+            rows.append(
+                {
+                    **asdict(figures),
+                    "ratio_to_raw": ratios(figures, raw),
+                    "ratio_to_faust_loop": ratios(figures, floor),
+                }
+            )
         print(f"... {partitions} partition(s) done", file=sys.stderr)
     report = {
         "benchmark": "bench.commands",
