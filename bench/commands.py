@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,8 +44,9 @@ from typing import Any
 
 from app.adapters import mapper, topics
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.adapters.codec import COMMAND_ID_HEADER, Codec, ConfluentRegistry, headers
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.faust_app import worker_datadir
 from app.local import stack
 from app.local.deployments import delete_topics, free_port
 from app.local.process import wait_for
@@ -368,7 +370,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
         for message in batch:
             if message.error():
                 continue
-            command_id = dict(message.headers() or [])[b"command-id".decode()]
+            command_id = dict(message.headers() or [])[COMMAND_ID_HEADER]
             producer.produce(
                 names["events"],
                 message.value(),
@@ -381,7 +383,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
     consumer.close()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Baseline:
     system: str
     topics: Callable[[Settings], dict[str, str]]
@@ -443,6 +445,7 @@ def bench_baseline(
             process.kill()
             process.wait(30)
         ready.unlink(missing_ok=True)
+        shutil.rmtree(worker_datadir(settings), ignore_errors=True)
 
 
 # -- report -----------------------------------------------------------------------------
@@ -450,8 +453,9 @@ def bench_baseline(
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'system':<10} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'×faust':>6} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'@rate':>6} {'proc ms/cmd':>11} {'broker ms/cmd':>13}"
+        f"{'system':<10} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'×faust':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'@rate':>6} {'proc ms/cmd':>11} "
+        f"{'broker ms/cmd':>13}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
@@ -520,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the local broker is not running (app.local.stack.up)")
         try:
             raw = bench_baseline(RAW, settings, broker_pid, size)
-            floor = bench_baseline(FAUST, settings, broker_pid, size)
-            measured = [raw, floor, bench_worker(settings, broker_pid, size)]
+            faust = bench_baseline(FAUST, settings, broker_pid, size)
+            measured = [raw, faust, bench_worker(settings, broker_pid, size)]
             if 1 < args.workers <= partitions == max(args.partitions):
                 # A fresh deployment: the same backlog, from the same state.
                 delete_topics(settings)
@@ -534,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **asdict(figures),
                     "ratio_to_raw": ratios(figures, raw),
-                    "ratio_to_faust_loop": ratios(figures, floor),
+                    "ratio_to_faust_loop": ratios(figures, faust),
                 }
             )
         print(f"... {partitions} partition(s) done", file=sys.stderr)

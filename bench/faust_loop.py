@@ -1,17 +1,12 @@
-"""The Faust loop: the least a Faust worker does per command under Streamfold's design,
-as a second baseline for ``bench.commands``.
+"""The Faust loop: the least work a Faust agent with aggregate state in a Faust table
+does per command, run as ``python -m bench.faust_loop READY_FILE`` by bench.commands.
 
-    .venv/bin/python -m bench.faust_loop READY_FILE   (settings from the environment)
-
-A Faust agent (configured as the worker's: ``app.faust_app.create_app``) takes the
-commands in batches, writes each command's bytes into a RocksDB-backed Faust table
-under its key (one state write, with its changelog record), produces them to an
-events-like topic with the worker's idempotent ``acks=all`` producer, and once the
-broker acknowledges those, a result per command; the batch is done once the results
-and the table's changelog records are acknowledged. It decodes nothing, decides
-nothing, answers no duplicates and feeds no views: the ceiling of a Faust agent with
-aggregate state in a Faust table on this machine, where the raw loop is the ceiling
-of Python and the broker.
+Configured as the worker is (``create_app``, its producer, its batch size and wait),
+it takes each batch as the command agent does: at most one command per key in
+flight. A command reads its key's state, its bytes go to an events-like topic; once
+the broker has them, the state is written (one RocksDB-backed table write, with its
+changelog record) and a result produced; the batch is done once results and
+changelog records are acknowledged. It decodes, decides and answers nothing.
 """
 
 from __future__ import annotations
@@ -19,24 +14,35 @@ from __future__ import annotations
 import asyncio
 import sys
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import faust
 from faust.streams import _current_event
 
+from agents.commands import BATCH_WAIT_S
+from app.adapters.codec import COMMAND_ID_HEADER
 from app.faust_app import create_app
 from app.settings import Settings
 from app.worker import LazyProducer
-
-BATCH = 500
-BATCH_WAIT_S = 0.005
 
 
 def topics(settings: Settings) -> dict[str, str]:
     prefix = f"{settings.topics.prefix}faust"
     return {name: f"{prefix}.{name}" for name in ("commands", "events", "results")}
+
+
+@contextmanager
+def current(event: faust.EventT) -> Iterator[None]:
+    # The table's store and changelog partition come from the current event, which
+    # Faust sets only while an agent takes one event at a time.
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 def build(settings: Settings, ready: Path) -> faust.App:
@@ -66,40 +72,50 @@ def build(settings: Settings, ready: Path) -> faust.App:
     )
     producer = LazyProducer(settings)
 
-    @app.agent(commands, name="faust-loop")
-    async def loop(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH, within=BATCH_WAIT_S):
-            sent = []
-            for event in events:
-                message = event.message
-                # The table's store and changelog partition come from the current
-                # event, which Faust sets only when an agent takes one at a time.
-                token = _current_event.set(weakref.ref(event))
-                try:
-                    state[message.key] = message.value
-                finally:
-                    _current_event.reset(token)
-                sent.append(
-                    await producer.send(
-                        names["events"],
-                        message.value,
-                        key=message.key,
-                        partition=message.partition,
-                    )
-                )
-            await asyncio.gather(*sent)
-            results = [
+    async def finish(taken: list[tuple[faust.EventT, Awaitable[Any]]]) -> None:
+        await asyncio.gather(*(appended for _, appended in taken))
+        results = []
+        for event, _ in taken:
+            message = event.message
+            with current(event):
+                state[message.key] = message.value
+            results.append(
                 await producer.send(
                     names["results"],
-                    dict(event.message.headers or [])["command-id"],
-                    key=event.message.key,
+                    dict(message.headers or [])[COMMAND_ID_HEADER],
+                    key=message.key,
                 )
-                for event in events
-            ]
-            await asyncio.gather(*results)
-            pending = list(changelog)
-            del changelog[: len(pending)]
-            await asyncio.gather(*pending)
+            )
+        await asyncio.gather(*results)
+        pending = list(changelog)
+        del changelog[: len(pending)]
+        if pending:
+            # Not gather: cancelling this wait must not cancel Faust's futures.
+            await asyncio.wait(pending)
+        taken.clear()
+
+    @app.agent(commands, name="faust-loop")
+    async def loop(stream: faust.StreamT) -> None:
+        batch = settings.command_batch
+        async for events in stream.take_events(batch, within=BATCH_WAIT_S):
+            taken: list[tuple[faust.EventT, Awaitable[Any]]] = []
+            keys: set[bytes] = set()
+            for event in events:
+                message = event.message
+                if message.key in keys:
+                    await finish(taken)
+                    keys.clear()
+                with current(event):
+                    state.get(message.key)
+                appended = await producer.send(
+                    names["events"],
+                    message.value,
+                    key=message.key,
+                    partition=message.partition,
+                )
+                taken.append((event, appended))
+                keys.add(message.key)
+            await finish(taken)
 
     @app.on_before_shutdown.connect
     async def stop_producer(sender: Any, **kwargs: Any) -> None:
@@ -109,7 +125,10 @@ def build(settings: Settings, ready: Path) -> faust.App:
 
     @app.timer(interval=0.2)
     async def signal_ready() -> None:
+        recovered = app.tables.recovery.completed.is_set()
         if not signalled and app.consumer is not None and app.consumer.assignment():
+            if not recovered:
+                return
             signalled.append(True)
             await asyncio.to_thread(ready.write_text, "ready")
 
@@ -117,8 +136,7 @@ def build(settings: Settings, ready: Path) -> faust.App:
 
 
 def main(argv: list[str]) -> int:
-    ready = Path(argv[0])
-    app = build(Settings.from_env(), ready)
+    app = build(Settings.from_env(), Path(argv[0]))
     app.finalize()
     from faust.worker import Worker
 

@@ -250,7 +250,7 @@ def command_figures(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "commands/s",
                     ours["commands_per_s"],
                     floor["commands_per_s"],
-                    "Faust loop: one table write per command",
+                    "Faust loop: one table read and write per command",
                     better="higher",
                     digits=1,
                 )

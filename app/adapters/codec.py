@@ -425,6 +425,8 @@ def _framing_problem(payload: bytes) -> str:
 # -- headers ---------------------------------------------------------------------------
 
 Headers = list[tuple[str, bytes]]
+# On every command and event: the command's id (what ``bench`` matches results by).
+COMMAND_ID_HEADER = "command-id"
 
 
 class _Headers:
@@ -453,7 +455,7 @@ class _Headers:
             ("aggregate-id", aggregate_id.encode()),
             ("correlation-id", correlation_id.encode()),
             ("event-id", event_id.encode()),
-            ("command-id", command_id.encode()),
+            (COMMAND_ID_HEADER, command_id.encode()),
         ]
 
     @staticmethod
@@ -462,7 +464,7 @@ class _Headers:
     ) -> Headers:
         return [
             ("command-type", short_name(command_type).encode()),
-            ("command-id", command_id.encode()),
+            (COMMAND_ID_HEADER, command_id.encode()),
             ("correlation-id", correlation_id.encode()),
         ]
 
