@@ -102,6 +102,19 @@ class _PartitionEvent:
         self.message = SimpleNamespace(topic=topic, partition=partition)
 
 
+@contextmanager
+def as_current(event: Any) -> Iterator[None]:
+    """Make ``event`` Faust's current event: a table reads and writes a key in the
+    partition (local store and changelog partition) of the current event, which
+    Faust sets only while an agent takes one event at a time. Agents that take
+    batches name each key's event with this."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
 class TableStore:
     """The aggregate store over a Faust table (or any mutable mapping), in JSON:
     records by aggregate id, the answer to every command decided by command id, and
@@ -150,11 +163,8 @@ class TableStore:
         event = self._events.get(partition)
         if event is None:
             event = self._events[partition] = _PartitionEvent(self.topic, partition)
-        token = _current_event.set(weakref.ref(event))  # type: ignore[arg-type]
-        try:
+        with as_current(event):
             yield
-        finally:
-            _current_event.reset(token)
 
     def load(self, aggregate_id: str) -> Record | None:
         raw = self.table.get(aggregate_id)

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import weakref
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import faust
-from faust.streams import _current_event
 
 from agents.commands import BATCH_WAIT_S
 from app.adapters.codec import COMMAND_ID_HEADER
 from app.faust_app import create_app
+from app.runtime import as_current
 from app.settings import Settings
 from app.worker import LazyProducer
 
@@ -32,17 +30,6 @@ from app.worker import LazyProducer
 def topics(settings: Settings) -> dict[str, str]:
     prefix = f"{settings.topics.prefix}faust"
     return {name: f"{prefix}.{name}" for name in ("commands", "events", "results")}
-
-
-@contextmanager
-def current(event: faust.EventT) -> Iterator[None]:
-    # The table's store and changelog partition come from the current event, which
-    # Faust sets only while an agent takes one event at a time.
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 def build(settings: Settings, ready: Path) -> faust.App:
@@ -77,7 +64,7 @@ def build(settings: Settings, ready: Path) -> faust.App:
         results = []
         for event, _ in taken:
             message = event.message
-            with current(event):
+            with as_current(event):
                 state[message.key] = message.value
             results.append(
                 await producer.send(
@@ -105,7 +92,7 @@ def build(settings: Settings, ready: Path) -> faust.App:
                 if message.key in keys:
                     await finish(taken)
                     keys.clear()
-                with current(event):
+                with as_current(event):
                     state.get(message.key)
                 appended = await producer.send(
                     names["events"],

@@ -130,3 +130,73 @@ def test_views_are_routed_to_the_worker_owning_the_key(deployment: Settings) -> 
                     timeout=60,
                 )
                 assert found.json().get("order_id") == order, (port, found.text)
+
+
+def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
+    """A backlog puts several events of one key, from several partitions, in one
+    batch of a view agent: each key's view is still the fold of all its events."""
+    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    run = uuid.uuid4().hex[:6]
+    accounts = [f"a-{run}-{n}" for n in range(6)]
+    customers = [f"c-{run}-{n}" for n in range(2)]
+    orders = [f"o-{run}-{n}" for n in range(8)]
+    with running_worker(deployment), CommandClient(deployment) as client:
+        opened = [
+            client.submit(OpenAccount(account_id=a, owner_id="o", currency="USD"))
+            for a in accounts
+        ]
+        created = [
+            client.submit(_create(order, customers[n % 2]))
+            for n, order in enumerate(orders)
+        ]
+        assert all(r.accepted for r in client.wait(opened + created))
+        deposits = [
+            client.submit(
+                Deposit(
+                    account_id=accounts[n % len(accounts)],
+                    transaction_id=f"t{n}",
+                    amount_minor=n + 1,
+                    currency="USD",
+                    source="s",
+                    reference="",
+                )
+            )
+            for n in range(240)
+        ]
+        payments = [
+            client.submit(
+                ProcessPayment(
+                    order_id=order,
+                    payment_id=f"p-{order}",
+                    amount_minor=4200,
+                    currency="USD",
+                    method="paypal",
+                    transaction_id=f"t-{order}",
+                )
+            )
+            for order in orders
+        ]
+        assert all(r.accepted for r in client.wait(deposits + payments))
+
+        for index, account in enumerate(accounts):
+            amounts = [n + 1 for n in range(240) if n % len(accounts) == index]
+            version = len(amounts) + 1
+            view = _get(
+                f"{base}/accounts/{account}",
+                lambda r, v=version: r.status_code == 200 and r.json()["version"] == v,
+            ).json()
+            assert view["version"] == len(amounts) + 1
+            assert view["balance_minor"] == sum(amounts)
+        for index, customer in enumerate(customers):
+            mine = sorted(o for n, o in enumerate(orders) if n % 2 == index)
+            count = len(mine)
+            page = _get(
+                f"{base}/customers/{customer}/orders?page_size=10",
+                lambda r, c=count: (
+                    r.status_code == 200
+                    and {o["status"] for o in r.json()["items"]} == {"PAID"}
+                    and r.json()["total_count"] == c
+                ),
+            ).json()
+            assert sorted(o["order_id"] for o in page["items"]) == mine
+            assert {o["status"] for o in page["items"]} == {"PAID"}
