@@ -253,13 +253,11 @@ def bench_worker(
         outcomes[data["command_id"]] = data["status"]
         return str(data["command_id"])
 
-    processes = [
-        WorkerProcess(
-            dataclasses.replace(settings, web_port=free_port()) if n else settings,
-            f"bench-worker-{n}",
-        )
+    deployed = [
+        dataclasses.replace(settings, web_port=free_port()) if n else settings
         for n in range(workers)
     ]
+    processes = [WorkerProcess(s, f"bench-worker-{n}") for n, s in enumerate(deployed)]
     for worker in processes:
         worker.start(timeout=180)
     # Every worker in the group before the clock starts.
@@ -287,6 +285,8 @@ def bench_worker(
         listener.close()
         for worker in processes:
             worker.stop()
+        for each in deployed:
+            shutil.rmtree(worker_datadir(each), ignore_errors=True)
     figures.accepted = sum(1 for s in outcomes.values() if s == "ACCEPTED")
     figures.rejected = sum(1 for s in outcomes.values() if s == "REJECTED")
     return figures
