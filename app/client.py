@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_END,
     Consumer,
     KafkaException,
     Producer,
@@ -24,6 +23,7 @@ from confluent_kafka import (
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.adapters.topics import partitions_of, watermarks
 from app.domain import accounts, orders
 from app.settings import Settings
 
@@ -115,15 +115,14 @@ class CommandClient:
                 }
             )
             topic = self.settings.topics.results
-            metadata = consumer.list_topics(topic, timeout=30)
-            partitions = metadata.topics[topic].partitions
-            assignment = []
-            for p in partitions:
-                _, high = consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=30
-                )
-                assignment.append(TopicPartition(topic, p, high))
-            consumer.assign(assignment or [TopicPartition(topic, 0, OFFSET_END)])
+            # A deployment's topics may have been created a moment ago: their
+            # partitions are asked for again until they have leaders.
+            consumer.assign(
+                [
+                    TopicPartition(topic, p, watermarks(consumer, topic, p)[1])
+                    for p in partitions_of(consumer, topic)
+                ]
+            )
             self._consumer = consumer
         return self._consumer
 

@@ -9,8 +9,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
+from app.adapters.topics import partitions_of, watermarks
 from app.local.deployments import free_port
 from app.settings import Settings, Topics
 
@@ -61,24 +62,11 @@ class ResultListener:
         self._thread.start()
 
     def _ends(self, topic: str) -> list[TopicPartition]:
-        # A topic created a moment ago may not have a leader yet: ask again.
-        for attempt in range(60):
-            try:
-                metadata = self._consumer.list_topics(topic, timeout=30)
-                return [
-                    TopicPartition(topic, partition, high)
-                    for partition in metadata.topics[topic].partitions
-                    for _, high in [
-                        self._consumer.get_watermark_offsets(
-                            TopicPartition(topic, partition), timeout=30
-                        )
-                    ]
-                ]
-            except KafkaException:
-                if attempt == 59:
-                    raise
-                time.sleep(0.5)
-        raise AssertionError("unreachable")
+        consumer = self._consumer
+        return [
+            TopicPartition(topic, p, watermarks(consumer, topic, p)[1])
+            for p in partitions_of(consumer, topic)
+        ]
 
     def _run(self) -> None:
         arrived = self.arrived

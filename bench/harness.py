@@ -25,12 +25,13 @@ from types import ModuleType
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
 from app.adapters.eventlog import metadata_record
+from app.adapters.topics import partitions_of, watermarks
 from app.application.commands import Metadata, event_id
 from app.client import PARTITIONER
 from app.domain import accounts, orders
@@ -483,20 +484,9 @@ def high_watermarks(settings: Settings, topic: str) -> dict[int, int]:
         {**settings.kafka_client_config(), "group.id": f"bench-{uuid.uuid4().hex}"}
     )
     try:
-        for attempt in range(20):
-            try:
-                meta = consumer.list_topics(topic, timeout=30).topics[topic]
-                return {
-                    p: consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=30
-                    )[1]
-                    for p in meta.partitions
-                }
-            except KafkaException:
-                if attempt == 19:
-                    raise
-                time.sleep(0.25)
-        raise AssertionError("unreachable")
+        return {
+            p: watermarks(consumer, topic, p)[1] for p in partitions_of(consumer, topic)
+        }
     finally:
         consumer.close()
 

@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, headers
+from app.adapters.topics import watermarks
 from app.application.commands import Metadata, NewEvent, Position, Result
 from app.settings import Settings
 
@@ -250,9 +251,7 @@ def read_records(
         }
     )
     try:
-        low, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=30
-        )
+        low, high = watermarks(consumer, topic, partition)
         end = high if end is None else min(end, high)
         offset = max(start, low)
         if offset >= end:

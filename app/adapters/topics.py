@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
@@ -186,3 +186,49 @@ def _co_partitioning(
                 f"{counts.get(events)}; an aggregate's command and event topics must match"
             )
     return problems
+
+
+# What a broker answers about a topic created a moment ago, until its partitions have
+# leaders: asked again, not raised.
+SETTLING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._UNKNOWN_TOPIC,
+    }
+)
+
+
+def partitions_of(consumer: Any, topic: str, timeout: float = 30.0) -> list[int]:
+    """The partitions of ``topic``, once the broker knows them (see ``SETTLING``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        error = None if metadata is None else metadata.error
+        if metadata is not None and error is None and metadata.partitions:
+            return sorted(metadata.partitions)
+        if (error is not None and error.code() not in SETTLING) or (
+            time.monotonic() >= deadline
+        ):
+            raise KafkaException(error or f"topic {topic} has no partitions")
+        time.sleep(0.2)
+
+
+def watermarks(
+    consumer: Any, topic: str, partition: int, timeout: float = 30.0
+) -> tuple[int, int]:
+    """One partition's (low, high) offsets, once it has a leader (see ``SETTLING``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout
+            )
+            return int(low), int(high)
+        except KafkaException as error:
+            code = error.args[0].code() if error.args else None
+            if code not in SETTLING or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
