@@ -61,6 +61,15 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             return None
         return data.pop("metadata"), data
 
+    def latest(
+        table: Any, changed: dict[bytes, tuple[Any, Any]], key: bytes, event: Any
+    ) -> Any:
+        """``key``'s view: as changed earlier in this batch, else as the table has it."""
+        if key in changed:
+            return changed[key][1]
+        with as_current(event):
+            return table.get(key)
+
     def fold_batch(
         events: list[Any], table: Any, fold: Callable[..., dict[str, Any] | None]
     ) -> dict[bytes, tuple[Any, dict[str, Any]]]:
@@ -73,12 +82,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             if found is None:
                 continue
             key = found[0]["aggregate_id"].encode()
-            if key in changed:
-                current = changed[key][1]
-            else:
-                with as_current(event):
-                    current = table.get(key)
-            view = fold(current, *found)
+            view = fold(latest(table, changed, key, event), *found)
             if view is not None:
                 changed[key] = (event, view)
         return changed
@@ -102,11 +106,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             changed: dict[bytes, tuple[Any, Any]] = {}
             for event in events:
                 key = event.key.encode()
-                if key in changed:
-                    current = changed[key][1]
-                else:
-                    with as_current(event):
-                        current = by_customer.get(key)
+                current = latest(by_customer, changed, key, event)
                 changed[key] = (event, views.upsert_order(current, event.value))
             save(by_customer, changed)
 

@@ -18,8 +18,8 @@ events-like topic (acks=all, idempotent), and once the broker acknowledges that,
 a result to a results-like topic; it stores the consumer offset after the result is
 acknowledged. It decodes nothing and decides nothing: the ceiling for Python and
 this broker on this machine. The Faust loop does the same through a Faust agent
-with one RocksDB table write per command: the ceiling of the design (Faust agents,
-aggregate state in Faust tables). Results go to bench/results/commands.json.
+that reads and writes each command's key in a RocksDB-backed Faust table: the
+ceiling of the design (Faust agents, aggregate state in Faust tables). Results go to bench/results/commands.json.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
 from bench import faust_loop
-from bench.common import ResultListener, isolated, run_id
+from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
     CpuSampler,
     Outgoing,
@@ -302,15 +302,6 @@ def _pid(worker: WorkerProcess) -> int:
 # -- the raw loop -----------------------------------------------------------------------
 
 
-def raw_topics(settings: Settings) -> dict[str, str]:
-    prefix = settings.topics.prefix
-    return {
-        "commands": f"{prefix}raw.commands",
-        "events": f"{prefix}raw.events",
-        "results": f"{prefix}raw.results",
-    }
-
-
 def provision_like(settings: Settings, names: dict[str, str]) -> None:
     """A baseline's topics, with the settings of the ones they stand for."""
     standing_for = {
@@ -333,7 +324,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
     """Consume → produce the event → once acknowledged, produce the result."""
     from confluent_kafka import Consumer, Producer
 
-    names = raw_topics(settings)
+    names = baseline_topics(settings, "raw")
     consumer = Consumer(
         {
             **settings.kafka_client_config(),
@@ -386,22 +377,22 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
 @dataclass(frozen=True, slots=True)
 class Baseline:
     system: str
-    topics: Callable[[Settings], dict[str, str]]
+    kind: str  # names its topics (``baseline_topics``)
     argv: Callable[[Path], list[str]]
 
 
 RAW = Baseline(
-    "raw loop", raw_topics, lambda ready: ["bench.commands", "--raw-loop", str(ready)]
+    "raw loop", "raw", lambda ready: ["bench.commands", "--raw-loop", str(ready)]
 )
 FAUST = Baseline(
-    "faust loop", faust_loop.topics, lambda ready: ["bench.faust_loop", str(ready)]
+    "faust loop", faust_loop.KIND, lambda ready: ["bench.faust_loop", str(ready)]
 )
 
 
 def bench_baseline(
     baseline: Baseline, settings: Settings, broker_pid: int, size: Size
 ) -> Figures:
-    names = baseline.topics(settings)
+    names = baseline_topics(settings, baseline.kind)
     provision_like(settings, names)
     # An application id (consumer group, table changelogs) of its own.
     settings = dataclasses.replace(

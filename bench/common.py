@@ -30,6 +30,12 @@ def isolated(settings: Settings, partitions: int, run: str) -> Settings:
     )
 
 
+def baseline_topics(settings: Settings, kind: str) -> dict[str, str]:
+    """The commands-, events- and results-like topics of one baseline loop."""
+    prefix = f"{settings.topics.prefix}{kind}"
+    return {name: f"{prefix}.{name}" for name in ("commands", "events", "results")}
+
+
 def run_id() -> str:
     return uuid.uuid4().hex[:6]
 

@@ -25,15 +25,14 @@ from app.faust_app import create_app
 from app.runtime import as_current
 from app.settings import Settings
 from app.worker import LazyProducer
+from bench.common import baseline_topics
 
-
-def topics(settings: Settings) -> dict[str, str]:
-    prefix = f"{settings.topics.prefix}faust"
-    return {name: f"{prefix}.{name}" for name in ("commands", "events", "results")}
+# Its topics are named after this (see ``baseline_topics``).
+KIND = "faust"
 
 
 def build(settings: Settings, ready: Path) -> faust.App:
-    names = topics(settings)
+    names = baseline_topics(settings, KIND)
     app = create_app(settings)
     state = app.Table(
         "faust-loop-state",
