@@ -291,9 +291,12 @@ class _Batch:
     """Commands taken but not yet durable. Their events and dead letters are on the
     way to the broker; nothing of them is saved, answered or marked processed until
     the broker has acknowledged every one (``CommandProcessor._flush``). At most one
-    command per aggregate and per command id: the next one waits for the flush, so
-    it decides on a durable state (or finds the answer), and an aggregate's appends
-    are never in flight together."""
+    command per aggregate and per command id is decided before a flush: a later one
+    is deferred to the next wave, so it decides on a durable state (or finds the
+    answer), and an aggregate's appends are never in flight together. A wave is the
+    deferred commands in their order; a batch of order lifecycles (create, pay,
+    ship, deliver of each order, one after another) is four waves, not a flush per
+    command."""
 
     decided: list[tuple[int, Decision, Awaitable[list[Position]] | None]] = field(
         default_factory=list
@@ -304,6 +307,10 @@ class _Batch:
     dead_letters: list[Awaitable[Any]] = field(default_factory=list)
     # Per partition, the offset after the last message taken.
     marks: dict[int, int] = field(default_factory=dict)
+    # Commands whose aggregate or command id was already decided in this wave, and
+    # per partition the first of them: no mark passes it until it is decided.
+    deferred: list[Incoming] = field(default_factory=list)
+    held: dict[int, int] = field(default_factory=dict)
 
     def pending(self) -> list[Awaitable[Any]]:
         return [d for _, _, d in self.decided if d is not None] + self.dead_letters
@@ -355,6 +362,12 @@ class CommandProcessor:
             try:
                 for message in messages:
                     await self._take(message, batch)
+                while batch.deferred:
+                    await self._flush(batch)
+                    wave, batch.deferred = batch.deferred, []
+                    batch.held.clear()
+                    for message in wave:
+                        await self._take_one(message, batch)
                 await self._flush(batch)
                 return
             except TRANSIENT as error:
@@ -400,6 +413,7 @@ class CommandProcessor:
             for skipped in missed:
                 await self._take_one(skipped, batch)
         await self._take_one(message, batch)
+        batch.marks[message.partition] = message.offset + 1
 
     async def _take_one(self, message: Incoming, batch: _Batch) -> None:
         if not any(name == PROBE_HEADER for name, _ in message.headers):
@@ -417,7 +431,6 @@ class CommandProcessor:
                 await self.dead_letter(
                     message, f"internal error: {type(error).__name__}: {error}", batch
                 )
-        batch.marks[message.partition] = message.offset + 1
 
     async def _committed(self, topic: str, partition: int) -> int:
         return await _in_thread_retrying(
@@ -535,7 +548,9 @@ class CommandProcessor:
             ("command", envelope.command_id),
         }
         if keys & batch.keys:
-            await self._flush(batch)
+            batch.deferred.append(message)
+            batch.held.setdefault(message.partition, message.offset)
+            return
         with self.store.partition(message.partition):
             decision = self.service.decide(envelope, command)
         delivery = None
@@ -566,7 +581,9 @@ class CommandProcessor:
         sent = [await self.results.send(r) for r in answers + batch.answers]
         await asyncio.gather(*sent)
         for partition, offset in batch.marks.items():
-            self.store.set_next_command(partition, offset)
+            self.store.set_next_command(
+                partition, min(offset, batch.held.get(partition, offset))
+            )
         # A rejection lives only in the table. Were it lost while a later
         # command's events reached the log (SIGKILL), the command would be decided
         # again on a later state: so nothing more is decided until it is durable.

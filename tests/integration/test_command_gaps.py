@@ -11,7 +11,7 @@ from typing import Any
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
-from app.adapters.eventlog import new_producer, read_records
+from app.adapters.eventlog import new_producer, partition_for, read_records
 from app.client import CommandClient
 from app.domain.accounts import Deposit, OpenAccount
 from app.runtime import ACCOUNTS, PROBE_HEADER, CommandProcessor, Incoming, TableStore
@@ -183,3 +183,81 @@ def test_a_batch_is_done_only_once_its_table_writes_are_durable(
     asyncio.run(scenario())
     client.close()
     assert seen == [([ids[0]], 1), (sorted(ids), 2), "returned"]
+
+
+def test_commands_of_an_aggregate_decided_in_a_batch_wait_for_the_next_wave(
+    deployment: Settings,
+) -> None:
+    """One batch of one partition: open A, deposit A, open B, deposit B, deposit A.
+    A command whose aggregate already has one decided is deferred, not a reason to
+    flush there: three waves (both opens; both first deposits; A's second), each
+    flushed once, with the partition's mark held at the first deferred command
+    until it is decided."""
+    topic = deployment.topics.commands("accounts")
+    partitions = deployment.partitions
+    a = "acc-wave-a"
+    b = next(
+        f"acc-wave-b{n}"
+        for n in range(1000)
+        if partition_for(f"acc-wave-b{n}".encode(), partitions)
+        == partition_for(a.encode(), partitions)
+    )
+    partition = partition_for(a.encode(), partitions)
+
+    def deposit(account: str, n: int) -> Deposit:
+        return Deposit(
+            account_id=account,
+            transaction_id=f"t{n}",
+            amount_minor=100 * n,
+            currency="USD",
+            source="s",
+            reference="",
+        )
+
+    client = CommandClient(deployment)
+    ids = [
+        client.submit(OpenAccount(account_id=a, owner_id="o", currency="USD")),
+        client.submit(deposit(a, 1)),
+        client.submit(OpenAccount(account_id=b, owner_id="o", currency="USD")),
+        client.submit(deposit(b, 2)),
+        client.submit(deposit(a, 3)),
+    ]
+    client.flush()
+    records = [
+        Incoming(topic, partition, r.offset, r.key, r.value, r.headers)
+        for r in read_records(deployment, topic, partition, 0)
+    ]
+    assert [r.offset for r in records] == [0, 1, 2, 3, 4]
+    seen: list[object] = []
+
+    class Recording(TableStore):
+        async def durable(self) -> None:
+            answered = [n for n, i in enumerate(ids) if self.answer(i) is not None]
+            seen.append((answered, self.next_command(partition)))
+            await super().durable()
+
+    async def scenario() -> tuple[int, int]:
+        producer = new_producer(deployment)
+        await producer.start()
+        try:
+            store = Recording({}, ACCOUNTS)
+            await _processor(deployment, producer, store).process_batch(records)
+            balances = [store.load(x) for x in (a, b)]
+            assert all(r is not None for r in balances)
+            return tuple(r.state.balance_minor for r in balances)  # type: ignore
+        finally:
+            await producer.stop()
+
+    balances = asyncio.run(scenario())
+    assert seen == [([0, 2], 1), ([0, 1, 2, 3], 4), ([0, 1, 2, 3, 4], 5)]
+    assert balances == (400, 200)
+    with client:
+        results = client.wait(ids, timeout=30)
+    assert [r.version for r in results] == [1, 2, 1, 2, 3]
+    assert all(r.accepted for r in results)
+    events = read_records(
+        deployment, deployment.topics.events("accounts"), partition, 0
+    )
+    assert [r.key for r in events if r.key in (a.encode(), b.encode())] == [
+        k.encode() for k in (a, b, a, b, a)
+    ]
