@@ -12,17 +12,18 @@ from typing import Any
 
 import faust
 
+from agents.batching import take_batches
 from app.runtime import CommandProcessor, Incoming
 
-# How long a batch waits to fill up once it has a first command.
-BATCH_WAIT_S = 0.005
+# At most this long taking the commands already queued behind a batch's first.
+BATCH_WAIT_S = 0.02
 
 
 def register(app: faust.App, topic: faust.TopicT, processor: CommandProcessor) -> Any:
     batch = processor.settings.command_batch
 
     async def process_commands(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch, within=BATCH_WAIT_S):
+        async for events in take_batches(stream, batch, within=BATCH_WAIT_S):
             await processor.process_batch(
                 [
                     Incoming(

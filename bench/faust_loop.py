@@ -19,6 +19,7 @@ from typing import Any
 
 import faust
 
+from agents.batching import take_batches
 from agents.commands import BATCH_WAIT_S
 from app.adapters.codec import COMMAND_ID_HEADER
 from app.faust_app import create_app
@@ -83,7 +84,7 @@ def build(settings: Settings, ready: Path) -> faust.App:
     @app.agent(commands, name="faust-loop")
     async def loop(stream: faust.StreamT) -> None:
         batch = settings.command_batch
-        async for events in stream.take_events(batch, within=BATCH_WAIT_S):
+        async for events in take_batches(stream, batch, within=BATCH_WAIT_S):
             taken: list[tuple[faust.EventT, Awaitable[Any]]] = []
             keys: set[bytes] = set()
             for event in events:

@@ -9,7 +9,7 @@ import uuid
 from confluent_kafka import Producer
 
 from app.adapters.eventlog import partition_for
-from app.client import CommandClient
+from app.client import PARTITIONER, CommandClient
 from app.domain.accounts import CloseAccount, Deposit, OpenAccount, Withdraw
 from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
 from app.settings import Settings
@@ -204,7 +204,7 @@ def test_poison_commands_are_dead_lettered_and_the_next_one_is_processed(
     # after them: its result proves the worker got past all three.
     account = _id("acc")
     key = account.encode()
-    producer = Producer(deployment.producer_config())
+    producer = Producer({**deployment.producer_config(), "partitioner": PARTITIONER})
     producer.produce(topic, b"not avro at all", key=key)
     producer.produce(topic, b"\x00\x00\x01\x86\xa0garbage", key=key)
     producer.produce(topic, b"x" * (deployment.max_message_bytes + 10), key=key)
