@@ -39,6 +39,7 @@ from app.adapters.eventlog import (
     KafkaEventLog,
     KafkaResults,
     committed_offset,
+    partition_for,
     read_partition,
     read_records,
 )
@@ -75,6 +76,8 @@ COMMANDS_KEY = "\x00commands/{partition}"
 ANSWER_KEY = "\x00answer/{command_id}"
 # A record with this header only reveals skipped records before it (see above).
 PROBE_HEADER = "streamfold-probe"
+# On a command sent on from the partition it was produced to: "<partition>@<offset>".
+REROUTED_HEADER = "streamfold-rerouted-from"
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,15 +291,15 @@ def envelope_from_record(record: dict[str, Any]) -> Envelope:
 
 @dataclass(slots=True)
 class _Batch:
-    """Commands taken but not yet durable. Their events and dead letters are on the
-    way to the broker; nothing of them is saved, answered or marked processed until
-    the broker has acknowledged every one (``CommandProcessor._flush``). At most one
-    command per aggregate and per command id is decided before a flush: a later one
-    is deferred to the next wave, so it decides on a durable state (or finds the
-    answer), and an aggregate's appends are never in flight together. A wave is the
-    deferred commands in their order; a batch of order lifecycles (create, pay,
-    ship, deliver of each order, one after another) is four waves, not a flush per
-    command."""
+    """Commands taken but not yet durable. Their events, dead letters and re-routed
+    copies are on the way to the broker; nothing of them is saved, answered or marked
+    processed until the broker has acknowledged every one (``CommandProcessor._flush``).
+    At most one command per aggregate and per command id is decided before a flush:
+    a later one is deferred to the next wave, so it decides on a durable state (or
+    finds the answer), and an aggregate's appends are never in flight together. A
+    wave is the deferred commands in their order; a batch of order lifecycles
+    (create, pay, ship, deliver of each order, one after another) is four waves, not
+    a flush per command."""
 
     decided: list[tuple[int, Decision, Awaitable[list[Position]] | None]] = field(
         default_factory=list
@@ -304,7 +307,8 @@ class _Batch:
     # ("aggregate", id) and ("command", id) of the commands decided.
     keys: set[tuple[str, str]] = field(default_factory=set)
     answers: list[Result] = field(default_factory=list)
-    dead_letters: list[Awaitable[Any]] = field(default_factory=list)
+    # Messages sent elsewhere: dead letters and re-routed commands.
+    forwarded: list[Awaitable[Any]] = field(default_factory=list)
     # Per partition, the offset after the last message taken.
     marks: dict[int, int] = field(default_factory=dict)
     # Commands whose aggregate or command id was already decided in this wave, and
@@ -313,7 +317,7 @@ class _Batch:
     held: dict[int, int] = field(default_factory=dict)
 
     def pending(self) -> list[Awaitable[Any]]:
-        return [d for _, _, d in self.decided if d is not None] + self.dead_letters
+        return [d for _, _, d in self.decided if d is not None] + self.forwarded
 
 
 @dataclass(slots=True)
@@ -543,10 +547,12 @@ class CommandProcessor:
                 )
             )
             return
-        keys = {
-            ("aggregate", self.aggregate.aggregate_id(command)),
-            ("command", envelope.command_id),
-        }
+        aggregate_id = self.aggregate.aggregate_id(command)
+        home = partition_for(aggregate_id.encode(), self.settings.partitions)
+        if home != message.partition:
+            await self.reroute(message, aggregate_id, home, batch)
+            return
+        keys = {("aggregate", aggregate_id), ("command", envelope.command_id)}
         if keys & batch.keys:
             batch.deferred.append(message)
             batch.held.setdefault(message.partition, message.offset)
@@ -568,7 +574,7 @@ class CommandProcessor:
             (partition, decision, await delivery if delivery is not None else [])
             for partition, decision, delivery in batch.decided
         ]
-        await asyncio.gather(*batch.dead_letters)
+        await asyncio.gather(*batch.forwarded)
         answers = []
         events_end: dict[int, int] = {}
         for partition, decision, positions in decided:
@@ -591,7 +597,7 @@ class CommandProcessor:
         batch.decided.clear()
         batch.keys.clear()
         batch.answers.clear()
-        batch.dead_letters.clear()
+        batch.forwarded.clear()
 
     async def catch_up(self, partition: int) -> None:
         """Fold whatever the log holds beyond what the table reflects (after a crash,
@@ -627,6 +633,38 @@ class CommandProcessor:
             )
         self.caught_up.add(partition)
 
+    async def reroute(
+        self, message: Incoming, aggregate_id: str, home: int, batch: _Batch
+    ) -> None:
+        """A command on another partition than its aggregate's (its producer did not
+        hash the aggregate id with murmur2) would be decided against a state that is
+        not its aggregate's: it is sent on, unchanged, to the partition that owns the
+        aggregate, keyed by the aggregate id and saying where it came from. An
+        aggregate's commands from one such producer arrive there in their order; the
+        batch is done only once the broker has the copy."""
+        headers = [
+            *message.headers,
+            (REROUTED_HEADER, f"{message.partition}@{message.offset}".encode()),
+        ]
+        batch.forwarded.append(
+            await self.producer.send(
+                message.topic,
+                message.value,
+                key=aggregate_id.encode(),
+                partition=home,
+                headers=headers,
+            )
+        )
+        log.info(
+            "re-routing %s[%d]@%d to partition %d, which owns %s %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            home,
+            self.aggregate.type,
+            aggregate_id,
+        )
+
     async def dead_letter(self, message: Incoming, reason: str, batch: _Batch) -> None:
         """Keep the original bytes and say where they came from and why; ``batch``
         awaits the broker's acknowledgement before the message counts as done."""
@@ -638,7 +676,7 @@ class CommandProcessor:
             ("dlq-source-offset", str(message.offset).encode()),
             ("dlq-reason", reason.encode()[:4000]),
         ]
-        batch.dead_letters.append(
+        batch.forwarded.append(
             await self.producer.send(
                 topic, message.value, key=message.key, headers=headers
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+import zlib
 
 from confluent_kafka import Producer
 
@@ -12,6 +13,7 @@ from app.adapters.eventlog import partition_for
 from app.client import PARTITIONER, CommandClient
 from app.domain.accounts import CloseAccount, Deposit, OpenAccount, Withdraw
 from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
+from app.runtime import REROUTED_HEADER
 from app.settings import Settings
 from tests.support import (
     events_by_aggregate,
@@ -363,3 +365,64 @@ def test_a_command_id_repeated_within_one_batch_is_decided_once(
     streams = events_by_aggregate(deployment, "accounts")
     assert len(streams[first]) == 2
     assert len(streams[second]) == 1
+
+
+def test_a_command_on_another_partition_than_its_aggregates_is_sent_on_there(
+    deployment: Settings,
+) -> None:
+    """librdkafka's default partitioner hashes keys with CRC32, not murmur2, so a
+    plain producer can put an account's commands on a partition other than the
+    account's. The worker sends each on to the account's partition, in order: the
+    deposits are decided against the open account, and a second open is refused."""
+    n = deployment.partitions
+    account = next(
+        a
+        for a in (_id("acc") for _ in range(1000))
+        if zlib.crc32(a.encode()) % n != partition_for(a.encode(), n)
+    )
+    home = partition_for(account.encode(), n)
+    with running_worker(deployment), CommandClient(deployment) as client:
+        opened = client.send(
+            OpenAccount(account_id=account, owner_id="c-1", currency="EUR")
+        )
+        client.producer = Producer(deployment.producer_config())  # CRC32 keys
+        ids = [
+            client.submit(
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"t-{k}",
+                    amount_minor=100 * k,
+                    currency="EUR",
+                    source="card",
+                    reference="",
+                )
+            )
+            for k in (1, 2, 3)
+        ]
+        ids.append(
+            client.submit(
+                OpenAccount(account_id=account, owner_id="c-2", currency="EUR")
+            )
+        )
+        results = client.wait(ids, timeout=60)
+    assert opened.accepted
+    assert [(r.accepted, r.version) for r in results[:3]] == [
+        (True, 2),
+        (True, 3),
+        (True, 4),
+    ]
+    assert not results[3].accepted
+    sent = [
+        m
+        for m in read_topic(deployment, deployment.topics.commands("accounts"))
+        if m.key == account.encode()
+    ]
+    originals = [m for m in sent if REROUTED_HEADER not in m.headers][1:]
+    copies = [m for m in sent if REROUTED_HEADER in m.headers]
+    assert {m.partition for m in originals} == {zlib.crc32(account.encode()) % n}
+    assert [m.partition for m in copies] == [home] * 4
+    assert [m.headers[REROUTED_HEADER] for m in copies] == [
+        f"{m.partition}@{m.offset}".encode() for m in originals
+    ]
+    streams = events_by_aggregate(deployment, "accounts")
+    assert len(streams[account]) == 4
