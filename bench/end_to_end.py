@@ -3,8 +3,9 @@ worker process, beside a raw confluent-kafka + psycopg pipeline in the same run.
 
 Per system: a warm-up, then a backlog of order lifecycles (create with 3 items, pay,
 ship, deliver) produced at once — sustained commands/s = commands / (first produce →
-last read model visible) — then the same workload paced at half that rate for the
-p50/p99 latency. CPU seconds of every process are sampled over the backlog.
+last read model visible) — then, once the worker has settled (no lag in its
+projections, agents or saga feed), the same workload paced at half that rate (or at
+``e2e_latency_rate``) for the p50/p99 latency. CPU seconds of every process are sampled over the backlog.
 
 The raw pipeline is one process with two threads: one consumes the commands and
 produces each one's bytes to an events topic (acks=all, idempotent, offsets stored
@@ -38,11 +39,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.adapters import topics
 from app.adapters.codec import Codec
+from app.adapters.saga_io import feed_group, inbox_topic
 from app.client import CommandClient
 from app.local import stack
 from app.local.process import ServiceError, tail
 from app.local.worker import WorkerProcess
-from app.settings import Settings
+from app.settings import AGGREGATES, Settings
 from bench.harness import (
     CommandEncoder,
     CpuSampler,
@@ -50,6 +52,7 @@ from bench.harness import (
     PositionWatcher,
     Sent,
     figure,
+    group_lag,
     high_watermarks,
     new_codec,
     new_producer,
@@ -70,6 +73,7 @@ class Sizes:
     orders: int  # backlog: 4 commands per order
     latency_seconds: float
     sequential_orders: int  # one command at a time, for the peer comparison
+    latency_rate: float = 0  # commands/s offered for the latency; 0: half the max
 
 
 # -- command results ---------------------------------------------------------------------
@@ -206,15 +210,24 @@ class StreamfoldSystem:
         )
 
     def settle(self, timeout: float) -> float:
-        """Seconds until every projection the worker runs reports no lag, so
-        one-at-a-time commands meet an idle worker rather than its catch-up."""
-        url = f"http://{self.settings.web_host}:{self.settings.web_port}/status"
+        """Seconds until every projection the worker runs reports no lag and its
+        Faust agents and saga feed have committed all they consume, so what is
+        measured next meets an idle worker rather than its catch-up."""
+        settings = self.settings
+        url = f"http://{settings.web_host}:{settings.web_port}/status"
+        events = [settings.topics.events(a) for a in AGGREGATES]
+        agents = [settings.topics.commands(a) for a in AGGREGATES]
+        agents += [*events, inbox_topic(settings)]
         began = time.monotonic()
 
         def idle() -> bool:
             with urllib.request.urlopen(url, timeout=5) as response:
                 status = json.loads(response.read())
-            return all(p["lag_events"] == 0 for p in status["projections"])
+            return (
+                all(p["lag_events"] == 0 for p in status["projections"])
+                and group_lag(settings, settings.app_id, agents) == 0
+                and group_lag(settings, feed_group(settings), events) == 0
+            )
 
         wait_until(idle, timeout, "the worker's projections to catch up")
         return round(time.monotonic() - began, 2)
@@ -538,7 +551,10 @@ def measure(
             _times(lambda _, c: system.durable_at(c), sent), default=None
         )
 
-        rate = max(20.0, throughput / 2)
+        if isinstance(system, StreamfoldSystem):
+            phases["settle_backlog"] = system.settle(300)
+            clock = time.monotonic()
+        rate = sizes.latency_rate or max(20.0, throughput / 2)
         paced_orders = max(1, math.ceil(rate * sizes.latency_seconds / 4))
         first = sizes.warmup_orders + sizes.orders
         paced_messages = _messages(
@@ -580,8 +596,13 @@ def measure(
             "rejected": system.rejected(sent) + system.rejected(paced),
             "latency": {
                 "rate_per_s": round(rate, 1),
+                "fixed_rate": bool(sizes.latency_rate),
                 "seconds": sizes.latency_seconds,
                 **_latencies(latencies),
+                # Rising from the first quarter of the sends to the last: a queue.
+                "p50_ms_by_quarter": [
+                    _round(percentile(q, 0.50)) for q in _quarters(latencies)
+                ],
                 "max_ms": _round(max(latencies, default=None)),
                 "durable": _latencies(durable) if durable else None,
                 # The rate read models actually became visible at while paced: well
@@ -661,6 +682,11 @@ def _latencies(values: list[float]) -> dict[str, Any]:
     }
 
 
+def _quarters(values: list[float]) -> list[list[float]]:
+    size = max(1, math.ceil(len(values) / 4))
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
@@ -710,6 +736,10 @@ def figures(rows: dict[str, Any]) -> list[dict[str, Any]]:
             f"{latency['visible_rate_per_s']:.0f}/s shown"
         )
 
+    def at(row: dict[str, Any]) -> str:
+        fixed = row["latency"].get("fixed_rate")
+        return "a fixed rate" if fixed else "half max load"
+
     return [
         figure(
             "e2e.throughput",
@@ -723,7 +753,7 @@ def figures(rows: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         figure(
             "e2e.p50",
-            f"End to end p50 at half max load ({load(ours)}; raw {load(raw)})",
+            f"End to end p50 at {at(ours)} ({load(ours)}; raw {load(raw)})",
             "ms",
             ours["latency"]["p50_ms"],
             raw["latency"]["p50_ms"],
@@ -733,7 +763,7 @@ def figures(rows: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         figure(
             "e2e.p99",
-            f"End to end p99 at half max load ({load(ours)}; raw {load(raw)})",
+            f"End to end p99 at {at(ours)} ({load(ours)}; raw {load(raw)})",
             "ms",
             ours["latency"]["p99_ms"],
             raw["latency"]["p99_ms"],

@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
@@ -487,6 +487,24 @@ def high_watermarks(settings: Settings, topic: str) -> dict[int, int]:
         return {
             p: watermarks(consumer, topic, p)[1] for p in partitions_of(consumer, topic)
         }
+    finally:
+        consumer.close()
+
+
+def group_lag(settings: Settings, group: str, topics: list[str]) -> int:
+    """Records in ``topics`` beyond what ``group`` has committed."""
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": group})
+    try:
+        ends = {
+            TopicPartition(t, p): watermarks(consumer, t, p)[1]
+            for t in topics
+            for p in partitions_of(consumer, t)
+        }
+        committed = consumer.committed(list(ends), timeout=30)
+        return sum(
+            max(0, ends[TopicPartition(c.topic, c.partition)] - max(c.offset, 0))
+            for c in committed
+        )
     finally:
         consumer.close()
 

@@ -52,6 +52,7 @@ FULL: dict[str, float] = {
     "e2e_warmup_orders": 200,
     "e2e_orders": 3000,
     "e2e_latency_seconds": 10,
+    "e2e_latency_rate": 0,  # commands/s; 0: half the sustained rate
     "sequential_orders": 10,
     "peer_threads": 4,
     "replay_orders": 15000,
@@ -68,6 +69,7 @@ QUICK: dict[str, float] = {
     "e2e_warmup_orders": 10,
     "e2e_orders": 200,  # the raw pipeline, 800 commands, needs a few clock ticks
     "e2e_latency_seconds": 1.5,
+    "e2e_latency_rate": 0,
     "sequential_orders": 1,
     "peer_threads": 4,
     "replay_orders": 400,
@@ -325,6 +327,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         orders=int(sizes["e2e_orders"]),
         latency_seconds=sizes["e2e_latency_seconds"],
         sequential_orders=int(sizes["sequential_orders"]),
+        latency_rate=sizes["e2e_latency_rate"],
     )
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "commands": lambda: run_commands(
