@@ -8,10 +8,12 @@ until an event arrives, then takes whatever the stream has already queued behind
 at once. Under load the queue fills while a batch is processed, so batches grow with
 the load; when idle, a command is taken the moment it arrives.
 
-As with ``take_events``, the stream's acks are off while batching: each batch's
-events are acked once the caller is done with it (``async for`` moved on), so Faust
-commits nothing a batch has not finished with, and no event is added to a batch the
-caller holds.
+As with ``take_events``, the stream's acks are off while batching and no event is
+added to a batch the caller holds. A batch's events are acked when the caller is done
+with it: when ``async for`` moves on, and also when the caller raises or is
+cancelled, so Faust may then commit past events that were not processed. The command
+agents do not rely on Faust's commits for that: their own positions, read-back and
+probes find such events (see ``app.runtime``).
 """
 
 from __future__ import annotations
@@ -39,14 +41,21 @@ async def take_batches(
     loop = asyncio.get_running_loop()
 
     async def add(value: Any) -> Any:
-        await free.wait()
-        event = stream.current_event
-        if event is None:
-            raise RuntimeError("a batched stream value came without its event")
-        batch.append(event)
-        arrived.set()
-        if len(batch) >= max_:
-            free.clear()
+        try:
+            await free.wait()
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("a batched stream value came without its event")
+            batch.append(event)
+            arrived.set()
+            if len(batch) >= max_:
+                free.clear()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any error stops the stream
+            # Stop the stream (its agent's supervisor then stops the worker) rather
+            # than leave the batch loop waiting for events that will never come.
+            await stream.crash(error)  # type: ignore[attr-defined]
         return value
 
     acks = stream.enable_acks

@@ -2,8 +2,9 @@
 
 Thin by design: take the Faust events in batches, turn them into ``Incoming`` and
 hand them over; every rule and every error path lives in ``app.runtime`` and the
-domain. Faust acks a batch's events only once ``process_batch`` has returned, that
-is once they are durable, answered and marked processed.
+domain. Faust acks a batch's events once ``process_batch`` has returned, that is
+once they are durable, answered and marked processed (or once it raised or was
+cancelled: the processor's own positions then find what was not done).
 """
 
 from __future__ import annotations

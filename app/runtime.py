@@ -314,6 +314,7 @@ class _Batch:
     # Commands whose aggregate or command id was already decided in this wave, and
     # per partition the first of them: no mark passes it until it is decided.
     deferred: list[Incoming] = field(default_factory=list)
+    deferred_keys: set[tuple[str, str]] = field(default_factory=set)
     held: dict[int, int] = field(default_factory=dict)
 
     def pending(self) -> list[Awaitable[Any]]:
@@ -369,6 +370,7 @@ class CommandProcessor:
                 while batch.deferred:
                     await self._flush(batch)
                     wave, batch.deferred = batch.deferred, []
+                    batch.deferred_keys.clear()
                     batch.held.clear()
                     for message in wave:
                         await self._take_one(message, batch)
@@ -553,8 +555,10 @@ class CommandProcessor:
             await self.reroute(message, aggregate_id, home, batch)
             return
         keys = {("aggregate", aggregate_id), ("command", envelope.command_id)}
-        if keys & batch.keys:
+        if keys & (batch.keys | batch.deferred_keys):
+            # Also behind a deferred command sharing its aggregate or command id.
             batch.deferred.append(message)
+            batch.deferred_keys |= keys
             batch.held.setdefault(message.partition, message.offset)
             return
         with self.store.partition(message.partition):

@@ -85,24 +85,29 @@ def build(settings: Settings, ready: Path) -> faust.App:
     async def loop(stream: faust.StreamT) -> None:
         batch = settings.command_batch
         async for events in take_batches(stream, batch, within=BATCH_WAIT_S):
-            taken: list[tuple[faust.EventT, Awaitable[Any]]] = []
-            keys: set[bytes] = set()
-            for event in events:
-                message = event.message
-                if message.key in keys:
-                    await finish(taken)
-                    keys.clear()
-                with as_current(event):
-                    state.get(message.key)
-                appended = await producer.send(
-                    names["events"],
-                    message.value,
-                    key=message.key,
-                    partition=message.partition,
-                )
-                taken.append((event, appended))
-                keys.add(message.key)
-            await finish(taken)
+            # In waves, as the worker: a key already taken waits for the next.
+            wave: list[faust.EventT] = list(events)
+            while wave:
+                taken: list[tuple[faust.EventT, Awaitable[Any]]] = []
+                keys: set[bytes] = set()
+                deferred: list[faust.EventT] = []
+                for event in wave:
+                    message = event.message
+                    if message.key in keys:
+                        deferred.append(event)
+                        continue
+                    with as_current(event):
+                        state.get(message.key)
+                    appended = await producer.send(
+                        names["events"],
+                        message.value,
+                        key=message.key,
+                        partition=message.partition,
+                    )
+                    taken.append((event, appended))
+                    keys.add(message.key)
+                await finish(taken)
+                wave = deferred
 
     @app.on_before_shutdown.connect
     async def stop_producer(sender: Any, **kwargs: Any) -> None:

@@ -423,8 +423,9 @@ def test_a_command_on_another_partition_than_its_aggregates_is_sent_on_there(
     copies = [m for m in sent if REROUTED_HEADER in m.headers]
     assert len(direct) == 5
     assert {m.partition for m in originals} == {zlib.crc32(account.encode()) % n}
-    assert [m.partition for m in copies] == [home] * 4
-    assert [m.headers[REROUTED_HEADER] for m in copies] == [
+    assert {m.partition for m in copies} == {home}
+    # A retried batch may send a copy again; the repeat is answered, not decided.
+    assert list(dict.fromkeys(m.headers[REROUTED_HEADER] for m in copies)) == [
         f"{m.partition}@{m.offset}".encode() for m in originals
     ]
     streams = events_by_aggregate(deployment, "accounts")
