@@ -16,7 +16,8 @@ import faust
 from agents.batching import take_batches
 from app.runtime import CommandProcessor, Incoming
 
-# At most this long taking the commands already queued behind a batch's first.
+# A batch drains what is queued behind its first command for at most this long, and
+# after a busy batch also waits this long for more (``take_batches``).
 BATCH_WAIT_S = 0.02
 
 

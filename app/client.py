@@ -23,7 +23,7 @@ from confluent_kafka import (
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
-from app.adapters.topics import partitions_of, watermarks
+from app.adapters.topics import end_offsets
 from app.domain import accounts, orders
 from app.settings import Settings
 
@@ -119,8 +119,8 @@ class CommandClient:
             # partitions are asked for again until they have leaders.
             consumer.assign(
                 [
-                    TopicPartition(topic, p, watermarks(consumer, topic, p)[1])
-                    for p in partitions_of(consumer, topic)
+                    TopicPartition(topic, p, end)
+                    for p, end in end_offsets(consumer, topic).items()
                 ]
             )
             self._consumer = consumer

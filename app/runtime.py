@@ -289,6 +289,10 @@ def envelope_from_record(record: dict[str, Any]) -> Envelope:
     )
 
 
+# A decoded command: its envelope and the command.
+Parsed = tuple[Envelope, Any]
+
+
 @dataclass(slots=True)
 class _Batch:
     """Commands taken but not yet durable. Their events, dead letters and re-routed
@@ -313,7 +317,7 @@ class _Batch:
     marks: dict[int, int] = field(default_factory=dict)
     # Commands whose aggregate or command id was already decided in this wave, and
     # per partition the first of them: no mark passes it until it is decided.
-    deferred: list[Incoming] = field(default_factory=list)
+    deferred: list[tuple[Incoming, Parsed]] = field(default_factory=list)
     deferred_keys: set[tuple[str, str]] = field(default_factory=set)
     held: dict[int, int] = field(default_factory=dict)
 
@@ -372,8 +376,8 @@ class CommandProcessor:
                     wave, batch.deferred = batch.deferred, []
                     batch.deferred_keys.clear()
                     batch.held.clear()
-                    for message in wave:
-                        await self._take_one(message, batch)
+                    for message, parsed in wave:
+                        await self._take_one(message, batch, parsed)
                 await self._flush(batch)
                 return
             except TRANSIENT as error:
@@ -421,10 +425,18 @@ class CommandProcessor:
         await self._take_one(message, batch)
         batch.marks[message.partition] = message.offset + 1
 
-    async def _take_one(self, message: Incoming, batch: _Batch) -> None:
+    async def _take_one(
+        self, message: Incoming, batch: _Batch, parsed: Parsed | None = None
+    ) -> None:
+        """Decide ``message``; a deferred one comes back with what ``_parse`` made of
+        it, so each command is decoded once however many waves it waits."""
         if not any(name == PROBE_HEADER for name, _ in message.headers):
             try:
-                await self._decide(message, batch)
+                if message.partition not in self.caught_up:
+                    await self.catch_up(message.partition)
+                parsed = parsed or await self._parse(message, batch)
+                if parsed is not None:
+                    await self._decide(message, parsed, batch)
             except TRANSIENT:
                 raise
             except Exception as error:
@@ -494,13 +506,13 @@ class CommandProcessor:
                 )
                 await future
 
-    async def _decide(self, message: Incoming, batch: _Batch) -> None:
-        if message.partition not in self.caught_up:
-            await self.catch_up(message.partition)
+    async def _parse(self, message: Incoming, batch: _Batch) -> Parsed | None:
+        """The command and its envelope, or None once ``message`` is dead-lettered
+        or rejected as invalid."""
         value = message.value
         if value is None:
             await self.dead_letter(message, "empty message (no value)", batch)
-            return
+            return None
         if len(value) > self.settings.max_message_bytes:
             await self.dead_letter(
                 message,
@@ -508,14 +520,14 @@ class CommandProcessor:
                 f"{self.settings.max_message_bytes} (STREAMFOLD_MAX_MESSAGE_BYTES)",
                 batch,
             )
-            return
+            return None
         try:
             decoded = self.codec.decode(value)
         except DecodeError as error:
             await self.dead_letter(
                 message, f"undecodable command: {error.reason}", batch
             )
-            return
+            return None
         try:
             cls = self.catalog.class_for(decoded.record_name)
             envelope_data, payload = mapper.split_command(decoded.data)
@@ -527,14 +539,14 @@ class CommandProcessor:
                 f"{error}",
                 batch,
             )
-            return
+            return None
         if cls not in self.aggregate.decider.COMMANDS:
             await self.dead_letter(
                 message,
                 f"{decoded.record_name} is not a {self.aggregate.type} command",
                 batch,
             )
-            return
+            return None
         try:
             command = mapper.from_dict(cls, payload)
         except mapper.MappingError as error:
@@ -548,7 +560,11 @@ class CommandProcessor:
                     error.path,
                 )
             )
-            return
+            return None
+        return envelope, command
+
+    async def _decide(self, message: Incoming, parsed: Parsed, batch: _Batch) -> None:
+        envelope, command = parsed
         aggregate_id = self.aggregate.aggregate_id(command)
         home = partition_for(aggregate_id.encode(), self.settings.partitions)
         if home != message.partition:
@@ -557,7 +573,7 @@ class CommandProcessor:
         keys = {("aggregate", aggregate_id), ("command", envelope.command_id)}
         if keys & (batch.keys | batch.deferred_keys):
             # Also behind a deferred command sharing its aggregate or command id.
-            batch.deferred.append(message)
+            batch.deferred.append((message, parsed))
             batch.deferred_keys |= keys
             batch.held.setdefault(message.partition, message.offset)
             return
@@ -644,8 +660,8 @@ class CommandProcessor:
         hash the aggregate id with murmur2) would be decided against a state that is
         not its aggregate's: it is sent on, unchanged, to the partition that owns the
         aggregate, keyed by the aggregate id and saying where it came from. An
-        aggregate's commands from one such producer arrive there in their order; the
-        batch is done only once the broker has the copy."""
+        aggregate's commands keep their order when its producer keys them by
+        aggregate id; the batch is done only once the broker has the copy."""
         headers = [
             *message.headers,
             (REROUTED_HEADER, f"{message.partition}@{message.offset}".encode()),

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, TopicPartition
 
-from app.adapters.topics import partitions_of, watermarks
+from app.adapters.topics import end_offsets
 from app.local.deployments import free_port
 from app.settings import Settings, Topics
 
@@ -68,10 +68,9 @@ class ResultListener:
         self._thread.start()
 
     def _ends(self, topic: str) -> list[TopicPartition]:
-        consumer = self._consumer
         return [
-            TopicPartition(topic, p, watermarks(consumer, topic, p)[1])
-            for p in partitions_of(consumer, topic)
+            TopicPartition(topic, p, end)
+            for p, end in end_offsets(self._consumer, topic).items()
         ]
 
     def _run(self) -> None:

@@ -31,7 +31,7 @@ from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
 from app.adapters.eventlog import metadata_record
-from app.adapters.topics import partitions_of, watermarks
+from app.adapters.topics import end_offsets
 from app.application.commands import Metadata, event_id
 from app.client import PARTITIONER
 from app.domain import accounts, orders
@@ -484,9 +484,7 @@ def high_watermarks(settings: Settings, topic: str) -> dict[int, int]:
         {**settings.kafka_client_config(), "group.id": f"bench-{uuid.uuid4().hex}"}
     )
     try:
-        return {
-            p: watermarks(consumer, topic, p)[1] for p in partitions_of(consumer, topic)
-        }
+        return end_offsets(consumer, topic)
     finally:
         consumer.close()
 
@@ -496,9 +494,9 @@ def group_lag(settings: Settings, group: str, topics: list[str]) -> int:
     consumer = Consumer({**settings.kafka_client_config(), "group.id": group})
     try:
         ends = {
-            TopicPartition(t, p): watermarks(consumer, t, p)[1]
+            TopicPartition(t, p): end
             for t in topics
-            for p in partitions_of(consumer, t)
+            for p, end in end_offsets(consumer, t).items()
         }
         committed = consumer.committed(list(ends), timeout=30)
         return sum(

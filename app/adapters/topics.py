@@ -216,6 +216,13 @@ def partitions_of(consumer: Any, topic: str, timeout: float = 30.0) -> list[int]
         time.sleep(0.2)
 
 
+def end_offsets(consumer: Any, topic: str) -> dict[int, int]:
+    """Each partition's end (high watermark), once the topic has leaders."""
+    return {
+        p: watermarks(consumer, topic, p)[1] for p in partitions_of(consumer, topic)
+    }
+
+
 def watermarks(
     consumer: Any, topic: str, partition: int, timeout: float = 30.0
 ) -> tuple[int, int]:

@@ -56,9 +56,9 @@ def _sent(
     return ids, partition, records
 
 
-def _deposit(n: int) -> Deposit:
+def _deposit(n: int, account: str = "acc-gap") -> Deposit:
     return Deposit(
-        account_id="acc-gap",
+        account_id=account,
         transaction_id=f"t{n}",
         amount_minor=100 * n,
         currency="USD",
@@ -203,24 +203,13 @@ def test_commands_of_an_aggregate_decided_in_a_batch_wait_for_the_next_wave(
         == partition_for(a.encode(), partitions)
     )
     partition = partition_for(a.encode(), partitions)
-
-    def deposit(account: str, n: int) -> Deposit:
-        return Deposit(
-            account_id=account,
-            transaction_id=f"t{n}",
-            amount_minor=100 * n,
-            currency="USD",
-            source="s",
-            reference="",
-        )
-
     client = CommandClient(deployment)
     ids = [
         client.submit(OpenAccount(account_id=a, owner_id="o", currency="USD")),
-        client.submit(deposit(a, 1)),
+        client.submit(_deposit(1, a)),
         client.submit(OpenAccount(account_id=b, owner_id="o", currency="USD")),
-        client.submit(deposit(b, 2)),
-        client.submit(deposit(a, 3)),
+        client.submit(_deposit(2, b)),
+        client.submit(_deposit(3, a)),
     ]
     client.flush()
     records = [
