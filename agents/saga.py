@@ -1,326 +1,345 @@
-"""The order payment saga in the worker; its rules are ``app.application.saga``.
+"""The order payment saga on the transactional processor; its rules are
+``app.application.saga``.
 
-- The feed (``app.adapters.saga_io.SagaFeed``, consumer group ``<app_id>.saga``)
-  routes order events, the saga's own account movements and the rejections of its
-  commands into ``<app_id>-saga-inbox``, keyed by order id.
-- One agent on the inbox owns the ``sagas`` table (state and step history) and the
-  ``saga-deadlines`` table (pending deadlines only). Per message it decides with
-  ``react``, sends the commands and waits for the broker, then records the state.
-- A timer sends ``TimedOut`` into the inbox for locally owned deadlines that passed;
-  the agent decides, so a timeout fires once however often it is sent.
+- The feed (``FeedHandler``, consumer group ``<app_id>.saga``) routes order events,
+  the saga's own account movements and the rejections of its commands into
+  ``<app_id>-saga-inbox``, keyed by order id, in transactions of its own.
+- ``SagaHandler`` owns the inbox's partitions (in the command processor's group).
+  Per message it reacts, and in one transaction sends the commands, writes the new
+  state to the compacted ``<app_id>-saga-state`` topic (the saga's log, which its
+  state is derived from) and commits the inbox offset. Deadlines fire from the same
+  loop (``tick``), also inside a transaction, so a timeout acts once.
+- A Faust agent folds ``<app_id>-saga-state`` into the ``sagas`` table behind
+  ``GET /sagas/{order_id}`` (routed to the key's owner).
 
-Seeing a saga: ``GET /sagas/{order_id}`` on any worker (routed to the key's owner).
 The saga's commands carry the order's correlation id, so ``streamfold history
 --correlation <id>`` (and ``/query/correlation/{id}``) show the whole flow across
-aggregates: OrderCreated, MoneyWithdrawn, PaymentProcessed or OrderCancelled, and a
-refund's MoneyDeposited, the saga's issued by user ``saga:order-payment``. Each
-command's causation id is the event, result or timeout that triggered it (listed in
-the history of ``/sagas/{order_id}``).
+aggregates. Each command's causation id is the event, result or timeout that
+triggered it (listed in the history of ``/sagas/{order_id}``).
 
-Settings (``app.settings``): ``STREAMFOLD_SAGA=on|off`` (off registers nothing: use it
-for replays; the feed's group keeps its position and resumes there when switched back
+Settings (``app.settings``): ``STREAMFOLD_SAGA=on|off`` (off runs nothing: use it for
+replays; the feed's group keeps its position and resumes there when switched back
 on) and ``STREAMFOLD_SAGA_TIMEOUT`` (seconds to wait for the account, default 30).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import faust
-from aiokafka.errors import KafkaError
-from faust.exceptions import SameNode
+from confluent_kafka import Message
 
-from app.adapters.codec import Codec, RegistryUnavailable
+from app.adapters import mapper
+from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
-from app.adapters.saga_io import (
-    FeedUnavailable,
-    SagaFeed,
-    encode_message,
-    frame_command,
-    inbox_topic,
-    read_range,
-)
+from app.adapters.logtail import TP, LogTail, StateCache
+from app.adapters.processor import Batch
+from app.adapters.saga_io import frame_command, inbox_topic, route
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
 from app.application import saga
-from app.runtime import settle_commits
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.saga")
 
-TRANSIENT = (KafkaError, RegistryUnavailable, OSError, TimeoutError)
-# The saga's own position in each inbox partition, kept in its table.
-POSITION = "\x00position/{partition}"
-PROBE = b'{"type":"Probe"}'
+
+def state_topic(settings: Settings) -> str:
+    return f"{settings.app_id}-saga-state"
 
 
-def register(app: faust.App, settings: Settings, codec: Codec) -> None:
-    if not settings.saga:
-        log.info("order payment saga is off (STREAMFOLD_SAGA=off)")
-        return
-    name = inbox_topic(settings)
+def ensure_saga_topics(settings: Settings) -> None:
+    inbox = inbox_topic(settings)
     ensure_topics(
         settings,
         [
-            TopicSpec(name, settings.partitions),
-            TopicSpec(f"{name}.dlq", 1, dict(FOREVER), tuple(FOREVER)),
+            TopicSpec(inbox, settings.partitions),
+            TopicSpec(f"{inbox}.dlq", 1, dict(FOREVER), tuple(FOREVER)),
+            TopicSpec(
+                state_topic(settings),
+                settings.partitions,
+                {"cleanup.policy": "compact"},
+            ),
         ],
     )
-    # Raw keys (bytes): Faust serialises str keys as JSON, and its router would then
-    # hash '"o-1"' rather than the order id the inbox is partitioned by.
+
+
+class FeedHandler:
+    """Routes what the saga follows into its inbox; stateless."""
+
+    def __init__(self, settings: Settings, codec: Codec) -> None:
+        self.settings, self.codec = settings, codec
+        self.inbox = inbox_topic(settings)
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        topics = self.settings.topics
+        return (topics.events("orders"), topics.events("accounts"), topics.results)
+
+    def handle(self, message: Message, batch: Batch) -> None:
+        try:
+            routed = route(self.codec, self.settings, message)
+        except (DecodeError, mapper.MappingError, LookupError, TypeError) as error:
+            # The projections dead-letter undecodable events; the saga cannot act
+            # on one, so it says so and moves on.
+            log.warning(
+                "saga feed skipped %s[%d]@%d: %s",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                error,
+            )
+            return
+        if routed is not None:
+            key, value = routed
+            batch.send(
+                self.inbox,
+                value,
+                key=key,
+                partition=partition_for(key, self.settings.partitions),
+            )
+
+    def assigned(self, partitions: list[TP]) -> None:
+        return None
+
+    def revoked(self, partitions: list[TP]) -> None:
+        return None
+
+    def tick(self, batch: Batch) -> None:
+        return None
+
+    def committed(self) -> None:
+        return None
+
+    def aborted(self) -> None:
+        return None
+
+
+class SagaHandler:
+    """Reacts to the inbox and to passed deadlines, one order at a time."""
+
+    def __init__(self, settings: Settings, codec: Codec, cache_dir: Path) -> None:
+        self.settings, self.codec = settings, codec
+        self.inbox = inbox_topic(settings)
+        self.log_topic = state_topic(settings)
+        self.timeout = timedelta(seconds=settings.saga_timeout_s)
+        self.cache = StateCache(cache_dir / "saga")
+        self.tail = LogTail(settings, self._fold, name="saga-state")
+        self.owned: set[int] = set()
+        self.stale: set[int] = set()
+        # Per owned order with a deadline: the deadline (from committed states).
+        self.deadlines: dict[str, datetime] = {}
+        self.pending: dict[str, saga.SagaState] = {}
+        self._folded: dict[str, bytes] = {}
+        self._last_tick = 0.0
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return (self.inbox,)
+
+    def assigned(self, partitions: list[TP]) -> None:
+        for _, partition in partitions:
+            self.owned.add(partition)
+            self.stale.add(partition)
+
+    def revoked(self, partitions: list[TP]) -> None:
+        for _, partition in partitions:
+            self.owned.discard(partition)
+            self.stale.discard(partition)
+            self.tail.drop([(self.log_topic, partition)])
+        self.deadlines = {
+            order: due
+            for order, due in self.deadlines.items()
+            if self._partition(order) in self.owned
+        }
+
+    def handle(self, message: Message, batch: Batch) -> None:
+        partition = message.partition() or 0
+        self._catch_up_stale()
+        try:
+            incoming = saga.message_from_json(json.loads(message.value() or b""))
+            if self._partition(incoming.order_id) != partition:
+                raise ValueError(
+                    f"order {incoming.order_id!r} on the wrong inbox partition"
+                )
+        except Exception as error:  # noqa: BLE001 - dead-lettered, never skipped silently
+            self._dead_letter(message, f"{type(error).__name__}: {error}", batch)
+            return
+        self._react(incoming, batch)
+
+    def tick(self, batch: Batch) -> None:
+        """Fire the deadlines that passed on the partitions owned here."""
+        self._catch_up_stale()
+        now = datetime.now(UTC)
+        for order_id, deadline in list(self.deadlines.items()):
+            if deadline <= now and order_id not in self.pending:
+                self._react(
+                    saga.TimedOut(order_id=order_id, deadline=deadline, at=now), batch
+                )
+
+    def committed(self) -> None:
+        if not self.pending:
+            return
+        self.cache.write(
+            {},
+            {
+                order_id: json.dumps(saga.state_to_json(state)).encode()
+                for order_id, state in self.pending.items()
+            },
+            {},
+        )
+        for order_id, state in self.pending.items():
+            self._index(order_id, state)
+        self.pending.clear()
+
+    def aborted(self) -> None:
+        self.pending.clear()
+        self.stale |= self.owned
+
+    def close(self) -> None:
+        self.tail.close()
+        self.cache.close()
+
+    def _react(self, message: saga.Message, batch: Batch) -> None:
+        order_id = message.order_id
+        state = self._state(order_id)
+        try:
+            reaction = saga.react(state, message, timeout=self.timeout)
+        except (ValueError, TypeError) as error:
+            log.error("saga of order %s cannot act on %r: %s", order_id, message, error)
+            return
+        for out in reaction.commands:
+            framed = frame_command(
+                self.settings,
+                self.codec,
+                out.command,
+                {
+                    "command_id": out.command_id,
+                    "correlation_id": out.correlation_id,
+                    "causation_id": out.causation_id,
+                    "user_id": saga.ACTOR,
+                    "issued_at": out.issued_at,
+                    "expected_version": None,
+                },
+            )
+            batch.send(
+                framed.topic,
+                framed.value,
+                key=framed.key,
+                partition=framed.partition,
+                headers=framed.headers,
+            )
+        if reaction.state is not None and reaction.state != state:
+            self.pending[order_id] = reaction.state
+            batch.send(
+                self.log_topic,
+                json.dumps(saga.state_to_json(reaction.state)).encode(),
+                key=order_id.encode(),
+                partition=self._partition(order_id),
+            )
+        elif isinstance(message, saga.TimedOut):
+            # Nothing to do at this deadline (the state moved on): forget it.
+            self.deadlines.pop(order_id, None)
+
+    def _state(self, order_id: str) -> saga.SagaState | None:
+        found = self.pending.get(order_id)
+        if found is not None:
+            return found
+        raw = self._folded.get(order_id) or self.cache.get_raw(order_id)
+        return None if raw is None else saga.state_from_json(json.loads(raw))
+
+    def _index(self, order_id: str, state: saga.SagaState) -> None:
+        if state.deadline is None or state.settled:
+            self.deadlines.pop(order_id, None)
+        else:
+            self.deadlines[order_id] = state.deadline
+
+    def _partition(self, order_id: str) -> int:
+        return partition_for(order_id.encode(), self.settings.partitions)
+
+    def _catch_up_stale(self) -> None:
+        """Fold the log of partitions taken over (or after an abort) to its end. Only
+        this handler writes the log, so it is read only then (and paused between):
+        read back in order, its newest record for an order is the state."""
+        if not self.stale:
+            return
+        starts = {
+            (self.log_topic, p): self.cache.offset((self.log_topic, p))
+            for p in self.stale
+        }
+        self.tail.follow(starts)
+        self.tail.pause(starts)
+        self._save_folded()
+        # Deadlines of the partitions just taken over come from their states.
+        for key, raw in self.cache.db.items():
+            order_id = bytes(key).decode()
+            if (
+                order_id.startswith("\x00")
+                or self._partition(order_id) not in self.stale
+            ):
+                continue
+            self._index(order_id, saga.state_from_json(json.loads(bytes(raw))))
+        self.stale.clear()
+
+    def _fold(self, message: Message) -> None:
+        key = message.key()
+        if key is not None and message.value() is not None:
+            self._folded[key.decode()] = bytes(message.value() or b"")
+
+    def _save_folded(self) -> None:
+        offsets = dict(self.tail.offsets)
+        if not self._folded:
+            return
+        self.cache.write({}, dict(self._folded), offsets)
+        for order_id, raw in self._folded.items():
+            self._index(order_id, saga.state_from_json(json.loads(raw)))
+        self._folded.clear()
+
+    def _dead_letter(self, message: Message, reason: str, batch: Batch) -> None:
+        log.error(
+            "saga dead-lettering %s[%d]@%d: %s",
+            self.inbox,
+            message.partition(),
+            message.offset(),
+            reason,
+        )
+        batch.send(
+            f"{self.inbox}.dlq",
+            message.value(),
+            headers=[
+                ("dlq-source-topic", self.inbox.encode()),
+                ("dlq-source-partition", str(message.partition()).encode()),
+                ("dlq-source-offset", str(message.offset()).encode()),
+                ("dlq-reason", reason.encode()[:4000]),
+            ],
+        )
+
+
+def register_view(app: faust.App, settings: Settings) -> Any:
+    """The ``sagas`` table (folded from the saga's log) behind ``/sagas/{order_id}``;
+    returns the table."""
     sagas = app.Table("sagas", key_type=bytes, partitions=settings.partitions)
-    deadlines = app.Table(
-        "saga-deadlines", key_type=bytes, partitions=settings.partitions
-    )
-    inbox = app.topic(
-        name,
+    source = app.topic(
+        state_topic(settings),
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    timeout = timedelta(seconds=settings.saga_timeout_s)
-    runner = SagaRunner(app, settings, codec, sagas, deadlines, timeout)
-    feed = SagaFeed(settings, codec)
 
-    @app.agent(inbox, name="order-payment-saga")
-    async def order_payment_saga(stream: faust.StreamT) -> None:
+    @app.agent(source, name="saga-views")
+    async def saga_views(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await runner.handle(event.message)
-
-    @app.timer(interval=min(1.0, max(0.05, settings.saga_timeout_s / 4)))
-    async def saga_timer() -> None:
-        await runner.tick()
-
-    @app.task
-    async def start_saga_feed() -> None:
-        feed.start()
-
-    @app.on_before_shutdown.connect
-    async def stop_saga_feed(sender: Any, **kwargs: Any) -> None:
-        await asyncio.to_thread(feed.stop)
+            if event.key is not None and event.value is not None:
+                sagas[event.key] = json.loads(event.value)
 
     @app.page("/sagas/{order_id}")
-    async def get_saga(view: Any, request: Any, order_id: str) -> Any:
-        # Faust's router hashes keys with its producer's metadata, which knows only
-        # topics the producer has written to (and fails on the others) until fetched.
-        await app.producer._ensure_producer().partitions_for(
-            sagas.changelog_topic.get_topic_name()
-        )
-        try:  # to the worker that owns the order's partition (what table_route does)
-            return await app.router.route_req(sagas.name, order_id, view.web, request)
-        except SameNode:
-            pass
+    @app.table_route(table=sagas, match_info="order_id")
+    async def get_saga(web: Any, request: Any, order_id: str) -> Any:
         raw = sagas.get(order_id.encode())
         if raw is None:
-            return view.json({"error": f"no saga for order {order_id}"}, status=404)
-        return view.json({**raw, "settled": saga.state_from_json(raw).settled})
+            return web.json({"error": f"no saga for order {order_id}"}, status=404)
+        return web.json({**raw, "settled": saga.state_from_json(raw).settled})
 
-
-class SagaRunner:
-    """Decide, send, record: one inbox message at a time, inside the agent.
-
-    The saga keeps its own position in the inbox (per partition, in its table, next
-    to the states it covers) instead of trusting Faust's committed offsets: Faust's
-    offset-gap bookkeeping can commit past messages it never delivered when a worker
-    is killed around a rebalance. A message beyond the position means some were
-    skipped, and they are read back from the log first; one before it was already
-    acted on.
-    """
-
-    def __init__(
-        self,
-        app: faust.App,
-        settings: Settings,
-        codec: Codec,
-        sagas: Any,
-        deadlines: Any,
-        timeout: timedelta,
-    ) -> None:
-        self.app, self.settings, self.codec = app, settings, codec
-        self.sagas, self.deadlines, self.timeout = sagas, deadlines, timeout
-        self.inbox = inbox_topic(settings)
-        # Deadlines already reported by this process (a restart reports them again).
-        self._reported: dict[str, str] = {}
-        # Positions seen by the previous tick, to notice a partition that stalls.
-        self._positions: dict[int, int] = {}
-
-    def position(self, partition: int) -> int:
-        """The next inbox offset the saga has not acted on."""
-        stored = self.sagas.get(POSITION.format(partition=partition).encode())
-        return 0 if stored is None else int(stored)
-
-    async def handle(self, message: Any) -> None:
-        expected = self.position(message.partition)
-        if message.offset < expected:
-            return  # acted on already: Faust redelivers from its own, older commit
-        if message.offset > expected:
-            missed = await self._read_back(message.partition, expected, message.offset)
-            log.warning(
-                "saga inbox partition %d: %d message(s) from offset %d were skipped "
-                "by the consumer; acting on them from the log",
-                message.partition,
-                len(missed),
-                expected,
-            )
-            for offset, value in missed:
-                await self._act(message.partition, offset, value)
-        await self._act(message.partition, message.offset, message.value)
-
-    async def _act(self, partition: int, offset: int, value: bytes | None) -> None:
-        position = POSITION.format(partition=partition).encode()
-        if value == PROBE:
-            self.sagas[position] = offset + 1
-            return
-        try:
-            incoming = saga.message_from_json(json.loads(value or b""))
-            order_id = incoming.order_id
-            if partition_for(order_id.encode(), self.settings.partitions) != partition:
-                raise ValueError(f"order {order_id!r} on the wrong inbox partition")
-            key = order_id.encode()
-            raw = self.sagas.get(key)
-            state = None if raw is None else saga.state_from_json(raw)
-            reaction = saga.react(state, incoming, timeout=self.timeout)
-        except Exception as error:  # noqa: BLE001 - dead-letter, never skip silently
-            await self._dead_letter(
-                partition, offset, value, f"{type(error).__name__}: {error}"
-            )
-            self.sagas[position] = offset + 1
-            return
-        await self._send(reaction.commands)
-        # Recorded only after the commands are durable: a crash in between repeats
-        # the message, and the repeat sends the same command ids (answered once).
-        if reaction.state is not None and reaction.state != state:
-            self.sagas[key] = saga.state_to_json(reaction.state)
-        self._index_deadline(key, reaction.state)
-        self.sagas[position] = offset + 1
-
-    async def _read_back(
-        self, partition: int, start: int, end: int
-    ) -> list[tuple[int, bytes | None]]:
-        delay = 0.5
-        while True:
-            try:
-                return await asyncio.to_thread(
-                    read_range, self.settings, self.inbox, partition, start, end
-                )
-            except FeedUnavailable as error:
-                log.warning("saga inbox read-back failed, retrying: %s", error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    def _index_deadline(self, key: bytes, state: saga.SagaState | None) -> None:
-        # Checked on every message, so the index heals if its write was lost.
-        wanted = None if state is None or state.deadline is None else state.deadline
-        current = self.deadlines.get(key)
-        if wanted is not None and current != wanted.isoformat():
-            self.deadlines[key] = wanted.isoformat()
-        elif wanted is None and current is not None:
-            del self.deadlines[key]
-
-    async def _send(self, commands: tuple[saga.Outgoing, ...]) -> None:
-        delay = 0.2
-        while True:
-            try:
-                sent = []
-                for out in commands:
-                    framed = frame_command(
-                        self.settings,
-                        self.codec,
-                        out.command,
-                        {
-                            "command_id": out.command_id,
-                            "correlation_id": out.correlation_id,
-                            "causation_id": out.causation_id,
-                            "user_id": saga.ACTOR,
-                            "issued_at": out.issued_at,
-                            "expected_version": None,
-                        },
-                    )
-                    sent.append(
-                        await self.app.producer.send(
-                            framed.topic,
-                            key=framed.key,
-                            value=framed.value,
-                            partition=framed.partition,
-                            timestamp=None,
-                            headers=framed.headers,
-                        )
-                    )
-                await asyncio.gather(*sent)
-                return
-            except TRANSIENT as error:
-                # Retry in place: the saga's next message must not overtake this one.
-                log.warning("saga send failed, retrying in %.1fs: %r", delay, error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def tick(self) -> None:
-        """The timer's work: report passed deadlines, and probe stalled partitions."""
-        now = datetime.now(UTC)
-        sends: list[tuple[bytes | None, bytes, int]] = []
-        due = []
-        for key, raw in list(self.deadlines.items()):
-            order_id = key.decode()
-            if self._reported.get(order_id) == raw:
-                continue
-            deadline = datetime.fromisoformat(raw)
-            if deadline <= now:
-                due.append(order_id)
-                self._reported[order_id] = raw
-                message = saga.TimedOut(order_id=order_id, deadline=deadline, at=now)
-                key, value = encode_message(message)
-                sends.append((key, value, partition_for(key, self.settings.partitions)))
-        if len(self._reported) > 10_000:
-            self._reported = {
-                k: v for k, v in self._reported.items() if k.encode() in self.deadlines
-            }
-        # A partition whose tail Faust skipped gets no further message to reveal the
-        # gap; a probe is one.
-        for tp in self.app.consumer.assignment():
-            if tp.topic != self.inbox:
-                continue
-            position = self.position(tp.partition)
-            high = self.app.consumer.highwater(tp)
-            stalled = self._positions.get(tp.partition) == position
-            if high is not None and high > position and stalled:
-                sends.append((None, PROBE, tp.partition))
-            self._positions[tp.partition] = position
-            await settle_commits(self.app.consumer, tp, position)
-        try:
-            pending = [
-                await self.app.producer.send(
-                    self.inbox, key, value, partition, None, None
-                )
-                for key, value, partition in sends
-            ]
-            await asyncio.gather(*pending)
-        except TRANSIENT as error:
-            log.warning("saga timer could not send, retrying: %r", error)
-            for order_id in due:
-                self._reported.pop(order_id, None)
-
-    async def _dead_letter(
-        self, partition: int, offset: int, value: bytes | None, reason: str
-    ) -> None:
-        log.error(
-            "saga dead-lettering %s[%d]@%d: %s", self.inbox, partition, offset, reason
-        )
-        headers = [
-            ("dlq-source-topic", self.inbox.encode()),
-            ("dlq-source-partition", str(partition).encode()),
-            ("dlq-source-offset", str(offset).encode()),
-            ("dlq-reason", reason.encode()[:4000]),
-        ]
-        while True:
-            try:
-                pending = await self.app.producer.send(
-                    f"{self.inbox}.dlq", None, value, None, None, headers
-                )
-                await pending
-                return
-            except TRANSIENT as error:
-                log.warning("saga dead letter failed, retrying: %r", error)
-                await asyncio.sleep(1.0)
+    return sagas

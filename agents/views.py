@@ -8,7 +8,6 @@ holds the searchable read models; these are key lookups only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -16,15 +15,9 @@ import faust
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.topics import TopicSpec, ensure_topics
 from app.projections import views
-from app.runtime import as_current
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.views")
-# Events a view agent takes at once; each key's view is written once per batch. A
-# batch that does not fill waits at most BATCH_WAIT_S (Faust wakes an idle agent
-# that often, so shorter costs CPU while idle).
-BATCH = 500
-BATCH_WAIT_S = 0.05
 
 
 def register(app: faust.App, settings: Settings, codec: Codec) -> None:
@@ -61,59 +54,36 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             return None
         return data.pop("metadata"), data
 
-    def latest(
-        table: Any, changed: dict[bytes, tuple[Any, Any]], key: bytes, event: Any
-    ) -> Any:
-        """``key``'s view: as changed earlier in this batch, else as the table has it."""
-        if key in changed:
-            return changed[key][1]
-        with as_current(event):
-            return table.get(key)
-
-    def fold_batch(
-        events: list[Any], table: Any, fold: Callable[..., dict[str, Any] | None]
-    ) -> dict[bytes, tuple[Any, dict[str, Any]]]:
-        """Fold a batch's events into each key's view, in order; per changed key the
-        last event it came with (its partition is the key's) and the new view. A
-        key's view is written once per batch, not once per event."""
-        changed: dict[bytes, tuple[Any, dict[str, Any]]] = {}
-        for event in events:
+    # One event at a time: Faust then names the partition a table write goes to
+    # (the event's), which its public API offers no other way to do.
+    @app.agent(order_events, name="order-views")
+    async def order_views(stream: faust.StreamT) -> None:
+        async for event in stream.events():
             found = decoded(event)
             if found is None:
                 continue
             key = found[0]["aggregate_id"].encode()
-            view = fold(latest(table, changed, key, event), *found)
+            view = views.fold_order(orders.get(key), *found)
             if view is not None:
-                changed[key] = (event, view)
-        return changed
-
-    def save(table: Any, changed: dict[bytes, tuple[Any, dict[str, Any]]]) -> None:
-        for key, (event, view) in changed.items():
-            with as_current(event):
-                table[key] = view
-
-    @app.agent(order_events, name="order-views")
-    async def order_views(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH, within=BATCH_WAIT_S):
-            changed = fold_batch(events, orders, views.fold_order)
-            save(orders, changed)
-            for _, summary in changed.values():
-                await summaries.send(key=summary["customer_id"], value=summary)
+                orders[key] = view
+                await summaries.send(key=view["customer_id"], value=view)
 
     @app.agent(summaries, name="customer-orders")
     async def customer_orders(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH, within=BATCH_WAIT_S):
-            changed: dict[bytes, tuple[Any, Any]] = {}
-            for event in events:
-                key = event.key.encode()
-                current = latest(by_customer, changed, key, event)
-                changed[key] = (event, views.upsert_order(current, event.value))
-            save(by_customer, changed)
+        async for event in stream.events():
+            key = event.key.encode()
+            by_customer[key] = views.upsert_order(by_customer.get(key), event.value)
 
     @app.agent(account_events, name="account-views")
     async def account_views(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(BATCH, within=BATCH_WAIT_S):
-            save(accounts, fold_batch(events, accounts, views.fold_account))
+        async for event in stream.events():
+            found = decoded(event)
+            if found is None:
+                continue
+            key = found[0]["aggregate_id"].encode()
+            view = views.fold_account(accounts.get(key), *found)
+            if view is not None:
+                accounts[key] = view
 
     @app.task
     async def warm_routing() -> None:

@@ -86,6 +86,9 @@ class Settings:
     # Processes the worker runs its Postgres projections in; they share the
     # partitions of each projection's topics (its consumer group).
     projection_processes: int = 1
+    # Transactional write processes the worker runs; they share the command
+    # partitions through their consumer group.
+    write_processes: int = 1
     # The order payment saga (agents/saga.py): off registers nothing.
     saga: bool = True
     saga_timeout_s: float = 30.0
@@ -173,6 +176,11 @@ class Settings:
                 _int_between(1, MAX_PROJECTION_PROCESSES),
                 default.projection_processes,
             ),
+            write_processes=get(
+                "STREAMFOLD_WRITE_PROCESSES",
+                _int_between(1, MAX_PROJECTION_PROCESSES),
+                default.write_processes,
+            ),
             saga=get("STREAMFOLD_SAGA", _one_of("on", "off"), "on") == "on",
             saga_timeout_s=get(
                 "STREAMFOLD_SAGA_TIMEOUT",
@@ -248,6 +256,7 @@ class Settings:
             "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
             "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),
             "STREAMFOLD_PROJECTION_PROCESSES": str(self.projection_processes),
+            "STREAMFOLD_WRITE_PROCESSES": str(self.write_processes),
             "STREAMFOLD_SAGA": "on" if self.saga else "off",
             "STREAMFOLD_SAGA_TIMEOUT": str(self.saga_timeout_s),
             "STREAMFOLD_REGISTRY_HOST": self.registry_host,

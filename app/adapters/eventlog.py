@@ -1,67 +1,29 @@
-"""The Kafka event log: durable appends, reads back by partition, command results.
-
-Appends go through Streamfold's own idempotent ``acks=all`` producer (Faust's producer
-offers no idempotence outside transactions). Sending returns an awaitable, so the
-writer can hand many appends to the producer before it waits: an append counts only
-once that awaitable says the broker acknowledged every event.
+"""The Kafka event log's records: events and command results as they go on the
+wire (the transactional processor produces them), and reads back by partition.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, headers
+from app.adapters.codec import COMMAND_ID_HEADER, Codec, headers
 from app.adapters.topics import watermarks
-from app.application.commands import Metadata, NewEvent, Position, Result
+from app.application.commands import Metadata, NewEvent, Result
 from app.settings import Settings
-
-
-class AppendFailed(RuntimeError):
-    """The broker did not acknowledge an append; nothing may be reported accepted."""
 
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's Java client (and librdkafka's ``murmur2_random``, and
     aiokafka's default partitioner, so Faust's) picks for ``key``."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-def aiokafka_security(settings: Settings) -> dict[str, Any]:
-    """The same security settings for aiokafka clients as for confluent-kafka ones."""
-    config: dict[str, Any] = {"security_protocol": settings.security_protocol}
-    if settings.sasl_mechanism:
-        config |= {
-            "sasl_mechanism": settings.sasl_mechanism,
-            "sasl_plain_username": settings.sasl_username,
-            "sasl_plain_password": settings.sasl_password,
-        }
-    if settings.ssl_cafile:
-        from aiokafka.helpers import create_ssl_context
-
-        config["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile)
-    return config
-
-
-def new_producer(settings: Settings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=1,
-        max_request_size=2 * settings.max_message_bytes + 65_536,
-        **aiokafka_security(settings),
-    )
 
 
 def metadata_record(meta: Metadata, event_version: int) -> dict[str, Any]:
@@ -98,57 +60,30 @@ def metadata_from_record(record: dict[str, Any]) -> Metadata:
     )
 
 
-@dataclass(slots=True)
-class KafkaEventLog:
-    producer: AIOKafkaProducer
-    codec: Codec
-    catalog: SchemaCatalog
-    topic: str
-
-    async def send(
-        self, partition: int, aggregate_id: str, events: Sequence[NewEvent]
-    ) -> Awaitable[list[Position]]:
-        """Hand ``events`` to the producer; await the returned awaitable for their
-        positions, which raises ``AppendFailed`` unless the broker took them all."""
-        key = aggregate_id.encode()
-        pending = []
-        for new in events:
-            name = self.catalog.record_name(type(new.event))
-            version = self.catalog.latest_version(name)
-            record = mapper.event_record(
-                new.event, metadata_record(new.metadata, version)
-            )
-            value = self.codec.encode(self.topic, name, record)
-            meta = new.metadata
-            pending.append(
-                await self.producer.send(
-                    self.topic,
-                    value,
-                    key=key,
-                    partition=partition,
-                    timestamp_ms=int(meta.timestamp.timestamp() * 1000),
-                    headers=headers.for_event(
-                        event_type=meta.event_type,
-                        event_version=version,
-                        stream_version=meta.stream_version,
-                        aggregate_id=meta.aggregate_id,
-                        correlation_id=meta.correlation_id,
-                        event_id=meta.event_id,
-                        command_id=meta.command_id,
-                    ),
-                )
-            )
-        return asyncio.ensure_future(
-            _delivered(pending, f"append to {self.topic}[{partition}]")
-        )
-
-
-async def _delivered(pending: Sequence[Awaitable[Any]], what: str) -> list[Position]:
-    try:
-        delivered = await asyncio.gather(*pending)
-    except KafkaError as error:
-        raise AppendFailed(f"{what} failed: {error}") from error
-    return [Position(partition=m.partition, offset=m.offset) for m in delivered]
+def encode_event(
+    codec: Codec, topic: str, new: NewEvent
+) -> tuple[bytes, list[tuple[str, bytes]], int]:
+    """An event's value (its record at the newest version of its schema), its
+    routing headers and its timestamp in milliseconds."""
+    catalog = codec.catalog
+    name = catalog.record_name(type(new.event))
+    version = catalog.latest_version(name)
+    meta = new.metadata
+    record = mapper.event_record(new.event, metadata_record(meta, version))
+    found = headers.for_event(
+        event_type=meta.event_type,
+        event_version=version,
+        stream_version=meta.stream_version,
+        aggregate_id=meta.aggregate_id,
+        correlation_id=meta.correlation_id,
+        event_id=meta.event_id,
+        command_id=meta.command_id,
+    )
+    return (
+        codec.encode(topic, name, record),
+        found,
+        int(meta.timestamp.timestamp() * 1000),
+    )
 
 
 def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
@@ -170,26 +105,20 @@ def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
 
 
 RESULT_RECORD = "streamfold.CommandResult"
+AGGREGATE_TYPE_HEADER = "aggregate-type"
 
 
-@dataclass(slots=True)
-class KafkaResults:
-    producer: AIOKafkaProducer
-    codec: Codec
-    topic: str
+def encode_result(codec: Codec, topic: str, result: Result) -> bytes:
+    return codec.encode(topic, RESULT_RECORD, result_record(result, datetime.now(UTC)))
 
-    async def send(self, result: Result) -> Awaitable[list[Position]]:
-        """Hand one answer to the producer; await the returned awaitable, which
-        raises ``AppendFailed`` unless the broker took it."""
-        value = self.codec.encode(
-            self.topic, RESULT_RECORD, result_record(result, datetime.now(UTC))
-        )
-        future = await self.producer.send(
-            self.topic, value, key=result.command_id.encode()
-        )
-        return asyncio.ensure_future(
-            _delivered([future], f"result for {result.command_id}")
-        )
+
+def result_headers(result: Result) -> list[tuple[str, bytes]]:
+    """What lets a reader route a result without decoding it."""
+    return [
+        (COMMAND_ID_HEADER, result.command_id.encode()),
+        (AGGREGATE_TYPE_HEADER, result.aggregate_type.encode()),
+        ("status", b"ACCEPTED" if result.accepted else b"REJECTED"),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,24 +140,6 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
-
-
-def committed_offset(settings: Settings, group: str, topic: str, partition: int) -> int:
-    """The offset ``group`` has committed for one partition; 0 when it has none."""
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": group,
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        [found] = consumer.committed([TopicPartition(topic, partition)], timeout=30)
-    finally:
-        consumer.close()
-    if found.error is not None:
-        raise KafkaException(found.error)
-    return max(found.offset, 0)
 
 
 def read_records(

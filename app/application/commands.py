@@ -2,8 +2,8 @@
 with no broker or SQL in sight.
 
 The single writer for a partition calls ``CommandService.decide`` once per command,
-in order, appends the decision's events, and calls ``complete`` once the broker has
-acknowledged them. Optimistic concurrency and idempotency live here because Kafka
+in order, then ``apply`` for a decision with events, and appends them; its store
+makes the change its own only once they are durable. Optimistic concurrency and idempotency live here because Kafka
 offers neither: the service knows each aggregate's version and the commands it has
 answered.
 """
@@ -11,7 +11,6 @@ answered.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import ModuleType
@@ -130,24 +129,25 @@ class Record:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
-    """What one command does, before it is durable: the events to append (none for
-    a rejection) and the answer. ``record`` is the one decided on; None when the
-    command was answered before (a repeat), so nothing is remembered again."""
+    """What one command does: the events to append (none for a rejection) and the
+    answer. ``record`` is the one decided on; ``repeat`` is the answer a command
+    with this id already got (then nothing else is set: it is sent again as it
+    was)."""
 
     aggregate_id: str
     record: Record | None
-    result: Result
+    result: Result | None
     events: tuple[NewEvent, ...] = ()
+    repeat: bytes | None = None
 
 
 class AggregateStore(Protocol):
-    """Where the writer keeps its records and the answer to every command it has
-    decided, by command id (Faust tables in the worker)."""
+    """Where the writer keeps its records, and the answer every command it decided
+    got (as sent), by command id."""
 
     def load(self, aggregate_id: str) -> Record | None: ...
     def save(self, aggregate_id: str, record: Record) -> None: ...
-    def answer(self, command_id: str) -> Result | None: ...
-    def remember(self, result: Result) -> None: ...
+    def answered(self, command_id: str) -> bytes | None: ...
 
 
 def event_id(
@@ -192,14 +192,16 @@ class CommandService:
         )
 
     def decide(self, envelope: Envelope, command: Any) -> Decision:
-        """Check and decide one command against the stored record. Nothing is saved:
-        ``complete`` does that, once the decision's events are acknowledged."""
+        """Check and decide one command against the stored record. A decision with
+        events changes nothing until ``apply``."""
         aggregate = self.aggregate
         aggregate_id = aggregate.aggregate_id(command)
-        record = self.record(aggregate_id)
-        previous = self.store.answer(envelope.command_id)
+        previous = self.store.answered(envelope.command_id)
         if previous is not None:
-            return Decision(aggregate_id=aggregate_id, record=None, result=previous)
+            return Decision(
+                aggregate_id=aggregate_id, record=None, result=None, repeat=previous
+            )
+        record = self.record(aggregate_id)
         expected = envelope.expected_version
         if expected is not None and expected != record.version:
             return self._rejected(
@@ -239,25 +241,16 @@ class CommandService:
             aggregate_id=aggregate_id, record=record, result=result, events=stamped
         )
 
-    def complete(
-        self, decision: Decision, positions: Sequence[Position] = ()
-    ) -> Result:
-        """Save what a decision changes, once the broker has acknowledged its events
-        (at ``positions``): the state may lag the log after a crash (and catches up
-        from it), but it never runs ahead of it. The answer is written before the
-        record: should a crash keep only the first of the two, a record that has
-        the events also has their answer."""
-        record, result = decision.record, decision.result
-        if record is None:
-            return result
-        if positions:
-            result = replace(result, position=positions[-1])
-        self.store.remember(result)
-        if decision.events:
-            for new in decision.events:
-                record = fold(self.aggregate, record, new.metadata, new.event)
-            self.store.save(decision.aggregate_id, record)
-        return result
+    def apply(self, decision: Decision) -> None:
+        """Save the state a decision's events lead to, so the next command on the
+        aggregate decides on it. The store keeps it provisional until the events
+        are durable (the writer's transaction commits)."""
+        record = decision.record
+        if record is None or not decision.events:
+            return
+        for new in decision.events:
+            record = fold(self.aggregate, record, new.metadata, new.event)
+        self.store.save(decision.aggregate_id, record)
 
     def _rejected(
         self,
@@ -290,28 +283,3 @@ class CommandService:
             causation_id=envelope.command_id,
             command_id=envelope.command_id,
         )
-
-    def replay(self, metadata: Metadata, event: Any, position: Position) -> None:
-        """Fold one event read back from the log into the store (recovery)."""
-        record = self.record(metadata.aggregate_id)
-        folded = fold(self.aggregate, record, metadata, event)
-        if folded is record:
-            return
-        # An accepted command is recognisable from its events, so a command re-sent
-        # after a crash is answered from the log instead of decided again.
-        previous = self.store.answer(metadata.command_id)
-        known = previous.event_ids if previous is not None and previous.accepted else ()
-        result = Result(
-            command_id=metadata.command_id,
-            aggregate_type=self.aggregate.type,
-            aggregate_id=metadata.aggregate_id,
-            accepted=True,
-            correlation_id=metadata.correlation_id,
-            version=folded.version,
-            event_ids=known
-            if metadata.event_id in known
-            else (*known, metadata.event_id),
-            position=position,
-        )
-        self.store.remember(result)  # first, as in ``complete``
-        self.store.save(metadata.aggregate_id, folded)

@@ -256,7 +256,7 @@ def project(
     group: str | None = None,
 ) -> None:
     """A child: run the projections, report their statuses, stop on SIGTERM."""
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:
         return  # the worker died before the death signal was set
     stopping = threading.Event()
@@ -302,7 +302,7 @@ def _snapshot(status: Status) -> Status:
     return replace(status, positions=dict(status.positions), heads=dict(status.heads))
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Have Linux SIGKILL this process when the worker dies, however it dies."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -1,0 +1,187 @@
+"""Reading the logs a processor's state is derived from, and the local cache of it.
+
+``LogTail`` follows partitions of the topics a handler folds (an aggregate type's
+events and command results, the saga's state changelog) with read_committed and no
+consumer group: it catches a partition up to its last stable offset before the
+handler decides on it, and hands over whatever arrives later, including records
+someone else appended.
+
+``StateCache`` keeps what was folded in a local RocksDB database together with the
+offsets it reflects, so a restart folds only the tail. It is a cache: deleting it
+costs a fold of the whole log, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import orjson
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from rocksdict import Options, Rdict, WriteBatch
+
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.processor")
+
+TP = tuple[str, int]
+
+
+class LogTail:
+    """Follows partitions of some topics from given offsets and folds each record
+    with ``fold``; remembers the offset after the last record folded."""
+
+    def __init__(
+        self, settings: Settings, fold: Callable[[Message], None], *, name: str
+    ) -> None:
+        self.fold = fold
+        self.name = name
+        self.consumer = Consumer(
+            {
+                **settings.kafka_client_config(),
+                "group.id": f"{settings.app_id}.{name}-tail",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 10,
+                # Bounds what is fetched ahead of folding, per partition.
+                "queued.max.messages.kbytes": 4096,
+            }
+        )
+        self.offsets: dict[TP, int] = {}
+
+    def follow(self, starts: dict[TP, int]) -> None:
+        """Start following these partitions at these offsets and fold each up to
+        its last stable offset before returning."""
+        fresh = {tp: o for tp, o in starts.items() if tp not in self.offsets}
+        if fresh:
+            self.consumer.incremental_assign(
+                [TopicPartition(t, p, o) for (t, p), o in fresh.items()]
+            )
+            self.offsets.update(fresh)
+        self.catch_up(starts)
+
+    def catch_up(self, tps: Iterable[TP], timeout: float = 120.0) -> None:
+        """Fold followed partitions up to their last stable offset: what a
+        read_committed reader sees as the end right now."""
+        waiting = set(tps)
+        if not waiting:
+            return
+        # Asked again from where it is, a partition reports its end once more.
+        self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in waiting])
+        self.consumer.incremental_assign(
+            [TopicPartition(t, p, self.offsets[(t, p)]) for t, p in waiting]
+        )
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise KafkaException(
+                    KafkaError(
+                        KafkaError._TIMED_OUT,
+                        f"{self.name}: could not read {sorted(waiting)} to its end",
+                    )
+                )
+            for message in self.consumer.consume(1000, 0.2):
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        waiting.discard(
+                            (message.topic() or "", message.partition() or 0)
+                        )
+                        continue
+                    raise KafkaException(error)
+                self._fold(message)
+
+    def poll(self) -> int:
+        """Fold what has arrived since; never waits."""
+        count = 0
+        while True:
+            messages = self.consumer.consume(1000, 0)
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    self._fold(message)
+                    count += 1
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaException(error)
+            if len(messages) < 1000:
+                return count
+
+    def pause(self, tps: Iterable[TP]) -> None:
+        """Stop fetching these until the next ``catch_up``."""
+        self.consumer.pause([TopicPartition(t, p) for t, p in tps])
+
+    def drop(self, tps: Iterable[TP]) -> None:
+        gone = [tp for tp in tps if tp in self.offsets]
+        if gone:
+            self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in gone])
+            for tp in gone:
+                del self.offsets[tp]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def _fold(self, message: Message) -> None:
+        tp = (message.topic() or "", message.partition() or 0)
+        self.fold(message)
+        self.offsets[tp] = (message.offset() or 0) + 1
+
+
+class StateCache:
+    """Values by key and the log offsets they reflect, in a local RocksDB database;
+    a batch of changes is written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.db = Rdict(str(path), options)
+
+    def get(self, key: str) -> object | None:
+        raw = self.db.get(key.encode())
+        return None if raw is None else orjson.loads(raw)
+
+    def get_raw(self, key: str) -> bytes | None:
+        value = self.db.get(key.encode())
+        return None if value is None else bytes(value)
+
+    def offset(self, tp: TP) -> int:
+        found = self.get(_offset_key(tp))
+        return int(found) if isinstance(found, int) else 0
+
+    def write(
+        self,
+        values: dict[str, object],
+        raw: dict[str, bytes],
+        offsets: dict[TP, int],
+    ) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in values.items():
+            batch.put(key.encode(), orjson.dumps(value))
+        for key, data in raw.items():
+            batch.put(key.encode(), data)
+        for tp, offset in offsets.items():
+            batch.put(_offset_key(tp).encode(), orjson.dumps(offset))
+        self.db.write(batch)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @staticmethod
+    def destroy(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _offset_key(tp: TP) -> str:
+    return f"\x00offset/{tp[0]}/{tp[1]}"

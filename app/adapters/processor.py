@@ -1,0 +1,336 @@
+"""The transactional processor: consume, handle, produce and commit, exactly once.
+
+One consumer in a group (``read_committed``, no auto-commit, cooperative-sticky
+assignment) and one transactional producer (EOS v2, KIP-447). Per batch: begin the
+transaction, hand each message to the handler of its topic (which adds outputs and
+changes its state only provisionally), send the input offsets with the consumer's
+group metadata, commit. The outputs, the input offsets and so the state they imply
+commit together or not at all, and a zombie (a paused process whose partitions
+moved on) is fenced by the group's generation.
+
+Any failure aborts the batch: the handlers drop what it changed, the consumer goes
+back to the group's committed offsets, and each handler catches up from its log
+before it decides again. Nothing is read back, probed or kept beside Kafka's offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from app.adapters.codec import RegistryUnavailable
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.processor")
+
+Headers = list[tuple[str, bytes]]
+# A partition of a topic.
+TP = tuple[str, int]
+# Failures that abort a batch and retry it, never skip it.
+TRANSIENT = (KafkaException, RegistryUnavailable, OSError, TimeoutError)
+# How long the broker lets a transaction stay open before aborting it: a process
+# killed mid-batch holds read_committed readers of its partitions back this long
+# unless it restarts first (its transactional id then aborts it at once).
+TRANSACTION_TIMEOUT_MS = 10_000
+
+
+@dataclass(slots=True)
+class Sent:
+    """One output of a batch; ``offset`` is known once the broker has it."""
+
+    topic: str
+    partition: int = -1
+    offset: int = -1
+
+
+class Batch:
+    """What one transaction writes. Outputs are produced as they are added; work that
+    needs the positions of earlier outputs (a result naming its events' offsets) is
+    registered with ``later`` and runs once those are acknowledged, still inside the
+    transaction."""
+
+    def __init__(self, producer: Producer) -> None:
+        self._producer = producer
+        self._later: list[Callable[[], None]] = []
+        self.size = 0
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int = 0,
+        track: bool = False,
+    ) -> Sent | None:
+        """Produce one output in this transaction; with ``track``, the returned
+        ``Sent`` gets its partition and offset once the broker has it."""
+        sent = Sent(topic) if track else None
+        kwargs: dict[str, object] = {"key": key, "headers": headers}
+        if partition is not None:
+            kwargs["partition"] = partition
+        if timestamp_ms:
+            kwargs["timestamp"] = timestamp_ms
+        if sent is not None:
+            kwargs["on_delivery"] = _recorder(sent)
+        while True:
+            try:
+                self._producer.produce(topic, value, **kwargs)  # type: ignore[arg-type]
+                break
+            except BufferError:  # the local queue is full: let it drain
+                self._producer.poll(0.05)
+        self.size += 1
+        return sent
+
+    def later(self, work: Callable[[], None]) -> None:
+        self._later.append(work)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Run the work registered with ``later`` once every output so far is
+        acknowledged (the transaction stays open)."""
+        if not self._later:
+            return
+        if self._producer.flush(timeout) > 0:
+            raise KafkaException(
+                KafkaError(KafkaError._TIMED_OUT, "outputs not acknowledged in time")
+            )
+        work, self._later = self._later, []
+        for step in work:
+            step()
+
+
+def _recorder(sent: Sent) -> Callable[[KafkaError | None, Message], None]:
+    def delivered(error: KafkaError | None, message: Message) -> None:
+        if error is None:
+            sent.partition = message.partition() or 0
+            sent.offset = message.offset() or 0
+
+    return delivered
+
+
+class Handler(Protocol):
+    """What the processor runs per topic. ``handle`` may add outputs to the batch
+    and change state provisionally; ``committed`` makes that state the handler's,
+    ``aborted`` drops it (the handler then catches up from its log before deciding
+    again). Rebalance calls come between batches."""
+
+    @property
+    def topics(self) -> tuple[str, ...]: ...
+
+    def assigned(self, partitions: Sequence[TP]) -> None: ...
+    def revoked(self, partitions: Sequence[TP]) -> None: ...
+    def handle(self, message: Message, batch: Batch) -> None: ...
+    def tick(self, batch: Batch) -> None: ...
+    def committed(self) -> None: ...
+    def aborted(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Report:
+    """What a processor tells its supervisor: the partitions it owns, batches done."""
+
+    assigned: set[TP] = field(default_factory=set)
+    batches: int = 0
+    messages: int = 0
+    aborts: int = 0
+    last_error: str | None = None
+
+
+class Processor:
+    """Runs ``handlers`` on their topics in consumer group ``group`` until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group: str,
+        transactional_id: str,
+        handlers: Sequence[Handler],
+        batch_size: int = 500,
+        poll_timeout: float = 0.05,
+    ) -> None:
+        self.settings = settings
+        self.group = group
+        self.transactional_id = transactional_id
+        self.handlers = list(handlers)
+        self.routes = {t: h for h in self.handlers for t in h.topics}
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.report = Report()
+        self._delay = 0.1
+
+    def consumer_config(self) -> dict[str, object]:
+        session_ms = int(self.settings.session_timeout_s * 1000)
+        return {
+            **self.settings.kafka_client_config(),
+            "group.id": self.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.wait.max.ms": 10,
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(session_ms // 10, 500),
+            "max.poll.interval.ms": max(2 * session_ms, 60_000),
+        }
+
+    def producer_config(self) -> dict[str, object]:
+        return {
+            **self.settings.producer_config(),
+            "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+            "linger.ms": 1,
+            "partitioner": "murmur2_random",
+            "queue.buffering.max.messages": 1_000_000,
+        }
+
+    def run(self, stop: threading.Event) -> None:
+        """Process until ``stop`` is set; a fenced or failed client is replaced."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self._run(stop)
+                return
+            except TRANSIENT as error:
+                self.report.last_error = str(error)
+                log.warning("%s: %s; starting again in %.1fs", self.group, error, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _run(self, stop: threading.Event) -> None:
+        producer = Producer(self.producer_config())
+        # Aborts whatever an earlier incarnation with this id left open.
+        producer.init_transactions(60)
+        consumer = Consumer(self.consumer_config())
+        try:
+            consumer.subscribe(
+                list(self.routes),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
+            while not stop.is_set():
+                messages = consumer.consume(self.batch_size, self.poll_timeout)
+                self._transact(consumer, producer, messages)
+        finally:
+            self.report.assigned.clear()
+            for handler in self.handlers:
+                handler.aborted()
+            try:
+                consumer.close()
+            except KafkaException as error:  # leaving the group is best effort
+                log.info("%s: closing the consumer: %s", self.group, error)
+
+    def _transact(
+        self, consumer: Consumer, producer: Producer, messages: list[Message]
+    ) -> None:
+        batch = Batch(producer)
+        starts: dict[TP, int] = {}
+        ends: dict[TP, int] = {}
+        try:
+            producer.begin_transaction()
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(error)
+                tp = (message.topic() or "", message.partition() or 0)
+                offset = message.offset() or 0
+                starts.setdefault(tp, offset)
+                ends[tp] = offset + 1
+                self.routes[tp[0]].handle(message, batch)
+            for handler in self.handlers:
+                handler.tick(batch)
+            if not ends and not batch.size:
+                producer.abort_transaction(30)
+                return
+            batch.settle()
+            if ends:
+                producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                    consumer.consumer_group_metadata(),
+                    30,
+                )
+            producer.commit_transaction(30)
+        except TRANSIENT as failure:
+            self._abort(producer, failure, len(messages))
+            self._rewind(consumer, starts)
+            time.sleep(self._delay)
+            self._delay = min(self._delay * 2, 5.0)
+            return
+        self._delay = 0.1
+        for handler in self.handlers:
+            handler.committed()
+        self.report.batches += 1
+        self.report.messages += len(messages)
+
+    def _abort(self, producer: Producer, failure: Exception, count: int) -> None:
+        self.report.aborts += 1
+        self.report.last_error = str(failure)
+        log.warning("%s: batch of %d aborted: %s", self.group, count, failure)
+        for handler in self.handlers:
+            handler.aborted()
+        error = failure.args[0] if failure.args else None
+        if isinstance(error, KafkaError) and error.fatal():
+            raise failure  # fenced or broken: ``run`` starts new clients
+        try:
+            producer.abort_transaction(30)
+        except KafkaException as abort_failed:
+            inner = abort_failed.args[0] if abort_failed.args else None
+            # _STATE: no transaction was open (``begin`` itself failed).
+            if not isinstance(inner, KafkaError) or inner.code() != KafkaError._STATE:
+                raise
+
+    def _rewind(self, consumer: Consumer, starts: dict[TP, int]) -> None:
+        """Go back to the group's committed offsets of the batch's partitions (a
+        commit that failed may still have landed; one the group has none of goes
+        back to where the batch began), so the next ``consume`` takes them again in
+        order, after any rebalance that the failure announced."""
+        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        wanted = [TopicPartition(t, p) for (t, p) in starts if (t, p) in owned]
+        if not wanted:
+            return
+        for tp in consumer.committed(wanted, 30):
+            offset = tp.offset if tp.offset >= 0 else starts[(tp.topic, tp.partition)]
+            consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._route(partitions, "assigned")
+        self.report.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._route(partitions, "revoked")
+        self.report.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def _route(self, partitions: Iterable[TopicPartition], what: str) -> None:
+        by_handler: dict[int, list[TP]] = {}
+        for tp in partitions:
+            handler = self.routes.get(tp.topic)
+            if handler is not None:
+                by_handler.setdefault(id(handler), []).append((tp.topic, tp.partition))
+        for handler in self.handlers:
+            mine = by_handler.get(id(handler))
+            if mine:
+                getattr(handler, what)(mine)
+        log.info(
+            "%s: %s %s",
+            self.group,
+            what,
+            sorted(tp for v in by_handler.values() for tp in v),
+        )

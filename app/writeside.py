@@ -1,0 +1,219 @@
+"""The write side's processes: the transactional processors, as children of the
+worker.
+
+Each child (``STREAMFOLD_WRITE_PROCESSES``, one by default) runs one processor in the
+consumer group ``<app_id>.commands`` with the command handlers of every aggregate
+type and the saga, and one in ``<app_id>.saga`` with the saga's feed; children share
+the partitions through those groups. A child dies with the worker (``SIGKILL`` too),
+stops cleanly on SIGTERM, and is started again if it exits; it reports the
+partitions it owns, for ``/ready`` and ``/status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from agents.saga import FeedHandler, SagaHandler, ensure_saga_topics
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.processor import Handler, Processor
+from app.adapters.saga_io import feed_group
+from app.projections.process import die_with_parent
+from app.runtime import AGGREGATES, CommandHandler
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.worker")
+REPORT_S = 0.5
+
+
+def command_group(settings: Settings) -> str:
+    return f"{settings.app_id}.commands"
+
+
+def state_dir(settings: Settings, index: int) -> Path:
+    """Where child ``index`` of this worker caches its state (RocksDB)."""
+    return (
+        settings.home / "write-state" / f"{settings.app_id}-{settings.web_port}-{index}"
+    )
+
+
+def write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
+    """A child: run the processors, report what they own, stop on SIGTERM."""
+    die_with_parent()
+    if os.getppid() != parent:
+        return  # the worker died before the death signal was set
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+    )
+    codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
+    cache = state_dir(settings, index)
+    # Unique per process slot, and the same after a restart: the new incarnation's
+    # producer then aborts what the old one left open at once.
+    tx_id = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
+    handlers: list[Handler] = [
+        CommandHandler(settings, area, codec, cache) for area in AGGREGATES
+    ]
+    processors = []
+    if settings.saga:
+        ensure_saga_topics(settings)
+        handlers.append(SagaHandler(settings, codec, cache))
+        processors.append(
+            Processor(
+                settings,
+                group=feed_group(settings),
+                transactional_id=f"{tx_id}-feed",
+                handlers=[FeedHandler(settings, codec)],
+            )
+        )
+    processors.insert(
+        0,
+        Processor(
+            settings,
+            group=command_group(settings),
+            transactional_id=tx_id,
+            handlers=handlers,
+            batch_size=settings.command_batch,
+        ),
+    )
+    threads = [
+        threading.Thread(target=_running, args=(p, stopping), daemon=True)
+        for p in processors
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        while not stopping.is_set() and all(t.is_alive() for t in threads):
+            reports.send(_report(processors))
+            stopping.wait(REPORT_S)
+    except OSError:  # the worker is gone
+        pass
+    finally:
+        stopping.set()
+        for thread in threads:
+            thread.join(30)
+        for handler in handlers:
+            close = getattr(handler, "close", None)
+            if close is not None:
+                close()
+    if not stopping.is_set():
+        raise SystemExit(1)
+
+
+def _running(processor: Processor, stopping: threading.Event) -> None:
+    try:
+        processor.run(stopping)
+    except Exception:  # a bug: the child exits and is started again
+        log.exception("%s stopped", processor.group)
+        stopping.set()
+        os._exit(1)
+
+
+def _report(processors: list[Processor]) -> dict[str, Any]:
+    return {
+        p.group: {
+            "assigned": sorted(p.report.assigned),
+            "batches": p.report.batches,
+            "messages": p.report.messages,
+            "aborts": p.report.aborts,
+            "last_error": p.report.last_error,
+        }
+        for p in processors
+    }
+
+
+class WriteProcess:
+    """Starts the write side's children, restarts each one that exits, and keeps
+    what they last reported."""
+
+    def __init__(self, settings: Settings, processes: int = 1) -> None:
+        self.settings = settings
+        self.reports: list[dict[str, Any]] = [{} for _ in range(processes)]
+        self.exits = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._children: list[Any] = [None] * processes
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for index in range(len(self._children)):
+            # From a thread that lives as long as the process: a child's death
+            # signal fires when the thread that started it ends.
+            thread = threading.Thread(
+                target=self._supervise, args=(index,), daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stopping.set()
+        children = [c for c in self._children if c is not None and c.is_alive()]
+        for child in children:
+            child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in children:
+            child.join(max(deadline - time.monotonic(), 0.1))
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+
+    @property
+    def assigned(self) -> set[tuple[str, int]]:
+        """The command partitions the children own now."""
+        group = command_group(self.settings)
+        return {
+            (topic, partition)
+            for report in self.reports
+            for topic, partition in report.get(group, {}).get("assigned", [])
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {"processes": list(self.reports), "restarts": self.exits}
+
+    def _supervise(self, index: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        delay = 0.5
+        while not self._stopping.is_set():
+            receiving, sending = context.Pipe(duplex=False)
+            child = context.Process(
+                target=write,
+                args=(self.settings, index, sending, os.getpid()),
+                name=f"streamfold-writer-{index}",
+            )
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                child.start()
+                self._children[index] = child
+            sending.close()
+            try:
+                while True:
+                    self.reports[index] = receiving.recv()
+            except (EOFError, OSError):
+                pass
+            receiving.close()
+            child.join(10)
+            self.reports[index] = {}
+            if self._stopping.is_set():
+                return
+            self.exits += 1
+            log.error(
+                "write process %d exited (code %s); restarting it in %.1fs",
+                index,
+                child.exitcode,
+                delay,
+            )
+            self._stopping.wait(delay)
+            delay = min(delay * 2, 10.0)
