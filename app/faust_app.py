@@ -3,37 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import faust
-from faust.transport.drivers import aiokafka as faust_kafka
 
 from app.settings import Settings
-
-# How long the broker may hold a fetch of the worker's consumer that found nothing.
-# Faust fixes it at 1.5 s, and aiokafka keeps one fetch in flight per broker, sent
-# without the partitions whose records it still buffers: records arriving for those
-# wait until that fetch returns. Under a steady load that was a flat ~1.3 s on every
-# command (bench end_to_end at 300 commands/s); an idle worker now fetches 20 times a
-# second instead of about once.
-FETCH_MAX_WAIT_MS = 50
-
-
-class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: faust_kafka.Transport) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # Read when the consumer starts its fetcher; Faust passes no setting for it.
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-
-class _Consumer(faust_kafka.Consumer):
-    def _new_consumer_thread(self) -> _ConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
-class _Transport(faust_kafka.Transport):
-    Consumer = _Consumer
 
 
 def worker_datadir(settings: Settings) -> Path:
@@ -50,7 +23,7 @@ def create_app(settings: Settings) -> faust.App:
             mechanism=settings.sasl_mechanism,
             ssl_context=None,
         )
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=[f"kafka://{hp}" for hp in settings.bootstrap_servers.split(",")],
         broker_credentials=credentials,
@@ -82,5 +55,3 @@ def create_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=max(settings.session_timeout_s * 2, 20.0),
         autodiscover=False,
     )
-    app.transport = _Transport(app.conf.broker_consumer, app)
-    return app

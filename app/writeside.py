@@ -58,35 +58,9 @@ def write(settings: Settings, index: int, reports: Connection, parent: int) -> N
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
     )
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
-    cache = state_dir(settings, index)
-    # Unique per process slot, and the same after a restart: the new incarnation's
-    # producer then aborts what the old one left open at once.
-    tx_id = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
-    handlers: list[Handler] = [
-        CommandHandler(settings, area, codec, cache) for area in AGGREGATES
-    ]
-    processors = []
     if settings.saga:
         ensure_saga_topics(settings)
-        handlers.append(SagaHandler(settings, codec, cache))
-        processors.append(
-            Processor(
-                settings,
-                group=feed_group(settings),
-                transactional_id=f"{tx_id}-feed",
-                handlers=[FeedHandler(settings, codec)],
-            )
-        )
-    processors.insert(
-        0,
-        Processor(
-            settings,
-            group=command_group(settings),
-            transactional_id=tx_id,
-            handlers=handlers,
-            batch_size=settings.command_batch,
-        ),
-    )
+    processors, handlers = build(settings, codec, index)
     threads = [
         threading.Thread(target=_running, args=(p, stopping), daemon=True)
         for p in processors
@@ -109,6 +83,42 @@ def write(settings: Settings, index: int, reports: Connection, parent: int) -> N
                 close()
     if not stopping.is_set():
         raise SystemExit(1)
+
+
+def build(
+    settings: Settings, codec: Codec, index: int
+) -> tuple[list[Processor], list[Handler]]:
+    """Child ``index``'s processors and their handlers: the command handlers and
+    the saga in the commands group, and the saga's feed in a group of its own."""
+    cache = state_dir(settings, index)
+    # Unique per process slot, and the same after a restart: the new incarnation's
+    # producer then aborts what the old one left open at once.
+    tx_id = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
+    handlers: list[Handler] = [
+        CommandHandler(settings, area, codec, cache) for area in AGGREGATES
+    ]
+    processors = []
+    if settings.saga:
+        handlers.append(SagaHandler(settings, codec, cache))
+        processors.append(
+            Processor(
+                settings,
+                group=feed_group(settings),
+                transactional_id=f"{tx_id}-feed",
+                handlers=[FeedHandler(settings, codec)],
+            )
+        )
+    processors.insert(
+        0,
+        Processor(
+            settings,
+            group=command_group(settings),
+            transactional_id=tx_id,
+            handlers=handlers,
+            batch_size=settings.command_batch,
+        ),
+    )
+    return processors, handlers
 
 
 def _running(processor: Processor, stopping: threading.Event) -> None:

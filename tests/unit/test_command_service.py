@@ -1,40 +1,57 @@
-"""The command service between the domain and the log: decisions save nothing until
-they are completed, answers are remembered by command id, and recovery folds the
-log into records and answers. No broker: positions stand for acknowledgements."""
+"""The command service between the domain and the log, and the stores it runs on:
+one contract, run against an in-memory store and the writer's RocksDB-backed
+``AggregateCache`` (decisions stay provisional until the batch commits)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
-import faust
+import pytest
 
+from app.adapters.logtail import StateCache
 from app.application.commands import (
     CONCURRENCY_CONFLICT,
     CommandService,
     Envelope,
-    Position,
+    Record,
 )
 from app.domain.accounts import Deposit, OpenAccount
-from app.runtime import ACCOUNTS, TableStore, result_to_json
+from app.runtime import ACCOUNTS, AggregateCache
 
 
-class _Writes(dict[str, object]):
-    """A table that remembers the order of its writes, as a changelog would."""
+class MemoryStore:
+    """The store port in memory: what most command-handling tests need."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.order: list[str] = []
+        self.records: dict[str, Record] = {}
+        self.answers: dict[str, bytes] = {}
 
-    def __setitem__(self, key: str, value: object) -> None:
-        self.order.append(key)
-        super().__setitem__(key, value)
+    def load(self, aggregate_id: str) -> Record | None:
+        return self.records.get(aggregate_id)
+
+    def save(self, aggregate_id: str, record: Record) -> None:
+        self.records[aggregate_id] = record
+
+    def answered(self, command_id: str) -> bytes | None:
+        return self.answers.get(command_id)
+
+    def remember_answer(self, command_id: str, value: bytes) -> None:
+        self.answers[command_id] = value
+
+    def commit(self) -> None:
+        return None
 
 
-def _service() -> tuple[CommandService, TableStore]:
-    store = TableStore(_Writes(), ACCOUNTS)
-    return CommandService(aggregate=ACCOUNTS, store=store), store
+@pytest.fixture(params=["memory", "rocksdb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    cache = StateCache(tmp_path / "cache")
+    yield AggregateCache(cache, ACCOUNTS)
+    cache.close()
 
 
 def _envelope(command_id: str, expected: int | None = None) -> Envelope:
@@ -59,125 +76,80 @@ DEPOSIT = Deposit(
 )
 
 
-def test_a_decision_changes_nothing_until_it_is_completed() -> None:
-    service, store = _service()
+def _service(store: object) -> CommandService:
+    return CommandService(aggregate=ACCOUNTS, store=store)  # type: ignore[arg-type]
+
+
+def test_a_decision_changes_nothing_until_applied(store: MemoryStore) -> None:
+    service = _service(store)
     decision = service.decide(_envelope("c-1"), OPEN)
-    assert [type(e.event).__name__ for e in decision.events] == ["AccountOpened"]
+    assert decision.result is not None and decision.result.accepted
+    assert [new.metadata.stream_version for new in decision.events] == [1]
     assert store.load("acc-1") is None
-    assert store.answer("c-1") is None
-    result = service.complete(decision, [Position(partition=2, offset=7)])
-    assert result.accepted and result.version == 1
-    assert result.position == Position(partition=2, offset=7)
-    assert store.answer("c-1") == result
+    service.apply(decision)
     record = store.load("acc-1")
     assert record is not None and record.version == 1
 
 
-def test_a_repeated_command_id_is_answered_as_before_and_saves_nothing() -> None:
-    service, store = _service()
-    first = service.complete(
-        service.decide(_envelope("c-1"), OPEN), [Position(partition=0, offset=0)]
-    )
-    again = service.decide(_envelope("c-1"), OPEN)
-    assert again.record is None and again.events == ()
-    assert service.complete(again) == first
-    record = store.load("acc-1")
-    assert record is not None and record.version == 1
+def test_a_second_command_in_a_batch_decides_on_the_first_ones_state(
+    store: MemoryStore,
+) -> None:
+    service = _service(store)
+    service.apply(service.decide(_envelope("c-1"), OPEN))
+    deposit = service.decide(_envelope("c-2"), DEPOSIT)
+    assert deposit.result is not None and deposit.result.version == 2
+    assert deposit.events[0].metadata.stream_version == 2
 
 
-def test_a_stale_expected_version_is_rejected_remembered_and_writes_no_event() -> None:
-    service, store = _service()
-    service.complete(
-        service.decide(_envelope("c-1"), OPEN), [Position(partition=0, offset=0)]
-    )
+def test_a_stale_expected_version_is_rejected_naming_both_and_writes_nothing(
+    store: MemoryStore,
+) -> None:
+    service = _service(store)
+    service.apply(service.decide(_envelope("c-1"), OPEN))
     decision = service.decide(_envelope("c-2", expected=0), DEPOSIT)
     assert decision.events == ()
-    rejected = service.complete(decision)
-    assert rejected.code == CONCURRENCY_CONFLICT
-    assert "expected version 0" in (rejected.message or "")
-    assert store.answer("c-2") == rejected
-    record = store.load("acc-1")
+    assert decision.result is not None and not decision.result.accepted
+    assert decision.result.code == CONCURRENCY_CONFLICT
+    assert "expected version 0" in (decision.result.message or "")
+    assert "at version 1" in (decision.result.message or "")
+
+
+def test_a_command_id_answered_before_gets_that_answer_and_is_not_decided(
+    store: MemoryStore,
+) -> None:
+    service = _service(store)
+    service.apply(service.decide(_envelope("c-1"), OPEN))
+    store.remember_answer("c-1", b"the answer as sent")
+    again = service.decide(_envelope("c-1"), OPEN)
+    assert again.repeat == b"the answer as sent"
+    assert again.events == () and again.result is None
+
+
+def test_event_ids_are_deterministic(store: MemoryStore) -> None:
+    first = _service(store).decide(_envelope("c-1"), OPEN)
+    second = _service(MemoryStore()).decide(_envelope("c-1"), OPEN)
+    assert first.events[0].metadata.event_id == second.events[0].metadata.event_id
+
+
+def test_the_cache_keeps_a_batch_provisional_until_it_commits(tmp_path: Path) -> None:
+    cache = StateCache(tmp_path / "cache")
+    store = AggregateCache(cache, ACCOUNTS)
+    service = _service(store)
+    service.apply(service.decide(_envelope("c-1"), OPEN))
+    store.remember_answer("c-1", b"accepted")
+    store.drop()  # the transaction aborted
+    assert store.load("acc-1") is None and store.answered("c-1") is None
+    service.apply(service.decide(_envelope("c-1"), OPEN))
+    store.remember_answer("c-1", b"accepted")
+    store.commit()
+    store.write({}, {}, {("t.events", 3): 42})
+    cache.close()
+
+    reopened = StateCache(tmp_path / "cache")  # a restart reads what was committed
+    again = AggregateCache(reopened, ACCOUNTS)
+    record = again.load("acc-1")
     assert record is not None and record.version == 1
-
-
-def test_recovery_folds_the_log_into_records_and_answers_once() -> None:
-    source, _ = _service()
-    opened = source.decide(_envelope("c-1"), OPEN)
-    source.complete(opened, [Position(partition=0, offset=0)])
-    deposit = source.decide(_envelope("c-2"), DEPOSIT)
-    source.complete(deposit, [Position(partition=0, offset=1)])
-    log = [(new, n) for n, d in enumerate((opened, deposit)) for new in d.events]
-
-    service, store = _service()  # a lost table, rebuilt from the log
-    for new, offset in log + log:  # read twice: a repeat changes nothing
-        service.replay(new.metadata, new.event, Position(partition=0, offset=offset))
-    record = store.load("acc-1")
-    assert record is not None and record.version == 2
-    answer = store.answer("c-2")
-    assert answer is not None and answer.accepted and answer.version == 2
-    assert answer.event_ids == deposit.result.event_ids
-    assert answer.position == Position(partition=0, offset=1)
-    # The re-sent command is answered from the log, not decided again.
-    assert service.decide(_envelope("c-2"), DEPOSIT).events == ()
-    # Each answer is written before the record that holds its events.
-    assert store.table.order == [
-        "\x00answer/c-1",
-        "acc-1",
-        "\x00answer/c-2",
-        "acc-1",
-    ]
-
-
-def test_answer_then_record_reach_the_changelog_and_durable_waits_for_both() -> None:
-    """Through a Faust table of its own: each write is buffered for the changelog,
-    the answer before the record (a crash keeps a prefix of them), and ``durable``
-    returns once the producer has an acknowledgement for each."""
-
-    async def scenario() -> None:
-        app = faust.App(
-            "durable-probe", broker="kafka://127.0.0.1:1", store="memory://"
-        )
-        store = TableStore(app.Table("records", partitions=1), ACCOUNTS, "commands")
-        service = CommandService(aggregate=ACCOUNTS, store=store)
-        with store.partition(0):
-            service.complete(
-                service.decide(_envelope("c-1"), OPEN),
-                [Position(partition=0, offset=0)],
-            )
-        waiting = asyncio.ensure_future(store.durable())
-        await asyncio.sleep(0.05)
-        assert not waiting.done()  # no broker here: nothing is acknowledged
-        buffered = app.producer.buffer.pending
-        sent = [buffered.get_nowait() for _ in range(buffered.qsize())]
-        keys = [json.loads(m.message.key) for m in sent]  # Faust's JSON keys
-        assert keys == ["\x00answer/c-1", "acc-1"]
-        assert {m.message.partition for m in sent} == {0}
-        sent[0].set_result(None)
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
-        sent[1].set_result(None)
-        await asyncio.wait_for(waiting, 5)
-
-    asyncio.run(scenario())
-
-
-def test_a_record_that_kept_its_answers_gets_them_keyed_once() -> None:
-    # The format before answers had keys of their own: the record kept its last ones.
-    service, store = _service()
-    result = service.complete(
-        service.decide(_envelope("c-1"), OPEN), [Position(partition=0, offset=0)]
-    )
-    table = store.table
-    legacy = {**table["acc-1"], "recent": [result_to_json(result)]}
-    table.clear()
-    table["acc-1"] = legacy
-    table.order.clear()
-
-    record = store.load("acc-1")
-    assert record is not None and record.version == 1
-    # The answer before the record that no longer carries it, as complete() writes.
-    assert table.order == ["\x00answer/c-1", "acc-1"]
-    assert "recent" not in table["acc-1"]
-    assert store.answer("c-1") == result
-    store.load("acc-1")
-    assert table.order == ["\x00answer/c-1", "acc-1"]  # nothing written again
+    assert again.answered("c-1") == b"accepted"
+    assert reopened.offset(("t.events", 3)) == 42
+    assert reopened.offset(("t.events", 2)) == 0
+    reopened.close()

@@ -6,6 +6,7 @@ import itertools
 import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -568,15 +569,22 @@ def test_bad_configuration_names_the_variable(variable: str, value: str) -> None
     assert value in str(caught.value)
 
 
-def test_off_registers_nothing() -> None:
-    from agents import saga as saga_agents
+@pytest.mark.parametrize("on", [True, False])
+def test_off_runs_no_saga(on: bool, tmp_path: Path) -> None:
+    from agents.saga import FeedHandler, SagaHandler
+    from app.adapters.catalog import SchemaCatalog
+    from app.adapters.codec import Codec, ConfluentRegistry
+    from app.writeside import build
 
-    class Untouchable:
-        def __getattr__(self, name: str) -> Any:
-            raise AssertionError(f"the saga is off but touched .{name}")
-
-    off = replace(Settings(), saga=False)
-    saga_agents.register(Untouchable(), off, Untouchable())  # type: ignore[arg-type]
+    settings = replace(Settings(), saga=on, home=tmp_path)
+    codec = Codec(ConfluentRegistry("http://127.0.0.1:1"), SchemaCatalog.load())
+    processors, handlers = build(settings, codec, 0)
+    kinds = {type(h) for p in processors for h in p.handlers}
+    assert (SagaHandler in kinds) is on
+    assert (FeedHandler in kinds) is on
+    assert len(processors) == (2 if on else 1)
+    for handler in handlers:
+        handler.close()  # type: ignore[attr-defined]
 
 
 def test_the_feed_looks_at_headers_before_decoding_an_event() -> None:
