@@ -33,6 +33,7 @@ from typing import Any
 import faust
 from confluent_kafka import Message
 
+from agents.views import routed
 from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
@@ -335,7 +336,7 @@ def register_view(app: faust.App, settings: Settings) -> Any:
                 sagas[event.key] = json.loads(event.value)
 
     @app.page("/sagas/{order_id}")
-    @app.table_route(table=sagas, match_info="order_id")
+    @routed(app, sagas, "order_id")
     async def get_saga(web: Any, request: Any, order_id: str) -> Any:
         raw = sagas.get(order_id.encode())
         if raw is None:

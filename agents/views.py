@@ -7,12 +7,16 @@ holds the searchable read models; these are key lookups only.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from yarl import URL
 
 from app.adapters.codec import Codec, DecodeError
+from app.adapters.eventlog import partition_for
 from app.adapters.topics import TopicSpec, ensure_topics
 from app.projections import views
 from app.settings import Settings
@@ -85,26 +89,18 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             if view is not None:
                 accounts[key] = view
 
-    @app.task
-    async def warm_routing() -> None:
-        # Faust's table router hashes keys with its producer's metadata, which knows only
-        # topics the producer has written to; fetch the changelog topics' up front.
-        producer = app.producer._ensure_producer()
-        for table in (orders, accounts, by_customer):
-            await producer.partitions_for(table.changelog_topic.get_topic_name())
-
     @app.page("/orders/{order_id}")
-    @app.table_route(table=orders, match_info="order_id")
+    @routed(app, orders, "order_id")
     async def get_order(web: Any, request: Any, order_id: str) -> Any:
         return _found(web, orders.get(order_id.encode()), f"order {order_id}")
 
     @app.page("/accounts/{account_id}")
-    @app.table_route(table=accounts, match_info="account_id")
+    @routed(app, accounts, "account_id")
     async def get_account(web: Any, request: Any, account_id: str) -> Any:
         return _found(web, accounts.get(account_id.encode()), f"account {account_id}")
 
     @app.page("/customers/{customer_id}/orders")
-    @app.table_route(table=by_customer, match_info="customer_id")
+    @routed(app, by_customer, "customer_id")
     async def get_customer_orders(web: Any, request: Any, customer_id: str) -> Any:
         try:
             page = views.page(
@@ -113,6 +109,49 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
         except views.BadPage as error:
             return web.json({"error": error.message, "field": error.field}, status=400)
         return web.json({"customer_id": customer_id, **page})
+
+
+View = Callable[..., Awaitable[Any]]
+
+
+def routed(app: faust.App, table: Any, match_info: str) -> Callable[[View], View]:
+    """Serve a key's view on the worker that owns the key's partition of ``table``,
+    forwarding the request there from any other (what Faust's ``table_route`` does,
+    through its public API only: the key's partition is its murmur2 hash, as the
+    events that fill the table are partitioned)."""
+
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        async def serve(web: Any, request: Any, **kwargs: Any) -> Any:
+            key = str(kwargs[match_info]).encode()
+            topic = table.changelog_topic.get_topic_name()
+            partition = partition_for(key, table.partitions)
+            owners = [
+                url
+                for url, topics in app.router.table_metadata(table.name).items()
+                if partition in topics.get(topic, ())
+            ]
+            if not owners:
+                return web.json(
+                    {"error": "no worker owns this key right now; try again"},
+                    status=503,
+                )
+            owner = URL(owners[0])
+            here = URL(str(app.conf.canonical_url))
+            if (owner.host, owner.port) == (here.host, here.port):
+                return await view(web, request, **kwargs)
+            async with app.http_client.get(
+                str(owner.with_path(request.path).with_query(request.query_string))
+            ) as response:
+                return web.text(
+                    await response.text(),
+                    content_type=response.content_type,
+                    status=response.status,
+                )
+
+        return serve
+
+    return decorate
 
 
 def _found(web: Any, value: Any, what: str) -> Any:

@@ -33,7 +33,6 @@ from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
 from app.settings import Settings
 
 AREAS = ("orders", "accounts")
-PROBE = "streamfold-probe"  # app.runtime.PROBE_HEADER: not a command
 
 
 class AuditError(RuntimeError):
@@ -67,7 +66,7 @@ def read_topic(settings: Settings, topic: str) -> list[Message]:
     """Every message currently in ``topic``, partition by partition, in offset order."""
     consumer = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": f"{settings.app_id}.audit",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
@@ -162,9 +161,12 @@ def check_answers(
     results: dict[str, list[dict[str, Any]]],
     codec: Codec,
     command_ids: Iterable[str] | None = None,
+    *,
+    exactly_once: bool = False,
 ) -> Finding:
     """Every command has one answer (``command_ids``: these; default: every command
-    on the command topics that was not dead-lettered)."""
+    on the command topics that was not dead-lettered): identical copies only, and
+    with ``exactly_once`` (commands sent once) a single result."""
     if command_ids is None:
         dead = {
             (
@@ -181,7 +183,7 @@ def check_answers(
         problems: list[str] = []
         for area in AREAS:
             for m in read_topic(settings, settings.topics.commands(area)):
-                if (m.topic, m.partition, m.offset) in dead or PROBE in m.headers:
+                if (m.topic, m.partition, m.offset) in dead:
                     continue
                 try:
                     data = codec.decode(m.value or b"").data
@@ -197,6 +199,10 @@ def check_answers(
         answers = {answer(r) for r in results.get(command_id, [])}
         if not answers:
             problems.append(f"command {command_id}: no result")
+        elif exactly_once and len(results[command_id]) > 1:
+            problems.append(
+                f"command {command_id}: {len(results[command_id])} results, sent once"
+            )
         elif len(answers) > 1:
             problems.append(
                 f"command {command_id}: {len(answers)} different results "

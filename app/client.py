@@ -109,7 +109,7 @@ class CommandClient:
         if self._consumer is None:
             consumer = Consumer(
                 {
-                    **self.settings.kafka_client_config(),
+                    **self.settings.consumer_config(),
                     "group.id": f"streamfold-client-{uuid.uuid4()}",
                     "enable.auto.commit": False,
                 }

@@ -287,6 +287,11 @@ class Settings:
             config["ssl.ca.location"] = self.ssl_cafile
         return config
 
+    def consumer_config(self) -> dict[str, str]:
+        """Settings for every consumer of Streamfold's topics: the write side commits
+        in Kafka transactions, so nothing reads what an aborted one wrote."""
+        return {**self.kafka_client_config(), "isolation.level": "read_committed"}
+
     def producer_config(self) -> dict[str, str | int | bool]:
         return {
             **self.kafka_client_config(),

@@ -327,7 +327,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
     names = baseline_topics(settings, "raw")
     consumer = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": settings.app_id,
             "auto.offset.reset": "earliest",
             "enable.auto.offset.store": False,

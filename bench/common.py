@@ -57,7 +57,7 @@ class ResultListener:
         self._stop = threading.Event()
         self._consumer = Consumer(
             {
-                **settings.kafka_client_config(),
+                **settings.consumer_config(),
                 "group.id": f"bench-listener-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 5,

@@ -102,7 +102,7 @@ class ResultListener:
         topic = settings.topics.results
         self._consumer = Consumer(
             {
-                **settings.kafka_client_config(),
+                **settings.consumer_config(),
                 "group.id": f"{settings.app_id}-bench-results",
                 "enable.auto.commit": False,
             }
@@ -384,7 +384,7 @@ def raw_pipeline(settings: Settings, ready_file: Path) -> None:
     def forward() -> None:
         consumer = Consumer(
             {
-                **settings.kafka_client_config(),
+                **settings.consumer_config(),
                 "group.id": f"{settings.app_id}-raw-forward",
                 "auto.offset.reset": "earliest",
                 "enable.auto.offset.store": False,
@@ -423,11 +423,10 @@ def raw_pipeline(settings: Settings, ready_file: Path) -> None:
         conn = psycopg.connect(settings.database_url, autocommit=False)
         consumer = Consumer(
             {
-                **settings.kafka_client_config(),
+                **settings.consumer_config(),
                 "group.id": f"{settings.app_id}-raw-project",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
-                "isolation.level": "read_committed",
                 "fetch.wait.max.ms": 50,
             }
         )

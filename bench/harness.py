@@ -481,7 +481,7 @@ def produce(
 def high_watermarks(settings: Settings, topic: str) -> dict[int, int]:
     """Each partition's end offset; retried while a new topic's leaders settle."""
     consumer = Consumer(
-        {**settings.kafka_client_config(), "group.id": f"bench-{uuid.uuid4().hex}"}
+        {**settings.consumer_config(), "group.id": f"bench-{uuid.uuid4().hex}"}
     )
     try:
         return end_offsets(consumer, topic)
@@ -491,7 +491,7 @@ def high_watermarks(settings: Settings, topic: str) -> dict[int, int]:
 
 def group_lag(settings: Settings, group: str, topics: list[str]) -> int:
     """Records in ``topics`` beyond what ``group`` has committed."""
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": group})
+    consumer = Consumer({**settings.consumer_config(), "group.id": group})
     try:
         ends = {
             TopicPartition(t, p): end

@@ -107,10 +107,9 @@ def consume_all(
     highs = high_watermarks(settings, topic)
     consumer = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": f"{settings.app_id}-bench-raw-{uuid.uuid4().hex[:6]}",
             "enable.auto.commit": False,
-            "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
         }
     )

@@ -61,14 +61,25 @@ def assert_balances_fold(streams: dict[str, list[dict[str, Any]]]) -> dict[str, 
 
 
 def assert_write_side_promises(
-    settings: Settings, results: Sequence[CommandResult]
+    settings: Settings,
+    results: Sequence[CommandResult],
+    *,
+    sent_once: bool = True,
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every promise above, over orders and accounts, for commands whose results the
-    client has; returns each aggregate type's streams for further checks."""
+    client has; returns each aggregate type's streams for further checks. Commands
+    ``sent_once`` must have exactly one result on the results topic as a
+    read_committed reader sees it, whatever crashed meanwhile."""
     codec = audit.new_codec(settings)
     logged = audit.results_by_command(settings, codec)
     assert_ok(
-        audit.check_answers(settings, logged, codec, [r.command_id for r in results])
+        audit.check_answers(
+            settings,
+            logged,
+            codec,
+            [r.command_id for r in results],
+            exactly_once=sent_once,
+        )
     )
     streams = {
         area: audit.events_by_aggregate(settings, area, codec)

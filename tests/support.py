@@ -18,6 +18,7 @@ from app.faust_app import worker_datadir
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.writeside import state_dir
 
 
 def codec_for(settings: Settings) -> Codec:
@@ -35,4 +36,7 @@ def running_worker(settings: Settings, name: str = "worker") -> Iterator[Daemon]
 
 
 def delete_local_store(settings: Settings) -> None:
+    """The worker's local state: its Faust tables and its write processes' caches."""
     shutil.rmtree(worker_datadir(settings), ignore_errors=True)
+    for index in range(settings.write_processes):
+        shutil.rmtree(state_dir(settings, index), ignore_errors=True)

@@ -154,11 +154,10 @@ def read_records(
     Raises ``KafkaException`` when Kafka does not deliver what it holds."""
     consumer = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": "streamfold-reader",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-            "isolation.level": "read_committed",
         }
     )
     try:

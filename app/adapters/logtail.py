@@ -47,7 +47,7 @@ class LogTail:
         self.name = name
         self.consumer = Consumer(
             {
-                **settings.kafka_client_config(),
+                **settings.consumer_config(),
                 "group.id": f"{settings.app_id}.{name}-tail",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,

@@ -192,7 +192,7 @@ class KafkaStore:
         """Every record from the start of the topic up to its current end."""
         consumer = Consumer(
             {
-                **self.settings.kafka_client_config(),
+                **self.settings.consumer_config(),
                 # Required by librdkafka, never joined: the partition is assigned.
                 "group.id": f"streamfold-registry-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,

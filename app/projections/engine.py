@@ -301,11 +301,10 @@ class ProjectionRunner:
         )
         self._consumer = Consumer(
             {
-                **self.settings.kafka_client_config(),
+                **self.settings.consumer_config(),
                 "group.id": self.group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
                 "fetch.wait.max.ms": 50,
                 # As the worker's own consumers: a killed worker's partitions move on
                 # (and its group can be reset) after this, not librdkafka's 45 s.
@@ -328,7 +327,8 @@ class ProjectionRunner:
                         self._check_epoch()
                 except Superseded:
                     self._resync()
-                self._refresh_heads()
+                    continue
+                self._refresh_heads(idle=not messages)
         finally:
             self._close()
 
@@ -504,14 +504,32 @@ class ProjectionRunner:
             raise KafkaTransient(f"seek after a table switch: {error}") from error
         self._epoch = epoch
 
-    def _refresh_heads(self) -> None:
+    def _refresh_heads(self, idle: bool = False) -> None:
         assert self._consumer is not None
-        for tp in self._consumer.assignment():
+        assignment = self._consumer.assignment()
+        # When idle, every event handed over is applied; a consumer at the end may
+        # still be past the last one, by the commit markers of the write side's
+        # transactions (each takes an offset): for lag, the head is then where
+        # the projection is.
+        read = (
+            {
+                (tp.topic, tp.partition): tp.offset
+                for tp in self._consumer.position(assignment)
+            }
+            if idle
+            else {}
+        )
+        for tp in assignment:
+            key = (tp.topic, tp.partition)
             high = -1
             with contextlib.suppress(Exception):  # no cached watermark yet is fine
                 _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0:
-                self.status.heads[(tp.topic, tp.partition)] = high
+            if high < 0:
+                continue
+            applied = self.status.positions.get(key)
+            if applied is not None and read.get(key, -1) >= high:
+                high = min(high, applied)
+            self.status.heads[key] = high
 
     # -- the batch ------------------------------------------------------------------
 
@@ -817,7 +835,7 @@ def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
     """The source (topic, partition, offset) of every record in a dead-letter topic."""
     consumer = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": f"{settings.app_id}.dead-letter-reader",
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -570,7 +570,7 @@ def _consumer(settings: Settings, group: str) -> Consumer:
     # Never subscribes or commits: it only reads watermarks.
     return Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": group,
             "enable.auto.commit": False,
         }

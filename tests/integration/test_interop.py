@@ -72,7 +72,7 @@ def test_a_plain_avro_serializer_command_is_accepted_and_events_deserialize(
     deserializer = AvroDeserializer(registry)
     consumer = Consumer(
         {
-            **deployment.kafka_client_config(),
+            **deployment.consumer_config(),
             "group.id": f"plain-{account}",
             "auto.offset.reset": "earliest",
         }

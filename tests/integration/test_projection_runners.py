@@ -85,7 +85,7 @@ def produce(settings: Settings, events: list[tuple[dict[str, Any], Any]]) -> Non
 
 def highs(settings: Settings) -> dict[int, int]:
     consumer = Consumer(
-        {**settings.kafka_client_config(), "group.id": f"{settings.app_id}.highs"}
+        {**settings.consumer_config(), "group.id": f"{settings.app_id}.highs"}
     )
     topic = settings.topics.events("accounts")
     try:
@@ -206,7 +206,7 @@ def commit(settings: Settings, offset: int, metadata: str | None) -> None:
     """Commit ``offset`` for the ledger group on every accounts partition."""
     consumer = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": group_id(settings, "ledger"),
             "enable.auto.commit": False,
         }

@@ -262,7 +262,7 @@ def _deadline_then_a_late_withdrawal(settings: Settings, client: CommandClient) 
     for the saga the withdrawal is late, exactly as if the account had been slow."""
     staller = Consumer(
         {
-            **settings.kafka_client_config(),
+            **settings.consumer_config(),
             "group.id": feed_group(settings),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -356,7 +356,7 @@ def _rewind(settings: Settings) -> None:
 
 def _caught_up(settings: Settings, group: str, topics: list[str]) -> bool:
     """Whether ``group`` has committed everything currently in ``topics``."""
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": group})
+    consumer = Consumer({**settings.consumer_config(), "group.id": group})
     try:
         wanted = [
             TopicPartition(t, p) for t in topics for p in range(settings.partitions)

@@ -1,0 +1,147 @@
+"""The write side's transactions against the real broker: a paused writer whose
+partitions moved on (a zombie) writes nothing a read_committed reader sees, and an
+event someone else appended is folded before the next decision, without a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+import uuid
+from datetime import UTC, datetime
+
+from confluent_kafka import Producer
+
+from app.adapters.eventlog import encode_event, partition_for
+from app.application.commands import Metadata, NewEvent, event_id
+from app.client import CommandClient
+from app.domain.accounts import Deposit, MoneyDeposited, OpenAccount, Withdraw
+from app.local.deployments import free_port
+from app.local.process import wait_for
+from app.projections.replay import group_members
+from app.settings import Settings
+from app.writeside import command_group
+from bench.harness import process_tree
+from tests.invariants import assert_write_side_promises, serving_worker
+from tests.support import codec_for
+
+ACCOUNTS = 8
+
+
+def _deposit(account: str, n: int) -> Deposit:
+    return Deposit(
+        account_id=account,
+        transaction_id=f"t-{n}",
+        amount_minor=1,
+        currency="USD",
+        source="s",
+        reference="",
+    )
+
+
+def test_a_paused_writer_is_fenced_and_rejoins(deployment: Settings) -> None:
+    other = dataclasses.replace(deployment, web_port=free_port())
+    accounts = [f"z-{n}" for n in range(ACCOUNTS)]
+    with serving_worker(deployment, "a") as first, CommandClient(deployment) as client:
+        opened = [
+            client.submit(OpenAccount(account_id=a, owner_id="o", currency="USD"))
+            for a in accounts
+        ]
+        sent = list(opened)
+        client.wait(opened, timeout=120)
+        with serving_worker(other, "b"):
+            group = command_group(deployment)
+            wait_for(lambda: group_members(deployment, group) == 2, 60, "two writers")
+            assert first.pid is not None
+            # Its children: the write process (and the projections' process).
+            writers = process_tree(first.pid)()[1:]
+            assert writers, "the first worker has no child processes"
+            n = 0
+            for _ in range(50):  # a load in flight when the writer stops
+                sent += [client.submit(_deposit(a, n)) for a in accounts]
+                n += 1
+            client.flush()
+            for pid in writers:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                paused_at = time.monotonic()
+                while time.monotonic() - paused_at < deployment.session_timeout_s + 5:
+                    sent += [client.submit(_deposit(a, n)) for a in accounts]
+                    n += 1
+                    time.sleep(0.2)
+                client.wait(sent, timeout=120)  # the other worker took over
+            finally:
+                for pid in writers:
+                    os.kill(pid, signal.SIGCONT)
+            # The resumed writer rejoins and shares the work again.
+            wait_for(lambda: group_members(deployment, group) == 2, 90, "rejoined")
+            more = [client.submit(_deposit(a, n + 1)) for a in accounts]
+            sent += more
+            results = client.wait(sent, timeout=120)
+    assert all(r.accepted for r in results), [r for r in results if not r.accepted][:3]
+    streams = assert_write_side_promises(deployment, results)
+    for account in accounts:
+        versions = [e["metadata"]["stream_version"] for e in streams["accounts"][account]]
+        assert versions == list(range(1, len(versions) + 1)), account
+
+
+def test_an_event_appended_by_someone_else_is_folded_before_the_next_decision(
+    deployment: Settings,
+) -> None:
+    account = f"imp-{uuid.uuid4().hex[:6]}"
+    codec = codec_for(deployment)
+    topic = deployment.topics.events("accounts")
+    with serving_worker(deployment), CommandClient(deployment) as client:
+        opened = client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
+        assert opened.accepted and opened.version == 1
+        # An import: the money arrives as an event, not as a command.
+        now = datetime.now(UTC)
+        imported = NewEvent(
+            metadata=Metadata(
+                event_id=event_id("account", account, 2, "import-1"),
+                event_type="MoneyDeposited",
+                aggregate_type="account",
+                aggregate_id=account,
+                stream_version=2,
+                timestamp=now,
+                user_id="importer",
+                correlation_id="import-1",
+                causation_id="import-1",
+                command_id="import-1",
+            ),
+            event=MoneyDeposited(
+                account_id=account,
+                transaction_id="legacy-1",
+                amount_minor=700,
+                currency="USD",
+                source="legacy",
+                reference="",
+                balance_after_minor=700,
+            ),
+        )
+        value, headers, timestamp_ms = encode_event(codec, topic, imported)
+        producer = Producer(deployment.producer_config())
+        producer.produce(
+            topic,
+            value,
+            key=account.encode(),
+            partition=partition_for(account.encode(), deployment.partitions),
+            headers=headers,
+            timestamp=timestamp_ms,
+        )
+        assert producer.flush(30) == 0
+        # Only a state that holds the imported deposit allows this, at version 3.
+        spent = client.send(
+            Withdraw(
+                account_id=account,
+                transaction_id="w-1",
+                amount_minor=700,
+                currency="USD",
+                destination="d",
+                reference="",
+            ),
+            expected_version=2,
+        )
+    assert spent.accepted, spent
+    assert spent.version == 3
