@@ -27,12 +27,13 @@ from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry
 from app.adapters.processor import Handler, Processor
 from app.adapters.saga_io import feed_group
-from app.projections.process import die_with_parent
+from app.projections.process import die_with_parent, name_process
 from app.runtime import AGGREGATES, CommandHandler
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.worker")
 REPORT_S = 0.5
+WRITER_NAME = "sf-writer"
 
 
 def command_group(settings: Settings) -> str:
@@ -49,6 +50,7 @@ def state_dir(settings: Settings, index: int) -> Path:
 def write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
     """A child: run the processors, report what they own, stop on SIGTERM."""
     die_with_parent()
+    name_process(WRITER_NAME)
     if os.getppid() != parent:
         return  # the worker died before the death signal was set
     stopping = threading.Event()

@@ -257,6 +257,7 @@ def project(
 ) -> None:
     """A child: run the projections, report their statuses, stop on SIGTERM."""
     die_with_parent()
+    name_process(PROJECTIONS_NAME)
     if os.getppid() != parent:
         return  # the worker died before the death signal was set
     stopping = threading.Event()
@@ -300,6 +301,18 @@ def project(
 def _snapshot(status: Status) -> Status:
     # A runner changes its status on its own thread; copying a dict is atomic.
     return replace(status, positions=dict(status.positions), heads=dict(status.heads))
+
+
+PR_SET_NAME = 15
+PROJECTIONS_NAME = "sf-projections"
+
+
+def name_process(name: str) -> None:
+    """Name this process in ``/proc/<pid>/comm`` (what ps and top show), so an
+    operator (or a test) tells the worker's children apart."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def die_with_parent() -> None:

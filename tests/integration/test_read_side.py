@@ -31,6 +31,7 @@ from app.domain.orders import (
 )
 from app.local import postgres
 from app.local.process import pid_alive, wait_for
+from app.projections.process import PROJECTIONS_NAME
 from app.settings import Settings
 from bench.harness import process_tree
 from tests.readmodels import (
@@ -347,10 +348,7 @@ def _projection_processes(worker: int, count: int) -> list[int]:
         found[:] = []
         for pid in process_tree(worker)()[1:]:
             with contextlib.suppress(OSError):
-                if (
-                    b"multiprocessing.spawn"
-                    in Path(f"/proc/{pid}/cmdline").read_bytes()
-                ):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == PROJECTIONS_NAME:
                     found.append(pid)
         return len(found) == count
 

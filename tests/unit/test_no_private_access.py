@@ -45,13 +45,16 @@ def _findings(source: str, where: str, own: set[str]) -> list[str]:
             if name in own or name in STDLIB or CONSTANT.match(name):
                 continue
             found.append(f"{where}:{node.lineno}: .{name}")
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.split(".")[0] in LIBRARIES:
-                found += [
-                    f"{where}:{node.lineno}: import {alias.name} from {node.module}"
-                    for alias in node.names
-                    if alias.name.startswith("_")
-                ]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] in LIBRARIES
+        ):
+            found += [
+                f"{where}:{node.lineno}: import {alias.name} from {node.module}"
+                for alias in node.names
+                if alias.name.startswith("_")
+            ]
     return found
 
 
