@@ -31,11 +31,10 @@ from app.adapters.eventlog import (
     result_headers,
 )
 from app.adapters.logtail import TP, LogTail, StateCache
-from app.adapters.processor import Batch, Sent
+from app.adapters.processor import TRANSIENT, Batch, Sent
 from app.application.commands import (
     Aggregate,
     CommandService,
-    Decision,
     Envelope,
     GapError,
     Position,
@@ -225,7 +224,9 @@ class CommandHandler:
             parsed = self._parse(message, batch)
             if parsed is not None:
                 self._decide(message, parsed, batch)
-        except (DecodeError, LookupError, ValueError, TypeError, GapError) as error:
+        except TRANSIENT:
+            raise  # the batch is aborted and taken again
+        except Exception as error:
             log.exception("dead-lettering %s", _where(message))
             self.dead_letter(
                 message, f"internal error: {type(error).__name__}: {error}", batch
@@ -389,8 +390,13 @@ class CommandHandler:
         if not decision.events:
             self._answer(decision.result, home, batch)
             return
+        encoded = [
+            encode_event(self.codec, self.events_topic, new) for new in decision.events
+        ]
+        # Only once every event is encoded: the state must not hold events that
+        # could not be written.
         self.service.apply(decision)
-        sent = self._append(decision, home, batch)
+        sent = self._append(decision.aggregate_id, encoded, home, batch)
         result = decision.result
 
         def answer() -> None:
@@ -400,13 +406,16 @@ class CommandHandler:
 
         batch.later(answer)
 
-    def _append(self, decision: Decision, partition: int, batch: Batch) -> list[Sent]:
-        key = decision.aggregate_id.encode()
+    def _append(
+        self,
+        aggregate_id: str,
+        encoded: list[tuple[bytes, list[tuple[str, bytes]], int]],
+        partition: int,
+        batch: Batch,
+    ) -> list[Sent]:
+        key = aggregate_id.encode()
         sent = []
-        for new in decision.events:
-            value, found, timestamp_ms = encode_event(
-                self.codec, self.events_topic, new
-            )
+        for value, found, timestamp_ms in encoded:
             tracked = batch.send(
                 self.events_topic,
                 value,

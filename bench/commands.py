@@ -1,6 +1,7 @@
 """Write-side benchmark: sustained commands/s with events durable, through the worker,
 beside two baselines on topics with the same settings: a raw confluent-kafka
-consume→produce loop and a bare Faust agent (``bench.faust_loop``).
+consume→produce loop and an exactly-once Quix Streams application
+(``bench.quix_peer``).
 
     .venv/bin/python -m bench.commands [--quick] [--partitions 1 4]
 
@@ -17,9 +18,11 @@ The raw loop reads the commands-like topic, produces each command's bytes to an
 events-like topic (acks=all, idempotent), and once the broker acknowledges that,
 a result to a results-like topic; it stores the consumer offset after the result is
 acknowledged. It decodes nothing and decides nothing: the ceiling for Python and
-this broker on this machine. The Faust loop does the same through a Faust agent
-that reads and writes each command's key in a RocksDB-backed Faust table: the
-ceiling of the design (Faust agents, aggregate state in Faust tables). Results go to bench/results/commands.json.
+this broker on this machine. The Quix peer does the same as an exactly-once Quix
+Streams application that reads and writes each command's key in its RocksDB state
+and keeps an answer per command id there: a peer library's cost for what the
+worker does (transactions, aggregate state in RocksDB with a changelog). Results go
+to bench/results/commands.json.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from app.local.process import wait_for
 from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
-from bench import faust_loop
+from bench import quix_peer
 from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
     CpuSampler,
@@ -384,8 +387,8 @@ class Baseline:
 RAW = Baseline(
     "raw loop", "raw", lambda ready: ["bench.commands", "--raw-loop", str(ready)]
 )
-FAUST = Baseline(
-    "faust loop", faust_loop.KIND, lambda ready: ["bench.faust_loop", str(ready)]
+QUIX = Baseline(
+    "quix peer", quix_peer.KIND, lambda ready: ["bench.quix_peer", str(ready)]
 )
 
 
@@ -444,7 +447,7 @@ def bench_baseline(
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'system':<10} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'×faust':>6} "
+        f"{'system':<10} {'parts':>5} {'cmd/s':>7} {'×raw':>5} {'×quix':>6} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'@rate':>6} {'proc ms/cmd':>11} "
         f"{'broker ms/cmd':>13}"
     )
@@ -454,7 +457,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{row['system']:<10} {row['partitions']:>5} {row['commands_per_s']:>7} "
             f"{row['ratio_to_raw']['commands_per_s']:>5.2f} "
-            f"{row['ratio_to_faust_loop']['commands_per_s']:>6.2f} {row['p50_ms']:>7} "
+            f"{row['ratio_to_quix_peer']['commands_per_s']:>6.2f} {row['p50_ms']:>7} "
             f"{row['p99_ms']:>7} {row['latency_rate']:>6} "
             f"{row['cpu_ms_per_command'][own]:>11} "
             f"{row['cpu_ms_per_command']['broker']:>13}"
@@ -515,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the local broker is not running (app.local.stack.up)")
         try:
             raw = bench_baseline(RAW, settings, broker_pid, size)
-            faust = bench_baseline(FAUST, settings, broker_pid, size)
-            measured = [raw, faust, bench_worker(settings, broker_pid, size)]
+            quix = bench_baseline(QUIX, settings, broker_pid, size)
+            measured = [raw, quix, bench_worker(settings, broker_pid, size)]
             if 1 < args.workers <= partitions == max(args.partitions):
                 # A fresh deployment: the same backlog, from the same state.
                 delete_topics(settings)
@@ -529,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **asdict(figures),
                     "ratio_to_raw": ratios(figures, raw),
-                    "ratio_to_faust_loop": ratios(figures, faust),
+                    "ratio_to_quix_peer": ratios(figures, quix),
                 }
             )
         print(f"... {partitions} partition(s) done", file=sys.stderr)

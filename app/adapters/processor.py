@@ -66,6 +66,13 @@ class Batch:
         self._producer = producer
         self._later: list[Callable[[], None]] = []
         self.size = 0
+        self.begun = False
+
+    def begin(self) -> None:
+        """Open the transaction (done by the first output): an idle loop opens none."""
+        if not self.begun:
+            self._producer.begin_transaction()
+            self.begun = True
 
     def send(
         self,
@@ -88,6 +95,7 @@ class Batch:
             kwargs["timestamp"] = timestamp_ms
         if sent is not None:
             kwargs["on_delivery"] = _recorder(sent)
+        self.begin()
         while True:
             try:
                 self._producer.produce(topic, value, **kwargs)  # type: ignore[arg-type]
@@ -243,7 +251,6 @@ class Processor:
         starts: dict[TP, int] = {}
         ends: dict[TP, int] = {}
         try:
-            producer.begin_transaction()
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -258,8 +265,8 @@ class Processor:
             for handler in self.handlers:
                 handler.tick(batch)
             if not ends and not batch.size:
-                producer.abort_transaction(30)
                 return
+            batch.begin()
             batch.settle()
             if ends:
                 producer.send_offsets_to_transaction(
@@ -269,7 +276,7 @@ class Processor:
                 )
             producer.commit_transaction(30)
         except TRANSIENT as failure:
-            self._abort(producer, failure, len(messages))
+            self._abort(producer, failure, len(messages), batch.begun)
             self._rewind(consumer, starts)
             time.sleep(self._delay)
             self._delay = min(self._delay * 2, 5.0)
@@ -280,7 +287,9 @@ class Processor:
         self.report.batches += 1
         self.report.messages += len(messages)
 
-    def _abort(self, producer: Producer, failure: Exception, count: int) -> None:
+    def _abort(
+        self, producer: Producer, failure: Exception, count: int, begun: bool
+    ) -> None:
         self.report.aborts += 1
         self.report.last_error = str(failure)
         log.warning("%s: batch of %d aborted: %s", self.group, count, failure)
@@ -289,6 +298,8 @@ class Processor:
         error = failure.args[0] if failure.args else None
         if isinstance(error, KafkaError) and error.fatal():
             raise failure  # fenced or broken: ``run`` starts new clients
+        if not begun:
+            return
         try:
             producer.abort_transaction(30)
         except KafkaException as abort_failed:

@@ -64,11 +64,11 @@ def test_quick_run_produces_every_figure(
             assert figure["baseline"] is not None, figure
             assert figure["baseline"] > 0, figure
             assert figure["ratio"] > 0, figure
-    # The write side is measured against both baselines: Python's ceiling and the
-    # design's (a bare Faust agent with aggregate state in a Faust table).
+    # The write side is measured against both baselines: Python's ceiling and a
+    # peer's (an exactly-once Quix Streams application with per-key RocksDB state).
     keys = {figure["key"] for figure in summary["figures"]["commands"]}
     assert "commands.throughput.p4" in keys
-    assert "commands.throughput.p4.faust_loop" in keys
+    assert "commands.throughput.p4.quix_peer" in keys
     machine = summary["machine"]
     assert machine["cores"] > 0
     assert machine["memory_gib"] > 0
