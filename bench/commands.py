@@ -18,11 +18,11 @@ The raw loop reads the commands-like topic, produces each command's bytes to an
 events-like topic (acks=all, idempotent), and once the broker acknowledges that,
 a result to a results-like topic; it stores the consumer offset after the result is
 acknowledged. It decodes nothing and decides nothing: the ceiling for Python and
-this broker on this machine. The Quix peer does the same as an exactly-once Quix
-Streams application that reads and writes each command's key in its RocksDB state
-and keeps an answer per command id there: a peer library's cost for what the
-worker does (transactions, aggregate state in RocksDB with a changelog). Results go
-to bench/results/commands.json.
+this broker on this machine. The Quix peer does the worker's work per command as an
+exactly-once Quix Streams application: Avro command in, the account's state in its
+RocksDB state (with a changelog), the accounts decider, Avro events and result out,
+an answer kept per command id: a peer library's cost for what the worker does.
+Results go to bench/results/commands.json.
 """
 
 from __future__ import annotations
@@ -243,18 +243,30 @@ def _ms(latencies: list[float], q: float) -> float:
     return round(value, 1)
 
 
+class Outcomes:
+    """Reads the command id of a ``streamfold.CommandResult`` and keeps its status."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.status: dict[str, str] = {}
+
+    def __call__(self, value: bytes) -> str:
+        data = self.codec.decode(value).data
+        self.status[data["command_id"]] = data["status"]
+        return str(data["command_id"])
+
+    def count(self, figures: Figures) -> Figures:
+        figures.accepted = sum(1 for s in self.status.values() if s == "ACCEPTED")
+        figures.rejected = sum(1 for s in self.status.values() if s == "REJECTED")
+        return figures
+
+
 def bench_worker(
     settings: Settings, broker_pid: int, size: Size, workers: int = 1
 ) -> Figures:
     """``workers`` workers of one application: they share the partitions."""
     encode = Encoder(settings)
-    codec = encode.codec
-    outcomes: dict[str, str] = {}
-
-    def command_id_of(value: bytes) -> str:
-        data = codec.decode(value).data
-        outcomes[data["command_id"]] = data["status"]
-        return str(data["command_id"])
+    outcomes = Outcomes(encode.codec)
 
     deployed = [
         dataclasses.replace(settings, web_port=free_port()) if n else settings
@@ -269,7 +281,7 @@ def bench_worker(
         120,
         f"{workers} workers in the consumer group",
     )
-    listener = ResultListener(settings, settings.topics.results, command_id_of)
+    listener = ResultListener(settings, settings.topics.results, outcomes)
     try:
         trees = [process_tree(_pid(w)) for w in processes]
         figures = measure(
@@ -290,9 +302,7 @@ def bench_worker(
             worker.stop()
         for each in deployed:
             shutil.rmtree(worker_datadir(each), ignore_errors=True)
-    figures.accepted = sum(1 for s in outcomes.values() if s == "ACCEPTED")
-    figures.rejected = sum(1 for s in outcomes.values() if s == "REJECTED")
-    return figures
+    return outcomes.count(figures)
 
 
 def _pid(worker: WorkerProcess) -> int:
@@ -382,13 +392,18 @@ class Baseline:
     system: str
     kind: str  # names its topics (``baseline_topics``)
     argv: Callable[[Path], list[str]]
+    # Its results are Avro ``streamfold.CommandResult``s (else the command id).
+    avro_results: bool = False
 
 
 RAW = Baseline(
     "raw loop", "raw", lambda ready: ["bench.commands", "--raw-loop", str(ready)]
 )
 QUIX = Baseline(
-    "quix peer", quix_peer.KIND, lambda ready: ["bench.quix_peer", str(ready)]
+    "quix peer",
+    quix_peer.KIND,
+    lambda ready: ["bench.quix_peer", str(ready)],
+    avro_results=True,
 )
 
 
@@ -408,7 +423,9 @@ def bench_baseline(
         [sys.executable, "-m", *baseline.argv(ready)],
         env={**os.environ, **settings.as_env()},
     )
-    listener = ResultListener(settings, names["results"], bytes.decode)
+    encode = Encoder(settings)
+    outcomes = Outcomes(encode.codec) if baseline.avro_results else None
+    listener = ResultListener(settings, names["results"], outcomes or bytes.decode)
     try:
         wait_for(
             lambda: ready.exists() or process.poll() is not None,
@@ -417,8 +434,7 @@ def bench_baseline(
         )
         if process.poll() is not None:
             raise RuntimeError(f"the {baseline.system} exited ({process.returncode})")
-        encode = Encoder(settings)
-        return measure(
+        figures = measure(
             baseline.system,
             settings,
             {
@@ -440,6 +456,7 @@ def bench_baseline(
             process.wait(30)
         ready.unlink(missing_ok=True)
         shutil.rmtree(worker_datadir(settings), ignore_errors=True)
+    return outcomes.count(figures) if outcomes is not None else figures
 
 
 # -- report -----------------------------------------------------------------------------

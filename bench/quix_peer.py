@@ -1,16 +1,28 @@
-"""The Quix Streams peer: the least work an exactly-once Quix Streams application with
-per-key RocksDB state does per command, run as ``python -m bench.quix_peer READY_FILE``
-by bench.commands.
+"""The Quix Streams peer: the work Streamfold's worker does per command, as an
+exactly-once Quix Streams application with per-key RocksDB state, run as
+``python -m bench.quix_peer READY_FILE`` by bench.commands.
 
 Configured as the worker's transactional processor is (exactly-once, read_committed,
 the product's producer settings and key partitioner, transactions of at most the
-worker's batch size), it takes each command in turn: it looks up the answer kept
-for the command id (a repeated command gets that answer again and changes
-nothing), reads its key's state, writes the command's bytes as the key's new state
-and the command id as the command's answer, and produces the command's bytes to an
-events-like topic and the command id to a results-like topic. Outputs, state
-changelog records and input offsets commit in one Kafka transaction per
-checkpoint. It decodes, decides and answers nothing.
+worker's batch size), it takes each command in turn as the worker does: it decodes
+the Avro command with the project's codec (schema registry), turns it into the
+domain command, and has the project's ``CommandService`` decide it with the
+accounts decider over a store that is Quix's state for the command's key. That
+looks up the answer kept for the command id (a repeated command gets that answer
+again and changes nothing), reads the account's record (its state as JSON via
+``mapper.to_dict``, and its version), decides, and stamps the events. The peer then
+encodes each event and the ``streamfold.CommandResult`` with the codec (as the
+worker does), writes the record the events lead to and the encoded result as the
+command's answer, and produces the events (with the worker's event headers) to an
+events-like topic and the result (with the worker's result headers) to a
+results-like topic. Outputs, state changelog records and input offsets commit in
+one Kafka transaction per checkpoint.
+
+What it leaves out: the worker's in-memory record cache, re-routing of commands
+on another partition than their aggregate's, dead letters (every benchmark command
+decodes), and the events' position in the result (Quix produces asynchronously, so
+a result's ``partition``/``offset`` are left empty). Results are keyed by the
+account id, on the command's partition, rather than by command id.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +38,13 @@ from confluent_kafka import ConsumerGroupState, KafkaException
 from quixstreams import Application, State
 from quixstreams.kafka import ConnectionConfig
 
-from app.adapters import topics
-from app.adapters.codec import COMMAND_ID_HEADER
+from app.adapters import mapper, topics
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.eventlog import encode_event, encode_result, result_headers
+from app.application.commands import CommandService, Record
 from app.client import PARTITIONER
+from app.runtime import AGGREGATES, envelope_from_record
 from app.settings import Settings
 from bench.common import baseline_topics
 
@@ -36,25 +53,86 @@ KIND = "quix"
 # The worker's processor: how long a poll waits for more commands before the
 # transaction holding what it has is committed.
 POLL_WAIT_S = 0.05
-# The key's state and a command's answer, under the key's prefix in the store.
+# The key's record and a command's answer, under the key's prefix in the store.
 RECORD = "record"
 ANSWER = "answer/"
+# The benchmark's commands are the accounts aggregate's.
+AGGREGATE = AGGREGATES["accounts"]
+
+Headers = list[tuple[str, bytes]]
 
 
-def take(
-    value: bytes, key: bytes, timestamp: int, headers: Any, state: State
-) -> dict[str, bytes | None]:
-    """One command on its key's state: the event to produce (none for a repeated
-    command) and the answer."""
-    command_id: bytes = dict(headers or [])[COMMAND_ID_HEADER]
-    answer_key = ANSWER + command_id.decode()
-    answered = state.get_bytes(answer_key)
-    if answered is not None:
-        return {"event": None, "answer": answered}
-    state.get_bytes(RECORD)
-    state.set_bytes(RECORD, value)
-    state.set_bytes(answer_key, command_id)
-    return {"event": value, "answer": command_id}
+@dataclass(slots=True)
+class QuixStore:
+    """``CommandService``'s store over Quix's state for the message's key (the
+    account id): the account's record as JSON, and each answer, as sent, by command
+    id. Quix keeps the writes in the checkpoint's transaction."""
+
+    state: State
+    state_type: type
+
+    def load(self, aggregate_id: str) -> Record | None:
+        raw = self.state.get(RECORD)
+        if raw is None:
+            return None
+        return Record(
+            state=mapper.from_dict(self.state_type, raw["state"]),
+            version=raw["version"],
+        )
+
+    def save(self, aggregate_id: str, record: Record) -> None:
+        self.state.set(
+            RECORD, {"state": mapper.to_dict(record.state), "version": record.version}
+        )
+
+    def answered(self, command_id: str) -> bytes | None:
+        return self.state.get_bytes(ANSWER + command_id)
+
+    def remember(self, command_id: str, answer: bytes) -> None:
+        self.state.set_bytes(ANSWER + command_id, answer)
+
+
+@dataclass(frozen=True, slots=True)
+class Taker:
+    """One command on its key's state, as the worker's command handler takes it."""
+
+    codec: Codec
+    events_topic: str
+    results_topic: str
+
+    def __call__(
+        self, value: bytes, key: bytes, timestamp: int, headers: Any, state: State
+    ) -> dict[str, Any]:
+        """The events to produce, each with its headers (none for a repeated or
+        rejected command), and the answer with its headers."""
+        codec = self.codec
+        decoded = codec.decode(value)
+        cls = codec.catalog.class_for(decoded.record_name)
+        if cls not in AGGREGATE.decider.COMMANDS:
+            raise ValueError(f"{decoded.record_name} is not an accounts command")
+        envelope_data, payload = mapper.split_command(decoded.data)
+        envelope = envelope_from_record(envelope_data)
+        command = mapper.from_dict(cls, payload)
+        store = QuixStore(state, type(AGGREGATE.initial_state()))
+        service = CommandService(aggregate=AGGREGATE, store=store)
+        decision = service.decide(envelope, command)
+        if decision.repeat is not None:
+            return {"events": [], "answer": (decision.repeat, [])}
+        result = decision.result
+        assert result is not None
+        events: list[tuple[bytes, Headers]] = []
+        for new in decision.events:
+            event_value, event_headers, _ = encode_event(codec, self.events_topic, new)
+            events.append((event_value, event_headers))
+        # Only once every event is encoded, as the worker does.
+        service.apply(decision)
+        answer = encode_result(codec, self.results_topic, result)
+        store.remember(result.command_id, answer)
+        return {"events": events, "answer": (answer, result_headers(result))}
+
+
+def _headers(value: tuple[bytes, Headers], key: Any, timestamp: int, _: Any) -> Any:
+    return value[1]
 
 
 def build(settings: Settings, state_dir: Path) -> Application:
@@ -97,13 +175,24 @@ def build(settings: Settings, state_dir: Path) -> Application:
     events = app.topic(names["events"], **raw)
     results = app.topic(names["results"], **raw)
 
+    # As the worker builds its codec (app.writeside).
+    codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
+    take = Taker(codec, names["events"], names["results"])
     taken = app.dataframe(commands).apply(take, stateful=True, metadata=True)
-    # Events and results carry no headers, as the other loops' do not.
-    taken = taken.set_headers(lambda value, key, timestamp, headers: [])
-    taken.filter(lambda t: t["event"] is not None).apply(lambda t: t["event"]).to_topic(
-        events
+    # Each event with the worker's event headers, keyed by the account id.
+    (
+        taken.apply(lambda t: t["events"], expand=True)
+        .set_headers(_headers)
+        .apply(lambda e: e[0])
+        .to_topic(events)
     )
-    taken.apply(lambda t: t["answer"]).to_topic(results)
+    # The answer with the worker's result headers.
+    (
+        taken.apply(lambda t: t["answer"])
+        .set_headers(_headers)
+        .apply(lambda a: a[0])
+        .to_topic(results)
+    )
     return app
 
 
