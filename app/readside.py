@@ -249,8 +249,14 @@ async def correlation_view(settings: Settings, correlation_id: str) -> dict[str,
     return await _with_store(settings, work)
 
 
-def attach(app: faust.App, settings: Settings, read: ReadSide) -> None:
-    """Register the query views, /status and /metrics on the worker's web server."""
+def attach(
+    app: faust.App,
+    settings: Settings,
+    read: ReadSide,
+    write: Callable[[], dict[str, Any]] | None = None,
+) -> None:
+    """Register the query views, /status and /metrics on the worker's web server;
+    ``write`` tells the write side's status (the partitions its processes own)."""
 
     def view(area: str | None, run: Query) -> Callable[..., Awaitable[Any]]:
         async def handler(web: Any, request: Any, **match: str) -> Any:
@@ -318,10 +324,15 @@ def attach(app: faust.App, settings: Settings, read: ReadSide) -> None:
 
     async def status(web: Any, request: Any) -> Any:
         document = status_document(settings, read)
-        if app.consumer is not None:
-            document["assignment"] = sorted(
-                [tp.topic, tp.partition] for tp in app.consumer.assignment()
-            )
+        views = (
+            {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
+            if app.consumer is not None
+            else set()
+        )
+        if write is not None:
+            document["write"] = write()
+            views |= {tuple(tp) for tp in document["write"]["assignment"]}
+        document["assignment"] = sorted([t, p] for t, p in views)
         return web.json(document)
 
     async def metrics(web: Any, request: Any) -> Any:

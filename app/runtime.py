@@ -191,6 +191,8 @@ class CommandHandler:
         # Partitions to catch up from the log before their next decision.
         self.stale: set[int] = set()
         self._fresh_batch = True
+        # Command ids decided in this batch whose answers wait for their events.
+        self._deciding: set[str] = set()
         # What the tail folded and is not written yet.
         self._folded: set[TP] = set()
         self._folded_records: dict[str, Record] = {}
@@ -237,10 +239,12 @@ class CommandHandler:
 
     def committed(self) -> None:
         self.store.commit()
+        self._deciding.clear()
         self._fresh_batch = True
 
     def aborted(self) -> None:
         self.store.drop()
+        self._deciding.clear()
         self.stale |= self.owned
         self._fresh_batch = True
 
@@ -255,6 +259,10 @@ class CommandHandler:
     def _catch_up(self, partition: int) -> None:
         logs = self._logs(partition)
         self.tail.follow({tp: self.store.cache.offset(tp) for tp in logs})
+        # Only this writer answers its partition's commands while it owns it: the
+        # results are read again at the next catch-up, events (which others may
+        # append) before every batch.
+        self.tail.pause([(self.results_topic, partition)])
         self._save_folded()
         self.stale.discard(partition)
 
@@ -376,6 +384,12 @@ class CommandHandler:
         if home != message.partition():
             self.reroute(message, aggregate_id, home, batch)
             return
+        command_id = parsed.envelope.command_id
+        if command_id in self._deciding:
+            # Decided earlier in this batch; its answer exists once its events are
+            # acknowledged.
+            batch.later(lambda: self._repeat(command_id, home, batch))
+            return
         decision = self.service.decide(parsed.envelope, parsed.command)
         if decision.repeat is not None:
             # The same answer again, for a client that sent the command again.
@@ -396,6 +410,7 @@ class CommandHandler:
         # Only once every event is encoded: the state must not hold events that
         # could not be written.
         self.service.apply(decision)
+        self._deciding.add(command_id)
         sent = self._append(decision.aggregate_id, encoded, home, batch)
         result = decision.result
 
@@ -405,6 +420,13 @@ class CommandHandler:
             self._answer(replace(result, position=position), home, batch)
 
         batch.later(answer)
+
+    def _repeat(self, command_id: str, partition: int, batch: Batch) -> None:
+        answer = self.store.answered(command_id)
+        assert answer is not None, f"no answer for {command_id} decided in this batch"
+        batch.send(
+            self.results_topic, answer, key=command_id.encode(), partition=partition
+        )
 
     def _append(
         self,

@@ -60,7 +60,7 @@ def build(settings: Settings) -> Worker:
     if settings.saga:
         saga_agents.register_view(app, settings)
     read = ReadSide(settings, settings.projections)
-    readside.attach(app, settings, read)
+    readside.attach(app, settings, read, write.status)
     worker.read = read
     return worker
 

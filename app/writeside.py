@@ -135,7 +135,7 @@ def _running(processor: Processor, stopping: threading.Event) -> None:
 def _report(processors: list[Processor]) -> dict[str, Any]:
     return {
         p.group: {
-            "assigned": sorted(p.report.assigned),
+            "assignment": sorted(p.report.assigned),
             "batches": p.report.batches,
             "messages": p.report.messages,
             "aborts": p.report.aborts,
@@ -188,11 +188,23 @@ class WriteProcess:
         return {
             (topic, partition)
             for report in self.reports
-            for topic, partition in report.get(group, {}).get("assigned", [])
+            for topic, partition in report.get(group, {}).get("assignment", [])
         }
 
     def status(self) -> dict[str, Any]:
-        return {"processes": list(self.reports), "restarts": self.exits}
+        """What the children last reported: per consumer group, the partitions
+        owned, batches committed and aborted, the last error; and the restarts."""
+        owned = {
+            tuple(tp)
+            for report in self.reports
+            for group in report.values()
+            for tp in group.get("assignment", [])
+        }
+        return {
+            "assignment": sorted(list(tp) for tp in owned),
+            "processes": list(self.reports),
+            "restarts": self.exits,
+        }
 
     def _supervise(self, index: int) -> None:
         context = multiprocessing.get_context("spawn")

@@ -31,7 +31,7 @@ from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, headers
 from app.adapters.eventlog import metadata_record
-from app.adapters.topics import end_offsets
+from app.adapters.topics import end_offsets, record_end
 from app.application.commands import Metadata, event_id
 from app.client import PARTITIONER
 from app.domain import accounts, orders
@@ -499,10 +499,15 @@ def group_lag(settings: Settings, group: str, topics: list[str]) -> int:
             for p, end in end_offsets(consumer, t).items()
         }
         committed = consumer.committed(list(ends), timeout=30)
-        return sum(
-            max(0, ends[TopicPartition(c.topic, c.partition)] - max(c.offset, 0))
-            for c in committed
-        )
+        lag = 0
+        for c in committed:
+            end = ends[TopicPartition(c.topic, c.partition)]
+            if c.offset < end:
+                # Past the last record is caught up: transaction markers count in
+                # the high watermark.
+                end = record_end(settings, c.topic, c.partition, max(c.offset, 0), end)
+            lag += max(0, end - max(c.offset, 0))
+        return lag
     finally:
         consumer.close()
 

@@ -181,6 +181,10 @@ class Processor:
         self.poll_timeout = poll_timeout
         self.report = Report()
         self._delay = 0.1
+        # Per partition, the offset last committed here; when idle, the consumer's
+        # position can move past it over transaction markers only.
+        self._committed: dict[TP, int] = {}
+        self._idle_check = 0.0
 
     def consumer_config(self) -> dict[str, object]:
         session_ms = int(self.settings.session_timeout_s * 1000)
@@ -265,7 +269,10 @@ class Processor:
             for handler in self.handlers:
                 handler.tick(batch)
             if not ends and not batch.size:
+                self._pass_markers(consumer, producer)
                 return
+            if ends:
+                self._past_markers(consumer, ends)
             batch.begin()
             batch.settle()
             if ends:
@@ -282,10 +289,47 @@ class Processor:
             self._delay = min(self._delay * 2, 5.0)
             return
         self._delay = 0.1
+        self._committed.update(ends)
         for handler in self.handlers:
             handler.committed()
         self.report.batches += 1
         self.report.messages += len(messages)
+
+    def _past_markers(self, consumer: Consumer, ends: dict[TP, int]) -> None:
+        """The offsets to commit: past the last message taken, and past any commit
+        markers of the write side's own transactions that follow it (a Java
+        consumer commits its position too), so a group at the end shows no lag."""
+        for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
+            key = (tp.topic, tp.partition)
+            if tp.offset > ends[key]:
+                ends[key] = tp.offset
+
+    def _pass_markers(self, consumer: Consumer, producer: Producer) -> None:
+        """When idle, at most once a second: commit the positions that moved past
+        markers only (every message handed over is committed already)."""
+        now = time.monotonic()
+        if now < self._idle_check:
+            return
+        self._idle_check = now + 1.0
+        moved = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in consumer.position(consumer.assignment())
+            if tp.offset > self._committed.get((tp.topic, tp.partition), tp.offset)
+        }
+        if not moved:
+            return
+        producer.begin_transaction()
+        try:
+            producer.send_offsets_to_transaction(
+                [TopicPartition(t, p, o) for (t, p), o in moved.items()],
+                consumer.consumer_group_metadata(),
+                30,
+            )
+            producer.commit_transaction(30)
+        except TRANSIENT as failure:
+            self._abort(producer, failure, 0, True)
+            return
+        self._committed.update(moved)
 
     def _abort(
         self, producer: Producer, failure: Exception, count: int, begun: bool
@@ -323,10 +367,18 @@ class Processor:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._route(partitions, "assigned")
+        try:
+            for tp in consumer.committed(partitions, 30):
+                if tp.offset >= 0:
+                    self._committed[(tp.topic, tp.partition)] = tp.offset
+        except KafkaException as error:  # only the idle marker commits wait for it
+            log.info("%s: committed offsets unknown for now: %s", self.group, error)
         self.report.assigned |= {(tp.topic, tp.partition) for tp in partitions}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._route(partitions, "revoked")
+        for tp in partitions:
+            self._committed.pop((tp.topic, tp.partition), None)
         self.report.assigned -= {(tp.topic, tp.partition) for tp in partitions}
 
     def _route(self, partitions: Iterable[TopicPartition], what: str) -> None:

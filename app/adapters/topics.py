@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
@@ -239,3 +239,50 @@ def watermarks(
             if code not in SETTLING or time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
+
+
+def record_end(
+    settings: Settings, topic: str, partition: int, low: int, high: int
+) -> int:
+    """One past the last record a read_committed reader finds in ``[low, high)``.
+
+    The high watermark counts the markers that Kafka transactions leave (one per
+    partition a transaction wrote, after its records), so a reader that has taken
+    every record still sits below it. Blocking; reads the partition's tail."""
+    if high <= low:
+        return high
+    consumer = Consumer(
+        {
+            **settings.consumer_config(),
+            "group.id": f"{settings.app_id}.record-end",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        window = 16
+        while True:
+            start = max(low, high - window)
+            consumer.assign([TopicPartition(topic, partition, start)])
+            last = None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                message = consumer.poll(1.0)
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        break
+                    raise KafkaException(error)
+                offset = message.offset() or 0
+                if offset >= high:
+                    break
+                last = offset
+            if last is not None:
+                return last + 1
+            if start == low:
+                return low
+            window *= 8
+    finally:
+        consumer.close()

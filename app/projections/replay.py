@@ -62,6 +62,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
+from app.adapters.topics import record_end
 from app.projections import PROJECTIONS
 from app.projections.engine import (
     Projection,
@@ -487,11 +488,18 @@ def _follow(
             key: watcher.get_watermark_offsets(TopicPartition(*key), timeout=30)[0]
             for key in partitions
         }
+        # The high watermark counts transaction markers: the head is one past the
+        # last record, read again whenever the high watermark moves.
+        ends: dict[tuple[str, int], tuple[int, int]] = {}
         while True:
-            heads = {
-                key: watcher.get_watermark_offsets(TopicPartition(*key), timeout=30)[1]
-                for key in partitions
-            }
+            heads = {}
+            for key in partitions:
+                high = watcher.get_watermark_offsets(TopicPartition(*key), timeout=30)[
+                    1
+                ]
+                if key not in ends or ends[key][0] != high:
+                    ends[key] = (high, record_end(settings, *key, lows[key], high))
+                heads[key] = ends[key][1]
             now = positions()
             total = sum(heads[k] - lows[k] for k in partitions)
             done = sum(

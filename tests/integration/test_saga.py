@@ -266,6 +266,8 @@ def _deadline_then_a_late_withdrawal(settings: Settings, client: CommandClient) 
             "group.id": feed_group(settings),
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # A group's members agree on one assignment protocol: the feed's.
+            "partition.assignment.strategy": "cooperative-sticky",
         }
     )
     staller.subscribe(_feed_sources(settings))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 import zlib
@@ -269,55 +268,25 @@ def test_invalid_values_are_rejected_naming_the_field(deployment: Settings) -> N
     assert len(results) == 5
 
 
-def test_aggregate_table_keys_stay_in_their_command_partition(
-    deployment: Settings,
-) -> None:
-    """The agent takes commands of several partitions in one batch and saves once
-    they are durable, outside Faust's per-event context: each table write must
-    still go to the changelog partition of the commands that own its key, or a
-    worker taking a partition over would restore another one's state."""
+def test_results_sit_beside_their_aggregates(deployment: Settings) -> None:
+    """A command's result goes to the results partition of its aggregate (keyed by
+    command id): a writer that takes a partition over finds that partition's
+    answers beside its events, and derives both from the log."""
     accounts = [_id("acc") for _ in range(24)]
     with running_worker(deployment), CommandClient(deployment) as client:
         ids = [
             client.submit(OpenAccount(account_id=a, owner_id="c-1", currency="EUR"))
             for a in accounts
         ]
-        ids += [
-            client.submit(
-                Deposit(
-                    account_id=a,
-                    transaction_id="t-1",
-                    amount_minor=100,
-                    currency="EUR",
-                    source="card",
-                    reference="",
-                )
-            )
-            for a in accounts
-        ]
         results = client.wait(ids, timeout=60)
     assert all(r.accepted for r in results)
-    changelog = f"{deployment.app_id}-account-aggregates-changelog"
-    placed: dict[str, set[int]] = {}
-    for message in read_topic(deployment, changelog):
-        key = (message.key or b"").decode()
-        key = json.loads(key) if key.startswith('"') else key
-        placed.setdefault(key, set()).add(message.partition)
-    partitions = deployment.partitions
-    for account in accounts:
-        assert placed[account] == {partition_for(account.encode(), partitions)}
-    for command_id, account in zip(ids, accounts + accounts, strict=True):
-        home = {partition_for(account.encode(), partitions)}
-        assert placed[f"\x00answer/{command_id}"] == home, command_id
-    marks = {
-        k: p
-        for k, p in placed.items()
-        if k.startswith(("\x00position/", "\x00commands/"))
+    placed = {
+        (m.key or b"").decode(): m.partition
+        for m in read_topic(deployment, deployment.topics.results)
     }
-    assert marks, "no position marks in the changelog"
-    for key, found in marks.items():
-        assert found == {int(key.rsplit("/", 1)[1])}, key
-    assert {p for found in placed.values() for p in found} == set(range(partitions))
+    for command_id, account in zip(ids, accounts, strict=True):
+        home = partition_for(account.encode(), deployment.partitions)
+        assert placed[command_id] == home, command_id
 
 
 def test_a_command_id_repeated_within_one_batch_is_decided_once(

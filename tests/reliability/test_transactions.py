@@ -54,10 +54,10 @@ def test_a_paused_writer_is_fenced_and_rejoins(deployment: Settings) -> None:
         with serving_worker(other, "b"):
             group = command_group(deployment)
             wait_for(lambda: group_members(deployment, group) == 2, 60, "two writers")
-            assert first.pid is not None
+            assert first.pid() is not None
             writers = [
                 pid
-                for pid in process_tree(first.pid)()[1:]
+                for pid in process_tree(first.pid())()[1:]
                 if Path(f"/proc/{pid}/comm").read_text().strip() == WRITER_NAME
             ]
             assert len(writers) == 1, "the first worker has no write process"
