@@ -324,15 +324,13 @@ def attach(
 
     async def status(web: Any, request: Any) -> Any:
         document = status_document(settings, read)
-        views = (
-            {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
-            if app.consumer is not None
-            else set()
-        )
+        if app.consumer is not None:
+            # The Faust agents' partitions (the keyed views).
+            document["assignment"] = sorted(
+                [tp.topic, tp.partition] for tp in app.consumer.assignment()
+            )
         if write is not None:
             document["write"] = write()
-            views |= {tuple(tp) for tp in document["write"]["assignment"]}
-        document["assignment"] = sorted([t, p] for t, p in views)
         return web.json(document)
 
     async def metrics(web: Any, request: Any) -> Any:

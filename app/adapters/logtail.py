@@ -71,17 +71,21 @@ class LogTail:
             self.offsets.update(fresh)
         self.catch_up(starts)
 
-    def catch_up(self, tps: Iterable[TP], timeout: float = 120.0) -> None:
+    def catch_up(self, tps: Iterable[TP], timeout: float = 60.0) -> None:
         """Fold followed partitions up to their last stable offset: what a
-        read_committed reader sees as the end right now."""
+        read_committed reader sees as the end right now. Raises a ``KafkaException``
+        when nothing arrives for ``timeout`` seconds."""
         waiting = set(tps)
         if not waiting:
             return
-        # Asked again from where it is, a partition reports its end once more.
-        self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in waiting])
+        # Asked again from where it is, a partition reports its end once more; a
+        # paused one stays paused through that, so it is resumed.
+        listed = [TopicPartition(t, p) for t, p in waiting]
+        self.consumer.incremental_unassign(listed)
         self.consumer.incremental_assign(
             [TopicPartition(t, p, self.offsets[(t, p)]) for t, p in waiting]
         )
+        self.consumer.resume(listed)
         deadline = time.monotonic() + timeout
         while waiting:
             if time.monotonic() > deadline:
@@ -91,7 +95,10 @@ class LogTail:
                         f"{self.name}: could not read {sorted(waiting)} to its end",
                     )
                 )
-            for message in self.consumer.consume(1000, 0.2):
+            messages = self.consumer.consume(1000, 0.2)
+            if messages:
+                deadline = time.monotonic() + timeout
+            for message in messages:
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:

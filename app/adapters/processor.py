@@ -198,7 +198,9 @@ class Processor:
             "fetch.wait.max.ms": 10,
             "session.timeout.ms": session_ms,
             "heartbeat.interval.ms": max(session_ms // 10, 500),
-            "max.poll.interval.ms": max(2 * session_ms, 60_000),
+            # A partition taken over is folded from its log before its first
+            # command: that may take a while on a long log.
+            "max.poll.interval.ms": max(2 * session_ms, 300_000),
         }
 
     def producer_config(self) -> dict[str, object]:

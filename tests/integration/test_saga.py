@@ -30,6 +30,7 @@ from app.history import EventStore
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.writeside import command_group
 from tests.support import codec_for, events_by_aggregate, read_topic, running_worker
 
 
@@ -426,7 +427,7 @@ def test_sigkill_amid_many_sagas_then_a_replay_of_its_group(
         )
         _until(
             _supervised(
-                worker, lambda: _caught_up(deployment, deployment.app_id, inbox)
+                worker, lambda: _caught_up(deployment, command_group(deployment), inbox)
             ),
             60,
             "the saga to act on the replayed inbox",

@@ -97,9 +97,10 @@ def test_table_views_follow_the_events(deployment: Settings) -> None:
 
 
 def _owned(settings: Settings) -> set[int]:
-    """The order-command partitions this worker owns, from its /status."""
+    """The order-event partitions this worker's view agents own (and so the
+    order views' keys it serves), from its /status."""
     url = f"http://{settings.web_host}:{settings.web_port}/status"
-    topic = settings.topics.commands("orders")
+    topic = settings.topics.events("orders")
     assignment = httpx.get(url, timeout=10).json().get("assignment", [])
     return {p for t, p in assignment if t == topic}
 
