@@ -83,7 +83,7 @@ def test_partitions_move_under_load_and_every_promise_holds(
             "both workers to own partitions",
         )
         shared = _assignment(first_settings) | _assignment(second_settings)
-        assert len(shared) == deployment.partitions
+        assert len(shared) == 2 * deployment.partitions
         assert not _assignment(first_settings) & _assignment(second_settings)
         time.sleep(3)
         first.stop()  # graceful: in-flight commands complete before it lets go
