@@ -24,6 +24,7 @@ on) and ``STREAMFOLD_SAGA_TIMEOUT`` (seconds to wait for the account, default 30
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -38,7 +39,7 @@ from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import TP, LogTail, StateCache
-from app.adapters.processor import Batch
+from app.adapters.processor import TRANSIENT, Batch
 from app.adapters.saga_io import frame_command, inbox_topic, route
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
 from app.application import saga
@@ -65,6 +66,11 @@ def ensure_saga_topics(settings: Settings) -> None:
             ),
         ],
     )
+
+
+class SagaFailed(RuntimeError):
+    """The saga could not act on a message (a bug or an unreadable state): the
+    message is dead-lettered, a deadline dropped; the processor goes on."""
 
 
 class FeedHandler:
@@ -101,6 +107,9 @@ class FeedHandler:
                 key=key,
                 partition=partition_for(key, self.settings.partitions),
             )
+
+    def prepare(self, partitions: set[TP]) -> None:
+        return None
 
     def assigned(self, partitions: list[TP]) -> None:
         return None
@@ -156,6 +165,9 @@ class SagaHandler:
             if self._partition(order) in self.owned
         }
 
+    def prepare(self, partitions: set[TP]) -> None:
+        self._catch_up_stale()
+
     def handle(self, message: Message, batch: Batch) -> None:
         partition = message.partition() or 0
         self._catch_up_stale()
@@ -168,17 +180,25 @@ class SagaHandler:
         except Exception as error:  # noqa: BLE001 - dead-lettered, never skipped silently
             self._dead_letter(message, f"{type(error).__name__}: {error}", batch)
             return
-        self._react(incoming, batch)
+        try:
+            self._react(incoming, batch)
+        except SagaFailed as error:
+            self._dead_letter(message, str(error), batch)
 
     def tick(self, batch: Batch) -> None:
-        """Fire the deadlines that passed on the partitions owned here."""
+        """Fire the deadlines that passed on the partitions owned here, once the
+        inbox is read to its end (an answer waiting there comes first)."""
+        if not batch.drained:
+            return
         self._catch_up_stale()
         now = datetime.now(UTC)
         for order_id, deadline in list(self.deadlines.items()):
             if deadline <= now and order_id not in self.pending:
-                self._react(
-                    saga.TimedOut(order_id=order_id, deadline=deadline, at=now), batch
-                )
+                with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
+                    self._react(
+                        saga.TimedOut(order_id=order_id, deadline=deadline, at=now),
+                        batch,
+                    )
 
     def committed(self) -> None:
         if not self.pending:
@@ -205,32 +225,38 @@ class SagaHandler:
 
     def _react(self, message: saga.Message, batch: Batch) -> None:
         order_id = message.order_id
-        state = self._state(order_id)
         try:
+            state = self._state(order_id)
             reaction = saga.react(state, message, timeout=self.timeout)
-        except (ValueError, TypeError) as error:
-            log.error("saga of order %s cannot act on %r: %s", order_id, message, error)
-            return
-        for out in reaction.commands:
-            framed = frame_command(
-                self.settings,
-                self.codec,
-                out.command,
-                {
-                    "command_id": out.command_id,
-                    "correlation_id": out.correlation_id,
-                    "causation_id": out.causation_id,
-                    "user_id": saga.ACTOR,
-                    "issued_at": out.issued_at,
-                    "expected_version": None,
-                },
-            )
+            framed = [
+                frame_command(
+                    self.settings,
+                    self.codec,
+                    out.command,
+                    {
+                        "command_id": out.command_id,
+                        "correlation_id": out.correlation_id,
+                        "causation_id": out.causation_id,
+                        "user_id": saga.ACTOR,
+                        "issued_at": out.issued_at,
+                        "expected_version": None,
+                    },
+                )
+                for out in reaction.commands
+            ]
+        except TRANSIENT:
+            raise  # the batch is aborted and taken again
+        except Exception as error:
+            log.exception("saga of order %s cannot act on %r", order_id, message)
+            self.deadlines.pop(order_id, None)
+            raise SagaFailed(f"{type(error).__name__}: {error}") from error
+        for command in framed:
             batch.send(
-                framed.topic,
-                framed.value,
-                key=framed.key,
-                partition=framed.partition,
-                headers=framed.headers,
+                command.topic,
+                command.value,
+                key=command.key,
+                partition=command.partition,
+                headers=command.headers,
             )
         if reaction.state is not None and reaction.state != state:
             self.pending[order_id] = reaction.state
@@ -287,7 +313,14 @@ class SagaHandler:
     def _fold(self, message: Message) -> None:
         key = message.key()
         if key is not None and message.value() is not None:
-            self._folded[key.decode()] = bytes(message.value() or b"")
+            order_id, raw = key.decode(), bytes(message.value() or b"")
+            # Never backwards: a state with a shorter history is an older one.
+            known = self._folded.get(order_id) or self.cache.get_raw(order_id)
+            if known is not None and len(json.loads(known)["history"]) > len(
+                json.loads(raw)["history"]
+            ):
+                return
+            self._folded[order_id] = raw
 
     def _save_folded(self) -> None:
         offsets = dict(self.tail.offsets)

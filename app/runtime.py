@@ -190,7 +190,6 @@ class CommandHandler:
         self.owned: set[int] = set()
         # Partitions to catch up from the log before their next decision.
         self.stale: set[int] = set()
-        self._fresh_batch = True
         # Command ids decided in this batch whose answers wait for their events.
         self._deciding: set[str] = set()
         # What the tail folded and is not written yet.
@@ -215,11 +214,16 @@ class CommandHandler:
             self.tail.drop(self._logs(partition))
 
     # Batches.
+    def prepare(self, partitions: set[TP]) -> None:
+        """Before a batch: fold what others appended, and catch up the partitions
+        taken over (or left uncertain by an abort) that the batch holds."""
+        self._fold_tail()
+        for _, partition in sorted(partitions):
+            if partition in self.stale:
+                self._catch_up(partition)
+
     def handle(self, message: Message, batch: Batch) -> None:
         partition = message.partition() or 0
-        if self._fresh_batch:
-            self._fresh_batch = False
-            self._fold_tail()
         if partition in self.stale:
             self._catch_up(partition)
         try:
@@ -240,13 +244,11 @@ class CommandHandler:
     def committed(self) -> None:
         self.store.commit()
         self._deciding.clear()
-        self._fresh_batch = True
 
     def aborted(self) -> None:
         self.store.drop()
         self._deciding.clear()
         self.stale |= self.owned
-        self._fresh_batch = True
 
     def close(self) -> None:
         self.tail.close()
@@ -363,6 +365,15 @@ class CommandHandler:
         try:
             command = mapper.from_dict(cls, payload)
         except mapper.MappingError as error:
+            previous = self.store.answered(envelope.command_id)
+            if previous is not None:  # answered before: that answer again
+                batch.send(
+                    self.results_topic,
+                    previous,
+                    key=envelope.command_id.encode(),
+                    partition=message.partition(),
+                )
+                return None
             self._answer(
                 Result.rejected(
                     envelope,

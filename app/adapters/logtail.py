@@ -34,6 +34,9 @@ from app.settings import Settings
 log = logging.getLogger("streamfold.processor")
 
 TP = tuple[str, int]
+# The longest a transaction of Streamfold's stays open (the processor's
+# transaction timeout) and a margin for the broker's abort of it.
+OPEN_TRANSACTION_WAIT_S = 15.0
 
 
 class LogTail:
@@ -59,6 +62,9 @@ class LogTail:
             }
         )
         self.offsets: dict[TP, int] = {}
+        # A fold failed: what the consumer handed over past ``offsets`` was not
+        # folded, so the followed partitions are read again from ``offsets``.
+        self._dirty = False
 
     def follow(self, starts: dict[TP, int]) -> None:
         """Start following these partitions at these offsets and fold each up to
@@ -78,6 +84,7 @@ class LogTail:
         waiting = set(tps)
         if not waiting:
             return
+        self._reseek()
         # Asked again from where it is, a partition reports its end once more; a
         # paused one stays paused through that, so it is resumed.
         listed = [TopicPartition(t, p) for t, p in waiting]
@@ -108,9 +115,60 @@ class LogTail:
                         continue
                     raise KafkaException(error)
                 self._fold(message)
+        self._past_open_transactions(listed)
+
+    def _past_open_transactions(self, listed: list[TopicPartition]) -> None:
+        """A read_committed reader's end is the last stable offset: a transaction
+        still open there (its writer just committed and the marker is on its way,
+        or its writer is gone and the broker will abort it) may yet add records.
+        Read on until the position reaches the high watermark, for at most the
+        longest a transaction of Streamfold's stays open."""
+        deadline = time.monotonic() + OPEN_TRANSACTION_WAIT_S
+        while True:
+            behind = []
+            for tp in self.consumer.position(listed):
+                # No position yet: nothing was fetched, the fold's offset stands.
+                at = (
+                    tp.offset
+                    if tp.offset >= 0
+                    else self.offsets[(tp.topic, tp.partition)]
+                )
+                _, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=10, cached=False
+                )
+                if at < high:
+                    behind.append(tp)
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%s: %s still below the high watermark (a transaction left "
+                    "open); going on from the last stable offset",
+                    self.name,
+                    [(tp.topic, tp.partition) for tp in behind],
+                )
+                return
+            for message in self.consumer.consume(1000, 0.2):
+                error = message.error()
+                if error is None:
+                    self._fold(message)
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaException(error)
+
+    def _reseek(self) -> None:
+        if not self._dirty or not self.offsets:
+            self._dirty = False
+            return
+        listed = [TopicPartition(t, p) for t, p in self.offsets]
+        self.consumer.incremental_unassign(listed)
+        self.consumer.incremental_assign(
+            [TopicPartition(t, p, o) for (t, p), o in self.offsets.items()]
+        )
+        self._dirty = False
 
     def poll(self) -> int:
         """Fold what has arrived since; never waits."""
+        self._reseek()
         count = 0
         while True:
             messages = self.consumer.consume(1000, 0)
@@ -140,7 +198,11 @@ class LogTail:
 
     def _fold(self, message: Message) -> None:
         tp = (message.topic() or "", message.partition() or 0)
-        self.fold(message)
+        try:
+            self.fold(message)
+        except BaseException:
+            self._dirty = True
+            raise
         self.offsets[tp] = (message.offset() or 0) + 1
 
 

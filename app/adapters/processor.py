@@ -47,6 +47,42 @@ TRANSIENT = (KafkaException, RegistryUnavailable, OSError, TimeoutError)
 TRANSACTION_TIMEOUT_MS = 10_000
 
 
+# How long a transactional call may block before the producer counts as stuck:
+# librdkafka was seen to hang in send_offsets_to_transaction past its timeout
+# after a broker restart, while the consumer's group rejoined.
+CALL_LIMIT_S = 60.0
+
+
+def _bounded(what: str, call: Callable[..., object], *args: object) -> object:
+    """``call(*args)`` on a thread of its own; a call that has not returned after
+    ``CALL_LIMIT_S`` raises a fatal error (so new clients are started, and the new
+    producer's transactional id fences the stuck one)."""
+    done = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=what, daemon=True).start()
+    if not done.wait(CALL_LIMIT_S):
+        raise KafkaException(
+            KafkaError(
+                KafkaError._TIMED_OUT,
+                f"{what} did not return within {CALL_LIMIT_S:.0f}s",
+                fatal=True,
+            )
+        )
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return outcome.get("value")
+
+
 @dataclass(slots=True)
 class Sent:
     """One output of a batch; ``offset`` is known once the broker has it."""
@@ -62,8 +98,11 @@ class Batch:
     registered with ``later`` and runs once those are acknowledged, still inside the
     transaction."""
 
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer, *, drained: bool = True) -> None:
         self._producer = producer
+        # The consumer had no more than this batch to hand over: its partitions
+        # are read to their ends (timers may act on a state that is current).
+        self.drained = drained
         self._later: list[Callable[[], None]] = []
         self.size = 0
         self.begun = False
@@ -133,13 +172,16 @@ def _recorder(sent: Sent) -> Callable[[KafkaError | None, Message], None]:
 
 class Handler(Protocol):
     """What the processor runs per topic. ``handle`` may add outputs to the batch
-    and change state provisionally; ``committed`` makes that state the handler's,
+    and change state provisionally (``prepare`` comes first, with the partitions
+    the batch holds, before anything is produced: catch up there); ``committed``
+    makes that state the handler's,
     ``aborted`` drops it (the handler then catches up from its log before deciding
     again). Rebalance calls come between batches."""
 
     @property
     def topics(self) -> tuple[str, ...]: ...
 
+    def prepare(self, partitions: set[TP]) -> None: ...
     def assigned(self, partitions: Sequence[TP]) -> None: ...
     def revoked(self, partitions: Sequence[TP]) -> None: ...
     def handle(self, message: Message, batch: Batch) -> None: ...
@@ -253,10 +295,18 @@ class Processor:
     def _transact(
         self, consumer: Consumer, producer: Producer, messages: list[Message]
     ) -> None:
-        batch = Batch(producer)
+        batch = Batch(producer, drained=len(messages) < self.batch_size)
+        # Where each partition's part of the batch begins, known before any is
+        # handled: a failure rewinds every partition the batch holds.
         starts: dict[TP, int] = {}
+        for message in messages:
+            if message.error() is None:
+                tp = (message.topic() or "", message.partition() or 0)
+                starts.setdefault(tp, message.offset() or 0)
         ends: dict[TP, int] = {}
         try:
+            for handler in self.handlers:
+                handler.prepare({tp for tp in starts if tp[0] in handler.topics})
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -264,31 +314,37 @@ class Processor:
                         continue
                     raise KafkaException(error)
                 tp = (message.topic() or "", message.partition() or 0)
-                offset = message.offset() or 0
-                starts.setdefault(tp, offset)
-                ends[tp] = offset + 1
+                ends[tp] = (message.offset() or 0) + 1
                 self.routes[tp[0]].handle(message, batch)
             for handler in self.handlers:
                 handler.tick(batch)
             if not ends and not batch.size:
-                self._pass_markers(consumer, producer)
-                return
-            if ends:
+                idle = True
+            else:
+                idle = False
                 self._past_markers(consumer, ends)
-            batch.begin()
-            batch.settle()
-            if ends:
-                producer.send_offsets_to_transaction(
-                    [TopicPartition(t, p, o) for (t, p), o in ends.items()],
-                    consumer.consumer_group_metadata(),
-                    30,
-                )
-            producer.commit_transaction(30)
+                batch.begin()
+                batch.settle()
+                # Also a batch of timers' work only: the offsets (as committed) are
+                # what fences a zombie's transaction.
+                offsets = ends or self._owned_committed(consumer)
+                if offsets:
+                    _bounded(
+                        "send_offsets_to_transaction",
+                        producer.send_offsets_to_transaction,
+                        [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                        consumer.consumer_group_metadata(),
+                        30,
+                    )
+                self._commit(producer)
         except TRANSIENT as failure:
             self._abort(producer, failure, len(messages), batch.begun)
             self._rewind(consumer, starts)
             time.sleep(self._delay)
             self._delay = min(self._delay * 2, 5.0)
+            return
+        if idle:
+            self._pass_markers(consumer, producer)
             return
         self._delay = 0.1
         self._committed.update(ends)
@@ -296,6 +352,25 @@ class Processor:
             handler.committed()
         self.report.batches += 1
         self.report.messages += len(messages)
+
+    def _commit(self, producer: Producer) -> None:
+        """Commit, retrying what librdkafka says may be retried; an error that
+        requires an abort is raised for ``_abort``, any other one too (then
+        ``_abort`` raises it on, and ``run`` starts new clients)."""
+        for _ in range(5):
+            try:
+                _bounded("commit_transaction", producer.commit_transaction, 30)
+                return
+            except KafkaException as failure:
+                error = failure.args[0] if failure.args else None
+                if not isinstance(error, KafkaError) or not error.retriable():
+                    raise
+                log.info("%s: commit retried: %s", self.group, error)
+        _bounded("commit_transaction", producer.commit_transaction, 30)
+
+    def _owned_committed(self, consumer: Consumer) -> dict[TP, int]:
+        owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        return {tp: o for tp, o in self._committed.items() if tp in owned}
 
     def _past_markers(self, consumer: Consumer, ends: dict[TP, int]) -> None:
         """The offsets to commit: past the last message taken, and past any commit
@@ -322,37 +397,46 @@ class Processor:
             return
         producer.begin_transaction()
         try:
-            producer.send_offsets_to_transaction(
+            _bounded(
+                "send_offsets_to_transaction",
+                producer.send_offsets_to_transaction,
                 [TopicPartition(t, p, o) for (t, p), o in moved.items()],
                 consumer.consumer_group_metadata(),
                 30,
             )
-            producer.commit_transaction(30)
+            self._commit(producer)
         except TRANSIENT as failure:
-            self._abort(producer, failure, 0, True)
+            self._abort(producer, failure, 0, True)  # raises unless aborted
             return
         self._committed.update(moved)
 
     def _abort(
         self, producer: Producer, failure: Exception, count: int, begun: bool
     ) -> None:
+        """Abort the batch's transaction; the handlers drop what it changed. A
+        failure that is not abortable (fatal, fenced, a call still in progress) or
+        an abort that fails is raised: ``run`` then starts new clients."""
         self.report.aborts += 1
         self.report.last_error = str(failure)
         log.warning("%s: batch of %d aborted: %s", self.group, count, failure)
         for handler in self.handlers:
             handler.aborted()
         error = failure.args[0] if failure.args else None
-        if isinstance(error, KafkaError) and error.fatal():
-            raise failure  # fenced or broken: ``run`` starts new clients
+        if isinstance(error, KafkaError) and (
+            error.fatal() or error.code() in (KafkaError._CONFLICT, KafkaError._FENCED)
+        ):
+            raise failure
         if not begun:
             return
-        try:
-            producer.abort_transaction(30)
-        except KafkaException as abort_failed:
-            inner = abort_failed.args[0] if abort_failed.args else None
-            # _STATE: no transaction was open (``begin`` itself failed).
-            if not isinstance(inner, KafkaError) or inner.code() != KafkaError._STATE:
-                raise
+        for _ in range(5):
+            try:
+                _bounded("abort_transaction", producer.abort_transaction, 30)
+                return
+            except KafkaException as abort_failed:
+                inner = abort_failed.args[0] if abort_failed.args else None
+                if not isinstance(inner, KafkaError) or not inner.retriable():
+                    raise
+        _bounded("abort_transaction", producer.abort_transaction, 30)
 
     def _rewind(self, consumer: Consumer, starts: dict[TP, int]) -> None:
         """Go back to the group's committed offsets of the batch's partitions (a
