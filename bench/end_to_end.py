@@ -45,6 +45,7 @@ from app.local import stack
 from app.local.process import ServiceError, tail
 from app.local.worker import WorkerProcess
 from app.settings import AGGREGATES, Settings
+from app.writeside import command_group
 from bench.harness import (
     CommandEncoder,
     CpuSampler,
@@ -216,8 +217,9 @@ class StreamfoldSystem:
         settings = self.settings
         url = f"http://{settings.web_host}:{settings.web_port}/status"
         events = [settings.topics.events(a) for a in AGGREGATES]
-        agents = [settings.topics.commands(a) for a in AGGREGATES]
-        agents += [*events, inbox_topic(settings)]
+        # The write processes' group: commands and the saga's inbox.
+        writes = [settings.topics.commands(a) for a in AGGREGATES]
+        writes.append(inbox_topic(settings))
         began = time.monotonic()
 
         def idle() -> bool:
@@ -225,8 +227,12 @@ class StreamfoldSystem:
                 status = json.loads(response.read())
             return (
                 all(p["lag_events"] == 0 for p in status["projections"])
-                and group_lag(settings, settings.app_id, agents) == 0
-                and group_lag(settings, feed_group(settings), events) == 0
+                and group_lag(settings, settings.app_id, events) == 0
+                and group_lag(settings, command_group(settings), writes) == 0
+                and group_lag(
+                    settings, feed_group(settings), [*events, settings.topics.results]
+                )
+                == 0
             )
 
         wait_until(idle, timeout, "the worker's projections to catch up")

@@ -102,7 +102,8 @@ class LogTail:
                         f"{self.name}: could not read {sorted(waiting)} to its end",
                     )
                 )
-            messages = self.consumer.consume(1000, 0.2)
+            first = self.consumer.poll(0.2)
+            messages = [] if first is None else [first, *self.consumer.consume(999, 0)]
             if messages:
                 deadline = time.monotonic() + timeout
             for message in messages:
@@ -148,7 +149,8 @@ class LogTail:
                     [(tp.topic, tp.partition) for tp in behind],
                 )
                 return
-            for message in self.consumer.consume(1000, 0.2):
+            first = self.consumer.poll(0.2)
+            for message in [] if first is None else [first]:
                 error = message.error()
                 if error is None:
                     self._fold(message)
