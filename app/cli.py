@@ -60,7 +60,7 @@ def cmd_kafka_tool(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the worker (command agents, projections, web views) in the foreground."""
+    """Run the worker (write processes, projections, web views) in the foreground."""
     from app import worker
 
     worker.run(settings)

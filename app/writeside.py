@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 import socket
 import threading
 import time
@@ -23,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from agents.saga import FeedHandler, SagaHandler, ensure_saga_topics
-from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.codec import Codec
 from app.adapters.processor import Handler, Processor
 from app.adapters.saga_io import feed_group
-from app.projections.process import die_with_parent, name_process
+from app.projections.process import start_child
 from app.runtime import AGGREGATES, CommandHandler
 from app.settings import Settings
 
@@ -49,17 +47,10 @@ def state_dir(settings: Settings, index: int) -> Path:
 
 def write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
     """A child: run the processors, report what they own, stop on SIGTERM."""
-    die_with_parent()
-    name_process(WRITER_NAME)
-    if os.getppid() != parent:
-        return  # the worker died before the death signal was set
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-    )
-    codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
+    started = start_child(settings, parent, WRITER_NAME)
+    if started is None:
+        return
+    stopping, codec = started
     if settings.saga:
         ensure_saga_topics(settings)
     processors, handlers = build(settings, codec, index)

@@ -349,7 +349,7 @@ def domain_events(
     start: datetime,
     step: timedelta = timedelta(milliseconds=10),
 ) -> list[tuple[dict[str, Any], Any]]:
-    """(metadata record, event) pairs as the command agent would append them, from
+    """(metadata record, event) pairs as the write side would append them, from
     the domain's own ``decide`` and ``evolve``: valid streams without a worker."""
     out: list[tuple[dict[str, Any], Any]] = []
     states: dict[str, Any] = {}

@@ -83,6 +83,20 @@ def _bounded(what: str, call: Callable[..., object], *args: object) -> object:
     return outcome.get("value")
 
 
+def _send_offsets(
+    consumer: Consumer, producer: Producer, offsets: dict[TP, int]
+) -> None:
+    """The input offsets into the transaction, with the consumer's group metadata:
+    the group's generation fences a zombie (KIP-447)."""
+    _bounded(
+        "send_offsets_to_transaction",
+        producer.send_offsets_to_transaction,
+        [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+        consumer.consumer_group_metadata(),
+        30,
+    )
+
+
 @dataclass(slots=True)
 class Sent:
     """One output of a batch; ``offset`` is known once the broker has it."""
@@ -337,13 +351,7 @@ class Processor:
                 # what fences a zombie's transaction.
                 offsets = ends or self._owned_committed(consumer)
                 if offsets:
-                    _bounded(
-                        "send_offsets_to_transaction",
-                        producer.send_offsets_to_transaction,
-                        [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                        consumer.consumer_group_metadata(),
-                        30,
-                    )
+                    _send_offsets(consumer, producer, offsets)
                 self._commit(producer)
         except TRANSIENT as failure:
             self._abort(producer, failure, len(messages), batch.begun)
@@ -405,13 +413,7 @@ class Processor:
             return
         producer.begin_transaction()
         try:
-            _bounded(
-                "send_offsets_to_transaction",
-                producer.send_offsets_to_transaction,
-                [TopicPartition(t, p, o) for (t, p), o in moved.items()],
-                consumer.consumer_group_metadata(),
-                30,
-            )
+            _send_offsets(consumer, producer, moved)
             self._commit(producer)
         except TRANSIENT as failure:
             self._abort(producer, failure, 0, True)  # raises unless aborted

@@ -1,8 +1,8 @@
 """The worker's Postgres projections, in a process of their own.
 
 A projection folds events in Python on its thread; in the worker's process those
-threads would share one GIL with the event loop that runs the command agents, the
-saga and the Faust views, which then waits for the GIL after every socket call.
+threads would share one GIL with the event loop that runs the Faust view agents,
+which then waits for the GIL after every socket call.
 So the worker starts child processes (``project``; ``STREAMFOLD_PROJECTION_PROCESSES``,
 one by default) that each run every projection it has chosen, sharing each one's
 partitions through its consumer group, and keeps a mirror of their progress for
@@ -256,17 +256,10 @@ def project(
     group: str | None = None,
 ) -> None:
     """A child: run the projections, report their statuses, stop on SIGTERM."""
-    die_with_parent()
-    name_process(PROJECTIONS_NAME)
-    if os.getppid() != parent:
-        return  # the worker died before the death signal was set
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-    )
-    codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
+    started = start_child(settings, parent, PROJECTIONS_NAME)
+    if started is None:
+        return
+    stopping, codec = started
     progressed = threading.Event()
     runners = [
         ProjectionRunner(
@@ -301,6 +294,26 @@ def project(
 def _snapshot(status: Status) -> Status:
     # A runner changes its status on its own thread; copying a dict is atomic.
     return replace(status, positions=dict(status.positions), heads=dict(status.heads))
+
+
+def start_child(
+    settings: Settings, parent: int, name: str
+) -> tuple[threading.Event, Codec] | None:
+    """What each of the worker's children does first: die with the worker, take
+    ``name``, set SIGTERM to stop it (the returned event), log as the worker does;
+    and its codec. None when the worker is gone already."""
+    die_with_parent()
+    name_process(name)
+    if os.getppid() != parent:
+        return None  # the worker died before the death signal was set
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+    )
+    codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())
+    return stopping, codec
 
 
 PR_SET_NAME = 15

@@ -56,7 +56,7 @@ def opening_and_deposits(count: int) -> list[Any]:
 
 
 def events_of(commands: list[Any]) -> list[tuple[dict[str, Any], Any]]:
-    """One event per command, as the command agent would append them."""
+    """One event per command, as the write side would append them."""
     made = domain_events(
         accounts,
         accounts.AGGREGATE_TYPE,
