@@ -39,7 +39,7 @@ from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import TP, LogTail, StateCache
-from app.adapters.processor import TRANSIENT, Batch
+from app.adapters.processor import TRANSIENT, Batch, Ownership
 from app.adapters.saga_io import frame_command, inbox_topic, route
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
 from app.application import saga
@@ -137,32 +137,30 @@ class SagaHandler:
         self.timeout = timedelta(seconds=settings.saga_timeout_s)
         self.cache = StateCache(cache_dir / "saga")
         self.tail = LogTail(settings, self._fold, name="saga-state")
-        self.owned: set[int] = set()
-        self.stale: set[int] = set()
+        self.partitions = Ownership()
+        # Partitions taken over whose deadlines are not indexed yet (an abort
+        # leaves committed states, so their index, as they were).
+        self._unindexed: set[int] = set()
         # Per owned order with a deadline: the deadline (from committed states).
         self.deadlines: dict[str, datetime] = {}
         self.pending: dict[str, saga.SagaState] = {}
         self._folded: dict[str, bytes] = {}
-        self._last_tick = 0.0
 
     @property
     def topics(self) -> tuple[str, ...]:
         return (self.inbox,)
 
     def assigned(self, partitions: list[TP]) -> None:
-        for _, partition in partitions:
-            self.owned.add(partition)
-            self.stale.add(partition)
+        self._unindexed.update(self.partitions.take(partitions))
 
     def revoked(self, partitions: list[TP]) -> None:
-        for _, partition in partitions:
-            self.owned.discard(partition)
-            self.stale.discard(partition)
+        for partition in self.partitions.give_up(partitions):
+            self._unindexed.discard(partition)
             self.tail.drop([(self.log_topic, partition)])
         self.deadlines = {
             order: due
             for order, due in self.deadlines.items()
-            if self._partition(order) in self.owned
+            if self._partition(order) in self.partitions.owned
         }
 
     def prepare(self, partitions: set[TP]) -> None:
@@ -170,7 +168,6 @@ class SagaHandler:
 
     def handle(self, message: Message, batch: Batch) -> None:
         partition = message.partition() or 0
-        self._catch_up_stale()
         try:
             incoming = saga.message_from_json(json.loads(message.value() or b""))
             if self._partition(incoming.order_id) != partition:
@@ -190,7 +187,6 @@ class SagaHandler:
         inbox is read to its end (an answer waiting there comes first)."""
         if not batch.drained:
             return
-        self._catch_up_stale()
         now = datetime.now(UTC)
         for order_id, deadline in list(self.deadlines.items()):
             if deadline <= now and order_id not in self.pending:
@@ -217,7 +213,7 @@ class SagaHandler:
 
     def aborted(self) -> None:
         self.pending.clear()
-        self.stale |= self.owned
+        self.partitions.doubt()
 
     def close(self) -> None:
         self.tail.close()
@@ -290,25 +286,26 @@ class SagaHandler:
         """Fold the log of partitions taken over (or after an abort) to its end. Only
         this handler writes the log, so it is read only then (and paused between):
         read back in order, its newest record for an order is the state."""
-        if not self.stale:
+        stale = self.partitions.stale
+        if not stale:
             return
         starts = {
-            (self.log_topic, p): self.cache.offset((self.log_topic, p))
-            for p in self.stale
+            (self.log_topic, p): self.cache.offset((self.log_topic, p)) for p in stale
         }
         self.tail.follow(starts)
         self.tail.pause(starts)
         self._save_folded()
-        # Deadlines of the partitions just taken over come from their states.
-        for key, raw in self.cache.db.items():
-            order_id = bytes(key).decode()
-            if (
-                order_id.startswith("\x00")
-                or self._partition(order_id) not in self.stale
-            ):
-                continue
-            self._index(order_id, saga.state_from_json(json.loads(bytes(raw))))
-        self.stale.clear()
+        if self._unindexed:
+            # Deadlines of the partitions just taken over come from their states.
+            for key, raw in self.cache.db.items():
+                order_id = bytes(key).decode()
+                if (
+                    not order_id.startswith("\x00")
+                    and self._partition(order_id) in self._unindexed
+                ):
+                    self._index(order_id, saga.state_from_json(json.loads(bytes(raw))))
+            self._unindexed.clear()
+        stale.clear()
 
     def _fold(self, message: Message) -> None:
         key = message.key()

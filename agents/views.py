@@ -58,18 +58,24 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             return None
         return data.pop("metadata"), data
 
+    def fold(table: Any, fold_view: Callable[..., Any], event: Any) -> Any:
+        """Fold one event into its key's view in ``table``; the new view, or None."""
+        found = decoded(event)
+        if found is None:
+            return None
+        key = found[0]["aggregate_id"].encode()
+        view = fold_view(table.get(key), *found)
+        if view is not None:
+            table[key] = view
+        return view
+
     # One event at a time: Faust then names the partition a table write goes to
     # (the event's), which its public API offers no other way to do.
     @app.agent(order_events, name="order-views")
     async def order_views(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            found = decoded(event)
-            if found is None:
-                continue
-            key = found[0]["aggregate_id"].encode()
-            view = views.fold_order(orders.get(key), *found)
+            view = fold(orders, views.fold_order, event)
             if view is not None:
-                orders[key] = view
                 await summaries.send(key=view["customer_id"], value=view)
 
     @app.agent(summaries, name="customer-orders")
@@ -81,13 +87,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     @app.agent(account_events, name="account-views")
     async def account_views(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            found = decoded(event)
-            if found is None:
-                continue
-            key = found[0]["aggregate_id"].encode()
-            view = views.fold_account(accounts.get(key), *found)
-            if view is not None:
-                accounts[key] = view
+            fold(accounts, views.fold_account, event)
 
     @app.page("/orders/{order_id}")
     @routed(app, orders, "order_id")

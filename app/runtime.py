@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import Message
 
 from app.adapters import mapper
-from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError
+from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError, Headers
 from app.adapters.eventlog import (
     AGGREGATE_TYPE_HEADER,
     encode_event,
@@ -31,10 +31,11 @@ from app.adapters.eventlog import (
     result_headers,
 )
 from app.adapters.logtail import TP, LogTail, StateCache
-from app.adapters.processor import TRANSIENT, Batch, Sent
+from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
 from app.application.commands import (
     Aggregate,
     CommandService,
+    Decision,
     Envelope,
     GapError,
     Position,
@@ -187,9 +188,7 @@ class CommandHandler:
         self.store = AggregateCache(StateCache(cache_dir / area), self.aggregate)
         self.service = CommandService(aggregate=self.aggregate, store=self.store)
         self.tail = LogTail(settings, self._fold, name=f"{area}-state")
-        self.owned: set[int] = set()
-        # Partitions to catch up from the log before their next decision.
-        self.stale: set[int] = set()
+        self.partitions = Ownership()
         # Command ids decided in this batch whose answers wait for their events.
         self._deciding: set[str] = set()
         # What the tail folded and is not written yet.
@@ -203,14 +202,10 @@ class CommandHandler:
 
     # Rebalances.
     def assigned(self, partitions: list[TP]) -> None:
-        for _, partition in partitions:
-            self.owned.add(partition)
-            self.stale.add(partition)
+        self.partitions.take(partitions)
 
     def revoked(self, partitions: list[TP]) -> None:
-        for _, partition in partitions:
-            self.owned.discard(partition)
-            self.stale.discard(partition)
+        for partition in self.partitions.give_up(partitions):
             self.tail.drop(self._logs(partition))
 
     # Batches.
@@ -219,13 +214,10 @@ class CommandHandler:
         taken over (or left uncertain by an abort) that the batch holds."""
         self._fold_tail()
         for _, partition in sorted(partitions):
-            if partition in self.stale:
+            if partition in self.partitions.stale:
                 self._catch_up(partition)
 
     def handle(self, message: Message, batch: Batch) -> None:
-        partition = message.partition() or 0
-        if partition in self.stale:
-            self._catch_up(partition)
         try:
             parsed = self._parse(message, batch)
             if parsed is not None:
@@ -248,7 +240,7 @@ class CommandHandler:
     def aborted(self) -> None:
         self.store.drop()
         self._deciding.clear()
-        self.stale |= self.owned
+        self.partitions.doubt()
 
     def close(self) -> None:
         self.tail.close()
@@ -266,7 +258,7 @@ class CommandHandler:
         # append) before every batch.
         self.tail.pause([(self.results_topic, partition)])
         self._save_folded()
-        self.stale.discard(partition)
+        self.partitions.stale.discard(partition)
 
     def _fold_tail(self) -> None:
         if self.tail.poll():
@@ -365,27 +357,10 @@ class CommandHandler:
         try:
             command = mapper.from_dict(cls, payload)
         except mapper.MappingError as error:
-            previous = self.store.answered(envelope.command_id)
-            if previous is not None:  # answered before: that answer again
-                batch.send(
-                    self.results_topic,
-                    previous,
-                    key=envelope.command_id.encode(),
-                    partition=message.partition(),
-                )
-                return None
-            self._answer(
-                Result.rejected(
-                    envelope,
-                    self.aggregate,
-                    _key(message),
-                    "Validation",
-                    str(error),
-                    error.path,
-                ),
-                message.partition() or 0,
-                batch,
+            refused = self.service.refuse(
+                envelope, _key(message), "Validation", str(error), error.path
             )
+            self._emit(refused, envelope.command_id, message.partition() or 0, batch)
             return None
         return Parsed(envelope, command)
 
@@ -399,21 +374,26 @@ class CommandHandler:
         if command_id in self._deciding:
             # Decided earlier in this batch; its answer exists once its events are
             # acknowledged.
-            batch.later(lambda: self._repeat(command_id, home, batch))
-            return
-        decision = self.service.decide(parsed.envelope, parsed.command)
-        if decision.repeat is not None:
-            # The same answer again, for a client that sent the command again.
-            batch.send(
-                self.results_topic,
-                decision.repeat,
-                key=parsed.envelope.command_id.encode(),
-                partition=home,
+            batch.later(
+                lambda: self._resend(
+                    self.store.answered(command_id), command_id, home, batch
+                )
             )
             return
-        assert decision.result is not None
+        decision = self.service.decide(parsed.envelope, parsed.command)
+        self._emit(decision, command_id, home, batch)
+
+    def _emit(
+        self, decision: Decision, command_id: str, partition: int, batch: Batch
+    ) -> None:
+        """A decision's outputs: the answer given before, a rejection, or the
+        events and then (once they are acknowledged) the result naming them."""
+        result = decision.result
+        if result is None:
+            self._resend(decision.repeat, command_id, partition, batch)
+            return
         if not decision.events:
-            self._answer(decision.result, home, batch)
+            self._answer(result, partition, batch)
             return
         encoded = [
             encode_event(self.codec, self.events_topic, new) for new in decision.events
@@ -422,27 +402,35 @@ class CommandHandler:
         # could not be written.
         self.service.apply(decision)
         self._deciding.add(command_id)
-        sent = self._append(decision.aggregate_id, encoded, home, batch)
-        result = decision.result
+        sent = self._append(decision.aggregate_id, encoded, partition, batch)
 
         def answer() -> None:
             last = sent[-1]
             position = Position(partition=last.partition, offset=last.offset)
-            self._answer(replace(result, position=position), home, batch)
+            self._answer(replace(result, position=position), partition, batch)
 
         batch.later(answer)
 
-    def _repeat(self, command_id: str, partition: int, batch: Batch) -> None:
-        answer = self.store.answered(command_id)
-        assert answer is not None, f"no answer for {command_id} decided in this batch"
+    def _resend(
+        self, answer: bytes | None, command_id: str, partition: int, batch: Batch
+    ) -> None:
+        """The same answer again, for a command id sent again."""
+        assert answer is not None, f"no answer kept for command {command_id!r}"
         batch.send(
-            self.results_topic, answer, key=command_id.encode(), partition=partition
+            self.results_topic,
+            answer,
+            key=command_id.encode(),
+            partition=partition,
+            headers=[
+                (COMMAND_ID_HEADER, command_id.encode()),
+                (AGGREGATE_TYPE_HEADER, self.aggregate.type.encode()),
+            ],
         )
 
     def _append(
         self,
         aggregate_id: str,
-        encoded: list[tuple[bytes, list[tuple[str, bytes]], int]],
+        encoded: list[tuple[bytes, Headers, int]],
         partition: int,
         batch: Batch,
     ) -> list[Sent]:
@@ -526,6 +514,3 @@ def _key(message: Message) -> str:
 
 def _where(message: Message) -> str:
     return f"{message.topic()}[{message.partition()}]@{message.offset()}"
-
-
-__all__ = ["COMMAND_ID_HEADER", "REROUTED_HEADER", "CommandHandler"]

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import socket
 import threading
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from agents.saga import FeedHandler, SagaHandler, ensure_saga_topics
 from app.adapters.codec import Codec
 from app.adapters.processor import Handler, Processor
 from app.adapters.saga_io import feed_group
-from app.projections.process import start_child
+from app.projections.process import start_child, stop_children
 from app.runtime import AGGREGATES, CommandHandler
 from app.settings import Settings
 
@@ -162,15 +161,7 @@ class WriteProcess:
     def stop(self, timeout: float = 30.0) -> None:
         with self._lock:
             self._stopping.set()
-        children = [c for c in self._children if c is not None and c.is_alive()]
-        for child in children:
-            child.terminate()
-        deadline = time.monotonic() + timeout
-        for child in children:
-            child.join(max(deadline - time.monotonic(), 0.1))
-            if child.is_alive():
-                child.kill()
-                child.join(5)
+        stop_children(self._children, timeout)
 
     @property
     def assigned(self) -> set[tuple[str, int]]:

@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import COMMAND_ID_HEADER, Codec, headers
+from app.adapters.codec import COMMAND_ID_HEADER, Codec, Headers, headers
 from app.adapters.topics import watermarks
 from app.application.commands import Metadata, NewEvent, Result
 from app.settings import Settings
@@ -60,9 +60,7 @@ def metadata_from_record(record: dict[str, Any]) -> Metadata:
     )
 
 
-def encode_event(
-    codec: Codec, topic: str, new: NewEvent
-) -> tuple[bytes, list[tuple[str, bytes]], int]:
+def encode_event(codec: Codec, topic: str, new: NewEvent) -> tuple[bytes, Headers, int]:
     """An event's value (its record at the newest version of its schema), its
     routing headers and its timestamp in milliseconds."""
     catalog = codec.catalog
@@ -112,7 +110,7 @@ def encode_result(codec: Codec, topic: str, result: Result) -> bytes:
     return codec.encode(topic, RESULT_RECORD, result_record(result, datetime.now(UTC)))
 
 
-def result_headers(result: Result) -> list[tuple[str, bytes]]:
+def result_headers(result: Result) -> Headers:
     """What lets a reader route a result without decoding it."""
     return [
         (COMMAND_ID_HEADER, result.command_id.encode()),

@@ -31,12 +31,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from app.adapters.codec import RegistryUnavailable
+from app.adapters.codec import Headers, RegistryUnavailable
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
 
-Headers = list[tuple[str, bytes]]
 # A partition of a topic.
 TP = tuple[str, int]
 # Failures that abort a batch and retry it, never skip it.
@@ -81,6 +80,21 @@ def _bounded(what: str, call: Callable[..., object], *args: object) -> object:
     if isinstance(error, BaseException):
         raise error
     return outcome.get("value")
+
+
+def _retrying(what: str, call: Callable[[float], object], attempts: int = 5) -> None:
+    """A transactional call, called again while librdkafka says its error may be
+    retried (its contract for commit and abort); any other error is raised."""
+    for attempt in range(attempts):
+        try:
+            _bounded(what, call, 30)
+            return
+        except KafkaException as failure:
+            error = failure.args[0] if failure.args else None
+            retriable = isinstance(error, KafkaError) and error.retriable()
+            if not retriable or attempt == attempts - 1:
+                raise
+            log.info("%s retried: %s", what, error)
 
 
 def _send_offsets(
@@ -202,6 +216,31 @@ class Handler(Protocol):
     def tick(self, batch: Batch) -> None: ...
     def committed(self) -> None: ...
     def aborted(self) -> None: ...
+
+
+class Ownership:
+    """The partitions (numbers) a log-derived handler owns, and those it must catch
+    up from its log before their next decision: one taken over, or every one
+    after an abort (what the aborted batch did is uncertain until read back)."""
+
+    def __init__(self) -> None:
+        self.owned: set[int] = set()
+        self.stale: set[int] = set()
+
+    def take(self, partitions: Sequence[TP]) -> list[int]:
+        taken = [p for _, p in partitions]
+        self.owned.update(taken)
+        self.stale.update(taken)
+        return taken
+
+    def give_up(self, partitions: Sequence[TP]) -> list[int]:
+        given = [p for _, p in partitions]
+        self.owned.difference_update(given)
+        self.stale.difference_update(given)
+        return given
+
+    def doubt(self) -> None:
+        self.stale |= self.owned
 
 
 @dataclass(slots=True)
@@ -370,19 +409,10 @@ class Processor:
         self.report.messages += len(messages)
 
     def _commit(self, producer: Producer) -> None:
-        """Commit, retrying what librdkafka says may be retried; an error that
-        requires an abort is raised for ``_abort``, any other one too (then
-        ``_abort`` raises it on, and ``run`` starts new clients)."""
-        for _ in range(5):
-            try:
-                _bounded("commit_transaction", producer.commit_transaction, 30)
-                return
-            except KafkaException as failure:
-                error = failure.args[0] if failure.args else None
-                if not isinstance(error, KafkaError) or not error.retriable():
-                    raise
-                log.info("%s: commit retried: %s", self.group, error)
-        _bounded("commit_transaction", producer.commit_transaction, 30)
+        """Commit; an error that requires an abort is raised for ``_abort``, any
+        other one too (then ``_abort`` raises it on, and ``run`` starts new
+        clients)."""
+        _retrying("commit_transaction", producer.commit_transaction)
 
     def _owned_committed(self, consumer: Consumer) -> dict[TP, int]:
         owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
@@ -436,17 +466,8 @@ class Processor:
             error.fatal() or error.code() in (KafkaError._CONFLICT, KafkaError._FENCED)
         ):
             raise failure
-        if not begun:
-            return
-        for _ in range(5):
-            try:
-                _bounded("abort_transaction", producer.abort_transaction, 30)
-                return
-            except KafkaException as abort_failed:
-                inner = abort_failed.args[0] if abort_failed.args else None
-                if not isinstance(inner, KafkaError) or not inner.retriable():
-                    raise
-        _bounded("abort_transaction", producer.abort_transaction, 30)
+        if begun:
+            _retrying("abort_transaction", producer.abort_transaction)
 
     def _rewind(self, consumer: Consumer, starts: dict[TP, int]) -> None:
         """Go back to the group's committed offsets of the batch's partitions (a

@@ -241,6 +241,26 @@ class CommandService:
             aggregate_id=aggregate_id, record=record, result=result, events=stamped
         )
 
+    def refuse(
+        self,
+        envelope: Envelope,
+        aggregate_id: str,
+        code: str,
+        message: str,
+        field: str | None = None,
+    ) -> Decision:
+        """A command refused before it reaches the decider (it does not validate):
+        a rejection, unless its command id was answered before (that answer)."""
+        previous = self.store.answered(envelope.command_id)
+        if previous is not None:
+            return Decision(
+                aggregate_id=aggregate_id, record=None, result=None, repeat=previous
+            )
+        result = Result.rejected(
+            envelope, self.aggregate, aggregate_id, code, message, field
+        )
+        return Decision(aggregate_id=aggregate_id, record=None, result=result)
+
     def apply(self, decision: Decision) -> None:
         """Save the state a decision's events lead to, so the next command on the
         aggregate decides on it. The store keeps it provisional until the events

@@ -101,15 +101,7 @@ class ProjectionProcess:
     def stop(self, timeout: float = 30.0) -> None:
         with self._starting:
             self._stopping.set()
-        children = [c for c in self._children if c is not None and c.is_alive()]
-        for child in children:
-            child.terminate()  # SIGTERM: the child closes its consumers
-        deadline = time.monotonic() + timeout
-        for child in children:
-            child.join(max(deadline - time.monotonic(), 0.1))
-            if child.is_alive():
-                child.kill()
-                child.join(5)
+        stop_children(self._children, timeout)
         for thread in self._threads:
             thread.join(5)
 
@@ -294,6 +286,20 @@ def project(
 def _snapshot(status: Status) -> Status:
     # A runner changes its status on its own thread; copying a dict is atomic.
     return replace(status, positions=dict(status.positions), heads=dict(status.heads))
+
+
+def stop_children(children: list[Any], timeout: float) -> None:
+    """SIGTERM each live child (it closes its clients), and SIGKILL those still
+    alive after ``timeout``."""
+    alive = [c for c in children if c is not None and c.is_alive()]
+    for child in alive:
+        child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in alive:
+        child.join(max(deadline - time.monotonic(), 0.1))
+        if child.is_alive():
+            child.kill()
+            child.join(5)
 
 
 def start_child(

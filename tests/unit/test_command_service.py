@@ -125,6 +125,19 @@ def test_a_command_id_answered_before_gets_that_answer_and_is_not_decided(
     assert again.events == () and again.result is None
 
 
+def test_a_refused_command_is_rejected_unless_its_id_was_answered(
+    store: MemoryStore,
+) -> None:
+    service = _service(store)
+    refused = service.refuse(_envelope("c-9"), "acc-1", "Validation", "bad", "amount")
+    assert refused.result is not None and not refused.result.accepted
+    assert (refused.result.code, refused.result.field) == ("Validation", "amount")
+    assert refused.events == () and refused.repeat is None
+    store.remember_answer("c-9", b"the first answer")
+    again = service.refuse(_envelope("c-9"), "acc-1", "Validation", "bad", "amount")
+    assert again.repeat == b"the first answer" and again.result is None
+
+
 def test_event_ids_are_deterministic(store: MemoryStore) -> None:
     first = _service(store).decide(_envelope("c-1"), OPEN)
     second = _service(MemoryStore()).decide(_envelope("c-1"), OPEN)
