@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+import httpx
 
 from app.adapters.codec import Codec
 from app.audit import (  # noqa: F401 - re-exported for the tests
@@ -40,3 +44,16 @@ def delete_local_store(settings: Settings) -> None:
     shutil.rmtree(worker_datadir(settings), ignore_errors=True)
     for index in range(settings.write_processes):
         shutil.rmtree(state_dir(settings, index), ignore_errors=True)
+
+
+def get_until(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:
+    """GET `url` until `until(response)` holds or `timeout` passes; the last response.
+
+    Views are eventually consistent: a test waits for the state it expects, then
+    asserts on what the view returned."""
+    deadline = time.monotonic() + timeout
+    response = httpx.get(url, timeout=10)
+    while not until(response) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        response = httpx.get(url, timeout=10)
+    return response

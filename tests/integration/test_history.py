@@ -17,7 +17,7 @@ from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.domain.orders import ProcessPayment, ShipOrder
 from app.history import SNAPSHOT_EVERY, EventStore
 from app.settings import Settings
-from tests.support import codec_for, running_worker
+from tests.support import codec_for, get_until, running_worker
 
 
 def _wait_indexed(settings: Settings, aggregate_id: str, version: int) -> None:
@@ -235,8 +235,11 @@ def test_events_written_with_old_schemas_are_read_as_the_newest(
             summary = httpx.get(f"{base}/query/orders/{order_id}").json()
             assert (summary["status"], summary["currency"]) == ("SHIPPED", "USD")
             assert summary["items"][0]["total_price_minor"] == 3000
-            view = httpx.get(f"{base}/orders/{order_id}").json()
-            assert view["status"] == "SHIPPED"
+            view = get_until(
+                f"{base}/orders/{order_id}",
+                lambda r: r.status_code == 200 and r.json()["version"] == 3,
+            )
+            assert view.json()["status"] == "SHIPPED"
         with psycopg.connect(deployment.database_url) as conn:
             store = EventStore(conn)
             for version, order_id in old.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import Any
 
 import httpx
 
@@ -16,16 +15,7 @@ from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment, Sh
 from app.local.deployments import free_port
 from app.settings import Settings
 from tests.invariants import serving_worker
-from tests.support import running_worker
-
-
-def _get(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    response = httpx.get(url, timeout=10)
-    while not until(response) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        response = httpx.get(url, timeout=10)
-    return response
+from tests.support import get_until, running_worker
 
 
 def _create(order_id: str, customer: str) -> CreateOrder:
@@ -74,18 +64,18 @@ def test_table_views_follow_the_events(deployment: Settings) -> None:
                 reference="",
             )
         )
-        shipped = _get(
+        shipped = get_until(
             f"{base}/orders/{order}",
             lambda r: r.status_code == 200 and r.json()["status"] == "SHIPPED",
         )
         assert shipped.json()["tracking_number"] == "1Z999"
         assert shipped.json()["version"] == 3
-        balance = _get(
+        balance = get_until(
             f"{base}/accounts/{account}",
             lambda r: r.status_code == 200 and r.json()["version"] == 2,
         )
         assert balance.json()["balance_minor"] == 77
-        page = _get(
+        page = get_until(
             f"{base}/customers/{customer}/orders?page_size=1",
             lambda r: r.status_code == 200 and r.json()["total_count"] == 2,
         )
@@ -125,7 +115,7 @@ def test_views_are_routed_to_the_worker_owning_the_key(deployment: Settings) -> 
         # Every key answers on either worker: a non-owner forwards to the owner.
         for port in (deployment.web_port, second.web_port):
             for order in orders:
-                found = _get(
+                found = get_until(
                     f"http://{deployment.web_host}:{port}/orders/{order}",
                     lambda r: r.status_code == 200,
                     timeout=60,
@@ -182,7 +172,7 @@ def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
         for index, account in enumerate(accounts):
             amounts = [n + 1 for n in range(240) if n % len(accounts) == index]
             version = len(amounts) + 1
-            view = _get(
+            view = get_until(
                 f"{base}/accounts/{account}",
                 lambda r, v=version: r.status_code == 200 and r.json()["version"] == v,
             ).json()
@@ -191,7 +181,7 @@ def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
         for index, customer in enumerate(customers):
             mine = sorted(o for n, o in enumerate(orders) if n % 2 == index)
             count = len(mine)
-            page = _get(
+            page = get_until(
                 f"{base}/customers/{customer}/orders?page_size=10",
                 lambda r, c=count: (
                     r.status_code == 200
