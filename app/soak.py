@@ -13,7 +13,10 @@ port), removed afterwards unless ``--keep``. Faults, one every 20-60 s:
   a broker (and schema registry) of its own on free ports, removed at the end even
   with ``--keep``: killing the shared broker would hit everything else on it, and
   it recovers every partition it holds before it answers again;
-- ``postgres``: an immediate-mode stop of the local cluster, started again.
+- ``postgres``: an immediate-mode stop of the PostgreSQL cluster, started again
+  after a few seconds. With this fault the soak runs on a cluster of its own on a
+  free port, dropped at the end: stopping the machine's cluster would hit every
+  other database on it.
 """
 
 from __future__ import annotations
@@ -163,11 +166,13 @@ class Faults:
         settings: Settings,
         worker: Daemon,
         broker: KafkaNode | None,
+        cluster: str | None,
         kinds: list[str],
         rng: random.Random,
         say: Callable[[str], None],
     ) -> None:
         self.settings, self.worker, self.broker = settings, worker, broker
+        self.cluster = cluster
         self.kinds = kinds
         self.rng, self.say = rng, say
         self.injected: Counter[str] = Counter()
@@ -199,10 +204,11 @@ class Faults:
         self.broker.start(timeout=180)
 
     def _postgres(self) -> None:
+        assert self.cluster is not None, "postgres faults need the soak's own cluster"
         port = postgres.Conninfo.parse(self.settings.database_url).port
-        postgres.stop(mode="immediate")
+        postgres.stop(mode="immediate", cluster=self.cluster)
         time.sleep(self.rng.uniform(1, 5))
-        postgres.ensure_running(port)
+        postgres.ensure_running(port, self.cluster)
 
 
 def run(
@@ -220,16 +226,22 @@ def run(
         raise ValueError(f"unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
     stack.up(settings, say)
     with contextlib.ExitStack() as scope:
-        broker = None
+        broker = cluster = None
         if "broker" in faults:
             settings, broker = scope.enter_context(deployments.private_broker(settings))
             say(f"broker    {broker.bootstrap}, the soak's own")
-        return _soak(settings, broker, minutes, rate, faults, seed, keep, say)
+        if "postgres" in faults:
+            settings, cluster = scope.enter_context(
+                deployments.private_postgres(settings)
+            )
+            say(f"postgres  cluster {cluster}, the soak's own")
+        return _soak(settings, broker, cluster, minutes, rate, faults, seed, keep, say)
 
 
 def _soak(
     settings: Settings,
     broker: KafkaNode | None,
+    cluster: str | None,
     minutes: float,
     rate: float,
     faults: list[str],
@@ -245,7 +257,8 @@ def _soak(
     workload = Workload(rng)
     worker = WorkerProcess(own)
     worker.start(timeout=180)
-    injector = Faults(own, worker, broker, faults, random.Random(seed + 1), say)  # noqa: S311
+    rng_faults = random.Random(seed + 1)  # noqa: S311
+    injector = Faults(own, worker, broker, cluster, faults, rng_faults, say)
     client = CommandClient(own)
     sent: list[str] = []
     kinds: Counter[str] = Counter()

@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka import KafkaException
 
@@ -31,6 +32,14 @@ def free_port() -> int:
 def with_database(url: str, database: str) -> str:
     head, _, _ = url.rpartition("/")
     return f"{head}/{database}"
+
+
+def with_port(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")
+    userinfo = f"{host[0]}@" if host[1] else ""
+    hostname = parts.hostname or "127.0.0.1"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{hostname}:{port}"))
 
 
 def create(settings: Settings, kind: str = "test") -> Settings:
@@ -111,3 +120,27 @@ def private_broker(
         registry.stop()
         node.stop(kill=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_postgres(settings: Settings) -> Iterator[tuple[Settings, str]]:
+    """A PostgreSQL cluster of its own on a free port (same roles and database
+    names), for work that stops the server: the machine's cluster and everything
+    on it go on. Yields the settings pointing at it and the cluster's name, for
+    ``postgres.stop(cluster=...)``; dropped, data and all, on exit."""
+    port = free_port()
+    cluster = f"streamfold_{port}"
+    own = dataclasses.replace(
+        settings,
+        database_url=with_port(settings.database_url, port),
+        query_database_url=with_port(settings.query_database_url, port),
+    )
+    try:
+        postgres.ensure_running(port, cluster)
+        postgres.ensure_database(
+            postgres.Conninfo.parse(own.database_url),
+            postgres.Conninfo.parse(own.query_database_url),
+        )
+        yield own, cluster
+    finally:
+        postgres.drop_cluster(cluster)

@@ -94,42 +94,42 @@ def install() -> str:
     return version
 
 
-def cluster_state(version: str) -> tuple[int, str] | None:
-    """(port, status) of the `main` cluster, or None when it does not exist."""
+def cluster_state(version: str, cluster: str = "main") -> tuple[int, str] | None:
+    """(port, status) of a cluster, or None when it does not exist."""
     out = _run(["pg_lsclusters", "--no-header"])
     for line in out.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and fields[0] == version and fields[1] == "main":
+        if len(fields) >= 4 and fields[0] == version and fields[1] == cluster:
             return int(fields[2]), fields[3]
     return None
 
 
-def ensure_running(port: int = 5432) -> bool:
+def ensure_running(port: int = 5432, cluster: str = "main") -> bool:
     """Install, create and start the cluster as needed; True if this call started it."""
     version = install()
-    state = cluster_state(version)
+    state = cluster_state(version, cluster)
     if state is None:
-        _run(["pg_createcluster", version, "main", "--port", str(port)])
-        state = cluster_state(version)
+        _run(["pg_createcluster", version, cluster, "--port", str(port)])
+        state = cluster_state(version, cluster)
     assert state is not None
     cluster_port, status = state
     if cluster_port != port:
         raise ServiceError(
-            f"PostgreSQL cluster {version}/main listens on {cluster_port}, but "
+            f"PostgreSQL cluster {version}/{cluster} listens on {cluster_port}, but "
             f"DATABASE_URL asks for {port}"
         )
     if status == "online":
         return False
-    _run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"])
+    _run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "start"])
     wait_for(lambda: _ready(port), 60, f"PostgreSQL on port {port}")
     return True
 
 
-def stop(*, mode: str = "fast") -> bool:
+def stop(*, mode: str = "fast", cluster: str = "main") -> bool:
     version = installed_version()
     if not version:
         return False
-    state = cluster_state(version)
+    state = cluster_state(version, cluster)
     if state is None or state[1] != "online":
         return False
     _run(
@@ -137,13 +137,20 @@ def stop(*, mode: str = "fast") -> bool:
             "pg_ctlcluster",
             "--skip-systemctl-redirect",
             version,
-            "main",
+            cluster,
             "stop",
             "-m",
             mode,
         ]
     )
     return True
+
+
+def drop_cluster(cluster: str) -> None:
+    """Stop a cluster and delete it, data and all."""
+    version = installed_version()
+    if version and cluster_state(version, cluster) is not None:
+        _run(["pg_dropcluster", "--stop", version, cluster])
 
 
 def _ready(port: int) -> bool:
