@@ -111,7 +111,7 @@ class CommandClient:
                 {
                     **self.settings.consumer_config(),
                     "group.id": f"streamfold-client-{uuid.uuid4()}",
-                    "fetch.wait.max.ms": 10,
+                    "fetch.wait.max.ms": 500,
                     "enable.auto.commit": False,
                 }
             )
