@@ -249,10 +249,12 @@ class Outcomes:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self.status: dict[str, str] = {}
+        self.versions: dict[str, int | None] = {}
 
     def __call__(self, value: bytes) -> str:
         data = self.codec.decode(value).data
         self.status[data["command_id"]] = data["status"]
+        self.versions[data["command_id"]] = data.get("version")
         return str(data["command_id"])
 
     def count(self, figures: Figures) -> Figures:
