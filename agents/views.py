@@ -7,6 +7,7 @@ holds the searchable read models; these are key lookups only.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from typing import Any
 import faust
 from yarl import URL
 
+from app.adapters import topics
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.topics import TopicSpec, ensure_topics
@@ -44,29 +46,60 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
         summaries_name, key_type=str, value_serializer="json", partitions=partitions
     )
 
-    def decoded(event: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def decoded(
+        value: bytes, where: tuple[str, int, int]
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         try:
-            data = dict(codec.decode(event.message.value).data)
+            data = dict(codec.decode(value).data)
         except DecodeError as error:  # the Postgres projections dead-letter these
             log.warning(
-                "view skipped undecodable event at %s[%d]@%d: %s",
-                event.message.topic,
-                event.message.partition,
-                event.message.offset,
-                error.reason,
+                "view skipped undecodable event at %s[%d]@%d: %s", *where, error.reason
             )
             return None
         return data.pop("metadata"), data
 
-    def fold(table: Any, fold_view: Callable[..., Any], event: Any) -> Any:
-        """Fold one event into its key's view in ``table``; the new view, or None."""
-        found = decoded(event)
+    async def fold(table: Any, fold_view: Fold, event: Any) -> Any:
+        """Fold one event into its key's view in ``table``; the new view, or None.
+
+        Faust's consumer reads uncommitted records, so a view may take an event of a
+        transaction that then aborts; a view that shows it (see
+        ``views.needs_healing``) is folded again from the committed log."""
+        message = event.message
+        where = (message.topic, message.partition, message.offset)
+        found = decoded(message.value, where)
         if found is None:
             return None
-        key = found[0]["aggregate_id"].encode()
-        view = fold_view(table.get(key), *found)
+        meta, data = found
+        key = meta["aggregate_id"].encode()
+        current = table.get(key)
+        view = fold_view(current, meta, data)
+        if views.needs_healing(current, meta, view):
+            view = await healed(fold_view, key, where)
+            if view is None:
+                table.pop(key, None)
         if view is not None:
             table[key] = view
+        return view
+
+    async def healed(fold_view: Fold, key: bytes, where: tuple[str, int, int]) -> Any:
+        topic, partition, offset = where
+        values = await asyncio.get_running_loop().run_in_executor(
+            None, topics.records_of_key, settings, topic, partition, key, offset + 1
+        )
+        view = views.refold(
+            fold_view,
+            (f for f in (decoded(v, where) for v in values) if f is not None),
+        )
+        log.warning(
+            "view of %s rebuilt from %d committed events of %s[%d] up to %d: "
+            "version %s",
+            key.decode(errors="replace"),
+            len(values),
+            topic,
+            partition,
+            offset,
+            None if view is None else view["version"],
+        )
         return view
 
     # One event at a time: Faust then names the partition a table write goes to
@@ -74,7 +107,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     @app.agent(order_events, name="order-views")
     async def order_views(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            view = fold(orders, views.fold_order, event)
+            view = await fold(orders, views.fold_order, event)
             if view is not None:
                 await summaries.send(key=view["customer_id"], value=view)
 
@@ -87,7 +120,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     @app.agent(account_events, name="account-views")
     async def account_views(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            fold(accounts, views.fold_account, event)
+            await fold(accounts, views.fold_account, event)
 
     @app.page("/orders/{order_id}")
     @routed(app, orders, "order_id")
@@ -112,6 +145,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
 
 
 View = Callable[..., Awaitable[Any]]
+Fold = Callable[[Any, dict[str, Any], dict[str, Any]], Any]
 
 
 def routed(app: faust.App, table: Any, match_info: str) -> Callable[[View], View]:

@@ -20,18 +20,17 @@ billions of events.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
-from app.adapters.logtail import OPEN_TRANSACTION_WAIT_S
+from app.adapters.topics import Stalled, read_range
 from app.settings import Settings
 
 AREAS = ("orders", "accounts")
@@ -85,30 +84,8 @@ def read_topic(settings: Settings, topic: str) -> list[Message]:
             )
             if high <= low:
                 continue
-            tp = TopicPartition(topic, partition, low)
-            consumer.assign([tp])
-            # Up to the high watermark read when the audit began, also past a
-            # transaction still committing there: Kafka writes a transaction's
-            # markers partition by partition, so a result can be readable a moment
-            # before its events are.
-            deadline = time.monotonic() + OPEN_TRANSACTION_WAIT_S
-            at_end = False  # the last stable offset was reached once
-            while True:
-                message = consumer.poll(1.0)
-                if message is None or message.error() is not None:
-                    error = None if message is None else message.error()
-                    if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                        raise AuditError(f"reading {topic}[{partition}]: {error}")
-                    at_end = at_end or error is not None
-                    [at] = consumer.position([tp])
-                    if at.offset >= high:
-                        break
-                    if time.monotonic() > deadline:
-                        if at_end:
-                            break
-                        raise AuditError(f"{topic}[{partition}] stalled before {high}")
-                    continue
-                found.append(
+            try:
+                found += [
                     Message(
                         topic,
                         partition,
@@ -117,10 +94,11 @@ def read_topic(settings: Settings, topic: str) -> list[Message]:
                         message.value(),
                         dict(message.headers() or []),
                     )
-                )
-                if message.offset() + 1 >= high:
-                    break
-                deadline = time.monotonic() + OPEN_TRANSACTION_WAIT_S
+                    # Up to the high watermark read when the audit began.
+                    for message in read_range(consumer, topic, partition, low, high)
+                ]
+            except Stalled as error:
+                raise AuditError(str(error.args[0].str())) from error
         return found
     finally:
         consumer.close()

@@ -8,10 +8,17 @@ both halves of an aggregate.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
@@ -55,6 +62,13 @@ def required_topics(settings: Settings) -> list[TopicSpec]:
         specs += [
             TopicSpec(commands, settings.partitions, dict(size)),
             TopicSpec(events, settings.partitions, {**FOREVER, **size}, tuple(FOREVER)),
+            # The latest state of each aggregate (a cache of the events' fold).
+            TopicSpec(
+                topics.snapshots(aggregate),
+                settings.partitions,
+                {"cleanup.policy": "compact", "retention.ms": "-1"},
+                ("cleanup.policy",),
+            ),
             # Dead letters carry what was refused; losing them would lose input.
             TopicSpec(
                 topics.dead_letter(commands), 1, {**FOREVER, **size}, tuple(FOREVER)
@@ -180,11 +194,12 @@ def _co_partitioning(
     for aggregate in AGGREGATES:
         commands = settings.topics.commands(aggregate)
         events = settings.topics.events(aggregate)
-        if counts.get(commands) != counts.get(events):
-            problems.append(
-                f"{commands} has {counts.get(commands)} partitions but {events} has "
-                f"{counts.get(events)}; an aggregate's command and event topics must match"
-            )
+        for other in (commands, settings.topics.snapshots(aggregate)):
+            if counts.get(other) != counts.get(events):
+                problems.append(
+                    f"{other} has {counts.get(other)} partitions but {events} has "
+                    f"{counts.get(events)}; an aggregate's topics must match"
+                )
     return problems
 
 
@@ -239,6 +254,85 @@ def watermarks(
             if code not in SETTLING or time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
+
+
+# The longest a transaction of Streamfold's stays open (the processor's
+# transaction timeout) and a margin for the broker's abort of it.
+OPEN_TRANSACTION_WAIT_S = 15.0
+
+
+class Stalled(KafkaException):
+    """A partition stopped short of the offset it was read to."""
+
+
+def read_range(
+    consumer: Consumer,
+    topic: str,
+    partition: int,
+    start: int,
+    end: int,
+    wait_s: float = OPEN_TRANSACTION_WAIT_S,
+) -> Iterator[Message]:
+    """The records a read_committed ``consumer`` (assigned here) finds in
+    ``[start, end)`` of one partition, in offset order.
+
+    It reads on past a transaction still open there: Kafka writes a transaction's
+    markers partition by partition, so a record elsewhere can be readable a moment
+    before this one is. After ``wait_s`` without progress it stops if it reached the
+    last stable offset (a transaction left open, which the broker will abort) and
+    raises ``Stalled`` if it never did."""
+    tp = TopicPartition(topic, partition, start)
+    consumer.assign([tp])
+    deadline = time.monotonic() + wait_s
+    at_end = False  # the last stable offset was reached once
+    while True:
+        message = consumer.poll(0.2)
+        error = None if message is None else message.error()
+        if message is None or error is not None:
+            if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(error)
+            at_end = at_end or error is not None
+            [at] = consumer.position([tp])
+            if at.offset >= end:
+                return
+            if time.monotonic() > deadline:
+                if at_end:
+                    return
+                raise Stalled(
+                    KafkaError(
+                        KafkaError._TIMED_OUT,
+                        f"{topic}[{partition}] stalled before {end}",
+                    )
+                )
+            continue
+        yield message
+        if (message.offset() or 0) + 1 >= end:
+            return
+        deadline = time.monotonic() + wait_s
+
+
+def records_of_key(
+    settings: Settings, topic: str, partition: int, key: bytes, end: int
+) -> list[bytes]:
+    """The values of the committed records keyed ``key`` in ``[0, end)`` of one
+    partition, in order (blocking: it reads the partition from its start)."""
+    consumer = Consumer(
+        {
+            **settings.consumer_config(),
+            "group.id": f"{settings.app_id}.records-of-key",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        low, _ = watermarks(consumer, topic, partition)
+        return [
+            message.value() or b""
+            for message in read_range(consumer, topic, partition, low, end)
+            if message.key() == key
+        ]
+    finally:
+        consumer.close()
 
 
 def record_end(

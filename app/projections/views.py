@@ -1,11 +1,13 @@
 """Pure folds behind the Faust-table views: event dicts in, JSON-ready dicts out.
 
 A repeated event (same or older stream version) returns ``None`` and changes nothing;
-a skipped version is flagged ``gap`` rather than hidden.
+a skipped version is flagged ``gap`` rather than hidden. ``needs_healing`` says when a
+view must be folded again from the aggregate's committed events (``refold``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 Row = dict[str, Any]
@@ -36,7 +38,34 @@ def _next(current: Row | None, meta: Row) -> Row | None:
     expected = (current["version"] if current else 0) + 1
     row["gap"] = bool(row.get("gap")) or version != expected
     row["version"] = version
+    row["event_id"] = meta["event_id"]
     row["updated_at"] = meta["timestamp"].isoformat()
+    return row
+
+
+def needs_healing(current: Row | None, meta: Row, folded: Row | None) -> bool:
+    """Whether folding ``meta``'s event into ``current`` (giving ``folded``) shows
+    the view was built from something other than the committed log: a version
+    skipped (a gap that was not there before), or another event than the one
+    folded at this version (the one folded was in a transaction that aborted; the
+    write side's retry of the same command has the same event id)."""
+    if folded is not None:
+        return bool(folded["gap"]) and not (current or {}).get("gap")
+    return (
+        current is not None
+        and current["version"] == meta["stream_version"]
+        and current.get("event_id") not in (None, meta["event_id"])
+    )
+
+
+def refold(
+    fold_view: Callable[[Row | None, Row, Row], Row | None],
+    events: Iterable[tuple[Row, Row]],
+) -> Row | None:
+    """A view folded afresh from an aggregate's events (metadata, data), in order."""
+    row = None
+    for meta, data in events:
+        row = fold_view(row, meta, data) or row
     return row
 
 

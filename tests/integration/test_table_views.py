@@ -5,17 +5,28 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from datetime import UTC, datetime
 
 import httpx
+from confluent_kafka import Producer
 
 from app.adapters.eventlog import partition_for
 from app.client import CommandClient
+from app.domain import orders
 from app.domain.accounts import Deposit, OpenAccount
-from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment, ShipOrder
+from app.domain.orders import (
+    Address,
+    CancelOrder,
+    CreateOrder,
+    LineItem,
+    ProcessPayment,
+    ShipOrder,
+)
 from app.local.deployments import free_port
 from app.settings import Settings
+from bench.harness import Outgoing, domain_events, encode_events
 from tests.invariants import serving_worker
-from tests.support import get_until, running_worker
+from tests.support import codec_for, get_until, running_worker
 
 
 def _create(order_id: str, customer: str) -> CreateOrder:
@@ -33,6 +44,17 @@ def _create(order_id: str, customer: str) -> CreateOrder:
             zip_code="22202",
             country="US",
         ),
+    )
+
+
+def _payment(order_id: str) -> ProcessPayment:
+    return ProcessPayment(
+        order_id=order_id,
+        payment_id="p1",
+        amount_minor=4200,
+        currency="USD",
+        method="paypal",
+        transaction_id="t1",
     )
 
 
@@ -191,3 +213,75 @@ def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
             ).json()
             assert sorted(o["order_id"] for o in page["items"]) == mine
             assert {o["status"] for o in page["items"]} == {"PAID"}
+
+
+def test_a_view_that_took_an_aborted_event_heals_from_the_log(
+    deployment: Settings,
+) -> None:
+    """Faust's consumer reads uncommitted records: a view takes the event of a
+    transaction that then aborts. When the committed event at that version (another
+    event id) arrives, the view is folded again from the committed log."""
+    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    order = f"o-heal-{uuid.uuid4().hex[:6]}"
+    topic = deployment.topics.events("orders")
+    codec = codec_for(deployment)
+    created, paid = encode_events(
+        codec,
+        topic,
+        domain_events(
+            orders,
+            orders.AGGREGATE_TYPE,
+            [_create(order, "c-heal"), _payment(order)],
+            start=datetime.now(UTC),
+        ),
+    )
+    [_, cancelled_meta] = domain_events(
+        orders,
+        orders.AGGREGATE_TYPE,
+        [_create(order, "c-heal"), CancelOrder(order_id=order, reason="aborted")],
+        start=datetime.now(UTC),
+    )
+    # Another command's event at version 2, as a write that aborted would leave.
+    cancelled_meta[0]["event_id"] = f"aborted-{order}"
+    [cancelled] = encode_events(codec, topic, [cancelled_meta])
+    producer = Producer(
+        {
+            **deployment.producer_config(),
+            "transactional.id": f"{deployment.app_id}-heal-test",
+        }
+    )
+    producer.init_transactions(30)
+
+    def write(message: Outgoing, commit: bool) -> None:
+        producer.begin_transaction()
+        producer.produce(
+            topic,
+            message.value,
+            message.key,
+            partition=partition_for(message.key, deployment.partitions),
+            headers=message.headers,
+        )
+        producer.flush(30)
+        if commit:
+            producer.commit_transaction(30)
+        else:
+            producer.abort_transaction(30)
+
+    with running_worker(deployment):
+        write(created, commit=True)
+        get_until(f"{base}/orders/{order}", lambda r: r.status_code == 200)
+        write(cancelled, commit=False)
+        # The aborted event reaches the view (read uncommitted)...
+        aborted = get_until(
+            f"{base}/orders/{order}", lambda r: r.json().get("version") == 2
+        )
+        assert aborted.json()["status"] == "CANCELLED", aborted.text
+        write(paid, commit=True)
+        # ...and the committed one at the same version heals it.
+        healed = get_until(
+            f"{base}/orders/{order}", lambda r: r.json().get("status") == "PAID"
+        )
+        assert healed.json()["status"] == "PAID", healed.text
+        assert healed.json()["version"] == 2
+        assert healed.json()["gap"] is False
+        assert healed.json()["event_id"] == paid.command_id  # the event's id
