@@ -11,14 +11,20 @@ partitions are caught up from the log again before the next decision.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import time
+import typing
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Message
+import orjson
+from confluent_kafka import Consumer, Message
 
 from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError, Headers
@@ -32,6 +38,7 @@ from app.adapters.eventlog import (
 )
 from app.adapters.logtail import TP, LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
+from app.adapters.topics import read_range, watermarks
 from app.application.commands import (
     Aggregate,
     CommandService,
@@ -57,6 +64,31 @@ AGGREGATES = {"orders": ORDERS, "accounts": ACCOUNTS}
 REROUTED_HEADER = "streamfold-rerouted-from"
 # Records kept decoded in memory; the rest are read from RocksDB when needed.
 MEMORY_RECORDS = 50_000
+# Folded records and answers written to RocksDB at a time while a long log is
+# caught up (bounds the memory a rebuild takes).
+FOLD_CHUNK = 10_000
+# States a snapshot writes per batch.
+SNAPSHOT_CHUNK = 2_000
+# A snapshot partition's record of the events offset its states reflect.
+SNAPSHOT_MARKER = b"\x00snapshot-marker"
+# The shape of the states a snapshot record holds (``state_format``).
+FORMAT_HEADER = "streamfold-state-format"
+
+
+def state_format(cls: type) -> str:
+    """A short name for the shape of a state dataclass (field names and types, all
+    the way down): cached or snapshot states of another shape are not read."""
+
+    def shape(kind: Any) -> Any:
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            hints = typing.get_type_hints(kind)
+            return [(f.name, shape(hints[f.name])) for f in dataclasses.fields(kind)]
+        arguments = typing.get_args(kind)
+        if arguments:
+            return [repr(typing.get_origin(kind)), [shape(a) for a in arguments]]
+        return repr(kind)
+
+    return hashlib.sha256(orjson.dumps(shape(cls))).hexdigest()[:16]
 
 
 class AggregateCache:
@@ -64,8 +96,11 @@ class AggregateCache:
     committed ones in memory and RocksDB, a batch's in ``pending`` until it
     commits."""
 
-    def __init__(self, cache: StateCache, aggregate: Aggregate) -> None:
+    def __init__(
+        self, cache: StateCache, aggregate: Aggregate, partitions: int
+    ) -> None:
         self.cache = cache
+        self.partitions = partitions
         self.state_type = type(aggregate.initial_state())
         self.memory: OrderedDict[str, Record] = OrderedDict()
         self.pending: dict[str, Record] = {}
@@ -102,10 +137,10 @@ class AggregateCache:
     def remember_answer(self, command_id: str, value: bytes) -> None:
         self.pending_answers[command_id] = value
 
-    def commit(self) -> None:
+    def commit(self, snapshotted: Iterable[str] = ()) -> None:
         """Make the pending records and answers committed (the batch's transaction
-        did)."""
-        self.write(self.pending, self.pending_answers, {})
+        did), and the records ``snapshotted`` clean."""
+        self.write(self.pending, self.pending_answers, {}, snapshotted)
         self.drop()
 
     def write(
@@ -113,11 +148,15 @@ class AggregateCache:
         records: dict[str, Record],
         answers: dict[str, bytes],
         offsets: dict[TP, int],
+        snapshotted: Iterable[str] = (),
     ) -> None:
         """Write records and answers as committed, with the log offsets they now
-        reflect, in one RocksDB batch."""
-        if not records and not answers and not offsets:
+        reflect, in one RocksDB batch. Each record written is marked dirty (to be
+        snapshotted) under its partition; the ``snapshotted`` marks go first."""
+        clean = list(snapshotted)
+        if not records and not answers and not offsets and not clean:
             return
+        dirty = {self.dirty_key(aggregate_id): b"" for aggregate_id in records}
         self.cache.write(
             {
                 _record(aggregate_id): {
@@ -126,8 +165,9 @@ class AggregateCache:
                 }
                 for aggregate_id, record in records.items()
             },
-            {_answer(c): value for c, value in answers.items()},
+            {**{_answer(c): value for c, value in answers.items()}, **dirty},
             offsets,
+            clean,
         )
         for aggregate_id, record in records.items():
             self._remember(aggregate_id, record)
@@ -135,6 +175,21 @@ class AggregateCache:
     def drop(self) -> None:
         self.pending.clear()
         self.pending_answers.clear()
+
+    def dirty_key(self, aggregate_id: str) -> str:
+        return f"{dirty_prefix(partition_for(aggregate_id.encode(), self.partitions))}{aggregate_id}"
+
+    def dirty(self, partition: int, limit: int) -> list[str]:
+        """Up to ``limit`` marks of the partition's records changed since they were
+        last snapshotted."""
+        return self.cache.keys(dirty_prefix(partition), limit)
+
+    def restore(self, records: dict[str, bytes]) -> None:
+        """Records as a snapshot holds them (the cache's own encoding): committed,
+        and clean."""
+        self.cache.write({}, {_record(a): raw for a, raw in records.items()}, {})
+        for aggregate_id in records:
+            self.memory.pop(aggregate_id, None)
 
     def _remember(self, aggregate_id: str, record: Record) -> None:
         self.memory[aggregate_id] = record
@@ -149,6 +204,10 @@ def _record(aggregate_id: str) -> str:
 
 def _answer(command_id: str) -> str:
     return f"a/{command_id}"
+
+
+def dirty_prefix(partition: int) -> str:
+    return f"d/{partition}/"
 
 
 def envelope_from_record(record: dict[str, Any]) -> Envelope:
@@ -185,7 +244,13 @@ class CommandHandler:
         self.commands_topic = settings.topics.commands(area)
         self.events_topic = settings.topics.events(area)
         self.results_topic = settings.topics.results
-        self.store = AggregateCache(StateCache(cache_dir / area), self.aggregate)
+        self.snapshots_topic = settings.topics.snapshots(area)
+        self.format = state_format(type(self.aggregate.initial_state()))
+        self.store = AggregateCache(
+            StateCache(cache_dir / area, self.format),
+            self.aggregate,
+            settings.partitions,
+        )
         self.service = CommandService(aggregate=self.aggregate, store=self.store)
         self.tail = LogTail(settings, self._fold, name=f"{area}-state")
         self.partitions = Ownership()
@@ -195,6 +260,13 @@ class CommandHandler:
         self._folded: set[TP] = set()
         self._folded_records: dict[str, Record] = {}
         self._folded_answers: dict[str, bytes] = {}
+        # Snapshots: per partition in a round, the events offset its states
+        # reflect; what this batch writes of them.
+        self._next_snapshot = time.monotonic() + settings.snapshot_interval_s
+        self._rounds: dict[int, int] = {}
+        self._snapshotted: list[str] = []
+        self._completed: set[int] = set()
+        self.stats = {"snapshot_states": 0, "snapshots": 0, "restored_states": 0}
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -231,14 +303,62 @@ class CommandHandler:
             )
 
     def tick(self, batch: Batch) -> None:
-        return None
+        """Snapshot what changed, a chunk per batch: every ``snapshot_interval_s`` a
+        round starts on each partition owned, noting the events offset the states
+        already reflect; it writes the states of every record changed since its
+        last snapshot, then that offset (the marker). A store rebuilt from the
+        snapshot topic folds the events from the latest marker on."""
+        interval = self.settings.snapshot_interval_s
+        if interval <= 0:
+            return
+        current = self.partitions.owned - self.partitions.stale
+        if not self._rounds and time.monotonic() >= self._next_snapshot:
+            self._next_snapshot = time.monotonic() + interval
+            for partition in current:
+                tp = (self.events_topic, partition)
+                if tp in self.tail.offsets:
+                    self._rounds[partition] = self.tail.offsets[tp]
+        for partition, offset in list(self._rounds.items()):
+            if partition not in current:
+                del self._rounds[partition]  # another writer took it
+                continue
+            marks = self.store.dirty(partition, SNAPSHOT_CHUNK)
+            prefix = len(dirty_prefix(partition))
+            for mark in marks:
+                aggregate_id = mark[prefix:]
+                value = self.store.cache.get_raw(_record(aggregate_id))
+                if value is not None:
+                    self._snapshot(batch, aggregate_id.encode(), value, partition)
+                self._snapshotted.append(mark)
+            if len(marks) < SNAPSHOT_CHUNK:
+                marker = orjson.dumps({"events_offset": offset})
+                self._snapshot(batch, SNAPSHOT_MARKER, marker, partition)
+                self._completed.add(partition)
+            return  # one partition's chunk per batch
+
+    def _snapshot(self, batch: Batch, key: bytes, value: bytes, partition: int) -> None:
+        batch.send(
+            self.snapshots_topic,
+            value,
+            key=key,
+            partition=partition,
+            headers=[(FORMAT_HEADER, self.format.encode())],
+        )
 
     def committed(self) -> None:
-        self.store.commit()
+        self.store.commit(self._snapshotted)
+        self.stats["snapshot_states"] += len(self._snapshotted)
+        self.stats["snapshots"] += len(self._completed)
+        for partition in self._completed:
+            self._rounds.pop(partition, None)
+        self._snapshotted.clear()
+        self._completed.clear()
         self._deciding.clear()
 
     def aborted(self) -> None:
         self.store.drop()
+        self._snapshotted.clear()
+        self._completed.clear()
         self._deciding.clear()
         self.partitions.doubt()
 
@@ -252,13 +372,65 @@ class CommandHandler:
 
     def _catch_up(self, partition: int) -> None:
         logs = self._logs(partition)
+        if not self.store.cache.known(logs[0]):
+            self._restore(partition)
         self.tail.follow({tp: self.store.cache.offset(tp) for tp in logs})
+        # Known from now on, also when the logs were empty.
+        self._folded.update(logs)
         # Only this writer answers its partition's commands while it owns it: the
         # results are read again at the next catch-up, events (which others may
         # append) before every batch.
         self.tail.pause([(self.results_topic, partition)])
         self._save_folded()
         self.partitions.stale.discard(partition)
+
+    def _restore(self, partition: int) -> None:
+        """Fill a store that never held ``partition`` from its snapshots: the
+        latest state of each aggregate there, and the events offset of the latest
+        marker (the catch-up folds the events from there). States of another shape
+        are left out (folded from the log instead)."""
+        consumer = Consumer(
+            {
+                **self.settings.consumer_config(),
+                "group.id": f"{self.settings.app_id}.snapshot-restore",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            low, high = watermarks(consumer, self.snapshots_topic, partition)
+            marker = None
+            chunk: dict[str, bytes] = {}
+            restored = 0
+            for message in read_range(
+                consumer, self.snapshots_topic, partition, low, high
+            ):
+                found = dict(message.headers() or [])
+                if found.get(FORMAT_HEADER) != self.format.encode():
+                    continue
+                key, value = message.key() or b"", message.value() or b""
+                if key == SNAPSHOT_MARKER:
+                    marker = int(orjson.loads(value)["events_offset"])
+                    continue
+                chunk[key.decode()] = value
+                if len(chunk) >= FOLD_CHUNK:
+                    restored += len(chunk)
+                    self.store.restore(chunk)
+                    chunk = {}
+            restored += len(chunk)
+            self.store.restore(chunk)
+        finally:
+            consumer.close()
+        if marker is not None:
+            self.store.cache.write({}, {}, {self._logs(partition)[0]: marker})
+        self.stats["restored_states"] += restored
+        log.info(
+            "%s[%d]: %d states restored from snapshots; events folded from %s",
+            self.snapshots_topic,
+            partition,
+            restored,
+            marker or 0,
+        )
 
     def _fold_tail(self) -> None:
         if self.tail.poll():
@@ -286,6 +458,8 @@ class CommandHandler:
                 key = command_id.decode()
                 if self.store.answered(key) is None:
                     self._folded_answers[key] = message.value() or b""
+                    if len(self._folded_answers) >= FOLD_CHUNK:
+                        self._save_folded()
             return
         aggregate_id = found.get("aggregate-id")
         version = found.get("stream-version")
@@ -309,6 +483,10 @@ class CommandHandler:
         except (DecodeError, mapper.MappingError, LookupError, GapError) as error:
             # Readers dead-letter such an event; the writer cannot fold it either.
             log.error("%s: event not folded: %s", _where(message), error)
+        if len(self._folded_records) >= FOLD_CHUNK:
+            # The offsets saved stop before this record: folded again after a
+            # crash, it is skipped (its version is in the state saved).
+            self._save_folded()
 
     def _folded_record(self, aggregate_id: str) -> Record | None:
         found = self._folded_records.get(aggregate_id)

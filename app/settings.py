@@ -43,6 +43,9 @@ class Topics:
     def results(self) -> str:
         return f"{self.prefix}command-results"
 
+    def snapshots(self, aggregate: str) -> str:
+        return f"{self.prefix}{aggregate}.snapshots"
+
     def dead_letter(self, source_topic: str) -> str:
         return f"{source_topic}.dlq"
 
@@ -92,6 +95,9 @@ class Settings:
     # The order payment saga (agents/saga.py): off registers nothing.
     saga: bool = True
     saga_timeout_s: float = 30.0
+    # How often the write side starts a snapshot of the states that changed (so a
+    # lost store is rebuilt from it and the log's tail); 0 takes none.
+    snapshot_interval_s: float = 60.0
     registry_host: str = "127.0.0.1"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -187,6 +193,11 @@ class Settings:
                 _float_between(0.001, MAX_SAGA_TIMEOUT_S),
                 default.saga_timeout_s,
             ),
+            snapshot_interval_s=get(
+                "STREAMFOLD_SNAPSHOT_INTERVAL",
+                _float_between(0, 86_400),
+                default.snapshot_interval_s,
+            ),
             registry_host=get("STREAMFOLD_REGISTRY_HOST", _name, default.registry_host),
             security_protocol=get(
                 "KAFKA_SECURITY_PROTOCOL",
@@ -259,6 +270,7 @@ class Settings:
             "STREAMFOLD_WRITE_PROCESSES": str(self.write_processes),
             "STREAMFOLD_SAGA": "on" if self.saga else "off",
             "STREAMFOLD_SAGA_TIMEOUT": str(self.saga_timeout_s),
+            "STREAMFOLD_SNAPSHOT_INTERVAL": str(self.snapshot_interval_s),
             "STREAMFOLD_REGISTRY_HOST": self.registry_host,
             "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
         }

@@ -61,7 +61,7 @@ def write(settings: Settings, index: int, reports: Connection, parent: int) -> N
         thread.start()
     try:
         while not stopping.is_set() and all(t.is_alive() for t in threads):
-            reports.send(_report(processors))
+            reports.send(_report(processors, handlers))
             stopping.wait(REPORT_S)
     except OSError:  # the worker is gone
         pass
@@ -122,8 +122,8 @@ def _running(processor: Processor, stopping: threading.Event) -> None:
         os._exit(1)
 
 
-def _report(processors: list[Processor]) -> dict[str, Any]:
-    return {
+def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, Any]:
+    report: dict[str, Any] = {
         p.group: {
             "assignment": sorted(p.report.assigned),
             "batches": p.report.batches,
@@ -133,6 +133,13 @@ def _report(processors: list[Processor]) -> dict[str, Any]:
         }
         for p in processors
     }
+    # Snapshots written and states restored from them, per aggregate type.
+    report[processors[0].group]["stores"] = {
+        h.aggregate.type: dict(h.stats)
+        for h in handlers
+        if isinstance(h, CommandHandler)
+    }
+    return report
 
 
 class WriteProcess:

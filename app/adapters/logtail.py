@@ -29,14 +29,12 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
+from app.adapters.topics import OPEN_TRANSACTION_WAIT_S
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
 
 TP = tuple[str, int]
-# The longest a transaction of Streamfold's stays open (the processor's
-# transaction timeout) and a margin for the broker's abort of it.
-OPEN_TRANSACTION_WAIT_S = 15.0
 
 
 class LogTail:
@@ -56,7 +54,7 @@ class LogTail:
                 "enable.partition.eof": True,
                 "isolation.level": "read_committed",
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": 500,
                 # Bounds what is fetched ahead of folding, per partition.
                 "queued.max.messages.kbytes": 4096,
             }
@@ -210,14 +208,33 @@ class LogTail:
 
 class StateCache:
     """Values by key and the log offsets they reflect, in a local RocksDB database;
-    a batch of changes is written atomically."""
+    a batch of changes is written atomically.
 
-    def __init__(self, path: Path) -> None:
+    ``shape`` names the shape of what is cached (see ``runtime.state_format``): a
+    cache written in another shape, by an older or newer release, is dropped when
+    opened and rebuilt from the log."""
+
+    def __init__(self, path: Path, shape: str = "") -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.db = self._open()
+        found = self.db.get(FORMAT_KEY)
+        if found is not None and bytes(found) != shape.encode():
+            log.warning(
+                "%s: cached in another format (%r, now %r); rebuilding it",
+                path,
+                bytes(found).decode(errors="replace"),
+                shape,
+            )
+            self.db.close()
+            Rdict.destroy(str(path))
+            self.db = self._open()
+        self.db[FORMAT_KEY] = shape.encode()
+
+    def _open(self) -> Rdict:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
-        self.db = Rdict(str(path), options)
+        return Rdict(str(self.path), options)
 
     def get(self, key: str) -> object | None:
         raw = self.db.get(key.encode())
@@ -231,13 +248,35 @@ class StateCache:
         found = self.get(_offset_key(tp))
         return int(found) if isinstance(found, int) else 0
 
+    def known(self, tp: TP) -> bool:
+        """Whether this cache has folded ``tp`` before (an offset is kept for it)."""
+        return self.db.get(_offset_key(tp).encode()) is not None
+
+    def keys(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` keys that start with ``prefix``, in order."""
+        start = prefix.encode()
+        found: list[str] = []
+        rows = self.db.iter()
+        rows.seek(start)
+        while rows.valid() and len(found) < limit:
+            key = bytes(rows.key())
+            if not key.startswith(start):
+                break
+            found.append(key.decode())
+            rows.next()
+        return found
+
     def write(
         self,
         values: dict[str, object],
         raw: dict[str, bytes],
         offsets: dict[TP, int],
+        deleted: Iterable[str] = (),
     ) -> None:
+        """Delete ``deleted``, then put the rest, in one atomic batch."""
         batch = WriteBatch(raw_mode=True)
+        for key in deleted:
+            batch.delete(key.encode())
         for key, value in values.items():
             batch.put(key.encode(), orjson.dumps(value))
         for key, data in raw.items():
@@ -252,6 +291,9 @@ class StateCache:
     @staticmethod
     def destroy(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+FORMAT_KEY = b"\x00format"
 
 
 def _offset_key(tp: TP) -> str:

@@ -212,7 +212,5 @@ def test_mismatched_command_and_event_partitions_stop_start_up(
     admin.create_topics([NewTopic(name, settings.partitions + 2, 1)])[name].result(
         timeout=30
     )
-    with pytest.raises(
-        topics.TopicConflict, match="command and event topics must match"
-    ):
+    with pytest.raises(topics.TopicConflict, match="an aggregate's topics must match"):
         topics.ensure_topics(settings)

@@ -1,6 +1,7 @@
 """A restarted worker rebuilds every aggregate exactly from the log: with its local
-state cache deleted (only the event and result topics are left to rebuild from),
-and with it kept (only the tail is folded).
+state cache deleted (rebuilt from the snapshots and the events after them), with it
+kept (only the tail is folded), and with both the cache and the snapshots gone (only
+the event and result topics are left to rebuild from).
 
 Checked per aggregate on the rebuilt worker: the next command gets version n+1 under
 ``expected_version=n``; a withdrawal of one more than the balance is refused and
@@ -10,8 +11,13 @@ old command id sent again is answered as before, writing nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
 
+import httpx
+
+from app.adapters import topics
 from app.client import CommandClient, CommandResult
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.domain.money import fmt
@@ -69,12 +75,44 @@ def _withdraw(account: str, amount: int, reference: str) -> Withdraw:
     )
 
 
-LOSSES = ("local store", "nothing")
+LOSSES = ("local store", "nothing", "local store and snapshots")
+
+
+def _stores(settings: Settings) -> dict[str, int]:
+    """The running worker's snapshot figures for accounts (see ``CommandHandler``)."""
+    status = httpx.get(
+        f"http://{settings.web_host}:{settings.web_port}/status", timeout=10
+    ).json()
+    [process] = status["write"]["processes"]
+    stores: dict[str, int] = process[f"{settings.app_id}.commands"]["stores"]["account"]
+    return stores
+
+
+def _snapshotted(settings: Settings) -> None:
+    """Wait for two more rounds of snapshots of every partition: the second began
+    after everything so far was committed."""
+    wanted = _stores(settings)["snapshots"] + 2 * settings.partitions
+    deadline = time.monotonic() + 60
+    while _stores(settings)["snapshots"] < wanted:
+        assert time.monotonic() < deadline, _stores(settings)
+        time.sleep(0.2)
+
+
+def _delete_snapshots(settings: Settings) -> None:
+    """Delete the snapshot topic (the worker creates it again at start)."""
+    admin = topics.admin_client(settings)
+    topic = settings.topics.snapshots("accounts")
+    admin.delete_topics([topic], operation_timeout=30)[topic].result(timeout=30)
+    deadline = time.monotonic() + 30
+    while topic in admin.list_topics(timeout=10).topics:
+        assert time.monotonic() < deadline, f"{topic} was not deleted"
+        time.sleep(0.2)
 
 
 def test_a_worker_that_lost_its_table_rebuilds_every_aggregate(
     deployment: Settings,
 ) -> None:
+    deployment = dataclasses.replace(deployment, snapshot_interval_s=0.5)
     with serving_worker(deployment), CommandClient(deployment) as client:
         sent = _history(client)
         first = {
@@ -84,6 +122,7 @@ def test_a_worker_that_lost_its_table_rebuilds_every_aggregate(
                 timeout=120,
             )
         }
+        _snapshotted(deployment)
     answered = list(first.values())
     assert_write_side_promises(deployment, answered)
     # One loss after another, each followed by a restart that must rebuild exactly.
@@ -95,9 +134,13 @@ def test_a_worker_that_lost_its_table_rebuilds_every_aggregate(
             for a, s in streams.items()
         }
         assert set(versions) == set(sent)
-        if lost == "local store":
+        if lost.startswith("local store"):
             delete_local_store(deployment)
-        after = _after_loss(deployment, sent, first, balances, versions, n)
+        if lost.endswith("snapshots"):
+            _delete_snapshots(deployment)
+        # Restored from the snapshots only when they are there.
+        restored = ACCOUNTS if lost == "local store" else 0
+        after = _after_loss(deployment, sent, first, balances, versions, n, restored)
         answered += after.values()
         # Each restart sends a command id again.
         streams = assert_write_side_promises(deployment, answered, sent_once=False)
@@ -113,6 +156,7 @@ def _after_loss(
     balances: dict[str, int],
     versions: dict[str, int],
     n: int,
+    restored: int,
 ) -> dict[str, CommandResult]:
     """On a restarted worker, per account: a repeat of the last accepted command of
     the history, an overdraft, a withdrawal of exactly the balance under the
@@ -151,6 +195,8 @@ def _after_loss(
             *deposited.values(),
         ]
         after = {r.command_id: r for r in client.wait(ids, timeout=RECOVERY_DEADLINE_S)}
+        assert _stores(deployment)["restored_states"] == restored
+        _snapshotted(deployment)
     for account in sent:
         version = versions[account]
         no: CommandResult = after[refused[account]]

@@ -50,7 +50,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
         yield MemoryStore()
         return
     cache = StateCache(tmp_path / "cache")
-    yield AggregateCache(cache, ACCOUNTS)
+    yield AggregateCache(cache, ACCOUNTS, partitions=4)
     cache.close()
 
 
@@ -146,7 +146,7 @@ def test_event_ids_are_deterministic(store: MemoryStore) -> None:
 
 def test_the_cache_keeps_a_batch_provisional_until_it_commits(tmp_path: Path) -> None:
     cache = StateCache(tmp_path / "cache")
-    store = AggregateCache(cache, ACCOUNTS)
+    store = AggregateCache(cache, ACCOUNTS, partitions=4)
     service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
     store.remember_answer("c-1", b"accepted")
@@ -159,10 +159,43 @@ def test_the_cache_keeps_a_batch_provisional_until_it_commits(tmp_path: Path) ->
     cache.close()
 
     reopened = StateCache(tmp_path / "cache")  # a restart reads what was committed
-    again = AggregateCache(reopened, ACCOUNTS)
+    again = AggregateCache(reopened, ACCOUNTS, partitions=4)
     record = again.load("acc-1")
     assert record is not None and record.version == 1
     assert again.answered("c-1") == b"accepted"
     assert reopened.offset(("t.events", 3)) == 42
     assert reopened.offset(("t.events", 2)) == 0
     reopened.close()
+
+
+def test_changed_records_are_marked_for_the_next_snapshot(tmp_path: Path) -> None:
+    cache = StateCache(tmp_path / "cache", "shape-1")
+    store = AggregateCache(cache, ACCOUNTS, partitions=4)
+    service = _service(store)
+    service.apply(service.decide(_envelope("c-1"), OPEN))
+    store.commit()
+    mark = store.dirty_key("acc-1")
+    partition = int(mark.split("/")[1])
+    assert store.dirty(partition, 10) == [mark]
+    # Snapshotted in a batch that changes the record again: still marked.
+    service.apply(service.decide(_envelope("c-2"), DEPOSIT))
+    store.commit(snapshotted=[mark])
+    assert store.dirty(partition, 10) == [mark]
+    store.commit(snapshotted=[mark])
+    assert store.dirty(partition, 10) == []
+    # A snapshot's records come back committed and clean.
+    store.restore({"acc-9": b'{"state":{},"version":3}'})
+    assert store.dirty(partition, 10) == []
+    cache.close()
+
+
+def test_a_cache_of_another_shape_is_dropped(tmp_path: Path) -> None:
+    cache = StateCache(tmp_path / "cache", "shape-1")
+    cache.write({}, {"r/acc-1": b"{}"}, {("t.events", 0): 7})
+    cache.close()
+    same = StateCache(tmp_path / "cache", "shape-1")
+    assert same.get_raw("r/acc-1") == b"{}" and same.known(("t.events", 0))
+    same.close()
+    other = StateCache(tmp_path / "cache", "shape-2")
+    assert other.get_raw("r/acc-1") is None and not other.known(("t.events", 0))
+    other.close()
