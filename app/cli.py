@@ -168,16 +168,34 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     print(
         f"{'ver':>4}  {'time (UTC)':<26} {'event':<18} {'schema':>6}  {'event id':<36}  data"
     )
+    currencies: dict[str, str] = {}
     for e in events:
-        data = ", ".join(
-            f"{k}={v}" for k, v in e.data.items() if not isinstance(v, list | dict)
-        )
+        # Amounts are shown in their stream's currency, named by its first event.
+        stream = str(e.data.get("order_id") or e.data.get("account_id") or "")
+        if isinstance(e.data.get("currency"), str):
+            currencies[stream] = e.data["currency"]
+        data = _data_column(e.data, currencies.get(stream))
         print(
             f"{e.stream_version:>4}  {e.occurred_at.isoformat():<26} {e.event_type:<18} "
             f"{'v' + str(e.schema_version) if e.schema_version else '-':>6}  "
             f"{e.event_id:<36}  {data[:80]}"
         )
     return 0
+
+
+def _data_column(data: dict[str, object], currency: str | None) -> str:
+    """An event's scalar fields as ``name=value``; amounts in major units."""
+    from app.domain.money import fmt
+
+    shown = []
+    for name, value in data.items():
+        if isinstance(value, list | dict) or (name == "currency" and currency):
+            continue
+        if currency and name.endswith("_minor") and isinstance(value, int):
+            shown.append(f"{name.removesuffix('_minor')}={fmt(value, currency)}")
+        else:
+            shown.append(f"{name}={value}")
+    return ", ".join(shown)
 
 
 def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
