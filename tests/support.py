@@ -18,6 +18,7 @@ from app.audit import (  # noqa: F401 - re-exported for the tests
     read_topic,
     results_by_command,
 )
+from app.domain.orders import Address, CreateOrder, LineItem
 from app.faust_app import worker_datadir
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
@@ -57,3 +58,22 @@ def get_until(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:
         time.sleep(0.2)
         response = httpx.get(url, timeout=10)
     return response
+
+
+def create_order(order_id: str, customer: str) -> CreateOrder:
+    """A one-item order in USD (42.00), for tests that need an order to exist."""
+    return CreateOrder(
+        order_id=order_id,
+        customer_id=customer,
+        customer_name="Grace Hopper",
+        customer_email="grace@example.com",
+        items=(LineItem(product_id="cobol", quantity=1, unit_price_minor=4200),),
+        currency="USD",
+        shipping_address=Address(
+            street="1 Navy Way",
+            city="Arlington",
+            state="VA",
+            zip_code="22202",
+            country="US",
+        ),
+    )
