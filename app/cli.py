@@ -21,14 +21,18 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
     stack.up(settings)
     if args.worker:
-        from app.local.worker import WorkerProcess
-
-        fresh = WorkerProcess(settings).start()
-        print(
-            f"worker    {'started' if fresh else 'running'}  "
-            f"http://{settings.web_host}:{settings.web_port}"
-        )
+        _start_worker(settings)
     return 0
+
+
+def _start_worker(settings: Settings) -> None:
+    from app.local.worker import WorkerProcess
+
+    fresh = WorkerProcess(settings).start(timeout=120)
+    print(
+        f"worker    {'started' if fresh else 'running'}  "
+        f"http://{settings.web_host}:{settings.web_port}"
+    )
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
@@ -60,10 +64,20 @@ def cmd_kafka_tool(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the worker (write processes, projections, web views) in the foreground."""
-    from app import worker
+    """Run the worker (write processes, projections, web views) in the foreground, or
+    start, stop or restart it in the background; the services keep running."""
+    from app.local.worker import WorkerProcess
 
-    worker.run(settings)
+    if args.action == "run":
+        from app import worker
+
+        worker.run(settings)
+        return 0
+    if args.action in ("stop", "restart"):
+        stopped = WorkerProcess(settings).stop()
+        print(f"worker    {'stopped' if stopped else 'not running'}")
+    if args.action in ("start", "restart"):
+        _start_worker(settings)
     return 0
 
 
@@ -347,7 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--keep-postgres", action="store_true")
     test = add("test", cmd_test)
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    add("worker", cmd_worker)
+    worker = add("worker", cmd_worker)
+    worker.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "start", "stop", "restart"],
+        help="run in the foreground (the default), or start, stop or restart the "
+        "background worker alone",
+    )
     add("registry", cmd_registry)
     send = add("send", cmd_send)
     send.add_argument("command_type", help="a command record name, e.g. CreateOrder")

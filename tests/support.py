@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,4 +79,16 @@ def create_order(order_id: str, customer: str) -> CreateOrder:
             zip_code="22202",
             country="US",
         ),
+    )
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``streamfold ARGS`` against ``settings``' deployment, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
