@@ -16,6 +16,7 @@ from typing import Any
 import faust
 from yarl import URL
 
+from app import params as checked
 from app.adapters import topics
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
@@ -133,14 +134,12 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
         return _found(web, accounts.get(account_id.encode()), f"account {account_id}")
 
     @app.page("/customers/{customer_id}/orders")
-    @routed(app, by_customer, "customer_id")
+    @routed(app, by_customer, "customer_id", takes=("page", "page_size"))
     async def get_customer_orders(web: Any, request: Any, customer_id: str) -> Any:
-        try:
-            page = views.page(
-                by_customer.get(customer_id.encode()), dict(request.query)
-            )
-        except views.BadPage as error:
-            return web.json({"error": error.message, "field": error.field}, status=400)
+        held = by_customer.get(customer_id.encode())
+        if held is None:
+            return _found(web, None, f"customer {customer_id}")
+        page = views.page(held, dict(request.query))
         return web.json({"customer_id": customer_id, **page})
 
 
@@ -148,15 +147,29 @@ View = Callable[..., Awaitable[Any]]
 Fold = Callable[[Any, dict[str, Any], dict[str, Any]], Any]
 
 
-def routed(app: faust.App, table: Any, match_info: str) -> Callable[[View], View]:
+def routed(
+    app: faust.App, table: Any, match_info: str, takes: tuple[str, ...] = ()
+) -> Callable[[View], View]:
     """Serve a key's view on the worker that owns the key's partition of ``table``,
     forwarding the request there from any other (what Faust's ``table_route`` does,
     through its public API only: the key's partition is its murmur2 hash, as the
-    events that fill the table are partitioned)."""
+    events that fill the table are partitioned). The key and the query parameters
+    (``takes`` names them) are checked first: a bad one is a 400 naming it, here or
+    from the view."""
 
     def decorate(view: View) -> View:
         @functools.wraps(view)
         async def serve(web: Any, request: Any, **kwargs: Any) -> Any:
+            try:
+                checked.accepted(request.query.items(), takes)
+                checked.identifier(str(kwargs[match_info]), match_info)
+                return await owner_serves(web, request, **kwargs)
+            except checked.BadParameter as error:
+                return web.json(
+                    {"error": error.message, "field": error.field}, status=400
+                )
+
+        async def owner_serves(web: Any, request: Any, **kwargs: Any) -> Any:
             key = str(kwargs[match_info]).encode()
             topic = table.changelog_topic.get_topic_name()
             partition = partition_for(key, table.partitions)

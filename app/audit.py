@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, TopicPartition
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
 from app.adapters.topics import Stalled, read_range
+from app.domain.money import fmt
 from app.settings import Settings
 
 AREAS = ("orders", "accounts")
@@ -230,10 +231,11 @@ def fold_balances(
     differs from the fold or goes below zero."""
     balances, problems = {}, []
     for account, events in streams.items():
-        balance = 0
+        balance, currency = 0, ""
         for event in unique_versions(events):
             kind = event["metadata"]["event_type"]
             version = event["metadata"]["stream_version"]
+            currency = event.get("currency") or currency
             if kind == "MoneyDeposited":
                 balance += event["amount_minor"]
             elif kind == "MoneyWithdrawn":
@@ -241,10 +243,13 @@ def fold_balances(
             recorded = event.get("balance_after_minor")
             if recorded is not None and recorded != balance:
                 problems.append(
-                    f"{account}@{version}: recorded {recorded}, fold {balance}"
+                    f"{account}@{version}: recorded {fmt(recorded, currency)}, "
+                    f"fold {fmt(balance, currency)}"
                 )
             if balance < 0:
-                problems.append(f"{account}@{version}: balance {balance} below zero")
+                problems.append(
+                    f"{account}@{version}: balance {fmt(balance, currency)} below zero"
+                )
         balances[account] = balance
     return balances, problems
 

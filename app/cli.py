@@ -21,14 +21,18 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
     stack.up(settings)
     if args.worker:
-        from app.local.worker import WorkerProcess
-
-        fresh = WorkerProcess(settings).start()
-        print(
-            f"worker    {'started' if fresh else 'running'}  "
-            f"http://{settings.web_host}:{settings.web_port}"
-        )
+        _start_worker(settings)
     return 0
+
+
+def _start_worker(settings: Settings) -> None:
+    from app.local.worker import WorkerProcess
+
+    fresh = WorkerProcess(settings).start(timeout=120)
+    print(
+        f"worker    {'started' if fresh else 'running'}  "
+        f"http://{settings.web_host}:{settings.web_port}"
+    )
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
@@ -60,10 +64,20 @@ def cmd_kafka_tool(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the worker (write processes, projections, web views) in the foreground."""
-    from app import worker
+    """Run the worker (write processes, projections, web views) in the foreground, or
+    start, stop or restart it in the background; the services keep running."""
+    from app.local.worker import WorkerProcess
 
-    worker.run(settings)
+    if args.action == "run":
+        from app import worker
+
+        worker.run(settings)
+        return 0
+    if args.action in ("stop", "restart"):
+        stopped = WorkerProcess(settings).stop()
+        print(f"worker    {'stopped' if stopped else 'not running'}")
+    if args.action in ("start", "restart"):
+        _start_worker(settings)
     return 0
 
 
@@ -168,16 +182,34 @@ def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     print(
         f"{'ver':>4}  {'time (UTC)':<26} {'event':<18} {'schema':>6}  {'event id':<36}  data"
     )
+    currencies: dict[str, str] = {}
     for e in events:
-        data = ", ".join(
-            f"{k}={v}" for k, v in e.data.items() if not isinstance(v, list | dict)
-        )
+        # Amounts are shown in their stream's currency, named by its first event.
+        stream = str(e.data.get("order_id") or e.data.get("account_id") or "")
+        if isinstance(e.data.get("currency"), str):
+            currencies[stream] = e.data["currency"]
+        data = _data_column(e.data, currencies.get(stream))
         print(
             f"{e.stream_version:>4}  {e.occurred_at.isoformat():<26} {e.event_type:<18} "
             f"{'v' + str(e.schema_version) if e.schema_version else '-':>6}  "
             f"{e.event_id:<36}  {data[:80]}"
         )
     return 0
+
+
+def _data_column(data: dict[str, object], currency: str | None) -> str:
+    """An event's scalar fields as ``name=value``; amounts in major units."""
+    from app.domain.money import fmt
+
+    shown = []
+    for name, value in data.items():
+        if isinstance(value, list | dict) or (name == "currency" and currency):
+            continue
+        if currency and name.endswith("_minor") and isinstance(value, int):
+            shown.append(f"{name.removesuffix('_minor')}={fmt(value, currency)}")
+        else:
+            shown.append(f"{name}={value}")
+    return ", ".join(shown)
 
 
 def cmd_state(settings: Settings, args: argparse.Namespace) -> int:
@@ -329,7 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--keep-postgres", action="store_true")
     test = add("test", cmd_test)
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    add("worker", cmd_worker)
+    worker = add("worker", cmd_worker)
+    worker.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "start", "stop", "restart"],
+        help="run in the foreground (the default), or start, stop or restart the "
+        "background worker alone",
+    )
     add("registry", cmd_registry)
     send = add("send", cmd_send)
     send.add_argument("command_type", help="a command record name, e.g. CreateOrder")

@@ -12,6 +12,7 @@ import httpx
 
 from app.client import CommandClient, CommandResult
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.money import fmt
 from app.domain.orders import (
     Address,
     CreateOrder,
@@ -46,7 +47,7 @@ def run(settings: Settings) -> int:
                 {},
             ),
             (
-                "deposit 100.00",
+                f"deposit {fmt(10_000, 'USD')}",
                 Deposit(
                     account_id=account,
                     transaction_id=f"dep-{tag}",

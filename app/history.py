@@ -165,18 +165,22 @@ class EventStore:
         self.catalog = catalog or _catalog()
 
     def aggregate_type(self, aggregate_id: str, hint: str | None = None) -> str:
-        if hint:
-            if hint not in DECIDERS:
-                raise UnknownAggregate(
-                    f"unknown aggregate type {hint!r}; known: {', '.join(DECIDERS)}"
-                )
-            return hint
+        """The type of the aggregate with this id (``hint`` if given); raises
+        ``UnknownAggregate`` when it has no events, ``AmbiguousAggregate`` when
+        several types use the id and no hint says which."""
+        if hint and hint not in DECIDERS:
+            raise UnknownAggregate(
+                f"unknown aggregate type {hint!r}; known: {', '.join(DECIDERS)}"
+            )
         rows = self.conn.execute(
-            "SELECT DISTINCT aggregate_type FROM event_log WHERE aggregate_id = %s",
-            (aggregate_id,),
+            "SELECT DISTINCT aggregate_type FROM event_log WHERE aggregate_id = %s"
+            " AND (%s::text IS NULL OR aggregate_type = %s)",
+            (aggregate_id, hint, hint),
         ).fetchall()
         if not rows:
-            raise UnknownAggregate(f"no events for {aggregate_id!r}")
+            raise UnknownAggregate(
+                f"no events for {hint + ' ' if hint else ''}{aggregate_id!r}"
+            )
         if len(rows) > 1:
             raise AmbiguousAggregate(
                 f"{aggregate_id!r} names several aggregates ({', '.join(r[0] for r in rows)});"

@@ -12,6 +12,7 @@ from typing import Any
 import faust
 from psycopg_pool import AsyncConnectionPool
 
+from app import params as checked
 from app import query
 from app.projections import PROJECTIONS
 from app.projections.engine import Status
@@ -56,12 +57,13 @@ class ReadSide:
     def statuses(self) -> list[Status]:
         return list(self.projections.statuses.values())
 
-    async def wait_for(self, area: str, after: str | None) -> bool:
+    async def wait_for(self, area: str, params: Mapping[str, str]) -> bool:
         """Read-your-writes: True when the area's projection has passed ``after``
         ("partition:offset" from a command result), False when it timed out (stale)."""
-        if not after:
+        after = checked.position(params, self.settings.partitions)
+        if after is None:
             return True
-        partition, offset = _position(after)
+        partition, offset = after
         name = AREA_PROJECTION[area]
         if name not in self.projections.names:
             return False
@@ -74,18 +76,6 @@ class ReadSide:
             offset,
             self.settings.query_wait_s,
         )
-
-
-def _position(after: str) -> tuple[int, int]:
-    try:
-        partition, offset = (int(part) for part in after.split(":"))
-    except ValueError:
-        raise query.BadParameter(
-            "after", f"must be PARTITION:OFFSET from a command result, got {after!r}"
-        ) from None
-    if partition < 0 or offset < 0:
-        raise query.BadParameter("after", "partition and offset must not be negative")
-    return partition, offset
 
 
 def status_document(settings: Settings, read: ReadSide) -> dict[str, Any]:
@@ -184,20 +174,21 @@ def _with_store(settings: Settings, work: Callable[[Any], dict[str, Any]]) -> An
             except UnknownAggregate as error:
                 raise query.NotFound(str(error)) from None
             except AmbiguousAggregate as error:
-                raise query.BadParameter("type", str(error)) from None
+                raise checked.BadParameter("type", str(error)) from None
 
     return asyncio.to_thread(run)
 
 
 def _kind(params: Mapping[str, str]) -> str | None:
-    return query.choice(params, "type", ("order", "account"))
+    return checked.choice(params, "type", ("order", "account"))
 
 
 async def history_view(
     settings: Settings, aggregate_id: str, params: Mapping[str, str]
 ) -> dict[str, Any]:
-    first = query.integer(params, "from_version", 1, 1, 2**62)
-    last = query.integer(params, "to_version", 2**62, 1, 2**62)
+    first = checked.integer(params, "from_version", 1, 1, 2**62)
+    last = checked.integer(params, "to_version", 2**62, 1, 2**62)
+    checked.in_order("from_version", first, "to_version", last)
     kind = _kind(params)
 
     def work(store: Any) -> dict[str, Any]:
@@ -217,10 +208,10 @@ async def state_view(
 ) -> dict[str, Any]:
     from app.adapters import mapper
 
-    version = query.integer(params, "version", 0, 0, 2**62) or None
-    at = query.timestamp(params, "at")
+    version = checked.integer(params, "version", 0, 1, 2**62) or None
+    at = checked.timestamp(params, "at")
     if version and at:
-        raise query.BadParameter("at", "give either version or at, not both")
+        raise checked.BadParameter("at", "give either version or at, not both")
     kind = _kind(params)
 
     def work(store: Any) -> dict[str, Any]:
@@ -258,14 +249,21 @@ def attach(
     """Register the query views, /status and /metrics on the worker's web server;
     ``write`` tells the write side's status (the partitions its processes own)."""
 
-    def view(area: str | None, run: Query) -> Callable[..., Awaitable[Any]]:
+    def view(
+        area: str | None, names: tuple[str, ...], run: Query
+    ) -> Callable[..., Awaitable[Any]]:
+        # The read models' views wait for ?after=; the event-log index's do not.
+        takes = (*names, "after") if area else names
+
         async def handler(web: Any, request: Any, **match: str) -> Any:
-            params = dict(request.query)
             try:
-                fresh = await read.wait_for(area, params.get("after")) if area else True
+                params = checked.accepted(request.query.items(), takes)
+                for name, value in match.items():
+                    checked.identifier(value, name)
+                fresh = await read.wait_for(area, params) if area else True
                 async with (await read.pool()).connection() as conn:
                     body = await run(conn, params, match)
-            except query.BadParameter as error:
+            except checked.BadParameter as error:
                 return web.json(
                     {"error": error.message, "field": error.field}, status=400
                 )
@@ -283,40 +281,56 @@ def attach(
 
         return handler
 
-    routes: dict[str, tuple[str | None, Query]] = {
+    # Each view: its read-your-writes area, the parameters it takes, what it runs.
+    routes: dict[str, tuple[str | None, tuple[str, ...], Query]] = {
         "/query/orders/{order_id}": (
             "orders",
+            (),
             lambda c, p, m: query.order(c, m["order_id"]),
         ),
-        "/query/orders": ("orders", lambda c, p, m: query.search_orders(c, p)),
+        "/query/orders": (
+            "orders",
+            ("status", "customer_id", "from", "to", "limit"),
+            lambda c, p, m: query.search_orders(c, p),
+        ),
         "/query/customers/{customer_id}/orders": (
             "orders",
+            ("page", "page_size"),
             lambda c, p, m: query.customer_orders(c, m["customer_id"], p),
         ),
         "/query/accounts/{account_id}": (
             "accounts",
+            (),
             lambda c, p, m: query.account(c, m["account_id"]),
         ),
         "/query/accounts/{account_id}/transactions": (
             "accounts",
+            ("page", "page_size"),
             lambda c, p, m: query.transactions(c, m["account_id"], p),
         ),
-        "/query/reports/daily": ("accounts", lambda c, p, m: query.daily_report(c, p)),
+        "/query/reports/daily": (
+            "accounts",
+            ("from", "to", "currency"),
+            lambda c, p, m: query.daily_report(c, p),
+        ),
         "/query/history/{aggregate_id}": (
             None,
+            ("type", "from_version", "to_version"),
             lambda c, p, m: history_view(settings, m["aggregate_id"], p),
         ),
         "/query/state/{aggregate_id}": (
             None,
+            ("type", "version", "at"),
             lambda c, p, m: state_view(settings, m["aggregate_id"], p),
         ),
         "/query/correlation/{correlation_id}": (
             None,
+            (),
             lambda c, p, m: correlation_view(settings, m["correlation_id"]),
         ),
     }
-    for path, (area, run) in routes.items():
-        handler = view(area, run)
+    for path, (area, names, run) in routes.items():
+        handler = view(area, names, run)
         handler.__name__ = "query_" + path.strip("/").replace("/", "_").replace(
             "{", ""
         ).replace("}", "")

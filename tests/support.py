@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ from app.audit import (  # noqa: F401 - re-exported for the tests
     read_topic,
     results_by_command,
 )
+from app.domain.orders import Address, CreateOrder, LineItem
 from app.faust_app import worker_datadir
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
@@ -57,3 +61,34 @@ def get_until(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:
         time.sleep(0.2)
         response = httpx.get(url, timeout=10)
     return response
+
+
+def create_order(order_id: str, customer: str) -> CreateOrder:
+    """A one-item order in USD (42.00), for tests that need an order to exist."""
+    return CreateOrder(
+        order_id=order_id,
+        customer_id=customer,
+        customer_name="Grace Hopper",
+        customer_email="grace@example.com",
+        items=(LineItem(product_id="cobol", quantity=1, unit_price_minor=4200),),
+        currency="USD",
+        shipping_address=Address(
+            street="1 Navy Way",
+            city="Arlington",
+            state="VA",
+            zip_code="22202",
+            country="US",
+        ),
+    )
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``streamfold ARGS`` against ``settings``' deployment, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -21,6 +21,7 @@ from enum import Enum, StrEnum
 from typing import Any, TypeAlias
 
 from app.domain import accounts, orders
+from app.domain.money import fmt
 
 SAGA = "order-payment"
 # Who the saga's commands are issued by (the envelope's user id).
@@ -430,7 +431,7 @@ def _start(message: Created, timeout: timedelta) -> Reaction:
     return _record(
         state,
         message,
-        f"charging {message.amount_minor} {message.currency} to account "
+        f"charging {fmt(message.amount_minor, message.currency)} to account "
         f"{message.account_id}",
         commands=(
             _outgoing(

@@ -7,8 +7,10 @@ view must be folded again from the aggregate's committed events (``refold``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from app import params as checked
 
 Row = dict[str, Any]
 STATUS = {
@@ -21,13 +23,6 @@ STATUS = {
 
 # Orders the customer-orders view keeps per customer (see ``upsert_order``).
 KEEP_ORDERS = 500
-
-
-class BadPage(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 def _next(current: Row | None, meta: Row) -> Row | None:
@@ -152,29 +147,17 @@ def fold_account(current: Row | None, meta: Row, data: Row) -> Row | None:
     return row
 
 
-def page(current: Row | list[Row] | None, params: dict[str, str]) -> Row:
-    number = _int(params, "page", 0, 0, 1_000_000)
-    size = _int(params, "page_size", 20, 1, 100)
+def page(current: Row | list[Row] | None, params: Mapping[str, str]) -> Row:
+    """One page of a customer's orders; ``BadParameter`` for a bad or absent page."""
+    wanted = checked.page(params)
     held = _customer(current)
     items = held["orders"]
+    wanted.within(len(items))
     return {
-        "items": items[number * size : (number + 1) * size],
+        "items": items[wanted.offset : wanted.offset + wanted.size],
         "total_count": len(items),
-        "page": number,
-        "page_size": size,
+        "page": wanted.number,
+        "page_size": wanted.size,
         # Older orders than these are in the Postgres view (/query/customers/...).
         "truncated": held["truncated"],
     }
-
-
-def _int(params: dict[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = params.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadPage(name, f"{name} must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise BadPage(name, f"{name} must be between {low} and {high}, got {value}")
-    return value

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from app.settings import Settings
 from tests.readmodels import wait_caught_up
-from tests.support import running_worker
+from tests.support import run_cli, running_worker
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -26,43 +23,32 @@ def _examples(command: str) -> list[list[str]]:
     return found
 
 
-def _run(settings: Settings, args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env={**os.environ, **settings.as_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_the_readme_cli_examples_work(deployment: Settings) -> None:
     sends = _examples("send")
     assert len(sends) >= 2, "the README lost its send examples"
     with running_worker(deployment):
         for args in sends:
-            done = _run(deployment, args)
+            done = run_cli(deployment, *args)
             assert done.returncode == 0, (args, done.stdout, done.stderr)
             assert '"accepted": true' in done.stdout
         [history] = _examples("history")
         deadline = time.monotonic() + 60
-        shown = _run(deployment, history)
+        shown = run_cli(deployment, *history)
         while "MoneyDeposited" not in shown.stdout and time.monotonic() < deadline:
             time.sleep(0.3)
-            shown = _run(deployment, history)
+            shown = run_cli(deployment, *history)
         assert "AccountOpened" in shown.stdout and "MoneyDeposited" in shown.stdout
         [state] = _examples("state")
-        then = _run(deployment, state)
+        then = run_cli(deployment, *state)
         assert then.returncode == 0, then.stderr
         assert '"version": 1' in then.stdout and '"balance_minor": 0' in then.stdout
         # The audit reads every topic and compares Postgres with a fold of the log;
         # the history above showed the projections have the deposit.
         wait_caught_up(deployment)
         [check_all] = _examples("audit")
-        audited = _run(deployment, check_all)
+        audited = run_cli(deployment, *check_all)
         assert audited.returncode == 0, audited.stdout + audited.stderr
         assert "ok   answers" in audited.stdout and "FAIL" not in audited.stdout
         assert "ok   read models" in audited.stdout, audited.stdout
     [check] = _examples("schemas check")
-    assert _run(deployment, check).returncode == 0
+    assert run_cli(deployment, *check).returncode == 0

@@ -14,37 +14,12 @@ from app.adapters.eventlog import partition_for
 from app.client import CommandClient
 from app.domain import orders
 from app.domain.accounts import Deposit, OpenAccount
-from app.domain.orders import (
-    Address,
-    CancelOrder,
-    CreateOrder,
-    LineItem,
-    ProcessPayment,
-    ShipOrder,
-)
+from app.domain.orders import CancelOrder, ProcessPayment, ShipOrder
 from app.local.deployments import free_port
 from app.settings import Settings
 from bench.harness import Outgoing, domain_events, encode_events
 from tests.invariants import serving_worker
-from tests.support import codec_for, get_until, running_worker
-
-
-def _create(order_id: str, customer: str) -> CreateOrder:
-    return CreateOrder(
-        order_id=order_id,
-        customer_id=customer,
-        customer_name="Grace Hopper",
-        customer_email="grace@example.com",
-        items=(LineItem(product_id="cobol", quantity=1, unit_price_minor=4200),),
-        currency="USD",
-        shipping_address=Address(
-            street="1 Navy Way",
-            city="Arlington",
-            state="VA",
-            zip_code="22202",
-            country="US",
-        ),
-    )
+from tests.support import codec_for, create_order, get_until, running_worker
 
 
 def _payment(order_id: str) -> ProcessPayment:
@@ -62,8 +37,8 @@ def test_table_views_follow_the_events(deployment: Settings) -> None:
     base = f"http://{deployment.web_host}:{deployment.web_port}"
     order, account, customer = (f"{p}-{uuid.uuid4().hex[:6]}" for p in ("o", "a", "c"))
     with running_worker(deployment), CommandClient(deployment) as client:
-        client.send(_create(order, customer))
-        client.send(_create(f"{order}-2", customer))
+        client.send(create_order(order, customer))
+        client.send(create_order(f"{order}-2", customer))
         client.send(
             ProcessPayment(
                 order_id=order,
@@ -133,7 +108,7 @@ def test_views_are_routed_to_the_worker_owning_the_key(deployment: Settings) -> 
         assert owners & _owned(deployment) and owners & _owned(second), owners
         with CommandClient(deployment) as client:
             for order in orders:
-                assert client.send(_create(order, "c-routed"), timeout=60).accepted
+                assert client.send(create_order(order, "c-routed"), timeout=60).accepted
         # Every key answers on either worker: a non-owner forwards to the owner.
         for port in (deployment.web_port, second.web_port):
             for order in orders:
@@ -159,7 +134,7 @@ def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
             for a in accounts
         ]
         created = [
-            client.submit(_create(order, customers[n % 2]))
+            client.submit(create_order(order, customers[n % 2]))
             for n, order in enumerate(orders)
         ]
         assert all(r.accepted for r in client.wait(opened + created))
@@ -231,14 +206,14 @@ def test_a_view_that_took_an_aborted_event_heals_from_the_log(
         domain_events(
             orders,
             orders.AGGREGATE_TYPE,
-            [_create(order, "c-heal"), _payment(order)],
+            [create_order(order, "c-heal"), _payment(order)],
             start=datetime.now(UTC),
         ),
     )
     [_, cancelled_meta] = domain_events(
         orders,
         orders.AGGREGATE_TYPE,
-        [_create(order, "c-heal"), CancelOrder(order_id=order, reason="aborted")],
+        [create_order(order, "c-heal"), CancelOrder(order_id=order, reason="aborted")],
         start=datetime.now(UTC),
     )
     # Another command's event at version 2, as a write that aborted would leave.

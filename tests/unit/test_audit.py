@@ -75,7 +75,7 @@ def test_a_recorded_balance_that_is_not_the_fold_is_reported() -> None:
     account = _account(("MoneyDeposited", 500, "d1"))
     account[-1]["balance_after_minor"] = 499
     finding = audit.check_balances({"acc": account})
-    assert finding.problems == ["acc@2: recorded 499, fold 500"]
+    assert finding.problems == ["acc@2: recorded 4.99 EUR, fold 5.00 EUR"]
 
 
 def test_double_charges_missing_outcomes_and_unrefunded_cancellations() -> None:

@@ -312,6 +312,7 @@ def _item(**changes: Any) -> LineItem:
         ({"currency": "usd"}, "currency"),
         ({"currency": "US"}, "currency"),
         ({"currency": "USDT"}, "currency"),
+        ({"currency": "XYZ"}, "currency"),
         ({"currency": "U5D"}, "currency"),
         ({"currency": "ÜSD"}, "currency"),
         ({"shipping_address": replace(ADDRESS, street="")}, "shipping_address.street"),
@@ -493,8 +494,9 @@ def test_payment_of_another_amount_is_a_mismatch(amount: int) -> None:
         .when(pay(amount_minor=amount))
         .rejects(ErrorCode.PAYMENT_MISMATCH)
     )
+    shown = {2079: "20.79", 2081: "20.81", 0: "0.00"}[amount]
     assert error.message == (
-        f"payment {amount} USD does not match order total 2080 USD"
+        f"payment {shown} USD does not match order total 20.80 USD"
     )
 
 

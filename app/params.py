@@ -1,0 +1,188 @@
+"""The query views' parameters, checked in one place: each bad one is refused with
+``BadParameter`` naming it, which every view answers with 400 ``{"error", "field"}``.
+
+Ids in paths and parameters are 1 to ``MAX_ID_LENGTH`` printable characters without
+surrounding whitespace; whole numbers are ASCII digits; a range's bounds must be in
+order; a page must lie within what there is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import TypeVar
+
+from app.domain.money import CURRENCY_DECIMALS
+
+# Longer than any id Streamfold or its clients make (uuids, prefixed uuids), short
+# enough that an absurd one is refused before it reaches a table lookup or a log.
+MAX_ID_LENGTH = 200
+MAX_PAGE_SIZE = 100
+_WHOLE = re.compile(r"-?[0-9]{1,19}")
+Bound = TypeVar("Bound", int, date, datetime)
+
+
+class BadParameter(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def accepted(
+    given: Iterable[tuple[str, str]], names: Collection[str]
+) -> dict[str, str]:
+    """The query string as a dict, refusing a name the view does not take (a typo
+    would otherwise be answered as if it were absent) or one given twice."""
+    params: dict[str, str] = {}
+    for name, value in given:
+        if name not in names:
+            takes = ", ".join(sorted(names)) or "no parameters"
+            raise BadParameter(
+                name, f"is not a parameter of this view (it takes {takes})"
+            )
+        if name in params:
+            raise BadParameter(name, "is given more than once")
+        params[name] = value
+    return params
+
+
+def identifier(value: str, field: str) -> str:
+    """An id from a path or a parameter."""
+    if not value:
+        raise BadParameter(field, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise BadParameter(
+            field, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
+        )
+    if not value.isprintable():
+        raise BadParameter(field, "must not contain control or unprintable characters")
+    if value != value.strip():
+        raise BadParameter(field, "must not start or end with whitespace")
+    return value
+
+
+def optional_identifier(params: Mapping[str, str], name: str) -> str | None:
+    raw = params.get(name)
+    return identifier(raw, name) if raw else None
+
+
+def integer(
+    params: Mapping[str, str], name: str, default: int, low: int, high: int
+) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not _WHOLE.fullmatch(raw):
+        raise BadParameter(name, f"must be a whole number, got {raw!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise BadParameter(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def timestamp(params: Mapping[str, str], name: str) -> datetime | None:
+    raw = params.get(name)
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+        # A time without a zone is read as UTC, the zone every stored time is in.
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise BadParameter(
+            name, f"must be an ISO-8601 date or time, got {raw!r}"
+        ) from None
+
+
+def day(params: Mapping[str, str], name: str) -> date | None:
+    raw = params.get(name)
+    if not raw:
+        return None
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise BadParameter(
+            name, f"must be a date like 2026-01-31, got {raw!r}"
+        ) from None
+
+
+def choice(
+    params: Mapping[str, str], name: str, choices: tuple[str, ...]
+) -> str | None:
+    return _member(params, name, choices, f"one of {', '.join(choices)}")
+
+
+def currency(params: Mapping[str, str], name: str = "currency") -> str | None:
+    # The codes the domain accepts, spelled as ISO 4217 does: "usd" is refused.
+    return _member(params, name, CURRENCY_DECIMALS, "an ISO 4217 currency code")
+
+
+def _member(
+    params: Mapping[str, str], name: str, allowed: Collection[str], described: str
+) -> str | None:
+    raw = params.get(name)
+    if not raw:
+        return None
+    if raw not in allowed:
+        raise BadParameter(name, f"must be {described}, got {raw!r}")
+    return raw
+
+
+def in_order(
+    low_name: str, low: Bound | None, high_name: str, high: Bound | None
+) -> None:
+    """A range whose bounds are inverted would silently match nothing."""
+    if low is not None and high is not None and low > high:
+        raise BadParameter(
+            low_name, f"{low_name} ({low}) is after {high_name} ({high})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    number: int
+    size: int
+
+    @property
+    def offset(self) -> int:
+        return self.number * self.size
+
+    def within(self, total: int) -> None:
+        """Page 0 always exists; a later one only if it holds something."""
+        if self.number and self.offset >= total:
+            last = max(0, (total - 1) // self.size)
+            raise BadParameter(
+                "page",
+                f"page {self.number} is beyond the last page ({last}) of {total} "
+                f"at page_size {self.size}",
+            )
+
+
+def page(params: Mapping[str, str]) -> Page:
+    return Page(
+        integer(params, "page", 0, 0, 1_000_000),
+        integer(params, "page_size", 20, 1, MAX_PAGE_SIZE),
+    )
+
+
+def position(params: Mapping[str, str], partitions: int) -> tuple[int, int] | None:
+    """``after=PARTITION:OFFSET`` from a command result, or None."""
+    raw = params.get("after")
+    if not raw:
+        return None
+    parts = raw.split(":")
+    if len(parts) != 2 or not all(_WHOLE.fullmatch(part) for part in parts):
+        raise BadParameter(
+            "after", f"must be PARTITION:OFFSET from a command result, got {raw!r}"
+        )
+    partition, offset = int(parts[0]), int(parts[1])
+    if not 0 <= partition < partitions or offset < 0:
+        raise BadParameter(
+            "after",
+            f"partition must be 0 to {partitions - 1} and offset not negative, "
+            f"got {raw!r}",
+        )
+    return partition, offset
