@@ -122,22 +122,32 @@ def _result_json(result: object) -> dict[str, object]:
 
 
 def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
-    """Check every schema in schemas/ against its earlier versions (BACKWARD_TRANSITIVE)."""
+    """Check schemas/ (each version BACKWARD_TRANSITIVE-compatible with the ones
+    before it) and that the registry holds every version under its subject."""
     from app.adapters.catalog import SchemaCatalog, check_catalog
+    from app.adapters.codec import ConfluentRegistry, RegistryError
+    from app.adapters.subjects import check_subjects
 
     catalog = SchemaCatalog.load()
     problems = check_catalog(catalog)
-    for problem in problems:
-        print(f"  ✗ {problem}")
     count = sum(len(catalog.versions(name)) for name in catalog.names())
-    if problems:
+    registry = ConfluentRegistry(settings.schema_registry_url)
+    try:
+        registered = check_subjects(registry, catalog, settings.topics)
+    except RegistryError as error:
+        registered = [f"{settings.schema_registry_url}: {error}"]
+    for problem in [*problems, *registered]:
+        print(f"  ✗ {problem}")
+    if problems or registered:
         print(
-            f"schemas check failed: {len(problems)} problem(s) in {count} schema files"
+            f"schemas check failed: {len(problems)} problem(s) in {count} schema "
+            f"files, {len(registered)} in the registry's subjects"
         )
         return 1
     print(
         f"schemas check passed: {len(catalog.names())} records, {count} versions, "
-        "each BACKWARD_TRANSITIVE-compatible with the versions before it"
+        "each BACKWARD_TRANSITIVE-compatible with the versions before it and "
+        f"registered in order at {settings.schema_registry_url}"
     )
     return 0
 
