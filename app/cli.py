@@ -152,6 +152,33 @@ def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Append events written elsewhere (JSON Lines, any schema version) to the event
+    store; all or nothing, and lines already imported are skipped."""
+    from app.importer import ImportRefused, import_events
+
+    try:
+        with (
+            open(args.file, encoding="utf-8")
+            if args.file != "-"
+            else sys.stdin as lines
+        ):
+            done = import_events(settings, lines)
+    except OSError as error:
+        print(f"streamfold: cannot read {args.file}: {error}", file=sys.stderr)
+        return 2
+    except ImportRefused as refused:
+        for problem in refused.problems:
+            print(f"  ✗ {problem}", file=sys.stderr)
+        print(
+            f"import refused: {len(refused.problems)} problem(s); nothing was written",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"imported {done.written} events ({done.skipped} already in the store)")
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Bring everything up, drive a demo workload through it, and say what happened."""
     from app import demo
@@ -353,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, help="seconds to wait for the result")
     schemas = add("schemas", cmd_schemas)
     schemas.add_argument("action", choices=["check"])
+    imports = add("import", cmd_import)
+    imports.add_argument(
+        "file", help="JSON Lines, one event a line (see the README); - for stdin"
+    )
     add("demo", cmd_demo)
     status = add("status", cmd_status)
     status.add_argument(

@@ -9,6 +9,8 @@ name, which the others name as Confluent schema references.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from app.adapters.catalog import SchemaCatalog, kind, short_name
 from app.adapters.codec import (
     Registrar,
@@ -72,7 +74,7 @@ def check_subjects(
     return problems
 
 
-def _listing(found: list[tuple[str, int] | None]) -> str:
+def _listing(found: Sequence[tuple[str, int] | None]) -> str:
     return ", ".join(
         "a schema not in schemas/" if entry is None else f"v{entry[1]}"
         for entry in found
