@@ -136,23 +136,60 @@ def _result_json(result: object) -> dict[str, object]:
 
 
 def cmd_schemas(settings: Settings, args: argparse.Namespace) -> int:
-    """Check every schema in schemas/ against its earlier versions (BACKWARD_TRANSITIVE)."""
+    """Check schemas/ (each version BACKWARD_TRANSITIVE-compatible with the ones
+    before it) and that the registry holds every version under its subject."""
     from app.adapters.catalog import SchemaCatalog, check_catalog
+    from app.adapters.codec import ConfluentRegistry, RegistryError
+    from app.adapters.subjects import check_subjects
 
     catalog = SchemaCatalog.load()
     problems = check_catalog(catalog)
-    for problem in problems:
-        print(f"  ✗ {problem}")
     count = sum(len(catalog.versions(name)) for name in catalog.names())
-    if problems:
+    registry = ConfluentRegistry(settings.schema_registry_url)
+    try:
+        registered = check_subjects(registry, catalog, settings.topics)
+    except RegistryError as error:
+        registered = [f"{settings.schema_registry_url}: {error}"]
+    for problem in [*problems, *registered]:
+        print(f"  ✗ {problem}")
+    if problems or registered:
         print(
-            f"schemas check failed: {len(problems)} problem(s) in {count} schema files"
+            f"schemas check failed: {len(problems)} problem(s) in {count} schema "
+            f"files, {len(registered)} in the registry's subjects"
         )
         return 1
     print(
         f"schemas check passed: {len(catalog.names())} records, {count} versions, "
-        "each BACKWARD_TRANSITIVE-compatible with the versions before it"
+        "each BACKWARD_TRANSITIVE-compatible with the versions before it and "
+        f"registered in order at {settings.schema_registry_url}"
     )
+    return 0
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Append events written elsewhere (JSON Lines, any schema version) to the event
+    store; all or nothing, and lines already imported are skipped."""
+    from app.importer import ImportRefused, import_events
+
+    try:
+        with (
+            open(args.file, encoding="utf-8")
+            if args.file != "-"
+            else sys.stdin as lines
+        ):
+            done = import_events(settings, lines)
+    except OSError as error:
+        print(f"streamfold: cannot read {args.file}: {error}", file=sys.stderr)
+        return 2
+    except ImportRefused as refused:
+        for problem in refused.problems:
+            print(f"  ✗ {problem}", file=sys.stderr)
+        print(
+            f"import refused: {len(refused.problems)} problem(s); nothing was written",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"imported {done.written} events ({done.skipped} already in the store)")
     return 0
 
 
@@ -383,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, help="seconds to wait for the result")
     schemas = add("schemas", cmd_schemas)
     schemas.add_argument("action", choices=["check"])
+    imports = add("import", cmd_import)
+    imports.add_argument(
+        "file", help="JSON Lines, one event a line (see the README); - for stdin"
+    )
     add("demo", cmd_demo)
     status = add("status", cmd_status)
     status.add_argument(

@@ -14,8 +14,9 @@ from agents import views as view_agents
 from agents.saga import ensure_saga_topics
 from app import readside
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.codec import Codec, ConfluentRegistry, RegistryError
 from app.adapters.migrations import migrate
+from app.adapters.subjects import ensure_subjects
 from app.adapters.topics import ensure_topics
 from app.faust_app import create_app
 from app.projections.engine import tune_gc
@@ -40,7 +41,15 @@ def build(settings: Settings) -> Worker:
         ensure_saga_topics(settings)
     app = create_app(settings)
     catalog = SchemaCatalog.load()
-    codec = Codec(ConfluentRegistry(settings.schema_registry_url), catalog)
+    registry = ConfluentRegistry(settings.schema_registry_url)
+    codec = Codec(registry, catalog)
+    try:
+        for problem in ensure_subjects(registry, catalog, settings.topics):
+            log.warning("%s", problem)
+    except RegistryError as error:
+        # The codec registers what it writes as it goes; readers need the registry
+        # anyway, and tell when it is missing.
+        log.warning("could not register every subject: %s", error)
     write = WriteProcess(settings, settings.write_processes)
     worker = Worker(settings=settings, app=app, write=write)
 

@@ -101,6 +101,7 @@ class SchemaCatalog:
         self._short: dict[str, str | None] = {}
         self._upcasters: dict[str, dict[tuple[int, int], tuple[str, Upcaster]]] = {}
         self._steps: dict[str, tuple[Upcaster, ...]] = {}
+        self._references: dict[tuple[str, int], tuple[str, ...]] = {}
 
     @classmethod
     def load(cls, root: Path | None = None) -> SchemaCatalog:
@@ -145,7 +146,8 @@ class SchemaCatalog:
             raise UnknownRecord(f"record {name!r} is not in the catalog") from None
 
     def schema(self, name: str, version: int | None = None) -> str:
-        """The self-contained schema JSON of ``name`` at ``version`` (default latest)."""
+        """The self-contained schema JSON of ``name`` at ``version`` (default latest):
+        the records its file refers to are defined inline, at their latest version."""
         versions = self._versions(name)
         version = self._latest[name] if version is None else version
         try:
@@ -171,6 +173,14 @@ class SchemaCatalog:
     def raw(self, name: str, version: int) -> dict[str, Any]:
         """A version's JSON as written in its file, references not inlined."""
         return copy.deepcopy(self._raw[name][version])
+
+    def references(self, name: str, version: int) -> tuple[str, ...]:
+        """The other records a version's file refers to, by full name; each stands for
+        its latest version, as in :meth:`schema`."""
+        try:
+            return self._references[(name, version)]
+        except KeyError:
+            raise UnknownRecord(f"{name} has no version {version}") from None
 
     def identify(self, schema: str) -> tuple[str, int] | None:
         """The (full name, version) whose Parsing Canonical Form equals ``schema``'s."""
@@ -327,6 +337,7 @@ class SchemaCatalog:
                         "defines"
                     )
                     continue
+                self._references[(name, version)] = referenced_names(raw)
                 text = json.dumps(inlined, separators=(",", ":"))
                 named: dict[str, Any] = {}
                 try:
@@ -548,16 +559,42 @@ class _Unresolved(Exception):
     pass
 
 
-class _Inliner:
-    """Replaces references to other files' named types by their (latest) definition.
+def inline(schema: dict[str, Any], definitions: Mapping[str, dict[str, Any]]) -> Any:
+    """``schema`` made self-contained: each named type it takes from ``definitions``
+    (full name → schema JSON) is defined once, at its first use.
 
-    Our registry does not support schema references, so each registered schema must
-    define every named type it uses, once, at its first use.
+    Raises ``UnknownRecord`` naming a type that neither defines.
+    """
+    try:
+        return _Inliner(definitions).inline(schema)
+    except _Unresolved as exc:
+        raise UnknownRecord(f"no schema defines {exc.args[0]!r}") from None
+
+
+def referenced_names(schema: dict[str, Any]) -> tuple[str, ...]:
+    """Full names of the named types ``schema`` uses but does not define itself, in
+    order of first use: what it needs as Confluent schema references."""
+    inliner = _Inliner({}, keep_references=True)
+    inliner.inline(schema)
+    return tuple(inliner.references)
+
+
+class _Inliner:
+    """Replaces references to other files' named types by their definition.
+
+    With ``keep_references`` it leaves them as they are and lists them instead.
     """
 
-    def __init__(self, definitions: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        definitions: Mapping[str, dict[str, Any]],
+        *,
+        keep_references: bool = False,
+    ) -> None:
         self._definitions = definitions
         self._defined: set[str] = set()
+        self._keep = keep_references
+        self.references: list[str] = []
 
     def inline(self, schema: dict[str, Any]) -> Any:
         return self._walk(schema, "")
@@ -568,6 +605,10 @@ class _Inliner:
                 return node
             full = node if "." in node or not ns else f"{ns}.{node}"
             if full in self._defined:
+                return node
+            if self._keep:
+                self._defined.add(full)
+                self.references.append(full)
                 return node
             definition = self._definitions.get(full)
             if definition is None:

@@ -1,7 +1,9 @@
 """Avro records on the wire in Confluent framing: magic byte 0, schema id, Avro body.
 
-Subjects follow the topic-record-name strategy (``<topic>-<record full name>``). Old
-writers' data comes back upcast to the catalog's latest version of its record.
+Subjects follow the topic-record-name strategy (``<topic>-<record full name>``); the
+shared types a schema file refers to are Confluent schema references to subjects
+named after the type. Old writers' data comes back upcast to the catalog's latest
+version of its record.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from io import BytesIO
@@ -18,7 +21,13 @@ from typing import Any, Protocol
 import fastavro
 from fastavro import schemaless_reader, schemaless_writer
 
-from app.adapters.catalog import SchemaCatalog, UnknownRecord, UpcastError, short_name
+from app.adapters.catalog import (
+    SchemaCatalog,
+    UnknownRecord,
+    UpcastError,
+    inline,
+    short_name,
+)
 
 MAGIC = 0
 HEADER_SIZE = 5
@@ -87,11 +96,32 @@ def validate_size(payload: bytes, limit: int) -> None:
 # -- the registry port and its adapters -------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A Confluent schema reference: the named type ``name`` is defined by version
+    ``version`` of ``subject``."""
+
+    name: str
+    subject: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """Where a registration put a schema: its id, and its version under the subject."""
+
+    schema_id: int
+    version: int
+
+
 class SchemaRegistry(Protocol):
     """Where schemas get their ids: the Confluent Schema Registry REST API, or a fake."""
 
-    def register(self, subject: str, schema: str) -> int:
-        """Register ``schema`` under ``subject`` (idempotent) and return its id.
+    def register(
+        self, subject: str, schema: str, references: Sequence[Reference] = ()
+    ) -> Registered:
+        """Register ``schema`` (whose named types ``references`` define) under
+        ``subject``, idempotently.
 
         Raises ``SchemaRejected`` if the registry refuses it, ``RegistryUnavailable``
         if it cannot be asked.
@@ -99,12 +129,44 @@ class SchemaRegistry(Protocol):
         ...
 
     def schema_by_id(self, schema_id: int) -> str:
-        """The schema text registered under ``schema_id``.
+        """The schema registered under ``schema_id``, self-contained: the types its
+        references define are inlined.
 
         Raises ``SchemaNotFound`` if there is none, ``RegistryUnavailable`` if the
         registry cannot be asked.
         """
         ...
+
+    def versions(self, subject: str) -> list[str]:
+        """The subject's live versions, oldest first, each self-contained; empty if
+        the subject does not exist."""
+        ...
+
+
+def self_contained(
+    schema: str,
+    references: Sequence[Reference],
+    fetch: Callable[[str, int], tuple[str, Sequence[Reference]]],
+) -> str:
+    """``schema`` with the types its references define inlined; ``fetch(subject,
+    version)`` gives a referenced version's schema and its own references."""
+    definitions: dict[str, dict[str, Any]] = {}
+
+    def collect(refs: Sequence[Reference]) -> None:
+        for ref in refs:
+            if ref.name not in definitions:
+                text, nested = fetch(ref.subject, ref.version)
+                collect(nested)
+                definitions[ref.name] = json.loads(text)
+
+    collect(references)
+    if not definitions:
+        return schema
+    try:
+        inlined = inline(json.loads(schema), definitions)
+    except UnknownRecord as exc:
+        raise SchemaRejected(f"unresolved reference: {exc}") from None
+    return json.dumps(inlined, separators=(",", ":"))
 
 
 class ConfluentRegistry:
@@ -122,27 +184,58 @@ class ConfluentRegistry:
         self._client = SchemaRegistryClient({**(conf or {}), "url": url})
         self._url = url
 
-    def register(self, subject: str, schema: str) -> int:
-        from confluent_kafka.schema_registry import Schema
+    def register(
+        self, subject: str, schema: str, references: Sequence[Reference] = ()
+    ) -> Registered:
+        from confluent_kafka.schema_registry import Schema, SchemaReference
 
-        try:
-            return int(self._client.register_schema(subject, Schema(schema, "AVRO")))
-        except Exception as exc:
-            translated = _translate(exc, f"registering {subject} at {self._url}")
-            if translated is None:
-                raise
-            raise translated from exc
+        refs = [SchemaReference(r.name, r.subject, r.version) for r in references]
+        entry = Schema(schema, "AVRO", refs)
+        with self._translated(f"registering {subject}"):
+            schema_id = int(self._client.register_schema(subject, entry))
+            # The registration answers with the id only; the version is looked up.
+            version = self._client.lookup_schema(subject, entry).version
+        return Registered(schema_id, int(version or 0))
 
     def schema_by_id(self, schema_id: int) -> str:
-        try:
-            return str(self._client.get_schema(schema_id).schema_str)
-        except Exception as exc:
-            translated = _translate(
-                exc, f"fetching schema id {schema_id} at {self._url}"
+        with self._translated(f"fetching schema id {schema_id}"):
+            found = self._client.get_schema(schema_id)
+            return self_contained(
+                str(found.schema_str), _references(found), self._version
             )
+
+    def versions(self, subject: str) -> list[str]:
+        try:
+            with self._translated(f"listing the versions of {subject}"):
+                numbers = self._client.get_versions(subject)
+        except SchemaNotFound:
+            return []
+        with self._translated(f"reading the versions of {subject}"):
+            return [
+                self_contained(*self._version(subject, n), self._version)
+                for n in numbers
+            ]
+
+    def _version(self, subject: str, version: int) -> tuple[str, list[Reference]]:
+        found = self._client.get_version(subject, version).schema
+        return str(found.schema_str), _references(found)
+
+    @contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            translated = _translate(exc, f"{what} at {self._url}")
             if translated is None:
                 raise
             raise translated from exc
+
+
+def _references(schema: Any) -> list[Reference]:
+    return [
+        Reference(str(r.name), str(r.subject), int(r.version))
+        for r in schema.references or ()
+    ]
 
 
 def _translate(exc: Exception, where: str) -> RegistryError | None:
@@ -179,34 +272,39 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 class InMemoryRegistry:
     """A ``SchemaRegistry`` in a dict, for unit tests.
 
-    Equal schemas (by the registry's canonical form) share one id across subjects, as
-    in the Confluent registry. With a ``compatibility`` mode other than ``NONE`` a
-    subject's new schema must pass the same check the real registry makes.
+    Equal schemas (by the registry's canonical form and references) share one id
+    across subjects, as in the Confluent registry. With a ``compatibility`` mode other
+    than ``NONE`` a subject's new schema must pass the same check the real registry
+    makes.
     """
 
     def __init__(self, compatibility: str = "NONE", first_id: int = 1) -> None:
         self.compatibility = compatibility
         self.subjects: dict[str, list[int]] = {}
         self._ids: dict[str, int] = {}
-        self._schemas: dict[int, str] = {}
+        self._schemas: dict[int, tuple[str, tuple[Reference, ...]]] = {}
         self._next = first_id
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.lookups = 0
 
-    def register(self, subject: str, schema: str) -> int:
+    def register(
+        self, subject: str, schema: str, references: Sequence[Reference] = ()
+    ) -> Registered:
         from app.adapters import compatibility
 
-        try:
-            canonical = compatibility.canonical_form(schema)
-        except ValueError as exc:
-            raise SchemaRejected(f"{subject}: {exc}") from exc
+        refs = tuple(references)
         with self._lock:
+            try:
+                whole = self_contained(schema, refs, self._version)
+                canonical = compatibility.canonical_form(whole) + repr(refs)
+            except (ValueError, RegistryError) as exc:
+                raise SchemaRejected(f"{subject}: {exc}") from exc
             schema_id = self._ids.get(canonical)
             versions = self.subjects.setdefault(subject, [])
             if schema_id is not None and schema_id in versions:
-                return schema_id
+                return Registered(schema_id, versions.index(schema_id) + 1)
             problems = compatibility.check(
-                self.compatibility, schema, [self._schemas[i] for i in versions]
+                self.compatibility, whole, [self._whole(i) for i in versions]
             )
             if problems:
                 raise SchemaRejected(f"{subject}: {'; '.join(problems)}")
@@ -214,16 +312,99 @@ class InMemoryRegistry:
                 schema_id = self._next
                 self._next += 1
                 self._ids[canonical] = schema_id
-                self._schemas[schema_id] = schema
+                self._schemas[schema_id] = (schema, refs)
             versions.append(schema_id)
-            return schema_id
+            return Registered(schema_id, len(versions))
 
     def schema_by_id(self, schema_id: int) -> str:
         self.lookups += 1
+        with self._lock:
+            if schema_id not in self._schemas:
+                raise SchemaNotFound(f"no schema has id {schema_id}")
+            return self._whole(schema_id)
+
+    def versions(self, subject: str) -> list[str]:
+        with self._lock:
+            return [self._whole(i) for i in self.subjects.get(subject, [])]
+
+    def registered(self, schema_id: int) -> tuple[str, tuple[Reference, ...]]:
+        """The schema as registered under ``schema_id``: its text and references."""
+        return self._schemas[schema_id]
+
+    def _whole(self, schema_id: int) -> str:
+        return self_contained(*self._schemas[schema_id], self._version)
+
+    def _version(self, subject: str, version: int) -> tuple[str, Sequence[Reference]]:
         try:
-            return self._schemas[schema_id]
-        except KeyError:
-            raise SchemaNotFound(f"no schema has id {schema_id}") from None
+            return self._schemas[self.subjects[subject][version - 1]]
+        except (KeyError, IndexError):
+            raise SchemaNotFound(f"{subject} has no version {version}") from None
+
+
+# -- registering the catalog ------------------------------------------------------------
+
+
+def reference_subject(record_name: str) -> str:
+    """The subject a shared type is registered under for references: its full name."""
+    return record_name
+
+
+class Registrar:
+    """Registers catalog versions: under a subject, every earlier version first, so
+    the subject's versions follow the files; the shared types a version's file refers
+    to go under their own subjects and are passed as references.
+
+    Each (subject, version) costs one registration per process. A subject that began
+    at a later version refuses the earlier ones: those are listed in ``problems``,
+    while the asked-for version itself must register.
+    """
+
+    def __init__(self, registry: SchemaRegistry, catalog: SchemaCatalog) -> None:
+        self.registry = registry
+        self.catalog = catalog
+        self.problems: list[str] = []
+        self._done: dict[tuple[str, int], Registered] = {}
+        self._lock = threading.RLock()
+
+    def register(
+        self, subject: str, record_name: str, version: int | None = None
+    ) -> Registered:
+        """Register ``record_name`` (full name) at ``version`` (default latest)."""
+        catalog = self.catalog
+        version = catalog.latest_version(record_name) if version is None else version
+        with self._lock:
+            for earlier in catalog.versions(record_name):
+                if earlier >= version or (subject, earlier) in self._done:
+                    continue
+                try:
+                    self._one(subject, record_name, earlier)
+                except SchemaRejected as exc:
+                    # Adding the versions after it would only tangle the order more.
+                    self.problems.append(
+                        f"{subject}: v{earlier} of {short_name(record_name)} was "
+                        f"refused ({exc}); the subject holds a later version first"
+                    )
+                    break
+            return self._one(subject, record_name, version)
+
+    def _one(self, subject: str, record_name: str, version: int) -> Registered:
+        done = self._done.get((subject, version))
+        if done is not None:
+            return done
+        references = [
+            Reference(
+                name,
+                reference_subject(name),
+                self.register(reference_subject(name), name).version,
+            )
+            for name in self.catalog.references(record_name, version)
+        ]
+        schema = json.dumps(
+            self.catalog.raw(record_name, version), separators=(",", ":")
+        )
+        registered = self.registry.register(subject, schema, references)
+        self._done[(subject, version)] = registered
+        return registered
 
 
 # -- the codec --------------------------------------------------------------------------
@@ -264,6 +445,7 @@ class Codec:
     def __init__(self, registry: SchemaRegistry, catalog: SchemaCatalog) -> None:
         self._registry = registry
         self._catalog = catalog
+        self.registrar = Registrar(registry, catalog)
         self._writers: dict[tuple[str, str, int | None], tuple[bytes, Any]] = {}
         self._readers: dict[int, _Reader] = {}
         self._refused: dict[int, DecodeError] = {}
@@ -347,11 +529,10 @@ class Codec:
         catalog = self._catalog
         try:
             full = catalog.full_name(record_name)
-            schema_text = catalog.schema(full, version)
             parsed = catalog.parsed(full, version)
         except UnknownRecord as exc:
             raise EncodeError(str(exc)) from None
-        schema_id = self._registry.register(f"{topic}-{full}", schema_text)
+        schema_id = self.registrar.register(f"{topic}-{full}", full, version).schema_id
         entry = (_MAGIC_PREFIX + schema_id.to_bytes(4, "big"), parsed)
         self._writers[(topic, record_name, version)] = entry
         return entry

@@ -12,9 +12,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from confluent_kafka import (
@@ -26,7 +26,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from app.adapters import compatibility
+from app.adapters import codec, compatibility
+from app.adapters.codec import Reference, SchemaRejected, self_contained
 from app.adapters.topics import ensure_topics, required_topics
 from app.settings import Settings
 
@@ -36,6 +37,7 @@ CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 DEFAULT_COMPATIBILITY = "BACKWARD_TRANSITIVE"
 MAX_VERSION = 2**31 - 1
 Record = tuple[dict[str, Any], dict[str, Any] | None]
+_T = TypeVar("_T")
 
 
 class RegistryError(Exception):
@@ -77,14 +79,19 @@ class Version:
 
 @dataclass(slots=True)
 class State:
+    # A schema as registered: its text may use named types that its references define.
     schemas: dict[int, str] = field(default_factory=dict)
-    canonical: dict[int, str] = field(default_factory=dict)
+    references: dict[int, tuple[Reference, ...]] = field(default_factory=dict)
+    # Identity: the canonical form of the whole schema, with its references; equal
+    # identities share one id.
+    identity: dict[int, str] = field(default_factory=dict)
     ids: dict[str, int] = field(default_factory=dict)
     subjects: dict[str, dict[int, Version]] = field(default_factory=dict)
     config: dict[str | None, str] = field(default_factory=dict)
     # Counted apart from ``schemas`` so an id is never reused, even one whose record
     # could not be read back.
     highest_id: int = 0
+    _whole: dict[int, str] = field(default_factory=dict)
 
     def apply(self, key: dict[str, Any], value: dict[str, Any] | None) -> None:
         """Fold one record of the schemas topic; replay and live writes share this."""
@@ -102,13 +109,65 @@ class State:
             schema_id = int(value["id"])
             self.highest_id = max(self.highest_id, schema_id)
             if schema_id not in self.schemas:
-                parsed = compatibility.parse(value["schema"])
+                references = _references(value.get("references"))
+                if not references:
+                    # Checked now, so a record that is not a schema is skipped whole.
+                    compatibility.parse(value["schema"])
                 self.schemas[schema_id] = value["schema"]
-                self.canonical[schema_id] = parsed.canonical
-                self.ids.setdefault(parsed.canonical, schema_id)
+                self.references[schema_id] = references
             versions[number] = Version(
                 subject, number, schema_id, bool(value.get("deleted"))
             )
+
+    def settle(self) -> None:
+        """Index the schemas applied since the last call. Apart from ``apply``: a
+        compacted topic may hold a referenced version after the schemas using it."""
+        for schema_id in sorted(self.schemas.keys() - self.identity.keys()):
+            try:
+                parsed = compatibility.parse(self.whole(schema_id))
+            except (RegistryError, compatibility.InvalidSchema) as error:
+                log.warning("schema id %d cannot be resolved: %s", schema_id, error)
+                continue
+            key = _identity(parsed.canonical, self.references[schema_id])
+            self.identity[schema_id] = key
+            self.ids.setdefault(key, schema_id)
+
+    def whole(self, schema_id: int) -> str:
+        """The schema of ``schema_id`` with the types its references define inlined."""
+        whole = self._whole.get(schema_id)
+        if whole is None:
+            whole = self.resolve(self.schemas[schema_id], self.references[schema_id])
+            self._whole[schema_id] = whole
+        return whole
+
+    def resolve(self, schema: str, references: tuple[Reference, ...]) -> str:
+        """``schema`` made whole through ``references`` (42201 if one is missing)."""
+        try:
+            return self_contained(schema, references, self._referenced)
+        except (RegistryError, SchemaRejected) as error:
+            message = error.message if isinstance(error, RegistryError) else error
+            raise RegistryError(42201, f"Invalid schema: {message}") from None
+
+    def _referenced(self, subject: str, version: int) -> tuple[str, Sequence[Any]]:
+        found = self.version(subject, str(version), deleted=True)
+        return self.schemas[found.id], self.references[found.id]
+
+    def referenced_by(self, version: Version) -> list[int]:
+        """Ids of the live schemas whose references point at ``version``."""
+        users = {
+            v.id
+            for versions in self.subjects.values()
+            for v in versions.values()
+            if not v.deleted
+        }
+        return sorted(
+            schema_id
+            for schema_id in users
+            if any(
+                (r.subject, r.version) == (version.subject, version.version)
+                for r in self.references[schema_id]
+            )
+        )
 
     def next_id(self) -> int:
         """The id for a schema never seen before."""
@@ -313,8 +372,9 @@ class Registry:
         for key, value in records:
             try:
                 state.apply(key, value)
-            except (KeyError, TypeError, ValueError) as error:
+            except (KeyError, TypeError, ValueError, RegistryError) as error:
                 log.warning("skipping unreadable record %r: %r", key, error)
+        state.settle()
         self.state, self._stale = state, False
         log.info(
             "loaded %d schemas in %d subjects from %s",
@@ -336,6 +396,7 @@ class Registry:
             ) from None
         for key, value in records:
             self.state.apply(key, value)
+        self.state.settle()
         self._stale = False
 
     async def write(self, change: Callable[[], Awaitable[Any]]) -> Any:
@@ -354,19 +415,20 @@ class Registry:
     async def register(self, subject: str, body: Any) -> int:
         """The id of the body's schema under subject, registering it if new (409 if
         the subject's compatibility level refuses it)."""
-        parsed = _schema_from(body)
+        text, references = _schema_from(body)
 
         async def change() -> int:
             state = self.state
+            candidate = _Candidate(state, text, references)
             versions = state.subjects.get(subject, {})
             live = [v for _, v in sorted(versions.items()) if not v.deleted]
             for existing in reversed(live):
-                if state.canonical[existing.id] == parsed.canonical:
+                if state.identity.get(existing.id) == candidate.identity:
                     return existing.id
             messages = compatibility.check(
                 state.level(subject),
-                parsed.text,
-                [state.schemas[v.id] for v in live],
+                candidate.whole,
+                [state.whole(v.id) for v in live],
                 versions=[v.version for v in live],
             )
             if messages:
@@ -376,10 +438,10 @@ class Registry:
                     f"for subject '{subject}' ({state.level(subject)}): "
                     + "; ".join(messages),
                 )
-            schema_id = state.ids.get(parsed.canonical) or state.next_id()
+            schema_id = state.ids.get(candidate.identity) or state.next_id()
             number = max(versions, default=0) + 1
             await self._commit(
-                [_schema_record(subject, number, schema_id, parsed.text)]
+                [_schema_record(subject, number, schema_id, text, references)]
             )
             return schema_id
 
@@ -388,15 +450,15 @@ class Registry:
     def lookup(self, subject: str, body: Any, *, deleted: bool) -> Version:
         """The latest version of subject holding the body's schema (40401, 40403)."""
         versions = self.state.versions(subject, deleted=deleted)
-        parsed = _schema_from(body)
+        candidate = _Candidate(self.state, *_schema_from(body))
         for version in reversed(versions):
-            if self.state.canonical[version.id] == parsed.canonical:
+            if self.state.identity.get(version.id) == candidate.identity:
                 return version
         raise RegistryError(40403, "Schema not found")
 
     def test(self, subject: str, raw_version: str | None, body: Any) -> list[str]:
         """Messages against one version (or every version the mode asks for)."""
-        parsed = _schema_from(body)
+        candidate = _Candidate(self.state, *_schema_from(body))
         level = self.state.level(subject)
         if raw_version is None:
             found = self.state.subjects.get(subject, {})
@@ -405,8 +467,8 @@ class Registry:
             against = [self.state.version(subject, raw_version)]
         return compatibility.check(
             level,
-            parsed.text,
-            [self.state.schemas[v.id] for v in against],
+            candidate.whole,
+            [self.state.whole(v.id) for v in against],
             versions=[v.version for v in against],
         )
 
@@ -431,9 +493,23 @@ class Registry:
                         f"Subject '{subject}' Version {target.version} was soft deleted.",
                     )
                 targets = [target]
+            for target in targets:
+                users = state.referenced_by(target)
+                if users:
+                    raise RegistryError(
+                        42206,
+                        f"One or more references exist to the schema "
+                        f"{{subject={subject}, version={target.version}}}: "
+                        f"schema ids {users}",
+                    )
             records = [
                 _schema_record(
-                    subject, v.version, v.id, state.schemas[v.id], deleted=True
+                    subject,
+                    v.version,
+                    v.id,
+                    state.schemas[v.id],
+                    state.references[v.id],
+                    deleted=True,
                 )
                 for v in targets
             ]
@@ -452,21 +528,68 @@ class Registry:
 
 
 def _schema_record(
-    subject: str, version: int, schema_id: int, schema: str, *, deleted: bool = False
+    subject: str,
+    version: int,
+    schema_id: int,
+    schema: str,
+    references: Sequence[Reference],
+    *,
+    deleted: bool = False,
 ) -> Record:
     key = {"keytype": "SCHEMA", "subject": subject, "version": version}
-    value = {
+    value: dict[str, Any] = {
         "subject": subject,
         "version": version,
         "id": schema_id,
         "schema": schema,
         "deleted": deleted,
     }
+    if references:
+        value["references"] = _references_json(references)
     return key, value
 
 
-def _schema_from(body: Any) -> compatibility.ParsedSchema:
-    """The Avro schema of a request body; 42201 when it is absent, not Avro or invalid."""
+def _references(raw: Any) -> tuple[Reference, ...]:
+    """References as a request or the topic carries them (42201 if malformed)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise RegistryError(42201, "Invalid schema: 'references' must be a list")
+    references = []
+    for item in raw:
+        name = item.get("name") if isinstance(item, dict) else None
+        subject = item.get("subject") if isinstance(item, dict) else None
+        version = item.get("version") if isinstance(item, dict) else None
+        if (
+            not isinstance(name, str)
+            or not isinstance(subject, str)
+            or not isinstance(version, int)
+            or version < 1
+        ):
+            raise RegistryError(
+                42201,
+                "Invalid schema: each reference needs a 'name', a 'subject' and a "
+                f"'version' from 1, not {item!r}",
+            )
+        references.append(Reference(name, subject, version))
+    return tuple(references)
+
+
+def _references_json(references: Sequence[Reference]) -> list[dict[str, Any]]:
+    return [
+        {"name": r.name, "subject": r.subject, "version": r.version} for r in references
+    ]
+
+
+def _identity(canonical: str, references: Sequence[Reference]) -> str:
+    if not references:
+        return canonical
+    return canonical + json.dumps(_references_json(references))
+
+
+def _schema_from(body: Any) -> tuple[str, tuple[Reference, ...]]:
+    """The Avro schema of a request body and its references; 42201 when the schema is
+    absent or not Avro."""
     if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
         raise RegistryError(42201, "Invalid schema: the body needs a 'schema' string")
     schema_type = body.get("schemaType") or "AVRO"
@@ -475,15 +598,26 @@ def _schema_from(body: Any) -> compatibility.ParsedSchema:
             42201,
             f"Invalid schema: schemaType {schema_type!r} is not supported; only AVRO",
         )
-    for unsupported in ("references", "metadata", "ruleSet"):
+    for unsupported in ("metadata", "ruleSet"):
         if body.get(unsupported):
             raise RegistryError(
                 42201, f"Invalid schema: '{unsupported}' is not supported"
             )
-    try:
-        return compatibility.parse(body["schema"])
-    except compatibility.InvalidSchema as error:
-        raise RegistryError(42201, str(error)) from None
+    return body["schema"], _references(body.get("references"))
+
+
+class _Candidate:
+    """A schema in a request, made whole through the references the state holds."""
+
+    def __init__(
+        self, state: State, text: str, references: tuple[Reference, ...]
+    ) -> None:
+        self.whole = state.resolve(text, references)
+        try:
+            parsed = compatibility.parse(self.whole)
+        except compatibility.InvalidSchema as error:
+            raise RegistryError(42201, str(error)) from None
+        self.identity = _identity(parsed.canonical, references)
 
 
 # -- HTTP ------------------------------------------------------------------------------
@@ -532,8 +666,16 @@ def _describe(registry: Registry, version: Version) -> dict[str, Any]:
         "subject": version.subject,
         "version": version.version,
         "id": version.id,
-        "schema": registry.state.schemas[version.id],
+        **_schema_json(registry.state, version.id),
     }
+
+
+def _schema_json(state: State, schema_id: int) -> dict[str, Any]:
+    """A schema as Confluent shows it: its text, and its references if it has any."""
+    shown: dict[str, Any] = {"schema": state.schemas[schema_id]}
+    if state.references[schema_id]:
+        shown["references"] = _references_json(state.references[schema_id])
+    return shown
 
 
 @routes.get("/")
@@ -585,6 +727,15 @@ async def _get_version_schema(request: web.Request) -> web.Response:
         deleted=_flag(request, "deleted"),
     )
     return web.Response(text=state.schemas[version.id], content_type=CONTENT_TYPE)
+
+
+@routes.get("/subjects/{subject}/versions/{version}/referencedby")
+async def _referenced_by(request: web.Request) -> web.Response:
+    state = request.app[REGISTRY].state
+    version = state.version(
+        request.match_info["subject"], request.match_info["version"]
+    )
+    return _json(state.referenced_by(version))
 
 
 @routes.post("/subjects/{subject}/versions")
@@ -642,7 +793,7 @@ async def _schema_types(request: web.Request) -> web.Response:
 @routes.get("/schemas/ids/{id}")
 async def _get_schema(request: web.Request) -> web.Response:
     schema_id = _schema_id(request)
-    return _json({"schema": request.app[REGISTRY].state.schemas[schema_id]})
+    return _json(_schema_json(request.app[REGISTRY].state, schema_id))
 
 
 @routes.get("/schemas/ids/{id}/schema")
@@ -780,8 +931,77 @@ async def _errors(
         return _json({"error_code": 500, "message": "Internal Server Error"}, 500)
 
 
-def create_app(settings: Settings, store: Store | None = None) -> web.Application:
-    """The registry as an aiohttp application; it loads the topic on startup."""
+class InProcess:
+    """The codec's ``SchemaRegistry`` port over a ``Registry`` running on ``loop``,
+    for threads of the registry's own process."""
+
+    def __init__(self, registry: Registry, loop: asyncio.AbstractEventLoop) -> None:
+        self._registry = registry
+        self._loop = loop
+
+    def register(
+        self, subject: str, schema: str, references: Sequence[Reference] = ()
+    ) -> codec.Registered:
+        body = {"schema": schema, "references": _references_json(references)}
+
+        async def register() -> codec.Registered:
+            schema_id = await self._registry.register(subject, body)
+            found = self._registry.lookup(subject, body, deleted=False)
+            return codec.Registered(schema_id, found.version)
+
+        return self._call(register())
+
+    def schema_by_id(self, schema_id: int) -> str:
+        async def whole() -> str:
+            if schema_id not in self._registry.state.schemas:
+                raise RegistryError(40403, f"Schema {schema_id} not found")
+            return self._registry.state.whole(schema_id)
+
+        return self._call(whole())
+
+    def versions(self, subject: str) -> list[str]:
+        async def wholes() -> list[str]:
+            state = self._registry.state
+            found = state.subjects.get(subject, {})
+            return [
+                state.whole(v.id) for _, v in sorted(found.items()) if not v.deleted
+            ]
+
+        return self._call(wholes())
+
+    def _call(self, work: Coroutine[Any, Any, _T]) -> _T:
+        try:
+            return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+        except RegistryError as error:
+            if error.status in (409, 422):
+                raise SchemaRejected(error.message) from None
+            if error.status == 404:
+                raise codec.SchemaNotFound(error.message) from None
+            raise codec.RegistryUnavailable(error.message) from None
+
+
+async def _ensure_subjects(registry: Registry, settings: Settings) -> None:
+    from app.adapters.catalog import SchemaCatalog
+    from app.adapters.subjects import ensure_subjects
+
+    port = InProcess(registry, asyncio.get_running_loop())
+    try:
+        problems = await asyncio.to_thread(
+            ensure_subjects, port, SchemaCatalog.load(), settings.topics
+        )
+    except codec.RegistryError as error:
+        log.error("could not register Streamfold's subjects: %s", error)
+        return
+    for problem in problems:
+        log.warning("%s", problem)
+
+
+def create_app(
+    settings: Settings, store: Store | None = None, *, subjects: bool = False
+) -> web.Application:
+    """The registry as an aiohttp application; it loads the topic on startup and, with
+    ``subjects``, registers every version of Streamfold's records under the settings'
+    topics (``app.adapters.subjects``)."""
     app = web.Application(middlewares=[_errors])
     registry = Registry(KafkaStore(settings) if store is None else store)
     app[REGISTRY] = registry
@@ -789,6 +1009,8 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
 
     async def start(_app: web.Application) -> None:
         await registry.start()
+        if subjects:
+            await _ensure_subjects(registry, settings)
 
     async def stop(_app: web.Application) -> None:
         await asyncio.to_thread(registry.store.close)
@@ -810,7 +1032,13 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         settings.topics.schemas,
         settings.bootstrap_servers,
     )
-    web.run_app(create_app(settings), host=host, port=port, print=None, access_log=None)
+    web.run_app(
+        create_app(settings, subjects=True),
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+    )
 
 
 def main(settings: Settings | None = None) -> None:

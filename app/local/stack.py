@@ -60,6 +60,7 @@ def up(settings: Settings, say: Callable[[str], None] = print) -> None:
     applied = migrations.migrate(settings.database_url)
     say(f"migrations {len(applied)} applied")
     _registry_up(settings, say)
+    _subjects_up(settings, say)
     say(f"ready in {time.monotonic() - started:.1f}s")
 
 
@@ -72,6 +73,23 @@ def _registry_up(settings: Settings, say: Callable[[str], None]) -> None:
         return
     fresh = RegistryProcess(settings).start()
     say(f"registry  {'started' if fresh else 'running'}  {local}")
+
+
+def _subjects_up(settings: Settings, say: Callable[[str], None]) -> None:
+    from app.adapters.catalog import SchemaCatalog
+    from app.adapters.codec import ConfluentRegistry
+    from app.adapters.subjects import ensure_subjects, expected_subjects
+
+    catalog = SchemaCatalog.load()
+    registry = ConfluentRegistry(settings.schema_registry_url)
+    problems = ensure_subjects(registry, catalog, settings.topics)
+    versions = sum(len(catalog.versions(name)) for name in catalog.names())
+    say(
+        f"subjects  {len(expected_subjects(settings.topics, catalog))} with "
+        f"{versions} versions, {len(problems)} refused"
+    )
+    for problem in problems:
+        say(f"  ✗ {problem}")
 
 
 def down(

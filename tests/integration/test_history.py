@@ -3,21 +3,27 @@ of a version or a time, snapshots, and old schema versions read through upcaster
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
-from app.adapters.codec import headers
 from app.client import CommandClient
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
-from app.domain.orders import ProcessPayment, ShipOrder
+from app.domain.orders import DeliverOrder, ProcessPayment, ShipOrder
 from app.history import SNAPSHOT_EVERY, EventStore
+from app.importer import ImportRefused, import_events
 from app.settings import Settings
-from tests.support import codec_for, get_until, running_worker
+from tests.support import get_until, read_topic, running_worker
 
 
 def _wait_indexed(settings: Settings, aggregate_id: str, version: int) -> None:
@@ -135,22 +141,9 @@ def test_history_time_travel_and_snapshots(deployment: Settings) -> None:
         assert bad.json()["field"] == "at"
 
 
-def _old_order_created(settings: Settings, order_id: str, version: int) -> bytes:
-    """An OrderCreated as an old writer of schema ``version`` would have written it."""
-    codec = codec_for(settings)
-    metadata = {
-        "event_id": f"old-{order_id}",
-        "event_type": "OrderCreated",
-        "event_version": version,
-        "aggregate_type": "order",
-        "aggregate_id": order_id,
-        "stream_version": 1,
-        "timestamp": datetime.now(UTC),
-        "user_id": None,
-        "correlation_id": order_id,
-        "causation_id": order_id,
-        "command_id": f"legacy-{order_id}",
-    }
+def _old_order_created(order_id: str, version: int) -> dict[str, Any]:
+    """A line of `streamfold import`: an OrderCreated as an old writer of schema
+    ``version`` wrote it (v1: the article's shape, the address one string)."""
     item: dict[str, Any] = {
         "product_id": "legacy",
         "quantity": 2,
@@ -179,38 +172,44 @@ def _old_order_created(settings: Settings, order_id: str, version: int) -> bytes
                 "country": "UK",
             },
         }
-    return codec.encode(
-        settings.topics.events("orders"),
-        "OrderCreated",
-        {"metadata": metadata, **data},
-        version=version,
+    return {
+        "event_type": "OrderCreated",
+        "event_version": version,
+        "aggregate_id": order_id,
+        "stream_version": 1,
+        "timestamp": "2019-05-04T10:00:00Z",
+        "user_id": "legacy-shop",
+        "correlation_id": f"legacy-{order_id}",
+        "data": data,
+    }
+
+
+def _import(settings: Settings, lines: list[dict[str, Any]], tmp_path: Path) -> str:
+    """`bin/streamfold import FILE` as an operator runs it; its output."""
+    file = tmp_path / f"import-{uuid.uuid4().hex[:6]}.jsonl"
+    file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "import", str(file)],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
-def test_events_written_with_old_schemas_are_read_as_the_newest(
-    deployment: Settings,
+def test_imported_events_of_old_schemas_are_read_as_the_newest(
+    deployment: Settings, tmp_path: Path
 ) -> None:
     old = {version: f"legacy-v{version}-{uuid.uuid4().hex[:4]}" for version in (1, 2)}
     base = f"http://{deployment.web_host}:{deployment.web_port}"
+    lines = [_old_order_created(order_id, v) for v, order_id in old.items()]
     with running_worker(deployment), CommandClient(deployment) as client:
-        # Seeded through the client's own producer, so each old event sits on the
-        # partition its order's commands will go to.
-        for version, order_id in old.items():
-            client.producer.produce(
-                deployment.topics.events("orders"),
-                _old_order_created(deployment, order_id, version),
-                key=order_id.encode(),
-                headers=headers.for_event(
-                    event_type="OrderCreated",
-                    event_version=version,
-                    stream_version=1,
-                    aggregate_id=order_id,
-                    correlation_id=order_id,
-                    event_id=f"old-{order_id}",
-                    command_id=f"legacy-{order_id}",
-                ),
-            )
-        client.flush()
+        assert "imported 2 events" in _import(deployment, lines, tmp_path)
+        # The same file again changes nothing.
+        assert "imported 0 events (2 already" in _import(deployment, lines, tmp_path)
         for order_id in old.values():
             # The write side folds the upcast event: the total and currency hold.
             paid = client.send(
@@ -225,26 +224,30 @@ def test_events_written_with_old_schemas_are_read_as_the_newest(
             )
             assert paid.accepted, paid
             assert paid.version == 2
-            assert (
-                client.send(
-                    ShipOrder(order_id=order_id, tracking_number="T", carrier="DHL")
-                ).version
-                == 3
+            shipped = client.send(
+                ShipOrder(order_id=order_id, tracking_number="T", carrier="DHL")
             )
-            _wait_indexed(deployment, order_id, 3)
-            summary = httpx.get(f"{base}/query/orders/{order_id}").json()
-            assert (summary["status"], summary["currency"]) == ("SHIPPED", "USD")
+            assert shipped.version == 3
+            delivered = client.send(DeliverOrder(order_id=order_id))
+            assert delivered.accepted and delivered.version == 4, delivered
+            _wait_indexed(deployment, order_id, 4)
+            summary = get_until(
+                f"{base}/query/orders/{order_id}",
+                lambda r: r.status_code == 200 and r.json()["version"] == 4,
+            ).json()
+            assert (summary["status"], summary["currency"]) == ("DELIVERED", "USD")
             assert summary["items"][0]["total_price_minor"] == 3000
             view = get_until(
                 f"{base}/orders/{order_id}",
-                lambda r: r.status_code == 200 and r.json()["version"] == 3,
+                lambda r: r.status_code == 200 and r.json()["version"] == 4,
             )
-            assert view.json()["status"] == "SHIPPED"
+            assert view.json()["status"] == "DELIVERED"
         with psycopg.connect(deployment.database_url) as conn:
             store = EventStore(conn)
             for version, order_id in old.items():
                 created = store.read_stream("order", order_id, 1, 1)[0]
                 assert created.schema_version == version
+                assert created.user_id == "legacy-shop"
                 assert created.data["shipping_address"] == {
                     "street": "1 Old Road",
                     "city": "Oldtown",
@@ -255,4 +258,34 @@ def test_events_written_with_old_schemas_are_read_as_the_newest(
                 assert created.data["items"][0]["total_price_minor"] == 3000
                 assert created.data["currency"] == "USD"
                 state, _ = store.state("order", order_id)
-                assert (state.status, state.total_minor) == ("SHIPPED", 3000)
+                assert (state.status, state.total_minor) == ("DELIVERED", 3000)
+
+
+def test_an_import_with_a_bad_line_writes_nothing(
+    deployment: Settings, tmp_path: Path
+) -> None:
+    order_id = f"legacy-{uuid.uuid4().hex[:6]}"
+    good = _old_order_created(order_id, 1)
+    unknown = {**good, "event_type": "OrderTeleported"}
+    gap = {**good, "stream_version": 3}
+    typo = {**good, "eventVersion": 1}
+    wrong_shape = {**good, "data": {**good["data"], "shipping_address": {"x": 1}}}
+    with pytest.raises(ImportRefused) as refused:
+        import_events(
+            deployment,
+            [json.dumps(line) for line in (good, unknown, gap, typo, wrong_shape)],
+        )
+    problems = refused.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "line 2",
+        "line 4",
+        "line 5",
+        "line 3",
+    ], problems
+    assert "OrderTeleported" in problems[0]
+    assert "unknown field(s) eventVersion" in problems[1]
+    assert "shipping_address" in problems[2]
+    assert "leaves a gap; the next version is 2" in problems[3]
+    assert read_topic(deployment, deployment.topics.events("orders")) == []
+    # The good line alone goes in.
+    assert import_events(deployment, [json.dumps(good)]).written == 1

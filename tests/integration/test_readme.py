@@ -23,7 +23,13 @@ def _examples(command: str) -> list[list[str]]:
     return found
 
 
-def test_the_readme_cli_examples_work(deployment: Settings) -> None:
+def _block_after(heading: str, language: str) -> str:
+    text = README.read_text()
+    after = text[text.index(heading) :]
+    return after.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_cli_examples_work(deployment: Settings, tmp_path: Path) -> None:
     sends = _examples("send")
     assert len(sends) >= 2, "the README lost its send examples"
     with running_worker(deployment):
@@ -51,4 +57,15 @@ def test_the_readme_cli_examples_work(deployment: Settings) -> None:
         assert "ok   answers" in audited.stdout and "FAIL" not in audited.stdout
         assert "ok   read models" in audited.stdout, audited.stdout
     [check] = _examples("schemas check")
-    assert run_cli(deployment, *check).returncode == 0
+    checked = run_cli(deployment, *check)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The import example, with the README's own line as its file.
+    [import_example] = _examples("import")
+    history = tmp_path / "history.jsonl"
+    history.write_text(_block_after("### Importing history", "json"))
+    imported = run_cli(
+        deployment,
+        *[str(history) if arg == "history.jsonl" else arg for arg in import_example],
+    )
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "imported 1 events" in imported.stdout

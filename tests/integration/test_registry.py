@@ -20,7 +20,11 @@ import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry import (
+    Schema,
+    SchemaReference,
+    SchemaRegistryClient,
+)
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -335,6 +339,63 @@ def test_avro_serde_round_trip_through_the_registry(
     fresh.register_schema(f"{topic}-value", Schema(evolved, "AVRO"))
     read = AvroDeserializer(fresh, evolved)(data, value)
     assert read == {**order, "currency": "EUR"}
+
+
+def test_references_resolve_through_confluents_serdes(
+    client: SchemaRegistryClient, http: httpx.Client
+) -> None:
+    shared = f"streamfold.Shared{uuid.uuid4().hex[:8]}"
+    money = json.dumps(
+        {
+            "type": "record",
+            "name": shared,
+            "fields": [{"name": "minor", "type": "long"}],
+        }
+    )
+    client.register_schema(shared, Schema(money, "AVRO"))
+    using = _record(ID, {"name": "amount", "type": shared})
+    reference = SchemaReference(shared, shared, 1)
+    topic = f"orders.events-{uuid.uuid4().hex[:8]}"
+    schema_id = client.register_schema(
+        f"{topic}-value", Schema(using, "AVRO", [reference])
+    )
+
+    shown = http.get(f"/schemas/ids/{schema_id}").json()
+    assert shown["references"] == [{"name": shared, "subject": shared, "version": 1}]
+    assert http.get(f"/subjects/{shared}/versions/1/referencedby").json() == [schema_id]
+    value = SerializationContext(topic, MessageField.VALUE)
+    order = {"order_id": "o-1", "amount": {"minor": 1250}}
+    serializer = AvroSerializer(
+        client,
+        conf={"auto.register.schemas": False, "use.latest.version": True},
+    )
+    data = serializer(order, value)
+    assert data is not None and int.from_bytes(data[1:5], "big") == schema_id
+    fresh = SchemaRegistryClient({"url": client.config()["url"]})
+    assert AvroDeserializer(fresh)(data, value) == order
+    # A schema still in use by another keeps every version.
+    assert _refused(client.delete_version, shared, 1).error_code == 42206
+    missing = SchemaReference(shared, shared, 9)
+    refused = _refused(
+        client.register_schema, _subject(), Schema(using, "AVRO", [missing])
+    )
+    assert refused.error_code == 42201
+
+
+def test_a_fresh_registry_holds_every_streamfold_subject(
+    module_settings: Settings, client: SchemaRegistryClient
+) -> None:
+    subjects = client.get_subjects()
+    prefix = module_settings.topics.prefix
+    for subject in (
+        f"{prefix}orders.commands-streamfold.orders.AddItem",
+        f"{prefix}orders.commands-streamfold.orders.RemoveItem",
+        f"{prefix}accounts.commands-streamfold.accounts.CloseAccount",
+        "streamfold.CommandEnvelope",
+    ):
+        assert subject in subjects
+    created = f"{prefix}orders.events-streamfold.orders.OrderCreated"
+    assert client.get_versions(created) == [1, 2, 3]
 
 
 _REGISTER_AT = """

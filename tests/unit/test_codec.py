@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
@@ -22,6 +23,8 @@ from app.adapters.codec import (
     EncodeError,
     InMemoryRegistry,
     NotFramed,
+    Reference,
+    Registered,
     RegistryError,
     RegistryUnavailable,
     SchemaNotFound,
@@ -273,9 +276,11 @@ def test_frame_is_magic_byte_then_big_endian_schema_id(
     )
 
     assert payload[0] == 0
-    assert payload[1:5] == b"\x01\x02\x03\x04"
+    # The EventMetadata it refers to was registered first, as a reference.
+    assert payload[1:5] == b"\x01\x02\x03\x05"
     assert registry.subjects == {
-        "t.events-streamfold.orders.OrderDelivered": [0x01020304]
+        "streamfold.EventMetadata": [0x01020304],
+        "t.events-streamfold.orders.OrderDelivered": [0x01020305],
     }
 
 
@@ -287,9 +292,11 @@ def test_registers_once_per_subject_and_shares_ids_across_subjects(
     calls: list[str] = []
     register = registry.register
 
-    def counting(subject: str, schema: str) -> int:
+    def counting(
+        subject: str, schema: str, references: Sequence[Reference] = ()
+    ) -> Registered:
         calls.append(subject)
-        return register(subject, schema)
+        return register(subject, schema, references)
 
     registry.register = counting  # type: ignore[method-assign]
     first = codec.encode("a.events", "OrderDelivered", record)
@@ -297,6 +304,7 @@ def test_registers_once_per_subject_and_shares_ids_across_subjects(
     other = codec.encode("b.events", "OrderDelivered", record)
 
     assert calls == [
+        "streamfold.EventMetadata",
         "a.events-streamfold.orders.OrderDelivered",
         "b.events-streamfold.orders.OrderDelivered",
     ]
@@ -378,7 +386,7 @@ def test_writer_of_an_unknown_record_type(
         "namespace": "com.example",
         "fields": [{"name": "id", "type": "string"}],
     }
-    schema_id = registry.register("t-com.example.Invoice", json.dumps(schema))
+    schema_id = registry.register("t-com.example.Invoice", json.dumps(schema)).schema_id
     payload = frame(schema_id, avro_body(parse_schema(schema), {"id": "x"}))
 
     with pytest.raises(UnknownRecordType, match=r"com\.example\.Invoice"):
@@ -537,7 +545,7 @@ def test_external_compatible_writer_is_resolved_into_the_latest(
             field["type"] = "int"
     text = json.dumps(variant)
     assert catalog.identify(text) is None
-    schema_id = registry.register(f"t-{ORDER_CREATED}", text)
+    schema_id = registry.register(f"t-{ORDER_CREATED}", text).schema_id
     event = SAMPLE_EVENTS[0]
     record = {
         **mapper.event_record(event, metadata(event, catalog)),
@@ -564,7 +572,7 @@ def test_external_writer_that_cannot_be_resolved_is_undecodable(
 ) -> None:
     variant = json.loads(catalog.schema("streamfold.orders.OrderShipped"))
     variant["fields"] = [f for f in variant["fields"] if f["name"] != "carrier"]
-    schema_id = registry.register("t-x", json.dumps(variant))
+    schema_id = registry.register("t-x", json.dumps(variant)).schema_id
     event = SAMPLE_EVENTS[4]
     record = mapper.event_record(event, metadata(event, catalog))
     del record["carrier"]
@@ -658,11 +666,13 @@ def test_in_memory_registry_enforces_its_compatibility_mode(
 ) -> None:
     registry = InMemoryRegistry(compatibility="BACKWARD_TRANSITIVE")
     subject = f"t-{ORDER_CREATED}"
-    ids = [
+    registered = [
         registry.register(subject, catalog.schema(ORDER_CREATED, v)) for v in (1, 2, 3)
     ]
-    assert ids == [1, 2, 3]
-    assert registry.register(subject, catalog.schema(ORDER_CREATED, 1)) == 1
+    assert registered == [Registered(v, v) for v in (1, 2, 3)]
+    assert registry.register(subject, catalog.schema(ORDER_CREATED, 1)) == Registered(
+        1, 1
+    )
     breaking = json.loads(catalog.schema(ORDER_CREATED))
     breaking["fields"].append({"name": "loyalty_tier", "type": "string"})
     with pytest.raises(SchemaRejected, match="loyalty_tier"):
