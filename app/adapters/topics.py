@@ -281,6 +281,8 @@ def read_range(
     before this one is. After ``wait_s`` without progress it stops if it reached the
     last stable offset (a transaction left open, which the broker will abort) and
     raises ``Stalled`` if it never did."""
+    if start >= end:
+        return
     tp = TopicPartition(topic, partition, start)
     consumer.assign([tp])
     deadline = time.monotonic() + wait_s
@@ -293,7 +295,10 @@ def read_range(
                 raise KafkaException(error)
             at_end = at_end or error is not None
             [at] = consumer.position([tp])
-            if at.offset >= end:
+            # Before the first fetch the position is unknown (negative); the end
+            # reported is where a read_committed reader stands.
+            reached = max(at.offset, message.offset() if error is not None else -1)
+            if reached >= end:
                 return
             if time.monotonic() > deadline:
                 if at_end:
