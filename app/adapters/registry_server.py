@@ -8,12 +8,16 @@ its state is the topic replayed, rebuilt at every start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -623,6 +627,7 @@ class _Candidate:
 # -- HTTP ------------------------------------------------------------------------------
 
 REGISTRY = web.AppKey("registry", Registry)
+SOURCES = web.AppKey("sources", dict)
 routes = web.RouteTableDef()
 
 
@@ -681,6 +686,29 @@ def _schema_json(state: State, schema_id: int) -> dict[str, Any]:
 @routes.get("/")
 async def _root(request: web.Request) -> web.Response:
     return _json({})
+
+
+def source_digests() -> dict[str, str]:
+    """The sha256 of each of Streamfold's own source files this process has loaded,
+    as they are on disk now."""
+    root = Path(__file__).resolve().parents[2]
+    digests = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        where = Path(path).resolve() if path else root
+        if root in where.parents and not where.relative_to(root).parts[0].startswith(
+            "."
+        ):
+            with contextlib.suppress(OSError):
+                digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return digests
+
+
+@routes.get("/v1/metadata/version")
+async def _version(request: web.Request) -> web.Response:
+    """Which code serves: the digests of the sources it started from (``up``
+    restarts a registry whose sources changed on disk since)."""
+    return _json({"version": "streamfold", "sources": request.app[SOURCES]})
 
 
 @routes.get("/subjects")
@@ -1005,6 +1033,7 @@ def create_app(
     app = web.Application(middlewares=[_errors])
     registry = Registry(KafkaStore(settings) if store is None else store)
     app[REGISTRY] = registry
+    app[SOURCES] = source_digests()
     app.add_routes(routes)
 
     async def start(_app: web.Application) -> None:

@@ -30,6 +30,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from app.adapters import registry_server
+from app.local import registry as local_registry
 from app.local.process import ServiceError
 from app.local.registry import RegistryProcess
 from app.settings import Settings
@@ -506,6 +507,28 @@ def test_start_is_idempotent_and_an_early_exit_shows_the_log(
     assert "address already in use" in str(raised.value).lower()
     assert Path(blocked.log_file).name == f"registry-{port}.log"
     assert not blocked.running()
+
+
+def test_a_registry_running_older_code_is_restarted_by_start(
+    registry: RegistryProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = httpx.get(f"{registry.url}/v1/metadata/version").json()["sources"]
+    assert any(path.endswith("registry_server.py") for path in sources)
+    assert registry.current()
+    before = registry.daemon.pid()
+    assert registry.start() is False and registry.daemon.pid() == before
+    # As after an upgrade: a source it runs is no longer what is on disk.
+    real = local_registry._digest
+    monkeypatch.setattr(
+        local_registry,
+        "_digest",
+        lambda path: "changed" if path.endswith("registry_server.py") else real(path),
+    )
+    assert not registry.current()
+    assert registry.start() is True
+    assert registry.daemon.pid() not in (None, before)
+    monkeypatch.undo()
+    assert registry.current() and registry.running()
 
 
 class _FlakyStore:
