@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from app.application import saga
+from app.application.saga import Step
 from app.client import CommandClient, CommandResult
 from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.domain.money import fmt
@@ -18,7 +20,6 @@ from app.domain.orders import (
     CreateOrder,
     DeliverOrder,
     LineItem,
-    ProcessPayment,
     ShipOrder,
 )
 from app.local import stack
@@ -86,30 +87,10 @@ def run(settings: Settings) -> int:
                 ),
                 {},
             ),
-            (
-                "pay from account",
-                Withdraw(
-                    account_id=account,
-                    transaction_id=f"pay-{tag}",
-                    amount_minor=3_597,
-                    currency="USD",
-                    destination=f"order {order}",
-                    reference=order,
-                ),
-                {},
-            ),
-            (
-                "record payment",
-                ProcessPayment(
-                    order_id=order,
-                    payment_id=f"pay-{tag}",
-                    amount_minor=3_597,
-                    currency="USD",
-                    method="account",
-                    transaction_id=f"pay-{tag}",
-                ),
-                {},
-            ),
+            # The payment saga pays the order from the account; the demo waits
+            # for the results of its two commands (their ids are derived).
+            ("saga: withdraw", Step.WITHDRAW, {}),
+            ("saga: record payment", Step.PAY, {}),
             (
                 "ship",
                 ShipOrder(
@@ -143,7 +124,7 @@ def run(settings: Settings) -> int:
                 {"expected_version": 1},
             ),
             (
-                "same command id again",
+                "deposit, chosen command id",
                 Deposit(
                     account_id=account,
                     transaction_id=f"dep-{tag}",
@@ -155,7 +136,7 @@ def run(settings: Settings) -> int:
                 {"command_id": f"repeat-{tag}"},
             ),
             (
-                "…and once more",
+                "same command id again",
                 Deposit(
                     account_id=account,
                     transaction_id=f"dep-{tag}",
@@ -169,7 +150,10 @@ def run(settings: Settings) -> int:
         ]
         last: dict[str, CommandResult] = {}
         for label, command, envelope in steps:
-            result = client.send(command, timeout=30, **envelope)
+            if isinstance(command, Step):
+                [result] = client.wait([saga.command_id(order, command)], timeout=60)
+            else:
+                result = client.send(command, timeout=30, **envelope)
             last[result.aggregate_type] = (
                 result if result.accepted else last.get(result.aggregate_type, result)
             )
@@ -185,13 +169,15 @@ def run(settings: Settings) -> int:
     )
     order_pos = last["order"]
     account_pos = last["account"]
-    for label, url, after in (
-        ("order (Postgres)", f"{web}/query/orders/{order}", order_pos),
-        ("account (Postgres)", f"{web}/query/accounts/{account}", account_pos),
-        ("order (Faust table)", f"{web}/orders/{order}", None),
+    for label, url, last_write, after in (
+        ("order (Postgres)", f"{web}/query/orders/{order}", order_pos, True),
+        ("account (Postgres)", f"{web}/query/accounts/{account}", account_pos, True),
+        ("order (Faust table)", f"{web}/orders/{order}", order_pos, False),
     ):
-        params = {"after": f"{after.partition}:{after.offset}"} if after else {}
-        body = _get(url, params)
+        params = (
+            {"after": f"{last_write.partition}:{last_write.offset}"} if after else {}
+        )
+        body = _get(url, params, last_write.version)
         print(f"  {label}: {json.dumps(_brief(body))}")
     print(f"""
 ── where to look {"─" * 60}
@@ -203,19 +189,30 @@ def run(settings: Settings) -> int:
   history        bin/streamfold history {order}
   topics         {settings.topics.commands("orders")}, {settings.topics.events("orders")},
                  {settings.topics.events("accounts")}, {settings.topics.results}
-  Postgres       psql postgresql://streamfold_reader:streamfold@127.0.0.1:5432/streamfold
+  Postgres       psql {settings.query_database_url}   (the read-only role)
   registry       {settings.schema_registry_url}/subjects
   stop it all    bin/streamfold down""")
     return 0
 
 
-def _get(url: str, params: dict[str, str]) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while True:
-        response = httpx.get(url, params=params, timeout=10)
-        if response.status_code == 200 or time.monotonic() > deadline:
-            return dict(response.json())
+def _get(url: str, params: dict[str, str], version: int) -> dict[str, Any]:
+    """The view once it shows ``version``: a Faust view takes no ``after``, a
+    Postgres view answers ``"stale": true`` after STREAMFOLD_QUERY_WAIT, and a
+    worker that has just started may be slow to answer at all."""
+    deadline = time.monotonic() + 60
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, params=params, timeout=10)
+        except httpx.TransportError as error:
+            body = {"error": f"{type(error).__name__} from {url}"}
+        else:
+            body = dict(response.json())
+            shown = response.status_code == 200 and not body.get("stale")
+            if shown and body.get("version", 0) >= version:
+                break
         time.sleep(0.2)
+    return body
 
 
 def _brief(body: dict[str, Any]) -> dict[str, Any]:
