@@ -44,14 +44,22 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_test(settings: Settings, args: argparse.Namespace) -> int:
-    """Bring the services up, then run the whole test suite against them."""
+    """Bring the services up, then run the whole test suite against them; with
+    --fast, only the tests that need no services (tests/unit), without starting
+    any."""
+    pytest_args = [a for a in args.pytest_args if a != "--fast"]
+    if len(pytest_args) < len(args.pytest_args):
+        return subprocess.call(
+            [sys.executable, "-m", "pytest", "-q", *pytest_args, "tests/unit"], cwd=REPO
+        )
     from app.local import stack
 
     stack.up(settings)
     if cmd_schemas(settings, args) != 0:
         return 1
-    pytest_args = list(args.pytest_args) or ["-q"]
-    return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO)
+    return subprocess.call(
+        [sys.executable, "-m", "pytest", *(pytest_args or ["-q"])], cwd=REPO
+    )
 
 
 def cmd_kafka_tool(settings: Settings, args: argparse.Namespace) -> int:
