@@ -622,9 +622,14 @@ def process_tree(pid: int) -> Callable[[], list[int]]:
 
 def peak_memory_mib(pid: int) -> float | None:
     """The process's peak resident set (VmHWM) in MiB."""
+    return memory_mib(pid, "VmHWM")
+
+
+def memory_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A memory figure of the process from /proc/<pid>/status, in MiB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None

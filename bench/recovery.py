@@ -52,6 +52,7 @@ from bench.harness import (
     encode_events,
     load_average,
     machine,
+    memory_mib,
     new_codec,
     new_producer,
     peak_memory_mib,
@@ -230,7 +231,7 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
             )
         tree = process_tree(_pid(worker))()
         peak = {_name(pid): peak_memory_mib(pid) or 0.0 for pid in tree}
-        now = {_name(pid): _rss_mib(pid) for pid in tree}
+        now = {_name(pid): memory_mib(pid) or 0.0 for pid in tree}
     finally:
         listener.close()
         worker.stop()
@@ -275,16 +276,6 @@ def _name(pid: int) -> str:
         return f"{Path(f'/proc/{pid}/comm').read_text().strip()} ({pid})"
     except OSError:
         return str(pid)
-
-
-def _rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
 
 
 def _stores(settings: Settings) -> list[Path]:
