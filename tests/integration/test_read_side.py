@@ -251,10 +251,15 @@ def test_lag_is_reported_in_status_and_metrics(deployment: Settings) -> None:
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id="acc-lag", owner_id="o", currency="USD"))
         eventually(lambda: actual_ledger(deployment), expected_ledger(deployment))
-        status = httpx.get(f"{base}/status").json()
-        ledger = next(p for p in status["projections"] if p["name"] == "ledger")
-        assert ledger["applied"] == 1
-        assert ledger["lag_events"] == 0
+
+        def ledger() -> tuple[int, int]:
+            status = httpx.get(f"{base}/status").json()
+            found = next(p for p in status["projections"] if p["name"] == "ledger")
+            return found["applied"], found["lag_events"]
+
+        # Lag is sampled: it reaches 0 once the projection has read past the
+        # transaction's commit marker, a moment after it applied the event.
+        eventually(ledger, (1, 0))
         metrics = httpx.get(f"{base}/metrics").text
         assert 'streamfold_projection_lag_events{projection="ledger"} 0' in metrics
         assert 'streamfold_projection_events_total{projection="ledger"} 1' in metrics
