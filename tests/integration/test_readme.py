@@ -48,7 +48,7 @@ NOT_RUN = {
     "bin/streamfold down": "stops the broker, PostgreSQL and the registry that every "
     "test shares",
     "bin/streamfold soak --minutes 20": "20 minutes of faults, on a broker of its own",
-    "bin/streamfold soak --minutes 20 --rate 15": "the same soak, at 15 commands/s",
+    "bin/streamfold soak --minutes 20 --rate 200": "the same soak, at 200 commands/s",
     "bin/streamfold kafka-tool consumer-groups --bootstrap-server 127.0.0.1:9092 "
     "--group streamfold.projection.orders --reset-offsets --to-earliest --all-topics "
     "--execute": "rewinds the default deployment's projection group with its worker "
