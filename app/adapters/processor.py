@@ -327,11 +327,6 @@ class Processor:
         return {
             **self.settings.kafka_client_config(),
             "group.id": self.group,
-            # Static membership (KIP-345), under the name the transactions use: a
-            # worker restarted in its slot takes its partitions back at once,
-            # without waiting out the session of the one that died. One that
-            # stops for good holds its partitions until its session times out.
-            "group.instance.id": self.transactional_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
