@@ -54,7 +54,7 @@ class LogTail:
                 "enable.partition.eof": True,
                 "isolation.level": "read_committed",
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 500,
+                "fetch.wait.max.ms": 100,
                 # Bounds what is fetched ahead of folding, per partition.
                 "queued.max.messages.kbytes": 4096,
             }
