@@ -15,14 +15,10 @@ before it decides again. Nothing is read back, probed or kept beside Kafka's off
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,98 +52,62 @@ TRANSACTION_TIMEOUT_MS = 10_000
 CALL_LIMIT_S = 60.0
 
 
-Call = tuple["Future[object]", Callable[..., object], tuple[object, ...]]
+def _bounded(what: str, call: Callable[..., object], *args: object) -> object:
+    """``call(*args)`` on a thread of its own; a call that has not returned after
+    ``CALL_LIMIT_S`` raises a fatal error (so new clients are started, and the new
+    producer's transactional id fences the stuck one)."""
+    done = threading.Event()
+    outcome: dict[str, object] = {}
 
-
-class Calls:
-    """Transactional calls, made on one thread of their own so that a call that
-    hangs is noticed: one that has not returned after ``CALL_LIMIT_S`` raises a
-    fatal error (new clients are started, and the new producer's transactional id
-    fences the stuck one; its thread is left behind). A call can also be started
-    and waited for later, to overlap it with other work."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._queue = self._serving()
-
-    def _serving(self) -> queue.SimpleQueue[Call]:
-        # A daemon thread: one stuck in librdkafka must not hold the process open.
-        calls: queue.SimpleQueue[Call] = queue.SimpleQueue()
-        threading.Thread(
-            target=self._serve, args=(calls,), name=self.name, daemon=True
-        ).start()
-        return calls
-
-    @staticmethod
-    def _serve(calls: queue.SimpleQueue[Call]) -> None:
-        while True:
-            future, call, args = calls.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(call(*args))
-                except BaseException as error:  # noqa: BLE001 - handed to the caller
-                    future.set_exception(error)
-
-    def start(self, call: Callable[..., object], *args: object) -> Future[object]:
-        future: Future[object] = Future()
-        self._queue.put((future, call, args))
-        return future
-
-    def wait(self, what: str, future: Future[object]) -> object:
+    def run() -> None:
         try:
-            return future.result(CALL_LIMIT_S)
-        except FutureTimeout:
-            self._queue = self._serving()  # the stuck thread is left behind
-            raise KafkaException(
-                KafkaError(
-                    KafkaError._TIMED_OUT,
-                    f"{what} did not return within {CALL_LIMIT_S:.0f}s",
-                    fatal=True,
-                )
-            ) from None
+            outcome["value"] = call(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+        finally:
+            done.set()
 
-    def call(self, what: str, call: Callable[..., object], *args: object) -> object:
-        return self.wait(what, self.start(call, *args))
-
-    def retrying(
-        self, what: str, call: Callable[[float], object], attempts: int = 5
-    ) -> None:
-        """A transactional call, called again while librdkafka says its error may
-        be retried (its contract for commit and abort); any other error is
-        raised."""
-        for attempt in range(attempts):
-            try:
-                self.call(what, call, 30)
-                return
-            except KafkaException as failure:
-                error = failure.args[0] if failure.args else None
-                retriable = isinstance(error, KafkaError) and error.retriable()
-                if not retriable or attempt == attempts - 1:
-                    raise
-                log.info("%s retried: %s", what, error)
-
-    def send_offsets(
-        self, consumer: Consumer, producer: Producer, offsets: dict[TP, int]
-    ) -> Future[object]:
-        """Start putting the input offsets into the transaction, with the consumer's
-        group metadata: the group's generation fences a zombie (KIP-447)."""
-        return self.start(
-            producer.send_offsets_to_transaction,
-            [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-            consumer.consumer_group_metadata(),
-            30,
+    threading.Thread(target=run, name=what, daemon=True).start()
+    if not done.wait(CALL_LIMIT_S):
+        raise KafkaException(
+            KafkaError(
+                KafkaError._TIMED_OUT,
+                f"{what} did not return within {CALL_LIMIT_S:.0f}s",
+                fatal=True,
+            )
         )
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return outcome.get("value")
 
 
-SEND_OFFSETS = "send_offsets_to_transaction"
+def _retrying(what: str, call: Callable[[float], object], attempts: int = 5) -> None:
+    """A transactional call, called again while librdkafka says its error may be
+    retried (its contract for commit and abort); any other error is raised."""
+    for attempt in range(attempts):
+        try:
+            _bounded(what, call, 30)
+            return
+        except KafkaException as failure:
+            error = failure.args[0] if failure.args else None
+            retriable = isinstance(error, KafkaError) and error.retriable()
+            if not retriable or attempt == attempts - 1:
+                raise
+            log.info("%s retried: %s", what, error)
 
 
-def _fatal(failure: Exception) -> bool:
-    """Whether ``failure`` leaves the transactional producer unusable (fatal,
-    fenced, or a call still in progress): new clients are started."""
-    error = failure.args[0] if failure.args else None
-    return isinstance(error, KafkaError) and (
-        error.fatal() or error.code() in (KafkaError._CONFLICT, KafkaError._FENCED)
+def _send_offsets(
+    consumer: Consumer, producer: Producer, offsets: dict[TP, int]
+) -> None:
+    """The input offsets into the transaction, with the consumer's group metadata:
+    the group's generation fences a zombie (KIP-447)."""
+    _bounded(
+        "send_offsets_to_transaction",
+        producer.send_offsets_to_transaction,
+        [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+        consumer.consumer_group_metadata(),
+        30,
     )
 
 
@@ -320,7 +280,6 @@ class Processor:
         # position can move past it over transaction markers only.
         self._committed: dict[TP, int] = {}
         self._idle_check = 0.0
-        self._calls = Calls(f"{group}-txn")
 
     def consumer_config(self) -> dict[str, object]:
         session_ms = int(self.settings.session_timeout_s * 1000)
@@ -331,7 +290,7 @@ class Processor:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "cooperative-sticky",
-            "fetch.wait.max.ms": 500,
+            "fetch.wait.max.ms": 10,
             "session.timeout.ms": session_ms,
             "heartbeat.interval.ms": max(session_ms // 10, 500),
             # A partition taken over is folded from its log before its first
@@ -399,49 +358,41 @@ class Processor:
     ) -> None:
         batch = Batch(producer, drained=len(messages) < self.batch_size)
         # Where each partition's part of the batch begins, known before any is
-        # handled: a failure rewinds every partition it holds.
+        # handled: a failure rewinds every partition the batch holds.
         starts: dict[TP, int] = {}
         for message in messages:
             if message.error() is None:
                 tp = (message.topic() or "", message.partition() or 0)
                 starts.setdefault(tp, message.offset() or 0)
-        offsets: Future[object] | None = None
+        ends: dict[TP, int] = {}
         try:
-            ends = self._ends(consumer, messages)
-            # Before the transaction begins: catching up may take a while.
             for handler in self.handlers:
                 handler.prepare({tp for tp in starts if tp[0] in handler.topics})
-            if ends:
-                # The input offsets go into the transaction while the batch is
-                # handled: two round trips to the coordinators, overlapped.
-                batch.begin()
-                offsets = self._calls.send_offsets(consumer, producer, ends)
             for message in messages:
-                if message.error() is None:
-                    self.routes[message.topic() or ""].handle(message, batch)
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(error)
+                tp = (message.topic() or "", message.partition() or 0)
+                ends[tp] = (message.offset() or 0) + 1
+                self.routes[tp[0]].handle(message, batch)
             for handler in self.handlers:
                 handler.tick(batch)
-            idle = not ends and not batch.size
-            if not idle:
+            if not ends and not batch.size:
+                idle = True
+            else:
+                idle = False
+                self._past_markers(consumer, ends)
                 batch.begin()
                 batch.settle()
-                if offsets is None:
-                    # A batch of timers' work only: the offsets (as committed)
-                    # are what fences a zombie's transaction.
-                    owned = self._owned_committed(consumer)
-                    if owned:
-                        self._calls.wait(
-                            SEND_OFFSETS,
-                            self._calls.send_offsets(consumer, producer, owned),
-                        )
-                else:
-                    self._calls.wait(SEND_OFFSETS, offsets)
+                # Also a batch of timers' work only: the offsets (as committed) are
+                # what fences a zombie's transaction.
+                offsets = ends or self._owned_committed(consumer)
+                if offsets:
+                    _send_offsets(consumer, producer, offsets)
                 self._commit(producer)
         except TRANSIENT as failure:
-            if offsets is not None and not _fatal(failure):
-                # No other transactional call while this one runs.
-                with contextlib.suppress(*TRANSIENT):
-                    self._calls.wait(SEND_OFFSETS, offsets)
             self._abort(producer, failure, len(messages), batch.begun)
             self._rewind(consumer, starts)
             time.sleep(self._delay)
@@ -457,36 +408,24 @@ class Processor:
         self.report.batches += 1
         self.report.messages += len(messages)
 
-    def _ends(self, consumer: Consumer, messages: list[Message]) -> dict[TP, int]:
-        """The offsets to commit for a batch: past its last message of each
-        partition, and past any commit markers of the write side's own transactions
-        that follow it (a Java consumer commits its position too), so a group at
-        the end shows no lag."""
-        ends: dict[TP, int] = {}
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(error)
-            tp = (message.topic() or "", message.partition() or 0)
-            ends[tp] = (message.offset() or 0) + 1
-        if ends:
-            for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
-                key = (tp.topic, tp.partition)
-                if tp.offset > ends[key]:
-                    ends[key] = tp.offset
-        return ends
-
     def _commit(self, producer: Producer) -> None:
         """Commit; an error that requires an abort is raised for ``_abort``, any
         other one too (then ``_abort`` raises it on, and ``run`` starts new
         clients)."""
-        self._calls.retrying("commit_transaction", producer.commit_transaction)
+        _retrying("commit_transaction", producer.commit_transaction)
 
     def _owned_committed(self, consumer: Consumer) -> dict[TP, int]:
         owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         return {tp: o for tp, o in self._committed.items() if tp in owned}
+
+    def _past_markers(self, consumer: Consumer, ends: dict[TP, int]) -> None:
+        """The offsets to commit: past the last message taken, and past any commit
+        markers of the write side's own transactions that follow it (a Java
+        consumer commits its position too), so a group at the end shows no lag."""
+        for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
+            key = (tp.topic, tp.partition)
+            if tp.offset > ends[key]:
+                ends[key] = tp.offset
 
     def _pass_markers(self, consumer: Consumer, producer: Producer) -> None:
         """When idle, at most once a second: commit the positions that moved past
@@ -504,9 +443,7 @@ class Processor:
             return
         producer.begin_transaction()
         try:
-            self._calls.wait(
-                SEND_OFFSETS, self._calls.send_offsets(consumer, producer, moved)
-            )
+            _send_offsets(consumer, producer, moved)
             self._commit(producer)
         except TRANSIENT as failure:
             self._abort(producer, failure, 0, True)  # raises unless aborted
@@ -524,10 +461,13 @@ class Processor:
         log.warning("%s: batch of %d aborted: %s", self.group, count, failure)
         for handler in self.handlers:
             handler.aborted()
-        if _fatal(failure):
+        error = failure.args[0] if failure.args else None
+        if isinstance(error, KafkaError) and (
+            error.fatal() or error.code() in (KafkaError._CONFLICT, KafkaError._FENCED)
+        ):
             raise failure
         if begun:
-            self._calls.retrying("abort_transaction", producer.abort_transaction)
+            _retrying("abort_transaction", producer.abort_transaction)
 
     def _rewind(self, consumer: Consumer, starts: dict[TP, int]) -> None:
         """Go back to the group's committed offsets of the batch's partitions (a
