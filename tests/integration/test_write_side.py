@@ -83,7 +83,7 @@ def test_accepted_and_rejected_commands_get_one_result_each(
     assert deposited.partition is not None and deposited.offset is not None
     assert not refused.accepted
     assert refused.code == "InsufficientFunds"
-    assert "9000" in (refused.message or "")
+    assert "90.00 EUR" in (refused.message or "")
     assert order.accepted and order.version == 1
     stream = events_by_aggregate(deployment, "accounts")[account]
     assert [e["metadata"]["stream_version"] for e in stream] == [1, 2]
