@@ -58,6 +58,9 @@ NOT_RUN = {
     "tests/integration/test_bench.py runs it",
     ".venv/bin/python -m bench.run --seed 7 --size e2e_orders=10000 --only "
     "end_to_end,peer": "several minutes of benchmark",
+    ".venv/bin/python -m bench.recovery": "a million aggregates folded, minutes",
+    ".venv/bin/python -m bench.recovery --quick": "a worker killed and started again "
+    "in a burst, and 20,000 aggregates folded: over a minute of benchmark",
 }
 
 
