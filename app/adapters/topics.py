@@ -297,7 +297,8 @@ def read_range(
             [at] = consumer.position([tp])
             # Before the first fetch the position is unknown (negative); the end
             # reported is where a read_committed reader stands.
-            reached = max(at.offset, message.offset() if error is not None else -1)
+            reported = message.offset() if message is not None else None
+            reached = max(at.offset, -1 if reported is None else reported)
             if reached >= end:
                 return
             if time.monotonic() > deadline:
