@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
-from app.adapters.topics import Stalled, read_range
+from app.adapters.topics import Stalled, read_range, reader
 from app.domain.money import fmt
 from app.settings import Settings
 
@@ -66,14 +66,7 @@ class Finding:
 
 def read_topic(settings: Settings, topic: str) -> list[Message]:
     """Every message currently in ``topic``, partition by partition, in offset order."""
-    consumer = Consumer(
-        {
-            **settings.consumer_config(),
-            "group.id": f"{settings.app_id}.audit",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = reader(settings, "audit")
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics.get(topic)
         if metadata is None or metadata.error is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Message
 
 from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError, Headers
@@ -38,7 +38,7 @@ from app.adapters.eventlog import (
 )
 from app.adapters.logtail import TP, LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
-from app.adapters.topics import read_range, watermarks
+from app.adapters.topics import read_range, reader, watermarks
 from app.application.commands import (
     Aggregate,
     CommandService,
@@ -389,14 +389,7 @@ class CommandHandler:
         latest state of each aggregate there, and the events offset of the latest
         marker (the catch-up folds the events from there). States of another shape
         are left out (folded from the log instead)."""
-        consumer = Consumer(
-            {
-                **self.settings.consumer_config(),
-                "group.id": f"{self.settings.app_id}.snapshot-restore",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-            }
-        )
+        consumer = reader(self.settings, "snapshot-restore")
         try:
             low, high = watermarks(consumer, self.snapshots_topic, partition)
             marker = None

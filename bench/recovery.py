@@ -33,11 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
 from app.adapters import topics
 from app.adapters.eventlog import partition_for
-from app.adapters.topics import end_offsets
+from app.audit import read_topic
 from app.domain import accounts as accounts_domain
 from app.domain.accounts import Deposit, OpenAccount
 from app.faust_app import worker_datadir
@@ -138,31 +136,11 @@ def _round(seconds: float | None) -> float | None:
 def _answers(settings: Settings, wanted: set[str]) -> dict[str, int]:
     """How many results each of ``wanted`` has, as a read_committed reader of the
     whole results topic sees them."""
-    consumer = Consumer(
-        {
-            **settings.consumer_config(),
-            "group.id": f"bench-recovery-{run_id()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    topic = settings.topics.results
-    ends = end_offsets(consumer, topic)
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
     counts: dict[str, int] = {}
-    waiting = {p for p, end in ends.items() if end > 0}
-    deadline = time.monotonic() + 120
-    while waiting and time.monotonic() < deadline:
-        for message in consumer.consume(1000, 0.5):
-            if message.error() is not None:
-                waiting.discard(message.partition())
-                continue
-            key = (message.key() or b"").decode()
-            if key in wanted:
-                counts[key] = counts.get(key, 0) + 1
-    consumer.close()
-    if waiting:
-        raise TimeoutError(f"results partitions {sorted(waiting)} not read to the end")
+    for message in read_topic(settings, settings.topics.results):
+        key = (message.key or b"").decode()
+        if key in wanted:
+            counts[key] = counts.get(key, 0) + 1
     return counts
 
 

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka.partitioner import murmur2
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, Headers, headers
-from app.adapters.topics import watermarks
+from app.adapters.topics import reader, watermarks
 from app.application.commands import Metadata, NewEvent, Result
 from app.settings import Settings
 
@@ -150,14 +150,7 @@ def read_records(
     """Read [start, end) of one partition (end defaults to the current high
     watermark), without a consumer group. Blocking: the worker calls it in a thread.
     Raises ``KafkaException`` when Kafka does not deliver what it holds."""
-    consumer = Consumer(
-        {
-            **settings.consumer_config(),
-            "group.id": "streamfold-reader",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = reader(settings, "reader")
     try:
         low, high = watermarks(consumer, topic, partition)
         end = high if end is None else min(end, high)

@@ -317,19 +317,25 @@ def read_range(
         deadline = time.monotonic() + wait_s
 
 
+def reader(settings: Settings, purpose: str) -> Consumer:
+    """A consumer for reading partitions by assignment (no group membership, no
+    commits), read_committed, that reports each partition's end."""
+    return Consumer(
+        {
+            **settings.consumer_config(),
+            "group.id": f"{settings.app_id}.{purpose}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+
+
 def records_of_key(
     settings: Settings, topic: str, partition: int, key: bytes, end: int
 ) -> list[bytes]:
     """The values of the committed records keyed ``key`` in ``[0, end)`` of one
     partition, in order (blocking: it reads the partition from its start)."""
-    consumer = Consumer(
-        {
-            **settings.consumer_config(),
-            "group.id": f"{settings.app_id}.records-of-key",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = reader(settings, "records-of-key")
     try:
         low, _ = watermarks(consumer, topic, partition)
         return [
@@ -351,14 +357,7 @@ def record_end(
     every record still sits below it. Blocking; reads the partition's tail."""
     if high <= low:
         return high
-    consumer = Consumer(
-        {
-            **settings.consumer_config(),
-            "group.id": f"{settings.app_id}.record-end",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = reader(settings, "record-end")
     try:
         window = 16
         while True:

@@ -48,7 +48,7 @@ from psycopg import sql
 
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.rows import Rows, Table, describe
-from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
+from app.adapters.topics import FOREVER, TopicSpec, ensure_topics, reader
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.projections")
@@ -833,14 +833,7 @@ class Superseded(Exception):
 
 def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
     """The source (topic, partition, offset) of every record in a dead-letter topic."""
-    consumer = Consumer(
-        {
-            **settings.consumer_config(),
-            "group.id": f"{settings.app_id}.dead-letter-reader",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = reader(settings, "dead-letter-reader")
     found: set[tuple[str, int, int]] = set()
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics[topic]
