@@ -57,8 +57,11 @@ def cmd_test(settings: Settings, args: argparse.Namespace) -> int:
     stack.up(settings)
     if cmd_schemas(settings, args) != 0:
         return 1
+    # The suite mostly waits (on groups, sessions, workers starting): four test
+    # processes keep two cores busy. Arguments of one's own replace these.
+    default = ["-q", "-n", "4", "--dist", "worksteal"]
     return subprocess.call(
-        [sys.executable, "-m", "pytest", *(pytest_args or ["-q"])], cwd=REPO
+        [sys.executable, "-m", "pytest", *(pytest_args or default)], cwd=REPO
     )
 
 

@@ -8,8 +8,13 @@ runs never see each other's data.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -18,11 +23,39 @@ from app.local.deployments import free_port, with_database
 from app.local.kafka import KafkaNode
 from app.settings import Settings, Topics
 
+# Where the processes of one run (pytest-xdist's workers and their controller) note
+# which services a test process started, so the controller stops them at the end.
+RUN_DIR = "STREAMFOLD_TEST_RUN"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "services: needs the real Kafka broker and Postgres"
     )
+    if not hasattr(config, "workerinput"):  # the controller, or a run without xdist
+        os.environ[RUN_DIR] = tempfile.mkdtemp(prefix="streamfold-tests-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After every worker is done: stop the broker if a test process started it."""
+    if hasattr(config, "workerinput"):
+        return
+    run = Path(os.environ.pop(RUN_DIR, "/nonexistent"))
+    if (run / "kafka").exists():
+        settings = Settings.from_env()
+        KafkaNode(home=settings.home, cache=settings.cache).stop()
+
+
+@contextmanager
+def _one_at_a_time(settings: Settings) -> Iterator[None]:
+    """Across the run's processes: one checks and starts the shared services."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with open(settings.home / "tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -33,25 +66,28 @@ def base_settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
-def kafka(base_settings: Settings) -> Iterator[KafkaNode]:
+def kafka(base_settings: Settings) -> KafkaNode:
+    """The broker every test process shares; stopped at the end of the run if a
+    test process started it (``pytest_unconfigure``)."""
     node = KafkaNode(home=base_settings.home, cache=base_settings.cache)
     if base_settings.bootstrap_servers != node.bootstrap:
         pytest.fail(
             "tests start their own broker on 127.0.0.1:9092; unset "
             f"KAFKA_BOOTSTRAP_SERVERS (it is {base_settings.bootstrap_servers})"
         )
-    started = node.start()
-    yield node
-    if started:
-        node.stop()
+    with _one_at_a_time(base_settings):
+        if node.start():
+            (Path(os.environ[RUN_DIR]) / "kafka").touch()
+    return node
 
 
 @pytest.fixture(scope="session")
 def postgres_server(base_settings: Settings) -> postgres.Conninfo:
     writer = postgres.Conninfo.parse(base_settings.database_url)
     reader = postgres.Conninfo.parse(base_settings.query_database_url)
-    postgres.ensure_running(writer.port)
-    postgres.ensure_database(writer, reader)
+    with _one_at_a_time(base_settings):
+        postgres.ensure_running(writer.port)
+        postgres.ensure_database(writer, reader)
     return writer
 
 

@@ -29,7 +29,7 @@ from app.domain.orders import (
     ProcessPayment,
     ShipOrder,
 )
-from app.local import postgres
+from app.local import deployments, postgres
 from app.local.process import pid_alive, wait_for
 from app.projections.process import PROJECTIONS_NAME
 from app.settings import Settings
@@ -287,45 +287,55 @@ def test_poison_events_are_dead_lettered_and_the_projection_goes_on(
 
 
 def test_postgres_restart_and_worker_kill_keep_read_models_exact(
-    deployment: Settings,
+    registry_settings: Settings,
 ) -> None:
+    """The server restarted is a cluster of the test's own: the one every other test
+    (and test process) uses goes on."""
     rng = random.Random(5)
     from app.local.worker import WorkerProcess
 
-    worker = WorkerProcess(deployment)
-    worker.start(timeout=120)
-    try:
-        with CommandClient(deployment) as client:
-            ids = []
-            for n in range(20):
-                ids.append(
-                    client.submit(
-                        OpenAccount(account_id=f"pg-{n}", owner_id="o", currency="USD")
-                    )
-                )
-            for n in range(600):
-                ids.append(
-                    client.submit(
-                        Deposit(
-                            account_id=f"pg-{rng.randrange(20)}",
-                            transaction_id=f"t{n}",
-                            amount_minor=rng.randint(1, 100),
-                            currency="USD",
-                            source="s",
-                            reference="",
+    with deployments.private_postgres(registry_settings) as (own, cluster):
+        port = postgres.Conninfo.parse(own.database_url).port
+        deployment = deployments.create(own)
+        worker = WorkerProcess(deployment)
+        worker.start(timeout=120)
+        try:
+            with CommandClient(deployment) as client:
+                ids = []
+                for n in range(20):
+                    ids.append(
+                        client.submit(
+                            OpenAccount(
+                                account_id=f"pg-{n}", owner_id="o", currency="USD"
+                            )
                         )
                     )
-                )
-                if n == 200:
-                    postgres.stop(mode="immediate")
-                    postgres.ensure_running()
-                if n == 400:
-                    worker.stop(kill=True)
-                    worker.start(timeout=120)
-            client.wait(ids, timeout=180)
-        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment), 120)
-    finally:
-        worker.stop()
+                for n in range(600):
+                    ids.append(
+                        client.submit(
+                            Deposit(
+                                account_id=f"pg-{rng.randrange(20)}",
+                                transaction_id=f"t{n}",
+                                amount_minor=rng.randint(1, 100),
+                                currency="USD",
+                                source="s",
+                                reference="",
+                            )
+                        )
+                    )
+                    if n == 200:
+                        postgres.stop(mode="immediate", cluster=cluster)
+                        postgres.ensure_running(port, cluster)
+                    if n == 400:
+                        worker.stop(kill=True)
+                        worker.start(timeout=120)
+                client.wait(ids, timeout=180)
+            eventually(
+                lambda: actual_ledger(deployment), expected_ledger(deployment), 120
+            )
+        finally:
+            worker.stop()
+            deployments.remove(deployment)
 
 
 def test_an_internal_failure_is_a_generic_500_with_a_correlation_id(

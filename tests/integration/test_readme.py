@@ -144,7 +144,10 @@ def as_shown(output: str, settings: Settings, tag: str, shown_tag: str) -> str:
     output = output.replace(f"/{database}", "/streamfold")
     if settings.topics.prefix:
         output = output.replace(settings.topics.prefix, "")
-    output = output.replace(tag, shown_tag).replace(tag.upper(), shown_tag.upper())
+    # The tracking number is the tag in capitals, told apart by its prefix: a tag
+    # of digits alone is the same in capitals.
+    output = output.replace(f"1Z{tag.upper()}", f"1Z{shown_tag.upper()}")
+    output = output.replace(tag, shown_tag)
     output = re.sub(r"events@\d+:\d+", "events@P:O", output)
     output = re.sub(r"ready in [\d.]+s", "ready in Ns", output)
     return re.sub(r"\b(started|running)\b", "up", output).strip()
