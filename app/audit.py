@@ -30,7 +30,7 @@ from confluent_kafka import TopicPartition
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
-from app.adapters.topics import Stalled, read_range, reader
+from app.adapters.topics import Stalled, headers_of, read_range, reader
 from app.domain.money import fmt
 from app.settings import Settings
 
@@ -48,7 +48,7 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: dict[str, bytes]
+    headers: dict[str, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +83,10 @@ def read_topic(settings: Settings, topic: str) -> list[Message]:
                     Message(
                         topic,
                         partition,
-                        message.offset(),
+                        message.offset() or 0,
                         message.key(),
                         message.value(),
-                        dict(message.headers() or []),
+                        dict(headers_of(message)),
                     )
                     # Up to the high watermark read when the audit began.
                     for message in read_range(consumer, topic, partition, low, high)
@@ -158,9 +158,9 @@ def check_answers(
     if command_ids is None:
         dead = {
             (
-                m.headers.get("dlq-source-topic", b"").decode(),
-                int(m.headers.get("dlq-source-partition", b"-1")),
-                int(m.headers.get("dlq-source-offset", b"-1")),
+                (m.headers.get("dlq-source-topic") or b"").decode(),
+                int(m.headers.get("dlq-source-partition") or b"-1"),
+                int(m.headers.get("dlq-source-offset") or b"-1"),
             )
             for area in AREAS
             for m in read_topic(
@@ -342,7 +342,9 @@ def actual_ledger(settings: Settings) -> dict[str, Any]:
             "SELECT account_id, currency, balance_minor, status, version "
             "FROM account_balances"
         ).fetchall()
-        (transactions,) = conn.execute("SELECT count(*) FROM transactions").fetchone()  # type: ignore[misc]
+        counted = conn.execute("SELECT count(*) FROM transactions").fetchone()
+        assert counted is not None  # count(*) always returns its one row
+        (transactions,) = counted
     return {
         "balances": {r[0]: tuple(r[1:]) for r in rows},
         "transactions": transactions,

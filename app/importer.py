@@ -223,10 +223,11 @@ def _stored_event_ids(
     for topic in sorted(topics):
         for message in read_topic(settings, topic):
             # The headers say it without decoding; a producer may have left them out.
+            held = message.headers
             meta = {
-                "aggregate_id": message.headers.get("aggregate-id", b"").decode(),
-                "stream_version": message.headers.get("stream-version", b"").decode(),
-                "event_id": message.headers.get("event-id", b"").decode(),
+                "aggregate_id": (held.get("aggregate-id") or b"").decode(),
+                "stream_version": (held.get("stream-version") or b"").decode(),
+                "event_id": (held.get("event-id") or b"").decode(),
             }
             if not all(meta.values()):
                 meta = codec.decode(message.value or b"").data["metadata"]

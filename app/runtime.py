@@ -17,7 +17,7 @@ import logging
 import time
 import typing
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC
 from pathlib import Path
@@ -38,7 +38,7 @@ from app.adapters.eventlog import (
 )
 from app.adapters.logtail import TP, LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
-from app.adapters.topics import read_range, reader, watermarks
+from app.adapters.topics import headers_of, read_range, reader, watermarks
 from app.application.commands import (
     Aggregate,
     CommandService,
@@ -273,10 +273,10 @@ class CommandHandler:
         return (self.commands_topic,)
 
     # Rebalances.
-    def assigned(self, partitions: list[TP]) -> None:
+    def assigned(self, partitions: Sequence[TP]) -> None:
         self.partitions.take(partitions)
 
-    def revoked(self, partitions: list[TP]) -> None:
+    def revoked(self, partitions: Sequence[TP]) -> None:
         for partition in self.partitions.give_up(partitions):
             self.tail.drop(self._logs(partition))
 
@@ -398,7 +398,7 @@ class CommandHandler:
             for message in read_range(
                 consumer, self.snapshots_topic, partition, low, high
             ):
-                found = dict(message.headers() or [])
+                found = dict(headers_of(message))
                 if found.get(FORMAT_HEADER) != self.format.encode():
                     continue
                 key, value = message.key() or b"", message.value() or b""
@@ -443,7 +443,7 @@ class CommandHandler:
         topic = message.topic() or ""
         tp = (topic, message.partition() or 0)
         self._folded.add(tp)
-        found = dict(message.headers() or [])
+        found = dict(headers_of(message))
         if topic == self.results_topic:
             kind = found.get(AGGREGATE_TYPE_HEADER)
             command_id = message.key()
@@ -464,7 +464,7 @@ class CommandHandler:
             decoded = self.codec.decode(message.value() or b"")
             meta, payload = mapper.split_event(decoded.data)
             metadata = metadata_from_record(meta)
-            event = mapper.from_dict(
+            event: object = mapper.from_dict(
                 self.codec.catalog.class_for(decoded.record_name), payload
             )
             record = self._folded_record(metadata.aggregate_id) or Record(
@@ -526,7 +526,7 @@ class CommandHandler:
             )
             return None
         try:
-            command = mapper.from_dict(cls, payload)
+            command: object = mapper.from_dict(cls, payload)
         except mapper.MappingError as error:
             refused = self.service.refuse(
                 envelope, _key(message), "Validation", str(error), error.path

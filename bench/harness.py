@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.adapters.codec import Codec, ConfluentRegistry, Headers, headers
 from app.adapters.eventlog import metadata_record
 from app.adapters.topics import end_offsets, record_end
 from app.application.commands import Metadata, event_id
@@ -292,7 +292,7 @@ class Outgoing:
     command_id: str
     key: bytes
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: Headers
     timestamp_ms: int | None = None
 
 
@@ -351,7 +351,7 @@ def domain_events(
 ) -> list[tuple[dict[str, Any], Any]]:
     """(metadata record, event) pairs as the write side would append them, from
     the domain's own ``decide`` and ``evolve``: valid streams without a worker."""
-    out: list[tuple[dict[str, Any], Any]] = []
+    out: list[tuple[Metadata, Any]] = []
     states: dict[str, Any] = {}
     at = start
     for n, command in enumerate(commands):
@@ -691,7 +691,7 @@ class CpuSampler:
     """
 
     def __init__(
-        self, groups: dict[str, Callable[[], Iterable[int]]], interval: float = 0.25
+        self, groups: Mapping[str, Callable[[], Iterable[int]]], interval: float = 0.25
     ) -> None:
         self.groups = groups
         self.interval = interval

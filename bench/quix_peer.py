@@ -32,15 +32,16 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from confluent_kafka import ConsumerGroupState, KafkaException
 from quixstreams import Application, State
 from quixstreams.kafka import ConnectionConfig
+from quixstreams.models import Topic
 
 from app.adapters import mapper, topics
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.codec import Codec, ConfluentRegistry, Headers
 from app.adapters.eventlog import encode_event, encode_result, result_headers
 from app.application.commands import CommandService, Record
 from app.client import PARTITIONER
@@ -59,7 +60,13 @@ ANSWER = "answer/"
 # The benchmark's commands are the accounts aggregate's.
 AGGREGATE = AGGREGATES["accounts"]
 
-Headers = list[tuple[str, bytes]]
+
+class Saved(TypedDict):
+    """What the store keeps under ``RECORD``: the state as ``mapper.to_dict`` gives
+    it, and its version."""
+
+    state: dict[str, Any]
+    version: int
 
 
 @dataclass(slots=True)
@@ -68,7 +75,7 @@ class QuixStore:
     account id): the account's record as JSON, and each answer, as sent, by command
     id. Quix keeps the writes in the checkpoint's transaction."""
 
-    state: State
+    state: State[str, Saved]
     state_type: type
 
     def load(self, aggregate_id: str) -> Record | None:
@@ -101,7 +108,12 @@ class Taker:
     results_topic: str
 
     def __call__(
-        self, value: bytes, key: bytes, timestamp: int, headers: Any, state: State
+        self,
+        value: bytes,
+        key: bytes,
+        timestamp: int,
+        headers: Any,
+        state: State[str, Saved],
     ) -> dict[str, Any]:
         """The events to produce, each with its headers (none for a repeated or
         rejected command), and the answer with its headers."""
@@ -112,7 +124,7 @@ class Taker:
             raise ValueError(f"{decoded.record_name} is not an accounts command")
         envelope_data, payload = mapper.split_command(decoded.data)
         envelope = envelope_from_record(envelope_data)
-        command = mapper.from_dict(cls, payload)
+        command: object = mapper.from_dict(cls, payload)
         store = QuixStore(state, type(AGGREGATE.initial_state()))
         service = CommandService(aggregate=AGGREGATE, store=store)
         decision = service.decide(envelope, command)
@@ -165,15 +177,19 @@ def build(settings: Settings, state_dir: Path) -> Application:
             "message.max.bytes": 2 * settings.max_message_bytes + 65_536,
         },
     )
-    raw = {
-        "key_deserializer": "bytes",
-        "value_deserializer": "bytes",
-        "key_serializer": "bytes",
-        "value_serializer": "bytes",
-    }
-    commands = app.topic(names["commands"], **raw)
-    events = app.topic(names["events"], **raw)
-    results = app.topic(names["results"], **raw)
+
+    def raw(name: str) -> Topic:
+        return app.topic(
+            name,
+            key_deserializer="bytes",
+            value_deserializer="bytes",
+            key_serializer="bytes",
+            value_serializer="bytes",
+        )
+
+    commands = raw(names["commands"])
+    events = raw(names["events"])
+    results = raw(names["results"])
 
     # As the worker builds its codec (app.writeside).
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())

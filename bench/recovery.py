@@ -187,7 +187,7 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
     commands_topic = settings.topics.commands("accounts")
     try:
         # One account per partition: each partition's first command folds its log.
-        firsts = {}
+        firsts: dict[int, str] = {}
         for name in names:
             firsts.setdefault(partition_for(name.encode(), PARTITIONS), name)
             if len(firsts) == PARTITIONS:

@@ -15,7 +15,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, Headers, headers
-from app.adapters.topics import reader, watermarks
+from app.adapters.topics import headers_of, reader, watermarks
 from app.application.commands import Metadata, NewEvent, Result
 from app.settings import Settings
 
@@ -23,7 +23,8 @@ from app.settings import Settings
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's Java client (and librdkafka's ``murmur2_random``, and
     aiokafka's default partitioner, so Faust's) picks for ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)  # untyped: aiokafka has no type information
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def metadata_record(meta: Metadata, event_version: int) -> dict[str, Any]:
@@ -137,7 +138,7 @@ class RawRecord:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
 
 
 def read_records(
@@ -172,14 +173,10 @@ def read_records(
                 if error.code() == -191:  # _PARTITION_EOF
                     break
                 raise KafkaException(error)
-            offset = message.offset() + 1
-            if message.offset() < end:
-                yield RawRecord(
-                    message.offset(),
-                    message.key(),
-                    message.value(),
-                    list(message.headers() or []),
-                )
+            at = message.offset() or 0
+            offset = at + 1
+            if at < end:
+                yield RawRecord(at, message.key(), message.value(), headers_of(message))
     finally:
         consumer.close()
 

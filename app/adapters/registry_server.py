@@ -273,12 +273,13 @@ class KafkaStore:
                 message = consumer.poll(0.5)
                 if message is None:
                     continue
-                if message.error():
-                    if message.error().code() == KafkaError._PARTITION_EOF:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
                         break
-                    raise StoreError(f"reading {self.topic}: {message.error()}")
+                    raise StoreError(f"reading {self.topic}: {error}")
                 records.append(_decode(message.key(), message.value()))
-                if message.offset() >= high - 1:
+                if (message.offset() or 0) >= high - 1:
                     break
             else:
                 raise StoreError(f"reading {self.topic} did not finish in {timeout}s")
@@ -403,7 +404,7 @@ class Registry:
         self.state.settle()
         self._stale = False
 
-    async def write(self, change: Callable[[], Awaitable[Any]]) -> Any:
+    async def write(self, change: Callable[[], Awaitable[_T]]) -> _T:
         """Run one change alone, on state that is known to match the topic."""
         async with self.lock:
             if self._stale:
@@ -692,10 +693,12 @@ def source_digests() -> dict[str, str]:
     """The sha256 of each of Streamfold's own source files this process has loaded,
     as they are on disk now."""
     root = Path(__file__).resolve().parents[2]
-    digests = {}
+    digests: dict[str, str] = {}
     for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        where = Path(path).resolve() if path else root
+        path: str | None = getattr(module, "__file__", None)
+        if not path:
+            continue
+        where = Path(path).resolve()
         if root in where.parents and not where.relative_to(root).parts[0].startswith(
             "."
         ):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
@@ -19,6 +19,9 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+
+# ConfigResource and NewTopic are documented as confluent_kafka.admin's, which
+# imports them without re-exporting them explicitly (attr-defined under strict).
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
@@ -315,6 +318,13 @@ def read_range(
         if (message.offset() or 0) + 1 >= end:
             return
         deadline = time.monotonic() + wait_s
+
+
+def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
+    """A consumed record's headers, in order (a header without a value has None)."""
+    # What a consumer hands over is always such a list; the stub's type is the wider
+    # one produce() accepts (a dict, or str values).
+    return cast(list[tuple[str, bytes | None]], message.headers() or [])
 
 
 def reader(settings: Settings, purpose: str) -> Consumer:
