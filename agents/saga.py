@@ -39,10 +39,10 @@ from agents.views import raw_topic, routed
 from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
-from app.adapters.logtail import TP, LogTail, StateCache
+from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership
 from app.adapters.saga_io import frame_command, inbox_topic, route
-from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
+from app.adapters.topics import FOREVER, TP, TopicSpec, ensure_topics
 from app.application import saga
 from app.settings import Settings
 

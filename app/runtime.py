@@ -36,9 +36,9 @@ from app.adapters.eventlog import (
     partition_for,
     result_headers,
 )
-from app.adapters.logtail import TP, LogTail, StateCache
+from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
-from app.adapters.topics import headers_of, read_range, reader, watermarks
+from app.adapters.topics import TP, headers_of, read_range, reader, watermarks
 from app.application.commands import (
     Aggregate,
     CommandService,

@@ -137,8 +137,8 @@ def _answers(settings: Settings, wanted: set[str]) -> dict[str, int]:
     """How many results each of ``wanted`` has, as a read_committed reader of the
     whole results topic sees them."""
     counts: dict[str, int] = {}
-    for message in read_topic(settings, settings.topics.results):
-        key = (message.key or b"").decode()
+    for record in read_topic(settings, settings.topics.results):
+        key = (record.key or b"").decode()
         if key in wanted:
             counts[key] = counts.get(key, 0) + 1
     return counts

@@ -30,12 +30,10 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from app.adapters.topics import OPEN_TRANSACTION_WAIT_S
+from app.adapters.topics import OPEN_TRANSACTION_WAIT_S, TP
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
-
-TP = tuple[str, int]
 
 
 class LogTail:

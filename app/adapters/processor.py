@@ -32,12 +32,11 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
+from app.adapters.topics import TP
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
 
-# A partition of a topic.
-TP = tuple[str, int]
 # Failures that abort a batch and retry it, never skip it.
 TRANSIENT = (KafkaException, RegistryUnavailable, OSError, TimeoutError)
 # How long the broker lets a transaction stay open before aborting it: a process

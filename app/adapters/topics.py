@@ -1,4 +1,5 @@
-"""Idempotent provisioning of Streamfold's topics, refusing to run on conflicting ones.
+"""Idempotent provisioning of Streamfold's topics, refusing to run on conflicting ones;
+and reading their partitions back (``reader``, ``read_range``, ``KafkaRecord``).
 
 Event topics are the event store: kept forever and never compacted. An aggregate
 type's command and event topics share a partition count so that one worker owns
@@ -43,6 +44,35 @@ class BrokerUnavailable(RuntimeError):
 
 class AuthenticationFailed(BrokerUnavailable):
     """The cluster refused Streamfold's credentials (never retried unauthenticated)."""
+
+
+# A partition of a topic: (topic, partition).
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """One Kafka record as stored, copied out of the client's ``Message``."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    # By name (of a name given twice, the last); a header without a value has None.
+    headers: dict[str, bytes | None]
+
+    @classmethod
+    def of(cls, message: Message) -> KafkaRecord:
+        """The record a consumer handed over (one without an error)."""
+        return cls(
+            message.topic() or "",
+            message.partition() or 0,
+            message.offset() or 0,
+            message.key(),
+            message.value(),
+            dict(headers_of(message)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
