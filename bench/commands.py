@@ -60,7 +60,7 @@ from bench import quix_peer
 from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
     CpuSampler,
-    Outgoing,
+    FramedRecord,
     machine,
     new_producer,
     percentile,
@@ -111,7 +111,7 @@ class Encoder:
         )
         self.topic = settings.topics.commands("accounts")
 
-    def __call__(self, command: Any) -> Outgoing:
+    def __call__(self, command: Any) -> FramedRecord:
         command_id = str(uuid.uuid4())
         envelope = {
             "command_id": command_id,
@@ -122,7 +122,7 @@ class Encoder:
             "expected_version": None,
         }
         name = self.catalog.record_name(type(command))
-        return Outgoing(
+        return FramedRecord(
             command_id=command_id,
             key=command.account_id.encode(),
             value=self.codec.encode(
@@ -136,7 +136,7 @@ class Encoder:
         )
 
 
-def opening(encode: Encoder, accounts: list[str]) -> list[Outgoing]:
+def opening(encode: Encoder, accounts: list[str]) -> list[FramedRecord]:
     return [
         encode(OpenAccount(account_id=a, owner_id=f"owner-{a}", currency="USD"))
         for a in accounts
@@ -145,7 +145,7 @@ def opening(encode: Encoder, accounts: list[str]) -> list[Outgoing]:
 
 def traffic(
     encode: Encoder, accounts: list[str], count: int, seed: int
-) -> list[Outgoing]:
+) -> list[FramedRecord]:
     """Mostly deposits; a quarter withdrawals, some of which overdraw (rejected)."""
     rng = random.Random(seed)
     out = []

@@ -49,7 +49,7 @@ from app.writeside import command_group
 from bench.harness import (
     CommandEncoder,
     CpuSampler,
-    Outgoing,
+    FramedRecord,
     PositionWatcher,
     Sent,
     figure,
@@ -497,7 +497,7 @@ System = StreamfoldSystem | RawSystem
 
 def _messages(
     encode: CommandEncoder, topic: str, lifecycles: list[list[Any]]
-) -> list[Outgoing]:
+) -> list[FramedRecord]:
     return [encode(command, topic) for lifecycle in lifecycles for command in lifecycle]
 
 

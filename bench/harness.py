@@ -286,8 +286,9 @@ def deposits(seed: int, account_id: str, count: int) -> list[Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One pre-encoded message, produced as is so the driver stays cheap."""
+class FramedRecord:
+    """One record framed (its value Confluent-framed Avro) ahead of time, produced as
+    is so the driver stays cheap."""
 
     command_id: str
     key: bytes
@@ -311,7 +312,7 @@ class CommandEncoder:
         self.codec = codec
         self._rng = random.Random(f"command-ids/{seed}")
 
-    def __call__(self, command: Any, topic: str | None = None) -> Outgoing:
+    def __call__(self, command: Any, topic: str | None = None) -> FramedRecord:
         command_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
         envelope = {
             "command_id": command_id,
@@ -329,7 +330,7 @@ class CommandEncoder:
             mapper.command_record(command, envelope),
         )
         aggregate_id = getattr(command, "order_id", None) or command.account_id
-        return Outgoing(
+        return FramedRecord(
             command_id,
             str(aggregate_id).encode(),
             value,
@@ -393,13 +394,13 @@ def _catalog() -> SchemaCatalog:
 
 def encode_events(
     codec: Codec, topic: str, events: Sequence[tuple[dict[str, Any], Any]]
-) -> list[Outgoing]:
+) -> list[FramedRecord]:
     """Events framed as the event log writes them (same record, headers, timestamp)."""
     out = []
     for meta, event in events:
         name = codec.catalog.record_name(type(event))
         out.append(
-            Outgoing(
+            FramedRecord(
                 meta["event_id"],
                 meta["aggregate_id"].encode(),
                 codec.encode(topic, name, mapper.event_record(event, meta)),
@@ -444,7 +445,7 @@ class Sent:
 def produce(
     producer: Producer,
     topic: str,
-    messages: Sequence[Outgoing],
+    messages: Sequence[FramedRecord],
     *,
     rate: float | None = None,
     sent: Sent | None = None,
