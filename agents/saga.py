@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,14 @@ from typing import Any
 import faust
 from confluent_kafka import Message
 
-from agents.views import routed
+from agents.views import raw_topic, routed
 from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
-from app.adapters.logtail import TP, LogTail, StateCache
+from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership
 from app.adapters.saga_io import frame_command, inbox_topic, route
-from app.adapters.topics import FOREVER, TopicSpec, ensure_topics
+from app.adapters.topics import FOREVER, TP, TopicSpec, ensure_topics
 from app.application import saga
 from app.settings import Settings
 
@@ -111,10 +112,10 @@ class FeedHandler:
     def prepare(self, partitions: set[TP]) -> None:
         return None
 
-    def assigned(self, partitions: list[TP]) -> None:
+    def assigned(self, partitions: Sequence[TP]) -> None:
         return None
 
-    def revoked(self, partitions: list[TP]) -> None:
+    def revoked(self, partitions: Sequence[TP]) -> None:
         return None
 
     def tick(self, batch: Batch) -> None:
@@ -150,10 +151,10 @@ class SagaHandler:
     def topics(self) -> tuple[str, ...]:
         return (self.inbox,)
 
-    def assigned(self, partitions: list[TP]) -> None:
+    def assigned(self, partitions: Sequence[TP]) -> None:
         self._unindexed.update(self.partitions.take(partitions))
 
-    def revoked(self, partitions: list[TP]) -> None:
+    def revoked(self, partitions: Sequence[TP]) -> None:
         for partition in self.partitions.give_up(partitions):
             self._unindexed.discard(partition)
             self.tail.drop([(self.log_topic, partition)])
@@ -297,13 +298,12 @@ class SagaHandler:
         self._save_folded()
         if self._unindexed:
             # Deadlines of the partitions just taken over come from their states.
-            for key, raw in self.cache.db.items():
-                order_id = bytes(key).decode()
+            for order_id, raw in self.cache.items():
                 if (
                     not order_id.startswith("\x00")
                     and self._partition(order_id) in self._unindexed
                 ):
-                    self._index(order_id, saga.state_from_json(json.loads(bytes(raw))))
+                    self._index(order_id, saga.state_from_json(json.loads(raw)))
             self._unindexed.clear()
         stale.clear()
 
@@ -352,15 +352,10 @@ def register_view(app: faust.App, settings: Settings) -> Any:
     """The ``sagas`` table (folded from the saga's log) behind ``/sagas/{order_id}``;
     returns the table."""
     sagas = app.Table("sagas", key_type=bytes, partitions=settings.partitions)
-    source = app.topic(
-        state_topic(settings),
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
+    source = raw_topic(app, state_topic(settings), settings.partitions)
 
     @app.agent(source, name="saga-views")
-    async def saga_views(stream: faust.StreamT) -> None:
+    async def saga_views(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             if event.key is not None and event.value is not None:
                 sagas[event.key] = json.loads(event.value)

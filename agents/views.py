@@ -32,13 +32,11 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     # Raw (bytes) keys: str keys are JSON in a table, and Faust's router would then
     # hash '"o-1"' for a lookup while the row sits in the partition of the event
     # keyed b"o-1" (murmur2), sending requests to a worker that does not own it.
-    keyed = {"key_type": bytes, "partitions": partitions}
-    orders = app.Table("order-views", **keyed)
-    accounts = app.Table("account-views", **keyed)
-    by_customer = app.Table("customer-orders", **keyed)
-    raw = {"key_serializer": "raw", "value_serializer": "raw", "partitions": partitions}
-    order_events = app.topic(settings.topics.events("orders"), **raw)
-    account_events = app.topic(settings.topics.events("accounts"), **raw)
+    orders = app.Table("order-views", key_type=bytes, partitions=partitions)
+    accounts = app.Table("account-views", key_type=bytes, partitions=partitions)
+    by_customer = app.Table("customer-orders", key_type=bytes, partitions=partitions)
+    order_events = raw_topic(app, settings.topics.events("orders"), partitions)
+    account_events = raw_topic(app, settings.topics.events("accounts"), partitions)
     # Order summaries re-keyed by customer: the repartition step behind
     # /customers/{id}/orders (Faust does not declare it on its own).
     summaries_name = f"{settings.app_id}-order-summaries-by-customer"
@@ -106,20 +104,20 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
     # One event at a time: Faust then names the partition a table write goes to
     # (the event's), which its public API offers no other way to do.
     @app.agent(order_events, name="order-views")
-    async def order_views(stream: faust.StreamT) -> None:
+    async def order_views(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             view = await fold(orders, views.fold_order, event)
             if view is not None:
                 await summaries.send(key=view["customer_id"], value=view)
 
     @app.agent(summaries, name="customer-orders")
-    async def customer_orders(stream: faust.StreamT) -> None:
+    async def customer_orders(stream: faust.StreamT[dict[str, Any]]) -> None:
         async for event in stream.events():
             key = event.key.encode()
             by_customer[key] = views.upsert_order(by_customer.get(key), event.value)
 
     @app.agent(account_events, name="account-views")
-    async def account_views(stream: faust.StreamT) -> None:
+    async def account_views(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             await fold(accounts, views.fold_account, event)
 
@@ -141,6 +139,13 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             return _found(web, None, f"customer {customer_id}")
         page = views.page(held, dict(request.query))
         return web.json({"customer_id": customer_id, **page})
+
+
+def raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
+    """Topic ``name`` read with bytes keys and values (no Faust serializer)."""
+    return app.topic(
+        name, key_serializer="raw", value_serializer="raw", partitions=partitions
+    )
 
 
 View = Callable[..., Awaitable[Any]]

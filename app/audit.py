@@ -30,7 +30,7 @@ from confluent_kafka import TopicPartition
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
-from app.adapters.topics import Stalled, read_range, reader
+from app.adapters.topics import KafkaRecord, Stalled, read_range, reader
 from app.domain.money import fmt
 from app.settings import Settings
 
@@ -39,16 +39,6 @@ AREAS = ("orders", "accounts")
 
 class AuditError(RuntimeError):
     """A topic could not be read to the end."""
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +54,14 @@ class Finding:
         return not self.problems
 
 
-def read_topic(settings: Settings, topic: str) -> list[Message]:
-    """Every message currently in ``topic``, partition by partition, in offset order."""
+def read_topic(settings: Settings, topic: str) -> list[KafkaRecord]:
+    """Every record currently in ``topic``, partition by partition, in offset order."""
     consumer = reader(settings, "audit")
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return []
-        found: list[Message] = []
+        found: list[KafkaRecord] = []
         for partition in sorted(metadata.partitions):
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=30
@@ -80,14 +70,7 @@ def read_topic(settings: Settings, topic: str) -> list[Message]:
                 continue
             try:
                 found += [
-                    Message(
-                        topic,
-                        partition,
-                        message.offset(),
-                        message.key(),
-                        message.value(),
-                        dict(message.headers() or []),
-                    )
+                    KafkaRecord.of(message)
                     # Up to the high watermark read when the audit began.
                     for message in read_range(consumer, topic, partition, low, high)
                 ]
@@ -108,8 +91,8 @@ def events_by_aggregate(
     """Every event of one aggregate type, by aggregate id, in log order."""
     codec = codec or new_codec(settings)
     streams: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for message in read_topic(settings, settings.topics.events(area)):
-        data = codec.decode(message.value or b"").data
+    for record in read_topic(settings, settings.topics.events(area)):
+        data = codec.decode(record.value or b"").data
         streams[data["metadata"]["aggregate_id"]].append(data)
     return streams
 
@@ -120,8 +103,8 @@ def results_by_command(
     """Every result on the results topic, by command id, in log order."""
     codec = codec or new_codec(settings)
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for message in read_topic(settings, settings.topics.results):
-        data = codec.decode(message.value or b"").data
+    for record in read_topic(settings, settings.topics.results):
+        data = codec.decode(record.value or b"").data
         results[data["command_id"]].append(data)
     return results
 
@@ -158,9 +141,9 @@ def check_answers(
     if command_ids is None:
         dead = {
             (
-                m.headers.get("dlq-source-topic", b"").decode(),
-                int(m.headers.get("dlq-source-partition", b"-1")),
-                int(m.headers.get("dlq-source-offset", b"-1")),
+                (m.headers.get("dlq-source-topic") or b"").decode(),
+                int(m.headers.get("dlq-source-partition") or b"-1"),
+                int(m.headers.get("dlq-source-offset") or b"-1"),
             )
             for area in AREAS
             for m in read_topic(
@@ -342,7 +325,9 @@ def actual_ledger(settings: Settings) -> dict[str, Any]:
             "SELECT account_id, currency, balance_minor, status, version "
             "FROM account_balances"
         ).fetchall()
-        (transactions,) = conn.execute("SELECT count(*) FROM transactions").fetchone()  # type: ignore[misc]
+        counted = conn.execute("SELECT count(*) FROM transactions").fetchone()
+        assert counted is not None  # count(*) always returns its one row
+        (transactions,) = counted
     return {
         "balances": {r[0]: tuple(r[1:]) for r in rows},
         "transactions": transactions,

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.local.process import ServiceError
 from app.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from app.client import CommandResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +119,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("COMMAND", str(error)) from None
     try:
         payload = json.loads(args.payload)
-        command = mapper.from_dict(cls, payload)
+        command: object = mapper.from_dict(cls, payload)
     except (ValueError, mapper.MappingError) as error:
         print(
             f"streamfold: invalid {args.command_type} payload: {error}", file=sys.stderr
@@ -138,10 +142,10 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if result.accepted else 3
 
 
-def _result_json(result: object) -> dict[str, object]:
+def _result_json(result: CommandResult) -> dict[str, object]:
     import dataclasses
 
-    data = dataclasses.asdict(result)  # type: ignore[call-overload]
+    data = dataclasses.asdict(result)
     data["event_ids"] = list(data["event_ids"])
     return data
 
@@ -395,11 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        name: str,
-        handler: Callable[[Settings, argparse.Namespace], int],
-        **kwargs: object,
+        name: str, handler: Callable[[Settings, argparse.Namespace], int]
     ) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=(handler.__doc__ or "").strip(), **kwargs)  # type: ignore[arg-type]
+        command = sub.add_parser(name, help=(handler.__doc__ or "").strip())
         command.set_defaults(handler=handler)
         return command
 

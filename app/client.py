@@ -141,9 +141,10 @@ class CommandClient:
         """Produce one command; returns its command id. Call ``flush`` or ``wait``."""
         self._listen()
         command_id = command_id or str(uuid.uuid4())
+        correlation_id = correlation_id or command_id
         envelope = {
             "command_id": command_id,
-            "correlation_id": correlation_id or command_id,
+            "correlation_id": correlation_id,
             "causation_id": causation_id or command_id,
             "user_id": user_id,
             "issued_at": issued_at or datetime.now(UTC),
@@ -160,7 +161,7 @@ class CommandClient:
             headers=headers.for_command(
                 command_type=type(command).__name__,
                 command_id=command_id,
-                correlation_id=envelope["correlation_id"],
+                correlation_id=correlation_id,
             ),
         )
         self.producer.poll(0)
@@ -197,7 +198,7 @@ class CommandClient:
                 if message.error():
                     raise KafkaException(message.error())
                 result = CommandResult.from_record(
-                    self.codec.decode(message.value()).data
+                    self.codec.decode(message.value() or b"").data
                 )
                 self.results.setdefault(result.command_id, result)
                 missing.discard(result.command_id)

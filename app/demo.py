@@ -177,7 +177,7 @@ def run(settings: Settings) -> int:
         params = (
             {"after": f"{last_write.partition}:{last_write.offset}"} if after else {}
         )
-        body = _get(url, params, last_write.version)
+        body = _get(url, params, last_write.version or 0)
         print(f"  {label}: {json.dumps(_brief(body))}")
     print(f"""
 ── where to look {"─" * 60}

@@ -221,15 +221,16 @@ def _stored_event_ids(
     """(topic, aggregate id) → stream version → event id of what the store holds."""
     stored: dict[tuple[str, bytes], dict[int, str]] = {}
     for topic in sorted(topics):
-        for message in read_topic(settings, topic):
+        for record in read_topic(settings, topic):
             # The headers say it without decoding; a producer may have left them out.
+            held = record.headers
             meta = {
-                "aggregate_id": message.headers.get("aggregate-id", b"").decode(),
-                "stream_version": message.headers.get("stream-version", b"").decode(),
-                "event_id": message.headers.get("event-id", b"").decode(),
+                "aggregate_id": (held.get("aggregate-id") or b"").decode(),
+                "stream_version": (held.get("stream-version") or b"").decode(),
+                "event_id": (held.get("event-id") or b"").decode(),
             }
             if not all(meta.values()):
-                meta = codec.decode(message.value or b"").data["metadata"]
+                meta = codec.decode(record.value or b"").data["metadata"]
             stream = stored.setdefault((topic, str(meta["aggregate_id"]).encode()), {})
             stream[int(meta["stream_version"])] = str(meta["event_id"])
     return stored

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from psycopg_pool import AsyncConnectionPool
@@ -18,6 +18,9 @@ from app.projections import PROJECTIONS
 from app.projections.engine import Status
 from app.projections.process import ProjectionProcess
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.history import EventStore, HistoricEvent
 
 log = logging.getLogger("streamfold.query")
 
@@ -148,7 +151,7 @@ def metrics_text(read: ReadSide) -> str:
 Query = Callable[[Any, Mapping[str, str], dict[str, str]], Awaitable[dict[str, Any]]]
 
 
-def _historic(event: Any) -> dict[str, Any]:
+def _historic(event: HistoricEvent) -> dict[str, Any]:
     return {
         "stream_version": event.stream_version,
         "event_type": event.event_type,
@@ -162,7 +165,9 @@ def _historic(event: Any) -> dict[str, Any]:
     }
 
 
-def _with_store(settings: Settings, work: Callable[[Any], dict[str, Any]]) -> Any:
+def _with_store(
+    settings: Settings, work: Callable[[EventStore], dict[str, Any]]
+) -> Awaitable[dict[str, Any]]:
     import psycopg
 
     from app.history import AmbiguousAggregate, EventStore, UnknownAggregate
@@ -191,7 +196,7 @@ async def history_view(
     checked.in_order("from_version", first, "to_version", last)
     kind = _kind(params)
 
-    def work(store: Any) -> dict[str, Any]:
+    def work(store: EventStore) -> dict[str, Any]:
         resolved = store.aggregate_type(aggregate_id, kind)
         events = store.read_stream(resolved, aggregate_id, first, last)
         return {
@@ -214,7 +219,7 @@ async def state_view(
         raise checked.BadParameter("at", "give either version or at, not both")
     kind = _kind(params)
 
-    def work(store: Any) -> dict[str, Any]:
+    def work(store: EventStore) -> dict[str, Any]:
         resolved = store.aggregate_type(aggregate_id, kind)
         state, reached = store.state(resolved, aggregate_id, version=version, at=at)
         return {
@@ -228,7 +233,7 @@ async def state_view(
 
 
 async def correlation_view(settings: Settings, correlation_id: str) -> dict[str, Any]:
-    def work(store: Any) -> dict[str, Any]:
+    def work(store: EventStore) -> dict[str, Any]:
         events = store.read_correlation(correlation_id)
         if not events:
             raise query.NotFound(f"no events with correlation id {correlation_id}")

@@ -3,7 +3,7 @@ command, decide it on the aggregate's state, and add its events and result to th
 batch's transaction, turning every failure into a rejection or a dead letter.
 
 The state is derived from the event log: ``AggregateCache`` holds each aggregate's
-record and the answer each command got, folded from the events and results topics
+state and version and the answer each command got, folded from the events and results topics
 (``LogTail``) and cached in RocksDB with the offsets it reflects. A batch's decisions
 stay provisional until its transaction commits; an abort drops them, and the
 partitions are caught up from the log again before the next decision.
@@ -17,7 +17,7 @@ import logging
 import time
 import typing
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC
 from pathlib import Path
@@ -36,9 +36,9 @@ from app.adapters.eventlog import (
     partition_for,
     result_headers,
 )
-from app.adapters.logtail import TP, LogTail, StateCache
+from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
-from app.adapters.topics import read_range, reader, watermarks
+from app.adapters.topics import TP, headers_of, read_range, reader, watermarks
 from app.application.commands import (
     Aggregate,
     CommandService,
@@ -46,8 +46,8 @@ from app.application.commands import (
     Envelope,
     GapError,
     Position,
-    Record,
     Result,
+    VersionedState,
     fold,
 )
 from app.domain import accounts, orders
@@ -62,9 +62,9 @@ ACCOUNTS = Aggregate(
 AGGREGATES = {"orders": ORDERS, "accounts": ACCOUNTS}
 # On a command sent on from the partition it was produced to: "<partition>@<offset>".
 REROUTED_HEADER = "streamfold-rerouted-from"
-# Records kept decoded in memory; the rest are read from RocksDB when needed.
-MEMORY_RECORDS = 50_000
-# Folded records and answers written to RocksDB at a time while a long log is
+# States kept decoded in memory; the rest are read from RocksDB when needed.
+MEMORY_STATES = 50_000
+# Folded states and answers written to RocksDB at a time while a long log is
 # caught up (bounds the memory a rebuild takes).
 FOLD_CHUNK = 10_000
 # States a snapshot writes per batch.
@@ -92,8 +92,8 @@ def state_format(cls: type) -> str:
 
 
 class AggregateCache:
-    """Records by aggregate id and answers (the result as sent) by command id: the
-    committed ones in memory and RocksDB, a batch's in ``pending`` until it
+    """Versioned states by aggregate id and answers (the result as sent) by command
+    id: the committed ones in memory and RocksDB, a batch's in ``pending`` until it
     commits."""
 
     def __init__(
@@ -102,32 +102,32 @@ class AggregateCache:
         self.cache = cache
         self.partitions = partitions
         self.state_type = type(aggregate.initial_state())
-        self.memory: OrderedDict[str, Record] = OrderedDict()
-        self.pending: dict[str, Record] = {}
+        self.memory: OrderedDict[str, VersionedState] = OrderedDict()
+        self.pending: dict[str, VersionedState] = {}
         self.pending_answers: dict[str, bytes] = {}
 
     # The port CommandService uses.
-    def load(self, aggregate_id: str) -> Record | None:
+    def load(self, aggregate_id: str) -> VersionedState | None:
         found = self.pending.get(aggregate_id)
         return found if found is not None else self.committed(aggregate_id)
 
-    def save(self, aggregate_id: str, record: Record) -> None:
-        self.pending[aggregate_id] = record
+    def save(self, aggregate_id: str, versioned: VersionedState) -> None:
+        self.pending[aggregate_id] = versioned
 
     def answered(self, command_id: str) -> bytes | None:
         found = self.pending_answers.get(command_id)
         return found if found is not None else self.cache.get_raw(_answer(command_id))
 
     # The processor's side.
-    def committed(self, aggregate_id: str) -> Record | None:
+    def committed(self, aggregate_id: str) -> VersionedState | None:
         found = self.memory.get(aggregate_id)
         if found is not None:
             self.memory.move_to_end(aggregate_id)
             return found
-        raw = self.cache.get(_record(aggregate_id))
+        raw = self.cache.get(_state_key(aggregate_id))
         if not isinstance(raw, dict):
             return None
-        found = Record(
+        found = VersionedState(
             state=mapper.from_dict(self.state_type, raw["state"]),
             version=raw["version"],
         )
@@ -138,39 +138,39 @@ class AggregateCache:
         self.pending_answers[command_id] = value
 
     def commit(self, snapshotted: Iterable[str] = ()) -> None:
-        """Make the pending records and answers committed (the batch's transaction
-        did), and the records ``snapshotted`` clean."""
+        """Make the pending states and answers committed (the batch's transaction
+        did), and the states ``snapshotted`` clean."""
         self.write(self.pending, self.pending_answers, {}, snapshotted)
         self.drop()
 
     def write(
         self,
-        records: dict[str, Record],
+        states: dict[str, VersionedState],
         answers: dict[str, bytes],
         offsets: dict[TP, int],
         snapshotted: Iterable[str] = (),
     ) -> None:
-        """Write records and answers as committed, with the log offsets they now
-        reflect, in one RocksDB batch. Each record written is marked dirty (to be
+        """Write states and answers as committed, with the log offsets they now
+        reflect, in one RocksDB batch. Each state written is marked dirty (to be
         snapshotted) under its partition; the ``snapshotted`` marks go first."""
         clean = list(snapshotted)
-        if not records and not answers and not offsets and not clean:
+        if not states and not answers and not offsets and not clean:
             return
-        dirty = {self.dirty_key(aggregate_id): b"" for aggregate_id in records}
+        dirty = {self.dirty_key(aggregate_id): b"" for aggregate_id in states}
         self.cache.write(
             {
-                _record(aggregate_id): {
-                    "state": mapper.to_dict(record.state),
-                    "version": record.version,
+                _state_key(aggregate_id): {
+                    "state": mapper.to_dict(versioned.state),
+                    "version": versioned.version,
                 }
-                for aggregate_id, record in records.items()
+                for aggregate_id, versioned in states.items()
             },
             {**{_answer(c): value for c, value in answers.items()}, **dirty},
             offsets,
             clean,
         )
-        for aggregate_id, record in records.items():
-            self._remember(aggregate_id, record)
+        for aggregate_id, versioned in states.items():
+            self._remember(aggregate_id, versioned)
 
     def drop(self) -> None:
         self.pending.clear()
@@ -180,25 +180,25 @@ class AggregateCache:
         return f"{dirty_prefix(partition_for(aggregate_id.encode(), self.partitions))}{aggregate_id}"
 
     def dirty(self, partition: int, limit: int) -> list[str]:
-        """Up to ``limit`` marks of the partition's records changed since they were
+        """Up to ``limit`` marks of the partition's states changed since they were
         last snapshotted."""
         return self.cache.keys(dirty_prefix(partition), limit)
 
-    def restore(self, records: dict[str, bytes]) -> None:
-        """Records as a snapshot holds them (the cache's own encoding): committed,
+    def restore(self, states: dict[str, bytes]) -> None:
+        """States as a snapshot holds them (the cache's own encoding): committed,
         and clean."""
-        self.cache.write({}, {_record(a): raw for a, raw in records.items()}, {})
-        for aggregate_id in records:
+        self.cache.write({}, {_state_key(a): raw for a, raw in states.items()}, {})
+        for aggregate_id in states:
             self.memory.pop(aggregate_id, None)
 
-    def _remember(self, aggregate_id: str, record: Record) -> None:
-        self.memory[aggregate_id] = record
+    def _remember(self, aggregate_id: str, versioned: VersionedState) -> None:
+        self.memory[aggregate_id] = versioned
         self.memory.move_to_end(aggregate_id)
-        while len(self.memory) > MEMORY_RECORDS:
+        while len(self.memory) > MEMORY_STATES:
             self.memory.popitem(last=False)
 
 
-def _record(aggregate_id: str) -> str:
+def _state_key(aggregate_id: str) -> str:
     return f"r/{aggregate_id}"
 
 
@@ -258,7 +258,7 @@ class CommandHandler:
         self._deciding: set[str] = set()
         # What the tail folded and is not written yet.
         self._folded: set[TP] = set()
-        self._folded_records: dict[str, Record] = {}
+        self._folded_states: dict[str, VersionedState] = {}
         self._folded_answers: dict[str, bytes] = {}
         # Snapshots: per partition in a round, the events offset its states
         # reflect; what this batch writes of them.
@@ -273,10 +273,10 @@ class CommandHandler:
         return (self.commands_topic,)
 
     # Rebalances.
-    def assigned(self, partitions: list[TP]) -> None:
+    def assigned(self, partitions: Sequence[TP]) -> None:
         self.partitions.take(partitions)
 
-    def revoked(self, partitions: list[TP]) -> None:
+    def revoked(self, partitions: Sequence[TP]) -> None:
         for partition in self.partitions.give_up(partitions):
             self.tail.drop(self._logs(partition))
 
@@ -305,7 +305,7 @@ class CommandHandler:
     def tick(self, batch: Batch) -> None:
         """Snapshot what changed, a chunk per batch: every ``snapshot_interval_s`` a
         round starts on each partition owned, noting the events offset the states
-        already reflect; it writes the states of every record changed since its
+        already reflect; it writes the state of every aggregate changed since its
         last snapshot, then that offset (the marker). A store rebuilt from the
         snapshot topic folds the events from the latest marker on."""
         interval = self.settings.snapshot_interval_s
@@ -326,7 +326,7 @@ class CommandHandler:
             prefix = len(dirty_prefix(partition))
             for mark in marks:
                 aggregate_id = mark[prefix:]
-                value = self.store.cache.get_raw(_record(aggregate_id))
+                value = self.store.cache.get_raw(_state_key(aggregate_id))
                 if value is not None:
                     self._snapshot(batch, aggregate_id.encode(), value, partition)
                 self._snapshotted.append(mark)
@@ -398,7 +398,7 @@ class CommandHandler:
             for message in read_range(
                 consumer, self.snapshots_topic, partition, low, high
             ):
-                found = dict(message.headers() or [])
+                found = dict(headers_of(message))
                 if found.get(FORMAT_HEADER) != self.format.encode():
                     continue
                 key, value = message.key() or b"", message.value() or b""
@@ -431,9 +431,9 @@ class CommandHandler:
 
     def _save_folded(self) -> None:
         offsets = {tp: self.tail.offsets[tp] for tp in self._folded}
-        self.store.write(self._folded_records, self._folded_answers, offsets)
+        self.store.write(self._folded_states, self._folded_answers, offsets)
         self._folded.clear()
-        self._folded_records.clear()
+        self._folded_states.clear()
         self._folded_answers.clear()
 
     def _fold(self, message: Message) -> None:
@@ -443,7 +443,7 @@ class CommandHandler:
         topic = message.topic() or ""
         tp = (topic, message.partition() or 0)
         self._folded.add(tp)
-        found = dict(message.headers() or [])
+        found = dict(headers_of(message))
         if topic == self.results_topic:
             kind = found.get(AGGREGATE_TYPE_HEADER)
             command_id = message.key()
@@ -457,32 +457,32 @@ class CommandHandler:
         aggregate_id = found.get("aggregate-id")
         version = found.get("stream-version")
         if aggregate_id is not None and version is not None:
-            known = self._folded_record(aggregate_id.decode())
+            known = self._folded_state(aggregate_id.decode())
             if known is not None and known.version >= int(version):
                 return
         try:
             decoded = self.codec.decode(message.value() or b"")
             meta, payload = mapper.split_event(decoded.data)
             metadata = metadata_from_record(meta)
-            event = mapper.from_dict(
+            event: object = mapper.from_dict(
                 self.codec.catalog.class_for(decoded.record_name), payload
             )
-            record = self._folded_record(metadata.aggregate_id) or Record(
+            versioned = self._folded_state(metadata.aggregate_id) or VersionedState(
                 state=self.aggregate.initial_state()
             )
-            self._folded_records[metadata.aggregate_id] = fold(
-                self.aggregate, record, metadata, event
+            self._folded_states[metadata.aggregate_id] = fold(
+                self.aggregate, versioned, metadata, event
             )
         except (DecodeError, mapper.MappingError, LookupError, GapError) as error:
             # Readers dead-letter such an event; the writer cannot fold it either.
             log.error("%s: event not folded: %s", _where(message), error)
-        if len(self._folded_records) >= FOLD_CHUNK:
+        if len(self._folded_states) >= FOLD_CHUNK:
             # The offsets saved stop before this record: folded again after a
             # crash, it is skipped (its version is in the state saved).
             self._save_folded()
 
-    def _folded_record(self, aggregate_id: str) -> Record | None:
-        found = self._folded_records.get(aggregate_id)
+    def _folded_state(self, aggregate_id: str) -> VersionedState | None:
+        found = self._folded_states.get(aggregate_id)
         return found if found is not None else self.store.committed(aggregate_id)
 
     # Deciding.
@@ -526,7 +526,7 @@ class CommandHandler:
             )
             return None
         try:
-            command = mapper.from_dict(cls, payload)
+            command: object = mapper.from_dict(cls, payload)
         except mapper.MappingError as error:
             refused = self.service.refuse(
                 envelope, _key(message), "Validation", str(error), error.path

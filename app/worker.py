@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
+from faust.tables import TableManager
 
 from agents import saga as saga_agents
 from agents import views as view_agents
@@ -57,11 +58,14 @@ def build(settings: Settings) -> Worker:
     async def ready(web: Any, request: Any) -> Any:
         """200 once this worker's write processes own command partitions and its
         Faust tables are recovered, 503 before that."""
+        # App.tables is typed as TableManagerT, which leaves out the recovery
+        # service; the app runs faust's own TableManager (the default), which has it.
+        tables = cast(TableManager, app.tables)
         serving = bool(
             write.assigned
             and not app.rebalancing
             and not app.in_recovery
-            and app.tables.recovery.completed.is_set()
+            and tables.recovery.completed.is_set()
         )
         return web.json({"ready": serving}, status=200 if serving else 503)
 

@@ -52,7 +52,7 @@ from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.faust_app import worker_datadir
 from app.local import stack
 from app.local.deployments import delete_topics, free_port
-from app.local.process import wait_for
+from app.local.process import Daemon, wait_for
 from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
@@ -60,7 +60,7 @@ from bench import quix_peer
 from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
     CpuSampler,
-    Outgoing,
+    FramedRecord,
     machine,
     new_producer,
     percentile,
@@ -111,7 +111,7 @@ class Encoder:
         )
         self.topic = settings.topics.commands("accounts")
 
-    def __call__(self, command: Any) -> Outgoing:
+    def __call__(self, command: Any) -> FramedRecord:
         command_id = str(uuid.uuid4())
         envelope = {
             "command_id": command_id,
@@ -122,7 +122,7 @@ class Encoder:
             "expected_version": None,
         }
         name = self.catalog.record_name(type(command))
-        return Outgoing(
+        return FramedRecord(
             command_id=command_id,
             key=command.account_id.encode(),
             value=self.codec.encode(
@@ -136,7 +136,7 @@ class Encoder:
         )
 
 
-def opening(encode: Encoder, accounts: list[str]) -> list[Outgoing]:
+def opening(encode: Encoder, accounts: list[str]) -> list[FramedRecord]:
     return [
         encode(OpenAccount(account_id=a, owner_id=f"owner-{a}", currency="USD"))
         for a in accounts
@@ -145,7 +145,7 @@ def opening(encode: Encoder, accounts: list[str]) -> list[Outgoing]:
 
 def traffic(
     encode: Encoder, accounts: list[str], count: int, seed: int
-) -> list[Outgoing]:
+) -> list[FramedRecord]:
     """Mostly deposits; a quarter withdrawals, some of which overdraw (rejected)."""
     rng = random.Random(seed)
     out = []
@@ -307,7 +307,7 @@ def bench_worker(
     return outcomes.count(figures)
 
 
-def _pid(worker: WorkerProcess) -> int:
+def _pid(worker: Daemon) -> int:
     pid = worker.pid()
     if pid is None:
         raise RuntimeError(f"{worker.name} has no pid")
@@ -358,7 +358,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
             raise SystemExit(f"result not delivered: {error}")
         consumer.store_offsets(message)
 
-    def on_event(message: Any, command_id: bytes, error: Any, _: Any) -> None:
+    def on_event(message: Any, command_id: bytes | None, error: Any, _: Any) -> None:
         if error is not None:
             raise SystemExit(f"event not delivered: {error}")
         producer.produce(
@@ -376,12 +376,12 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
         for message in batch:
             if message.error():
                 continue
-            command_id = dict(message.headers() or [])[COMMAND_ID_HEADER]
+            command_id = dict(topics.headers_of(message))[COMMAND_ID_HEADER]
             producer.produce(
                 names["events"],
                 message.value(),
                 message.key(),
-                partition=message.partition(),
+                partition=message.partition() or 0,
                 on_delivery=partial(on_event, message, command_id),
             )
         producer.poll(0)

@@ -81,7 +81,7 @@ class ResultListener:
                     continue
                 now = time.monotonic()
                 self.results += 1
-                arrived.setdefault(self._command_id_of(message.value()), now)
+                arrived.setdefault(self._command_id_of(message.value() or b""), now)
 
     def wait_for(self, command_ids: Sequence[str], timeout: float) -> float:
         """Seconds until all have a result (monotonic clock); raises on timeout."""

@@ -49,7 +49,7 @@ from app.writeside import command_group
 from bench.harness import (
     CommandEncoder,
     CpuSampler,
-    Outgoing,
+    FramedRecord,
     PositionWatcher,
     Sent,
     figure,
@@ -124,7 +124,7 @@ class ResultListener:
             for message in batch:
                 if message.error():
                     continue
-                data = self._codec.decode(message.value()).data
+                data = self._codec.decode(message.value() or b"").data
                 self.arrived.setdefault(
                     data["command_id"],
                     Arrived(
@@ -306,7 +306,7 @@ class RawSystem:
             ],
         )
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute(RAW_TABLES)  # type: ignore[arg-type]
+            conn.execute(RAW_TABLES)
         self.ready = settings.home / "bench" / f"{settings.app_id}.raw-ready"
         self.log = settings.home / "bench" / f"{settings.app_id}.raw.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -417,7 +417,7 @@ def raw_pipeline(settings: Settings, ready_file: Path) -> None:
                     events,
                     message.value(),
                     message.key(),
-                    partition=message.partition(),
+                    partition=message.partition() or 0,
                     headers=[("src-offset", str(message.offset()).encode())],
                     on_delivery=stored(message),
                 )
@@ -445,18 +445,18 @@ def raw_pipeline(settings: Settings, ready_file: Path) -> None:
             for message in batch:
                 if message.error():
                     continue
-                source = int(dict(message.headers() or [])["src-offset"])
+                source = dict(topics.headers_of(message))["src-offset"]
+                assert source is not None  # forward() sets it on every event
+                partition = message.partition() or 0
                 rows.append(
                     (
-                        message.partition(),
+                        partition,
                         message.offset(),
-                        message.key().decode(),
+                        (message.key() or b"").decode(),
                         message.value(),
                     )
                 )
-                positions[message.partition()] = max(
-                    positions.get(message.partition(), 0), source + 1
-                )
+                positions[partition] = max(positions.get(partition, 0), int(source) + 1)
             if not rows:
                 continue
             with conn.cursor() as cur:
@@ -497,7 +497,7 @@ System = StreamfoldSystem | RawSystem
 
 def _messages(
     encode: CommandEncoder, topic: str, lifecycles: list[list[Any]]
-) -> list[Outgoing]:
+) -> list[FramedRecord]:
     return [encode(command, topic) for lifecycle in lifecycles for command in lifecycle]
 
 

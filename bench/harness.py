@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.adapters.codec import Codec, ConfluentRegistry, Headers, headers
 from app.adapters.eventlog import metadata_record
 from app.adapters.topics import end_offsets, record_end
 from app.application.commands import Metadata, event_id
@@ -286,13 +286,14 @@ def deposits(seed: int, account_id: str, count: int) -> list[Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One pre-encoded message, produced as is so the driver stays cheap."""
+class FramedRecord:
+    """One record framed (its value Confluent-framed Avro) ahead of time, produced as
+    is so the driver stays cheap."""
 
     command_id: str
     key: bytes
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: Headers
     timestamp_ms: int | None = None
 
 
@@ -311,7 +312,7 @@ class CommandEncoder:
         self.codec = codec
         self._rng = random.Random(f"command-ids/{seed}")
 
-    def __call__(self, command: Any, topic: str | None = None) -> Outgoing:
+    def __call__(self, command: Any, topic: str | None = None) -> FramedRecord:
         command_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
         envelope = {
             "command_id": command_id,
@@ -329,7 +330,7 @@ class CommandEncoder:
             mapper.command_record(command, envelope),
         )
         aggregate_id = getattr(command, "order_id", None) or command.account_id
-        return Outgoing(
+        return FramedRecord(
             command_id,
             str(aggregate_id).encode(),
             value,
@@ -351,7 +352,7 @@ def domain_events(
 ) -> list[tuple[dict[str, Any], Any]]:
     """(metadata record, event) pairs as the write side would append them, from
     the domain's own ``decide`` and ``evolve``: valid streams without a worker."""
-    out: list[tuple[dict[str, Any], Any]] = []
+    out: list[tuple[Metadata, Any]] = []
     states: dict[str, Any] = {}
     at = start
     for n, command in enumerate(commands):
@@ -393,13 +394,13 @@ def _catalog() -> SchemaCatalog:
 
 def encode_events(
     codec: Codec, topic: str, events: Sequence[tuple[dict[str, Any], Any]]
-) -> list[Outgoing]:
+) -> list[FramedRecord]:
     """Events framed as the event log writes them (same record, headers, timestamp)."""
     out = []
     for meta, event in events:
         name = codec.catalog.record_name(type(event))
         out.append(
-            Outgoing(
+            FramedRecord(
                 meta["event_id"],
                 meta["aggregate_id"].encode(),
                 codec.encode(topic, name, mapper.event_record(event, meta)),
@@ -444,7 +445,7 @@ class Sent:
 def produce(
     producer: Producer,
     topic: str,
-    messages: Sequence[Outgoing],
+    messages: Sequence[FramedRecord],
     *,
     rate: float | None = None,
     sent: Sent | None = None,
@@ -691,7 +692,7 @@ class CpuSampler:
     """
 
     def __init__(
-        self, groups: dict[str, Callable[[], Iterable[int]]], interval: float = 0.25
+        self, groups: Mapping[str, Callable[[], Iterable[int]]], interval: float = 0.25
     ) -> None:
         self.groups = groups
         self.interval = interval

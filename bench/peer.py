@@ -110,12 +110,12 @@ class Order(Aggregate):
         self.status = "DELIVERED"
 
 
-class Orders(Application):
+class Orders(Application[UUID]):
     """Command handlers: load, call, save — the library's application service."""
 
     def handle(self, command: Any) -> None:
         if isinstance(command, CreateOrder):
-            lines = [
+            lines: list[dict[str, Any]] = [
                 {
                     "product_id": i.product_id,
                     "quantity": i.quantity,

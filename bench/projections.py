@@ -125,7 +125,7 @@ def consume_all(
                     continue
                 count += 1
                 if codec is not None:
-                    codec.decode(message.value())
+                    codec.decode(message.value() or b"")
             if time.monotonic() - began > 300:
                 raise TimeoutError(f"{topic}: {count} of {total} read in 300s")
         seconds = time.monotonic() - began
@@ -157,7 +157,9 @@ def copy_rows(
                 ) as copy:
                     data[table] = b"".join(bytes(chunk) for chunk in copy)
                 cur.execute(sql.SQL("SELECT count(*) FROM {}").format(source))
-                rows += cur.fetchone()[0]  # type: ignore[index]
+                counted = cur.fetchone()
+                assert counted is not None  # count(*) always returns its one row
+                rows += counted[0]
                 cur.execute(
                     sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
                         target, source

@@ -9,16 +9,16 @@ the Avro command with the project's codec (schema registry), turns it into the
 domain command, and has the project's ``CommandService`` decide it with the
 accounts decider over a store that is Quix's state for the command's key. That
 looks up the answer kept for the command id (a repeated command gets that answer
-again and changes nothing), reads the account's record (its state as JSON via
-``mapper.to_dict``, and its version), decides, and stamps the events. The peer then
+again and changes nothing), reads the account's state (as JSON via
+``mapper.to_dict``) and version, decides, and stamps the events. The peer then
 encodes each event and the ``streamfold.CommandResult`` with the codec (as the
-worker does), writes the record the events lead to and the encoded result as the
+worker does), writes the state the events lead to and the encoded result as the
 command's answer, and produces the events (with the worker's event headers) to an
 events-like topic and the result (with the worker's result headers) to a
 results-like topic. Outputs, state changelog records and input offsets commit in
 one Kafka transaction per checkpoint.
 
-What it leaves out: the worker's in-memory record cache, re-routing of commands
+What it leaves out: the worker's in-memory cache of states, re-routing of commands
 on another partition than their aggregate's, dead letters (every benchmark command
 decodes), and the events' position in the result (Quix produces asynchronously, so
 a result's ``partition``/``offset`` are left empty). Results are keyed by the
@@ -32,17 +32,18 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from confluent_kafka import ConsumerGroupState, KafkaException
 from quixstreams import Application, State
 from quixstreams.kafka import ConnectionConfig
+from quixstreams.models import Topic
 
 from app.adapters import mapper, topics
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry
+from app.adapters.codec import Codec, ConfluentRegistry, Headers
 from app.adapters.eventlog import encode_event, encode_result, result_headers
-from app.application.commands import CommandService, Record
+from app.application.commands import CommandService, VersionedState
 from app.client import PARTITIONER
 from app.runtime import AGGREGATES, envelope_from_record
 from app.settings import Settings
@@ -53,36 +54,43 @@ KIND = "quix"
 # The worker's processor: how long a poll waits for more commands before the
 # transaction holding what it has is committed.
 POLL_WAIT_S = 0.05
-# The key's record and a command's answer, under the key's prefix in the store.
-RECORD = "record"
+# The key's state and a command's answer, under the key's prefix in the store.
+STATE = "state"
 ANSWER = "answer/"
 # The benchmark's commands are the accounts aggregate's.
 AGGREGATE = AGGREGATES["accounts"]
 
-Headers = list[tuple[str, bytes]]
+
+class SavedState(TypedDict):
+    """What the store keeps under ``STATE``: the state as ``mapper.to_dict`` gives
+    it, and its version."""
+
+    state: dict[str, Any]
+    version: int
 
 
 @dataclass(slots=True)
 class QuixStore:
     """``CommandService``'s store over Quix's state for the message's key (the
-    account id): the account's record as JSON, and each answer, as sent, by command
-    id. Quix keeps the writes in the checkpoint's transaction."""
+    account id): the account's state as JSON with its version, and each answer, as
+    sent, by command id. Quix keeps the writes in the checkpoint's transaction."""
 
-    state: State
+    state: State[str, SavedState]
     state_type: type
 
-    def load(self, aggregate_id: str) -> Record | None:
-        raw = self.state.get(RECORD)
+    def load(self, aggregate_id: str) -> VersionedState | None:
+        raw = self.state.get(STATE)
         if raw is None:
             return None
-        return Record(
+        return VersionedState(
             state=mapper.from_dict(self.state_type, raw["state"]),
             version=raw["version"],
         )
 
-    def save(self, aggregate_id: str, record: Record) -> None:
+    def save(self, aggregate_id: str, versioned: VersionedState) -> None:
         self.state.set(
-            RECORD, {"state": mapper.to_dict(record.state), "version": record.version}
+            STATE,
+            {"state": mapper.to_dict(versioned.state), "version": versioned.version},
         )
 
     def answered(self, command_id: str) -> bytes | None:
@@ -101,7 +109,12 @@ class Taker:
     results_topic: str
 
     def __call__(
-        self, value: bytes, key: bytes, timestamp: int, headers: Any, state: State
+        self,
+        value: bytes,
+        key: bytes,
+        timestamp: int,
+        headers: Any,
+        state: State[str, SavedState],
     ) -> dict[str, Any]:
         """The events to produce, each with its headers (none for a repeated or
         rejected command), and the answer with its headers."""
@@ -112,7 +125,7 @@ class Taker:
             raise ValueError(f"{decoded.record_name} is not an accounts command")
         envelope_data, payload = mapper.split_command(decoded.data)
         envelope = envelope_from_record(envelope_data)
-        command = mapper.from_dict(cls, payload)
+        command: object = mapper.from_dict(cls, payload)
         store = QuixStore(state, type(AGGREGATE.initial_state()))
         service = CommandService(aggregate=AGGREGATE, store=store)
         decision = service.decide(envelope, command)
@@ -165,15 +178,19 @@ def build(settings: Settings, state_dir: Path) -> Application:
             "message.max.bytes": 2 * settings.max_message_bytes + 65_536,
         },
     )
-    raw = {
-        "key_deserializer": "bytes",
-        "value_deserializer": "bytes",
-        "key_serializer": "bytes",
-        "value_serializer": "bytes",
-    }
-    commands = app.topic(names["commands"], **raw)
-    events = app.topic(names["events"], **raw)
-    results = app.topic(names["results"], **raw)
+
+    def raw(name: str) -> Topic:
+        return app.topic(
+            name,
+            key_deserializer="bytes",
+            value_deserializer="bytes",
+            key_serializer="bytes",
+            value_serializer="bytes",
+        )
+
+    commands = raw(names["commands"])
+    events = raw(names["events"])
+    results = raw(names["results"])
 
     # As the worker builds its codec (app.writeside).
     codec = Codec(ConfluentRegistry(settings.schema_registry_url), SchemaCatalog.load())

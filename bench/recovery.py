@@ -137,8 +137,8 @@ def _answers(settings: Settings, wanted: set[str]) -> dict[str, int]:
     """How many results each of ``wanted`` has, as a read_committed reader of the
     whole results topic sees them."""
     counts: dict[str, int] = {}
-    for message in read_topic(settings, settings.topics.results):
-        key = (message.key or b"").decode()
+    for record in read_topic(settings, settings.topics.results):
+        key = (record.key or b"").decode()
         if key in wanted:
             counts[key] = counts.get(key, 0) + 1
     return counts
@@ -187,7 +187,7 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
     commands_topic = settings.topics.commands("accounts")
     try:
         # One account per partition: each partition's first command folds its log.
-        firsts = {}
+        firsts: dict[int, str] = {}
         for name in names:
             firsts.setdefault(partition_for(name.encode(), PARTITIONS), name)
             if len(firsts) == PARTITIONS:

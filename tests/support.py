@@ -15,7 +15,6 @@ import httpx
 
 from app.adapters.codec import Codec
 from app.audit import (  # noqa: F401 - re-exported for the tests
-    Message,
     events_by_aggregate,
     new_codec,
     read_topic,

@@ -341,6 +341,8 @@ class SchemaCatalog:
                 text = json.dumps(inlined, separators=(",", ":"))
                 named: dict[str, Any] = {}
                 try:
+                    # A record schema parses to a dict; fastavro's type for the
+                    # result is every form a schema takes (str, list or dict).
                     parsed: dict[str, Any] = fastavro.parse_schema(  # type: ignore[assignment]
                         inlined, named_schemas=named
                     )

@@ -605,7 +605,9 @@ def _framing_problem(payload: bytes) -> str:
 
 # -- headers ---------------------------------------------------------------------------
 
-Headers = list[tuple[str, bytes]]
+# Headers to produce, in the type confluent_kafka's ``produce`` takes (a list is
+# invariant, so its value type is spelled out as produce has it).
+Headers = list[tuple[str, str | bytes | None]]
 # On every command and event: the command's id (what ``bench`` matches results by).
 COMMAND_ID_HEADER = "command-id"
 

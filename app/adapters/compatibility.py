@@ -136,6 +136,7 @@ class _Checker(ReaderWriterCompatibilityChecker):
     point a message at the wrong field."""
 
     def __init__(self) -> None:
+        # avro leaves this __init__ unannotated, so strict mypy calls it untyped.
         super().__init__()  # type: ignore[no-untyped-call]
         self._locations: list[list[str]] = []
 

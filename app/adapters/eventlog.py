@@ -1,29 +1,24 @@
 """The Kafka event log's records: events and command results as they go on the
-wire (the transactional processor produces them), and reads back by partition.
+wire (the transactional processor produces them), and the partition a key goes to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka.partitioner import murmur2
-from confluent_kafka import KafkaException, TopicPartition
 
 from app.adapters import mapper
-from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, Headers, headers
-from app.adapters.topics import reader, watermarks
 from app.application.commands import Metadata, NewEvent, Result
-from app.settings import Settings
 
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's Java client (and librdkafka's ``murmur2_random``, and
     aiokafka's default partitioner, so Faust's) picks for ``key``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)  # untyped: aiokafka has no type information
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def metadata_record(meta: Metadata, event_version: int) -> dict[str, Any]:
@@ -117,91 +112,3 @@ def result_headers(result: Result) -> Headers:
         (AGGREGATE_TYPE_HEADER, result.aggregate_type.encode()),
         ("status", b"ACCEPTED" if result.accepted else b"REJECTED"),
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """One event read back from the log, decoded and upcast to the newest version."""
-
-    partition: int
-    offset: int
-    record_name: str
-    metadata: Metadata
-    event: Any
-
-
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """One record read back from a partition, as stored."""
-
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
-def read_records(
-    settings: Settings,
-    topic: str,
-    partition: int,
-    start: int,
-    end: int | None = None,
-) -> Iterator[RawRecord]:
-    """Read [start, end) of one partition (end defaults to the current high
-    watermark), without a consumer group. Blocking: the worker calls it in a thread.
-    Raises ``KafkaException`` when Kafka does not deliver what it holds."""
-    consumer = reader(settings, "reader")
-    try:
-        low, high = watermarks(consumer, topic, partition)
-        end = high if end is None else min(end, high)
-        offset = max(start, low)
-        if offset >= end:
-            return
-        consumer.assign([TopicPartition(topic, partition, offset)])
-        idle = 0
-        while offset < end:
-            message = consumer.poll(5.0)
-            if message is None:
-                idle += 1
-                if idle >= 6:
-                    raise KafkaException(f"{topic}[{partition}] stalled at {offset}")
-                continue
-            idle = 0
-            error = message.error()
-            if error is not None:
-                if error.code() == -191:  # _PARTITION_EOF
-                    break
-                raise KafkaException(error)
-            offset = message.offset() + 1
-            if message.offset() < end:
-                yield RawRecord(
-                    message.offset(),
-                    message.key(),
-                    message.value(),
-                    list(message.headers() or []),
-                )
-    finally:
-        consumer.close()
-
-
-def read_partition(
-    settings: Settings,
-    codec: Codec,
-    catalog: SchemaCatalog,
-    topic: str,
-    partition: int,
-    start: int,
-    end: int | None = None,
-) -> Iterator[StoredEvent]:
-    """The events in [start, end) of one partition, decoded and upcast."""
-    for record in read_records(settings, topic, partition, start, end):
-        decoded = codec.decode(record.value or b"")
-        meta, payload = mapper.split_event(decoded.data)
-        cls = catalog.class_for(decoded.record_name)
-        yield StoredEvent(
-            partition=partition,
-            offset=record.offset,
-            record_name=decoded.record_name,
-            metadata=metadata_from_record(meta),
-            event=mapper.from_dict(cls, payload),
-        )

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import orjson
 from confluent_kafka import (
@@ -29,12 +30,10 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from app.adapters.topics import OPEN_TRANSACTION_WAIT_S
+from app.adapters.topics import OPEN_TRANSACTION_WAIT_S, TP
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
-
-TP = tuple[str, int]
 
 
 class LogTail:
@@ -251,6 +250,14 @@ class StateCache:
     def known(self, tp: TP) -> bool:
         """Whether this cache has folded ``tp`` before (an offset is kept for it)."""
         return self.db.get(_offset_key(tp).encode()) is not None
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """Every key held and its raw value; offsets and the format are among them
+        (their keys start with NUL)."""
+        for key, value in self.db.items():
+            # In raw mode every key is bytes; rocksdict's stubs give the union of
+            # the key types of its other modes.
+            yield cast(bytes, key).decode(), bytes(value)
 
     def keys(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` keys that start with ``prefix``, in order."""

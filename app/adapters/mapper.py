@@ -50,7 +50,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     """``cls`` built from ``data``; unknown, missing or mistyped keys raise."""
-    return _from_dict(cls, data, "")  # type: ignore[no-any-return]
+    built: T = _from_dict(cls, data, "")
+    return built
 
 
 def event_record(event: Any, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from confluent_kafka import (
     Consumer,
@@ -32,12 +32,11 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
+from app.adapters.topics import TP
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
 
-# A partition of a topic.
-TP = tuple[str, int]
 # Failures that abort a batch and retry it, never skip it.
 TRANSIENT = (KafkaException, RegistryUnavailable, OSError, TimeoutError)
 # How long the broker lets a transaction stay open before aborting it: a process
@@ -155,7 +154,7 @@ class Batch:
         """Produce one output in this transaction; with ``track``, the returned
         ``Sent`` gets its partition and offset once the broker has it."""
         sent = Sent(topic) if track else None
-        kwargs: dict[str, object] = {"key": key, "headers": headers}
+        kwargs: _Produce = {"key": key, "headers": headers}
         if partition is not None:
             kwargs["partition"] = partition
         if timestamp_ms:
@@ -165,7 +164,7 @@ class Batch:
         self.begin()
         while True:
             try:
-                self._producer.produce(topic, value, **kwargs)  # type: ignore[arg-type]
+                self._producer.produce(topic, value, **kwargs)
                 break
             except BufferError:  # the local queue is full: let it drain
                 self._producer.poll(0.05)
@@ -187,6 +186,17 @@ class Batch:
         work, self._later = self._later, []
         for step in work:
             step()
+
+
+class _Produce(TypedDict, total=False):
+    """What ``Batch.send`` passes to ``Producer.produce`` besides topic and value;
+    the optional ones only when set, so librdkafka's defaults apply otherwise."""
+
+    key: bytes | None
+    headers: Headers | None
+    partition: int
+    timestamp: int
+    on_delivery: Callable[[KafkaError | None, Message], None]
 
 
 def _recorder(sent: Sent) -> Callable[[KafkaError | None, Message], None]:

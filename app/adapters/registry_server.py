@@ -40,7 +40,8 @@ log = logging.getLogger("streamfold.registry")
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 DEFAULT_COMPATIBILITY = "BACKWARD_TRANSITIVE"
 MAX_VERSION = 2**31 - 1
-Record = tuple[dict[str, Any], dict[str, Any] | None]
+# A record of the schemas topic, decoded: its key and value (None: a tombstone).
+SchemasRecord = tuple[dict[str, Any], dict[str, Any] | None]
 _T = TypeVar("_T")
 
 
@@ -233,8 +234,8 @@ class Store(Protocol):
     topic: str
 
     def ensure_topic(self) -> None: ...
-    def load(self) -> list[Record]: ...
-    def write(self, records: list[Record]) -> None: ...
+    def load(self) -> list[SchemasRecord]: ...
+    def write(self, records: list[SchemasRecord]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -251,7 +252,7 @@ class KafkaStore:
         specs = [s for s in required_topics(self.settings) if s.name == self.topic]
         ensure_topics(self.settings, specs)
 
-    def load(self, timeout: float = 60.0) -> list[Record]:
+    def load(self, timeout: float = 60.0) -> list[SchemasRecord]:
         """Every record from the start of the topic up to its current end."""
         consumer = Consumer(
             {
@@ -262,7 +263,7 @@ class KafkaStore:
                 "enable.partition.eof": True,
             }
         )
-        records: list[Record] = []
+        records: list[SchemasRecord] = []
         try:
             deadline = time.monotonic() + timeout
             low, high = self._watermarks(consumer, deadline)
@@ -273,12 +274,13 @@ class KafkaStore:
                 message = consumer.poll(0.5)
                 if message is None:
                     continue
-                if message.error():
-                    if message.error().code() == KafkaError._PARTITION_EOF:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
                         break
-                    raise StoreError(f"reading {self.topic}: {message.error()}")
+                    raise StoreError(f"reading {self.topic}: {error}")
                 records.append(_decode(message.key(), message.value()))
-                if message.offset() >= high - 1:
+                if (message.offset() or 0) >= high - 1:
                     break
             else:
                 raise StoreError(f"reading {self.topic} did not finish in {timeout}s")
@@ -300,7 +302,7 @@ class KafkaStore:
                     raise
                 time.sleep(0.2)
 
-    def write(self, records: list[Record], timeout: float = 20.0) -> None:
+    def write(self, records: list[SchemasRecord], timeout: float = 20.0) -> None:
         """Append records with acks=all and idempotence; return once all are stored."""
         if self._producer is None:
             self._producer = Producer(
@@ -345,7 +347,7 @@ class KafkaStore:
             self._producer = None
 
 
-def _decode(key: bytes | None, value: bytes | None) -> Record:
+def _decode(key: bytes | None, value: bytes | None) -> SchemasRecord:
     try:
         return json.loads(key or b"{}"), None if value is None else json.loads(value)
     except ValueError:
@@ -387,7 +389,7 @@ class Registry:
             self.store.topic,
         )
 
-    async def _commit(self, records: list[Record]) -> None:
+    async def _commit(self, records: list[SchemasRecord]) -> None:
         # Until the write is known to have landed, the topic may hold more than the
         # state does (a failed write can land late): re-read it before the next one.
         self._stale = True
@@ -403,7 +405,7 @@ class Registry:
         self.state.settle()
         self._stale = False
 
-    async def write(self, change: Callable[[], Awaitable[Any]]) -> Any:
+    async def write(self, change: Callable[[], Awaitable[_T]]) -> _T:
         """Run one change alone, on state that is known to match the topic."""
         async with self.lock:
             if self._stale:
@@ -539,7 +541,7 @@ def _schema_record(
     references: Sequence[Reference],
     *,
     deleted: bool = False,
-) -> Record:
+) -> SchemasRecord:
     key = {"keytype": "SCHEMA", "subject": subject, "version": version}
     value: dict[str, Any] = {
         "subject": subject,
@@ -692,10 +694,12 @@ def source_digests() -> dict[str, str]:
     """The sha256 of each of Streamfold's own source files this process has loaded,
     as they are on disk now."""
     root = Path(__file__).resolve().parents[2]
-    digests = {}
+    digests: dict[str, str] = {}
     for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        where = Path(path).resolve() if path else root
+        path: str | None = getattr(module, "__file__", None)
+        if not path:
+            continue
+        where = Path(path).resolve()
         if root in where.parents and not where.relative_to(root).parts[0].startswith(
             "."
         ):

@@ -20,8 +20,9 @@ from typing import Any
 from confluent_kafka import Message
 
 from app.adapters import mapper
-from app.adapters.codec import Codec, headers
+from app.adapters.codec import Codec, Headers, headers
 from app.adapters.eventlog import partition_for
+from app.adapters.topics import headers_of
 from app.application import saga
 from app.client import aggregate_id_of, area_of
 from app.settings import Settings
@@ -38,7 +39,7 @@ class FramedCommand:
     key: bytes
     partition: int
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: Headers
 
 
 def frame_command(
@@ -96,7 +97,7 @@ def route(
             at=now,
         )
     else:
-        found = dict(message.headers() or [])
+        found = dict(headers_of(message))
         kind, cause = found.get("event-type"), found.get("command-id")
         if kind is not None and not saga.may_follow(
             kind.decode(), cause.decode() if cause is not None else None
@@ -104,7 +105,9 @@ def route(
             return None
         decoded = codec.decode(message.value() or b"")
         meta, payload = mapper.split_event(decoded.data)
-        event = mapper.from_dict(codec.catalog.class_for(decoded.record_name), payload)
+        event: object = mapper.from_dict(
+            codec.catalog.class_for(decoded.record_name), payload
+        )
         routed = saga.message_for_event(
             event,
             event_id=meta["event_id"],

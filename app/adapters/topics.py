@@ -1,4 +1,5 @@
-"""Idempotent provisioning of Streamfold's topics, refusing to run on conflicting ones.
+"""Idempotent provisioning of Streamfold's topics, refusing to run on conflicting ones;
+and reading their partitions back (``reader``, ``read_range``, ``KafkaRecord``).
 
 Event topics are the event store: kept forever and never compacted. An aggregate
 type's command and event topics share a partition count so that one worker owns
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
@@ -19,6 +20,9 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+
+# ConfigResource and NewTopic are documented as confluent_kafka.admin's, which
+# imports them without re-exporting them explicitly (attr-defined under strict).
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
@@ -40,6 +44,35 @@ class BrokerUnavailable(RuntimeError):
 
 class AuthenticationFailed(BrokerUnavailable):
     """The cluster refused Streamfold's credentials (never retried unauthenticated)."""
+
+
+# A partition of a topic: (topic, partition).
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRecord:
+    """One Kafka record as stored, copied out of the client's ``Message``."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    # By name (of a name given twice, the last); a header without a value has None.
+    headers: dict[str, bytes | None]
+
+    @classmethod
+    def of(cls, message: Message) -> KafkaRecord:
+        """The record a consumer handed over (one without an error)."""
+        return cls(
+            message.topic() or "",
+            message.partition() or 0,
+            message.offset() or 0,
+            message.key(),
+            message.value(),
+            dict(headers_of(message)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +348,13 @@ def read_range(
         if (message.offset() or 0) + 1 >= end:
             return
         deadline = time.monotonic() + wait_s
+
+
+def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
+    """A consumed record's headers, in order (a header without a value has None)."""
+    # What a consumer hands over is always such a list; the stub's type is the wider
+    # one produce() accepts (a dict, or str values).
+    return cast(list[tuple[str, bytes | None]], message.headers() or [])
 
 
 def reader(settings: Settings, purpose: str) -> Consumer:

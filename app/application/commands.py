@@ -120,8 +120,9 @@ class Result:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Record:
-    """What the single writer keeps per aggregate: its state and version."""
+class VersionedState:
+    """What the single writer keeps per aggregate: its state, and its version (that
+    of the last event folded into it)."""
 
     state: Any
     version: int = 0
@@ -130,23 +131,23 @@ class Record:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
     """What one command does: the events to append (none for a rejection) and the
-    answer. ``record`` is the one decided on; ``repeat`` is the answer a command
+    answer. ``current`` is the state decided on; ``repeat`` is the answer a command
     with this id already got (then nothing else is set: it is sent again as it
     was)."""
 
     aggregate_id: str
-    record: Record | None
+    current: VersionedState | None
     result: Result | None
     events: tuple[NewEvent, ...] = ()
     repeat: bytes | None = None
 
 
 class AggregateStore(Protocol):
-    """Where the writer keeps its records, and the answer every command it decided
-    got (as sent), by command id."""
+    """Where the writer keeps each aggregate's versioned state, and the answer every
+    command it decided got (as sent), by command id."""
 
-    def load(self, aggregate_id: str) -> Record | None: ...
-    def save(self, aggregate_id: str, record: Record) -> None: ...
+    def load(self, aggregate_id: str) -> VersionedState | None: ...
+    def save(self, aggregate_id: str, versioned: VersionedState) -> None: ...
     def answered(self, command_id: str) -> bytes | None: ...
 
 
@@ -159,19 +160,19 @@ def event_id(
 
 
 def fold(
-    aggregate: Aggregate, record: Record, metadata: Metadata, event: Any
-) -> Record:
+    aggregate: Aggregate, versioned: VersionedState, metadata: Metadata, event: Any
+) -> VersionedState:
     """Apply one stored event; a repeat of a version already applied changes nothing."""
-    if metadata.stream_version <= record.version:
-        return record
-    if metadata.stream_version != record.version + 1:
+    if metadata.stream_version <= versioned.version:
+        return versioned
+    if metadata.stream_version != versioned.version + 1:
         raise GapError(
             f"{aggregate.type} {metadata.aggregate_id}: event at version "
-            f"{metadata.stream_version} follows version {record.version}"
+            f"{metadata.stream_version} follows version {versioned.version}"
         )
     return replace(
-        record,
-        state=aggregate.evolve(record.state, event),
+        versioned,
+        state=aggregate.evolve(versioned.state, event),
         version=metadata.stream_version,
     )
 
@@ -185,44 +186,48 @@ class CommandService:
     aggregate: Aggregate
     store: AggregateStore
 
-    def record(self, aggregate_id: str) -> Record:
+    def current(self, aggregate_id: str) -> VersionedState:
+        """The aggregate's state as stored (its initial state, at version 0, if it
+        has none)."""
         found = self.store.load(aggregate_id)
         return (
-            found if found is not None else Record(state=self.aggregate.initial_state())
+            found
+            if found is not None
+            else VersionedState(state=self.aggregate.initial_state())
         )
 
     def decide(self, envelope: Envelope, command: Any) -> Decision:
-        """Check and decide one command against the stored record. A decision with
+        """Check and decide one command against the stored state. A decision with
         events changes nothing until ``apply``."""
         aggregate = self.aggregate
         aggregate_id = aggregate.aggregate_id(command)
         previous = self.store.answered(envelope.command_id)
         if previous is not None:
             return Decision(
-                aggregate_id=aggregate_id, record=None, result=None, repeat=previous
+                aggregate_id=aggregate_id, current=None, result=None, repeat=previous
             )
-        record = self.record(aggregate_id)
+        current = self.current(aggregate_id)
         expected = envelope.expected_version
-        if expected is not None and expected != record.version:
+        if expected is not None and expected != current.version:
             return self._rejected(
-                record,
+                current,
                 envelope,
                 aggregate_id,
                 CONCURRENCY_CONFLICT,
                 f"expected version {expected}, but {aggregate.type} {aggregate_id} "
-                f"is at version {record.version}",
+                f"is at version {current.version}",
                 "expected_version",
             )
         try:
-            events = aggregate.decide(record.state, command)
+            events = aggregate.decide(current.state, command)
         except DomainError as error:
             return self._rejected(
-                record, envelope, aggregate_id, error.code, error.message, error.field
+                current, envelope, aggregate_id, error.code, error.message, error.field
             )
         stamped = tuple(
             NewEvent(
                 metadata=self._metadata(
-                    envelope, aggregate_id, record.version + index, event
+                    envelope, aggregate_id, current.version + index, event
                 ),
                 event=event,
             )
@@ -234,11 +239,11 @@ class CommandService:
             aggregate_id=aggregate_id,
             accepted=True,
             correlation_id=envelope.correlation_id,
-            version=record.version + len(stamped),
+            version=current.version + len(stamped),
             event_ids=tuple(new.metadata.event_id for new in stamped),
         )
         return Decision(
-            aggregate_id=aggregate_id, record=record, result=result, events=stamped
+            aggregate_id=aggregate_id, current=current, result=result, events=stamped
         )
 
     def refuse(
@@ -254,27 +259,27 @@ class CommandService:
         previous = self.store.answered(envelope.command_id)
         if previous is not None:
             return Decision(
-                aggregate_id=aggregate_id, record=None, result=None, repeat=previous
+                aggregate_id=aggregate_id, current=None, result=None, repeat=previous
             )
         result = Result.rejected(
             envelope, self.aggregate, aggregate_id, code, message, field
         )
-        return Decision(aggregate_id=aggregate_id, record=None, result=result)
+        return Decision(aggregate_id=aggregate_id, current=None, result=result)
 
     def apply(self, decision: Decision) -> None:
         """Save the state a decision's events lead to, so the next command on the
         aggregate decides on it. The store keeps it provisional until the events
         are durable (the writer's transaction commits)."""
-        record = decision.record
-        if record is None or not decision.events:
+        versioned = decision.current
+        if versioned is None or not decision.events:
             return
         for new in decision.events:
-            record = fold(self.aggregate, record, new.metadata, new.event)
-        self.store.save(decision.aggregate_id, record)
+            versioned = fold(self.aggregate, versioned, new.metadata, new.event)
+        self.store.save(decision.aggregate_id, versioned)
 
     def _rejected(
         self,
-        record: Record,
+        current: VersionedState,
         envelope: Envelope,
         aggregate_id: str,
         code: str,
@@ -284,7 +289,7 @@ class CommandService:
         result = Result.rejected(
             envelope, self.aggregate, aggregate_id, code, message, field
         )
-        return Decision(aggregate_id=aggregate_id, record=record, result=result)
+        return Decision(aggregate_id=aggregate_id, current=current, result=result)
 
     def _metadata(
         self, envelope: Envelope, aggregate_id: str, version: int, event: Any

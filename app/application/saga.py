@@ -658,7 +658,8 @@ def _refund(state: SagaState, message: Message) -> Outgoing:
 
 
 def state_to_json(state: SagaState) -> dict[str, Any]:
-    return _to_json(state)  # type: ignore[no-any-return]
+    data: dict[str, Any] = _to_json(state)
+    return data
 
 
 def state_from_json(data: Mapping[str, Any]) -> SagaState:
@@ -693,14 +694,17 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-_T = typing.TypeVar("_T")
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_T = typing.TypeVar("_T", bound="DataclassInstance")
 
 
 def _from_json(cls: type[_T], data: Mapping[str, Any]) -> _T:
     if not isinstance(data, Mapping):
         raise ValueError(f"{cls.__name__}: expected an object, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     if set(data) != names:
         raise ValueError(
             f"{cls.__name__}: fields {sorted(data)} do not match {sorted(names)}"

@@ -8,6 +8,7 @@ controller on 127.0.0.1:9092 with a small heap.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import subprocess
@@ -154,8 +155,8 @@ class KafkaNode:
                 **dict(self.client_config),
                 "bootstrap.servers": self.bootstrap,
                 "log_level": 0,
-                "logger": _silent_logger(),
-            }
+            },
+            logger=_silent_logger(),
         )
         try:
             admin.list_topics(timeout=timeout)
@@ -259,9 +260,7 @@ def _cluster_id() -> str:
             return cluster
 
 
-def _silent_logger() -> object:
-    import logging
-
+def _silent_logger() -> logging.Logger:
     logger = logging.getLogger("streamfold.kafka.probe")
     logger.addHandler(logging.NullHandler())
     logger.propagate = False

@@ -126,6 +126,7 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            return 200 <= response.status < 300
+            status: int = response.status  # typeshed leaves urlopen's result Any
+            return 200 <= status < 300
     except (urllib.error.URLError, OSError):
         return False

@@ -93,7 +93,10 @@ class Projection(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class DecodedEvent:
+    """An event read from its topic, decoded at the newest version of its record:
+    where it sits, its metadata and its payload (the dicts a handler takes)."""
+
     topic: str
     partition: int
     offset: int
@@ -535,8 +538,8 @@ class ProjectionRunner:
 
     def _decode(
         self, messages: list[Message]
-    ) -> tuple[list[Event], list[tuple[Message, str]]]:
-        events: list[Event] = []
+    ) -> tuple[list[DecodedEvent], list[tuple[Message, str]]]:
+        events: list[DecodedEvent] = []
         rejects: list[tuple[Message, str]] = []
         for message in messages:
             error = message.error()
@@ -572,10 +575,14 @@ class ProjectionRunner:
             except (KeyError, TypeError):
                 rejects.append((message, "not an event record (no metadata)"))
                 continue
-            events.append(Event(topic, partition, offset, metadata, data, message))
+            events.append(
+                DecodedEvent(topic, partition, offset, metadata, data, message)
+            )
         return events, rejects
 
-    def _write(self, events: list[Event], rejects: list[tuple[Message, str]]) -> None:
+    def _write(
+        self, events: list[DecodedEvent], rejects: list[tuple[Message, str]]
+    ) -> None:
         """Apply a decoded batch, dead-letter its poison, commit its offsets."""
         try:
             self._apply(events, [m for m, _ in rejects])
@@ -645,7 +652,7 @@ class ProjectionRunner:
                     error,
                 )
 
-    def _apply(self, events: list[Event], skipped: Iterable[Any]) -> None:
+    def _apply(self, events: list[DecodedEvent], skipped: Iterable[Any]) -> None:
         """Apply events and record positions in one transaction."""
         conn = self._conn
         assert conn is not None

@@ -17,7 +17,7 @@ from app.domain.accounts import Deposit, OpenAccount
 from app.domain.orders import CancelOrder, ProcessPayment, ShipOrder
 from app.local.deployments import free_port
 from app.settings import Settings
-from bench.harness import Outgoing, domain_events, encode_events
+from bench.harness import FramedRecord, domain_events, encode_events
 from tests.invariants import serving_worker
 from tests.support import codec_for, create_order, get_until, running_worker
 
@@ -227,7 +227,7 @@ def test_a_view_that_took_an_aborted_event_heals_from_the_log(
     )
     producer.init_transactions(30)
 
-    def write(message: Outgoing, commit: bool) -> None:
+    def write(message: FramedRecord, commit: bool) -> None:
         producer.begin_transaction()
         producer.produce(
             topic,

@@ -15,7 +15,7 @@ from app.application.commands import (
     CONCURRENCY_CONFLICT,
     CommandService,
     Envelope,
-    Record,
+    VersionedState,
 )
 from app.domain.accounts import Deposit, OpenAccount
 from app.runtime import ACCOUNTS, AggregateCache
@@ -25,14 +25,14 @@ class MemoryStore:
     """The store port in memory: what most command-handling tests need."""
 
     def __init__(self) -> None:
-        self.records: dict[str, Record] = {}
+        self.states: dict[str, VersionedState] = {}
         self.answers: dict[str, bytes] = {}
 
-    def load(self, aggregate_id: str) -> Record | None:
-        return self.records.get(aggregate_id)
+    def load(self, aggregate_id: str) -> VersionedState | None:
+        return self.states.get(aggregate_id)
 
-    def save(self, aggregate_id: str, record: Record) -> None:
-        self.records[aggregate_id] = record
+    def save(self, aggregate_id: str, versioned: VersionedState) -> None:
+        self.states[aggregate_id] = versioned
 
     def answered(self, command_id: str) -> bytes | None:
         return self.answers.get(command_id)
@@ -87,8 +87,8 @@ def test_a_decision_changes_nothing_until_applied(store: MemoryStore) -> None:
     assert [new.metadata.stream_version for new in decision.events] == [1]
     assert store.load("acc-1") is None
     service.apply(decision)
-    record = store.load("acc-1")
-    assert record is not None and record.version == 1
+    versioned = store.load("acc-1")
+    assert versioned is not None and versioned.version == 1
 
 
 def test_a_second_command_in_a_batch_decides_on_the_first_ones_state(
@@ -160,15 +160,15 @@ def test_the_cache_keeps_a_batch_provisional_until_it_commits(tmp_path: Path) ->
 
     reopened = StateCache(tmp_path / "cache")  # a restart reads what was committed
     again = AggregateCache(reopened, ACCOUNTS, partitions=4)
-    record = again.load("acc-1")
-    assert record is not None and record.version == 1
+    versioned = again.load("acc-1")
+    assert versioned is not None and versioned.version == 1
     assert again.answered("c-1") == b"accepted"
     assert reopened.offset(("t.events", 3)) == 42
     assert reopened.offset(("t.events", 2)) == 0
     reopened.close()
 
 
-def test_changed_records_are_marked_for_the_next_snapshot(tmp_path: Path) -> None:
+def test_changed_states_are_marked_for_the_next_snapshot(tmp_path: Path) -> None:
     cache = StateCache(tmp_path / "cache", "shape-1")
     store = AggregateCache(cache, ACCOUNTS, partitions=4)
     service = _service(store)
@@ -177,13 +177,13 @@ def test_changed_records_are_marked_for_the_next_snapshot(tmp_path: Path) -> Non
     mark = store.dirty_key("acc-1")
     partition = int(mark.split("/")[1])
     assert store.dirty(partition, 10) == [mark]
-    # Snapshotted in a batch that changes the record again: still marked.
+    # Snapshotted in a batch that changes the state again: still marked.
     service.apply(service.decide(_envelope("c-2"), DEPOSIT))
     store.commit(snapshotted=[mark])
     assert store.dirty(partition, 10) == [mark]
     store.commit(snapshotted=[mark])
     assert store.dirty(partition, 10) == []
-    # A snapshot's records come back committed and clean.
+    # A snapshot's states come back committed and clean.
     store.restore({"acc-9": b'{"state":{},"version":3}'})
     assert store.dirty(partition, 10) == []
     cache.close()

@@ -1,6 +1,6 @@
 """The linters CI would otherwise leave to memory: ruff (lint and format) over the
-repository, and mypy --strict over the scope pyproject.toml gives it (the domain and
-the application services)."""
+repository, and mypy --strict over the scope pyproject.toml gives it (app, agents and
+bench)."""
 
 from __future__ import annotations
 
