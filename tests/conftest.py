@@ -36,6 +36,12 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[RUN_DIR] = tempfile.mkdtemp(prefix="streamfold-tests-")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow scenarios first: the test processes take them up at once, and the
+    short tests fill in around them instead of one slow test ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """After every worker is done: stop the broker if a test process started it."""
     if hasattr(config, "workerinput"):

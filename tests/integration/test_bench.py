@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from app.adapters import topics
 from app.local import postgres
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GROUPS = {*BENCHES, "resources"}
 
 
+@pytest.mark.slow
 def test_quick_run_produces_every_figure(
     tmp_path: Path,
     kafka: KafkaNode,

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, Producer
 from confluent_kafka.admin import AdminClient
 
@@ -376,6 +377,7 @@ def positions(settings: Settings, projection: str) -> dict[tuple[str, int], int]
     return {(t, p): o for t, p, o in rows}
 
 
+@pytest.mark.slow
 def test_replays_rebuild_exactly_what_the_log_holds(deployment: Settings) -> None:
     """One workload (a worker start and a workload cost most of the time), then
     blue/green replays under queries and writes, in-place replays with and without a

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -152,6 +153,7 @@ def _balance(events: list[dict[str, Any]]) -> int:
 TIMEOUT_S = 8
 
 
+@pytest.mark.slow
 def test_outcomes_the_deadline_and_the_history_of_a_flow(
     deployment: Settings,
 ) -> None:
@@ -378,6 +380,7 @@ ORDERS = 60
 KILLS = 2
 
 
+@pytest.mark.slow
 def test_sigkill_amid_many_sagas_then_a_replay_of_its_group(
     deployment: Settings,
 ) -> None:

@@ -16,6 +16,7 @@ import random
 import time
 
 import httpx
+import pytest
 
 from app.adapters import topics
 from app.client import CommandClient, CommandResult
@@ -109,6 +110,7 @@ def _delete_snapshots(settings: Settings) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_worker_that_lost_its_table_rebuilds_every_aggregate(
     deployment: Settings,
 ) -> None:

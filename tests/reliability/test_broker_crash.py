@@ -41,6 +41,7 @@ def isolated(registry_settings: Settings) -> Iterator[tuple[Settings, KafkaNode]
             deployments.remove(deployment)
 
 
+@pytest.mark.slow
 def test_broker_sigkill_under_load_loses_nothing(
     isolated: tuple[Settings, KafkaNode],
 ) -> None:

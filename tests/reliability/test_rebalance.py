@@ -10,6 +10,8 @@ import time
 import urllib.request
 from collections import Counter
 
+import pytest
+
 from app.client import CommandClient
 from app.local.process import Daemon, tail, wait_for
 from app.local.worker import WorkerProcess
@@ -45,6 +47,7 @@ def _assignment(settings: Settings) -> set[tuple[str, int]]:
     return {(t, p) for t, p in owned if t in commands}
 
 
+@pytest.mark.slow
 def test_partitions_move_under_load_and_every_promise_holds(
     deployment: Settings,
 ) -> None:

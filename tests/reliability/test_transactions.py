@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
 
 from app.adapters.eventlog import encode_event, partition_for
@@ -41,6 +42,7 @@ def _deposit(account: str, n: int) -> Deposit:
     )
 
 
+@pytest.mark.slow
 def test_a_paused_writer_is_fenced_and_rejoins(deployment: Settings) -> None:
     other = dataclasses.replace(deployment, web_port=free_port())
     accounts = [f"z-{n}" for n in range(ACCOUNTS)]

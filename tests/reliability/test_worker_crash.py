@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from app.client import CommandClient
 from app.local.worker import WorkerProcess
 from app.settings import Settings
@@ -35,6 +37,7 @@ def _workload(seed: int, count: int = COMMANDS) -> list[tuple[str, Any]]:
     return work
 
 
+@pytest.mark.slow
 def test_sigkill_under_load_keeps_every_promise(deployment: Settings) -> None:
     rng = random.Random(7)
     work = _workload(seed=11)
