@@ -27,6 +27,7 @@ from app.adapters.saga_io import feed_group
 from app.projections.process import start_child, stop_children
 from app.runtime import AGGREGATES, CommandHandler
 from app.settings import Settings
+from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.worker")
 REPORT_S = 0.5
@@ -197,7 +198,7 @@ class WriteProcess:
 
     def _supervise(self, index: int) -> None:
         context = multiprocessing.get_context("spawn")
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stopping.is_set():
             receiving, sending = context.Pipe(duplex=False)
             child = context.Process(
@@ -222,6 +223,7 @@ class WriteProcess:
             if self._stopping.is_set():
                 return
             self.exits += 1
+            delay = backoff.next()
             log.error(
                 "write process %d exited (code %s); restarting it in %.1fs",
                 index,
@@ -229,4 +231,3 @@ class WriteProcess:
                 delay,
             )
             self._stopping.wait(delay)
-            delay = min(delay * 2, 10.0)

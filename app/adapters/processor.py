@@ -34,6 +34,7 @@ from confluent_kafka import (
 from app.adapters.codec import Headers, RegistryUnavailable
 from app.adapters.topics import TP
 from app.settings import Settings
+from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.processor")
 
@@ -285,7 +286,7 @@ class Processor:
         self.batch_size = batch_size
         self.poll_timeout = poll_timeout
         self.report = Report()
-        self._delay = 0.1
+        self._backoff = Backoff(0.1, 5.0)
         # Per partition, the offset last committed here; when idle, the consumer's
         # position can move past it over transaction markers only.
         self._committed: dict[TP, int] = {}
@@ -320,16 +321,16 @@ class Processor:
 
     def run(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set; a fenced or failed client is replaced."""
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not stop.is_set():
             try:
                 self._run(stop)
                 return
             except TRANSIENT as error:
                 self.report.last_error = str(error)
+                delay = backoff.next()
                 log.warning("%s: %s; starting again in %.1fs", self.group, error, delay)
             stop.wait(delay)
-            delay = min(delay * 2, 10.0)
 
     def _run(self, stop: threading.Event) -> None:
         producer = Producer(self.producer_config())
@@ -405,13 +406,12 @@ class Processor:
         except TRANSIENT as failure:
             self._abort(producer, failure, len(messages), batch.begun)
             self._rewind(consumer, starts)
-            time.sleep(self._delay)
-            self._delay = min(self._delay * 2, 5.0)
+            time.sleep(self._backoff.next())
             return
         if idle:
             self._pass_markers(consumer, producer)
             return
-        self._delay = 0.1
+        self._backoff.reset()
         self._committed.update(ends)
         for handler in self.handlers:
             handler.committed()

@@ -50,6 +50,7 @@ from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.rows import Rows, Table, describe
 from app.adapters.topics import FOREVER, TopicSpec, ensure_topics, reader
 from app.settings import Settings
+from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.projections")
 
@@ -265,7 +266,7 @@ class ProjectionRunner:
 
     def run(self) -> None:
         """Consume until stopped; infrastructure failures are retried, never skipped."""
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stop.is_set():
             try:
                 self._run_once()
@@ -276,6 +277,7 @@ class ProjectionRunner:
                 KafkaTransient,
             ) as error:
                 self.status.error = f"{type(error).__name__}: {error}"
+                delay = backoff.next()
                 log.warning(
                     "projection %s: %s; retrying in %.1fs",
                     self.projection.name,
@@ -284,7 +286,6 @@ class ProjectionRunner:
                 )
                 self._close()
                 self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
             except Exception as error:
                 # A bug, not a fault to wait out: stop, named, so the process running
                 # this runner exits and is restarted (``process.project``).

@@ -37,6 +37,7 @@ from app.adapters.codec import Codec, ConfluentRegistry
 from app.projections import PROJECTIONS
 from app.projections.engine import ProjectionRunner, Status, tune_gc
 from app.settings import Settings
+from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.projections")
 
@@ -121,7 +122,7 @@ class ProjectionProcess:
 
     def _supervise(self, index: int) -> None:
         context = multiprocessing.get_context("spawn")
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stopping.is_set():
             began = time.monotonic()
             try:
@@ -143,7 +144,7 @@ class ProjectionProcess:
             error = (
                 f"{EXITED} ({code}"
                 f"{', last error: ' + last if last else ''}); "
-                f"restarting it in {delay:.1f}s"
+                f"restarting it in {backoff.delay:.1f}s"
             )
             log.error(error)
             with self._progress:
@@ -156,9 +157,8 @@ class ProjectionProcess:
                     )
                 self._progress.notify_all()
             if time.monotonic() - began > 60:
-                delay = 0.5
-            self._stopping.wait(delay)
-            delay = min(delay * 2, 10.0)
+                backoff.reset()
+            self._stopping.wait(backoff.next())
 
     def _run_child(self, context: Any, index: int) -> str:
         """Start child ``index`` and mirror its reports until it exits."""
