@@ -4,7 +4,6 @@ and show what happened and where to look."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -25,6 +24,7 @@ from app.domain.orders import (
 from app.local import stack
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.waiting import eventually
 
 
 def run(settings: Settings) -> int:
@@ -199,19 +199,17 @@ def _get(url: str, params: dict[str, str], version: int) -> dict[str, Any]:
     """The view once it shows ``version``: a Faust view takes no ``after``, a
     Postgres view answers ``"stale": true`` after STREAMFOLD_QUERY_WAIT, and a
     worker that has just started may be slow to answer at all."""
-    deadline = time.monotonic() + 60
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def fetch() -> tuple[bool, dict[str, Any]]:
         try:
             response = httpx.get(url, params=params, timeout=10)
         except httpx.TransportError as error:
-            body = {"error": f"{type(error).__name__} from {url}"}
-        else:
-            body = dict(response.json())
-            shown = response.status_code == 200 and not body.get("stale")
-            if shown and body.get("version", 0) >= version:
-                break
-        time.sleep(0.2)
+            return False, {"error": f"{type(error).__name__} from {url}"}
+        body = dict(response.json())
+        shown = response.status_code == 200 and not body.get("stale")
+        return shown and body.get("version", 0) >= version, body
+
+    _, body = eventually(fetch, lambda found: found[0], timeout=60, every=0.2)
     return body
 
 

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from app.adapters.topics import end_offsets
 from app.local.deployments import free_port
 from app.settings import Settings, Topics
+from app.waiting import eventually
 
 
 def isolated(settings: Settings, partitions: int, run: str) -> Settings:
@@ -85,14 +86,15 @@ class ResultListener:
 
     def wait_for(self, command_ids: Sequence[str], timeout: float) -> float:
         """Seconds until all have a result (monotonic clock); raises on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            missing = sum(1 for c in command_ids if c not in self.arrived)
-            if not missing:
-                return max(self.arrived[c] for c in command_ids)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{missing} of {len(command_ids)} results missing")
-            time.sleep(0.05)
+        missing = eventually(
+            lambda: sum(1 for c in command_ids if c not in self.arrived),
+            lambda count: count == 0,
+            timeout=timeout,
+            every=0.05,
+        )
+        if missing:
+            raise TimeoutError(f"{missing} of {len(command_ids)} results missing")
+        return max(self.arrived[c] for c in command_ids)
 
     def close(self) -> None:
         self._stop.set()

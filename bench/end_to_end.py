@@ -42,9 +42,10 @@ from app.adapters.codec import Codec
 from app.adapters.saga_io import feed_group, inbox_topic
 from app.client import CommandClient
 from app.local import stack
-from app.local.process import ServiceError, tail
+from app.local.process import ServiceError, tail, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import AGGREGATES, Settings
+from app.waiting import eventually
 from app.writeside import command_group
 from bench.harness import (
     CommandEncoder,
@@ -64,7 +65,6 @@ from bench.harness import (
     postgres_background,
     process_tree,
     produce,
-    wait_until,
 )
 
 
@@ -152,14 +152,13 @@ class ResultListener:
 
 def _wait_all(ids: Sequence[str], found: Callable[[str], bool], timeout: float) -> None:
     missing = list(ids)
-    deadline = time.monotonic() + timeout
-    while missing:
-        missing = [c for c in missing if not found(c)]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(missing)} of {len(ids)} commands not done")
-        time.sleep(0.05)
+
+    def left() -> list[str]:
+        missing[:] = [c for c in missing if not found(c)]
+        return missing
+
+    if eventually(left, lambda m: not m, timeout=timeout, every=0.05):
+        raise TimeoutError(f"{len(missing)} of {len(ids)} commands not done")
 
 
 # -- the systems under test --------------------------------------------------------------
@@ -204,10 +203,11 @@ class StreamfoldSystem:
                 offset = result.offset or 0
                 needed[result.partition] = max(needed.get(result.partition, 0), offset)
         watcher = self.watcher
-        wait_until(
+        wait_for(
             lambda: all(watcher.current(p) > o for p, o in needed.items()),
             timeout,
             "the orders projection",
+            every=0.02,
         )
 
     def settle(self, timeout: float) -> float:
@@ -235,7 +235,7 @@ class StreamfoldSystem:
                 == 0
             )
 
-        wait_until(idle, timeout, "the worker's projections to catch up")
+        wait_for(idle, timeout, "the worker's projections to catch up", every=0.02)
         return round(time.monotonic() - began, 2)
 
     def visible_at(self, sent: Sent, command_id: str) -> float | None:
@@ -335,7 +335,7 @@ class RawSystem:
                 raise ServiceError(f"the raw pipeline exited:\n{tail(self.log)}")
             return self.ready.exists()
 
-        wait_until(ready, 60, "the raw pipeline's partition assignment")
+        wait_for(ready, 60, "the raw pipeline's partition assignment", every=0.02)
         self.watcher = PositionWatcher(
             self.settings.database_url,
             "SELECT partition, next_offset FROM bench_raw_positions",
@@ -349,10 +349,11 @@ class RawSystem:
         for partition, offset in sent.position.values():
             needed[partition] = max(needed.get(partition, 0), offset)
         watcher = self.watcher
-        wait_until(
+        wait_for(
             lambda: all(watcher.current(p) > o for p, o in needed.items()),
             timeout,
             "the raw pipeline's rows",
+            every=0.02,
         )
 
     def visible_at(self, sent: Sent, command_id: str) -> float | None:

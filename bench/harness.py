@@ -571,14 +571,6 @@ class PositionWatcher:
         self._conn.close()
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
-
-
 # -- CPU and memory from /proc -----------------------------------------------------------
 
 

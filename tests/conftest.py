@@ -23,6 +23,9 @@ from app.local.deployments import free_port, with_database
 from app.local.kafka import KafkaNode
 from app.settings import Settings, Topics
 
+# tests.support asserts for the tests (eventually_equal): rewritten as theirs are.
+pytest.register_assert_rewrite("tests.support")
+
 # Where the processes of one run (pytest-xdist's workers and their controller) note
 # which services a test process started, so the controller stops them at the end.
 RUN_DIR = "STREAMFOLD_TEST_RUN"

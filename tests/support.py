@@ -6,8 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +24,7 @@ from app.faust_app import worker_datadir
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.waiting import eventually
 from app.writeside import state_dir
 
 
@@ -54,12 +54,18 @@ def get_until(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:
 
     Views are eventually consistent: a test waits for the state it expects, then
     asserts on what the view returned."""
-    deadline = time.monotonic() + timeout
-    response = httpx.get(url, timeout=10)
-    while not until(response) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        response = httpx.get(url, timeout=10)
-    return response
+    return eventually(
+        lambda: httpx.get(url, timeout=10), until, timeout=timeout, every=0.2
+    )
+
+
+def eventually_equal(
+    actual: Callable[[], Any], expected: Any, timeout: float = 60.0
+) -> None:
+    """Waits until ``actual()`` equals ``expected``, then asserts that it does (so a
+    wait that fails shows the last value beside the expected one)."""
+    value = eventually(actual, lambda v: v == expected, timeout=timeout, every=0.3)
+    assert value == expected
 
 
 def create_order(order_id: str, customer: str) -> CreateOrder:

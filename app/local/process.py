@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from app.waiting import Backoff, eventually
+
 
 class ServiceError(RuntimeError):
     """A local service could not be installed, started or reached."""
@@ -34,15 +36,14 @@ def pid_alive(pid: int) -> bool:
     return status != "Z"
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
-    raise ServiceError(f"timed out after {timeout:.0f}s waiting for {what}")
+def wait_for(
+    check: Callable[[], bool], timeout: float, what: str, every: float | None = None
+) -> None:
+    """Returns once ``check()`` holds (polled every ``every`` seconds, by default
+    ever less often up to once a second); raises ``ServiceError`` after ``timeout``."""
+    pace = Backoff(0.1, 1.0, factor=1.5) if every is None else every
+    if not eventually(check, timeout=timeout, every=pace):
+        raise ServiceError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class Daemon:

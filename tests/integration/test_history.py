@@ -23,21 +23,22 @@ from app.domain.orders import DeliverOrder, ProcessPayment, ShipOrder
 from app.history import SNAPSHOT_EVERY, EventStore
 from app.importer import ImportRefused, import_events
 from app.settings import Settings
+from app.waiting import eventually
 from tests.support import get_until, read_topic, running_worker
 
 
 def _wait_indexed(settings: Settings, aggregate_id: str, version: int) -> None:
-    deadline = time.monotonic() + 60
     with psycopg.connect(settings.query_database_url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
+
+        def indexed() -> bool:
             row = conn.execute(
                 "SELECT max(stream_version) FROM event_log WHERE aggregate_id = %s",
                 (aggregate_id,),
             ).fetchone()
-            if row and row[0] is not None and row[0] >= version:
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"{aggregate_id} not indexed up to version {version}")
+            return bool(row and row[0] is not None and row[0] >= version)
+
+        if not eventually(indexed, timeout=60, every=0.2):
+            raise AssertionError(f"{aggregate_id} not indexed up to version {version}")
 
 
 def test_history_time_travel_and_snapshots(deployment: Settings) -> None:

@@ -7,8 +7,6 @@ rewind."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +19,7 @@ from app.projections.engine import COMMIT_MARK, ProjectionRunner, group_id
 from app.projections.ledger import LedgerProjection
 from app.projections.process import ProjectionProcess
 from app.settings import Settings
+from app.waiting import eventually
 from bench.harness import domain_events, encode_events
 from tests.support import codec_for
 
@@ -105,15 +104,6 @@ def caught_up(runner: ProjectionRunner, settings: Settings) -> None:
         )
 
 
-def eventually(check: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def query(settings: Settings, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         cur = conn.execute(sql, args)  # type: ignore[arg-type]
@@ -146,7 +136,7 @@ def test_a_runner_applies_only_where_postgres_still_holds_its_position(
             )
             return len(rows) == 3
 
-        assert eventually(analyzed)
+        assert eventually(analyzed, timeout=20, every=0.2)
 
         # Another runner of the projection (a rebalance handed it partition 0) has
         # applied the first three events the next wave puts there.
@@ -193,7 +183,9 @@ def test_a_process_whose_runner_stops_on_a_bug_exits_and_is_restarted(
     runners = ProjectionProcess(deployment, ("ledger",), schema="no_such_schema")
     runners.start()
     try:
-        assert eventually(lambda: runners.exits >= 2, timeout=90), runners.statuses
+        assert eventually(lambda: runners.exits >= 2, timeout=90, every=0.2), (
+            runners.statuses
+        )
         error = runners.statuses["ledger"].error or ""
         assert error.startswith("a projection process exited (code 1, last error: ")
         assert "stopped: UndefinedTable" in error
@@ -269,9 +261,9 @@ def test_runners_handing_partitions_over_under_load_apply_every_event_once(
         caught_up(first, deployment)
         # A second runner joins: the partitions are split between the two.
         second.start()
-        assert eventually(lambda: bool(second.status.positions), timeout=60)
+        assert eventually(lambda: bool(second.status.positions), timeout=60, every=0.2)
         produce(deployment, waves[1])
-        assert eventually(lambda: second.status.applied > 0, timeout=60)
+        assert eventually(lambda: second.status.applied > 0, timeout=60, every=0.2)
         # The first leaves with batches in hand; the second takes them all.
         produce(deployment, waves[2])
         first.stop()

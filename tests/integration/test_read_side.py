@@ -8,9 +8,7 @@ import dataclasses
 import os
 import random
 import signal
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +38,7 @@ from tests.readmodels import (
     expected_ledger,
     expected_orders,
 )
-from tests.support import read_topic, running_worker
-
-
-def eventually(actual: Callable[[], Any], expected: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    value = actual()
-    while value != expected and time.monotonic() < deadline:
-        time.sleep(0.3)
-        value = actual()
-    assert value == expected
+from tests.support import eventually_equal, read_topic, running_worker
 
 
 def _order(order_id: str, customer: str, price: int) -> CreateOrder:
@@ -157,8 +146,8 @@ def test_read_models_equal_the_fold_of_the_log(deployment: Settings) -> None:
     rng = random.Random(3)
     with running_worker(deployment), CommandClient(deployment) as client:
         mixed_workload(client, rng)
-        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment))
-        eventually(lambda: actual_orders(deployment), expected_orders(deployment))
+        eventually_equal(lambda: actual_ledger(deployment), expected_ledger(deployment))
+        eventually_equal(lambda: actual_orders(deployment), expected_orders(deployment))
     with psycopg.connect(deployment.query_database_url) as conn:
         stats = conn.execute(
             "SELECT sum(total_orders) FROM customer_statistics"
@@ -250,7 +239,7 @@ def test_lag_is_reported_in_status_and_metrics(deployment: Settings) -> None:
     base = f"http://{deployment.web_host}:{deployment.web_port}"
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id="acc-lag", owner_id="o", currency="USD"))
-        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment))
+        eventually_equal(lambda: actual_ledger(deployment), expected_ledger(deployment))
 
         def ledger() -> tuple[int, int]:
             status = httpx.get(f"{base}/status").json()
@@ -259,7 +248,7 @@ def test_lag_is_reported_in_status_and_metrics(deployment: Settings) -> None:
 
         # Lag is sampled: it reaches 0 once the projection has read past the
         # transaction's commit marker, a moment after it applied the event.
-        eventually(ledger, (1, 0))
+        eventually_equal(ledger, (1, 0))
         metrics = httpx.get(f"{base}/metrics").text
         assert 'streamfold_projection_lag_events{projection="ledger"} 0' in metrics
         assert 'streamfold_projection_events_total{projection="ledger"} 1' in metrics
@@ -279,7 +268,9 @@ def test_poison_events_are_dead_lettered_and_the_projection_goes_on(
     assert producer.flush(30) == 0
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id="acc-after", owner_id="o", currency="USD"))
-        eventually(lambda: "acc-after" in actual_ledger(deployment)["balances"], True)
+        eventually_equal(
+            lambda: "acc-after" in actual_ledger(deployment)["balances"], True
+        )
     dead = read_topic(deployment, dead_letter_topic(deployment, "ledger"))
     assert len(dead) == 1
     assert dead[0].value == b"\x00\x00\x00\x00\x07junk"
@@ -330,7 +321,7 @@ def test_postgres_restart_and_worker_kill_keep_read_models_exact(
                         worker.stop(kill=True)
                         worker.start(timeout=120)
                 client.wait(ids, timeout=180)
-            eventually(
+            eventually_equal(
                 lambda: actual_ledger(deployment), expected_ledger(deployment), 120
             )
         finally:
@@ -396,12 +387,12 @@ def test_projections_run_in_children_that_restart_and_die_with_the_worker(
             client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
             os.kill(first[0], signal.SIGKILL)
             # Named in the status until the new process reports, then cleared.
-            eventually(
+            eventually_equal(
                 lambda: any("projection process exited" in (e or "") for e in errors()),
                 True,
                 timeout=10,
             )
-            eventually(errors, {None})
+            eventually_equal(errors, {None})
             second = _projection_processes(pid, 2)
             assert first[0] not in second and first[1] in second
             deposit = client.send(
@@ -424,7 +415,7 @@ def test_projections_run_in_children_that_restart_and_die_with_the_worker(
 
             # The killed process's consumers hold their partitions until the
             # session times out; then the new one catches up and answers fresh.
-            eventually(balance, (700, False))
+            eventually_equal(balance, (700, False))
         worker.stop(kill=True)
         wait_for(
             lambda: not any(pid_alive(child) for child in second),

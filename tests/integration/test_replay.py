@@ -46,7 +46,7 @@ from tests.readmodels import (
     expected_orders,
     wait_caught_up,
 )
-from tests.support import read_topic, running_worker
+from tests.support import eventually_equal, read_topic, running_worker
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {
@@ -69,15 +69,6 @@ TABLES = {
 # the consumer's interleaving, not the log, so two folds can differ there. Compared on
 # its own and reported as a known failure until orders.py takes LEAST / GREATEST.
 CUSTOMER_TIMES = "(SELECT customer_id, first_order_at, updated_at FROM customers)"
-
-
-def eventually(actual: Callable[[], Any], expected: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    value = actual()
-    while value != expected and time.monotonic() < deadline:
-        time.sleep(0.3)
-        value = actual()
-    assert value == expected
 
 
 def checksums(settings: Settings) -> dict[str, str]:
@@ -236,8 +227,8 @@ def workload(client: CommandClient, rng: random.Random, tag: str) -> list[str]:
 
 def settled(settings: Settings) -> dict[str, str]:
     """Wait until the read models equal the fold of the log; return their checksums."""
-    eventually(lambda: actual_ledger(settings), expected_ledger(settings))
-    eventually(lambda: actual_orders(settings), expected_orders(settings))
+    eventually_equal(lambda: actual_ledger(settings), expected_ledger(settings))
+    eventually_equal(lambda: actual_orders(settings), expected_orders(settings))
     wait_caught_up(settings)
     return checksums(settings)
 
@@ -437,7 +428,7 @@ def blue_green_while_queries_answer(
         finished(other)
         assert n > 20, "the replay ended before writes could overlap it"
         assert all(r.accepted for r in client.wait(sent, timeout=60))
-        eventually(lambda: actual_ledger(deployment), expected_ledger(deployment))
+        eventually_equal(lambda: actual_ledger(deployment), expected_ledger(deployment))
         wait_caught_up(deployment)
         now = checksums(deployment)
         assert {t: now[t] for t in [*TABLES["orders"], "streams:orders"]} == {
@@ -451,7 +442,9 @@ def blue_green_while_queries_answer(
     # The replays' consumer groups are gone; only the live ones remain.
     assert not [g for g in groups(deployment) if ".replay-" in g]
     # The worker's ledger runner recommitted the live group at the new positions.
-    eventually(lambda: committed(deployment, "ledger"), positions(deployment, "ledger"))
+    eventually_equal(
+        lambda: committed(deployment, "ledger"), positions(deployment, "ledger")
+    )
     return checksums(deployment)
 
 
@@ -464,18 +457,20 @@ def in_place_and_kafka_tool_reset(
     producer.produce(deployment.topics.events("accounts"), b"\x00junk", key=b"x")
     assert producer.flush(30) == 0
     dlq = dead_letter_topic(deployment, "ledger")
-    eventually(lambda: len(read_topic(deployment, dlq)), 1)
+    eventually_equal(lambda: len(read_topic(deployment, dlq)), 1)
 
     # In place with the worker running: its runner finds the new epoch and folds
     # again from the start, rewinding the live group as it commits.
     replay(deployment, "ledger", "--in-place")
     assert checksums(deployment) == live
-    eventually(lambda: committed(deployment, "ledger"), positions(deployment, "ledger"))
+    eventually_equal(
+        lambda: committed(deployment, "ledger"), positions(deployment, "ledger")
+    )
 
     # A stopped worker leaves its groups at once, so Kafka lets tools reset them.
     worker.stop()
-    eventually(lambda: members(deployment, "orders"), 0, timeout=15)
-    eventually(lambda: members(deployment, "ledger"), 0, timeout=15)
+    eventually_equal(lambda: members(deployment, "orders"), 0, timeout=15)
+    eventually_equal(lambda: members(deployment, "ledger"), 0, timeout=15)
 
     # In place with no worker: the command folds the projection itself under the
     # live group and leaves the group's offsets at the new positions.
@@ -515,7 +510,7 @@ def in_place_and_kafka_tool_reset(
     assert checksums(deployment) != live
 
     worker.start(timeout=120)
-    eventually(lambda: checksums(deployment), live)
+    eventually_equal(lambda: checksums(deployment), live)
     status = {p["name"]: p for p in wait_caught_up(deployment)["projections"]}
     assert status["orders"]["rebuilt_at"] is not None
     assert status["orders"]["applied"] > 0
@@ -525,5 +520,7 @@ def in_place_and_kafka_tool_reset(
     assert status["ledger"]["applied"] == 0
     assert status["ledger"]["lag_events"] == 0
     assert epochs(deployment) == {"orders": 4, "ledger": 4}
-    eventually(lambda: committed(deployment, "orders"), positions(deployment, "orders"))
+    eventually_equal(
+        lambda: committed(deployment, "orders"), positions(deployment, "orders")
+    )
     assert [m.value for m in read_topic(deployment, dlq)] == [b"\x00junk"]

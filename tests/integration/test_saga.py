@@ -31,6 +31,7 @@ from app.history import EventStore
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.waiting import eventually
 from app.writeside import command_group
 from tests.support import codec_for, events_by_aggregate, read_topic, running_worker
 
@@ -40,14 +41,10 @@ def _id(prefix: str) -> str:
 
 
 def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
+    found = eventually(check, timeout=timeout, every=0.2)
+    if not found:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return found
 
 
 def _supervised(worker: Daemon, check: Callable[[], Any]) -> Callable[[], Any]:
