@@ -12,19 +12,22 @@ import httpx
 from app.application import saga
 from app.application.saga import Step
 from app.client import CommandClient, CommandResult
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.accounts import OpenAccount
 from app.domain.money import fmt
-from app.domain.orders import (
-    Address,
-    CreateOrder,
-    DeliverOrder,
-    LineItem,
-    ShipOrder,
-)
+from app.domain.orders import Address, DeliverOrder, LineItem, ShipOrder
 from app.local import stack
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
+from app.workload import deposit, new_order, withdrawal
+
+SHOP = Address(
+    street="12 St James's Square",
+    city="London",
+    state="",
+    zip_code="SW1Y 4JH",
+    country="UK",
+)
 
 
 def run(settings: Settings) -> int:
@@ -35,6 +38,7 @@ def run(settings: Settings) -> int:
     tag = uuid.uuid4().hex[:6]
     account, order, customer = f"acc-{tag}", f"ord-{tag}", f"cust-{tag}"
     print(f"\n── demo workload (ids end in {tag}) " + "─" * 40)
+    top_up = deposit(account, 10_000, f"dep-{tag}", reference="welcome top-up")
     with CommandClient(settings) as client:
         steps: list[tuple[str, Any, dict[str, Any]]] = [
             (
@@ -47,26 +51,13 @@ def run(settings: Settings) -> int:
                 ),
                 {},
             ),
-            (
-                f"deposit {fmt(10_000, 'USD')}",
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"dep-{tag}",
-                    amount_minor=10_000,
-                    currency="USD",
-                    source="card",
-                    reference="welcome top-up",
-                ),
-                {},
-            ),
+            (f"deposit {fmt(10_000, 'USD')}", top_up, {}),
             (
                 "create order",
-                CreateOrder(
-                    order_id=order,
-                    customer_id=customer,
-                    customer_name="Ada Lovelace",
-                    customer_email="ada@example.com",
-                    items=(
+                new_order(
+                    order,
+                    customer,
+                    (
                         LineItem(
                             product_id="notebook",
                             quantity=2,
@@ -75,14 +66,7 @@ def run(settings: Settings) -> int:
                         ),
                         LineItem(product_id="pen", quantity=3, unit_price_minor=199),
                     ),
-                    currency="USD",
-                    shipping_address=Address(
-                        street="12 St James's Square",
-                        city="London",
-                        state="",
-                        zip_code="SW1Y 4JH",
-                        country="UK",
-                    ),
+                    address=SHOP,
                     account_id=account,
                 ),
                 {},
@@ -101,52 +85,16 @@ def run(settings: Settings) -> int:
             ("deliver", DeliverOrder(order_id=order), {}),
             (
                 "overdraw (refused)",
-                Withdraw(
-                    account_id=account,
-                    transaction_id=f"big-{tag}",
-                    amount_minor=1_000_000,
-                    currency="USD",
-                    destination="yacht",
-                    reference="",
-                ),
+                withdrawal(account, 1_000_000, f"big-{tag}", destination="yacht"),
                 {},
             ),
             (
                 "stale version (refused)",
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"late-{tag}",
-                    amount_minor=1,
-                    currency="USD",
-                    source="cash",
-                    reference="",
-                ),
+                deposit(account, 1, f"late-{tag}", source="cash"),
                 {"expected_version": 1},
             ),
-            (
-                "deposit, chosen command id",
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"dep-{tag}",
-                    amount_minor=10_000,
-                    currency="USD",
-                    source="card",
-                    reference="welcome top-up",
-                ),
-                {"command_id": f"repeat-{tag}"},
-            ),
-            (
-                "same command id again",
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"dep-{tag}",
-                    amount_minor=10_000,
-                    currency="USD",
-                    source="card",
-                    reference="welcome top-up",
-                ),
-                {"command_id": f"repeat-{tag}"},
-            ),
+            ("deposit, chosen command id", top_up, {"command_id": f"repeat-{tag}"}),
+            ("same command id again", top_up, {"command_id": f"repeat-{tag}"}),
         ]
         last: dict[str, CommandResult] = {}
         for label, command, envelope in steps:

@@ -33,15 +33,13 @@ import httpx
 
 from app import audit
 from app.client import CommandClient, CommandTimeout
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.accounts import Deposit, OpenAccount
 from app.domain.orders import (
     AddItem,
-    Address,
     CancelOrder,
     CreateOrder,
     DeliverOrder,
     LineItem,
-    ProcessPayment,
     ShipOrder,
 )
 from app.local import deployments, postgres, stack
@@ -49,11 +47,9 @@ from app.local.kafka import KafkaNode
 from app.local.process import Daemon, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.workload import LONDON, deposit, new_order, payment, withdrawal
 
 FAULTS = ("worker", "broker", "postgres")
-ADDRESS = Address(
-    street="1 Analytical Way", city="London", state="", zip_code="N1", country="UK"
-)
 
 
 class Workload:
@@ -83,13 +79,9 @@ class Workload:
         if roll < 0.20:
             return self._deposit(account, self.rng.randint(100, 5_000))
         if roll < 0.35:
-            return Withdraw(
-                account_id=account,
-                transaction_id=f"w{self.n}",
-                amount_minor=self.rng.randint(100, 5_000),
-                currency="EUR",
-                destination="bank",
-                reference="soak",
+            amount = self.rng.randint(100, 5_000)
+            return withdrawal(
+                account, amount, f"w{self.n}", currency="EUR", reference="soak"
             )
         if roll < 0.55:  # charged by the payment saga
             order = f"ord-a{self.n}"
@@ -107,13 +99,14 @@ class Workload:
             return self._deposit(account, 100)
         order = self.rng.choice(orders[-200:])
         if roll < 0.75:
-            return ProcessPayment(
-                order_id=order,
-                payment_id=f"p{self.n}",
-                amount_minor=self.card_orders[order],
+            total = self.card_orders[order]
+            return payment(
+                order,
+                total,
+                f"p{self.n}",
+                f"card-{self.n}",
                 currency="EUR",
                 method="card",
-                transaction_id=f"card-{self.n}",
             )
         if roll < 0.83:
             return ShipOrder(
@@ -128,10 +121,10 @@ class Workload:
         return CancelOrder(order_id=order, reason="changed my mind")
 
     def _deposit(self, account: str, amount: int) -> Deposit:
-        return Deposit(
-            account_id=account,
-            transaction_id=f"d{self.n}-{account}",
-            amount_minor=amount,
+        return deposit(
+            account,
+            amount,
+            f"d{self.n}-{account}",
             currency="EUR",
             source="bank",
             reference="soak",
@@ -146,14 +139,12 @@ class Workload:
             )
             for k in range(self.rng.randint(1, 3))
         )
-        return CreateOrder(
-            order_id=order,
-            customer_id=f"c-{account or 'card'}",
-            customer_name="Ada Lovelace",
-            customer_email="ada@example.com",
-            items=items,
+        return new_order(
+            order,
+            f"c-{account or 'card'}",
+            items,
             currency="EUR",
-            shipping_address=ADDRESS,
+            address=LONDON,
             account_id=account,
         )
 

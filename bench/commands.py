@@ -48,7 +48,7 @@ from typing import Any
 from app.adapters import mapper, topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, ConfluentRegistry, headers
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.accounts import OpenAccount
 from app.faust_app import worker_datadir
 from app.local import stack
 from app.local.deployments import delete_topics, free_port
@@ -56,6 +56,7 @@ from app.local.process import Daemon, wait_for
 from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
+from app.workload import ledger_traffic
 from bench import quix_peer
 from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
@@ -147,31 +148,10 @@ def traffic(
     encode: Encoder, accounts: list[str], count: int, seed: int
 ) -> list[FramedRecord]:
     """Mostly deposits; a quarter withdrawals, some of which overdraw (rejected)."""
-    rng = random.Random(seed)
-    out = []
-    for n in range(count):
-        account = rng.choice(accounts)
-        amount = rng.randint(1, 400)
-        if rng.random() < 0.75:
-            command: Any = Deposit(
-                account_id=account,
-                transaction_id=f"t{seed}-{n}",
-                amount_minor=amount,
-                currency="USD",
-                source="bench",
-                reference="",
-            )
-        else:
-            command = Withdraw(
-                account_id=account,
-                transaction_id=f"t{seed}-{n}",
-                amount_minor=amount,
-                currency="USD",
-                destination="bench",
-                reference="",
-            )
-        out.append(encode(command))
-    return out
+    commands = ledger_traffic(
+        random.Random(seed), accounts, count, deposits=0.75, most=400, tag=f"{seed}-"
+    )
+    return [encode(command) for command in commands]
 
 
 # -- one system under test ----------------------------------------------------------------

@@ -37,10 +37,8 @@ from app.client import PARTITIONER
 from app.domain import accounts, orders
 from app.domain.orders import (
     Address,
-    CreateOrder,
     DeliverOrder,
     LineItem,
-    ProcessPayment,
     ShipOrder,
     line_total_minor,
 )
@@ -48,6 +46,7 @@ from app.faust_app import worker_datadir
 from app.local import postgres
 from app.local.deployments import delete_topics, free_port
 from app.settings import Settings, Topics
+from app.workload import deposit, new_order, payment
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RUN = uuid.uuid4().hex[:6]
@@ -232,14 +231,14 @@ def order_lifecycles(seed: int, count: int, *, first: int = 0) -> list[list[Any]
         customer = rng.randrange(customers)
         out.append(
             [
-                CreateOrder(
-                    order_id=order_id,
-                    customer_id=f"cust-{seed}-{customer}",
-                    customer_name=f"Customer {customer}",
-                    customer_email=f"customer{customer}@example.com",
-                    items=items,
+                new_order(
+                    order_id,
+                    f"cust-{seed}-{customer}",
+                    items,
                     currency="EUR",
-                    shipping_address=Address(
+                    name=f"Customer {customer}",
+                    email=f"customer{customer}@example.com",
+                    address=Address(
                         street=f"{rng.randint(1, 200)} High Street",
                         city="Leeds",
                         state="",
@@ -247,13 +246,12 @@ def order_lifecycles(seed: int, count: int, *, first: int = 0) -> list[list[Any]
                         country="UK",
                     ),
                 ),
-                ProcessPayment(
-                    order_id=order_id,
-                    payment_id=f"pay-{seed}-{n}",
-                    amount_minor=sum(line_total_minor(i) for i in items),
+                payment(
+                    order_id,
+                    sum(line_total_minor(i) for i in items),
+                    f"pay-{seed}-{n}",
+                    f"txn-{seed}-{n}",
                     currency="EUR",
-                    method="credit_card",
-                    transaction_id=f"txn-{seed}-{n}",
                 ),
                 ShipOrder(
                     order_id=order_id,
@@ -272,10 +270,10 @@ def deposits(seed: int, account_id: str, count: int) -> list[Any]:
     return [
         accounts.OpenAccount(account_id=account_id, owner_id="owner", currency="EUR"),
         *(
-            accounts.Deposit(
-                account_id=account_id,
-                transaction_id=f"dep-{n}",
-                amount_minor=rng.randint(1, 50_000),
+            deposit(
+                account_id,
+                rng.randint(1, 50_000),
+                f"dep-{n}",
                 currency="EUR",
                 source=rng.choice(("card", "cash", "transfer")),
                 reference=f"ref {n}",

@@ -37,12 +37,13 @@ from app.adapters import topics
 from app.adapters.eventlog import partition_for
 from app.audit import read_topic
 from app.domain import accounts as accounts_domain
-from app.domain.accounts import Deposit, OpenAccount
+from app.domain.accounts import OpenAccount
 from app.faust_app import worker_datadir
 from app.local import stack
 from app.local.deployments import delete_topics
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.workload import deposit
 from bench.commands import Encoder, Outcomes, opening, traffic
 from bench.common import ResultListener, isolated, run_id
 from bench.harness import (
@@ -230,16 +231,7 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
 
 
 def _deposit(encode: Encoder, account: str) -> Any:
-    return encode(
-        Deposit(
-            account_id=account,
-            transaction_id=f"warm-{account}",
-            amount_minor=100,
-            currency="USD",
-            source="bench",
-            reference="",
-        )
-    )
+    return encode(deposit(account, 100, f"warm-{account}", source="bench"))
 
 
 def _pid(worker: Any) -> int:

@@ -25,6 +25,7 @@ from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
+from app.workload import new_order
 from app.writeside import state_dir
 
 
@@ -70,14 +71,13 @@ def eventually_equal(
 
 def create_order(order_id: str, customer: str) -> CreateOrder:
     """A one-item order in USD (42.00), for tests that need an order to exist."""
-    return CreateOrder(
-        order_id=order_id,
-        customer_id=customer,
-        customer_name="Grace Hopper",
-        customer_email="grace@example.com",
-        items=(LineItem(product_id="cobol", quantity=1, unit_price_minor=4200),),
-        currency="USD",
-        shipping_address=Address(
+    return new_order(
+        order_id,
+        customer,
+        (LineItem(product_id="cobol", quantity=1, unit_price_minor=4200),),
+        name="Grace Hopper",
+        email="grace@example.com",
+        address=Address(
             street="1 Navy Way",
             city="Arlington",
             state="VA",

@@ -18,12 +18,13 @@ import psycopg
 import pytest
 
 from app.client import CommandClient
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
-from app.domain.orders import DeliverOrder, ProcessPayment, ShipOrder
+from app.domain.accounts import OpenAccount
+from app.domain.orders import DeliverOrder, ShipOrder
 from app.history import SNAPSHOT_EVERY, EventStore
 from app.importer import ImportRefused, import_events
 from app.settings import Settings
 from app.waiting import eventually
+from app.workload import deposit, payment, withdrawal
 from tests.support import get_until, read_topic, running_worker
 
 
@@ -51,31 +52,13 @@ def test_history_time_travel_and_snapshots(deployment: Settings) -> None:
             correlation_id=f"flow-{account}",
         )
         ids = [
-            client.submit(
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"t{n}",
-                    amount_minor=n + 1,
-                    currency="EUR",
-                    source="s",
-                    reference="",
-                )
-            )
+            client.submit(deposit(account, n + 1, f"t{n}", currency="EUR", source="s"))
             for n in range(deposits)
         ]
         client.wait(ids, timeout=120)
         middle = datetime.now(UTC)
         time.sleep(0.05)
-        last = client.send(
-            Withdraw(
-                account_id=account,
-                transaction_id="w",
-                amount_minor=5,
-                currency="EUR",
-                destination="d",
-                reference="",
-            )
-        )
+        last = client.send(withdrawal(account, 5, "w", currency="EUR", destination="d"))
         final_version = deposits + 2
         assert last.version == final_version
         _wait_indexed(deployment, account, final_version)
@@ -213,16 +196,7 @@ def test_imported_events_of_old_schemas_are_read_as_the_newest(
         assert "imported 0 events (2 already" in _import(deployment, lines, tmp_path)
         for order_id in old.values():
             # The write side folds the upcast event: the total and currency hold.
-            paid = client.send(
-                ProcessPayment(
-                    order_id=order_id,
-                    payment_id="p",
-                    amount_minor=3000,
-                    currency="USD",
-                    method="paypal",
-                    transaction_id="t",
-                )
-            )
+            paid = client.send(payment(order_id, 3000, "p", "t", method="paypal"))
             assert paid.accepted, paid
             assert paid.version == 2
             shipped = client.send(

@@ -19,8 +19,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from app.adapters.catalog import SchemaCatalog
 from app.client import CommandClient
 from app.domain import accounts, orders
-from app.domain.accounts import Deposit
 from app.settings import Settings
+from app.workload import deposit
 from tests.support import results_by_command, running_worker
 
 
@@ -58,16 +58,7 @@ def test_a_plain_avro_serializer_command_is_accepted_and_events_deserialize(
     assert producer.flush(30) == 0
 
     with running_worker(deployment), CommandClient(deployment) as client:
-        follow_up = client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t",
-                amount_minor=9,
-                currency="EUR",
-                source="s",
-                reference="",
-            )
-        )
+        follow_up = client.send(deposit(account, 9, "t", currency="EUR", source="s"))
     assert follow_up.accepted and follow_up.version == 2
     [result] = results_by_command(deployment)[command_id]
     assert (result["status"], result["version"]) == ("ACCEPTED", 1)

@@ -20,6 +20,7 @@ from app.projections.ledger import LedgerProjection
 from app.projections.process import ProjectionProcess
 from app.settings import Settings
 from app.waiting import eventually
+from app.workload import deposit
 from bench.harness import domain_events, encode_events
 from tests.support import codec_for
 
@@ -34,14 +35,7 @@ def partition_of(account: str) -> int:
 def deposits(first: int, count: int) -> list[Deposit]:
     """``count`` deposits on every account, interleaved across the accounts."""
     return [
-        Deposit(
-            account_id=account,
-            transaction_id=f"t-{n}",
-            amount_minor=1 + n,
-            currency="USD",
-            source="card",
-            reference="",
-        )
+        deposit(account, 1 + n, f"t-{n}")
         for n in range(first, first + count)
         for account in ACCOUNTS
     ]

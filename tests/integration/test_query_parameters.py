@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.client import CommandClient
-from app.domain.accounts import Deposit, OpenAccount
+from app.domain.accounts import OpenAccount
 from app.local import deployments
 from app.settings import Settings
+from app.workload import deposit
 from tests.invariants import serving_worker
 from tests.support import create_order, get_until
 
@@ -57,16 +58,7 @@ def base(registry_settings: Settings) -> Iterator[str]:
             client.send(
                 OpenAccount(account_id=ACCOUNT, owner_id=CUSTOMER, currency="USD")
             )
-            client.send(
-                Deposit(
-                    account_id=ACCOUNT,
-                    transaction_id="t-1",
-                    amount_minor=4200,
-                    currency="USD",
-                    source="card",
-                    reference="",
-                )
-            )
+            client.send(deposit(ACCOUNT, 4200, "t-1"))
             client.send(create_order(ORDER, CUSTOMER))
             for path in (
                 f"/query/orders/{ORDER}",

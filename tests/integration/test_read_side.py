@@ -17,20 +17,19 @@ import psycopg
 from confluent_kafka import Producer
 
 from app.client import CommandClient
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.accounts import OpenAccount
 from app.domain.orders import (
-    Address,
     CancelOrder,
     CreateOrder,
     DeliverOrder,
     LineItem,
-    ProcessPayment,
     ShipOrder,
 )
 from app.local import deployments, postgres
 from app.local.process import pid_alive, wait_for
 from app.projections.process import PROJECTIONS_NAME
 from app.settings import Settings
+from app.workload import deposit, ledger_traffic, new_order, payment
 from bench.harness import process_tree
 from tests.readmodels import (
     actual_ledger,
@@ -42,25 +41,16 @@ from tests.support import eventually_equal, read_topic, running_worker
 
 
 def _order(order_id: str, customer: str, price: int) -> CreateOrder:
-    return CreateOrder(
-        order_id=order_id,
-        customer_id=customer,
-        customer_name=f"Customer {customer}",
-        customer_email=f"{customer}@example.com",
-        items=(
-            LineItem(product_id="p-1", quantity=1, unit_price_minor=price),
-            LineItem(
-                product_id="p-2", quantity=3, unit_price_minor=250, tax_rate_bps=1000
-            ),
-        ),
-        currency="USD",
-        shipping_address=Address(
-            street="1 Main St",
-            city="Springfield",
-            state="IL",
-            zip_code="62701",
-            country="US",
-        ),
+    items = (
+        LineItem(product_id="p-1", quantity=1, unit_price_minor=price),
+        LineItem(product_id="p-2", quantity=3, unit_price_minor=250, tax_rate_bps=1000),
+    )
+    return new_order(
+        order_id,
+        customer,
+        items,
+        name=f"Customer {customer}",
+        email=f"{customer}@example.com",
     )
 
 
@@ -78,35 +68,8 @@ def mixed_workload(
                 OpenAccount(account_id=account, owner_id=f"o{n}", currency="USD")
             )
         )
-    for n in range(accounts * 8):
-        account = rng.choice(ids)
-        amount = rng.randint(1, 900)
-        if rng.random() < 0.6:
-            sent.append(
-                client.submit(
-                    Deposit(
-                        account_id=account,
-                        transaction_id=f"d{n}",
-                        amount_minor=amount,
-                        currency="USD",
-                        source="card",
-                        reference=f"ref-{n}",
-                    )
-                )
-            )
-        else:
-            sent.append(
-                client.submit(
-                    Withdraw(
-                        account_id=account,
-                        transaction_id=f"w{n}",
-                        amount_minor=amount,
-                        currency="USD",
-                        destination="bank",
-                        reference="",
-                    )
-                )
-            )
+    for command in ledger_traffic(rng, ids, accounts * 8, deposits=0.6, most=900):
+        sent.append(client.submit(command))
     for n in range(orders):
         order = f"ord-{n}-{uuid.uuid4().hex[:4]}"
         price = rng.randint(100, 5000)
@@ -115,18 +78,7 @@ def mixed_workload(
         total = 1 * price + 750 + 75
         steps = rng.choice(["created", "paid", "shipped", "delivered", "cancelled"])
         if steps in ("paid", "shipped", "delivered", "cancelled"):
-            sent.append(
-                client.submit(
-                    ProcessPayment(
-                        order_id=order,
-                        payment_id=f"pay-{n}",
-                        amount_minor=total,
-                        currency="USD",
-                        method="credit_card",
-                        transaction_id=f"tx-{n}",
-                    )
-                )
-            )
+            sent.append(client.submit(payment(order, total, f"pay-{n}", f"tx-{n}")))
         if steps in ("shipped", "delivered"):
             sent.append(
                 client.submit(
@@ -161,20 +113,13 @@ def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
     order = f"ord-{uuid.uuid4().hex[:6]}"
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
-        deposit = client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t1",
-                amount_minor=1234,
-                currency="USD",
-                source="card",
-                reference="<script>alert(1)</script>",
-            )
+        deposited = client.send(
+            deposit(account, 1234, "t1", reference="<script>alert(1)</script>")
         )
         created = client.send(_order(order, "cust-rw", 1000))
         balance = httpx.get(
             f"{base}/query/accounts/{account}",
-            params={"after": f"{deposit.partition}:{deposit.offset}"},
+            params={"after": f"{deposited.partition}:{deposited.offset}"},
         ).json()
         assert balance["balance_minor"] == 1234
         assert balance["stale"] is False
@@ -207,7 +152,7 @@ def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
         # A position the projection cannot reach in time is answered, marked stale.
         stale = httpx.get(
             f"{base}/query/accounts/{account}",
-            params={"after": f"{deposit.partition}:{deposit.offset + 10_000}"},
+            params={"after": f"{deposited.partition}:{deposited.offset + 10_000}"},
         )
         assert stale.status_code == 200
         assert stale.json()["stale"] is True
@@ -304,13 +249,11 @@ def test_postgres_restart_and_worker_kill_keep_read_models_exact(
                 for n in range(600):
                     ids.append(
                         client.submit(
-                            Deposit(
-                                account_id=f"pg-{rng.randrange(20)}",
-                                transaction_id=f"t{n}",
-                                amount_minor=rng.randint(1, 100),
-                                currency="USD",
+                            deposit(
+                                f"pg-{rng.randrange(20)}",
+                                rng.randint(1, 100),
+                                f"t{n}",
                                 source="s",
-                                reference="",
                             )
                         )
                     )
@@ -395,21 +338,12 @@ def test_projections_run_in_children_that_restart_and_die_with_the_worker(
             eventually_equal(errors, {None})
             second = _projection_processes(pid, 2)
             assert first[0] not in second and first[1] in second
-            deposit = client.send(
-                Deposit(
-                    account_id=account,
-                    transaction_id="t1",
-                    amount_minor=700,
-                    currency="USD",
-                    source="card",
-                    reference="",
-                )
-            )
+            deposited = client.send(deposit(account, 700, "t1"))
 
             def balance() -> Any:
                 body = httpx.get(
                     f"{base}/query/accounts/{account}",
-                    params={"after": f"{deposit.partition}:{deposit.offset}"},
+                    params={"after": f"{deposited.partition}:{deposited.offset}"},
                 ).json()
                 return (body.get("balance_minor"), body.get("stale"))
 

@@ -23,21 +23,19 @@ from confluent_kafka import ConsumerGroupTopicPartitions, Producer
 from confluent_kafka.admin import AdminClient
 
 from app.client import CommandClient
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.accounts import OpenAccount
 from app.domain.orders import (
     AddItem,
-    Address,
     CancelOrder,
-    CreateOrder,
     DeliverOrder,
     LineItem,
-    ProcessPayment,
     RemoveItem,
     ShipOrder,
 )
 from app.local.process import Daemon
 from app.projections.engine import dead_letter_topic, group_id
 from app.settings import Settings
+from app.workload import deposit, ledger_traffic, new_order, payment
 from tests.readmodels import (
     actual_ledger,
     actual_orders,
@@ -143,48 +141,21 @@ def workload(client: CommandClient, rng: random.Random, tag: str) -> list[str]:
         client.submit(OpenAccount(account_id=a, owner_id=f"o-{a}", currency="USD"))
         for a in accounts
     ]
-    for n in range(80):
-        account, amount = rng.choice(accounts), rng.randint(1, 900)
-        if rng.random() < 0.65:
-            command: Any = Deposit(
-                account_id=account,
-                transaction_id=f"d{n}",
-                amount_minor=amount,
-                currency="USD",
-                source="card",
-                reference=f"ref-{n}",
-            )
-        else:
-            command = Withdraw(
-                account_id=account,
-                transaction_id=f"w{n}",
-                amount_minor=amount,
-                currency="USD",
-                destination="bank",
-                reference="",
-            )
+    for command in ledger_traffic(rng, accounts, 80, deposits=0.65, most=900):
         sent.append(client.submit(command))
     for n in range(20):
         order = f"ord-{tag}-{n}"
         price = rng.randint(100, 5000)
         steps: list[Any] = [
-            CreateOrder(
-                order_id=order,
-                customer_id=f"cust-{tag}-{n % 4}",
-                customer_name=f"Customer {n % 4}",
-                customer_email=f"c{n % 4}@example.com",
-                items=(
+            new_order(
+                order,
+                f"cust-{tag}-{n % 4}",
+                (
                     LineItem(product_id="p-1", quantity=1, unit_price_minor=price),
                     LineItem(product_id="p-2", quantity=2, unit_price_minor=100),
                 ),
-                currency="USD",
-                shipping_address=Address(
-                    street="1 Main St",
-                    city="Springfield",
-                    state="IL",
-                    zip_code="62701",
-                    country="US",
-                ),
+                name=f"Customer {n % 4}",
+                email=f"c{n % 4}@example.com",
             )
         ]
         total = price + 200
@@ -201,16 +172,7 @@ def workload(client: CommandClient, rng: random.Random, tag: str) -> list[str]:
             total -= 200
         fate = rng.choice(["open", "paid", "shipped", "delivered", "cancelled"])
         if fate != "open":
-            steps.append(
-                ProcessPayment(
-                    order_id=order,
-                    payment_id=f"pay-{n}",
-                    amount_minor=total,
-                    currency="USD",
-                    method="credit_card",
-                    transaction_id=f"tx-{n}",
-                )
-            )
+            steps.append(payment(order, total, f"pay-{n}", f"tx-{n}"))
         if fate in ("shipped", "delivered"):
             steps.append(
                 ShipOrder(order_id=order, tracking_number=f"T{n}", carrier="UPS")
@@ -411,18 +373,7 @@ def blue_green_while_queries_answer(
         sent, n = [], 0
         while running.poll() is None:
             n += 1
-            sent.append(
-                client.submit(
-                    Deposit(
-                        account_id=busy[n % 3],
-                        transaction_id=f"during-{n}",
-                        amount_minor=n,
-                        currency="USD",
-                        source="card",
-                        reference="",
-                    )
-                )
-            )
+            sent.append(client.submit(deposit(busy[n % 3], n, f"during-{n}")))
             time.sleep(0.01)
         finished(running)
         finished(other)

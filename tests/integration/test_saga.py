@@ -25,13 +25,14 @@ from app.adapters.saga_io import feed_group, inbox_topic
 from app.application import saga
 from app.application.saga import Step
 from app.client import CommandClient
-from app.domain.accounts import CloseAccount, Deposit, OpenAccount
-from app.domain.orders import Address, CreateOrder, LineItem
+from app.domain.accounts import CloseAccount, OpenAccount
+from app.domain.orders import CreateOrder, LineItem
 from app.history import EventStore
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
+from app.workload import LONDON, deposit, new_order
 from app.writeside import command_group
 from tests.support import codec_for, events_by_aggregate, read_topic, running_worker
 
@@ -63,20 +64,12 @@ def _supervised(worker: Daemon, check: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _order(order_id: str, account_id: str | None, price: int) -> CreateOrder:
-    return CreateOrder(
-        order_id=order_id,
-        customer_id="c-1",
-        customer_name="Ada Lovelace",
-        customer_email="ada@example.com",
-        items=(LineItem(product_id="engine", quantity=1, unit_price_minor=price),),
+    return new_order(
+        order_id,
+        "c-1",
+        (LineItem(product_id="engine", quantity=1, unit_price_minor=price),),
         currency="EUR",
-        shipping_address=Address(
-            street="1 Analytical Way",
-            city="London",
-            state="",
-            zip_code="N1",
-            country="UK",
-        ),
+        address=LONDON,
         account_id=account_id,
     )
 
@@ -89,10 +82,10 @@ def _open(
     ).accepted
     if funds:
         assert client.send(
-            Deposit(
-                account_id=account,
-                transaction_id=f"funding-{account}",
-                amount_minor=funds,
+            deposit(
+                account,
+                funds,
+                f"funding-{account}",
                 currency=currency,
                 source="bank",
                 reference="funding",

@@ -13,24 +13,18 @@ from confluent_kafka import Producer
 from app.adapters.eventlog import partition_for
 from app.client import CommandClient
 from app.domain import orders
-from app.domain.accounts import Deposit, OpenAccount
+from app.domain.accounts import OpenAccount
 from app.domain.orders import CancelOrder, ProcessPayment, ShipOrder
 from app.local.deployments import free_port
 from app.settings import Settings
+from app.workload import deposit, payment
 from bench.harness import FramedRecord, domain_events, encode_events
 from tests.invariants import serving_worker
 from tests.support import codec_for, create_order, get_until, running_worker
 
 
 def _payment(order_id: str) -> ProcessPayment:
-    return ProcessPayment(
-        order_id=order_id,
-        payment_id="p1",
-        amount_minor=4200,
-        currency="USD",
-        method="paypal",
-        transaction_id="t1",
-    )
+    return payment(order_id, 4200, "p1", "t1", method="paypal")
 
 
 def test_table_views_follow_the_events(deployment: Settings) -> None:
@@ -39,28 +33,10 @@ def test_table_views_follow_the_events(deployment: Settings) -> None:
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(create_order(order, customer))
         client.send(create_order(f"{order}-2", customer))
-        client.send(
-            ProcessPayment(
-                order_id=order,
-                payment_id="p1",
-                amount_minor=4200,
-                currency="USD",
-                method="paypal",
-                transaction_id="t1",
-            )
-        )
+        client.send(_payment(order))
         client.send(ShipOrder(order_id=order, tracking_number="1Z999", carrier="UPS"))
         client.send(OpenAccount(account_id=account, owner_id="o", currency="USD"))
-        client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t",
-                amount_minor=77,
-                currency="USD",
-                source="s",
-                reference="",
-            )
-        )
+        client.send(deposit(account, 77, "t", source="s"))
         shipped = get_until(
             f"{base}/orders/{order}",
             lambda r: r.status_code == 200 and r.json()["status"] == "SHIPPED",
@@ -140,27 +116,13 @@ def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
         assert all(r.accepted for r in client.wait(opened + created))
         deposits = [
             client.submit(
-                Deposit(
-                    account_id=accounts[n % len(accounts)],
-                    transaction_id=f"t{n}",
-                    amount_minor=n + 1,
-                    currency="USD",
-                    source="s",
-                    reference="",
-                )
+                deposit(accounts[n % len(accounts)], n + 1, f"t{n}", source="s")
             )
             for n in range(240)
         ]
         payments = [
             client.submit(
-                ProcessPayment(
-                    order_id=order,
-                    payment_id=f"p-{order}",
-                    amount_minor=4200,
-                    currency="USD",
-                    method="paypal",
-                    transaction_id=f"t-{order}",
-                )
+                payment(order, 4200, f"p-{order}", f"t-{order}", method="paypal")
             )
             for order in orders
         ]

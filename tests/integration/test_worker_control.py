@@ -6,11 +6,12 @@ from __future__ import annotations
 import psycopg
 
 from app.client import CommandClient
-from app.domain.accounts import Deposit, OpenAccount
+from app.domain.accounts import OpenAccount
 from app.local import stack
 from app.local.process import http_ok, pid_alive
 from app.local.worker import WorkerProcess
 from app.settings import Settings
+from app.workload import deposit
 from tests.support import run_cli
 
 
@@ -45,16 +46,7 @@ def test_the_worker_stops_and_restarts_alone(deployment: Settings) -> None:
         assert not pid_alive(first)
         _services_up(deployment)
         with CommandClient(deployment) as client:
-            deposited = client.send(
-                Deposit(
-                    account_id="acc-ctl",
-                    transaction_id="t-1",
-                    amount_minor=29,
-                    currency="USD",
-                    source="cash",
-                    reference="",
-                )
-            )
+            deposited = client.send(deposit("acc-ctl", 29, "t-1", source="cash"))
         assert deposited.accepted and deposited.version == 2, deposited
 
         stopped = run_cli(deployment, "worker", "stop")

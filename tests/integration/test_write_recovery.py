@@ -20,9 +20,10 @@ import pytest
 
 from app.adapters import topics
 from app.client import CommandClient, CommandResult
-from app.domain.accounts import Deposit, OpenAccount, Withdraw
+from app.domain.accounts import OpenAccount, Withdraw
 from app.domain.money import fmt
 from app.settings import Settings
+from app.workload import deposit, withdrawal
 from tests.invariants import (
     assert_balances_fold,
     assert_write_side_promises,
@@ -46,16 +47,7 @@ def _history(client: CommandClient) -> dict[str, list[tuple[str, object]]]:
         for k in range(COMMANDS_EACH - 1):
             amount = rng.randint(1, 300)
             if rng.random() < 0.7:
-                commands.append(
-                    Deposit(
-                        account_id=account,
-                        transaction_id=f"d{k}",
-                        amount_minor=amount,
-                        currency="USD",
-                        source="s",
-                        reference="",
-                    )
-                )
+                commands.append(deposit(account, amount, f"d{k}", source="s"))
             else:
                 commands.append(_withdraw(account, amount, f"w{k}"))
         sent[account] = [
@@ -66,14 +58,7 @@ def _history(client: CommandClient) -> dict[str, list[tuple[str, object]]]:
 
 
 def _withdraw(account: str, amount: int, reference: str) -> Withdraw:
-    return Withdraw(
-        account_id=account,
-        transaction_id=reference,
-        amount_minor=amount,
-        currency="USD",
-        destination="d",
-        reference=reference,
-    )
+    return withdrawal(account, amount, reference, destination="d", reference=reference)
 
 
 LOSSES = ("local store", "nothing", "local store and snapshots")
@@ -180,14 +165,7 @@ def _after_loss(
                 expected_version=versions[account],
             )
             deposited[account] = client.submit(
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"after-{n}",
-                    amount_minor=11,
-                    currency="USD",
-                    source="s",
-                    reference="",
-                ),
+                deposit(account, 11, f"after-{n}", source="s"),
                 expected_version=versions[account] + 1,
             )
         ids = [

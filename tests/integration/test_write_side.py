@@ -10,10 +10,11 @@ from confluent_kafka import Producer
 
 from app.adapters.eventlog import partition_for
 from app.client import PARTITIONER, CommandClient
-from app.domain.accounts import CloseAccount, Deposit, OpenAccount, Withdraw
-from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
+from app.domain.accounts import CloseAccount, Deposit, OpenAccount
+from app.domain.orders import CreateOrder, LineItem
 from app.runtime import REROUTED_HEADER
 from app.settings import Settings
+from app.workload import LONDON, deposit, new_order, payment, withdrawal
 from tests.support import (
     events_by_aggregate,
     read_topic,
@@ -27,26 +28,13 @@ def _id(prefix: str) -> str:
 
 
 def _order(order_id: str) -> CreateOrder:
-    return CreateOrder(
-        order_id=order_id,
-        customer_id="c-1",
-        customer_name="Ada Lovelace",
-        customer_email="ada@example.com",
-        items=(
-            LineItem(
-                product_id="p-1", quantity=2, unit_price_minor=1250, tax_rate_bps=2000
-            ),
-            LineItem(product_id="p-2", quantity=1, unit_price_minor=999),
+    items = (
+        LineItem(
+            product_id="p-1", quantity=2, unit_price_minor=1250, tax_rate_bps=2000
         ),
-        currency="EUR",
-        shipping_address=Address(
-            street="1 Analytical Way",
-            city="London",
-            state="",
-            zip_code="N1",
-            country="UK",
-        ),
+        LineItem(product_id="p-2", quantity=1, unit_price_minor=999),
     )
+    return new_order(order_id, "c-1", items, currency="EUR", address=LONDON)
 
 
 def test_accepted_and_rejected_commands_get_one_result_each(
@@ -58,24 +46,10 @@ def test_accepted_and_rejected_commands_get_one_result_each(
             OpenAccount(account_id=account, owner_id="c-1", currency="EUR")
         )
         deposited = client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t-1",
-                amount_minor=5000,
-                currency="EUR",
-                source="card",
-                reference="top-up",
-            )
+            deposit(account, 5000, "t-1", currency="EUR", reference="top-up")
         )
         refused = client.send(
-            Withdraw(
-                account_id=account,
-                transaction_id="t-2",
-                amount_minor=9000,
-                currency="EUR",
-                destination="bank",
-                reference="rent",
-            )
+            withdrawal(account, 9000, "t-2", currency="EUR", reference="rent")
         )
         order = client.send(_order(_id("ord")))
     assert opened.accepted and opened.version == 1
@@ -105,25 +79,11 @@ def test_stale_expected_version_is_rejected_and_writes_nothing(
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
         stale = client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t-1",
-                amount_minor=100,
-                currency="USD",
-                source="cash",
-                reference="",
-            ),
+            deposit(account, 100, "t-1", source="cash"),
             expected_version=0,
         )
         fresh = client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t-2",
-                amount_minor=100,
-                currency="USD",
-                source="cash",
-                reference="",
-            ),
+            deposit(account, 100, "t-2", source="cash"),
             expected_version=1,
         )
     assert not stale.accepted
@@ -146,14 +106,7 @@ def test_racing_clients_with_one_expected_version_one_wins(
         def race(n: int) -> None:
             with CommandClient(deployment) as racer:
                 result = racer.send(
-                    Deposit(
-                        account_id=account,
-                        transaction_id=f"t-{n}",
-                        amount_minor=10,
-                        currency="USD",
-                        source="cash",
-                        reference="",
-                    ),
+                    deposit(account, 10, f"t-{n}", source="cash"),
                     expected_version=1,
                 )
                 outcomes.append(result.accepted)
@@ -171,20 +124,13 @@ def test_a_repeated_command_id_gets_the_same_result_across_restarts(
     deployment: Settings,
 ) -> None:
     account = _id("acc")
-    deposit = Deposit(
-        account_id=account,
-        transaction_id="t-1",
-        amount_minor=700,
-        currency="USD",
-        source="cash",
-        reference="",
-    )
+    cash = deposit(account, 700, "t-1", source="cash")
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
-        first = client.send(deposit, command_id="dep-once")
-        again = client.send(deposit, command_id="dep-once")
+        first = client.send(cash, command_id="dep-once")
+        again = client.send(cash, command_id="dep-once")
     with running_worker(deployment), CommandClient(deployment) as client:
-        after_restart = client.send(deposit, command_id="dep-once")
+        after_restart = client.send(cash, command_id="dep-once")
         closed = client.send(CloseAccount(account_id=account, reason="done"))
     assert first.accepted and first.version == 2
     assert (again.version, again.event_ids) == (first.version, first.event_ids)
@@ -229,37 +175,14 @@ def test_invalid_values_are_rejected_naming_the_field(deployment: Settings) -> N
     order, account = _id("ord"), _id("acc")
     with running_worker(deployment), CommandClient(deployment) as client:
         missing = client.send(
-            ProcessPayment(
-                order_id=order,
-                payment_id="pay-1",
-                amount_minor=1,
-                currency="EUR",
-                method="cheque",
-                transaction_id="tx",
-            )
+            payment(order, 1, "pay-1", "tx", currency="EUR", method="cheque")
         )
         created = client.send(_order(order))
         cheque = client.send(
-            ProcessPayment(
-                order_id=order,
-                payment_id="pay-1",
-                amount_minor=3999,
-                currency="EUR",
-                method="cheque",
-                transaction_id="tx",
-            )
+            payment(order, 3999, "pay-1", "tx", currency="EUR", method="cheque")
         )
         client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
-        negative = client.send(
-            Deposit(
-                account_id=account,
-                transaction_id="t-1",
-                amount_minor=-5,
-                currency="USD",
-                source="cash",
-                reference="",
-            )
-        )
+        negative = client.send(deposit(account, -5, "t-1", source="cash"))
     assert missing.code == "NotFound"
     assert created.accepted
     assert (cheque.code, cheque.field) == ("Validation", "method")
@@ -303,15 +226,8 @@ def test_a_command_id_repeated_within_one_batch_is_decided_once(
         if partition_for(a.encode(), partitions) == home
     )
 
-    def deposit(account: str) -> Deposit:
-        return Deposit(
-            account_id=account,
-            transaction_id="t-1",
-            amount_minor=300,
-            currency="EUR",
-            source="card",
-            reference="",
-        )
+    def same_deposit(account: str) -> Deposit:
+        return deposit(account, 300, "t-1", currency="EUR")
 
     with running_worker(deployment), CommandClient(deployment) as client:
         opened = [
@@ -320,9 +236,9 @@ def test_a_command_id_repeated_within_one_batch_is_decided_once(
         ]
         client.wait(opened, timeout=30)
         ids = [
-            client.submit(deposit(first), command_id="dep-x"),
-            client.submit(deposit(second), command_id="dep-x"),
-            client.submit(deposit(first), command_id="dep-x"),
+            client.submit(same_deposit(first), command_id="dep-x"),
+            client.submit(same_deposit(second), command_id="dep-x"),
+            client.submit(same_deposit(first), command_id="dep-x"),
         ]
         client.wait(ids, timeout=30)
     answers = {
@@ -356,16 +272,7 @@ def test_a_command_on_another_partition_than_its_aggregates_is_sent_on_there(
         )
         client.producer = Producer(deployment.producer_config())  # CRC32 keys
         ids = [
-            client.submit(
-                Deposit(
-                    account_id=account,
-                    transaction_id=f"t-{k}",
-                    amount_minor=100 * k,
-                    currency="EUR",
-                    source="card",
-                    reference="",
-                )
-            )
+            client.submit(deposit(account, 100 * k, f"t-{k}", currency="EUR"))
             for k in (1, 2, 3)
         ]
         ids.append(

@@ -18,11 +18,12 @@ from confluent_kafka import Producer
 from app.adapters.eventlog import encode_event, partition_for
 from app.application.commands import Metadata, NewEvent, event_id
 from app.client import CommandClient
-from app.domain.accounts import Deposit, MoneyDeposited, OpenAccount, Withdraw
+from app.domain.accounts import Deposit, MoneyDeposited, OpenAccount
 from app.local.deployments import free_port
 from app.local.process import wait_for
 from app.projections.replay import group_members
 from app.settings import Settings
+from app.workload import deposit, withdrawal
 from app.writeside import WRITER_NAME, command_group
 from bench.harness import process_tree
 from tests.invariants import assert_write_side_promises, serving_worker
@@ -32,14 +33,7 @@ ACCOUNTS = 8
 
 
 def _deposit(account: str, n: int) -> Deposit:
-    return Deposit(
-        account_id=account,
-        transaction_id=f"t-{n}",
-        amount_minor=1,
-        currency="USD",
-        source="s",
-        reference="",
-    )
+    return deposit(account, 1, f"t-{n}", source="s")
 
 
 @pytest.mark.slow
@@ -143,14 +137,7 @@ def test_an_event_appended_by_someone_else_is_folded_before_the_next_decision(
         assert producer.flush(30) == 0
         # Only a state that holds the imported deposit allows this, at version 3.
         spent = client.send(
-            Withdraw(
-                account_id=account,
-                transaction_id="w-1",
-                amount_minor=700,
-                currency="USD",
-                destination="d",
-                reference="",
-            ),
+            withdrawal(account, 700, "w-1", destination="d"),
             expected_version=2,
         )
     assert spent.accepted, spent
