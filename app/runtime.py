@@ -19,7 +19,6 @@ import typing
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -211,16 +210,8 @@ def dirty_prefix(partition: int) -> str:
 
 
 def envelope_from_record(record: dict[str, Any]) -> Envelope:
-    issued_at = record["issued_at"]
-    if issued_at.tzinfo is None:
-        issued_at = issued_at.replace(tzinfo=UTC)
-    return Envelope(
-        command_id=record["command_id"],
-        correlation_id=record["correlation_id"],
-        causation_id=record["causation_id"],
-        user_id=record["user_id"],
-        issued_at=issued_at,
-        expected_version=record["expected_version"],
+    return mapper.from_dict(
+        Envelope, {**record, "issued_at": mapper.utc(record["issued_at"])}
     )
 
 
@@ -510,7 +501,7 @@ class CommandHandler:
             cls = self.codec.catalog.class_for(decoded.record_name)
             envelope_data, payload = mapper.split_command(decoded.data)
             envelope = envelope_from_record(envelope_data)
-        except (KeyError, LookupError) as error:
+        except (LookupError, mapper.MappingError) as error:
             self.dead_letter(
                 message,
                 f"{decoded.record_name} is not a command of {self.aggregate.type}: "

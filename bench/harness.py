@@ -397,20 +397,13 @@ def encode_events(
     out = []
     for meta, event in events:
         name = codec.catalog.record_name(type(event))
+        record = mapper.event_record(event, meta)
         out.append(
             FramedRecord(
                 meta["event_id"],
                 meta["aggregate_id"].encode(),
-                codec.encode(topic, name, mapper.event_record(event, meta)),
-                headers.for_event(
-                    event_type=meta["event_type"],
-                    event_version=meta["event_version"],
-                    stream_version=meta["stream_version"],
-                    aggregate_id=meta["aggregate_id"],
-                    correlation_id=meta["correlation_id"],
-                    event_id=meta["event_id"],
-                    command_id=meta["command_id"],
-                ),
+                codec.encode(topic, name, record),
+                headers(name, record),
                 int(meta["timestamp"].timestamp() * 1000),
             )
         )

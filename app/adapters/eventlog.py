@@ -22,36 +22,16 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 def metadata_record(meta: Metadata, event_version: int) -> dict[str, Any]:
-    return {
-        "event_id": meta.event_id,
-        "event_type": meta.event_type,
-        "event_version": event_version,
-        "aggregate_type": meta.aggregate_type,
-        "aggregate_id": meta.aggregate_id,
-        "stream_version": meta.stream_version,
-        "timestamp": meta.timestamp,
-        "user_id": meta.user_id,
-        "correlation_id": meta.correlation_id,
-        "causation_id": meta.causation_id,
-        "command_id": meta.command_id,
-    }
+    """The ``metadata`` record of an event written with schema ``event_version``."""
+    return {**mapper.to_dict(meta), "event_version": event_version}
 
 
 def metadata_from_record(record: dict[str, Any]) -> Metadata:
-    timestamp = record["timestamp"]
-    if timestamp.tzinfo is None:
-        timestamp = timestamp.replace(tzinfo=UTC)
-    return Metadata(
-        event_id=record["event_id"],
-        event_type=record["event_type"],
-        aggregate_type=record["aggregate_type"],
-        aggregate_id=record["aggregate_id"],
-        stream_version=record["stream_version"],
-        timestamp=timestamp,
-        user_id=record["user_id"],
-        correlation_id=record["correlation_id"],
-        causation_id=record["causation_id"],
-        command_id=record["command_id"],
+    """An event record's metadata; its ``event_version`` tells how the payload was
+    written, and is no part of ``Metadata``."""
+    fields = {k: v for k, v in record.items() if k != "event_version"}
+    return mapper.from_dict(
+        Metadata, {**fields, "timestamp": mapper.utc(record["timestamp"])}
     )
 
 
@@ -63,18 +43,9 @@ def encode_event(codec: Codec, topic: str, new: NewEvent) -> tuple[bytes, Header
     version = catalog.latest_version(name)
     meta = new.metadata
     record = mapper.event_record(new.event, metadata_record(meta, version))
-    found = headers.for_event(
-        event_type=meta.event_type,
-        event_version=version,
-        stream_version=meta.stream_version,
-        aggregate_id=meta.aggregate_id,
-        correlation_id=meta.correlation_id,
-        event_id=meta.event_id,
-        command_id=meta.command_id,
-    )
     return (
         codec.encode(topic, name, record),
-        found,
+        headers(name, record),
         int(meta.timestamp.timestamp() * 1000),
     )
 

@@ -11,7 +11,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from functools import cache
 from typing import Any, TypeVar
@@ -52,6 +52,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     """``cls`` built from ``data``; unknown, missing or mistyped keys raise."""
     built: T = _from_dict(cls, data, "")
     return built
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` with its time zone, UTC where it has none (a timestamp-millis read
+    without one)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def event_record(event: Any, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -83,87 +83,67 @@ def refund_transaction(order_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Created:
-    """An order was created with an account to charge."""
+class _Routed:
+    """What every message carries: the order it is routed to, and when it happened."""
 
     order_id: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _FromEvent(_Routed):
+    """A message an event means: the event's id names the message."""
+
     event_id: str
+
+    @property
+    def message_id(self) -> str:
+        return self.event_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Created(_FromEvent):
+    """An order was created with an account to charge."""
+
     correlation_id: str
     account_id: str
     amount_minor: int
     currency: str
-    at: datetime
-
-    @property
-    def message_id(self) -> str:
-        return self.event_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Withdrawn:
+class Withdrawn(_FromEvent):
     """The saga's withdrawal was accepted: the money is taken."""
 
-    order_id: str
-    event_id: str
     account_id: str
     amount_minor: int
-    at: datetime
-
-    @property
-    def message_id(self) -> str:
-        return self.event_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Deposited:
+class Deposited(_FromEvent):
     """The saga's refund reached the account."""
 
-    order_id: str
-    event_id: str
-    at: datetime
-
-    @property
-    def message_id(self) -> str:
-        return self.event_id
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Paid:
+class Paid(_FromEvent):
     """The order recorded the saga's payment."""
 
-    order_id: str
-    event_id: str
-    at: datetime
-
-    @property
-    def message_id(self) -> str:
-        return self.event_id
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Cancelled:
+class Cancelled(_FromEvent):
     """The order was cancelled, by the saga or by anyone else."""
 
-    order_id: str
-    event_id: str
     reason: str
-    at: datetime
-
-    @property
-    def message_id(self) -> str:
-        return self.event_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Refused:
+class Refused(_Routed):
     """One of the saga's commands was rejected (from ``command-results``)."""
 
-    order_id: str
     command_id: str
     step: Step
     code: str
     message: str
-    at: datetime
 
     @property
     def message_id(self) -> str:
@@ -172,12 +152,10 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TimedOut:
+class TimedOut(_Routed):
     """The saga's deadline passed (sent by the timer; the saga checks it again)."""
 
-    order_id: str
     deadline: datetime
-    at: datetime
 
     @property
     def message_id(self) -> str:
