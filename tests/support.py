@@ -6,7 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +20,7 @@ from app.audit import (  # noqa: F401 - re-exported for the tests
     read_topic,
     results_by_command,
 )
+from app.client import CommandClient
 from app.domain.orders import Address, CreateOrder, LineItem
 from app.faust_app import worker_datadir
 from app.local.process import Daemon
@@ -85,6 +87,18 @@ def create_order(order_id: str, customer: str) -> CreateOrder:
             country="US",
         ),
     )
+
+
+def submit_paced(
+    client: CommandClient, work: Sequence[tuple[str, Any]], rate: float
+) -> None:
+    """Submits ``work``, (command id, command) pairs, at a steady ``rate`` a second."""
+    started = time.monotonic()
+    for n, (command_id, command) in enumerate(work):
+        delay = started + n / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        client.submit(command, command_id=command_id)
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -35,28 +35,16 @@ from app.local.process import ServiceError
 from app.local.registry import RegistryProcess
 from app.settings import Settings
 from tests.conftest import free_port, fresh_settings
+from tests.schemas import AMOUNT, ID, record
 
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 
-def _record(*fields: dict[str, Any], name: str = "OrderPlaced") -> str:
-    return json.dumps(
-        {
-            "type": "record",
-            "name": name,
-            "namespace": "streamfold.orders",
-            "fields": list(fields),
-        }
-    )
-
-
-ID = {"name": "order_id", "type": "string"}
-AMOUNT = {"name": "amount", "type": "long"}
-V1 = _record(ID, AMOUNT)
+V1 = record(ID, AMOUNT)
 
 
 def _unique_record() -> str:
-    return _record(ID, name=f"Unique{uuid.uuid4().hex[:8]}")
+    return record(ID, name=f"Unique{uuid.uuid4().hex[:8]}")
 
 
 def _subject() -> str:
@@ -154,7 +142,7 @@ def test_an_incompatible_change_is_refused_naming_the_field(
 ) -> None:
     subject = _subject()
     client.register_schema(subject, Schema(V1, "AVRO"))
-    breaking = Schema(_record(ID, AMOUNT, {"name": "currency", "type": "string"}))
+    breaking = Schema(record(ID, AMOUNT, {"name": "currency", "type": "string"}))
 
     assert client.get_compatibility() == "BACKWARD_TRANSITIVE"
     assert client.test_compatibility(subject, breaking) is False
@@ -172,7 +160,7 @@ def test_an_incompatible_change_is_refused_naming_the_field(
     assert "'currency'" in tested["messages"][0]
 
     additive = Schema(
-        _record(ID, AMOUNT, {"name": "currency", "type": "string", "default": "EUR"})
+        record(ID, AMOUNT, {"name": "currency", "type": "string", "default": "EUR"})
     )
     assert client.test_compatibility(subject, additive, version=1) is True
     client.register_schema(subject, additive)
@@ -187,7 +175,7 @@ def test_subject_config_overrides_the_global_one(
     assert client.set_compatibility(subject, "none") == {"compatibility": "NONE"}
     assert client.get_compatibility(subject) == "NONE"
 
-    retyped = Schema(_record(ID, {"name": "amount", "type": "string"}))
+    retyped = Schema(record(ID, {"name": "amount", "type": "string"}))
     client.register_schema(subject, retyped)
     assert client.get_versions(subject) == [1, 2]
 
@@ -212,10 +200,10 @@ def test_global_config_governs_subjects_without_their_own(
         assert client.set_compatibility(level="FORWARD") == {"compatibility": "FORWARD"}
         assert http.get("/config").json() == {"compatibilityLevel": "FORWARD"}
         # FORWARD: readers of version 1 need `amount`, which the new schema drops.
-        error = _refused(client.register_schema, subject, Schema(_record(ID)))
+        error = _refused(client.register_schema, subject, Schema(record(ID)))
         assert error.error_code == 409
         assert "'amount' of schema version 1" in error.error_message
-        added = Schema(_record(ID, AMOUNT, {"name": "note", "type": "string"}))
+        added = Schema(record(ID, AMOUNT, {"name": "note", "type": "string"}))
         client.register_schema(subject, added)
     finally:
         http.delete("/config")
@@ -237,14 +225,14 @@ def test_errors_carry_confluents_codes(
         40402: [_refused(client.get_version, subject, 9)],
         40403: [
             _refused(client.get_schema, 987654),
-            _refused(client.lookup_schema, subject, Schema(_record(ID), "AVRO")),
+            _refused(client.lookup_schema, subject, Schema(record(ID), "AVRO")),
         ],
         42201: [
             _refused(client.register_schema, subject, Schema("{not avro", "AVRO")),
             _refused(
                 client.register_schema,
                 subject,
-                Schema(_record({"name": "n", "type": "int", "default": "x"}), "AVRO"),
+                Schema(record({"name": "n", "type": "int", "default": "x"}), "AVRO"),
             ),
             _refused(
                 client.register_schema, subject, Schema('{"type": "object"}', "JSON")
@@ -293,7 +281,7 @@ def test_deletes_are_soft_and_ids_stay_resolvable(
 ) -> None:
     subject = _subject()
     first = client.register_schema(subject, Schema(V1, "AVRO"))
-    with_note = _record(ID, AMOUNT, {"name": "note", "type": "string", "default": ""})
+    with_note = record(ID, AMOUNT, {"name": "note", "type": "string", "default": ""})
     second = client.register_schema(subject, Schema(with_note, "AVRO"))
 
     assert client.delete_version(subject, 1) == 1
@@ -334,7 +322,7 @@ def test_avro_serde_round_trip_through_the_registry(
     fresh = SchemaRegistryClient({"url": client.config()["url"]})
     assert AvroDeserializer(fresh)(data, value) == order
     # An evolved reader fills the new field's default in old events.
-    evolved = _record(
+    evolved = record(
         ID, AMOUNT, {"name": "currency", "type": "string", "default": "EUR"}
     )
     fresh.register_schema(f"{topic}-value", Schema(evolved, "AVRO"))
@@ -354,7 +342,7 @@ def test_references_resolve_through_confluents_serdes(
         }
     )
     client.register_schema(shared, Schema(money, "AVRO"))
-    using = _record(ID, {"name": "amount", "type": shared})
+    using = record(ID, {"name": "amount", "type": shared})
     reference = SchemaReference(shared, shared, 1)
     topic = f"orders.events-{uuid.uuid4().hex[:8]}"
     schema_id = client.register_schema(

@@ -26,6 +26,7 @@ from tests.invariants import (
     serving_worker,
 )
 from tests.reliability.test_worker_crash import ACCOUNTS, _workload
+from tests.support import submit_paced
 
 RATE = 300  # commands per second: the broker dies with commands in every stage
 DOWN_S = 4.0
@@ -53,12 +54,7 @@ def test_broker_sigkill_under_load_loses_nothing(
         survivor = worker.pid()
 
         def produce() -> None:
-            started = time.monotonic()
-            for n, (command_id, command) in enumerate(work):
-                delay = started + n / RATE - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                client.submit(command, command_id=command_id)
+            submit_paced(client, work, RATE)
             # Until the restarted broker has elected leaders again.
             client.flush(timeout=120)
             produced.set()

@@ -23,6 +23,7 @@ from tests.invariants import (
     start_serving,
 )
 from tests.reliability.test_worker_crash import ACCOUNTS, _workload
+from tests.support import submit_paced
 
 RATE = 200  # commands per second, spread over the whole choreography
 COMMANDS = 4000
@@ -60,12 +61,7 @@ def test_partitions_move_under_load_and_every_promise_holds(
     client._listen()  # results from here on
 
     def produce() -> None:
-        started = time.monotonic()
-        for n, (command_id, command) in enumerate(work):
-            delay = started + n / RATE - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            client.submit(command, command_id=command_id)
+        submit_paced(client, work, RATE)
         client.flush()
         produced.set()
 

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
 from app.adapters import compatibility
 from app.adapters.compatibility import InvalidSchema, check
+from tests.schemas import AMOUNT, ID, record
 
-
-def record(*fields: dict[str, Any], name: str = "OrderPlaced") -> str:
-    return json.dumps(
-        {
-            "type": "record",
-            "name": name,
-            "namespace": "streamfold.orders",
-            "fields": list(fields),
-        }
-    )
-
-
-ID = {"name": "order_id", "type": "string"}
-AMOUNT = {"name": "amount", "type": "long"}
 NOTE_WITH_DEFAULT = {"name": "note", "type": "string", "default": ""}
 NOTE = {"name": "note", "type": "string"}
 CURRENCY = {"name": "currency", "type": "string"}
