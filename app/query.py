@@ -31,6 +31,18 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _paged(
+    rows: list[dict[str, Any]], total: int, page: checked.Page
+) -> dict[str, Any]:
+    """One page of ``rows`` and where it stands among ``total``."""
+    return {
+        "items": [_jsonable(r) for r in rows],
+        "total_count": total,
+        "page": page.number,
+        "page_size": page.size,
+    }
+
+
 ORDER_COLUMNS = (
     "order_id, customer_id, customer_name, customer_email, status, currency, total_minor,"
     " paid_minor, items_count, tracking_number, carrier, cancel_reason, account_id,"
@@ -83,10 +95,7 @@ async def customer_orders(
         statistics = await cur.fetchall()
     return {
         "customer_id": customer_id,
-        "items": [_jsonable(r) for r in rows],
-        "total_count": total,
-        "page": page.number,
-        "page_size": page.size,
+        **_paged(rows, total, page),
         "statistics": statistics,
     }
 
@@ -152,13 +161,7 @@ async def transactions(
             (account_id, page.size, page.offset),
         )
         rows = await cur.fetchall()
-    return {
-        "account": summary,
-        "items": [_jsonable(r) for r in rows],
-        "total_count": total,
-        "page": page.number,
-        "page_size": page.size,
-    }
+    return {"account": summary, **_paged(rows, total, page)}
 
 
 async def daily_report(

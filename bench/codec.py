@@ -12,22 +12,19 @@ machine) divided by the events.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
 from app.adapters import mapper
-from app.domain import orders
 from app.settings import Settings
 from bench.harness import (
-    domain_events,
     figure,
     interleaved,
     median,
     new_codec,
-    order_lifecycles,
+    order_events,
 )
 
 
@@ -42,13 +39,7 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
         codec = new_codec(settings)
         catalog = codec.catalog
         topic = settings.topics.events("orders")
-        commands = [c for life in order_lifecycles(seed, sizes.orders) for c in life]
-        events = domain_events(
-            orders,
-            orders.AGGREGATE_TYPE,
-            commands,
-            start=datetime(2026, 1, 1, tzinfo=UTC),
-        )
+        events = order_events(seed, sizes.orders)
         records = [
             (catalog.record_name(type(e)), mapper.event_record(e, meta), meta, e)
             for meta, e in events

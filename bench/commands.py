@@ -62,6 +62,7 @@ from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
     CpuSampler,
     FramedRecord,
+    bench_envelope,
     machine,
     new_producer,
     percentile,
@@ -114,14 +115,7 @@ class Encoder:
 
     def __call__(self, command: Any) -> FramedRecord:
         command_id = str(uuid.uuid4())
-        envelope = {
-            "command_id": command_id,
-            "correlation_id": command_id,
-            "causation_id": command_id,
-            "user_id": "bench",
-            "issued_at": datetime.now(UTC),
-            "expected_version": None,
-        }
+        envelope = bench_envelope(command_id)
         name = self.catalog.record_name(type(command))
         return FramedRecord(
             command_id=command_id,

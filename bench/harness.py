@@ -302,6 +302,19 @@ def new_codec(settings: Settings, catalog: SchemaCatalog | None = None) -> Codec
     )
 
 
+def bench_envelope(command_id: str) -> dict[str, Any]:
+    """The envelope record of a benchmark's command: its own correlation and
+    cause, issued now by the user "bench"."""
+    return {
+        "command_id": command_id,
+        "correlation_id": command_id,
+        "causation_id": command_id,
+        "user_id": "bench",
+        "issued_at": datetime.now(UTC),
+        "expected_version": None,
+    }
+
+
 class CommandEncoder:
     """Frames domain commands as the client does, with command ids from the seed."""
 
@@ -312,14 +325,7 @@ class CommandEncoder:
 
     def __call__(self, command: Any, topic: str | None = None) -> FramedRecord:
         command_id = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
-        envelope = {
-            "command_id": command_id,
-            "correlation_id": command_id,
-            "causation_id": command_id,
-            "user_id": "bench",
-            "issued_at": datetime.now(UTC),
-            "expected_version": None,
-        }
+        envelope = bench_envelope(command_id)
         area = "orders" if type(command) in orders.COMMANDS else "accounts"
         name = self.codec.catalog.record_name(type(command))
         value = self.codec.encode(
@@ -338,6 +344,15 @@ class CommandEncoder:
                 correlation_id=command_id,
             ),
         )
+
+
+def order_events(seed: int, count: int) -> list[tuple[dict[str, Any], Any]]:
+    """The events of ``count`` order lifecycles (``order_lifecycles``), appended
+    from 2026-01-01: the orders stream the codec and replay benchmarks read."""
+    commands = [c for life in order_lifecycles(seed, count) for c in life]
+    return domain_events(
+        orders, orders.AGGREGATE_TYPE, commands, start=datetime(2026, 1, 1, tzinfo=UTC)
+    )
 
 
 def domain_events(

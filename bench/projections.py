@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -23,7 +22,6 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from psycopg import sql
 
 from app.adapters.codec import Codec
-from app.domain import orders
 from app.history import EventLogProjection
 from app.projections.engine import Projection, reset
 from app.projections.orders import OrdersProjection
@@ -31,13 +29,12 @@ from app.projections.process import ProjectionProcess
 from app.projections.replay import default_processes
 from app.settings import Settings
 from bench.harness import (
-    domain_events,
     encode_events,
     figure,
     high_watermarks,
     new_codec,
     new_producer,
-    order_lifecycles,
+    order_events,
     produce,
 )
 
@@ -189,13 +186,7 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
     with deployment(base, "replay") as settings:
         codec = new_codec(settings)
         topic = settings.topics.events("orders")
-        commands = [c for life in order_lifecycles(seed, sizes.orders) for c in life]
-        events = domain_events(
-            orders,
-            orders.AGGREGATE_TYPE,
-            commands,
-            start=datetime(2026, 1, 1, tzinfo=UTC),
-        )
+        events = order_events(seed, sizes.orders)
         produce(new_producer(settings), topic, encode_events(codec, topic, events))
         raw = consume_all(settings, topic)
         decoded = consume_all(settings, topic, codec)
