@@ -62,8 +62,10 @@ def cmd_test(settings: Settings, args: argparse.Namespace) -> int:
     if cmd_schemas(settings, args) != 0:
         return 1
     # The suite mostly waits (on groups, sessions, workers starting): four test
-    # processes keep two cores busy. Arguments of one's own replace these.
-    default = ["-q", "-n", "4", "--dist", "worksteal"]
+    # processes keep two cores busy. Tests are handed out a few at a time, so the
+    # slow ones collected first spread over the processes (in the default chunks,
+    # the first process would get them all). Arguments of one's own replace these.
+    default = ["-q", "-n", "4", "--dist", "load", "--maxschedchunk", "1"]
     return subprocess.call(
         [sys.executable, "-m", "pytest", *(pytest_args or default)], cwd=REPO
     )

@@ -1,6 +1,7 @@
 """The command service between the domain and the log, and the stores it runs on:
-one contract, run against an in-memory store and the writer's RocksDB-backed
-``AggregateCache`` (decisions stay provisional until the batch commits)."""
+one contract, run against the in-memory store (``app.adapters.memory``) and the
+writer's RocksDB-backed ``AggregateCache`` (decisions stay provisional until the
+batch commits)."""
 
 from __future__ import annotations
 
@@ -11,41 +12,18 @@ from pathlib import Path
 import pytest
 
 from app.adapters.logtail import StateCache
+from app.adapters.memory import MemoryStore
 from app.application.commands import (
     CONCURRENCY_CONFLICT,
     CommandService,
     Envelope,
-    VersionedState,
 )
 from app.domain.accounts import Deposit, OpenAccount
 from app.runtime import ACCOUNTS, AggregateCache
 
 
-class MemoryStore:
-    """The store port in memory: what most command-handling tests need."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, VersionedState] = {}
-        self.answers: dict[str, bytes] = {}
-
-    def load(self, aggregate_id: str) -> VersionedState | None:
-        return self.states.get(aggregate_id)
-
-    def save(self, aggregate_id: str, versioned: VersionedState) -> None:
-        self.states[aggregate_id] = versioned
-
-    def answered(self, command_id: str) -> bytes | None:
-        return self.answers.get(command_id)
-
-    def remember_answer(self, command_id: str, value: bytes) -> None:
-        self.answers[command_id] = value
-
-    def commit(self) -> None:
-        return None
-
-
 @pytest.fixture(params=["memory", "rocksdb"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
@@ -76,11 +54,15 @@ DEPOSIT = Deposit(
 )
 
 
-def _service(store: object) -> CommandService:
-    return CommandService(aggregate=ACCOUNTS, store=store)  # type: ignore[arg-type]
+# Both backends: the port, and what the processor does when a batch ends.
+Store = MemoryStore | AggregateCache
 
 
-def test_a_decision_changes_nothing_until_applied(store: MemoryStore) -> None:
+def _service(store: Store) -> CommandService:
+    return CommandService(aggregate=ACCOUNTS, store=store)
+
+
+def test_a_decision_changes_nothing_until_applied(store: Store) -> None:
     service = _service(store)
     decision = service.decide(_envelope("c-1"), OPEN)
     assert decision.result is not None and decision.result.accepted
@@ -92,7 +74,7 @@ def test_a_decision_changes_nothing_until_applied(store: MemoryStore) -> None:
 
 
 def test_a_second_command_in_a_batch_decides_on_the_first_ones_state(
-    store: MemoryStore,
+    store: Store,
 ) -> None:
     service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
@@ -102,7 +84,7 @@ def test_a_second_command_in_a_batch_decides_on_the_first_ones_state(
 
 
 def test_a_stale_expected_version_is_rejected_naming_both_and_writes_nothing(
-    store: MemoryStore,
+    store: Store,
 ) -> None:
     service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
@@ -115,7 +97,7 @@ def test_a_stale_expected_version_is_rejected_naming_both_and_writes_nothing(
 
 
 def test_a_command_id_answered_before_gets_that_answer_and_is_not_decided(
-    store: MemoryStore,
+    store: Store,
 ) -> None:
     service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
@@ -126,7 +108,7 @@ def test_a_command_id_answered_before_gets_that_answer_and_is_not_decided(
 
 
 def test_a_refused_command_is_rejected_unless_its_id_was_answered(
-    store: MemoryStore,
+    store: Store,
 ) -> None:
     service = _service(store)
     refused = service.refuse(_envelope("c-9"), "acc-1", "Validation", "bad", "amount")
@@ -138,20 +120,32 @@ def test_a_refused_command_is_rejected_unless_its_id_was_answered(
     assert again.repeat == b"the first answer" and again.result is None
 
 
-def test_event_ids_are_deterministic(store: MemoryStore) -> None:
+def test_event_ids_are_deterministic(store: Store) -> None:
     first = _service(store).decide(_envelope("c-1"), OPEN)
     second = _service(MemoryStore()).decide(_envelope("c-1"), OPEN)
     assert first.events[0].metadata.event_id == second.events[0].metadata.event_id
 
 
-def test_the_cache_keeps_a_batch_provisional_until_it_commits(tmp_path: Path) -> None:
-    cache = StateCache(tmp_path / "cache")
-    store = AggregateCache(cache, ACCOUNTS, partitions=4)
+def test_a_batch_stays_provisional_until_it_commits(store: Store) -> None:
     service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
     store.remember_answer("c-1", b"accepted")
+    assert store.answered("c-1") == b"accepted"  # within the batch
     store.drop()  # the transaction aborted
     assert store.load("acc-1") is None and store.answered("c-1") is None
+    service.apply(service.decide(_envelope("c-1"), OPEN))
+    store.remember_answer("c-1", b"accepted")
+    store.commit()
+    store.drop()  # nothing pending is left to drop
+    versioned = store.load("acc-1")
+    assert versioned is not None and versioned.version == 1
+    assert store.answered("c-1") == b"accepted"
+
+
+def test_the_cache_keeps_what_was_committed_across_a_restart(tmp_path: Path) -> None:
+    cache = StateCache(tmp_path / "cache")
+    store = AggregateCache(cache, ACCOUNTS, partitions=4)
+    service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
     store.remember_answer("c-1", b"accepted")
     store.commit()
