@@ -18,7 +18,7 @@ from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, RegistryError
 from app.adapters.migrations import migrate
 from app.adapters.subjects import ensure_subjects
-from app.adapters.topics import ensure_topics
+from app.adapters.topics import TopicSpec, ensure_topics
 from app.faust_app import create_app
 from app.projections.engine import tune_gc
 from app.readside import ReadSide
@@ -72,6 +72,7 @@ def build(settings: Settings) -> Worker:
     view_agents.register(app, settings, codec)
     if settings.saga:
         saga_agents.register_view(app, settings)
+    ensure_changelogs(settings, app)
     read = ReadSide(settings, settings.projections)
     readside.attach(app, settings, read, write.status)
     worker.read = read
@@ -109,3 +110,21 @@ def run(settings: Settings) -> None:
             worker.read.stop(timeout=3.0)
         logging.shutdown()
         os._exit(code)
+
+
+def ensure_changelogs(settings: Settings, app: faust.App) -> None:
+    """Every table's changelog topic, before Faust starts. Left to Faust, one was
+    sometimes created only after the consumer had subscribed; Faust then saw it
+    with 0 partitions at the next rebalance and stopped the worker
+    (PartitionsMismatch)."""
+    ensure_topics(
+        settings,
+        [
+            TopicSpec(
+                table.changelog_topic.get_topic_name(),
+                table.partitions or settings.partitions,
+                {"cleanup.policy": "compact"},
+            )
+            for table in app.tables.values()
+        ],
+    )
