@@ -185,6 +185,7 @@ def ensure_topics(
             "refusing to start on conflicting topics:\n  - " + "\n  - ".join(problems)
         )
     raced = False
+    created: set[str] = set()
     if to_create:
         futures = admin.create_topics(
             [
@@ -198,9 +199,10 @@ def ensure_topics(
             ],
             operation_timeout=30,
         )
-        for future in futures.values():
+        for name, future in futures.items():
             try:
                 future.result(timeout=30)
+                created.add(name)
             except KafkaException as error:
                 if "TOPIC_ALREADY_EXISTS" not in str(error):
                     raise
@@ -212,7 +214,9 @@ def ensure_topics(
             raise BrokerUnavailable("topic metadata did not settle after 5 attempts")
         time.sleep(0.2 * (_attempt + 1))
         ensure_topics(settings, specs, _attempt=_attempt + 1)
-    return [s.name for s in to_create]
+    # Only what this call created: one that existed already (metadata lagged behind
+    # its creation) is not.
+    return [s.name for s in to_create if s.name in created]
 
 
 def _co_partitioning(
