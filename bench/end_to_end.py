@@ -65,6 +65,7 @@ from bench.harness import (
     postgres_background,
     process_tree,
     produce,
+    tail_figures,
 )
 
 
@@ -759,24 +760,12 @@ def figures(rows: dict[str, Any]) -> list[dict[str, Any]]:
             better="higher",
             digits=1,
         ),
-        figure(
-            "e2e.p50",
-            f"End to end p50 at {at(ours)} ({load(ours)}; raw {load(raw)})",
-            "ms",
-            ours["latency"]["p50_ms"],
-            raw["latency"]["p50_ms"],
+        *tail_figures(
+            "e2e.{p}",
+            f"End to end {{p}} at {at(ours)} ({load(ours)}; raw {load(raw)})",
+            ours["latency"],
+            raw["latency"],
             f"raw pipeline at {'the same rate' if fixed(raw) else 'half its max load'}",
-            better="lower",
-            digits=1,
-        ),
-        figure(
-            "e2e.p99",
-            f"End to end p99 at {at(ours)} ({load(ours)}; raw {load(raw)})",
-            "ms",
-            ours["latency"]["p99_ms"],
-            raw["latency"]["p99_ms"],
-            f"raw pipeline at {'the same rate' if fixed(raw) else 'half its max load'}",
-            better="lower",
             digits=1,
         ),
         figure(

@@ -89,6 +89,33 @@ def figure(
     }
 
 
+def tail_figures(
+    key: str,
+    label: str,
+    value: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    baseline_label: str,
+    *,
+    digits: int,
+) -> list[dict[str, Any]]:
+    """The p50 and p99 latency figures (in ms, lower is better) of ``value`` beside
+    ``baseline``, each holding ``p50_ms`` and ``p99_ms``; ``{p}`` in ``key`` and
+    ``label`` names the percentile. A value without them is not measured."""
+    return [
+        figure(
+            key.replace("{p}", p),
+            label.replace("{p}", p),
+            "ms",
+            value.get(f"{p}_ms"),
+            baseline[f"{p}_ms"],
+            baseline_label,
+            better="lower",
+            digits=digits,
+        )
+        for p in ("p50", "p99")
+    ]
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:
