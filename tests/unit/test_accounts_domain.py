@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
 
+from app import workload
 from app.domain import accounts
 from app.domain.accounts import (
     AccountClosed,
@@ -33,53 +34,30 @@ CLOSED = AccountClosed(account_id=ACCOUNT_ID, reason="customer request")
 
 
 def deposit(**changes: Any) -> Deposit:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-1",
-        "amount_minor": 1000,
-        "currency": "USD",
-        "source": "bank",
-        "reference": "salary",
-    }
-    return Deposit(**(fields | changes))
+    command = workload.deposit(
+        ACCOUNT_ID, 1000, "tx-1", source="bank", reference="salary"
+    )
+    return replace(command, **changes)
 
 
 def deposited(**changes: Any) -> MoneyDeposited:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-1",
-        "amount_minor": 1000,
-        "currency": "USD",
-        "source": "bank",
-        "reference": "salary",
-        "balance_after_minor": 1000,
-    }
-    return MoneyDeposited(**(fields | changes))
+    """``deposit()`` recorded: the same fields and the balance after it."""
+    return MoneyDeposited(
+        **(asdict(deposit()) | {"balance_after_minor": 1000} | changes)
+    )
 
 
 def withdraw(**changes: Any) -> Withdraw:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-2",
-        "amount_minor": 300,
-        "currency": "USD",
-        "destination": "atm",
-        "reference": "",
-    }
-    return Withdraw(**(fields | changes))
+    return replace(
+        workload.withdrawal(ACCOUNT_ID, 300, "tx-2", destination="atm"), **changes
+    )
 
 
 def withdrawn(**changes: Any) -> MoneyWithdrawn:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-2",
-        "amount_minor": 300,
-        "currency": "USD",
-        "destination": "atm",
-        "reference": "",
-        "balance_after_minor": 700,
-    }
-    return MoneyWithdrawn(**(fields | changes))
+    """``withdraw()`` recorded: the same fields and the balance after it."""
+    return MoneyWithdrawn(
+        **(asdict(withdraw()) | {"balance_after_minor": 700} | changes)
+    )
 
 
 # --- the module's shape -------------------------------------------------------
