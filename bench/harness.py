@@ -44,7 +44,7 @@ from app.domain.orders import (
 )
 from app.faust_app import worker_datadir
 from app.local import postgres
-from app.local.deployments import delete_topics, free_port
+from app.local.deployments import delete_topics, free_port, with_database
 from app.settings import Settings, Topics
 from app.workload import deposit, new_order, payment
 
@@ -189,11 +189,6 @@ def load_average() -> list[float]:
 # -- isolated deployments ----------------------------------------------------------------
 
 
-def _with_database(url: str, database: str) -> str:
-    head, _, _ = url.rpartition("/")
-    return f"{head}/{database}"
-
-
 @contextlib.contextmanager
 def deployment(
     base: Settings,
@@ -215,8 +210,8 @@ def deployment(
         topics=Topics(prefix=f"bench-{tag}."),
         app_id=f"streamfold-bench-{tag}",
         web_port=free_port(),
-        database_url=_with_database(base.database_url, dbname),
-        query_database_url=_with_database(base.query_database_url, dbname),
+        database_url=with_database(base.database_url, dbname),
+        query_database_url=with_database(base.query_database_url, dbname),
         **changes,
     )
     try:
