@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from app.domain.accounts import (
 )
 from app.domain.errors import ErrorCode
 from app.domain.money import MAX_LONG
-from tests.unit.deciders import assert_primitive_record, given
+from tests.unit.deciders import assert_primitive_record, given, recorded
 
 ACCOUNT_ID = "a-1"
 OPEN = OpenAccount(account_id=ACCOUNT_ID, owner_id="c-1", currency="USD")
@@ -42,8 +42,8 @@ def deposit(**changes: Any) -> Deposit:
 
 def deposited(**changes: Any) -> MoneyDeposited:
     """``deposit()`` recorded: the same fields and the balance after it."""
-    return MoneyDeposited(
-        **(asdict(deposit()) | {"balance_after_minor": 1000} | changes)
+    return recorded(
+        MoneyDeposited, deposit(), **({"balance_after_minor": 1000} | changes)
     )
 
 
@@ -55,8 +55,8 @@ def withdraw(**changes: Any) -> Withdraw:
 
 def withdrawn(**changes: Any) -> MoneyWithdrawn:
     """``withdraw()`` recorded: the same fields and the balance after it."""
-    return MoneyWithdrawn(
-        **(asdict(withdraw()) | {"balance_after_minor": 700} | changes)
+    return recorded(
+        MoneyWithdrawn, withdraw(), **({"balance_after_minor": 700} | changes)
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from app import workload
 from app.application import saga
 from app.application.saga import (
     Cancelled,
@@ -29,6 +30,7 @@ from app.application.saga import (
 from app.domain import accounts, orders
 from app.domain.orders import Address, OrderLine
 from app.settings import Settings, SettingsError
+from tests.unit.deciders import recorded
 
 ORDER = "o-1"
 ACCOUNT = "a-1"
@@ -133,26 +135,26 @@ class When:
         return saga.react(self.state, self.message, timeout=TIMEOUT)
 
 
-WITHDRAW = accounts.Withdraw(
-    account_id=ACCOUNT,
-    transaction_id=f"order-payment:{ORDER}",
-    amount_minor=4200,
+WITHDRAW = workload.withdrawal(
+    ACCOUNT,
+    4200,
+    f"order-payment:{ORDER}",
     currency="EUR",
     destination=f"order {ORDER}",
     reference=f"payment for order {ORDER}",
 )
-PAY = orders.ProcessPayment(
-    order_id=ORDER,
-    payment_id="ev-withdrawn",
-    amount_minor=4200,
+PAY = workload.payment(
+    ORDER,
+    4200,
+    "ev-withdrawn",
+    f"order-payment:{ORDER}",
     currency="EUR",
     method="account",
-    transaction_id=f"order-payment:{ORDER}",
 )
-REFUND = accounts.Deposit(
-    account_id=ACCOUNT,
-    transaction_id=f"order-refund:{ORDER}",
-    amount_minor=4200,
+REFUND = workload.deposit(
+    ACCOUNT,
+    4200,
+    f"order-refund:{ORDER}",
     currency="EUR",
     source=f"order {ORDER}",
     reference=f"refund for order {ORDER}",
@@ -470,11 +472,9 @@ def test_events_are_routed_only_when_they_belong_to_a_saga() -> None:
         event_id="ev", correlation_id="corr"
     )
     assert route(_order_created(None), command_id="c", **meta) is None
-    moved = accounts.MoneyWithdrawn(
-        account_id=ACCOUNT,
-        transaction_id="order-payment:o-1",
-        amount_minor=4200,
-        currency="EUR",
+    moved = recorded(
+        accounts.MoneyWithdrawn,
+        WITHDRAW,
         destination="d",
         reference="r",
         balance_after_minor=0,
