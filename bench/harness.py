@@ -45,6 +45,7 @@ from app.domain.orders import (
 from app.faust_app import worker_datadir
 from app.local import postgres
 from app.local.deployments import delete_topics, free_port, with_database
+from app.local.process import wait_for
 from app.settings import Settings, Topics
 from app.workload import deposit, new_order, payment
 
@@ -586,6 +587,21 @@ class PositionWatcher:
     def current(self, partition: int) -> int:
         offsets = self._offsets.get(partition)
         return offsets[-1] if offsets else 0
+
+    def wait_past(
+        self, positions: Iterable[tuple[int, int]], timeout: float, what: str
+    ) -> None:
+        """Wait until each partition's position is past every offset given for it;
+        ``what`` names the wait in the error when it times out."""
+        needed: dict[int, int] = {}
+        for partition, offset in positions:
+            needed[partition] = max(needed.get(partition, 0), offset)
+        wait_for(
+            lambda: all(self.current(p) > o for p, o in needed.items()),
+            timeout,
+            what,
+            every=0.02,
+        )
 
     def visible_at(self, partition: int, offset: int) -> float | None:
         """When the position of ``partition`` first went past ``offset``."""
