@@ -28,7 +28,8 @@ from app.application.saga import (
     Withdrawn,
 )
 from app.domain import accounts, orders
-from app.domain.orders import Address, OrderLine
+from app.domain.orders import Address
+from app.domain.orders.values import to_order_line
 from app.settings import Settings, SettingsError
 from tests.unit.deciders import recorded
 
@@ -441,27 +442,19 @@ def test_other_command_ids_are_not_the_sagas(value: str) -> None:
 
 
 def _order_created(account_id: str | None) -> orders.OrderCreated:
-    return orders.OrderCreated(
-        order_id=ORDER,
-        customer_id="c",
-        customer_name="C",
-        customer_email="c@example.com",
-        items=(
-            OrderLine(
-                product_id="p",
-                quantity=1,
-                unit_price_minor=4200,
-                tax_rate_bps=0,
-                total_price_minor=4200,
-            ),
-        ),
+    item = orders.LineItem(product_id="p", quantity=1, unit_price_minor=4200)
+    order = workload.new_order(
+        ORDER,
+        "c",
+        (item,),
         currency="EUR",
-        shipping_address=Address(
-            street="s", city="c", state="", zip_code="z", country="C"
-        ),
-        total_minor=4200,
+        name="C",
+        email="c@example.com",
+        address=Address(street="s", city="c", state="", zip_code="z", country="C"),
         account_id=account_id,
     )
+    line = to_order_line(item, "item")
+    return recorded(orders.OrderCreated, order, items=(line,), total_minor=4200)
 
 
 def test_events_are_routed_only_when_they_belong_to_a_saga() -> None:
