@@ -59,19 +59,11 @@ class CommandResult:
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> CommandResult:
-        return cls(
-            command_id=data["command_id"],
-            accepted=data["status"] == "ACCEPTED",
-            aggregate_type=data["aggregate_type"],
-            aggregate_id=data["aggregate_id"],
-            version=data["version"],
-            event_ids=tuple(data["event_ids"]),
-            partition=data["partition"],
-            offset=data["offset"],
-            code=data["code"],
-            message=data["message"],
-            field=data["field"],
-            correlation_id=data["correlation_id"],
+        # The record's other fields have the same names; when it was processed is
+        # no part of the result.
+        fields = {k: v for k, v in data.items() if k not in ("status", "processed_at")}
+        return mapper.from_dict(
+            cls, {**fields, "accepted": data["status"] == "ACCEPTED"}
         )
 
 

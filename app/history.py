@@ -197,17 +197,15 @@ class EventStore:
     def _event(self, row: dict[str, Any]) -> HistoricEvent:
         meta = row["metadata"]
         data = self.catalog.upcast(row["record_name"], row["data_version"], row["data"])
+        # The other fields are the columns of the same names (see _COLUMNS).
+        columns = {f.name: row[f.name] for f in fields(HistoricEvent) if f.name in row}
         return HistoricEvent(
-            stream_version=row["stream_version"],
-            event_type=row["event_type"],
-            record_name=row["record_name"],
-            schema_version=row["schema_version"],
-            occurred_at=row["occurred_at"],
-            event_id=row["event_id"],
-            correlation_id=row["correlation_id"],
-            causation_id=meta.get("causation_id", ""),
-            user_id=meta.get("user_id"),
-            data=data,
+            **{
+                **columns,
+                "causation_id": meta.get("causation_id", ""),
+                "user_id": meta.get("user_id"),
+                "data": data,
+            }
         )
 
     _COLUMNS = (

@@ -24,7 +24,7 @@ from agents.saga import FeedHandler, SagaHandler, ensure_saga_topics
 from app.adapters.codec import Codec
 from app.adapters.processor import Handler, Processor
 from app.adapters.saga_io import feed_group
-from app.projections.process import start_child, stop_children
+from app.projections.process import Supervisor, start_child
 from app.runtime import AGGREGATES, CommandHandler
 from app.settings import Settings
 from app.waiting import Backoff
@@ -143,33 +143,14 @@ def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, A
     return report
 
 
-class WriteProcess:
+class WriteProcess(Supervisor):
     """Starts the write side's children, restarts each one that exits, and keeps
     what they last reported."""
 
     def __init__(self, settings: Settings, processes: int = 1) -> None:
+        super().__init__(processes, "write-process")
         self.settings = settings
         self.reports: list[dict[str, Any]] = [{} for _ in range(processes)]
-        self.exits = 0
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._children: list[Any] = [None] * processes
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        for index in range(len(self._children)):
-            # From a thread that lives as long as the process: a child's death
-            # signal fires when the thread that started it ends.
-            thread = threading.Thread(
-                target=self._supervise, args=(index,), daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            self._stopping.set()
-        stop_children(self._children, timeout)
 
     @property
     def assigned(self) -> set[tuple[str, int]]:
@@ -206,7 +187,7 @@ class WriteProcess:
                 args=(self.settings, index, sending, os.getpid()),
                 name=f"streamfold-writer-{index}",
             )
-            with self._lock:
+            with self._starting:
                 if self._stopping.is_set():
                     return
                 child.start()

@@ -99,25 +99,26 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
 
 
 def figures(data: dict[str, Any]) -> list[dict[str, Any]]:
+    measured = {
+        "codec.encode_decode": (
+            f"Codec encode+decode ({data['events']} order events)",
+            "streamfold",
+        ),
+        "codec.product_path": (
+            "Event dataclass → bytes → dataclass (mapper + codec)",
+            "product_path",
+        ),
+    }
     return [
         figure(
-            "codec.encode_decode",
-            f"Codec encode+decode ({data['events']} order events)",
+            key,
+            label,
             "µs/event",
-            data["streamfold"]["us_per_event"],
+            data[variant]["us_per_event"],
             data["fastavro"]["us_per_event"],
             "fastavro schemaless, schemas cached",
             better="lower",
             digits=2,
-        ),
-        figure(
-            "codec.product_path",
-            "Event dataclass → bytes → dataclass (mapper + codec)",
-            "µs/event",
-            data["product_path"]["us_per_event"],
-            data["fastavro"]["us_per_event"],
-            "fastavro schemaless, schemas cached",
-            better="lower",
-            digits=2,
-        ),
+        )
+        for key, (label, variant) in measured.items()
     ]

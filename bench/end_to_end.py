@@ -65,6 +65,7 @@ from bench.harness import (
     postgres_background,
     process_tree,
     produce,
+    tail_figures,
 )
 
 
@@ -196,18 +197,15 @@ class StreamfoldSystem:
         assert self.watcher is not None
         arrived = self.listener.arrived
         _wait_all(list(sent.at), arrived.__contains__, timeout)
-        needed: dict[int, int] = {}
-        for command_id in sent.at:
-            result = arrived[command_id]
-            if result.accepted and result.partition is not None:
-                offset = result.offset or 0
-                needed[result.partition] = max(needed.get(result.partition, 0), offset)
-        watcher = self.watcher
-        wait_for(
-            lambda: all(watcher.current(p) > o for p, o in needed.items()),
+        results = [arrived[command_id] for command_id in sent.at]
+        self.watcher.wait_past(
+            [
+                (r.partition, r.offset or 0)
+                for r in results
+                if r.accepted and r.partition is not None
+            ],
             timeout,
             "the orders projection",
-            every=0.02,
         )
 
     def settle(self, timeout: float) -> float:
@@ -345,15 +343,8 @@ class RawSystem:
     def wait(self, sent: Sent, timeout: float) -> None:
         assert self.watcher is not None
         _wait_all(list(sent.at), sent.position.__contains__, timeout)
-        needed: dict[int, int] = {}
-        for partition, offset in sent.position.values():
-            needed[partition] = max(needed.get(partition, 0), offset)
-        watcher = self.watcher
-        wait_for(
-            lambda: all(watcher.current(p) > o for p, o in needed.items()),
-            timeout,
-            "the raw pipeline's rows",
-            every=0.02,
+        self.watcher.wait_past(
+            sent.position.values(), timeout, "the raw pipeline's rows"
         )
 
     def visible_at(self, sent: Sent, command_id: str) -> float | None:
@@ -759,24 +750,12 @@ def figures(rows: dict[str, Any]) -> list[dict[str, Any]]:
             better="higher",
             digits=1,
         ),
-        figure(
-            "e2e.p50",
-            f"End to end p50 at {at(ours)} ({load(ours)}; raw {load(raw)})",
-            "ms",
-            ours["latency"]["p50_ms"],
-            raw["latency"]["p50_ms"],
+        *tail_figures(
+            "e2e.{p}",
+            f"End to end {{p}} at {at(ours)} ({load(ours)}; raw {load(raw)})",
+            ours["latency"],
+            raw["latency"],
             f"raw pipeline at {'the same rate' if fixed(raw) else 'half its max load'}",
-            better="lower",
-            digits=1,
-        ),
-        figure(
-            "e2e.p99",
-            f"End to end p99 at {at(ours)} ({load(ours)}; raw {load(raw)})",
-            "ms",
-            ours["latency"]["p99_ms"],
-            raw["latency"]["p99_ms"],
-            f"raw pipeline at {'the same rate' if fixed(raw) else 'half its max load'}",
-            better="lower",
             digits=1,
         ),
         figure(

@@ -44,7 +44,8 @@ from app.domain.orders import (
 )
 from app.faust_app import worker_datadir
 from app.local import postgres
-from app.local.deployments import delete_topics, free_port
+from app.local.deployments import delete_topics, free_port, with_database
+from app.local.process import wait_for
 from app.settings import Settings, Topics
 from app.workload import deposit, new_order, payment
 
@@ -87,6 +88,33 @@ def figure(
         "better": better,
         "reason": reason,
     }
+
+
+def tail_figures(
+    key: str,
+    label: str,
+    value: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    baseline_label: str,
+    *,
+    digits: int,
+) -> list[dict[str, Any]]:
+    """The p50 and p99 latency figures (in ms, lower is better) of ``value`` beside
+    ``baseline``, each holding ``p50_ms`` and ``p99_ms``; ``{p}`` in ``key`` and
+    ``label`` names the percentile. A value without them is not measured."""
+    return [
+        figure(
+            key.replace("{p}", p),
+            label.replace("{p}", p),
+            "ms",
+            value.get(f"{p}_ms"),
+            baseline[f"{p}_ms"],
+            baseline_label,
+            better="lower",
+            digits=digits,
+        )
+        for p in ("p50", "p99")
+    ]
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -162,11 +190,6 @@ def load_average() -> list[float]:
 # -- isolated deployments ----------------------------------------------------------------
 
 
-def _with_database(url: str, database: str) -> str:
-    head, _, _ = url.rpartition("/")
-    return f"{head}/{database}"
-
-
 @contextlib.contextmanager
 def deployment(
     base: Settings,
@@ -188,8 +211,8 @@ def deployment(
         topics=Topics(prefix=f"bench-{tag}."),
         app_id=f"streamfold-bench-{tag}",
         web_port=free_port(),
-        database_url=_with_database(base.database_url, dbname),
-        query_database_url=_with_database(base.query_database_url, dbname),
+        database_url=with_database(base.database_url, dbname),
+        query_database_url=with_database(base.query_database_url, dbname),
         **changes,
     )
     try:
@@ -564,6 +587,21 @@ class PositionWatcher:
     def current(self, partition: int) -> int:
         offsets = self._offsets.get(partition)
         return offsets[-1] if offsets else 0
+
+    def wait_past(
+        self, positions: Iterable[tuple[int, int]], timeout: float, what: str
+    ) -> None:
+        """Wait until each partition's position is past every offset given for it;
+        ``what`` names the wait in the error when it times out."""
+        needed: dict[int, int] = {}
+        for partition, offset in positions:
+            needed[partition] = max(needed.get(partition, 0), offset)
+        wait_for(
+            lambda: all(self.current(p) > o for p, o in needed.items()),
+            timeout,
+            what,
+            every=0.02,
+        )
 
     def visible_at(self, partition: int, offset: int) -> float | None:
         """When the position of ``partition`` first went past ``offset``."""

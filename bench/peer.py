@@ -37,6 +37,7 @@ from bench.harness import (
     order_lifecycles,
     percentile,
     postgres_backends,
+    tail_figures,
 )
 
 
@@ -262,24 +263,12 @@ def figures(data: dict[str, Any], e2e: dict[str, Any]) -> list[dict[str, Any]]:
             better="higher",
             digits=1,
         ),
-        figure(
-            "peer.sequential_p50",
-            "Order workload, one command at a time: p50 until durable",
-            "ms",
-            sequential.get("p50_ms"),
-            data["sequential"]["p50_ms"],
+        *tail_figures(
+            "peer.sequential_{p}",
+            "Order workload, one command at a time: {p} until durable",
+            sequential,
+            data["sequential"],
             library,
-            better="lower",
-            digits=2,
-        ),
-        figure(
-            "peer.sequential_p99",
-            "Order workload, one command at a time: p99 until durable",
-            "ms",
-            sequential.get("p99_ms"),
-            data["sequential"]["p99_ms"],
-            library,
-            better="lower",
             digits=2,
         ),
     ]

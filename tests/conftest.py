@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.local import deployments, postgres
-from app.local.deployments import free_port, with_database
+from app.local.deployments import free_port
 from app.local.kafka import KafkaNode
 from app.settings import Settings, Topics
 
@@ -107,22 +107,16 @@ def session_settings(
     """Settings for this test session: a fresh database and a topic prefix of its own."""
     tag = uuid.uuid4().hex[:8]
     database = f"streamfold_test_{tag}"
-    writer = postgres.Conninfo.parse(base_settings.database_url)
-    reader = postgres.Conninfo.parse(base_settings.query_database_url)
-    postgres.create_database(
-        database, owner=writer.user, reader=reader.user, port=writer.port
-    )
     settings = dataclasses.replace(
-        base_settings,
-        database_url=with_database(base_settings.database_url, database),
-        query_database_url=with_database(base_settings.query_database_url, database),
+        deployments.new_database(base_settings, database),
         topics=Topics(prefix=f"t{tag}."),
         app_id=f"streamfold-test-{tag}",
     )
     yield settings
     for used in [settings, *_FRESH]:
         deployments.delete_topics(used)
-    postgres.drop_database(database, port=writer.port)
+    port = postgres.Conninfo.parse(settings.database_url).port
+    postgres.drop_database(database, port=port)
 
 
 # Settings handed out by fresh_settings, whose topics the session deletes at its end.

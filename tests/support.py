@@ -21,7 +21,7 @@ from app.audit import (  # noqa: F401 - re-exported for the tests
     results_by_command,
 )
 from app.client import CommandClient
-from app.domain.orders import Address, CreateOrder, LineItem
+from app.domain.orders import CreateOrder, LineItem
 from app.faust_app import worker_datadir
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
@@ -72,20 +72,14 @@ def eventually_equal(
 
 
 def create_order(order_id: str, customer: str) -> CreateOrder:
-    """A one-item order in USD (42.00), for tests that need an order to exist."""
+    """A one-item order in USD (42.00), to the workload's default address, for tests
+    that need an order to exist."""
     return new_order(
         order_id,
         customer,
         (LineItem(product_id="cobol", quantity=1, unit_price_minor=4200),),
         name="Grace Hopper",
         email="grace@example.com",
-        address=Address(
-            street="1 Navy Way",
-            city="Arlington",
-            state="VA",
-            zip_code="22202",
-            country="US",
-        ),
     )
 
 

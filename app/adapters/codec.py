@@ -9,6 +9,7 @@ version of its record.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -656,15 +657,8 @@ class _Headers:
         has ``envelope``); other records get none."""
         if "metadata" in record:
             meta = record["metadata"]
-            return self.for_event(
-                event_type=meta["event_type"],
-                event_version=meta["event_version"],
-                stream_version=meta["stream_version"],
-                aggregate_id=meta["aggregate_id"],
-                correlation_id=meta["correlation_id"],
-                event_id=meta["event_id"],
-                command_id=meta["command_id"],
-            )
+            # for_event's keywords are metadata fields of the same names.
+            return self.for_event(**{name: meta[name] for name in _EVENT_FIELDS})
         if "envelope" in record:
             envelope = record["envelope"]
             return self.for_command(
@@ -676,3 +670,4 @@ class _Headers:
 
 
 headers = _Headers()
+_EVENT_FIELDS = tuple(inspect.signature(_Headers.for_event).parameters)

@@ -32,7 +32,7 @@ from confluent_kafka import (
 
 from app.adapters import codec, compatibility
 from app.adapters.codec import Reference, SchemaRejected, self_contained
-from app.adapters.topics import ensure_topics, required_topics
+from app.adapters.topics import ensure_topics, read_to_end, required_topics
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.registry")
@@ -270,20 +270,14 @@ class KafkaStore:
             if high <= low:
                 return records
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            while time.monotonic() < deadline:
-                message = consumer.poll(0.5)
-                if message is None:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        break
-                    raise StoreError(f"reading {self.topic}: {error}")
+            for message in read_to_end(consumer, deadline, 0.5):
                 records.append(_decode(message.key(), message.value()))
                 if (message.offset() or 0) >= high - 1:
                     break
-            else:
-                raise StoreError(f"reading {self.topic} did not finish in {timeout}s")
+        except TimeoutError:
+            raise StoreError(
+                f"reading {self.topic} did not finish in {timeout}s"
+            ) from None
         except KafkaException as error:
             raise StoreError(f"reading {self.topic}: {error}") from error
         finally:

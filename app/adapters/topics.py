@@ -8,6 +8,7 @@ both halves of an aggregate.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -354,6 +355,25 @@ def read_range(
         deadline = time.monotonic() + wait_s
 
 
+def read_to_end(
+    consumer: Consumer, deadline: float, poll_s: float
+) -> Iterator[Message]:
+    """The records ``consumer`` finds in its assigned partition until it reports the
+    partition's end; raises ``TimeoutError`` at ``deadline`` (``time.monotonic()``)
+    and ``KafkaException`` on a consumer error."""
+    while time.monotonic() < deadline:
+        message = consumer.poll(poll_s)
+        if message is None:
+            continue
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                return
+            raise KafkaException(error)
+        yield message
+    raise TimeoutError
+
+
 def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
     """A consumed record's headers, in order (a header without a value has None)."""
     # What a consumer hands over is always such a list; the stub's type is the wider
@@ -408,20 +428,13 @@ def record_end(
             start = max(low, high - window)
             consumer.assign([TopicPartition(topic, partition, start)])
             last = None
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                message = consumer.poll(1.0)
-                if message is None:
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
+            # Past the deadline the tail read so far stands.
+            with contextlib.suppress(TimeoutError):
+                for message in read_to_end(consumer, time.monotonic() + 30, 1.0):
+                    offset = message.offset() or 0
+                    if offset >= high:
                         break
-                    raise KafkaException(error)
-                offset = message.offset() or 0
-                if offset >= high:
-                    break
-                last = offset
+                    last = offset
             if last is not None:
                 return last + 1
             if start == low:

@@ -83,3 +83,28 @@ def require_int(value: int, field: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise invalid(field, f"must be between {low} and {high}, got {value}")
     return value
+
+
+def refuse_existing(kind: str, exists: bool, aggregate_id: str) -> None:
+    """Refuse to create the ``kind`` (``"order"``) ``aggregate_id`` if it ``exists``."""
+    if exists:
+        raise DomainError(
+            ErrorCode.ALREADY_EXISTS, f"{kind} {aggregate_id!r} already exists"
+        )
+
+
+def require_existing(
+    kind: str, exists: bool, aggregate_id: str, loaded_id: str
+) -> None:
+    """Refuse a command for the ``kind`` ``aggregate_id`` unless it ``exists`` and is
+    the one loaded (``loaded_id``); the id's field is ``<kind>_id``."""
+    if not exists:
+        raise DomainError(
+            ErrorCode.NOT_FOUND, f"{kind} {aggregate_id!r} does not exist"
+        )
+    if aggregate_id != loaded_id:
+        # The application loads state by the command's id; a mismatch is a wiring bug.
+        raise invalid(
+            f"{kind}_id",
+            f"{aggregate_id!r} does not match the loaded {kind} {loaded_id!r}",
+        )

@@ -46,16 +46,8 @@ def create(settings: Settings, kind: str = "test") -> Settings:
     """A new deployment beside ``settings``, with its topics and tables in place."""
     tag = uuid.uuid4().hex[:8]
     app_id = f"streamfold-{kind}-{tag}"
-    database = app_id.replace("-", "_")
-    writer = postgres.Conninfo.parse(settings.database_url)
-    reader = postgres.Conninfo.parse(settings.query_database_url)
-    postgres.create_database(
-        database, owner=writer.user, reader=reader.user, port=writer.port
-    )
     own = dataclasses.replace(
-        settings,
-        database_url=with_database(settings.database_url, database),
-        query_database_url=with_database(settings.query_database_url, database),
+        new_database(settings, app_id.replace("-", "_")),
         topics=Topics(prefix=f"{kind[0]}{tag}."),
         app_id=app_id,
         web_port=free_port(),
@@ -63,6 +55,21 @@ def create(settings: Settings, kind: str = "test") -> Settings:
     topics.ensure_topics(own)
     migrations.migrate(own.database_url)
     return own
+
+
+def new_database(settings: Settings, database: str) -> Settings:
+    """``settings`` on ``database``, created here on the same server: owned by the
+    writer's role, readable by the query role."""
+    writer = postgres.Conninfo.parse(settings.database_url)
+    reader = postgres.Conninfo.parse(settings.query_database_url)
+    postgres.create_database(
+        database, owner=writer.user, reader=reader.user, port=writer.port
+    )
+    return dataclasses.replace(
+        settings,
+        database_url=with_database(settings.database_url, database),
+        query_database_url=with_database(settings.query_database_url, database),
+    )
 
 
 def remove(settings: Settings) -> None:

@@ -48,7 +48,49 @@ PR_SET_PDEATHSIG = 1
 EXITED = "a projection process exited"
 
 
-class ProjectionProcess:
+class Supervisor:
+    """Children started, and started again when they exit, each by a thread of its
+    own; a subclass says in ``_supervise(index)`` how child ``index`` runs."""
+
+    def __init__(self, processes: int, name: str) -> None:
+        # Children that exited without being asked to.
+        self.exits = 0
+        self._name = name
+        self._stopping = threading.Event()
+        # Held while a child starts, so ``stop`` sees every child started.
+        self._starting = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._children: list[Any] = [None] * processes
+
+    def start(self) -> None:
+        for index in range(len(self._children)):
+            # From a thread that lives as long as the process: a child's death
+            # signal fires when the thread that started it ends.
+            thread = threading.Thread(
+                target=self._supervise,
+                args=(index,),
+                name=f"{self._name}-{index}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._starting:
+            self._stopping.set()
+        stop_children(self._children, timeout)
+        for thread in self._threads:
+            thread.join(5)
+
+    @property
+    def running(self) -> bool:
+        return any(c is not None and c.is_alive() for c in self._children)
+
+    def _supervise(self, index: int) -> None:
+        raise NotImplementedError
+
+
+class ProjectionProcess(Supervisor):
     """Starts the children, restarts each one that exits, and mirrors what they
     report. ``processes`` children each run every projection in ``names``; through
     each projection's consumer group they share its partitions. ``schema`` and
@@ -67,6 +109,7 @@ class ProjectionProcess:
             raise ValueError(f"processes must be at least 1, not {processes}")
         if group is not None and len(names) != 1:
             raise ValueError("a consumer group of its own needs exactly one projection")
+        super().__init__(processes, "projection-process")
         self.settings = settings
         self.names = names
         self.schema = schema
@@ -75,40 +118,11 @@ class ProjectionProcess:
         self._reports = [
             {name: Status(name) for name in names} for _ in range(processes)
         ]
-        # Children that exited without being asked to.
-        self.exits = 0
         self._progress = threading.Condition()
-        self._stopping = threading.Event()
-        # Held while a child starts, so ``stop`` sees every child started.
-        self._starting = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._children: list[Any] = [None] * processes
 
     def start(self) -> None:
-        if not self.names:
-            return
-        for index in range(len(self._children)):
-            # From a thread that lives as long as the process: a child's death
-            # signal fires when the thread that started it ends.
-            thread = threading.Thread(
-                target=self._supervise,
-                args=(index,),
-                name=f"projection-process-{index}",
-                daemon=True,
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._starting:
-            self._stopping.set()
-        stop_children(self._children, timeout)
-        for thread in self._threads:
-            thread.join(5)
-
-    @property
-    def running(self) -> bool:
-        return any(c is not None and c.is_alive() for c in self._children)
+        if self.names:
+            super().start()
 
     @property
     def statuses(self) -> dict[str, Status]:

@@ -179,17 +179,22 @@ def replay(
         _only_replay(conn, name),
     ):
         _drop_leftovers(conn, name)
-        if in_place:
-            events, epoch, positions = _in_place(
-                settings, projection, conn, progress, processes
-            )
-        else:
-            events, epoch, positions = _blue_green(
-                settings, projection, conn, progress, processes
-            )
+        run = _Run(settings, projection, conn, progress, processes)
+        events, epoch, positions = (_in_place if in_place else _blue_green)(run)
     return Replayed(
         name, in_place, events, epoch, time.monotonic() - started, positions
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """What a replay works with, either way it goes."""
+
+    settings: Settings
+    projection: Projection
+    conn: psycopg.Connection[Any]
+    progress: Progress
+    processes: int
 
 
 # -- blue/green -----------------------------------------------------------------------
@@ -201,44 +206,36 @@ def default_processes(settings: Settings) -> int:
     return max(1, min(os.cpu_count() or 1, settings.partitions))
 
 
-def _blue_green(
-    settings: Settings,
-    projection: Projection,
-    conn: psycopg.Connection[Any],
-    progress: Progress,
-    processes: int,
-) -> tuple[int, int, Positions]:
-    name = projection.name
-    n = current_epoch(conn, name) + 1
+def _blue_green(run: _Run) -> tuple[int, int, Positions]:
+    name = run.projection.name
+    n = current_epoch(run.conn, name) + 1
     shadow, retired = f"replay_{name}_{n}", f"retired_{name}_{n - 1}"
-    group = f"{group_id(settings, name)}.replay-{n}"
-    _delete_group(settings, group)  # a crashed replay's, if any
+    group = f"{group_id(run.settings, name)}.replay-{n}"
+    _delete_group(run.settings, group)  # a crashed replay's, if any
     try:
-        _create_shadow(conn, projection, shadow)
+        _create_shadow(run.conn, run.projection, shadow)
         runners = ProjectionProcess(
-            settings, (name,), processes=processes, schema=shadow, group=group
+            run.settings, (name,), processes=run.processes, schema=shadow, group=group
         )
         runners.start()
         try:
             events = _follow(
-                settings,
-                projection,
+                run,
                 lambda: runners.statuses[name].positions,
-                progress,
                 lambda: _runners_state(runners, name),
             )
         finally:
             runners.stop()
         if runners.running:
             raise ReplayError("the replay's runners did not stop in time")
-        epoch, positions = _switch(conn, projection, shadow, retired)
+        epoch, positions = _switch(run.conn, run.projection, shadow, retired)
     finally:
         with contextlib.suppress(psycopg.Error):
-            _drop_schema(conn, shadow)
-        _delete_group(settings, group)
+            _drop_schema(run.conn, shadow)
+        _delete_group(run.settings, group)
     with contextlib.suppress(psycopg.Error):
-        _drop_schema(conn, retired)
-    _point_group(settings, group_id(settings, name), positions)
+        _drop_schema(run.conn, retired)
+    _point_group(run.settings, group_id(run.settings, name), positions)
     return events, epoch, positions
 
 
@@ -378,42 +375,24 @@ def _switch(
 # -- in place -------------------------------------------------------------------------
 
 
-def _in_place(
-    settings: Settings,
-    projection: Projection,
-    conn: psycopg.Connection[Any],
-    progress: Progress,
-    processes: int,
-) -> tuple[int, int, Positions]:
-    name = projection.name
-    live = group_id(settings, name)
-    worker_runs = group_members(settings, live) > 0
-    epoch = reset(conn, projection)
+def _in_place(run: _Run) -> tuple[int, int, Positions]:
+    name = run.projection.name
+    live = group_id(run.settings, name)
+    worker_runs = group_members(run.settings, live) > 0
+    epoch = reset(run.conn, run.projection)
 
     def positions() -> Positions:
-        return stored_positions(conn, name)
+        return stored_positions(run.conn, name)
 
     if worker_runs:
         # The worker's runners see the new epoch and refold from the start.
-        events = _follow(
-            settings,
-            projection,
-            positions,
-            progress,
-            _worker_state(settings, live),
-        )
+        events = _follow(run, positions, _worker_state(run.settings, live))
         return events, epoch, positions()
-    _point_group(settings, live, _earliest(settings, projection))
-    runners = ProjectionProcess(settings, (name,), processes=processes)
+    _point_group(run.settings, live, _earliest(run.settings, run.projection))
+    runners = ProjectionProcess(run.settings, (name,), processes=run.processes)
     runners.start()
     try:
-        events = _follow(
-            settings,
-            projection,
-            positions,
-            progress,
-            lambda: _runners_state(runners, name),
-        )
+        events = _follow(run, positions, lambda: _runners_state(runners, name))
     finally:
         runners.stop()
     return events, epoch, positions()
@@ -471,19 +450,20 @@ def _clock(seconds: float) -> str:
 
 
 def _follow(
-    settings: Settings,
-    projection: Projection,
+    run: _Run,
     positions: Callable[[], Mapping[tuple[str, int], int]],
-    progress: Progress,
     state: Callable[[], str],
     poll: float = 0.1,
 ) -> int:
     """Report progress until ``positions`` reach the head of every partition (lag 0,
     heads read afresh each time); return the events folded. ``state`` raises
     ``ReplayError`` when nothing is folding any more, else returns a note."""
-    watcher = _consumer(settings, f"{group_id(settings, projection.name)}.replay-watch")
+    settings, progress = run.settings, run.progress
+    watcher = _consumer(
+        settings, f"{group_id(settings, run.projection.name)}.replay-watch"
+    )
     try:
-        partitions = _partitions(watcher, source_topics(settings, projection))
+        partitions = _partitions(watcher, source_topics(settings, run.projection))
         lows = {
             key: watcher.get_watermark_offsets(TopicPartition(*key), timeout=30)[0]
             for key in partitions

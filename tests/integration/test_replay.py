@@ -267,21 +267,22 @@ def catalog(settings: Settings) -> dict[str, Any]:
     reader's privileges, and no replay schemas."""
     with psycopg.connect(settings.database_url) as conn:
         tables = [t for ts in TABLES.values() for t in ts]
-        indexes = conn.execute(
+
+        def of_tables(query: str) -> list[tuple[Any, ...]]:
+            return conn.execute(query, (tables,)).fetchall()
+
+        indexes = of_tables(
             "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' "
-            "AND tablename = ANY(%s) ORDER BY 1, 2",
-            (tables,),
-        ).fetchall()
-        constraints = conn.execute(
+            "AND tablename = ANY(%s) ORDER BY 1, 2"
+        )
+        constraints = of_tables(
             "SELECT conrelid::regclass::text, conname FROM pg_constraint "
-            "WHERE conrelid::regclass::text = ANY(%s) ORDER BY 1, 2",
-            (tables,),
-        ).fetchall()
-        readable = conn.execute(
+            "WHERE conrelid::regclass::text = ANY(%s) ORDER BY 1, 2"
+        )
+        readable = of_tables(
             "SELECT t, has_table_privilege('streamfold_reader', 'public.' || t, 'SELECT')"
-            " FROM unnest(%s::text[]) t ORDER BY 1",
-            (tables,),
-        ).fetchall()
+            " FROM unnest(%s::text[]) t ORDER BY 1"
+        )
         leftovers = conn.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname ~ '^(replay|retired)_'"
         ).fetchall()

@@ -190,27 +190,41 @@ def test_conflicting_partitions_stop_start_up(session_settings: Settings) -> Non
         )
 
 
-def test_finite_retention_on_an_event_topic_stops_start_up(
+@pytest.mark.parametrize(
+    ("kind", "aggregate", "more_partitions", "config", "refusal"),
+    [
+        pytest.param(
+            "events",
+            "accounts",
+            0,
+            {"retention.ms": "86400000"},
+            r"retention\.ms=86400000",
+            id="finite-retention-on-an-event-topic",
+        ),
+        pytest.param(
+            "commands",
+            "orders",
+            2,
+            {},
+            "an aggregate's topics must match",
+            id="mismatched-command-and-event-partitions",
+        ),
+    ],
+)
+def test_a_conflicting_topic_stops_start_up(
     session_settings: Settings,
+    kind: str,
+    aggregate: str,
+    more_partitions: int,
+    config: dict[str, str],
+    refusal: str,
 ) -> None:
     settings = fresh_settings(session_settings)
-    name = settings.topics.events("accounts")
+    name = getattr(settings.topics, kind)(aggregate)
     admin = topics.admin_client(settings)
-    admin.create_topics(
-        [NewTopic(name, settings.partitions, 1, config={"retention.ms": "86400000"})]
-    )[name].result(timeout=30)
-    with pytest.raises(topics.TopicConflict, match=r"retention\.ms=86400000"):
-        topics.ensure_topics(settings)
-
-
-def test_mismatched_command_and_event_partitions_stop_start_up(
-    session_settings: Settings,
-) -> None:
-    settings = fresh_settings(session_settings)
-    name = settings.topics.commands("orders")
-    admin = topics.admin_client(settings)
-    admin.create_topics([NewTopic(name, settings.partitions + 2, 1)])[name].result(
+    partitions = settings.partitions + more_partitions
+    admin.create_topics([NewTopic(name, partitions, 1, config=config)])[name].result(
         timeout=30
     )
-    with pytest.raises(topics.TopicConflict, match="an aggregate's topics must match"):
+    with pytest.raises(topics.TopicConflict, match=refusal):
         topics.ensure_topics(settings)

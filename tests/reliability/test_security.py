@@ -89,75 +89,29 @@ allow.everyone.if.no.acl.found=false
 
 def _grant(node: KafkaNode) -> None:
     admin = AdminClient(_client(node, "admin", USERS["admin"]))
-    allow = AclPermissionType.ALLOW
     # "*" as a literal name is Kafka's wildcard: every topic, group or id.
-    every = ResourcePatternType.LITERAL
-    bindings = [
+    grants = [
         # The worker may do anything Streamfold does, on its own topics and groups.
-        AclBinding(
-            ResourceType.TOPIC,
-            "*",
-            every,
-            "User:worker",
-            "*",
-            AclOperation.ALL,
-            allow,
-        ),
-        AclBinding(
-            ResourceType.GROUP,
-            "*",
-            every,
-            "User:worker",
-            "*",
-            AclOperation.ALL,
-            allow,
-        ),
-        AclBinding(
-            ResourceType.TRANSACTIONAL_ID,
-            "*",
-            every,
-            "User:worker",
-            "*",
-            AclOperation.ALL,
-            allow,
-        ),
-        AclBinding(
-            ResourceType.BROKER,
-            "kafka-cluster",
-            ResourcePatternType.LITERAL,
-            "User:worker",
-            "*",
-            AclOperation.ALL,
-            allow,
-        ),
+        ("User:worker", ResourceType.TOPIC, "*", AclOperation.ALL),
+        ("User:worker", ResourceType.GROUP, "*", AclOperation.ALL),
+        ("User:worker", ResourceType.TRANSACTIONAL_ID, "*", AclOperation.ALL),
+        ("User:worker", ResourceType.BROKER, "kafka-cluster", AclOperation.ALL),
         # The query principal reads; it never writes.
+        ("User:query", ResourceType.TOPIC, "*", AclOperation.READ),
+        ("User:query", ResourceType.TOPIC, "*", AclOperation.DESCRIBE),
+        ("User:query", ResourceType.GROUP, "*", AclOperation.READ),
+    ]
+    bindings = [
         AclBinding(
-            ResourceType.TOPIC,
+            resource,
+            name,
+            ResourcePatternType.LITERAL,
+            principal,
             "*",
-            every,
-            "User:query",
-            "*",
-            AclOperation.READ,
-            allow,
-        ),
-        AclBinding(
-            ResourceType.TOPIC,
-            "*",
-            every,
-            "User:query",
-            "*",
-            AclOperation.DESCRIBE,
-            allow,
-        ),
-        AclBinding(
-            ResourceType.GROUP,
-            "*",
-            every,
-            "User:query",
-            "*",
-            AclOperation.READ,
-            allow,
-        ),
+            operation,
+            AclPermissionType.ALLOW,
+        )
+        for principal, resource, name, operation in grants
     ]
     for future in admin.create_acls(bindings).values():
         future.result(timeout=30)

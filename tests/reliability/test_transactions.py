@@ -28,6 +28,7 @@ from app.writeside import WRITER_NAME, command_group
 from bench.harness import process_tree
 from tests.invariants import assert_write_side_promises, serving_worker
 from tests.support import codec_for
+from tests.unit.deciders import recorded
 
 ACCOUNTS = 8
 
@@ -114,13 +115,9 @@ def test_an_event_appended_by_someone_else_is_folded_before_the_next_decision(
                 causation_id="import-1",
                 command_id="import-1",
             ),
-            event=MoneyDeposited(
-                account_id=account,
-                transaction_id="legacy-1",
-                amount_minor=700,
-                currency="USD",
-                source="legacy",
-                reference="",
+            event=recorded(
+                MoneyDeposited,
+                deposit(account, 700, "legacy-1", source="legacy"),
                 balance_after_minor=700,
             ),
         )

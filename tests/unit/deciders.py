@@ -8,11 +8,20 @@ import typing
 from dataclasses import dataclass
 from enum import Enum
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from app.domain.errors import DomainError
+
+T = TypeVar("T")
+
+
+def recorded(event_type: type[T], command: Any, **more: Any) -> T:
+    """``event_type`` holding ``command``'s fields as they are, and ``more``: the
+    event a command is recorded as when it keeps the command's own values."""
+    fields = {f.name: getattr(command, f.name) for f in dataclasses.fields(command)}
+    return event_type(**(fields | more))
 
 
 def given(module: ModuleType, *events: Any) -> Given:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from app import workload
 from app.domain import accounts
 from app.domain.accounts import (
     AccountClosed,
@@ -21,7 +22,7 @@ from app.domain.accounts import (
 )
 from app.domain.errors import ErrorCode
 from app.domain.money import MAX_LONG
-from tests.unit.deciders import assert_primitive_record, given
+from tests.unit.deciders import assert_primitive_record, given, recorded
 
 ACCOUNT_ID = "a-1"
 OPEN = OpenAccount(account_id=ACCOUNT_ID, owner_id="c-1", currency="USD")
@@ -33,53 +34,30 @@ CLOSED = AccountClosed(account_id=ACCOUNT_ID, reason="customer request")
 
 
 def deposit(**changes: Any) -> Deposit:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-1",
-        "amount_minor": 1000,
-        "currency": "USD",
-        "source": "bank",
-        "reference": "salary",
-    }
-    return Deposit(**(fields | changes))
+    command = workload.deposit(
+        ACCOUNT_ID, 1000, "tx-1", source="bank", reference="salary"
+    )
+    return replace(command, **changes)
 
 
 def deposited(**changes: Any) -> MoneyDeposited:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-1",
-        "amount_minor": 1000,
-        "currency": "USD",
-        "source": "bank",
-        "reference": "salary",
-        "balance_after_minor": 1000,
-    }
-    return MoneyDeposited(**(fields | changes))
+    """``deposit()`` recorded: the same fields and the balance after it."""
+    return recorded(
+        MoneyDeposited, deposit(), **({"balance_after_minor": 1000} | changes)
+    )
 
 
 def withdraw(**changes: Any) -> Withdraw:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-2",
-        "amount_minor": 300,
-        "currency": "USD",
-        "destination": "atm",
-        "reference": "",
-    }
-    return Withdraw(**(fields | changes))
+    return replace(
+        workload.withdrawal(ACCOUNT_ID, 300, "tx-2", destination="atm"), **changes
+    )
 
 
 def withdrawn(**changes: Any) -> MoneyWithdrawn:
-    fields: dict[str, Any] = {
-        "account_id": ACCOUNT_ID,
-        "transaction_id": "tx-2",
-        "amount_minor": 300,
-        "currency": "USD",
-        "destination": "atm",
-        "reference": "",
-        "balance_after_minor": 700,
-    }
-    return MoneyWithdrawn(**(fields | changes))
+    """``withdraw()`` recorded: the same fields and the balance after it."""
+    return recorded(
+        MoneyWithdrawn, withdraw(), **({"balance_after_minor": 700} | changes)
+    )
 
 
 # --- the module's shape -------------------------------------------------------

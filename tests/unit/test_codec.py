@@ -38,6 +38,8 @@ from app.adapters.codec import (
     validate_size,
 )
 from app.domain import accounts, orders
+from app.workload import deposit, new_order, payment, withdrawal
+from tests.unit.deciders import recorded
 
 ORDER_CREATED = "streamfold.orders.OrderCreated"
 WHEN = datetime(2026, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
@@ -68,83 +70,46 @@ SAMPLE_EVENTS: list[Any] = [
     ),
     orders.OrderItemAdded(order_id="o-1", item=LINE, total_minor=8118),
     orders.OrderItemRemoved(order_id="o-1", product_id="sku-1", total_minor=0),
-    orders.PaymentProcessed(
-        order_id="o-1",
-        payment_id="p-1",
-        amount_minor=5412,
-        currency="USD",
-        method="credit_card",
-        transaction_id="t-1",
-    ),
+    recorded(orders.PaymentProcessed, payment("o-1", 5412, "p-1", "t-1")),
     orders.OrderShipped(order_id="o-1", tracking_number="1Z", carrier="UPS"),
     orders.OrderDelivered(order_id="o-1"),
     orders.OrderCancelled(order_id="o-1", reason="changed mind", refund_due_minor=0),
     accounts.AccountOpened(
         account_id="a-1", owner_id="c-1", currency="EUR", overdraft_limit_minor=10_000
     ),
-    accounts.MoneyDeposited(
-        account_id="a-1",
-        transaction_id="t-2",
-        amount_minor=2**40,
-        currency="EUR",
-        source="wire",
-        reference="",
+    recorded(
+        accounts.MoneyDeposited,
+        deposit("a-1", 2**40, "t-2", currency="EUR", source="wire"),
         balance_after_minor=2**40,
     ),
-    accounts.MoneyWithdrawn(
-        account_id="a-1",
-        transaction_id="t-3",
-        amount_minor=500,
-        currency="EUR",
-        destination="atm",
-        reference="cash",
+    recorded(
+        accounts.MoneyWithdrawn,
+        withdrawal(
+            "a-1", 500, "t-3", currency="EUR", destination="atm", reference="cash"
+        ),
         balance_after_minor=-500,
     ),
     accounts.AccountClosed(account_id="a-1", reason="moving"),
 ]
 
 SAMPLE_COMMANDS: list[Any] = [
-    orders.CreateOrder(
-        order_id="o-1",
-        customer_id="c-1",
-        customer_name="Ann Lee",
-        customer_email="ann@example.com",
-        items=(
-            ITEM,
-            orders.LineItem(product_id="sku-3", quantity=3, unit_price_minor=1),
-        ),
-        currency="USD",
-        shipping_address=ADDRESS,
+    new_order(
+        "o-1",
+        "c-1",
+        (ITEM, orders.LineItem(product_id="sku-3", quantity=3, unit_price_minor=1)),
+        name="Ann Lee",
+        email="ann@example.com",
+        address=ADDRESS,
     ),
     orders.AddItem(order_id="o-1", item=ITEM),
     orders.RemoveItem(order_id="o-1", product_id="sku-2"),
-    orders.ProcessPayment(
-        order_id="o-1",
-        payment_id="p-1",
-        amount_minor=999,
-        currency="USD",
-        method="account",
-        transaction_id="t-1",
-    ),
+    payment("o-1", 999, "p-1", "t-1", method="account"),
     orders.ShipOrder(order_id="o-1", tracking_number="1Z", carrier="UPS"),
     orders.DeliverOrder(order_id="o-1"),
     orders.CancelOrder(order_id="o-1", reason="late"),
     accounts.OpenAccount(account_id="a-1", owner_id="c-1", currency="EUR"),
-    accounts.Deposit(
-        account_id="a-1",
-        transaction_id="t-1",
-        amount_minor=100,
-        currency="EUR",
-        source="card",
-    ),
-    accounts.Withdraw(
-        account_id="a-1",
-        transaction_id="t-2",
-        amount_minor=100,
-        currency="EUR",
-        destination="atm",
-        reference="r",
-    ),
+    deposit("a-1", 100, "t-1", currency="EUR"),
+    withdrawal("a-1", 100, "t-2", currency="EUR", destination="atm", reference="r"),
     accounts.CloseAccount(account_id="a-1", reason="done"),
 ]
 

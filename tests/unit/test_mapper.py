@@ -12,6 +12,9 @@ import pytest
 from app.adapters import mapper
 from app.adapters.mapper import MappingError, from_dict, to_dict
 from app.domain import accounts, orders
+from app.domain.orders.values import to_order_line
+from app.workload import new_order
+from tests.unit.deciders import recorded
 
 
 class Colour(StrEnum):
@@ -39,26 +42,21 @@ class Floaty:
     amount: float
 
 
-ORDER = orders.OrderCreated(
-    order_id="o-1",
-    customer_id="c-1",
-    customer_name="Ann",
-    customer_email="ann@example.com",
-    items=(
-        orders.OrderLine(
-            product_id="p-1",
-            quantity=2,
-            unit_price_minor=100,
-            tax_rate_bps=0,
-            total_price_minor=200,
+ITEM = orders.LineItem(product_id="p-1", quantity=2, unit_price_minor=100)
+ORDER = recorded(
+    orders.OrderCreated,
+    new_order(
+        "o-1",
+        "c-1",
+        (ITEM,),
+        name="Ann",
+        email="ann@example.com",
+        address=orders.Address(
+            street="s", city="c", state="", zip_code="z", country="US"
         ),
     ),
-    currency="USD",
-    shipping_address=orders.Address(
-        street="s", city="c", state="", zip_code="z", country="US"
-    ),
+    items=(to_order_line(ITEM, "item"),),
     total_minor=200,
-    account_id=None,
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from app import workload
 from app.domain import orders
 from app.domain.errors import DomainError, ErrorCode
 from app.domain.orders import (
@@ -31,7 +32,7 @@ from app.domain.orders import (
     ShipOrder,
     line_total_minor,
 )
-from tests.unit.deciders import assert_primitive_record, given
+from tests.unit.deciders import assert_primitive_record, given, recorded
 
 ORDER_ID = "o-1"
 ADDRESS = Address(
@@ -58,53 +59,21 @@ GADGET_LINE = OrderLine(
 
 
 def create(**changes: Any) -> CreateOrder:
-    fields: dict[str, Any] = {
-        "order_id": ORDER_ID,
-        "customer_id": "c-1",
-        "customer_name": "Ada Lovelace",
-        "customer_email": "ada@example.com",
-        "items": (WIDGET, GADGET),
-        "currency": "USD",
-        "shipping_address": ADDRESS,
-    }
-    return CreateOrder(**(fields | changes))
+    order = workload.new_order(ORDER_ID, "c-1", (WIDGET, GADGET), address=ADDRESS)
+    return replace(order, **changes)
 
 
 def created(**changes: Any) -> OrderCreated:
-    fields: dict[str, Any] = {
-        "order_id": ORDER_ID,
-        "customer_id": "c-1",
-        "customer_name": "Ada Lovelace",
-        "customer_email": "ada@example.com",
-        "items": (WIDGET_LINE, GADGET_LINE),
-        "currency": "USD",
-        "shipping_address": ADDRESS,
-        "total_minor": 2080,
-        "account_id": None,
-    }
-    return OrderCreated(**(fields | changes))
+    """``create()`` recorded: its items priced, and the total."""
+    priced = {"items": (WIDGET_LINE, GADGET_LINE), "total_minor": 2080}
+    return recorded(OrderCreated, create(), **(priced | changes))
 
 
 def pay(**changes: Any) -> ProcessPayment:
-    fields: dict[str, Any] = {
-        "order_id": ORDER_ID,
-        "payment_id": "pay-1",
-        "amount_minor": 2080,
-        "currency": "USD",
-        "method": "credit_card",
-        "transaction_id": "tx-1",
-    }
-    return ProcessPayment(**(fields | changes))
+    return replace(workload.payment(ORDER_ID, 2080, "pay-1", "tx-1"), **changes)
 
 
-PAID = PaymentProcessed(
-    order_id=ORDER_ID,
-    payment_id="pay-1",
-    amount_minor=2080,
-    currency="USD",
-    method="credit_card",
-    transaction_id="tx-1",
-)
+PAID = recorded(PaymentProcessed, pay())
 SHIPPED = OrderShipped(order_id=ORDER_ID, tracking_number="1Z999", carrier="UPS")
 DELIVERED = OrderDelivered(order_id=ORDER_ID)
 CANCELLED = OrderCancelled(order_id=ORDER_ID, reason="changed mind", refund_due_minor=0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from app import workload
 from app.application import saga
 from app.application.saga import (
     Cancelled,
@@ -27,8 +28,10 @@ from app.application.saga import (
     Withdrawn,
 )
 from app.domain import accounts, orders
-from app.domain.orders import Address, OrderLine
+from app.domain.orders import Address
+from app.domain.orders.values import to_order_line
 from app.settings import Settings, SettingsError
+from tests.unit.deciders import recorded
 
 ORDER = "o-1"
 ACCOUNT = "a-1"
@@ -133,30 +136,35 @@ class When:
         return saga.react(self.state, self.message, timeout=TIMEOUT)
 
 
-WITHDRAW = accounts.Withdraw(
-    account_id=ACCOUNT,
-    transaction_id=f"order-payment:{ORDER}",
-    amount_minor=4200,
+WITHDRAW = workload.withdrawal(
+    ACCOUNT,
+    4200,
+    f"order-payment:{ORDER}",
     currency="EUR",
     destination=f"order {ORDER}",
     reference=f"payment for order {ORDER}",
 )
-PAY = orders.ProcessPayment(
-    order_id=ORDER,
-    payment_id="ev-withdrawn",
-    amount_minor=4200,
+PAY = workload.payment(
+    ORDER,
+    4200,
+    "ev-withdrawn",
+    f"order-payment:{ORDER}",
     currency="EUR",
     method="account",
-    transaction_id=f"order-payment:{ORDER}",
 )
-REFUND = accounts.Deposit(
-    account_id=ACCOUNT,
-    transaction_id=f"order-refund:{ORDER}",
-    amount_minor=4200,
+REFUND = workload.deposit(
+    ACCOUNT,
+    4200,
+    f"order-refund:{ORDER}",
     currency="EUR",
     source=f"order {ORDER}",
     reference=f"refund for order {ORDER}",
 )
+
+
+def stage(state: SagaState, *more: str) -> tuple[Any, ...]:
+    """``state``'s phase and money, then the fields named in ``more``."""
+    return (state.phase, state.money, *(getattr(state, name) for name in more))
 
 
 def cancel(reason: str) -> orders.CancelOrder:
@@ -176,21 +184,13 @@ def test_an_order_with_an_account_is_charged_with_linked_ids() -> None:
     assert out.issued_at == T0
     state = reaction.state
     assert state is not None
-    assert (state.phase, state.money, state.deadline) == (
-        Phase.CHARGING,
-        Money.REQUESTED,
-        DEADLINE,
-    )
+    assert stage(state, "deadline") == (Phase.CHARGING, Money.REQUESTED, DEADLINE)
     assert state.history[-1].sent[0].command_type == "Withdraw"
 
 
 def test_an_accepted_withdrawal_is_recorded_on_the_order() -> None:
     state = given(created()).when(withdrawn()).then(PAY)
-    assert (state.phase, state.money, state.deadline) == (
-        Phase.PAYING,
-        Money.TAKEN,
-        None,
-    )
+    assert stage(state, "deadline") == (Phase.PAYING, Money.TAKEN, None)
     assert state.history[-1].sent[0].causation_id == "ev-withdrawn"
 
 
@@ -209,11 +209,7 @@ def test_the_recorded_payment_completes_the_saga() -> None:
 def test_a_refused_withdrawal_cancels_the_order_with_the_reason(code: str) -> None:
     reason = f"payment refused by account {ACCOUNT}: {code}: not enough"
     state = given(created()).when(refused(Step.WITHDRAW, code)).then(cancel(reason))
-    assert (state.phase, state.money, state.reason) == (
-        Phase.CANCELLING,
-        Money.REFUSED,
-        reason,
-    )
+    assert stage(state, "reason") == (Phase.CANCELLING, Money.REFUSED, reason)
     assert state.deadline is None
     done = given(created(), refused(Step.WITHDRAW, code)).when(cancelled()).then()
     assert done.phase is Phase.CANCELLED and done.settled
@@ -227,16 +223,12 @@ def test_a_refused_payment_is_refunded_and_the_order_cancelled() -> None:
         .when(refused(Step.PAY, "PaymentMismatch", seconds=2))
         .then(REFUND, cancel(reason))
     )
-    assert (state.phase, state.money) == (Phase.CANCELLING, Money.REFUNDING)
+    assert stage(state) == (Phase.CANCELLING, Money.REFUNDING)
     after = given(
         created(), withdrawn(), refused(Step.PAY, "PaymentMismatch", 2), cancelled(3)
     ).when(deposited())
     final = after.then()
-    assert (final.phase, final.money, final.settled) == (
-        Phase.CANCELLED,
-        Money.REFUNDED,
-        True,
-    )
+    assert stage(final, "settled") == (Phase.CANCELLED, Money.REFUNDED, True)
 
 
 def test_a_refused_refund_is_left_for_a_human() -> None:
@@ -258,7 +250,7 @@ def test_a_refused_cancellation_is_noted_and_changes_nothing_else() -> None:
         .when(refused(Step.CANCEL, "InvalidState", seconds=2))
         .then()
     )
-    assert (state.phase, state.money) == (before.phase, before.money)
+    assert stage(state) == stage(before)
     assert "cancellation refused" in state.history[-1].note
 
 
@@ -279,11 +271,7 @@ def test_a_timeout_for_another_deadline_does_nothing() -> None:
 def test_the_deadline_cancels_the_order_once() -> None:
     reason = f"payment timed out: no answer from account {ACCOUNT} within 30s"
     state = given(created()).when(timed_out()).then(cancel(reason))
-    assert (state.phase, state.money, state.deadline) == (
-        Phase.CANCELLING,
-        Money.REQUESTED,
-        None,
-    )
+    assert stage(state, "deadline") == (Phase.CANCELLING, Money.REQUESTED, None)
     # Sent again by a restarted timer, later: still nothing.
     assert given(created(), timed_out()).when(timed_out(seconds=60)).reaction() == (
         Reaction(state)
@@ -294,7 +282,7 @@ def test_a_withdrawal_after_the_timeout_is_refunded() -> None:
     state = (
         given(created(), timed_out(), cancelled(32)).when(withdrawn(40)).then(REFUND)
     )
-    assert (state.phase, state.money) == (Phase.CANCELLED, Money.REFUNDING)
+    assert stage(state) == (Phase.CANCELLED, Money.REFUNDING)
     assert not state.settled
     done = given(created(), timed_out(), cancelled(32), withdrawn(40)).when(deposited())
     assert done.then().money is Money.REFUNDED
@@ -302,7 +290,7 @@ def test_a_withdrawal_after_the_timeout_is_refunded() -> None:
 
 def test_a_withdrawal_before_the_cancellation_lands_is_refunded_too() -> None:
     state = given(created(), timed_out()).when(withdrawn(31.5)).then(REFUND)
-    assert (state.phase, state.money) == (Phase.CANCELLING, Money.REFUNDING)
+    assert stage(state) == (Phase.CANCELLING, Money.REFUNDING)
     # A second withdrawal event of the same command (the log repeated it) is no
     # second refund.
     again = given(created(), timed_out(), withdrawn(31.5)).when(
@@ -317,11 +305,7 @@ def test_a_refusal_after_the_timeout_only_records_it() -> None:
         .when(refused(Step.WITHDRAW, seconds=35))
         .then()
     )
-    assert (state.phase, state.money, state.settled) == (
-        Phase.CANCELLED,
-        Money.REFUSED,
-        True,
-    )
+    assert stage(state, "settled") == (Phase.CANCELLED, Money.REFUSED, True)
 
 
 # -- the order moving on by itself ----------------------------------------------------
@@ -329,7 +313,7 @@ def test_a_refusal_after_the_timeout_only_records_it() -> None:
 
 def test_an_order_cancelled_while_charging_refunds_a_late_withdrawal() -> None:
     state = given(created()).when(cancelled(reason="changed my mind")).then()
-    assert (state.phase, state.money, state.reason) == (
+    assert stage(state, "reason") == (
         Phase.CANCELLED,
         Money.REQUESTED,
         "changed my mind",
@@ -340,7 +324,7 @@ def test_an_order_cancelled_while_charging_refunds_a_late_withdrawal() -> None:
 
 def test_an_order_cancelled_while_paying_is_refunded_once() -> None:
     state = given(created(), withdrawn()).when(cancelled(3)).then(REFUND)
-    assert (state.phase, state.money) == (Phase.CANCELLED, Money.REFUNDING)
+    assert stage(state) == (Phase.CANCELLED, Money.REFUNDING)
     # The payment is then refused (the order is cancelled): no second refund.
     assert (
         given(created(), withdrawn(), cancelled(3))
@@ -353,18 +337,14 @@ def test_an_order_cancelled_while_paying_is_refunded_once() -> None:
 
 def test_a_paid_order_cancelled_later_is_refunded() -> None:
     state = given(created(), withdrawn(), paid()).when(cancelled(50)).then(REFUND)
-    assert (state.phase, state.money) == (Phase.CANCELLED, Money.REFUNDING)
+    assert stage(state) == (Phase.CANCELLED, Money.REFUNDING)
 
 
 def test_a_zero_total_is_paid_without_a_withdrawal() -> None:
     zero = created(amount_minor=0)
     expected = replace(PAY, amount_minor=0, payment_id="ev-created")
     state = given().when(zero).then(expected)
-    assert (state.phase, state.money, state.deadline) == (
-        Phase.PAYING,
-        Money.NONE,
-        None,
-    )
+    assert stage(state, "deadline") == (Phase.PAYING, Money.NONE, None)
     assert (
         given(zero)
         .when(refused(Step.PAY, "InvalidState"))
@@ -439,27 +419,19 @@ def test_other_command_ids_are_not_the_sagas(value: str) -> None:
 
 
 def _order_created(account_id: str | None) -> orders.OrderCreated:
-    return orders.OrderCreated(
-        order_id=ORDER,
-        customer_id="c",
-        customer_name="C",
-        customer_email="c@example.com",
-        items=(
-            OrderLine(
-                product_id="p",
-                quantity=1,
-                unit_price_minor=4200,
-                tax_rate_bps=0,
-                total_price_minor=4200,
-            ),
-        ),
+    item = orders.LineItem(product_id="p", quantity=1, unit_price_minor=4200)
+    order = workload.new_order(
+        ORDER,
+        "c",
+        (item,),
         currency="EUR",
-        shipping_address=Address(
-            street="s", city="c", state="", zip_code="z", country="C"
-        ),
-        total_minor=4200,
+        name="C",
+        email="c@example.com",
+        address=Address(street="s", city="c", state="", zip_code="z", country="C"),
         account_id=account_id,
     )
+    line = to_order_line(item, "item")
+    return recorded(orders.OrderCreated, order, items=(line,), total_minor=4200)
 
 
 def test_events_are_routed_only_when_they_belong_to_a_saga() -> None:
@@ -470,11 +442,9 @@ def test_events_are_routed_only_when_they_belong_to_a_saga() -> None:
         event_id="ev", correlation_id="corr"
     )
     assert route(_order_created(None), command_id="c", **meta) is None
-    moved = accounts.MoneyWithdrawn(
-        account_id=ACCOUNT,
-        transaction_id="order-payment:o-1",
-        amount_minor=4200,
-        currency="EUR",
+    moved = recorded(
+        accounts.MoneyWithdrawn,
+        WITHDRAW,
         destination="d",
         reference="r",
         balance_after_minor=0,

@@ -206,22 +206,18 @@ def parcel_tree(tmp_path: Path) -> Path:
             {"name": "old", "type": "string"},
         ),
     )
-    _write(
-        root,
-        "orders/Parcel/v2.avsc",
-        parcel(
-            {"name": "box", "type": box_v2},
-            {"name": "boxes", "type": {"type": "array", "items": "Box"}, "default": []},
-            {"name": "note", "type": "string", "default": "none"},
-        ),
+    v2_fields = (
+        {"name": "box", "type": box_v2},
+        {"name": "boxes", "type": {"type": "array", "items": "Box"}, "default": []},
+        {"name": "note", "type": "string", "default": "none"},
     )
+    _write(root, "orders/Parcel/v2.avsc", parcel(*v2_fields))
+    # v3 adds two fields with defaults to v2's.
     _write(
         root,
         "orders/Parcel/v3.avsc",
         parcel(
-            {"name": "box", "type": box_v2},
-            {"name": "boxes", "type": {"type": "array", "items": "Box"}, "default": []},
-            {"name": "note", "type": "string", "default": "none"},
+            *v2_fields,
             {"name": "spare", "type": ["null", "Box"], "default": None},
             {
                 "name": "tags",

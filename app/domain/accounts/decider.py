@@ -24,6 +24,8 @@ from app.domain.errors import (
     ErrorCode,
     invalid,
     optional_text,
+    refuse_existing,
+    require_existing,
     require_id,
     require_int,
     require_text,
@@ -56,14 +58,8 @@ def decide(state: AccountState, command: Command) -> tuple[Event, ...]:
 
 
 def _open_account(state: AccountState, account_id: str) -> AccountState:
-    if state.status is AccountStatus.NEW:
-        raise DomainError(ErrorCode.NOT_FOUND, f"account {account_id!r} does not exist")
-    if account_id != state.account_id:
-        # The application loads state by the command's id; a mismatch is a wiring bug.
-        raise invalid(
-            "account_id",
-            f"{account_id!r} does not match the loaded account {state.account_id!r}",
-        )
+    exists = state.status is not AccountStatus.NEW
+    require_existing("account", exists, account_id, state.account_id)
     if state.status is AccountStatus.CLOSED:
         raise DomainError(ErrorCode.ACCOUNT_CLOSED, f"account {account_id!r} is closed")
     return state
@@ -79,10 +75,9 @@ def _require_same_currency(state: AccountState, currency: str) -> None:
 
 
 def _open(state: AccountState, command: OpenAccount) -> tuple[Event, ...]:
-    if state.status is not AccountStatus.NEW:
-        raise DomainError(
-            ErrorCode.ALREADY_EXISTS, f"account {command.account_id!r} already exists"
-        )
+    refuse_existing(
+        "account", state.status is not AccountStatus.NEW, command.account_id
+    )
     return (
         AccountOpened(
             account_id=require_id(command.account_id, "account_id"),

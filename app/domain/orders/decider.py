@@ -8,6 +8,8 @@ from app.domain.errors import (
     DomainError,
     ErrorCode,
     invalid,
+    refuse_existing,
+    require_existing,
     require_id,
     require_int,
     require_text,
@@ -63,14 +65,9 @@ def decide(state: OrderState, command: Command) -> tuple[Event, ...]:
 
 
 def _existing(state: OrderState, order_id: str) -> OrderState:
-    if state.status is OrderStatus.NEW:
-        raise DomainError(ErrorCode.NOT_FOUND, f"order {order_id!r} does not exist")
-    if order_id != state.order_id:
-        # The application loads state by the command's id; a mismatch is a wiring bug.
-        raise invalid(
-            "order_id",
-            f"{order_id!r} does not match the loaded order {state.order_id!r}",
-        )
+    require_existing(
+        "order", state.status is not OrderStatus.NEW, order_id, state.order_id
+    )
     return state
 
 
@@ -90,10 +87,7 @@ def _order_total(items: tuple[OrderLine, ...], field: str) -> int:
 
 
 def _create(state: OrderState, command: CreateOrder) -> tuple[Event, ...]:
-    if state.status is not OrderStatus.NEW:
-        raise DomainError(
-            ErrorCode.ALREADY_EXISTS, f"order {command.order_id!r} already exists"
-        )
+    refuse_existing("order", state.status is not OrderStatus.NEW, command.order_id)
     order_id = require_id(command.order_id, "order_id")
     customer_id = require_id(command.customer_id, "customer_id")
     customer_name = require_text(command.customer_name, "customer_name")
