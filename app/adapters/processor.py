@@ -297,6 +297,12 @@ class Processor:
         return {
             **self.settings.kafka_client_config(),
             "group.id": self.group,
+            # Static membership (KIP-345) under the transactional id: a process
+            # restarted in its slot takes its partitions back at once instead of
+            # after the dead one's session. A consumer fenced by its own earlier
+            # join (librdkafka makes that fatal, e.g. after a broker restart) is
+            # replaced by a new one, which takes the id over (see ``_abort``).
+            "group.instance.id": self.transactional_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
@@ -473,7 +479,9 @@ class Processor:
             handler.aborted()
         error = failure.args[0] if failure.args else None
         if isinstance(error, KafkaError) and (
-            error.fatal() or error.code() in (KafkaError._CONFLICT, KafkaError._FENCED)
+            error.fatal()
+            or error.code()
+            in (KafkaError._CONFLICT, KafkaError._FENCED, KafkaError._FATAL)
         ):
             raise failure
         if begun:
