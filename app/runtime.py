@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message
 
 from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError, Headers
@@ -274,11 +274,18 @@ class CommandHandler:
     # Batches.
     def prepare(self, partitions: set[TP]) -> None:
         """Before a batch: fold what others appended, and catch up the partitions
-        taken over (or left uncertain by an abort) that the batch holds."""
+        taken over (or left uncertain by an abort)."""
         self._fold_tail()
-        for _, partition in sorted(partitions):
-            if partition in self.partitions.stale:
-                self._catch_up(partition)
+        # Every partition in doubt, once one in the batch is: their reads to the end
+        # overlap, instead of one catch-up per batch as the partitions' first
+        # commands trickle in.
+        held = {p for _, p in partitions}
+        stale = sorted(self.partitions.stale) if held & self.partitions.stale else []
+        unknown = [p for p in stale if not self.store.cache.known(self._logs(p)[0])]
+        if unknown:
+            self._restore(unknown)
+        if stale:
+            self._catch_up(stale)
 
     def handle(self, message: Message, batch: Batch) -> None:
         try:
@@ -361,50 +368,53 @@ class CommandHandler:
     def _logs(self, partition: int) -> list[TP]:
         return [(self.events_topic, partition), (self.results_topic, partition)]
 
-    def _catch_up(self, partition: int) -> None:
-        logs = self._logs(partition)
-        if not self.store.cache.known(logs[0]):
-            self._restore(partition)
+    def _catch_up(self, partitions: list[int]) -> None:
+        """Fold the partitions' logs to their ends, all at once: their waits for
+        the end (and for a transaction the broker is still aborting) overlap."""
+        logs = [tp for partition in partitions for tp in self._logs(partition)]
         self.tail.follow({tp: self.store.cache.offset(tp) for tp in logs})
         # Known from now on, also when the logs were empty.
         self._folded.update(logs)
         # Only this writer answers its partition's commands while it owns it: the
         # results are read again at the next catch-up, events (which others may
         # append) before every batch.
-        self.tail.pause([(self.results_topic, partition)])
+        self.tail.pause([(self.results_topic, partition) for partition in partitions])
         self._save_folded()
-        self.partitions.stale.discard(partition)
+        self.partitions.stale.difference_update(partitions)
 
-    def _restore(self, partition: int) -> None:
-        """Fill a store that never held ``partition`` from its snapshots: the
-        latest state of each aggregate there, and the events offset of the latest
-        marker (the catch-up folds the events from there). States of another shape
-        are left out (folded from the log instead)."""
+    def _restore(self, partitions: list[int]) -> None:
+        """Fill a store that never held ``partitions`` from their snapshots: the
+        latest state of each aggregate there, and the events offset of each one's
+        latest marker (the catch-up folds the events from there). States of another
+        shape are left out (folded from the log instead). One reader serves them
+        all: setting one up costs more than reading a short partition."""
         consumer = reader(self.settings, "snapshot-restore")
         try:
-            low, high = watermarks(consumer, self.snapshots_topic, partition)
-            marker = None
-            chunk: dict[str, bytes] = {}
-            restored = 0
-            for message in read_range(
-                consumer, self.snapshots_topic, partition, low, high
-            ):
-                found = dict(headers_of(message))
-                if found.get(FORMAT_HEADER) != self.format.encode():
-                    continue
-                key, value = message.key() or b"", message.value() or b""
-                if key == SNAPSHOT_MARKER:
-                    marker = int(orjson.loads(value)["events_offset"])
-                    continue
-                chunk[key.decode()] = value
-                if len(chunk) >= FOLD_CHUNK:
-                    restored += len(chunk)
-                    self.store.restore(chunk)
-                    chunk = {}
-            restored += len(chunk)
-            self.store.restore(chunk)
+            for partition in partitions:
+                self._restore_partition(consumer, partition)
         finally:
             consumer.close()
+
+    def _restore_partition(self, consumer: Consumer, partition: int) -> None:
+        low, high = watermarks(consumer, self.snapshots_topic, partition)
+        marker = None
+        chunk: dict[str, bytes] = {}
+        restored = 0
+        for message in read_range(consumer, self.snapshots_topic, partition, low, high):
+            found = dict(headers_of(message))
+            if found.get(FORMAT_HEADER) != self.format.encode():
+                continue
+            key, value = message.key() or b"", message.value() or b""
+            if key == SNAPSHOT_MARKER:
+                marker = int(orjson.loads(value)["events_offset"])
+                continue
+            chunk[key.decode()] = value
+            if len(chunk) >= FOLD_CHUNK:
+                restored += len(chunk)
+                self.store.restore(chunk)
+                chunk = {}
+        restored += len(chunk)
+        self.store.restore(chunk)
         if marker is not None:
             self.store.cache.write({}, {}, {self._logs(partition)[0]: marker})
         self.stats["restored_states"] += restored
