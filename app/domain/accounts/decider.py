@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict, assert_never
+from typing import assert_never
 
 from app.domain.accounts.commands import (
     CloseAccount,
@@ -93,53 +93,36 @@ def _open(state: AccountState, command: OpenAccount) -> tuple[Event, ...]:
     )
 
 
-class _Movement(TypedDict):
-    """What a deposit and a withdrawal share, checked, named as their events name it."""
-
-    account_id: str
-    transaction_id: str
-    amount_minor: int
-    currency: str
-    reference: str
-
-
-def _movement(
-    state: AccountState, command: Deposit | Withdraw
-) -> tuple[_Movement, str]:
-    """The shared fields and the source (deposit) or destination (withdrawal), checked
-    in this order: it decides which field a refusal names when several are wrong."""
+def _deposit(state: AccountState, command: Deposit) -> tuple[Event, ...]:
     transaction_id = require_id(command.transaction_id, "transaction_id")
     amount = require_amount(command.amount_minor)
     currency = require_currency(command.currency)
-    if isinstance(command, Deposit):
-        party = require_text(command.source, "source")
-    else:
-        party = require_text(command.destination, "destination")
+    source = require_text(command.source, "source")
     reference = optional_text(command.reference, "reference")
     _require_same_currency(state, currency)
-    movement = _Movement(
-        account_id=state.account_id,
-        transaction_id=transaction_id,
-        amount_minor=amount,
-        currency=currency,
-        reference=reference,
-    )
-    return movement, party
-
-
-def _deposit(state: AccountState, command: Deposit) -> tuple[Event, ...]:
-    movement, source = _movement(state, command)
-    balance_after = state.balance_minor + movement["amount_minor"]
+    balance_after = state.balance_minor + amount
     if balance_after > MAX_LONG:
         raise invalid("amount_minor", f"would bring the balance beyond {MAX_LONG}")
     return (
-        MoneyDeposited(**movement, source=source, balance_after_minor=balance_after),
+        MoneyDeposited(
+            account_id=state.account_id,
+            transaction_id=transaction_id,
+            amount_minor=amount,
+            currency=currency,
+            source=source,
+            reference=reference,
+            balance_after_minor=balance_after,
+        ),
     )
 
 
 def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
-    movement, destination = _movement(state, command)
-    amount, currency = movement["amount_minor"], movement["currency"]
+    transaction_id = require_id(command.transaction_id, "transaction_id")
+    amount = require_amount(command.amount_minor)
+    currency = require_currency(command.currency)
+    destination = require_text(command.destination, "destination")
+    reference = optional_text(command.reference, "reference")
+    _require_same_currency(state, currency)
     balance_after = state.balance_minor - amount
     if balance_after < -state.overdraft_limit_minor:
         raise DomainError(
@@ -151,7 +134,13 @@ def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
         )
     return (
         MoneyWithdrawn(
-            **movement, destination=destination, balance_after_minor=balance_after
+            account_id=state.account_id,
+            transaction_id=transaction_id,
+            amount_minor=amount,
+            currency=currency,
+            destination=destination,
+            reference=reference,
+            balance_after_minor=balance_after,
         ),
     )
 
