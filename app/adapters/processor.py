@@ -396,33 +396,38 @@ class Processor:
                 self.routes[tp[0]].handle(message, batch)
             for handler in self.handlers:
                 handler.tick(batch)
-            if not ends and not batch.size:
-                idle = True
-            else:
-                idle = False
+            # A batch that wrote nothing opens no transaction: taken again after a
+            # crash it writes nothing again, so its offsets can wait for the idle
+            # commit (at most a second). The saga's feed reads every event and
+            # result and acts on few: one transaction each cost the broker more
+            # than the command's own.
+            idle = not batch.size
+            if not idle:
                 self._past_markers(consumer, ends)
-                batch.begin()
-                batch.settle()
                 # Also a batch of timers' work only: the offsets (as committed) are
-                # what fences a zombie's transaction.
+                # what fences a zombie's transaction. Sent before the outputs are
+                # settled: the two round trips overlap.
                 offsets = ends or self._owned_committed(consumer)
                 if offsets:
                     _send_offsets(consumer, producer, offsets)
+                batch.settle()
                 self._commit(producer)
         except TRANSIENT as failure:
             self._abort(producer, failure, len(messages), batch.begun)
             self._rewind(consumer, starts)
             time.sleep(self._backoff.next())
             return
+        self._backoff.reset()
+        if not idle:
+            self._committed.update(ends)
+        if messages or not idle:
+            for handler in self.handlers:
+                handler.committed()
         if idle:
             self._pass_markers(consumer, producer)
-            return
-        self._backoff.reset()
-        self._committed.update(ends)
-        for handler in self.handlers:
-            handler.committed()
-        self.report.batches += 1
-        self.report.messages += len(messages)
+        if messages:
+            self.report.batches += 1
+            self.report.messages += len(messages)
 
     def _commit(self, producer: Producer) -> None:
         """Commit; an error that requires an abort is raised for ``_abort``, any
@@ -445,7 +450,7 @@ class Processor:
 
     def _pass_markers(self, consumer: Consumer, producer: Producer) -> None:
         """When idle, at most once a second: commit the positions that moved past
-        markers only (every message handed over is committed already)."""
+        what is committed: past markers, or past batches that wrote nothing."""
         now = time.monotonic()
         if now < self._idle_check:
             return
@@ -453,7 +458,7 @@ class Processor:
         moved = {
             (tp.topic, tp.partition): tp.offset
             for tp in consumer.position(consumer.assignment())
-            if tp.offset > self._committed.get((tp.topic, tp.partition), tp.offset)
+            if tp.offset > self._committed.get((tp.topic, tp.partition), -1)
         }
         if not moved:
             return
