@@ -3,10 +3,12 @@ its clients (so ``run`` starts new ones) and how it joins its group."""
 
 from __future__ import annotations
 
-import pytest
-from confluent_kafka import KafkaError, KafkaException
+from typing import Any
 
-from app.adapters.processor import Processor
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from app.adapters.processor import Batch, Processor
 from app.settings import Settings
 
 
@@ -46,3 +48,143 @@ def test_a_passing_failure_is_aborted_and_the_processor_goes_on() -> None:
     processor._abort(None, failure, 3, begun=False)  # type: ignore[arg-type]
     assert processor.report.aborts == 1
     assert processor.report.last_error == str(failure)
+
+
+class _Clients:
+    """A consumer and a transactional producer that record the calls made to them."""
+
+    def __init__(self, positions: dict[tuple[str, int], int]) -> None:
+        self.calls: list[str] = []
+        self.positions = positions
+        self.offsets_sent: list[dict[tuple[str, int], int]] = []
+
+    # The producer.
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def produce(self, topic: str, value: bytes | None, **kwargs: object) -> None:
+        self.calls.append(f"produce {topic}")
+        delivered = kwargs.get("on_delivery")
+        if callable(delivered):
+            self.delivered = delivered
+
+    def send_offsets_to_transaction(
+        self, offsets: list[TopicPartition], *_: object
+    ) -> None:
+        self.calls.append("send_offsets")
+        self.offsets_sent.append(
+            {(tp.topic, tp.partition): tp.offset for tp in offsets}
+        )
+
+    def flush(self, timeout: float) -> int:
+        self.calls.append("flush")
+        return 0
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.calls.append("commit")
+
+    # The consumer.
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in self.positions]
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [
+            TopicPartition(
+                tp.topic, tp.partition, self.positions[(tp.topic, tp.partition)]
+            )
+            for tp in partitions
+        ]
+
+
+class _Message:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._where = (topic, partition, offset)
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+
+class _Echo:
+    """Writes one output per message of ``answered`` (tracked, and answered once
+    acknowledged), nothing for any other topic's message."""
+
+    topics = ("in", "quiet")
+
+    def __init__(self) -> None:
+        self.committed_batches = 0
+
+    def prepare(self, partitions: set[tuple[str, int]]) -> None:
+        return None
+
+    def handle(self, message: Any, batch: Batch) -> None:
+        if message.topic() == "in":
+            batch.send("out", b"x", track=True)
+            batch.later(lambda: batch.send("results", b"r"))
+
+    def tick(self, batch: Batch) -> None:
+        return None
+
+    def committed(self) -> None:
+        self.committed_batches += 1
+
+    def aborted(self) -> None:
+        return None
+
+
+def _processor_with(handler: _Echo) -> Processor:
+    return Processor(
+        Settings(),
+        group="g",
+        transactional_id="t-0",
+        handlers=[handler],  # type: ignore[list-item]
+    )
+
+
+def test_a_batch_that_writes_nothing_opens_no_transaction_and_its_offsets_follow() -> (
+    None
+):
+    handler = _Echo()
+    processor = _processor_with(handler)
+    clients = _Clients({("quiet", 0): 8})
+    processor._transact(
+        clients, clients, [_Message("quiet", 0, 6), _Message("quiet", 0, 7)]
+    )  # type: ignore[arg-type]
+    # No transaction for the batch; the idle commit (due at once the first time)
+    # carries its offsets in a transaction of its own.
+    assert clients.calls == ["begin", "send_offsets", "commit"]
+    assert clients.offsets_sent == [{("quiet", 0): 8}]
+    assert handler.committed_batches == 1
+    # Within the second: nothing more is committed.
+    clients.positions[("quiet", 0)] = 9
+    processor._transact(clients, clients, [_Message("quiet", 0, 8)])  # type: ignore[arg-type]
+    assert clients.calls == ["begin", "send_offsets", "commit"]
+    assert handler.committed_batches == 2
+
+
+def test_a_batch_that_writes_sends_its_offsets_before_its_outputs_settle() -> None:
+    handler = _Echo()
+    processor = _processor_with(handler)
+    clients = _Clients({("in", 0): 4})
+    processor._transact(clients, clients, [_Message("in", 0, 3)])  # type: ignore[arg-type]
+    assert clients.calls == [
+        "begin",
+        "produce out",
+        "send_offsets",  # overlaps the outputs' acknowledgement
+        "flush",
+        "produce results",  # what waited for the acknowledgement
+        "commit",
+    ]
+    assert clients.offsets_sent == [{("in", 0): 4}]
+    assert handler.committed_batches == 1
