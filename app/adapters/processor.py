@@ -50,11 +50,20 @@ TRANSACTION_TIMEOUT_MS = 10_000
 # librdkafka was seen to hang in send_offsets_to_transaction past its timeout
 # after a broker restart, while the consumer's group rejoined.
 CALL_LIMIT_S = 60.0
+# Sending the offsets waits no longer than the broker keeps the transaction open:
+# past that the broker has aborted it, and only new clients get anywhere.
+OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
+OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
 
 
-def _bounded(what: str, call: Callable[..., object], *args: object) -> object:
+def _bounded(
+    what: str,
+    call: Callable[..., object],
+    *args: object,
+    limit_s: float = CALL_LIMIT_S,
+) -> object:
     """``call(*args)`` on a thread of its own; a call that has not returned after
-    ``CALL_LIMIT_S`` raises a fatal error (so new clients are started, and the new
+    ``limit_s`` raises a fatal error (so new clients are started, and the new
     producer's transactional id fences the stuck one)."""
     done = threading.Event()
     outcome: dict[str, object] = {}
@@ -68,11 +77,11 @@ def _bounded(what: str, call: Callable[..., object], *args: object) -> object:
             done.set()
 
     threading.Thread(target=run, name=what, daemon=True).start()
-    if not done.wait(CALL_LIMIT_S):
+    if not done.wait(limit_s):
         raise KafkaException(
             KafkaError(
                 KafkaError._TIMED_OUT,
-                f"{what} did not return within {CALL_LIMIT_S:.0f}s",
+                f"{what} did not return within {limit_s:.0f}s",
                 fatal=True,
             )
         )
@@ -107,7 +116,8 @@ def _send_offsets(
         producer.send_offsets_to_transaction,
         [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
         consumer.consumer_group_metadata(),
-        30,
+        OFFSETS_TIMEOUT_S,
+        limit_s=OFFSETS_LIMIT_S,
     )
 
 
