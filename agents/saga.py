@@ -30,12 +30,10 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faust
 from confluent_kafka import Message
 
-from agents.views import raw_topic, routed
 from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
@@ -45,6 +43,9 @@ from app.adapters.saga_io import frame_command, inbox_topic, route
 from app.adapters.topics import FOREVER, TP, TopicSpec, ensure_topics
 from app.application import saga
 from app.settings import Settings
+
+if TYPE_CHECKING:  # the write processes run the saga without importing Faust
+    import faust
 
 log = logging.getLogger("streamfold.saga")
 
@@ -351,6 +352,8 @@ class SagaHandler:
 def register_view(app: faust.App, settings: Settings) -> Any:
     """The ``sagas`` table (folded from the saga's log) behind ``/sagas/{order_id}``;
     returns the table."""
+    from agents.views import raw_topic, routed  # Faust: in the worker's process only
+
     sagas = app.Table("sagas", key_type=bytes, partitions=settings.partitions)
     source = raw_topic(app, state_topic(settings), settings.partitions)
 

@@ -86,9 +86,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from app.local.worker import WorkerProcess
 
     if args.action == "run":
+        from app.writeside import start_write_side
+
+        write = start_write_side(settings)  # before Faust is even imported
         from app import worker
 
-        worker.run(settings)
+        worker.run(settings, write)
         return 0
     if args.action in ("stop", "restart"):
         stopped = WorkerProcess(settings).stop()

@@ -12,7 +12,6 @@ from faust.tables import TableManager
 
 from agents import saga as saga_agents
 from agents import views as view_agents
-from agents.saga import ensure_saga_topics
 from app import readside
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, RegistryError
@@ -36,10 +35,7 @@ class Worker:
     read: ReadSide | None = None
 
 
-def build(settings: Settings) -> Worker:
-    ensure_topics(settings)
-    if settings.saga:
-        ensure_saga_topics(settings)
+def build(settings: Settings, write: WriteProcess) -> Worker:
     app = create_app(settings)
     catalog = SchemaCatalog.load()
     registry = ConfluentRegistry(settings.schema_registry_url)
@@ -51,7 +47,6 @@ def build(settings: Settings) -> Worker:
         # The codec registers what it writes as it goes; readers need the registry
         # anyway, and tell when it is missing.
         log.warning("could not register every subject: %s", error)
-    write = WriteProcess(settings, settings.write_processes)
     worker = Worker(settings=settings, app=app, write=write)
 
     @app.page("/ready")
@@ -79,13 +74,17 @@ def build(settings: Settings) -> Worker:
     return worker
 
 
-def run(settings: Settings) -> None:
-    """Run the worker in the foreground until interrupted."""
-    migrate(settings.database_url)
-    worker = build(settings)
+def run(settings: Settings, write: WriteProcess) -> None:
+    """Run the worker in the foreground until interrupted, around ``write`` (started
+    by ``app.writeside.start_write_side``)."""
+    try:
+        migrate(settings.database_url)
+        worker = build(settings, write)
+    except BaseException:
+        write.stop(timeout=10.0)
+        raise
     worker.app.finalize()
     tune_gc()
-    worker.write.start()
     if worker.read is not None:
         worker.read.start()
     from faust.worker import Worker as FaustWorker
