@@ -394,21 +394,10 @@ def test_order_created_v1_decodes_as_latest_with_upcasters_applied(
         customer_id="c-1",
         customer_name="",
         customer_email="",
+        # The lines v1 wrote, with what the upcasters add: no tax (v1 had none), totals.
         items=(
-            orders.OrderLine(
-                product_id="p-1",
-                quantity=3,
-                unit_price_minor=250,
-                tax_rate_bps=0,
-                total_price_minor=750,
-            ),
-            orders.OrderLine(
-                product_id="p-2",
-                quantity=1,
-                unit_price_minor=1999,
-                tax_rate_bps=0,
-                total_price_minor=1999,
-            ),
+            orders.OrderLine(**v1["items"][0], tax_rate_bps=0, total_price_minor=750),
+            orders.OrderLine(**v1["items"][1], tax_rate_bps=0, total_price_minor=1999),
         ),
         currency="USD",
         shipping_address=orders.Address(
