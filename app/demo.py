@@ -14,20 +14,12 @@ from app.application.saga import Step
 from app.client import CommandClient, CommandResult
 from app.domain.accounts import OpenAccount
 from app.domain.money import fmt
-from app.domain.orders import Address, DeliverOrder, LineItem, ShipOrder
+from app.domain.orders import DeliverOrder, LineItem, ShipOrder
 from app.local import stack
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
-from app.workload import deposit, new_order, withdrawal
-
-SHOP = Address(
-    street="12 St James's Square",
-    city="London",
-    state="",
-    zip_code="SW1Y 4JH",
-    country="UK",
-)
+from app.workload import LONDON, deposit, new_order, withdrawal
 
 
 def run(settings: Settings) -> int:
@@ -66,7 +58,7 @@ def run(settings: Settings) -> int:
                         ),
                         LineItem(product_id="pen", quantity=3, unit_price_minor=199),
                     ),
-                    address=SHOP,
+                    address=LONDON,
                     account_id=account,
                 ),
                 {},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from app.adapters.codec import (
 from app.domain import accounts, orders
 from app.workload import deposit, new_order, payment, withdrawal
 from tests.unit.deciders import recorded
+from tests.unit.old_writers import ORDER_CREATED_V1, ORDER_CREATED_V2
 
 ORDER_CREATED = "streamfold.orders.OrderCreated"
 WHEN = datetime(2026, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
@@ -377,14 +379,7 @@ def test_order_created_v1_decodes_as_latest_with_upcasters_applied(
 ) -> None:
     v1 = {
         "metadata": metadata(SAMPLE_EVENTS[0], catalog, event_version=1),
-        "order_id": "o-1",
-        "customer_id": "c-1",
-        "items": [
-            {"product_id": "sku-1", "quantity": 2, "unit_price_minor": 1250},
-            {"product_id": "sku-2", "quantity": 1, "unit_price_minor": 99},
-        ],
-        "total_minor": 2599,
-        "shipping_address": "1 Main St, Springfield, IL, 62701",
+        **ORDER_CREATED_V1,
     }
     payload = codec.encode("t", ORDER_CREATED, v1, version=1)
 
@@ -399,31 +394,20 @@ def test_order_created_v1_decodes_as_latest_with_upcasters_applied(
         customer_id="c-1",
         customer_name="",
         customer_email="",
+        # The lines v1 wrote, with what the upcasters add: no tax (v1 had none), totals.
         items=(
-            orders.OrderLine(
-                product_id="sku-1",
-                quantity=2,
-                unit_price_minor=1250,
-                tax_rate_bps=0,
-                total_price_minor=2500,
-            ),
-            orders.OrderLine(
-                product_id="sku-2",
-                quantity=1,
-                unit_price_minor=99,
-                tax_rate_bps=0,
-                total_price_minor=99,
-            ),
+            orders.OrderLine(**v1["items"][0], tax_rate_bps=0, total_price_minor=750),
+            orders.OrderLine(**v1["items"][1], tax_rate_bps=0, total_price_minor=1999),
         ),
         currency="USD",
         shipping_address=orders.Address(
-            street="1 Main St",
+            street="742 Evergreen Terrace",
             city="Springfield",
-            state="IL",
-            zip_code="62701",
+            state="OR",
+            zip_code="97403",
             country="USA",
         ),
-        total_minor=2599,
+        total_minor=2749,
         account_id=None,
     )
 
@@ -433,48 +417,14 @@ def test_order_created_v2_decodes_as_latest_with_upcasters_applied(
 ) -> None:
     v2 = {
         "metadata": metadata(SAMPLE_EVENTS[0], catalog, event_version=2),
-        "order_id": "o-2",
-        "customer_id": "c-2",
-        "items": [
-            # Written by v2 with its line total recorded...
-            {
-                "product_id": "sku-1",
-                "quantity": 2,
-                "unit_price_minor": 1000,
-                "tax_rate_bps": 500,
-                "total_price_minor": 2100,
-            },
-            # ...and without (-1 means "not recorded"): tax rounds half up.
-            {
-                "product_id": "sku-2",
-                "quantity": 3,
-                "unit_price_minor": 333,
-                "tax_rate_bps": 1000,
-                "total_price_minor": -1,
-            },
-        ],
-        "total_minor": 3199,
-        "shipping_address": "9 Rue X, Paris, , 75001, France",
-        "currency": "EUR",
+        **ORDER_CREATED_V2,
     }
     decoded = codec.decode(codec.encode("t", ORDER_CREATED, v2, version=2))
 
     assert decoded.writer_version == 2
     data = decoded.data
-    assert [i["total_price_minor"] for i in data["items"]] == [2100, 1099]
-    assert data["shipping_address"] == {
-        "street": "9 Rue X",
-        "city": "Paris",
-        "state": "",
-        "zip_code": "75001",
-        "country": "France",
-    }
-    assert data["currency"] == "EUR"
-    assert (data["customer_name"], data["customer_email"], data["account_id"]) == (
-        "",
-        "",
-        None,
-    )
+    # Exactly what the upcasters make of it (test_upcasters checks their figures).
+    assert data == catalog.upcast(ORDER_CREATED, 2, copy.deepcopy(v2))
     assert data["metadata"]["event_version"] == 2  # the fact as written
     mapper.from_dict(orders.OrderCreated, mapper.split_event(data)[1])
 

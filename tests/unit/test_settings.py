@@ -6,6 +6,21 @@ import pytest
 
 from app.settings import Settings, SettingsError
 
+# Environments the tests read, and check that ``as_env`` gives them back.
+CUSTOM = {
+    "KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2",
+    "STREAMFOLD_PARTITIONS": "8",
+    "STREAMFOLD_TOPIC_PREFIX": "shop.",
+    "STREAMFOLD_COMMAND_TIMEOUT": "2.5",
+    "STREAMFOLD_PROJECTION_PROCESSES": "3",
+}
+SASL = {
+    "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+    "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+    "KAFKA_SASL_USERNAME": "svc",
+    "KAFKA_SASL_PASSWORD": "secret",
+}
+
 
 def test_defaults_match_the_native_setup() -> None:
     settings = Settings.from_env({})
@@ -19,15 +34,7 @@ def test_defaults_match_the_native_setup() -> None:
 
 
 def test_values_are_parsed() -> None:
-    settings = Settings.from_env(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": "a:1,b:2",
-            "STREAMFOLD_PARTITIONS": "8",
-            "STREAMFOLD_TOPIC_PREFIX": "shop.",
-            "STREAMFOLD_COMMAND_TIMEOUT": "2.5",
-            "STREAMFOLD_PROJECTION_PROCESSES": "3",
-        }
-    )
+    settings = Settings.from_env(CUSTOM)
     assert settings.partitions == 8
     assert settings.projection_processes == 3
     assert settings.topics.commands("orders") == "shop.orders.commands"
@@ -78,28 +85,16 @@ def test_mechanism_without_sasl_protocol_never_falls_back() -> None:
 
 
 def test_sasl_settings_reach_the_client_config() -> None:
-    settings = Settings.from_env(
-        {
-            "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-            "KAFKA_SASL_USERNAME": "svc",
-            "KAFKA_SASL_PASSWORD": "secret",
-        }
-    )
+    settings = Settings.from_env(SASL)
     config = settings.producer_config()
     assert config["security.protocol"] == "SASL_PLAINTEXT"
     assert config["sasl.mechanism"] == "SCRAM-SHA-512"
     assert config["sasl.username"] == "svc"
 
 
-def test_as_env_round_trips() -> None:
-    settings = Settings.from_env(
-        {
-            "STREAMFOLD_TOPIC_PREFIX": "x.",
-            "STREAMFOLD_PARTITIONS": "3",
-            "STREAMFOLD_PROJECTION_PROCESSES": "2",
-        }
-    )
+@pytest.mark.parametrize("env", [{}, CUSTOM, SASL], ids=["defaults", "custom", "sasl"])
+def test_as_env_round_trips(env: dict[str, str]) -> None:
+    settings = Settings.from_env(env)
     assert Settings.from_env(settings.as_env()) == settings
 
 

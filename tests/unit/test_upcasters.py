@@ -17,6 +17,7 @@ from schemas.orders.OrderCreated.upcasters import (
     upcast_v1_to_v2,
     upcast_v2_to_v3,
 )
+from tests.unit.old_writers import ORDER_CREATED_V1, ORDER_CREATED_V2
 
 ORDER_CREATED = "streamfold.orders.OrderCreated"
 METADATA = {
@@ -32,17 +33,7 @@ METADATA = {
     "causation_id": "c-1",
     "command_id": "c-1",
 }
-V1 = {
-    "metadata": METADATA,
-    "order_id": "o-1",
-    "customer_id": "c-1",
-    "items": [
-        {"product_id": "p-1", "quantity": 3, "unit_price_minor": 250},
-        {"product_id": "p-2", "quantity": 1, "unit_price_minor": 1999},
-    ],
-    "total_minor": 2749,
-    "shipping_address": "742 Evergreen Terrace, Springfield, OR, 97403, USA",
-}
+V1 = {"metadata": METADATA, **ORDER_CREATED_V1}
 
 
 @pytest.fixture(scope="module")
@@ -107,30 +98,7 @@ def test_v1_to_v2_prices_lines_parses_the_address_and_assumes_usd(
 def test_v2_to_v3_fills_customer_fields_and_repairs_leftovers(
     catalog: SchemaCatalog,
 ) -> None:
-    v2 = {
-        "metadata": {**METADATA, "event_version": 2},
-        "order_id": "o-1",
-        "customer_id": "c-1",
-        "items": [
-            {
-                "product_id": "p-1",
-                "quantity": 3,
-                "unit_price_minor": 333,
-                "tax_rate_bps": 750,
-                "total_price_minor": -1,
-            },
-            {
-                "product_id": "p-2",
-                "quantity": 1,
-                "unit_price_minor": 100,
-                "tax_rate_bps": 0,
-                "total_price_minor": 100,
-            },
-        ],
-        "total_minor": 1174,
-        "shipping_address": "1 Main St, Springfield, IL, 62701",
-        "currency": "CAD",
-    }
+    v2 = {"metadata": {**METADATA, "event_version": 2}, **ORDER_CREATED_V2}
     before = copy.deepcopy(v2)
     v3 = upcast_v2_to_v3(v2)
 
