@@ -1,5 +1,11 @@
 """The order read models: ``order_summaries`` (denormalised, as in the article),
-``order_items``, ``customers`` and ``customer_statistics``."""
+``order_items``, ``customers`` and ``customer_statistics``.
+
+An order's and a customer's search document (``search``, a generated tsvector; see
+``tables/migrations/0005_search.sql``) is computed by Postgres from the row as the
+batch writes it; the projection keeps the columns it reads from: the shipping
+address, and ``skus`` (the order's current product ids, refreshed after its items).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,26 @@ LIFETIME_VALUE = (
     " ON CONFLICT (customer_id, currency) DO UPDATE SET"
     " lifetime_value_minor = s.lifetime_value_minor + EXCLUDED.lifetime_value_minor"
 )
+
+# An order's SKUs, as its items stand once the batch has written them. After the
+# tables, so an item added and removed in one batch is seen as the batch leaves it;
+# sorted by code point, as ``_skus`` sorts an order's first items.
+SKUS = (
+    "UPDATE order_summaries o SET skus = coalesce((SELECT string_agg(i.product_id,"
+    " ' ' ORDER BY i.product_id COLLATE \"C\") FROM order_items i"
+    " WHERE i.order_id = o.order_id), '')"
+    " WHERE o.order_id = ANY(%(order_id)b::text[])"
+)
+
+
+def _skus(items: list[Row]) -> str:
+    return " ".join(sorted(item["product_id"] for item in items))
+
+
+def _address(address: Row) -> str:
+    """The shipping address as one line (a state may be empty)."""
+    parts = ("street", "city", "state", "zip_code", "country")
+    return ", ".join(address[part] for part in parts if address[part])
 
 
 def _item(order_id: str, item: Row) -> Row:
@@ -59,6 +85,8 @@ def created(rows: Rows, meta: Row, data: Row) -> None:
             "paid_minor": 0,
             "items_count": len(data["items"]),
             "account_id": data["account_id"],
+            "shipping_address": _address(data["shipping_address"]),
+            "skus": _skus(data["items"]),
             "version": meta["stream_version"],
             "created_at": at,
             "updated_at": at,
@@ -97,6 +125,7 @@ def item_added(rows: Rows, meta: Row, data: Row) -> None:
         {"items_count": 1},
         total_minor=data["total_minor"],
     )
+    rows.statement(SKUS, order_id=data["order_id"])
 
 
 def item_removed(rows: Rows, meta: Row, data: Row) -> None:
@@ -110,6 +139,7 @@ def item_removed(rows: Rows, meta: Row, data: Row) -> None:
         {"items_count": -1},
         total_minor=data["total_minor"],
     )
+    rows.statement(SKUS, order_id=data["order_id"])
 
 
 def paid(rows: Rows, meta: Row, data: Row) -> None:
