@@ -138,26 +138,31 @@ RANK = sql.SQL("ts_rank(t.search, q)::float8")
 
 @dataclass(frozen=True, slots=True)
 class Searched:
-    """A read model that ``search`` looks in: its table, unique key and columns."""
+    """Where ``search`` looks: the table holding the documents (``t``, its ``search``
+    column), its unique key, what it joins to show, and the columns it answers."""
 
     table: str
     key: str
+    join: str
     columns: str
 
 
 SEARCHED = {
     "orders": Searched(
-        "order_summaries",
+        "order_search",
         "order_id",
-        "order_id, customer_id, customer_name, customer_email, status, currency,"
-        " total_minor, items_count, shipping_address, tracking_number, created_at,"
-        " updated_at, (SELECT coalesce(array_agg(i.product_id ORDER BY i.product_id),"
-        " '{}') FROM order_items i WHERE i.order_id = t.order_id) AS product_ids",
+        " JOIN order_summaries o ON o.order_id = t.order_id",
+        "o.order_id, o.customer_id, o.customer_name, o.customer_email, o.status,"
+        " o.currency, o.total_minor, o.items_count, t.shipping_address,"
+        " o.tracking_number, o.created_at, o.updated_at,"
+        " (SELECT coalesce(array_agg(i.product_id ORDER BY i.product_id), '{}')"
+        " FROM order_items i WHERE i.order_id = t.order_id) AS product_ids",
     ),
     "customers": Searched(
         "customers",
         "customer_id",
-        "customer_id, name, email, first_order_at, updated_at",
+        "",
+        "t.customer_id, t.name, t.email, t.first_order_at, t.updated_at",
     ),
 }
 
@@ -179,8 +184,12 @@ async def search(
     # websearch_to_tsquery reads any text as words and operators: unbalanced
     # quotes, stray & | ! : * ( ) and the like are ignored, never an error.
     source = sql.SQL(
-        "FROM {} t, websearch_to_tsquery({}, %(q)s) AS q WHERE t.search @@ q"
-    ).format(sql.Identifier(searched.table), sql.Literal(SEARCH_CONFIG))
+        "FROM {} t{}, websearch_to_tsquery({}, %(q)s) AS q WHERE t.search @@ q"
+    ).format(
+        sql.Identifier(searched.table),
+        sql.SQL(searched.join),  # a constant of SEARCHED
+        sql.Literal(SEARCH_CONFIG),
+    )
     # ts_rank reads only the row's document and the query, so a row keeps its rank
     # while other rows come and go: a cursor's place stays put. As float8, whose
     # text Python reads back exactly (a real's shortest text is not its value).

@@ -1,10 +1,10 @@
 """The order read models: ``order_summaries`` (denormalised, as in the article),
-``order_items``, ``customers`` and ``customer_statistics``.
+``order_items``, ``customers`` and ``customer_statistics``, and the search documents
+of orders (``order_search``) and customers (``customers.search``).
 
-An order's and a customer's search document (``search``, a generated tsvector; see
-``tables/migrations/0005_search.sql``) is computed by Postgres from the row as the
-batch writes it; the projection keeps the columns it reads from: the shipping
-address, and ``skus`` (the order's current product ids, refreshed after its items).
+A search document is a generated tsvector (``tables/migrations/0005_search.sql``):
+Postgres computes it from its row as the batch writes the row. The projection keeps
+the columns it is computed from.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ LIFETIME_VALUE = (
     " lifetime_value_minor = s.lifetime_value_minor + EXCLUDED.lifetime_value_minor"
 )
 
-# An order's SKUs, as its items stand once the batch has written them. After the
-# tables, so an item added and removed in one batch is seen as the batch leaves it;
-# sorted by code point, as ``_skus`` sorts an order's first items.
+# An order's SKUs as its items stand once the batch has written them (statements run
+# after the tables), in code-point order as ``_skus`` sorts an order's first items.
 SKUS = (
-    "UPDATE order_summaries o SET skus = coalesce((SELECT string_agg(i.product_id,"
-    " ' ' ORDER BY i.product_id COLLATE \"C\") FROM order_items i"
-    " WHERE i.order_id = o.order_id), '')"
-    " WHERE o.order_id = ANY(%(order_id)b::text[])"
+    "UPDATE order_search s SET skus = coalesce((SELECT string_agg(i.product_id, ' '"
+    ' ORDER BY i.product_id COLLATE "C") FROM order_items i'
+    " WHERE i.order_id = s.order_id), '')"
+    " WHERE s.order_id = ANY(%(order_id)b::text[])"
 )
 
 
@@ -85,8 +84,6 @@ def created(rows: Rows, meta: Row, data: Row) -> None:
             "paid_minor": 0,
             "items_count": len(data["items"]),
             "account_id": data["account_id"],
-            "shipping_address": _address(data["shipping_address"]),
-            "skus": _skus(data["items"]),
             "version": meta["stream_version"],
             "created_at": at,
             "updated_at": at,
@@ -94,6 +91,17 @@ def created(rows: Rows, meta: Row, data: Row) -> None:
     )
     for item in data["items"]:
         rows.insert("order_items", _item(data["order_id"], item))
+    rows.insert(
+        "order_search",
+        {
+            "order_id": data["order_id"],
+            "customer_id": data["customer_id"],
+            "customer_name": data["customer_name"],
+            "customer_email": data["customer_email"],
+            "skus": _skus(data["items"]),
+            "shipping_address": _address(data["shipping_address"]),
+        },
+    )
     rows.add(
         "customer_statistics",
         {"customer_id": data["customer_id"], "currency": data["currency"]},
@@ -177,7 +185,13 @@ def cancelled(rows: Rows, meta: Row, data: Row) -> None:
 class OrdersProjection:
     name = "orders"
     areas = ("orders",)
-    tables = ("order_summaries", "order_items", "customers", "customer_statistics")
+    tables = (
+        "order_summaries",
+        "order_items",
+        "order_search",
+        "customers",
+        "customer_statistics",
+    )
     conflicts = MappingProxyType(
         {
             # Orders of one customer sit on several partitions and are folded in no

@@ -369,7 +369,7 @@ def test_a_replay_rebuilds_the_documents_and_fills_old_orders_addresses(
     the orders projection fills in, switching while search keeps answering."""
     settings = searching.settings
     with psycopg.connect(settings.database_url) as conn:
-        conn.execute("UPDATE order_summaries SET shipping_address = NULL")
+        conn.execute("UPDATE order_search SET shipping_address = NULL")
     assert searching.ids(q="Arlington") == []
     done = run_cli(settings, "replay", "orders")
     assert done.returncode == 0, done.stderr
