@@ -8,6 +8,7 @@ order; a page must lie within what there is.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,11 @@ from app.domain.money import CURRENCY_DECIMALS
 # enough that an absurd one is refused before it reaches a table lookup or a log.
 MAX_ID_LENGTH = 200
 MAX_PAGE_SIZE = 100
+# Enough for any search a person types; a query is parsed and matched word by word.
+MAX_SEARCH_LENGTH = 256
 _WHOLE = re.compile(r"-?[0-9]{1,19}")
+# A rank as Python writes a float (``repr``): 0.6079271, 1e-20, 6.079271e-05.
+_RANK = re.compile(r"[0-9]{1,20}(\.[0-9]{1,20})?(e-?[0-9]{1,3})?")
 Bound = TypeVar("Bound", int, date, datetime)
 
 
@@ -62,6 +67,24 @@ def identifier(value: str, field: str) -> str:
     if value != value.strip():
         raise BadParameter(field, "must not start or end with whitespace")
     return value
+
+
+def search_text(params: Mapping[str, str], name: str) -> str:
+    """Words to search for, as a person types them: required, with any run of
+    whitespace (tabs, newlines, no-break spaces) read as one space. Every other
+    character is the search engine's to parse; a control character is refused
+    (Postgres text cannot hold a NUL)."""
+    raw = params.get(name, "")
+    if len(raw) > MAX_SEARCH_LENGTH:
+        raise BadParameter(
+            name, f"must be at most {MAX_SEARCH_LENGTH} characters, got {len(raw)}"
+        )
+    text = " ".join(raw.split())
+    if not text:
+        raise BadParameter(name, "must be given: the words to search for")
+    if not text.isprintable():
+        raise BadParameter(name, "must not contain control or unprintable characters")
+    return text
 
 
 def optional_identifier(params: Mapping[str, str], name: str) -> str | None:
@@ -166,6 +189,32 @@ def page(params: Mapping[str, str]) -> Page:
         integer(params, "page", 0, 0, 1_000_000),
         integer(params, "page_size", 20, 1, MAX_PAGE_SIZE),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a ranked page ended: the last row's rank and key (``rank:key``).
+    The next page holds the rows ranked after it, key breaking ties."""
+
+    rank: float
+    key: str
+
+    def __str__(self) -> str:
+        # repr round-trips a float exactly, so the next page starts exactly here.
+        return f"{self.rank!r}:{self.key}"
+
+
+def cursor(params: Mapping[str, str]) -> Cursor | None:
+    """``cursor`` from an earlier page's ``next_cursor``, or None."""
+    raw = params.get("cursor")
+    if not raw:
+        return None
+    rank, colon, key = raw.partition(":")
+    if not (colon and _RANK.fullmatch(rank) and math.isfinite(float(rank))):
+        raise BadParameter(
+            "cursor", f"must be a next_cursor from an earlier page, got {raw!r}"
+        )
+    return Cursor(float(rank), identifier(key, "cursor"))
 
 
 def position(params: Mapping[str, str], partitions: int) -> tuple[int, int] | None:

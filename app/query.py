@@ -8,10 +8,11 @@ layer stays thin.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from app import params as checked
@@ -127,6 +128,112 @@ async def search_orders(
         )
         rows = await cur.fetchall()
     return {"items": [_jsonable(r) for r in rows], "limit": limit}
+
+
+# The text search configuration the search documents were built with
+# (tables/migrations/0005_search.sql); a query parsed with another one would miss.
+SEARCH_CONFIG = "simple"
+RANK = sql.SQL("ts_rank(t.search, q)::float8")
+
+
+@dataclass(frozen=True, slots=True)
+class Searched:
+    """Where ``search`` looks: the table holding the documents (``t``, its ``search``
+    column), its unique key, what it joins to show, and the columns it answers."""
+
+    table: str
+    key: str
+    join: str
+    columns: str
+
+
+SEARCHED = {
+    "orders": Searched(
+        "order_search",
+        "order_id",
+        " JOIN order_summaries o ON o.order_id = t.order_id",
+        "o.order_id, o.customer_id, o.customer_name, o.customer_email, o.status,"
+        " o.currency, o.total_minor, o.items_count, t.shipping_address,"
+        " o.tracking_number, o.created_at, o.updated_at,"
+        " (SELECT coalesce(array_agg(i.product_id ORDER BY i.product_id), '{}')"
+        " FROM order_items i WHERE i.order_id = t.order_id) AS product_ids",
+    ),
+    "customers": Searched(
+        "customers",
+        "customer_id",
+        "",
+        "t.customer_id, t.name, t.email, t.first_order_at, t.updated_at",
+    ),
+}
+
+
+async def search(
+    conn: AsyncConnection[Any], params: Mapping[str, str]
+) -> dict[str, Any]:
+    """Orders or customers matching ``q`` (web-search syntax: words, "a phrase",
+    or, -word), best match first: ``ts_rank`` descending, then the key ascending.
+    A page is ``page`` (numbered from 0) or ``cursor`` (the rows after an earlier
+    page's ``next_cursor``), never both."""
+    text = checked.search_text(params, "q")
+    kind = checked.choice(params, "type", tuple(SEARCHED)) or "orders"
+    after = checked.cursor(params)
+    if after is not None and params.get("page"):
+        raise checked.BadParameter("cursor", "give either page or cursor, not both")
+    page = checked.page(params)
+    searched = SEARCHED[kind]
+    # websearch_to_tsquery reads any text as words and operators: unbalanced
+    # quotes, stray & | ! : * ( ) and the like are ignored, never an error.
+    source = sql.SQL(
+        "FROM {} t{}, websearch_to_tsquery({}, %(q)s) AS q WHERE t.search @@ q"
+    ).format(
+        sql.Identifier(searched.table),
+        sql.SQL(searched.join),  # a constant of SEARCHED
+        sql.Literal(SEARCH_CONFIG),
+    )
+    # ts_rank reads only the row's document and the query, so a row keeps its rank
+    # while other rows come and go: a cursor's place stays put. As float8, whose
+    # text Python reads back exactly (a real's shortest text is not its value).
+    keyset = sql.SQL(
+        " AND ({rank} < %(rank)s OR ({rank} = %(rank)s AND t.{key} > %(key)s))"
+    ).format(rank=RANK, key=sql.Identifier(searched.key))
+    values: dict[str, Any] = {"q": text, "limit": page.size + 1, "offset": 0}
+    if after is not None:
+        values.update(rank=after.rank, key=after.key)
+    else:
+        values["offset"] = page.offset
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(sql.SQL("SELECT count(*) AS n {}").format(source), values)
+        total = (await cur.fetchone() or {"n": 0})["n"]
+        if after is None:
+            page.within(total)
+        await cur.execute(
+            sql.SQL(
+                "SELECT {columns}, {rank} AS rank {source}{keyset}"
+                " ORDER BY rank DESC, t.{key} LIMIT %(limit)s OFFSET %(offset)s"
+            ).format(
+                columns=sql.SQL(searched.columns),
+                rank=RANK,
+                source=source,
+                keyset=keyset if after is not None else sql.SQL(""),
+                key=sql.Identifier(searched.key),
+            ),
+            values,
+        )
+        rows = await cur.fetchall()
+    more = len(rows) > page.size
+    rows = rows[: page.size]
+    last = rows[-1] if more else None
+    return {
+        "q": text,
+        "type": kind,
+        "items": [_jsonable(r) for r in rows],
+        "total_count": total,
+        "page": page.number if after is None else None,
+        "page_size": page.size,
+        "next_cursor": (
+            str(checked.Cursor(last["rank"], last[searched.key])) if last else None
+        ),
+    }
 
 
 async def account(conn: AsyncConnection[Any], account_id: str) -> dict[str, Any]:

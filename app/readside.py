@@ -303,6 +303,11 @@ def attach(
             ("page", "page_size"),
             lambda c, p, m: query.customer_orders(c, m["customer_id"], p),
         ),
+        "/query/search": (
+            "orders",
+            ("q", "type", "page", "page_size", "cursor"),
+            lambda c, p, m: query.search(c, p),
+        ),
         "/query/accounts/{account_id}": (
             "accounts",
             (),

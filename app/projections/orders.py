@@ -1,5 +1,11 @@
 """The order read models: ``order_summaries`` (denormalised, as in the article),
-``order_items``, ``customers`` and ``customer_statistics``."""
+``order_items``, ``customers`` and ``customer_statistics``, and the search documents
+of orders (``order_search``) and customers (``customers.search``).
+
+A search document is a generated tsvector (``tables/migrations/0005_search.sql``):
+Postgres computes it from its row as the batch writes the row. The projection keeps
+the columns it is computed from.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,25 @@ LIFETIME_VALUE = (
     " ON CONFLICT (customer_id, currency) DO UPDATE SET"
     " lifetime_value_minor = s.lifetime_value_minor + EXCLUDED.lifetime_value_minor"
 )
+
+# An order's SKUs as its items stand once the batch has written them (statements run
+# after the tables), in code-point order as ``_skus`` sorts an order's first items.
+SKUS = (
+    "UPDATE order_search s SET skus = coalesce((SELECT string_agg(i.product_id, ' '"
+    ' ORDER BY i.product_id COLLATE "C") FROM order_items i'
+    " WHERE i.order_id = s.order_id), '')"
+    " WHERE s.order_id = ANY(%(order_id)b::text[])"
+)
+
+
+def _skus(items: list[Row]) -> str:
+    return " ".join(sorted(item["product_id"] for item in items))
+
+
+def _address(address: Row) -> str:
+    """The shipping address as one line (a state may be empty)."""
+    parts = ("street", "city", "state", "zip_code", "country")
+    return ", ".join(address[part] for part in parts if address[part])
 
 
 def _item(order_id: str, item: Row) -> Row:
@@ -66,6 +91,17 @@ def created(rows: Rows, meta: Row, data: Row) -> None:
     )
     for item in data["items"]:
         rows.insert("order_items", _item(data["order_id"], item))
+    rows.insert(
+        "order_search",
+        {
+            "order_id": data["order_id"],
+            "customer_id": data["customer_id"],
+            "customer_name": data["customer_name"],
+            "customer_email": data["customer_email"],
+            "skus": _skus(data["items"]),
+            "shipping_address": _address(data["shipping_address"]),
+        },
+    )
     rows.add(
         "customer_statistics",
         {"customer_id": data["customer_id"], "currency": data["currency"]},
@@ -97,6 +133,7 @@ def item_added(rows: Rows, meta: Row, data: Row) -> None:
         {"items_count": 1},
         total_minor=data["total_minor"],
     )
+    rows.statement(SKUS, order_id=data["order_id"])
 
 
 def item_removed(rows: Rows, meta: Row, data: Row) -> None:
@@ -110,6 +147,7 @@ def item_removed(rows: Rows, meta: Row, data: Row) -> None:
         {"items_count": -1},
         total_minor=data["total_minor"],
     )
+    rows.statement(SKUS, order_id=data["order_id"])
 
 
 def paid(rows: Rows, meta: Row, data: Row) -> None:
@@ -147,7 +185,13 @@ def cancelled(rows: Rows, meta: Row, data: Row) -> None:
 class OrdersProjection:
     name = "orders"
     areas = ("orders",)
-    tables = ("order_summaries", "order_items", "customers", "customer_statistics")
+    tables = (
+        "order_summaries",
+        "order_items",
+        "order_search",
+        "customers",
+        "customer_statistics",
+    )
     conflicts = MappingProxyType(
         {
             # Orders of one customer sit on several partitions and are folded in no

@@ -51,6 +51,7 @@ TABLES = {
     "orders": {
         "order_summaries": "order_id",
         "order_items": "order_id, product_id",
+        "order_search": "order_id",
         "customers": "customer_id",
         "customer_statistics": "customer_id, currency",
     },

@@ -108,3 +108,56 @@ def test_a_position_names_a_partition_and_an_offset(bad: str) -> None:
     assert params.position({}, 4) is None
     with _refused("after"):
         params.position({"after": bad}, 4)
+
+
+@pytest.mark.parametrize(
+    ("raw", "read"),
+    [
+        ("ada", "ada"),
+        ("  Ada\u00a0\tLovelace\n", "Ada Lovelace"),
+        ("&|!:*()'\"", "&|!:*()'\""),
+        ("x" * params.MAX_SEARCH_LENGTH, "x" * params.MAX_SEARCH_LENGTH),
+    ],
+)
+def test_search_text_reads_whitespace_as_one_space(raw: str, read: str) -> None:
+    assert params.search_text({"q": raw}, "q") == read
+
+
+@pytest.mark.parametrize(
+    "bad", ["", " \t\n", "ada\x00", "ada\x07", "\u200b", "x" * 257]
+)
+def test_bad_search_text_is_refused(bad: str) -> None:
+    with _refused("q"):
+        params.search_text({"q": bad}, "q")
+    with _refused("q"):
+        params.search_text({}, "q")
+
+
+@pytest.mark.parametrize(
+    "rank", [0.0, 1e-20, 0.6079270839691162, 6.079271e-05, 1.0, 12.5]
+)
+def test_a_cursor_reads_back_exactly_what_it_wrote(rank: float) -> None:
+    written = str(params.Cursor(rank, "ord:1 b"))
+    assert params.cursor({"cursor": written}) == params.Cursor(rank, "ord:1 b")
+    assert params.cursor({}) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "next",
+        "0.5",
+        "0.5:",
+        ":ord",
+        "-1:ord",
+        "nan:ord",
+        "inf:ord",
+        "1e999:ord",
+        "0x1:ord",
+        "0.5:ord\x00",
+        "0.5: ord",
+    ],
+)
+def test_bad_cursors_are_refused(bad: str) -> None:
+    with _refused("cursor"):
+        params.cursor({"cursor": bad})
