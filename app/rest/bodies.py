@@ -154,7 +154,10 @@ def _primitive(kind: str, value: Any, path: str) -> Any:
         return value
     if kind in ("int", "long"):
         low, high = INT_RANGE if kind == "int" else LONG_RANGE
-        # bool is an int subclass in Python; true is not a 1 here.
+        # bool is an int subclass in Python; true is not a 1 here. A number with
+        # no fraction (2.0) is a whole number, as JSON Schema's "integer" has it.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise BodyError(where, f"expected a whole number, got {_shown(value)}")
         if not low <= value <= high:

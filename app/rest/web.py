@@ -198,10 +198,10 @@ async def respond(
         status, body, headers = await handled
     except Refused as refused:
         status, body, headers = refused.status, refused.body, refused.headers
-    except checked.BadParameter as error:
-        status, body, headers = 400, {"error": error.message, "field": error.field}, {}
-    except BodyError as error:
-        status, body, headers = 400, {"error": error.message, "field": error.field}, {}
+    except (checked.BadParameter, BodyError) as error:
+        # The whole sentence ("items[0].quantity: expected a whole number, got
+        # 'two'") and the field on its own, for a program.
+        status, body, headers = 400, {"error": str(error), "field": error.field}, {}
     except Exception:
         reference = str(uuid.uuid4())
         log.exception("HTTP command failed (correlation id %s)", reference)
