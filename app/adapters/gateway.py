@@ -23,6 +23,7 @@ asked for), at most that many, the oldest dropped first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -39,6 +40,7 @@ from app.client import (
     AREAS,
     CommandResult,
     CommandTimeout,
+    FramedCommand,
     aggregate_id_of,
     frame_command,
 )
@@ -88,6 +90,10 @@ class CommandGateway:
         self._index: OrderedDict[str, bytes] = OrderedDict()
         self._waiters: dict[str, list[_Waiter]] = {}
         self._caught_up = threading.Event()
+        # Lookups waiting for the read-back at start: (their loop, a future).
+        self._reading_back: list[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+        ] = []
         self._stopping = threading.Event()
         self._behind: set[int] = set()
         self._producer: Producer | None = None
@@ -175,13 +181,12 @@ class CommandGateway:
     ) -> CommandResult | None:
         """The result of ``command_id`` if one was written among the newest this
         worker keeps; waits up to ``wait`` seconds for one to arrive, then None."""
-        if not self._caught_up.is_set():
-            await asyncio.to_thread(self._caught_up.wait, CATCH_UP_WAIT_S)
-        waiter = self._waiter(None)
-        known = self._known_or_wait(command_id, waiter if wait > 0 else None)
+        await self._read_back()
+        waiter = self._waiter(None) if wait > 0 else None
+        known = self._known_or_wait(command_id, waiter)
         if known is not None:
             return await asyncio.to_thread(self._decode, known)
-        if wait <= 0:
+        if waiter is None:
             return None
         try:
             return await asyncio.wait_for(waiter.future, wait)
@@ -189,6 +194,18 @@ class CommandGateway:
             return None
         finally:
             self._forget(command_id, waiter)
+
+    async def _read_back(self) -> None:
+        """Until the listener has read back what it keeps (at most
+        ``CATCH_UP_WAIT_S``)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._caught_up.is_set():
+                return
+            future: asyncio.Future[None] = loop.create_future()
+            self._reading_back.append((loop, future))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(future, CATCH_UP_WAIT_S)
 
     # -- between the event loop and the listener -------------------------------------
 
@@ -213,7 +230,7 @@ class CommandGateway:
             if not waiting:
                 self._waiters.pop(command_id, None)
 
-    def _produce(self, framed: Any, command_id: str, waiter: _Waiter) -> None:
+    def _produce(self, framed: FramedCommand, command_id: str, waiter: _Waiter) -> None:
         if (
             self._producer is None
             or self._thread is None
@@ -265,13 +282,20 @@ class CommandGateway:
                 log.exception("command-results listener: going on after an error")
                 self._stopping.wait(1.0)
 
+    def _read_back_done(self) -> None:
+        with self._lock:
+            self._caught_up.set()
+            waiting, self._reading_back = self._reading_back, []
+        for loop, future in waiting:
+            _wake(loop, future)
+
     def _take(self, message: Message) -> None:
         error = message.error()
         if error is not None:
             if error.code() == KafkaError._PARTITION_EOF:
                 self._behind.discard(message.partition() or 0)
-                if not self._behind:
-                    self._caught_up.set()
+                if not self._behind and not self._caught_up.is_set():
+                    self._read_back_done()
             else:
                 log.warning("command-results listener: %s", error.str())
             return
@@ -296,6 +320,16 @@ class CommandGateway:
             wanted = waiter.aggregate
             if wanted is None or wanted == (result.aggregate_type, result.aggregate_id):
                 _settle(waiter, result)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Resolve a future from any thread, once."""
+
+    def wake() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    loop.call_soon_threadsafe(wake)
 
 
 def _settle(waiter: _Waiter, outcome: CommandResult | Exception) -> None:

@@ -15,9 +15,9 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 import faust
+from aiohttp.web import HTTPRequestEntityTooLarge
 from faust.web import View
 
 from app import params as checked
@@ -133,7 +133,11 @@ class CommandApi:
         expected = requests.expected_version(headers.get("If-Match"))
         wait = requests.prefer_wait(headers.get("Prefer"))
         try:
-            body = requests.json_body(await request.read(), headers.get("Content-Type"))
+            raw = await request.read()
+        except HTTPRequestEntityTooLarge as error:
+            raise Refused(413, f"the body is too large: {error.text}") from None
+        try:
+            body = requests.json_body(raw, headers.get("Content-Type"))
         except requests.UnsupportedMediaType as error:
             raise Refused(415, str(error), field="Content-Type") from None
         command = endpoint.command(request.match_info, body)
@@ -252,7 +256,7 @@ def _view(api: CommandApi, path: str, methods: Mapping[str, Endpoint]) -> type[V
         serve.__doc__ = endpoint.route.summary
         return serve
 
-    name = "command" + quote(path, safe="").replace("%", "_")
+    name = "_".join(endpoint.route.name for endpoint in methods.values())
     attributes: dict[str, Any] = {
         method.lower(): handler(endpoint) for method, endpoint in methods.items()
     }

@@ -23,9 +23,10 @@ import pytest
 from openapi_spec_validator import validate as validate_openapi
 
 from app.adapters.catalog import SchemaCatalog
+from app.adapters.gateway import CommandGateway
 from app.audit import answer
 from app.client import CommandClient
-from app.domain.accounts import Deposit
+from app.domain.accounts import Deposit, OpenAccount
 from app.local import deployments
 from app.local.process import Daemon
 from app.rest.openapi import document
@@ -35,6 +36,7 @@ from app.writeside import WRITER_NAME
 from bench.harness import process_tree
 from tests.invariants import serving_worker
 from tests.support import (
+    codec_for,
     events_by_aggregate,
     get_until,
     read_topic,
@@ -415,6 +417,7 @@ def test_bad_requests_name_what_was_wrong_and_send_nothing(api: Api) -> None:
             415,
             "Content-Type",
         ),
+        (b'{"carrier": "' + b"x" * 2**21 + b'"}', "application/json", 413, None),
     ]
     for content, media, status, field in raw:
         got = httpx.post(
@@ -641,6 +644,40 @@ def test_a_late_result_is_504_then_found_by_its_command_id(api: Api) -> None:
     assert kafka.status_code == 200 and kafka.json()["version"] == sent.version
     unknown = api.call("GET", f"/commands/{unique('never-sent')}")
     assert unknown.status_code == 404 and unknown.json()["field"] == "command_id"
+
+
+def test_a_new_gateway_reads_back_the_newest_results(api: Api) -> None:
+    """What a restarted worker knows: the newest results of each partition, read
+    back at start, however they were sent; older ones are not kept."""
+    account = unique("acc")
+    with CommandClient(api.settings) as client:
+        opened = client.send(
+            OpenAccount(account_id=account, owner_id="o", currency="USD")
+        )
+        deposits = [
+            client.submit(
+                Deposit(
+                    account_id=account,
+                    transaction_id=f"t-{n}",
+                    amount_minor=1,
+                    currency="USD",
+                    source="s",
+                )
+            )
+            for n in range(60)
+        ]
+        assert all(r.accepted for r in client.wait(deposits))
+    # 100 kept over 4 partitions: the newest 25 of the account's partition.
+    kept = dataclasses.replace(api.settings, api_results_kept=100)
+    gateway = CommandGateway(kept, codec_for(kept))
+    gateway.start()
+    try:
+        newest = asyncio.run(gateway.result(deposits[-1]))
+        oldest = asyncio.run(gateway.result(opened.command_id))
+    finally:
+        gateway.stop()
+    assert newest is not None and newest.version == 61, newest
+    assert oldest is None
 
 
 def test_the_openapi_document_and_its_page(api: Api, spec: dict[str, Any]) -> None:
