@@ -209,7 +209,10 @@ def _error_responses() -> dict[str, Any]:
             f"{decided}any other code); or the Idempotency-Key was already used "
             "for another aggregate (an error, code IdempotencyKeyReused)."
         ),
-        "503": _error("Kafka could not take the command; nothing is decided."),
+        "503": _error(
+            "Kafka did not take the command, or not for sure: send it again with "
+            "the same Idempotency-Key."
+        ),
         "504": _error(
             "No result in time: the command may still be decided; "
             "GET /commands/{command_id} later."

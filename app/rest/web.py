@@ -169,7 +169,11 @@ class CommandApi:
         except EncodeError as error:
             raise Refused(400, str(error)) from None
         except (GatewayError, RegistryError) as error:
-            raise Refused(503, str(error), command_id=command_id) from None
+            raise Refused(
+                503,
+                f"{error}; send it again with Idempotency-Key: {command_id}",
+                command_id=command_id,
+            ) from None
         status, extra = status_and_headers(endpoint, result)
         return status, result_body(result), extra
 
