@@ -95,7 +95,13 @@ def run(settings: Settings, write: WriteProcess) -> None:
     if worker.read is not None:
         worker.read.start()
     if worker.gateway is not None:
-        worker.gateway.start()
+        try:
+            worker.gateway.start()
+        except BaseException:
+            write.stop(timeout=10.0)
+            if worker.read is not None:
+                worker.read.stop(timeout=3.0)
+            raise
     from faust.worker import Worker as FaustWorker
 
     faust_worker = FaustWorker(worker.app, loglevel=settings.log_level, quiet=True)
