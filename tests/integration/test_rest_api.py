@@ -43,6 +43,10 @@ from tests.support import (
     results_by_command,
 )
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")

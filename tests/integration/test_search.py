@@ -25,6 +25,10 @@ from app.workload import LONDON, SPRINGFIELD, new_order
 from tests.invariants import serving_worker
 from tests.support import get_until, run_cli
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 ARLINGTON = Address(
     street="7 Lovelace Road",
     city="Arlington",
