@@ -9,7 +9,7 @@ import zlib
 from confluent_kafka import Producer
 
 from app.adapters.eventlog import partition_for
-from app.client import PARTITIONER, CommandClient
+from app.client import PARTITIONER, CommandClient, frame_command, new_envelope
 from app.domain.accounts import CloseAccount, Deposit, OpenAccount
 from app.domain.orders import CreateOrder, LineItem
 from app.runtime import REROUTED_HEADER
@@ -270,16 +270,20 @@ def test_a_command_on_another_partition_than_its_aggregates_is_sent_on_there(
         opened = client.send(
             OpenAccount(account_id=account, owner_id="c-1", currency="EUR")
         )
-        client.producer = Producer(deployment.producer_config())  # CRC32 keys
-        ids = [
-            client.submit(deposit(account, 100 * k, f"t-{k}", currency="EUR"))
-            for k in (1, 2, 3)
-        ]
-        ids.append(
-            client.submit(
-                OpenAccount(account_id=account, owner_id="c-2", currency="EUR")
+        plain = Producer(deployment.producer_config())  # CRC32 keys
+        ids = []
+        for command in [
+            *(deposit(account, 100 * k, f"t-{k}", currency="EUR") for k in (1, 2, 3)),
+            OpenAccount(account_id=account, owner_id="c-2", currency="EUR"),
+        ]:
+            envelope = new_envelope()
+            framed = frame_command(deployment, client.codec, command, envelope)
+            # No partition given: the producer's own partitioner picks one.
+            plain.produce(
+                framed.topic, framed.value, key=framed.key, headers=framed.headers
             )
-        )
+            ids.append(str(envelope["command_id"]))
+        assert plain.flush(30) == 0
         results = client.wait(ids, timeout=60)
     assert opened.accepted
     assert [(r.accepted, r.version) for r in results[:3]] == [
