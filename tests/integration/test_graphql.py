@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import re
+import shlex
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +27,7 @@ from app.local import deployments
 from app.settings import ApiToken, Settings
 from tests.invariants import serving_worker
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")
 # Bounds a subscription's wait for events so that a missing one fails the test
@@ -533,3 +539,65 @@ def test_limits_refuse_a_query_before_it_runs(api: Api) -> None:
     # A field that does not exist is named.
     [unknown] = api.refused('{ order(order_id: "o-1") { price } }')
     assert "price" in unknown["message"]
+
+
+def readme_example() -> list[tuple[list[str], str]]:
+    """(argv, output) of each command in the README's GraphQL example."""
+    text = README.read_text()
+    section = text[text.index("### GraphQL") :]
+    block = section.split("```console\n", 1)[1].split("```", 1)[0]
+    found: list[tuple[list[str], str]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            found.append((shlex.split(line[2:]), ""))
+        elif found:
+            found[-1] = (found[-1][0], found[-1][1] + line)
+    return found
+
+
+def without_positions(answer: Any) -> Any:
+    """An answer with its partitions and offsets left out: they depend on the
+    account id, which each run chooses anew."""
+    if isinstance(answer, dict):
+        return {
+            key: without_positions(value)
+            for key, value in answer.items()
+            if key not in ("partition", "offset")
+        }
+    if isinstance(answer, list):
+        return [without_positions(item) for item in answer]
+    return answer
+
+
+def test_the_readme_example(api: Api) -> None:
+    """The README's curl commands against a worker with its token: the same answers
+    but for the account id and where its events are."""
+    example = readme_example()
+    assert len(example) >= 5, "the README shows no GraphQL example"
+    run_id = unique("acc")[:10]
+    position = None
+    for argv, shown in example:
+        assert argv[0] == "curl", argv
+        argv = [
+            re.sub(r"acc-[0-9a-f]{6}", run_id, a).replace(
+                "http://127.0.0.1:6066/graphql", api.url
+            )
+            for a in argv
+        ]
+        if position is not None:
+            # The README's position is its account's; this run's is elsewhere.
+            here = f'after: \\"{position}\\"'
+            argv = [
+                re.sub(r'after: \\"\d+:\d+\\"', here.replace("\\", "\\\\"), a)
+                for a in argv
+            ]
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        expected = json.loads(re.sub(r"acc-[0-9a-f]{6}", run_id, shown))
+        assert without_positions(answer) == without_positions(expected), argv
+        for result in (answer.get("data") or {}).values():
+            if result.get("status") == "ACCEPTED":
+                position = f"{result['partition']}:{result['offset']}"
