@@ -40,6 +40,7 @@ from app.adapters import feed
 from app.adapters.codec import Codec
 from app.client import CommandResult as Decided
 from app.domain import accounts, orders
+from app.history import EventLogProjection
 from app.readside import ReadSide
 from app.rest.bodies import BodyError
 from app.rest.routes import Endpoint
@@ -453,6 +454,7 @@ class History:
     aggregate_type: str
     aggregate_id: str
     events: list[HistoricEvent]
+    stale: bool
 
 
 @strawberry.type(description="An aggregate's state, folded from its events")
@@ -461,6 +463,7 @@ class AggregateState:
     aggregate_id: str
     version: int
     state: JSON
+    stale: bool
 
 
 @strawberry.type
@@ -565,12 +568,16 @@ class Query:
         type: str | None = None,
         from_version: int | None = None,
         to_version: int | None = None,
+        after: str | None = None,
     ) -> History:
         settings = info.context.services.settings
         params = _params(type=type, from_version=from_version, to_version=to_version)
-        found = await guarded(
-            _checked_then(
-                {"aggregate_id": aggregate_id},
+        found, stale = await guarded(
+            _indexed(
+                info,
+                aggregate_id,
+                type,
+                after,
                 lambda: readside.history_view(settings, aggregate_id, params),
             )
         )
@@ -578,6 +585,7 @@ class Query:
             aggregate_type=found["aggregate_type"],
             aggregate_id=found["aggregate_id"],
             events=[_fields(HistoricEvent, e) for e in found["events"]],
+            stale=stale,
         )
 
     @described("An aggregate's state now, at a version or a time")
@@ -588,22 +596,49 @@ class Query:
         type: str | None = None,
         version: int | None = None,
         at: str | None = None,
+        after: str | None = None,
     ) -> AggregateState:
         settings = info.context.services.settings
         params = _params(type=type, version=version, at=at)
-        found = await guarded(
-            _checked_then(
-                {"aggregate_id": aggregate_id},
+        found, stale = await guarded(
+            _indexed(
+                info,
+                aggregate_id,
+                type,
+                after,
                 lambda: readside.state_view(settings, aggregate_id, params),
             )
         )
-        return _fields(AggregateState, {**found, "state": _json(found["state"])})
+        return _fields(
+            AggregateState, {**found, "state": _json(found["state"]), "stale": stale}
+        )
 
 
-async def _checked_then(ids: Mapping[str, str], work: Callable[[], Awaitable[T]]) -> T:
-    for name, value in ids.items():
-        checked.identifier(value, name)
-    return await work()
+# The events topic of each aggregate type.
+AREA_OF_TYPE = {"order": "orders", "account": "accounts"}
+
+
+async def _indexed(
+    info: Info,
+    aggregate_id: str,
+    kind: str | None,
+    after: str | None,
+    work: Callable[[], Awaitable[T]],
+) -> tuple[T, bool]:
+    """``work`` over the event-log index, after waiting for the index to pass
+    ``after`` in the events topic of ``kind`` (which ``after`` needs: a position
+    names a partition of one topic); its answer, and whether it may be stale."""
+    checked.identifier(aggregate_id, "aggregate_id")
+    fresh = True
+    if after is not None:
+        if kind not in AREA_OF_TYPE:
+            raise checked.BadParameter(
+                "type", "give the aggregate's type (order, account) with after"
+            )
+        fresh = await info.context.services.read.wait_for(
+            AREA_OF_TYPE[kind], _params(after=after), projection=EventLogProjection.name
+        )
+    return await work(), not fresh
 
 
 # -- commands ------------------------------------------------------------------------
@@ -951,8 +986,6 @@ class Mutation:
 
 
 # -- the subscription -----------------------------------------------------------------
-
-AREA_OF_TYPE = {"order": "orders", "account": "accounts"}
 
 
 @strawberry.type(description="An event as its topic holds it")

@@ -281,6 +281,38 @@ def test_every_order_mutation_and_the_order_queries(api: Api) -> None:
         sorted([(order, "DELIVERED"), (second, "CANCELLED")])
     )
 
+    found_by_id = api.run(
+        """query ($q: String!, $after: String) {
+          search(q: $q, after: $after) {
+            type orders { order_id customer_id product_ids } customers { customer_id }
+            total_count page next_cursor stale
+          }
+          by_customer: search(q: $q, type: "customers", after: $after) {
+            customers { customer_id name } orders { order_id }
+          }
+        }""",
+        {"q": customer, "after": position(cancelled)},
+    )
+    assert found_by_id["search"] == {
+        "type": "orders",
+        "orders": sorted(
+            [
+                {"order_id": o, "customer_id": customer, "product_ids": ["cake", "tea"]}
+                for o in (order, second)
+            ],
+            key=lambda o: o["order_id"],
+        ),
+        "customers": [],
+        "total_count": 2,
+        "page": 0,
+        "next_cursor": None,
+        "stale": False,
+    }
+    assert found_by_id["by_customer"] == {
+        "customers": [{"customer_id": customer, "name": "Ada Lovelace"}],
+        "orders": [],
+    }
+
     customer_view = api.run(
         """
         query ($customer: String!) {
@@ -314,17 +346,23 @@ def test_every_order_mutation_and_the_order_queries(api: Api) -> None:
     assert error["path"] == ["customer", "orders"]
 
     history = api.run(
-        """query ($id: String!) {
-          history(aggregate_id: $id, type: "order", from_version: 2, to_version: 3) {
-            aggregate_type events { stream_version event_type user_id }
+        """query ($id: String!, $after: String) {
+          history(aggregate_id: $id, type: "order", from_version: 2, to_version: 3,
+                  after: $after) {
+            aggregate_type stale events { stream_version event_type user_id }
           }
-          at2: state(aggregate_id: $id, version: 2) { version state }
-          now: state(aggregate_id: $id) { version state }
+          at2: state(aggregate_id: $id, type: "order", version: 2, after: $after) {
+            version state
+          }
+          now: state(aggregate_id: $id, type: "order", after: $after) {
+            version state stale
+          }
         }""",
-        {"id": order},
+        {"id": order, "after": position(last)},
     )
     assert history["history"] == {
         "aggregate_type": "order",
+        "stale": False,
         "events": [
             {"stream_version": 2, "event_type": "OrderItemAdded", "user_id": "ada"},
             {"stream_version": 3, "event_type": "OrderItemRemoved", "user_id": "ada"},
@@ -333,7 +371,7 @@ def test_every_order_mutation_and_the_order_queries(api: Api) -> None:
     assert history["at2"]["version"] == 2
     lines = history["at2"]["state"]["items"]
     assert sorted(line["product_id"] for line in lines) == ["cake", "jam", "tea"]
-    assert history["now"]["version"] == 6
+    assert history["now"]["version"] == 6 and not history["now"]["stale"]
     assert history["now"]["state"]["status"] == "DELIVERED"
 
 
@@ -450,12 +488,23 @@ def test_a_mutation_needs_a_token_and_the_user_comes_from_it(api: Api) -> None:
     opened = api.run(OPEN, variables, token=OPS)["open_account"]
     assert opened["status"] == "ACCEPTED"
     events = api.run(
-        """query ($id: String!) {
-          history(aggregate_id: $id) { events { stream_version user_id } }
+        """query ($id: String!, $after: String) {
+          history(aggregate_id: $id, type: "account", after: $after) {
+            events { stream_version user_id } stale
+          }
         }""",
+        {"id": account, "after": position(opened)},
+    )
+    assert events["history"] == {
+        "events": [{"stream_version": 1, "user_id": "ops"}],
+        "stale": False,
+    }
+    # A position names a partition of one topic: after needs the type.
+    [untyped] = api.refused(
+        'query ($id: String!) { history(aggregate_id: $id, after: "0:0") { stale } }',
         {"id": account},
     )
-    assert events["history"]["events"] == [{"stream_version": 1, "user_id": "ops"}]
+    assert untyped["extensions"] == {"code": "BAD_USER_INPUT", "field": "type"}
 
 
 def test_bad_arguments_are_refused_naming_them(api: Api) -> None:
@@ -520,6 +569,49 @@ def test_a_subscription_receives_an_aggregates_events(api: Api) -> None:
         opened["offset"],
     )
     assert received[1]["data"]["amount_minor"] == 700
+
+    # From a version on, and from an offset: what is already committed comes first.
+    async def first_of(arguments: str) -> dict[str, Any]:
+        transport = WebsocketsTransport(
+            url=url, subprotocols=[WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL]
+        )
+        async with Client(transport=transport) as session:
+            request = gql(
+                f"""subscription {{
+                  aggregate_events(type: "account", aggregate_id: "{account}"{arguments})
+                  {{ stream_version offset }}
+                }}"""
+            )
+            async for result in session.subscribe(request):
+                event: dict[str, Any] = result["aggregate_events"]
+                return event
+        raise AssertionError("the subscription ended without an event")
+
+    later = asyncio.run(asyncio.wait_for(first_of(", from_version: 2"), EVENTS_WAIT_S))
+    assert later == {"stream_version": 2, "offset": received[1]["offset"]}
+    skipped = asyncio.run(
+        asyncio.wait_for(
+            first_of(f", from_offset: {received[1]['offset']}"), EVENTS_WAIT_S
+        )
+    )
+    assert skipped == later
+
+    async def refused() -> list[Any]:
+        transport = WebsocketsTransport(
+            url=url, subprotocols=[WebsocketsTransport.GRAPHQLWS_SUBPROTOCOL]
+        )
+        async with Client(transport=transport) as session:
+            request = gql(
+                'subscription { aggregate_events(type: "invoice", aggregate_id: "x")'
+                " { stream_version } }"
+            )
+            with pytest.raises(TransportQueryError) as raised:
+                async for _ in session.subscribe(request):
+                    pass
+            return raised.value.errors or []
+
+    [error] = asyncio.run(asyncio.wait_for(refused(), EVENTS_WAIT_S))
+    assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "type"}
 
 
 def test_limits_refuse_a_query_before_it_runs(api: Api) -> None:
