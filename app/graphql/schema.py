@@ -96,6 +96,8 @@ class Context:
 
     services: Services
     authorization: str | None
+    # Strawberry puts a WebSocket's connection_init payload here; nothing reads
+    # it (the subscription, like the read views, needs no token).
     connection_params: dict[str, Any] | None = None
 
 
