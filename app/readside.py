@@ -60,14 +60,18 @@ class ReadSide:
     def statuses(self) -> list[Status]:
         return list(self.projections.statuses.values())
 
-    async def wait_for(self, area: str, params: Mapping[str, str]) -> bool:
-        """Read-your-writes: True when the area's projection has passed ``after``
-        ("partition:offset" from a command result), False when it timed out (stale)."""
+    async def wait_for(
+        self, area: str, params: Mapping[str, str], projection: str | None = None
+    ) -> bool:
+        """Read-your-writes: True when the area's projection (or ``projection``,
+        which reads the area's events) has passed ``after`` ("partition:offset" of
+        the area's events topic, from a command result), False when it timed out
+        (stale)."""
         after = checked.position(params, self.settings.partitions)
         if after is None:
             return True
         partition, offset = after
-        name = AREA_PROJECTION[area]
+        name = projection or AREA_PROJECTION[area]
         if name not in self.projections.names:
             return False
         topic = self.settings.topics.events(area)

@@ -20,6 +20,7 @@ from app.adapters.migrations import migrate
 from app.adapters.subjects import ensure_subjects
 from app.adapters.topics import TopicSpec, ensure_topics
 from app.faust_app import create_app
+from app.graphql import web as graphql
 from app.projections.engine import tune_gc
 from app.readside import ReadSide
 from app.rest import web as rest
@@ -71,12 +72,13 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
     view_agents.register(app, settings, codec)
     if settings.api_tokens:
         worker.gateway = CommandGateway(settings, codec)
-    rest.register(app, settings, worker.gateway, catalog)
+    api, table = rest.register(app, settings, worker.gateway, catalog)
     if settings.saga:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)
     read = ReadSide(settings, settings.projections)
     readside.attach(app, settings, read, write.status)
+    graphql.register(app, settings, read, api, codec, table)
     worker.read = read
     return worker
 

@@ -105,6 +105,11 @@ class CommandApi:
     def caller(self, request: Any) -> str:
         """The user id of the request's credential; refuses when the API is off
         (no token configured) or the credential is missing or wrong."""
+        return self.user_of(request.headers.get("Authorization"))
+
+    def user_of(self, authorization: str | None) -> str:
+        """The user id of an ``Authorization`` header's bearer token; ``Refused``
+        (403, 401) as ``caller`` says."""
         if not self.credentials.enabled or self.gateway is None:
             raise Refused(
                 403,
@@ -113,7 +118,7 @@ class CommandApi:
                 "open",
             )
         try:
-            return self.credentials.user_id(request.headers.get("Authorization"))
+            return self.credentials.user_id(authorization)
         except Unauthorized as error:
             raise Refused(
                 401,
@@ -140,13 +145,42 @@ class CommandApi:
             body = requests.json_body(raw, headers.get("Content-Type"))
         except requests.UnsupportedMediaType as error:
             raise Refused(415, str(error), field="Content-Type") from None
-        command = endpoint.command(request.match_info, body)
+        result = await self.send(
+            endpoint,
+            request.match_info,
+            body,
+            user_id=user_id,
+            command_id=command_id,
+            expected_version=expected,
+            wait=wait,
+        )
+        status, extra = status_and_headers(endpoint, result)
+        return status, result_body(result), extra
+
+    async def send(
+        self,
+        endpoint: Endpoint,
+        path_params: Mapping[str, str],
+        body: Any,
+        *,
+        user_id: str,
+        command_id: str | None,
+        expected_version: int | None,
+        wait: float | None,
+    ) -> CommandResult:
+        """Send ``endpoint``'s command, made of ``path_params`` and ``body``, as
+        ``user_id`` (whose credential the caller checked), and wait for its result:
+        the one way a command goes from a request to Kafka (HTTP routes and GraphQL
+        mutations). Raises ``Refused``, ``BadParameter`` or ``BodyError`` when
+        nothing was decided."""
+        assert self.gateway is not None  # user_of() refuses without one
+        command = endpoint.command(path_params, body)
         envelope = new_envelope(
-            command_id=command_id, user_id=user_id, expected_version=expected
+            command_id=command_id, user_id=user_id, expected_version=expected_version
         )
         command_id = str(envelope["command_id"])
         try:
-            result = await self.gateway.send(
+            return await self.gateway.send(
                 command,
                 envelope,
                 wait=self.settings.command_timeout_s if wait is None else wait,
@@ -174,8 +208,6 @@ class CommandApi:
                 f"{error}; send it again with Idempotency-Key: {command_id}",
                 command_id=command_id,
             ) from None
-        status, extra = status_and_headers(endpoint, result)
-        return status, result_body(result), extra
 
     async def lookup(
         self, command_id: str, request: Any
@@ -224,8 +256,10 @@ def register(
     settings: Settings,
     gateway: CommandGateway | None,
     catalog: SchemaCatalog,
-) -> None:
-    """The command routes, the result lookup and the API's documents, on ``app``."""
+) -> tuple[CommandApi, tuple[Endpoint, ...]]:
+    """The command routes, the result lookup and the API's documents, on ``app``;
+    the API and its endpoints, for the GraphQL mutations to send commands the same
+    way."""
     api = CommandApi(settings, gateway)
     table = endpoints(catalog)
     by_path: dict[str, dict[str, Endpoint]] = {}
@@ -248,6 +282,8 @@ def register(
     @app.page("/docs")
     async def docs(web: View, request: Any) -> Any:
         return web.html(page)
+
+    return api, table
 
 
 def _view(api: CommandApi, path: str, methods: Mapping[str, Endpoint]) -> type[View]:

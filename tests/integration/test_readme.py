@@ -68,6 +68,9 @@ NOT_RUN = {
 RUN_ELSEWHERE = {
     "curl -s -i": "the HTTP commands example: tests/integration/test_rest_api.py "
     "(test_the_readme_example) runs it with curl against a worker with its token",
+    "curl -s http://127.0.0.1:6066/graphql": "the GraphQL example: "
+    "tests/integration/test_graphql.py (test_the_readme_example) runs it with curl "
+    "against a worker with its token",
 }
 
 
