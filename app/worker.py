@@ -20,6 +20,7 @@ from app.adapters.subjects import ensure_subjects
 from app.adapters.topics import TopicSpec, ensure_topics
 from app.faust_app import create_app
 from app.projections.engine import tune_gc
+from app.push import hub as push
 from app.readside import ReadSide
 from app.settings import Settings
 from app.writeside import WriteProcess
@@ -69,7 +70,8 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)
     read = ReadSide(settings, settings.projections)
-    readside.attach(app, settings, read, write.status)
+    pushed = push.attach(app, settings, codec)
+    readside.attach(app, settings, read, write.status, pushed.status)
     worker.read = read
     return worker
 
