@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,11 @@ TRY_AGAIN_LATER = 1013  # the worker has its most connections, or no feed yet
 # How long a closing connection waits for the client's close frame.
 CLOSE_WAIT_S = 10.0
 HEARTBEAT_S = 30.0
+# How a backlog is read (``read_backlog``; tests give another).
+Backlog = Callable[
+    [Settings, Mapping[TP, tuple[int, int]], Callable[[KafkaRecord], Any]],
+    tuple[list[tuple[KafkaRecord, Any]], dict[TP, int]],
+]
 FOLDS = {"order": views.fold_order, "account": views.fold_account}
 EVENT_TYPES = frozenset(cls.__name__ for cls in (*orders.EVENTS, *accounts.EVENTS))
 
@@ -161,9 +167,12 @@ class Connection:
 class Hub:
     """The worker's push connections, their subscriptions, and the feed."""
 
-    def __init__(self, settings: Settings, codec: Codec) -> None:
+    def __init__(
+        self, settings: Settings, codec: Codec, read: Backlog = read_backlog
+    ) -> None:
         self.settings = settings
         self.codec = codec
+        self.read = read
         self.partitions = {
             settings.topics.events(area): settings.partitions for area in AGGREGATES
         }
@@ -324,7 +333,7 @@ class Hub:
                     self._follow(subscription)
                     return
                 found, reached = await asyncio.to_thread(
-                    read_backlog, self.settings, ranges, wanted
+                    self.read, self.settings, ranges, wanted
                 )
                 for record, event in found:
                     tp = (record.topic, record.partition)
