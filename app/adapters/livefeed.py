@@ -57,6 +57,7 @@ class LiveFeed:
         """Assign every partition at its last stable offset (the end a
         read_committed reader sees) and start following; returns those offsets,
         the feed's first position. Blocking."""
+        starts = stable_ends(self.settings, self.topics)
         consumer = Consumer(
             {
                 **self.settings.consumer_config(),
@@ -65,7 +66,6 @@ class LiveFeed:
                 "fetch.wait.max.ms": 50,
             }
         )
-        starts = stable_ends(self.settings, self.topics)
         consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
         self.consumer = consumer
         self._thread = threading.Thread(

@@ -221,7 +221,15 @@ class Hub:
         """Hand a batch of the feed to the subscriptions it matches (on the loop)."""
         try:
             for record in batch:
-                self._deliver(record)
+                try:
+                    self._deliver(record)
+                except Exception:  # one event's bug must not stop the feed
+                    log.exception(
+                        "push: could not deliver %s[%d]@%d",
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                    )
                 tp = (record.topic, record.partition)
                 self.live[tp] = max(self.live.get(tp, 0), record.offset + 1)
         finally:
