@@ -91,7 +91,13 @@ class LiveFeed:
                 if not self._slots.acquire(timeout=0.5):
                     continue
                 batch = []
-                for message in consumer.consume(BATCH, 0.2):
+                # consume(n, timeout) waits out its timeout unless n arrive: the
+                # first record is waited for, what is queued behind it is not.
+                first = consumer.poll(0.2)
+                arrived = (
+                    [] if first is None else [first, *consumer.consume(BATCH - 1, 0)]
+                )
+                for message in arrived:
                     error = message.error()
                     if error is not None:
                         # librdkafka retries on its own; an error here is reported
