@@ -109,6 +109,10 @@ class LiveFeed:
                     self.deliver(batch)
                 else:
                     self._slots.release()
+        except Exception:
+            # Fatal to librdkafka (or a bug): subscribers get nothing more from
+            # this worker until it restarts, which the log must say.
+            log.exception("push feed stopped")
         finally:
             consumer.close()
 

@@ -213,10 +213,6 @@ class Hub:
             self.live.setdefault(tp, offset)
         self.feed = feed
 
-    def stop(self) -> None:
-        if self.feed is not None:
-            self.feed.stop()
-
     def dispatch(self, batch: list[KafkaRecord]) -> None:
         """Hand a batch of the feed to the subscriptions it matches (on the loop)."""
         try:
