@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ TRY_AGAIN_LATER = 1013  # the worker has its most connections, or no feed yet
 # How long a closing connection waits for the client's close frame.
 CLOSE_WAIT_S = 10.0
 HEARTBEAT_S = 30.0
+BACKLOG_READERS = 2
 # How a backlog is read (``read_backlog``; tests give another).
 Backlog = Callable[
     [Settings, Mapping[TP, tuple[int, int]], Callable[[KafkaRecord], Any]],
@@ -185,6 +187,10 @@ class Hub:
         self.dropped = 0
         self.feed: LiveFeed | None = None
         self._starting: asyncio.Future[None] | None = None
+        # Backlogs are read BACKLOG_READERS at a time, in threads of their own:
+        # many clients resuming at once (after a restart) wait for each other, not
+        # the query views' threads.
+        self._backlogs = ThreadPoolExecutor(BACKLOG_READERS, "sf-push-backlog")
         # Closes under way, held so that they are not collected half done.
         self._closing: set[asyncio.Future[None]] = set()
 
@@ -336,8 +342,8 @@ class Hub:
                 if not ranges:
                     self._follow(subscription)
                     return
-                found, reached = await asyncio.to_thread(
-                    self.read, self.settings, ranges, wanted
+                found, reached = await asyncio.get_running_loop().run_in_executor(
+                    self._backlogs, self.read, self.settings, ranges, wanted
                 )
                 for record, event in found:
                     tp = (record.topic, record.partition)
