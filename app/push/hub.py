@@ -52,7 +52,7 @@ EVENT_TYPES = frozenset(cls.__name__ for cls in (*orders.EVENTS, *accounts.EVENT
 
 
 @dataclass(frozen=True, slots=True)
-class Found:
+class PushedEvent:
     """An event as a subscription is sent it: its metadata (None if it could not
     be decoded) and the fields of its message."""
 
@@ -61,15 +61,15 @@ class Found:
     fields: dict[str, Any]
 
 
-def decode(codec: Codec, record: KafkaRecord) -> Found:
+def decode(codec: Codec, record: KafkaRecord) -> PushedEvent:
     try:
         decoded = codec.decode(record.value or b"")
     except (DecodeError, RegistryUnavailable) as error:
         reason = error.reason if isinstance(error, DecodeError) else str(error)
-        return Found(None, None, {"error": f"undecodable: {reason}"})
+        return PushedEvent(None, None, {"error": f"undecodable: {reason}"})
     data = dict(decoded.data)
     metadata = data.pop("metadata")
-    return Found(
+    return PushedEvent(
         metadata,
         data,
         {
@@ -93,7 +93,7 @@ class Subscription:
     view: dict[str, Any] | None = None
     catching_up: asyncio.Task[None] | None = None
 
-    def message(self, record: KafkaRecord, found: Found) -> bytes:
+    def message(self, record: KafkaRecord, found: PushedEvent) -> bytes:
         body: dict[str, Any] = {
             "type": "event",
             "subscription": self.id,
@@ -109,7 +109,7 @@ class Subscription:
             body["view"] = self._fold(found)
         return orjson.dumps(body, default=str)
 
-    def _fold(self, found: Found) -> dict[str, Any] | None:
+    def _fold(self, found: PushedEvent) -> dict[str, Any] | None:
         meta, data = found.metadata, found.data
         fold = None if meta is None else FOLDS.get(meta["aggregate_type"])
         if fold is None or meta is None or data is None:
@@ -366,7 +366,7 @@ class Hub:
                 )
             )
 
-    def _wanted(self, chosen: Filter, record: KafkaRecord) -> Found | None:
+    def _wanted(self, chosen: Filter, record: KafkaRecord) -> PushedEvent | None:
         """The event, decoded, if ``chosen`` matches it (in a backlog's thread)."""
         keys = protocol.keys_from_headers(record.headers)
         if keys is not None:

@@ -32,6 +32,8 @@ from bench.harness import domain_events, encode_events
 from tests.invariants import serving_worker, start_serving
 from tests.support import codec_for, create_order
 
+# RFC 6455's close code for a message over the server's limit (64 KiB here).
+MESSAGE_TOO_BIG = 1009
 # Every wait below is a deadline for something that must happen, never a measure.
 WAIT_S = 60.0
 
@@ -429,6 +431,18 @@ def test_connections_beyond_the_limit_are_refused(pushing: Pushing) -> None:
         finally:
             for socket in held:
                 await socket.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_oversized_request_closes_the_connection(pushing: Pushing) -> None:
+    async def scenario() -> None:
+        async with connect(pushing.url) as socket:
+            await socket.send(json.dumps({"type": "subscribe", "id": "x" * 70_000}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), WAIT_S)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == MESSAGE_TOO_BIG
 
     asyncio.run(scenario())
 
