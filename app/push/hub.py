@@ -213,11 +213,16 @@ class Hub:
             list(self.partitions),
             lambda batch: loop.call_soon_threadsafe(self.dispatch, batch),
         )
-        starts = await asyncio.to_thread(feed.start)
-        # A first batch may have been dispatched already.
+        # Set before it starts: a first batch may be dispatched before start()
+        # returns here, and must give its slot back to this feed.
+        self.feed = feed
+        try:
+            starts = await asyncio.to_thread(feed.start)
+        except BaseException:
+            self.feed = None
+            raise
         for tp, offset in starts.items():
             self.live.setdefault(tp, offset)
-        self.feed = feed
 
     def dispatch(self, batch: list[KafkaRecord]) -> None:
         """Hand a batch of the feed to the subscriptions it matches (on the loop)."""
@@ -408,7 +413,7 @@ class Hub:
             "connections": len(self.connections),
             "subscriptions": sum(len(c.subscriptions) for c in self.connections),
             "dropped": self.dropped,
-            "feed": None if self.feed is None else Cursor(self.live).as_json(),
+            "feed": Cursor(self.live).as_json() if self.live else None,
         }
 
 
