@@ -22,6 +22,7 @@ from app.adapters.topics import (
     partitions_of,
     read_range,
     reader,
+    watermarks,
 )
 from app.settings import Settings
 
@@ -154,7 +155,11 @@ def read_backlog(
             if scanned >= limit:
                 break
             reached[(topic, partition)] = end
-            for message in read_range(consumer, topic, partition, start, end):
+            # Below the low watermark nothing is left to read (the event topics keep
+            # everything, unless someone deleted records): an offset out of range
+            # would send the reader to the end, past what is there.
+            low, _ = watermarks(consumer, topic, partition)
+            for message in read_range(consumer, topic, partition, max(start, low), end):
                 record = KafkaRecord.of(message)
                 scanned += 1
                 given = wanted(record)

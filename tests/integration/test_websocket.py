@@ -312,6 +312,19 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
             assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
         assert versions(during) == list(range(8, 48))
 
+        # From the log's start: every event, and the account's view after each.
+        zeros = {t: dict.fromkeys(p, 0) for t, p in after[-1]["resume"].items()}
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            ack = await client.ask(
+                type="subscribe", id="s", aggregate_id=account, **{"from": zeros}
+            )
+            assert ack["type"] == "ack"
+            whole = await client.until("s", 47)
+        assert versions(whole) == list(range(1, 48))
+        balances = [e["view"]["balance_minor"] for e in whole]
+        assert balances == [sum(range(1, n)) for n in range(1, 48)]
+
     asyncio.run(scenario())
 
 
