@@ -39,9 +39,10 @@ from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership
-from app.adapters.saga_io import frame_command, inbox_topic, route
+from app.adapters.saga_io import inbox_topic, route
 from app.adapters.topics import FOREVER, TP, TopicSpec, ensure_topics
 from app.application import saga
+from app.client import frame_command
 from app.settings import Settings
 
 if TYPE_CHECKING:  # the write processes run the saga without importing Faust

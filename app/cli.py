@@ -64,8 +64,10 @@ def cmd_test(settings: Settings, args: argparse.Namespace) -> int:
     # The suite mostly waits (on groups, sessions, workers starting): four test
     # processes keep two cores busy. Tests are handed out a few at a time, so the
     # slow ones collected first spread over the processes (in the default chunks,
-    # the first process would get them all). Arguments of one's own replace these.
-    default = ["-q", "-n", "4", "--dist", "load", "--maxschedchunk", "1"]
+    # the first process would get them all); a module marked with an xdist_group
+    # (one deployment for all its tests) goes to one process whole. Arguments of
+    # one's own replace these.
+    default = ["-q", "-n", "4", "--dist", "loadgroup", "--maxschedchunk", "1"]
     return subprocess.call(
         [sys.executable, "-m", "pytest", *(pytest_args or default)], cwd=REPO
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +22,8 @@ from confluent_kafka import (
 
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.codec import Codec, ConfluentRegistry, headers
+from app.adapters.codec import Codec, ConfluentRegistry, Headers, headers
+from app.adapters.eventlog import partition_for
 from app.adapters.topics import end_offsets
 from app.domain import accounts, orders
 from app.settings import Settings
@@ -79,6 +80,63 @@ def aggregate_id_of(command: Any) -> str:
     return str(getattr(command, "order_id", None) or command.account_id)
 
 
+def new_envelope(
+    *,
+    command_id: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    user_id: str | None = None,
+    expected_version: int | None = None,
+    issued_at: datetime | None = None,
+) -> dict[str, Any]:
+    """A command's envelope. What is not given is a new command's: a fresh command
+    id, which is also its correlation and causation id; issued now."""
+    command_id = command_id or str(uuid.uuid4())
+    correlation_id = correlation_id or command_id
+    return {
+        "command_id": command_id,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id or command_id,
+        "user_id": user_id,
+        "issued_at": issued_at or datetime.now(UTC),
+        "expected_version": expected_version,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class FramedCommand:
+    """A command as it goes on the wire: Confluent-framed Avro, keyed by aggregate
+    id, on the aggregate's murmur2 partition, with routing headers."""
+
+    topic: str
+    key: bytes
+    partition: int
+    value: bytes
+    headers: Headers
+
+
+def frame_command(
+    settings: Settings, codec: Codec, command: Any, envelope: Mapping[str, Any]
+) -> FramedCommand:
+    """Frame ``command`` with ``envelope`` (see ``new_envelope``): the one way
+    Streamfold builds a command for Kafka (the client, the saga, HTTP commands)."""
+    topic = settings.topics.commands(area_of(command))
+    name = codec.catalog.record_name(type(command))
+    value = codec.encode(topic, name, mapper.command_record(command, dict(envelope)))
+    key = aggregate_id_of(command).encode()
+    return FramedCommand(
+        topic=topic,
+        key=key,
+        partition=partition_for(key, settings.partitions),
+        value=value,
+        headers=headers.for_command(
+            command_type=type(command).__name__,
+            command_id=envelope["command_id"],
+            correlation_id=envelope["correlation_id"],
+        ),
+    )
+
+
 class CommandClient:
     """Sends commands and waits for results. Not thread-safe; one per thread."""
 
@@ -132,32 +190,24 @@ class CommandClient:
     ) -> str:
         """Produce one command; returns its command id. Call ``flush`` or ``wait``."""
         self._listen()
-        command_id = command_id or str(uuid.uuid4())
-        correlation_id = correlation_id or command_id
-        envelope = {
-            "command_id": command_id,
-            "correlation_id": correlation_id,
-            "causation_id": causation_id or command_id,
-            "user_id": user_id,
-            "issued_at": issued_at or datetime.now(UTC),
-            "expected_version": expected_version,
-        }
-        area = area_of(command)
-        topic = self.settings.topics.commands(area)
-        name = self.catalog.record_name(type(command))
-        value = self.codec.encode(topic, name, mapper.command_record(command, envelope))
+        envelope = new_envelope(
+            command_id=command_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            user_id=user_id,
+            expected_version=expected_version,
+            issued_at=issued_at,
+        )
+        framed = frame_command(self.settings, self.codec, command, envelope)
         self.producer.produce(
-            topic,
-            value,
-            key=aggregate_id_of(command).encode(),
-            headers=headers.for_command(
-                command_type=type(command).__name__,
-                command_id=command_id,
-                correlation_id=correlation_id,
-            ),
+            framed.topic,
+            framed.value,
+            key=framed.key,
+            partition=framed.partition,
+            headers=framed.headers,
         )
         self.producer.poll(0)
-        return command_id
+        return str(envelope["command_id"])
 
     def flush(self, timeout: float = 30.0) -> None:
         if self.producer.flush(timeout) > 0:

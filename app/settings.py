@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -52,6 +52,15 @@ class Topics:
     @property
     def schemas(self) -> str:
         return f"{self.prefix}_streamfold-schemas"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A caller of the HTTP command API: the user id its commands carry, and the
+    bearer token it proves itself with (left out of reprs, so out of logs)."""
+
+    user_id: str
+    token: str = field(repr=False)
 
 
 AGGREGATES = ("orders", "accounts")
@@ -109,6 +118,11 @@ class Settings:
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_cafile: str | None = None
+    # Who may send commands over HTTP (app/rest): none, and the write routes refuse.
+    api_tokens: tuple[ApiToken, ...] = field(default=(), repr=False)
+    # How many of the newest command results each worker keeps for
+    # GET /commands/{id} (read back from command-results at start).
+    api_results_kept: int = 100_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -234,6 +248,12 @@ class Settings:
             sasl_username=get("KAFKA_SASL_USERNAME", _text, None),
             sasl_password=get("KAFKA_SASL_PASSWORD", _text, None),
             ssl_cafile=get("KAFKA_SSL_CAFILE", _existing_file, None),
+            api_tokens=get("STREAMFOLD_API_TOKENS", _api_tokens, ()),
+            api_results_kept=get(
+                "STREAMFOLD_API_RESULTS_KEPT",
+                _int_between(100, 10_000_000),
+                default.api_results_kept,
+            ),
         )
         # Streamfold's promises rest on durable, de-duplicated appends: a producer that
         # may lose or repeat a write is refused rather than quietly weakened.
@@ -298,6 +318,12 @@ class Settings:
             "STREAMFOLD_WS_MAX_SUBSCRIPTIONS": str(self.ws_max_subscriptions),
             "STREAMFOLD_WS_QUEUE": str(self.ws_queue),
             "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
+            # Always set, also when empty: a child reads these settings, never a
+            # token from the environment it was started in.
+            "STREAMFOLD_API_TOKENS": ",".join(
+                f"{t.user_id}:{t.token}" for t in self.api_tokens
+            ),
+            "STREAMFOLD_API_RESULTS_KEPT": str(self.api_results_kept),
         }
         if self.projections is not None:
             env["STREAMFOLD_PROJECTIONS"] = ",".join(self.projections) or "none"
@@ -397,6 +423,45 @@ def _projections(name: str, raw: str) -> tuple[str, ...]:
             f"{', '.join(PROJECTION_NAMES)} (or 'none')",
         )
     return chosen
+
+
+# RFC 6750's b64token: what a bearer token may hold, so any client can send it.
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+MIN_TOKEN_LENGTH = 16
+
+
+def _api_tokens(name: str, raw: str) -> tuple[ApiToken, ...]:
+    """``user_id:token`` pairs, comma-separated. Problems name the entry by its
+    place, never by the token."""
+    found: list[ApiToken] = []
+    for number, entry in enumerate(raw.split(","), start=1):
+        user_id, sep, token = entry.strip().partition(":")
+        where = f"entry {number} of {len(raw.split(','))}"
+        if not sep or not user_id:
+            raise SettingsError(
+                name, f"{where}: expected user_id:token[,user_id:token...]"
+            )
+        if not user_id.isprintable() or user_id != user_id.strip():
+            raise SettingsError(
+                name,
+                f"{where}: the user id {user_id!r} has unprintable characters "
+                "or surrounding whitespace",
+            )
+        if len(user_id) > 200:
+            raise SettingsError(name, f"{where}: the user id is over 200 characters")
+        if len(token) < MIN_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
+            raise SettingsError(
+                name,
+                f"{where} (user {user_id!r}): a token must be at least "
+                f"{MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
+                "(then any '=')",
+            )
+        if any(other.token == token for other in found):
+            raise SettingsError(
+                name, f"{where} (user {user_id!r}): the same token is listed twice"
+            )
+        found.append(ApiToken(user_id, token))
+    return tuple(found)
 
 
 def _text(name: str, raw: str) -> str:

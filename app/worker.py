@@ -15,6 +15,7 @@ from agents import views as view_agents
 from app import readside
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, RegistryError
+from app.adapters.gateway import CommandGateway
 from app.adapters.migrations import migrate
 from app.adapters.subjects import ensure_subjects
 from app.adapters.topics import TopicSpec, ensure_topics
@@ -22,6 +23,7 @@ from app.faust_app import create_app
 from app.projections.engine import tune_gc
 from app.push import hub as push
 from app.readside import ReadSide
+from app.rest import web as rest
 from app.settings import Settings
 from app.writeside import WriteProcess
 
@@ -34,6 +36,8 @@ class Worker:
     app: faust.App
     write: WriteProcess
     read: ReadSide | None = None
+    # Commands over HTTP: only with a token configured (STREAMFOLD_API_TOKENS).
+    gateway: CommandGateway | None = None
 
 
 def build(settings: Settings, write: WriteProcess) -> Worker:
@@ -66,6 +70,9 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
         return web.json({"ready": serving}, status=200 if serving else 503)
 
     view_agents.register(app, settings, codec)
+    if settings.api_tokens:
+        worker.gateway = CommandGateway(settings, codec)
+    rest.register(app, settings, worker.gateway, catalog)
     if settings.saga:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)
@@ -89,6 +96,14 @@ def run(settings: Settings, write: WriteProcess) -> None:
     tune_gc()
     if worker.read is not None:
         worker.read.start()
+    if worker.gateway is not None:
+        try:
+            worker.gateway.start()
+        except BaseException:
+            write.stop(timeout=10.0)
+            if worker.read is not None:
+                worker.read.stop(timeout=3.0)
+            raise
     from faust.worker import Worker as FaustWorker
 
     faust_worker = FaustWorker(worker.app, loglevel=settings.log_level, quiet=True)
@@ -106,6 +121,8 @@ def run(settings: Settings, write: WriteProcess) -> None:
         # hold the process open while librdkafka waits out a pending group request
         # (up to 5 minutes), and a supervisor would see a live process that serves
         # nothing. Their positions are in Postgres, so this is as safe as SIGKILL.
+        if worker.gateway is not None:
+            worker.gateway.stop(timeout=2.0)
         worker.write.stop(timeout=10.0)
         if worker.read is not None:
             worker.read.stop(timeout=3.0)

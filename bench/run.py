@@ -34,7 +34,7 @@ from typing import Any
 from app.local import stack
 from app.local.process import pid_alive
 from app.settings import Settings
-from bench import codec, end_to_end, loading, peer, projections, resources
+from bench import api, codec, end_to_end, loading, peer, projections, resources
 from bench.harness import RUN, deployment, figure, load_average, machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +60,7 @@ FULL: dict[str, float] = {
     "codec_repeats": 15,
     "loading_events": 10_000,
     "loading_repeats": 7,
+    "api_commands": 300,
 }
 QUICK: dict[str, float] = {
     "commands_timeout": 180,
@@ -77,8 +78,9 @@ QUICK: dict[str, float] = {
     "codec_repeats": 3,
     "loading_events": 1000,
     "loading_repeats": 3,
+    "api_commands": 30,
 }
-BENCHES = ("commands", "end_to_end", "peer", "projections", "codec", "loading")
+BENCHES = ("commands", "end_to_end", "peer", "projections", "codec", "loading", "api")
 
 
 def _sizes(args: argparse.Namespace) -> dict[str, float]:
@@ -375,6 +377,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             seed,
             deployment,
         ),
+        "api": lambda: api.run(
+            base,
+            api.Sizes(commands=int(sizes["api_commands"]), warmup=10),
+            seed,
+            deployment,
+        ),
     }
     data: dict[str, Any] = {}
     sections: dict[str, Any] = {}
@@ -413,6 +421,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "codec": (("codec",), lambda: codec.figures(data["codec"])),
         "loading": (("loading",), lambda: loading.figures(data["loading"])),
+        "api": (("api",), lambda: api.figures(data["api"])),
         "resources": (
             ("end_to_end",),
             lambda: resources.figures(data["end_to_end"]),

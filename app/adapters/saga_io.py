@@ -1,5 +1,5 @@
-"""The order payment saga's Kafka side: command framing shared with ``app.client``,
-the inbox's messages, and the routing of what the saga follows into its inbox.
+"""The order payment saga's Kafka side: the inbox's messages, and the routing of
+what the saga follows into its inbox (its commands are framed by ``app.client``).
 
 The feed (``agents.saga.FeedHandler``) runs in a consumer group of its own
 (``<app_id>.saga``), so replays of other read models never touch it, switching the
@@ -12,56 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from confluent_kafka import Message
 
 from app.adapters import mapper
-from app.adapters.codec import Codec, Headers, headers
-from app.adapters.eventlog import partition_for
+from app.adapters.codec import Codec
 from app.adapters.topics import headers_of
 from app.application import saga
-from app.client import aggregate_id_of, area_of
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.saga")
-
-
-@dataclass(frozen=True, slots=True)
-class FramedCommand:
-    """A command as ``app.client`` puts it on the wire: Confluent-framed Avro, keyed by
-    aggregate id, on the aggregate's murmur2 partition, with routing headers."""
-
-    topic: str
-    key: bytes
-    partition: int
-    value: bytes
-    headers: Headers
-
-
-def frame_command(
-    settings: Settings, codec: Codec, command: Any, envelope: Mapping[str, Any]
-) -> FramedCommand:
-    """Frame ``command`` with ``envelope`` (command_id, correlation_id, causation_id,
-    user_id, issued_at, expected_version), as ``CommandClient.submit`` does."""
-    topic = settings.topics.commands(area_of(command))
-    name = codec.catalog.record_name(type(command))
-    value = codec.encode(topic, name, mapper.command_record(command, dict(envelope)))
-    key = aggregate_id_of(command).encode()
-    return FramedCommand(
-        topic=topic,
-        key=key,
-        partition=partition_for(key, settings.partitions),
-        value=value,
-        headers=headers.for_command(
-            command_type=type(command).__name__,
-            command_id=envelope["command_id"],
-            correlation_id=envelope["correlation_id"],
-        ),
-    )
 
 
 def inbox_topic(settings: Settings) -> str:

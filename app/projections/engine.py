@@ -48,7 +48,16 @@ from psycopg import sql
 
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.rows import Rows, Table, describe
-from app.adapters.topics import FOREVER, TopicSpec, ensure_topics, reader
+from app.adapters.topics import (
+    FOREVER,
+    TopicSpec,
+    ensure_topics,
+    headers_of,
+    partitions_of,
+    read_range,
+    reader,
+    watermarks,
+)
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -844,29 +853,10 @@ def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
     consumer = reader(settings, "dead-letter-reader")
     found: set[tuple[str, int, int]] = set()
     try:
-        metadata = consumer.list_topics(topic, timeout=30).topics[topic]
-        for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=30
-            )
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(topic, partition, low)])
-            deadline = time.monotonic() + 30
-            while True:
-                message = consumer.poll(1.0)
-                if message is None:
-                    if time.monotonic() > deadline:
-                        raise KafkaTransient(f"{topic}[{partition}] stalled")
-                    continue
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        break
-                    raise KafkaTransient(str(error))
-                raw = message.headers() or []
-                pairs = raw.items() if isinstance(raw, dict) else raw
-                headers = {n: v for n, v in pairs if isinstance(v, bytes)}
+        for partition in partitions_of(consumer, topic):
+            low, high = watermarks(consumer, topic, partition)
+            for message in read_range(consumer, topic, partition, low, high):
+                headers = {n: v for n, v in headers_of(message) if v is not None}
                 with contextlib.suppress(KeyError, ValueError):
                     found.add(
                         (
@@ -875,8 +865,8 @@ def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
                             int(headers["dlq-source-offset"]),
                         )
                     )
-                if (message.offset() or 0) + 1 >= high:
-                    break
+    except KafkaException as error:
+        raise KafkaTransient(f"reading {topic}: {error}") from error
     finally:
         consumer.close()
     return found

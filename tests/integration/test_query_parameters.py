@@ -23,6 +23,10 @@ from app.workload import deposit
 from tests.invariants import serving_worker
 from tests.support import create_order, get_until
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 # Fixed, since the module's deployment is its own: test ids name them, and every
 # test process (pytest-xdist) must collect the same ids.
 ACCOUNT, ORDER, CUSTOMER = "acc-qp1", "ord-qp1", "cust-qp1"

@@ -37,6 +37,10 @@ from app.settings import Settings
 from tests.conftest import free_port, fresh_settings
 from tests.schemas import AMOUNT, ID, record
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 
@@ -390,6 +394,7 @@ def test_a_fresh_registry_holds_every_streamfold_subject(
 _REGISTER_AT = """
 import sys, time
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
 url, subject, schema, start = sys.argv[1:5]
 client = SchemaRegistryClient({"url": url})
 time.sleep(max(0.0, float(start) - time.time()))

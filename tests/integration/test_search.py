@@ -25,6 +25,10 @@ from app.workload import LONDON, SPRINGFIELD, new_order
 from tests.invariants import serving_worker
 from tests.support import get_until, run_cli
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 ARLINGTON = Address(
     street="7 Lovelace Road",
     city="Arlington",
@@ -32,6 +36,33 @@ ARLINGTON = Address(
     zip_code="22201",
     country="US",
 )
+# The named orders: id, customer, name, e-mail, address, items (SKU, quantity, price).
+PEOPLE = [
+    (
+        "ord-ada",
+        "cust-ada",
+        "Ada Lovelace",
+        "ada@analytical.org",
+        LONDON,
+        [("difference-engine", 1, 90000), ("punch-cards", 3, 250)],
+    ),
+    (
+        "ord-grace",
+        "cust-grace",
+        "Grace Hopper",
+        "grace@navy.mil",
+        ARLINGTON,
+        [("cobol-manual", 1, 1500)],
+    ),
+    (
+        "ord-alan",
+        "cust-alan",
+        "Alan Turing",
+        "alan@bletchley.uk",
+        SPRINGFIELD,
+        [("enigma-rotor", 2, 4000)],
+    ),
+]
 # Where an order says its word (quasar_order): at weight A (the customer's name),
 # B (a SKU) or C (the address). Within a weight such orders rank equal, so the order
 # id breaks the ties.
@@ -96,56 +127,18 @@ def searching(registry_settings: Settings) -> Iterator[Searching]:
             sent = [
                 client.send(
                     new_order(
-                        "ord-ada",
-                        "cust-ada",
-                        (
-                            LineItem(
-                                product_id="difference-engine",
-                                quantity=1,
-                                unit_price_minor=90000,
-                            ),
-                            LineItem(
-                                product_id="punch-cards",
-                                quantity=3,
-                                unit_price_minor=250,
-                            ),
-                        ),
-                        name="Ada Lovelace",
-                        email="ada@analytical.org",
-                        address=LONDON,
+                        order_id,
+                        customer_id,
+                        [
+                            LineItem(product_id=p, quantity=q, unit_price_minor=m)
+                            for p, q, m in items
+                        ],
+                        name=name,
+                        email=email,
+                        address=address,
                     )
-                ),
-                client.send(
-                    new_order(
-                        "ord-grace",
-                        "cust-grace",
-                        (
-                            LineItem(
-                                product_id="cobol-manual",
-                                quantity=1,
-                                unit_price_minor=1500,
-                            ),
-                        ),
-                        name="Grace Hopper",
-                        email="grace@navy.mil",
-                        address=ARLINGTON,
-                    )
-                ),
-                client.send(
-                    new_order(
-                        "ord-alan",
-                        "cust-alan",
-                        (
-                            LineItem(
-                                product_id="enigma-rotor",
-                                quantity=2,
-                                unit_price_minor=4000,
-                            ),
-                        ),
-                        name="Alan Turing",
-                        email="alan@bletchley.uk",
-                    )
-                ),
+                )
+                for order_id, customer_id, name, email, address, items in PEOPLE
             ]
             sent += [
                 client.send(word_order(f"pg-{n:02}", "quasar", WEIGHTS[n % 3]))

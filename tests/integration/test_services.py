@@ -19,6 +19,10 @@ from app.local.kafka import KafkaNode
 from app.settings import Settings
 from tests.conftest import fresh_settings
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 _CREATED: list[str] = []
 
 

@@ -30,6 +30,10 @@ from app.settings import Settings, Topics
 from tests.conftest import free_port
 from tests.support import running_worker
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 MECHANISM = "SCRAM-SHA-256"
 USERS = {"admin": "admin-secret", "worker": "worker-secret", "query": "query-secret"}
 
