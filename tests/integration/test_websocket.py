@@ -32,6 +32,9 @@ from bench.harness import domain_events, encode_events
 from tests.invariants import serving_worker, start_serving
 from tests.support import codec_for, create_order
 
+# One module-scoped worker (see ``pushing``): the module's tests run in one process.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 # RFC 6455's close code for a message over the server's limit (64 KiB here).
 MESSAGE_TOO_BIG = 1009
 # Every wait below is a deadline for something that must happen, never a measure.
