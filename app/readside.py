@@ -254,9 +254,11 @@ def attach(
     settings: Settings,
     read: ReadSide,
     write: Callable[[], dict[str, Any]] | None = None,
+    push: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """Register the query views, /status and /metrics on the worker's web server;
-    ``write`` tells the write side's status (the partitions its processes own)."""
+    ``write`` tells the write side's status (the partitions its processes own),
+    ``push`` the WebSocket push's (connections, subscriptions, drops)."""
 
     def view(
         area: str | None, names: tuple[str, ...], run: Query
@@ -359,6 +361,8 @@ def attach(
             )
         if write is not None:
             document["write"] = write()
+        if push is not None:
+            document["push"] = push()
         return web.json(document)
 
     async def metrics(web: Any, request: Any) -> Any:

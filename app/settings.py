@@ -108,6 +108,11 @@ class Settings:
     # lost store is rebuilt from it and the log's tail); 0 takes none.
     snapshot_interval_s: float = 60.0
     registry_host: str = "127.0.0.1"
+    # WebSocket push (/ws): connections per worker, subscriptions per connection,
+    # messages queued per connection before a connection is dropped as too slow.
+    ws_max_connections: int = 100
+    ws_max_subscriptions: int = 10
+    ws_queue: int = 1000
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -213,6 +218,23 @@ class Settings:
                 default.snapshot_interval_s,
             ),
             registry_host=get("STREAMFOLD_REGISTRY_HOST", _name, default.registry_host),
+            ws_max_connections=get(
+                "STREAMFOLD_WS_MAX_CONNECTIONS",
+                _int_between(1, 100_000),
+                default.ws_max_connections,
+            ),
+            ws_max_subscriptions=get(
+                "STREAMFOLD_WS_MAX_SUBSCRIPTIONS",
+                _int_between(1, 1_000),
+                default.ws_max_subscriptions,
+            ),
+            ws_queue=get(
+                # At least two of the feed's batches (app.adapters.livefeed.BATCH),
+                # which arrive at once: a client keeping up is never dropped.
+                "STREAMFOLD_WS_QUEUE",
+                _int_between(200, 1_000_000),
+                default.ws_queue,
+            ),
             security_protocol=get(
                 "KAFKA_SECURITY_PROTOCOL",
                 _one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -292,6 +314,9 @@ class Settings:
             "STREAMFOLD_SAGA_TIMEOUT": str(self.saga_timeout_s),
             "STREAMFOLD_SNAPSHOT_INTERVAL": str(self.snapshot_interval_s),
             "STREAMFOLD_REGISTRY_HOST": self.registry_host,
+            "STREAMFOLD_WS_MAX_CONNECTIONS": str(self.ws_max_connections),
+            "STREAMFOLD_WS_MAX_SUBSCRIPTIONS": str(self.ws_max_subscriptions),
+            "STREAMFOLD_WS_QUEUE": str(self.ws_queue),
             "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
             # Always set, also when empty: a child reads these settings, never a
             # token from the environment it was started in.

@@ -22,6 +22,7 @@ from app.adapters.topics import TopicSpec, ensure_topics
 from app.faust_app import create_app
 from app.graphql import web as graphql
 from app.projections.engine import tune_gc
+from app.push import hub as push
 from app.readside import ReadSide
 from app.rest import web as rest
 from app.settings import Settings
@@ -77,7 +78,8 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)
     read = ReadSide(settings, settings.projections)
-    readside.attach(app, settings, read, write.status)
+    pushed = push.attach(app, settings, codec)
+    readside.attach(app, settings, read, write.status, pushed.status)
     graphql.register(app, settings, read, api, codec, table)
     worker.read = read
     return worker

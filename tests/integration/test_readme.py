@@ -61,6 +61,10 @@ NOT_RUN = {
     ".venv/bin/python -m bench.recovery": "a million aggregates folded, minutes",
     ".venv/bin/python -m bench.recovery --quick": "a worker killed and started again "
     "in a burst, and 20,000 aggregates folded: over a minute of benchmark",
+    ".venv/bin/python -m bench.push --subscribers 50 --rounds 100 --interval 0.05": (
+        "a benchmark with a worker of its own (about 20 s); "
+        "tests/integration/test_websocket.py checks what /ws delivers"
+    ),
 }
 
 

@@ -13,6 +13,9 @@ CUSTOM = {
     "STREAMFOLD_TOPIC_PREFIX": "shop.",
     "STREAMFOLD_COMMAND_TIMEOUT": "2.5",
     "STREAMFOLD_PROJECTION_PROCESSES": "3",
+    "STREAMFOLD_WS_MAX_CONNECTIONS": "7",
+    "STREAMFOLD_WS_MAX_SUBSCRIPTIONS": "2",
+    "STREAMFOLD_WS_QUEUE": "640",
 }
 SASL = {
     "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
@@ -37,6 +40,8 @@ def test_values_are_parsed() -> None:
     settings = Settings.from_env(CUSTOM)
     assert settings.partitions == 8
     assert settings.projection_processes == 3
+    assert (settings.ws_max_connections, settings.ws_max_subscriptions) == (7, 2)
+    assert settings.ws_queue == 640
     assert settings.topics.commands("orders") == "shop.orders.commands"
     assert settings.command_timeout_s == 2.5
 

@@ -1,0 +1,240 @@
+"""Fan-out of the WebSocket push (``/ws``): commit → delivery latency to N subscribers,
+each following an aggregate, beside a plain read_committed consumer of the same
+events in the same run.
+
+    .venv/bin/python -m bench.push [--subscribers 50] [--rounds 100] [--interval 0.05]
+
+A transactional producer (in this process) appends one deposit per account per
+round, ``--interval`` seconds apart, one transaction per round, straight to the
+events topic of a deployment of its own with a worker running; the commit time is
+taken when ``commit_transaction`` returns. Each subscriber (a ``websockets`` client
+in this process) follows one account; the plain consumer (a thread of this process)
+reads the topic from its end. Latency is arrival minus commit, on one clock. Both
+readers share this process's cores with the producer (and the machine's with the
+worker and the broker). Results go to bench/results/push.json; not part of bench.run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from websockets.asyncio.client import connect
+
+from app.adapters.eventlog import partition_for
+from app.adapters.livefeed import stable_ends
+from app.domain import accounts
+from app.domain.accounts import OpenAccount
+from app.local.process import http_ok, wait_for
+from app.local.worker import WorkerProcess
+from app.settings import Settings
+from app.waiting import eventually
+from app.workload import deposit
+from bench.harness import (
+    FramedRecord,
+    deployment,
+    domain_events,
+    encode_events,
+    load_average,
+    machine,
+    new_codec,
+    percentile,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "push.json"
+
+
+def events(settings: Settings, count: int, rounds: int) -> list[list[FramedRecord]]:
+    """Round 0 opens the accounts; each later round is one deposit on each."""
+    names = [f"acc-push-{n}" for n in range(count)]
+    commands: list[Any] = [
+        OpenAccount(account_id=a, owner_id="o", currency="USD") for a in names
+    ]
+    for r in range(rounds):
+        commands += [deposit(a, 1, f"t{r}") for a in names]
+    framed = encode_events(
+        new_codec(settings),
+        settings.topics.events("accounts"),
+        domain_events(
+            accounts, accounts.AGGREGATE_TYPE, commands, start=datetime.now(UTC)
+        ),
+    )
+    return [framed[n : n + count] for n in range(0, len(framed), count)]
+
+
+def append(
+    settings: Settings, batches: list[list[FramedRecord]], interval: float
+) -> dict[str, float]:
+    """Each batch in a transaction of its own; when each event's commit returned."""
+    topic = settings.topics.events("accounts")
+    producer = Producer(
+        {**settings.producer_config(), "transactional.id": f"push-bench-{uuid.uuid4()}"}
+    )
+    producer.init_transactions(30)
+    committed: dict[str, float] = {}
+    for batch in batches:
+        started = time.monotonic()
+        producer.begin_transaction()
+        for record in batch:
+            producer.produce(
+                topic,
+                record.value,
+                record.key,
+                partition=partition_for(record.key, settings.partitions),
+                headers=record.headers,
+            )
+        producer.commit_transaction(30)
+        now = time.monotonic()
+        # encode_events names each framed event by its event id.
+        committed.update((record.command_id, now) for record in batch)
+        time.sleep(max(0.0, interval - (now - started)))
+    return committed
+
+
+def plain_reader(
+    settings: Settings, arrived: dict[str, float], stop: threading.Event
+) -> threading.Thread:
+    """A read_committed consumer from the topic's end, noting each event's arrival
+    (by the ``event-id`` header)."""
+    consumer = Consumer(
+        {
+            **settings.consumer_config(),
+            "group.id": f"{settings.app_id}.push-bench",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    topic = settings.topics.events("accounts")
+    starts = stable_ends(settings, [topic])
+    consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
+
+    def run() -> None:
+        while not stop.is_set():
+            # As the feed reads: wait for the first record, not for a full batch.
+            first = consumer.poll(0.05)
+            for message in [] if first is None else [first, *consumer.consume(499, 0)]:
+                if message.error() is None:
+                    now = time.monotonic()
+                    found = dict(message.headers() or []).get("event-id")
+                    if isinstance(found, bytes):
+                        arrived[found.decode()] = now
+        consumer.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def measure(
+    settings: Settings, count: int, rounds: int, interval: float
+) -> dict[str, Any]:
+    batches = events(settings, count, rounds)
+    url = f"ws://{settings.web_host}:{settings.web_port}/ws"
+    pushed: dict[str, float] = {}
+    plain: dict[str, float] = {}
+    stop = threading.Event()
+    sockets = [await connect(url) for _ in range(count)]
+    for n, socket in enumerate(sockets):
+        await socket.send(
+            json.dumps(
+                {"type": "subscribe", "id": "s", "aggregate_id": f"acc-push-{n}"}
+            )
+        )
+        assert json.loads(await socket.recv())["type"] == "ack"
+
+    async def take(socket: Any) -> None:
+        async for frame in socket:
+            now = time.monotonic()
+            message = json.loads(frame)
+            if message["type"] == "event":
+                pushed[message["metadata"]["event_id"]] = now
+
+    readers = [asyncio.ensure_future(take(socket)) for socket in sockets]
+    thread = plain_reader(settings, plain, stop)
+    committed = await asyncio.to_thread(append, settings, batches, interval)
+    # Until both readers have every event (or a minute passes: the figures then
+    # say how many were delivered).
+    await asyncio.to_thread(
+        eventually,
+        lambda: len(pushed) >= len(committed) and len(plain) >= len(committed),
+        timeout=60,
+    )
+    stop.set()
+    for reader in readers:
+        reader.cancel()
+    for socket in sockets:
+        await socket.close()
+    thread.join(5)
+
+    def figures(arrived: dict[str, float]) -> dict[str, Any]:
+        latencies = [
+            (arrived[e] - t) * 1000 for e, t in committed.items() if e in arrived
+        ]
+        return {
+            "delivered": len(latencies),
+            "p50_ms": percentile(latencies, 0.5),
+            "p99_ms": percentile(latencies, 0.99),
+        }
+
+    return {"events": len(committed), "push": figures(pushed), "plain": figures(plain)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subscribers", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=0.05)
+    args = parser.parse_args()
+    # The broker, Postgres and the registry must be running (bin/streamfold up).
+    base = Settings.from_env()
+    with deployment(
+        base,
+        "push",
+        projections=(),
+        saga=False,
+        ws_max_connections=max(args.subscribers, 100),
+    ) as settings:
+        worker = WorkerProcess(settings, "push-bench")
+        worker.start(timeout=120)
+        try:
+            ready = f"http://{settings.web_host}:{settings.web_port}/ready"
+            wait_for(lambda: http_ok(ready), 120, "the worker's /ready")
+            started = datetime.now(UTC)
+            result = asyncio.run(
+                measure(settings, args.subscribers, args.rounds, args.interval)
+            )
+        finally:
+            worker.stop()
+    push, plain = result["push"], result["plain"]
+    result.update(
+        started=started.isoformat(timespec="seconds"),
+        subscribers=args.subscribers,
+        rounds=args.rounds,
+        interval_s=args.interval,
+        load_average=load_average(),
+        machine=machine(base),
+        p99_ratio=None
+        if not (push["p99_ms"] and plain["p99_ms"])
+        else round(push["p99_ms"] / plain["p99_ms"], 3),
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"{result['events']} events to {args.subscribers} subscribers: push p50 "
+        f"{push['p50_ms']:.1f} ms p99 {push['p99_ms']:.1f} ms ({push['delivered']} "
+        f"delivered); plain read_committed consumer p50 {plain['p50_ms']:.1f} ms "
+        f"p99 {plain['p99_ms']:.1f} ms ({plain['delivered']}); p99 ratio "
+        f"{result['p99_ratio']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,593 @@
+"""WebSocket push (``/ws``) against a real worker: what each subscription sees, resuming
+after a disconnect and after a worker restart, a slow client, bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from app.adapters.eventlog import partition_for
+from app.client import CommandClient
+from app.domain import accounts
+from app.domain.accounts import OpenAccount
+from app.domain.orders import ShipOrder
+from app.local import deployments
+from app.local.process import Daemon
+from app.push.hub import TOO_SLOW, TRY_AGAIN_LATER
+from app.settings import Settings
+from app.waiting import eventually
+from app.workload import deposit, payment
+from bench.harness import domain_events, encode_events
+from tests.invariants import serving_worker, start_serving
+from tests.support import codec_for, create_order
+
+# One module-scoped worker (see ``pushing``): the module's tests run in one process.
+pytestmark = pytest.mark.xdist_group(__name__)
+
+# RFC 6455's close code for a message over the server's limit (64 KiB here).
+MESSAGE_TOO_BIG = 1009
+# Every wait below is a deadline for something that must happen, never a measure.
+WAIT_S = 60.0
+
+
+@dataclasses.dataclass
+class Pushing:
+    settings: Settings
+    worker: Daemon
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.web_host}:{self.settings.web_port}/ws"
+
+    def status(self) -> dict[str, Any]:
+        base = f"http://{self.settings.web_host}:{self.settings.web_port}"
+        return dict(httpx.get(f"{base}/status", timeout=10).json()["push"])
+
+
+@pytest.fixture(scope="module")
+def pushing(registry_settings: Settings) -> Iterator[Pushing]:
+    """One worker for the module, with small limits so that tests reach them."""
+    settings = dataclasses.replace(
+        deployments.create(registry_settings),
+        projections=(),
+        saga=False,
+        ws_queue=1_000,
+        ws_max_subscriptions=3,
+        ws_max_connections=4,
+    )
+    try:
+        with serving_worker(settings) as worker:
+            yield Pushing(settings, worker)
+    finally:
+        deployments.remove(settings)
+
+
+class Client:
+    """A WebSocket client that keeps the events of each subscription apart from
+    the answers to its requests."""
+
+    def __init__(self, socket: ClientConnection) -> None:
+        self.socket = socket
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.answers: list[dict[str, Any]] = []
+
+    async def _next(self) -> None:
+        message = json.loads(await asyncio.wait_for(self.socket.recv(), WAIT_S))
+        if message["type"] == "event":
+            self.events.setdefault(message["subscription"], []).append(message)
+        else:
+            self.answers.append(message)
+
+    async def ask(self, **request: Any) -> dict[str, Any]:
+        """Send a request; the ack or error it gets."""
+        await self.socket.send(json.dumps(request))
+        return await self.answer()
+
+    async def answer(self) -> dict[str, Any]:
+        while not self.answers:
+            await self._next()
+        return self.answers.pop(0)
+
+    async def read_to_close(self) -> None:
+        """Take every message until the connection closes (which raises)."""
+        while True:
+            await self._next()
+
+    async def until(self, subscription: str, count: int) -> list[dict[str, Any]]:
+        """The subscription's events once it has ``count`` of them."""
+        while len(self.events.get(subscription, [])) < count:
+            await self._next()
+        return self.events[subscription]
+
+
+def versions(events: list[dict[str, Any]]) -> list[int]:
+    return [e["metadata"]["stream_version"] for e in events]
+
+
+def sent(settings: Settings, *commands: Any, **envelope: Any) -> None:
+    with CommandClient(settings) as client:
+        for command in commands:
+            assert client.send(command, timeout=WAIT_S, **envelope).accepted
+
+
+def ids() -> tuple[str, str]:
+    run = uuid.uuid4().hex[:6]
+    return f"acc-{run}", f"acc-other-{run}"
+
+
+def test_an_aggregate_subscriber_sees_its_events_once_and_no_others(
+    pushing: Pushing,
+) -> None:
+    mine, other = ids()
+    settings = pushing.settings
+
+    async def scenario() -> None:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            ack = await client.ask(type="subscribe", id="mine", aggregate_id=mine)
+            assert ack["type"] == "ack" and ack["id"] == "mine"
+            assert set(ack["position"]) == {
+                settings.topics.events("orders"),
+                settings.topics.events("accounts"),
+            }
+            ack = await client.ask(type="subscribe", id="other", aggregate_id=other)
+            assert ack["type"] == "ack"
+            await asyncio.to_thread(
+                sent,
+                settings,
+                OpenAccount(account_id=mine, owner_id="o", currency="USD"),
+                OpenAccount(account_id=other, owner_id="o", currency="USD"),
+                deposit(mine, 100, "t1"),
+                deposit(other, 5, "t1"),
+                deposit(mine, 250, "t2"),
+                deposit(other, 6, "t2"),
+            )
+            got = await client.until("mine", 3)
+            # The other account's events have passed the feed: its subscriber has
+            # them all. Whatever else went to "mine" was queued before this ack.
+            await client.until("other", 3)
+            assert (await client.ask(type="unsubscribe", id="mine"))["type"] == "ack"
+            assert (await client.ask(type="unsubscribe", id="other"))["type"] == "ack"
+            got = client.events["mine"]
+            assert [e["metadata"]["aggregate_id"] for e in got] == [mine] * 3
+            assert versions(got) == [1, 2, 3]
+            assert [e["event_type"] for e in got] == [
+                "AccountOpened",
+                "MoneyDeposited",
+                "MoneyDeposited",
+            ]
+            assert got[2]["data"]["balance_after_minor"] == 350
+            # The account's view after each event, as GET /accounts/{id} shows it.
+            assert [e["view"]["balance_minor"] for e in got] == [0, 100, 350]
+            first = got[0]["position"]
+            assert first["topic"] == settings.topics.events("accounts")
+            assert first["partition"] == partition_for(mine.encode(), 4)
+            resume = got[-1]["resume"][first["topic"]][str(first["partition"])]
+            assert resume == got[-1]["position"]["offset"] + 1
+
+    asyncio.run(scenario())
+
+
+def test_correlation_and_event_type_subscriptions(pushing: Pushing) -> None:
+    run = uuid.uuid4().hex[:6]
+    order, account, stray = f"ord-{run}", f"acc-{run}", f"ord-stray-{run}"
+    correlation = f"corr-{run}"
+    settings = pushing.settings
+
+    async def scenario() -> None:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            for request in (
+                {"id": "flow", "correlation_id": correlation},
+                {"id": "shipped", "event_type": "OrderShipped"},
+            ):
+                assert (await client.ask(type="subscribe", **request))["type"] == "ack"
+            await asyncio.to_thread(
+                sent,
+                settings,
+                create_order(order, "c-1"),
+                OpenAccount(account_id=account, owner_id="o", currency="USD"),
+                correlation_id=correlation,
+            )
+            await asyncio.to_thread(
+                sent,
+                settings,
+                create_order(stray, "c-2"),
+                payment(stray, 4200, "p", "t", method="paypal"),
+                ShipOrder(order_id=stray, tracking_number="1Z2", carrier="UPS"),
+                payment(order, 4200, "p", "t", method="paypal"),
+                ShipOrder(order_id=order, tracking_number="1Z1", carrier="UPS"),
+                correlation_id=f"elsewhere-{run}",
+            )
+            shipped = await client.until("shipped", 2)
+            flow = await client.until("flow", 2)
+            assert (await client.ask(type="unsubscribe", id="flow"))["type"] == "ack"
+            assert (await client.ask(type="unsubscribe", id="shipped"))["type"] == "ack"
+        assert sorted(
+            (e["metadata"]["aggregate_id"], e["event_type"]) for e in flow
+        ) == [
+            (account, "AccountOpened"),
+            (order, "OrderCreated"),
+        ]
+        assert {e["metadata"]["correlation_id"] for e in flow} == {correlation}
+        assert sorted(e["metadata"]["aggregate_id"] for e in shipped) == [order, stray]
+        assert {e["event_type"] for e in shipped} == {"OrderShipped"}
+        # The fields of the newest OrderCreated (v3), whatever version wrote it.
+        [created] = [e for e in flow if e["event_type"] == "OrderCreated"]
+        assert created["data"]["customer_name"] == "Grace Hopper"
+        assert created["record_name"] == "streamfold.orders.OrderCreated"
+
+    asyncio.run(scenario())
+
+
+async def session(
+    url: str, account: str, count: int, start: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Subscribe to ``account`` (from ``start``), take ``count`` events, hang up."""
+    async with connect(url) as socket:
+        client = Client(socket)
+        request: dict[str, Any] = {
+            "type": "subscribe",
+            "id": "s",
+            "aggregate_id": account,
+        }
+        if start is not None:
+            request["from"] = start
+        assert (await client.ask(**request))["type"] == "ack"
+        return await client.until("s", count)
+
+
+def test_resume_after_a_disconnect_misses_and_repeats_nothing(
+    pushing: Pushing,
+) -> None:
+    account, _ = ids()
+    settings = pushing.settings
+
+    async def scenario() -> None:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            await client.ask(type="subscribe", id="s", aggregate_id=account)
+            await asyncio.to_thread(
+                sent,
+                settings,
+                OpenAccount(account_id=account, owner_id="o", currency="USD"),
+                deposit(account, 1, "t1"),
+            )
+            before = await client.until("s", 2)
+        # Disconnected: these arrive while no one listens.
+        await asyncio.to_thread(
+            sent, settings, *(deposit(account, n, f"t{n}") for n in range(2, 6))
+        )
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            ack = await client.ask(
+                type="subscribe",
+                id="s",
+                aggregate_id=account,
+                **{"from": before[-1]["resume"]},
+            )
+            assert ack["type"] == "ack"
+            assert ack["position"] == before[-1]["resume"]
+            backlog = await client.until("s", 4)
+            await asyncio.to_thread(sent, settings, deposit(account, 6, "t6"))
+            after = await client.until("s", 5)
+            assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+        assert versions(before) == [1, 2]
+        assert versions(backlog[:4]) == [3, 4, 5, 6]
+        assert versions(after) == [3, 4, 5, 6, 7]
+        assert [e["data"]["amount_minor"] for e in after] == [2, 3, 4, 5, 6]
+
+        # Resuming while deposits go on: the backlog is read while the feed moves,
+        # and the subscription joins the feed with neither a gap nor a repeat. A
+        # watcher says when the deposits are flowing.
+        async with connect(pushing.url) as watching, connect(pushing.url) as socket:
+            watcher = Client(watching)
+            await watcher.ask(type="subscribe", id="w", aggregate_id=account)
+            writing = asyncio.ensure_future(
+                asyncio.to_thread(
+                    sent,
+                    settings,
+                    *(deposit(account, n, f"t{n}") for n in range(7, 47)),
+                )
+            )
+            await watcher.until("w", 5)
+            client = Client(socket)
+            ack = await client.ask(
+                type="subscribe",
+                id="s",
+                aggregate_id=account,
+                **{"from": after[-1]["resume"]},
+            )
+            assert ack["type"] == "ack"
+            await writing
+            during = await client.until("s", 40)
+            assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+        assert versions(during) == list(range(8, 48))
+
+        # From the log's start: every event, and the account's view after each.
+        zeros = {t: dict.fromkeys(p, 0) for t, p in after[-1]["resume"].items()}
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            ack = await client.ask(
+                type="subscribe", id="s", aggregate_id=account, **{"from": zeros}
+            )
+            assert ack["type"] == "ack"
+            whole = await client.until("s", 47)
+        assert versions(whole) == list(range(1, 48))
+        balances = [e["view"]["balance_minor"] for e in whole]
+        assert balances == [sum(range(1, n)) for n in range(1, 48)]
+
+    asyncio.run(scenario())
+
+
+def test_bad_requests_get_an_error_naming_the_field(pushing: Pushing) -> None:
+    settings = pushing.settings
+    events = settings.topics.events("accounts")
+
+    async def scenario() -> None:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            full = (await client.ask(type="subscribe", id="a", aggregate_id="x"))[
+                "position"
+            ]
+            short = {t: dict(p) for t, p in full.items()}
+            del short[events]["3"]
+            cases: list[tuple[str | None, dict[str, Any] | str]] = [
+                (None, "{not json"),
+                (None, "[1, 2]"),
+                ("type", {"type": "frob"}),
+                ("id", {"type": "subscribe", "aggregate_id": "x"}),
+                ("id", {"type": "subscribe", "id": "", "aggregate_id": "x"}),
+                ("id", {"type": "subscribe", "id": 7, "aggregate_id": "x"}),
+                ("aggregate_id", {"type": "subscribe", "id": "b"}),
+                (
+                    "event_type",
+                    {
+                        "type": "subscribe",
+                        "id": "b",
+                        "aggregate_id": "x",
+                        "event_type": "OrderShipped",
+                    },
+                ),
+                ("event_type", {"type": "subscribe", "id": "b", "event_type": "Nope"}),
+                (
+                    "aggregate_id",
+                    {"type": "subscribe", "id": "b", "aggregate_id": "x\x00"},
+                ),
+                (
+                    "colour",
+                    {"type": "subscribe", "id": "b", "aggregate_id": "x", "colour": 1},
+                ),
+                (
+                    "from",
+                    {"type": "subscribe", "id": "b", "aggregate_id": "x", "from": 12},
+                ),
+                (
+                    "from.nope",
+                    {
+                        "type": "subscribe",
+                        "id": "b",
+                        "aggregate_id": "x",
+                        "from": {"nope": {}},
+                    },
+                ),
+                (
+                    f"from.{events}",
+                    {
+                        "type": "subscribe",
+                        "id": "b",
+                        "aggregate_id": "x",
+                        "from": short,
+                    },
+                ),
+                (
+                    f"from.{events}.0",
+                    {
+                        "type": "subscribe",
+                        "id": "b",
+                        "aggregate_id": "x",
+                        "from": {**full, events: {**full[events], "0": -1}},
+                    },
+                ),
+                ("id", {"type": "subscribe", "id": "a", "aggregate_id": "y"}),
+                ("id", {"type": "unsubscribe", "id": "never"}),
+            ]
+            for field, request in cases:
+                text = request if isinstance(request, str) else json.dumps(request)
+                await socket.send(text)
+                answer = await client.answer()
+                assert answer["type"] == "error", (request, answer)
+                assert answer["field"] == field, (request, answer)
+                assert answer["error"]
+            # At most 3 subscriptions (STREAMFOLD_WS_MAX_SUBSCRIPTIONS here).
+            for name in ("b", "c"):
+                ok = await client.ask(type="subscribe", id=name, aggregate_id=name)
+                assert ok["type"] == "ack"
+            refused = await client.ask(type="subscribe", id="d", aggregate_id="d")
+            assert (refused["type"], refused["field"], refused["id"]) == (
+                "error",
+                "id",
+                "d",
+            )
+            # The connection is still open and answering.
+            assert (await client.ask(type="unsubscribe", id="c"))["type"] == "ack"
+            assert (await client.ask(type="subscribe", id="d", aggregate_id="d"))[
+                "type"
+            ] == "ack"
+
+    asyncio.run(scenario())
+
+
+def test_connections_beyond_the_limit_are_refused(pushing: Pushing) -> None:
+    # The other tests' connections are gone (the worker counts them until then).
+    idle = eventually(pushing.status, lambda s: s["connections"] == 0, timeout=WAIT_S)
+    assert idle["connections"] == 0
+
+    async def scenario() -> None:
+        held = [await connect(pushing.url) for _ in range(4)]
+        try:
+            # Each connection is counted once the worker has taken it up.
+            for socket in held:
+                await socket.send(json.dumps({"type": "unsubscribe", "id": "none"}))
+                assert json.loads(await socket.recv())["type"] == "error"
+            async with connect(pushing.url) as extra:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(extra.recv(), WAIT_S)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == TRY_AGAIN_LATER
+        finally:
+            for socket in held:
+                await socket.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_oversized_request_closes_the_connection(pushing: Pushing) -> None:
+    async def scenario() -> None:
+        async with connect(pushing.url) as socket:
+            await socket.send(json.dumps({"type": "subscribe", "id": "x" * 70_000}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), WAIT_S)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == MESSAGE_TOO_BIG
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_client_is_dropped_and_the_others_keep_receiving(
+    pushing: Pushing,
+) -> None:
+    """A client that never reads fills its queue and is closed with TOO_SLOW; a
+    client reading the same events gets every one of them, once."""
+    settings = pushing.settings
+    account = f"acc-bulk-{uuid.uuid4().hex[:6]}"
+    topic = settings.topics.events("accounts")
+    commands = [
+        OpenAccount(account_id=account, owner_id="o", currency="USD"),
+        # The drop came after about 6,000 in a run on the development machine
+        # (the queue and both sockets' buffers full): room for 5 times that.
+        *(deposit(account, 1, f"t{n}") for n in range(30_000)),
+    ]
+    framed = encode_events(
+        codec_for(settings),
+        topic,
+        domain_events(
+            accounts, accounts.AGGREGATE_TYPE, commands, start=datetime.now(UTC)
+        ),
+    )
+    producer = Producer(settings.producer_config())
+    partition = partition_for(account.encode(), settings.partitions)
+    # Each chunk is read by the fast client before the next is produced, so its
+    # queue (1,000 here) never holds more than one chunk: it is never dropped.
+    chunk = 500
+
+    def produce(records: list[Any]) -> None:
+        for record in records:
+            producer.produce(
+                topic,
+                record.value,
+                record.key,
+                partition=partition,
+                headers=record.headers,
+            )
+        assert producer.flush(30) == 0
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]], Any]:
+        # max_queue=1: the slow client's library takes one message off the socket
+        # and then stops reading it, as a stuck client would.
+        async with (
+            connect(pushing.url, max_queue=1) as slow,
+            connect(pushing.url) as fast,
+        ):
+            fast_client, slow_client = Client(fast), Client(slow)
+            await fast_client.ask(type="subscribe", id="f", aggregate_id=account)
+            await slow_client.ask(type="subscribe", id="s", event_type="MoneyDeposited")
+            produced = 0
+
+            async def chunk_received() -> None:
+                nonlocal produced
+                await asyncio.to_thread(produce, framed[produced : produced + chunk])
+                produced += chunk
+                await fast_client.until("f", produced)
+
+            while produced < len(framed) and pushing.status()["dropped"] == 0:
+                await chunk_received()
+            assert pushing.status()["dropped"] == 1
+            # The fast client goes on receiving after the drop.
+            for _ in range(2):
+                await chunk_received()
+            got = fast_client.events["f"]
+            # The slow client reads at last: what was on its way, then the close.
+            with pytest.raises(ConnectionClosed) as closed:
+                await slow_client.read_to_close()
+            return got, slow_client.events.get("s", []), closed.value
+
+    got, slow_got, closed = asyncio.run(scenario())
+    assert versions(got) == list(range(1, len(got) + 1))
+    assert len(got) % chunk == 0
+    assert closed.rcvd is not None
+    assert closed.rcvd.code == TOO_SLOW
+    assert closed.rcvd.reason.startswith("too slow")
+    # It was dropped before it had everything, and what it had came in order.
+    assert 0 < len(slow_got) < len(got) - 1
+    assert versions(slow_got) == list(range(2, len(slow_got) + 2))
+
+
+def test_resume_across_a_worker_restart_is_exactly_once(pushing: Pushing) -> None:
+    account, _ = ids()
+    settings = pushing.settings
+
+    async def before_restart() -> list[dict[str, Any]]:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            await client.ask(type="subscribe", id="s", aggregate_id=account)
+            await asyncio.to_thread(
+                sent,
+                settings,
+                OpenAccount(account_id=account, owner_id="o", currency="USD"),
+                deposit(account, 1, "t1"),
+                deposit(account, 2, "t2"),
+            )
+            return await client.until("s", 3)
+
+    first = asyncio.run(before_restart())
+    pushing.worker.stop(kill=True)
+    # A command sent while the worker is down is decided once it is back.
+    with CommandClient(settings) as client:
+        waiting = client.submit(deposit(account, 3, "t3"))
+        start_serving(pushing.worker, settings)
+        assert all(r.accepted for r in client.wait([waiting], timeout=WAIT_S))
+    sent(settings, deposit(account, 4, "t4"))
+
+    async def after_restart() -> list[dict[str, Any]]:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            ack = await client.ask(
+                type="subscribe",
+                id="s",
+                aggregate_id=account,
+                **{"from": first[-1]["resume"]},
+            )
+            assert ack["type"] == "ack"
+            await client.until("s", 2)
+            await asyncio.to_thread(sent, settings, deposit(account, 5, "t5"))
+            got = await client.until("s", 3)
+            assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+            return got
+
+    second = asyncio.run(after_restart())
+    assert versions(first) == [1, 2, 3]
+    assert versions(second) == [4, 5, 6]
+    deposited = [e["data"]["amount_minor"] for e in first[1:] + second]
+    assert deposited == [1, 2, 3, 4, 5]
