@@ -70,12 +70,8 @@ def _one_at_a_time(settings: Settings) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
     # A generous wait for command results: a freshly started worker on a busy
-    # 2-core machine first joins its group and catches up from the log. Likewise
-    # for a read-your-writes query (2 s by default): four test processes on two
-    # cores have kept a projection behind for longer.
-    return dataclasses.replace(
-        Settings.from_env(), command_timeout_s=60.0, query_wait_s=10.0
-    )
+    # 2-core machine first joins its group and catches up from the log.
+    return dataclasses.replace(Settings.from_env(), command_timeout_s=60.0)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from tests.readmodels import (
     expected_ledger,
     expected_orders,
 )
-from tests.support import eventually_equal, read_topic, running_worker
+from tests.support import eventually_equal, get_until, read_topic, running_worker
 
 
 def _order(order_id: str, customer: str, price: int) -> CreateOrder:
@@ -117,15 +117,23 @@ def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
             deposit(account, 1234, "t1", reference="<script>alert(1)</script>")
         )
         created = client.send(_order(order, "cust-rw", 1000))
-        balance = httpx.get(
-            f"{base}/query/accounts/{account}",
-            params={"after": f"{deposited.partition}:{deposited.offset}"},
+
+        # With ``after``, an answer either holds the write or says it is stale
+        # (the projection did not get there within STREAMFOLD_QUERY_WAIT, 2 s: on a
+        # busy machine it may not); the first answer not stale holds it.
+        def fresh(response: httpx.Response) -> bool:
+            return response.status_code == 200 and response.json()["stale"] is False
+
+        balance = get_until(
+            f"{base}/query/accounts/{account}"
+            f"?after={deposited.partition}:{deposited.offset}",
+            fresh,
         ).json()
         assert balance["balance_minor"] == 1234
         assert balance["stale"] is False
-        summary = httpx.get(
-            f"{base}/query/orders/{order}",
-            params={"after": f"{created.partition}:{created.offset}"},
+        summary = get_until(
+            f"{base}/query/orders/{order}?after={created.partition}:{created.offset}",
+            fresh,
         ).json()
         assert summary["status"] == "CREATED"
         assert summary["total_minor"] == 1000 + 750 + 75
@@ -153,6 +161,7 @@ def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
         stale = httpx.get(
             f"{base}/query/accounts/{account}",
             params={"after": f"{deposited.partition}:{deposited.offset + 10_000}"},
+            timeout=deployment.query_wait_s + 30,
         )
         assert stale.status_code == 200
         assert stale.json()["stale"] is True
