@@ -13,9 +13,11 @@ Names are snake_case, as in the commands, events and HTTP bodies, so an error's
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import re
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -32,17 +34,19 @@ from strawberry.extensions import (
 )
 from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
+from strawberry.tools import create_type
 from strawberry.types import ExecutionContext
+from strawberry.types.field import StrawberryField
 
 from app import params as checked
 from app import query, readside
 from app.adapters import feed
+from app.adapters.catalog import short_name
 from app.adapters.codec import Codec
 from app.client import CommandResult as Decided
-from app.domain import accounts, orders
 from app.history import EventLogProjection
 from app.readside import ReadSide
-from app.rest.bodies import BodyError
+from app.rest.bodies import BodyError, describe
 from app.rest.routes import Endpoint
 from app.rest.web import CommandApi, Refused, result_body
 from app.settings import Settings
@@ -87,7 +91,6 @@ class Services:
     read: ReadSide
     api: CommandApi
     codec: Codec
-    endpoints: Mapping[str, Endpoint]  # by command class name
 
 
 @dataclass(slots=True)
@@ -644,90 +647,13 @@ async def _indexed(
 
 
 # -- commands ------------------------------------------------------------------------
-# Each input type is its command's HTTP body (the Avro schema's fields less the
-# envelope and the path's ids, which are arguments); an optional field left out
-# takes the schema's default. tests/unit/test_graphql.py checks them against the
-# route table's bodies.
-
-
-@strawberry.input
-class LineItemInput:
-    product_id: str
-    quantity: int
-    unit_price_minor: Long
-    tax_rate_bps: int | None = None
-
-
-@strawberry.input
-class AddressInput:
-    street: str
-    city: str
-    state: str
-    zip_code: str
-    country: str
-
-
-@strawberry.input
-class CreateOrderInput:
-    order_id: str
-    customer_id: str
-    customer_name: str
-    customer_email: str
-    items: list[LineItemInput]
-    currency: str
-    shipping_address: AddressInput
-    account_id: str | None = None
-
-
-@strawberry.input
-class ProcessPaymentInput:
-    payment_id: str
-    amount_minor: Long
-    currency: str
-    method: str
-    transaction_id: str
-
-
-@strawberry.input
-class ShipOrderInput:
-    tracking_number: str
-    carrier: str
-
-
-@strawberry.input
-class CancelOrderInput:
-    reason: str
-
-
-@strawberry.input
-class OpenAccountInput:
-    account_id: str
-    owner_id: str
-    currency: str
-    overdraft_limit_minor: Long | None = None
-
-
-@strawberry.input
-class DepositInput:
-    transaction_id: str
-    amount_minor: Long
-    currency: str
-    source: str
-    reference: str | None = None
-
-
-@strawberry.input
-class WithdrawInput:
-    transaction_id: str
-    amount_minor: Long
-    currency: str
-    destination: str
-    reference: str | None = None
-
-
-@strawberry.input
-class CloseAccountInput:
-    reason: str
+# The mutations and their input types are generated from the route table and the
+# commands' Avro schemas, as the OpenAPI document is (app.rest.openapi): one mutation
+# per route, named as its command in snake_case, whose arguments are the path's ids,
+# the body (as ``input``, or as the route's body field: ``add_item``'s ``item``),
+# idempotency_key and expected_version. An input type is a body record: the Avro
+# fields less the envelope and the path's ids; a field with a default, or nullable,
+# may be left out and then takes the schema's default.
 
 
 @strawberry.type(description="A decided command: accepted, or refused with a code")
@@ -765,15 +691,15 @@ def body_of(value: Any) -> Any:
 
 async def send(
     info: Info,
-    command: type,
+    endpoint: Endpoint,
     ids: Mapping[str, str],
     body: Any,
     idempotency_key: str | None,
     expected_version: int | None,
 ) -> CommandResult:
-    """``command`` through ``CommandApi.send``, as the caller's token's user."""
+    """``endpoint``'s command through ``CommandApi.send``, as the caller's token's
+    user."""
     services = info.context.services
-    endpoint = services.endpoints[command.__name__]
 
     async def run() -> Decided:
         user_id = services.api.user_of(info.context.authorization)
@@ -795,196 +721,148 @@ async def send(
     return CommandResult(**result_body(decided))
 
 
-@strawberry.type(
-    description="One mutation per command. Each needs Authorization: Bearer "
-    "<token>; idempotency_key is the command id, expected_version the version "
-    "the caller saw."
+# What each Avro primitive a body holds is in GraphQL.
+SCALAR_OF_AVRO: dict[str, Any] = {
+    "boolean": bool,
+    "int": int,
+    "long": Long,
+    "float": float,
+    "double": float,
+    "string": str,
+}
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
+# The arguments every mutation takes after its route's: the HTTP headers'.
+HEADER_ARGUMENTS = (
+    inspect.Parameter("idempotency_key", KEYWORD, default=None, annotation=str | None),
+    inspect.Parameter("expected_version", KEYWORD, default=None, annotation=int | None),
 )
-class Mutation:
-    @strawberry.mutation
-    async def create_order(
-        self,
-        info: Info,
-        input: CreateOrderInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info, orders.CreateOrder, {}, input, idempotency_key, expected_version
-        )
 
-    @strawberry.mutation
-    async def add_item(
-        self,
-        info: Info,
-        order_id: str,
-        item: LineItemInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
+
+def mutation_name(endpoint: Endpoint) -> str:
+    """The command's name in snake_case: ``CreateOrder`` → ``create_order``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", endpoint.route.name).lower()
+
+
+def may_be_left_out(field: Mapping[str, Any]) -> bool:
+    """An Avro field with a default, or nullable: its input field is optional."""
+    kind = field["type"]
+    return "default" in field or (isinstance(kind, list) and "null" in kind)
+
+
+class InputTypes:
+    """The input types of the command bodies: one per Avro record, by full name, so
+    that a record two bodies hold (``LineItem``) is one GraphQL type."""
+
+    def __init__(self) -> None:
+        self.made: dict[str, type] = {}
+
+    def annotation(self, schema: Any, named: Mapping[str, dict[str, Any]]) -> Any:
+        """What strawberry reads as ``schema``'s GraphQL input type."""
+        if isinstance(schema, str):
+            if schema in SCALAR_OF_AVRO:
+                return SCALAR_OF_AVRO[schema]
+            if schema in named:
+                return self.annotation(named[schema], named)
+        elif isinstance(schema, list):
+            others = [branch for branch in schema if branch != "null"]
+            if len(others) == 1:  # GraphQL has no input unions
+                return self.annotation(others[0], named) | None
+        elif isinstance(schema["type"], dict | list):
+            return self.annotation(schema["type"], named)
+        elif schema["type"] == "record":
+            return self.record(schema, named)
+        elif schema["type"] == "array":
+            # mypy takes list[...] for a type, and this one is made at run time
+            item = self.annotation(schema["items"], named)
+            return list[item]  # type: ignore[valid-type]
+        elif schema["type"] in SCALAR_OF_AVRO and "logicalType" not in schema:
+            return SCALAR_OF_AVRO[schema["type"]]
+        # Enums, maps, timestamps… would need their own GraphQL types; no body
+        # holds one yet, and one that does fails here, at start-up.
+        raise TypeError(f"{describe(schema)} has no GraphQL input type here")
+
+    def record(self, schema: dict[str, Any], named: Mapping[str, Any]) -> type:
+        name = str(schema["name"])
+        if name not in self.made:
+            fields = [
+                (f["name"], self.annotation(f["type"], named) | None, None)
+                if may_be_left_out(f)
+                else (f["name"], self.annotation(f["type"], named))
+                for f in schema["fields"]
+            ]
+            cls = dataclasses.make_dataclass(
+                f"{short_name(name)}Input", fields, kw_only=True
+            )
+            self.made[name] = strawberry.input(cls)
+        return self.made[name]
+
+
+def _has_body(endpoint: Endpoint) -> bool:
+    """Whether a route takes a body: not when its command has only the path's ids
+    (as in app.rest.openapi)."""
+    body = endpoint.body
+    return not (isinstance(body, dict) and body.get("fields") == [])
+
+
+def _body_required(endpoint: Endpoint) -> bool:
+    """Whether a body must be given: a record with a field that may not be left out,
+    or anything else not nullable."""
+    body = endpoint.body
+    if isinstance(body, str):
+        body = endpoint.named.get(body, body)
+    if isinstance(body, dict) and body["type"] == "record":
+        return not all(may_be_left_out(field) for field in body["fields"])
+    return not (isinstance(body, list) and "null" in body)
+
+
+def mutation_type(routed: Iterable[Endpoint]) -> type:
+    """The Mutation type: a mutation for each of ``routed``."""
+    inputs = InputTypes()
+    return create_type(
+        "Mutation",
+        [_mutation(endpoint, inputs) for endpoint in routed],
+        description="One mutation per command. Each needs Authorization: Bearer "
+        "<token>; idempotency_key is the command id, expected_version the version "
+        "the caller saw.",
+    )
+
+
+def _mutation(endpoint: Endpoint, inputs: InputTypes) -> StrawberryField:
+    route = endpoint.route
+    # Strawberry reads a resolver's arguments from its signature, which is this one
+    # (resolve takes them as keywords).
+    parameters = [inspect.Parameter("info", KEYWORD, annotation=Info)]
+    parameters += [
+        inspect.Parameter(name, KEYWORD, annotation=str) for name in route.path_fields
+    ]
+    body = route.body_field or "input"
+    if _has_body(endpoint):
+        annotation = inputs.annotation(endpoint.body, endpoint.named)
+        parameters.append(
+            inspect.Parameter(body, KEYWORD, annotation=annotation)
+            if _body_required(endpoint)
+            else inspect.Parameter(
+                body, KEYWORD, default=None, annotation=annotation | None
+            )
+        )
+    parameters += HEADER_ARGUMENTS
+
+    async def resolve(info: Info, **arguments: Any) -> CommandResult:
         return await send(
             info,
-            orders.AddItem,
-            {"order_id": order_id},
-            item,
-            idempotency_key,
-            expected_version,
+            endpoint,
+            {name: arguments[name] for name in route.path_fields},
+            arguments.get(body),
+            arguments.get("idempotency_key"),
+            arguments.get("expected_version"),
         )
 
-    @strawberry.mutation
-    async def remove_item(
-        self,
-        info: Info,
-        order_id: str,
-        product_id: str,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            orders.RemoveItem,
-            {"order_id": order_id, "product_id": product_id},
-            None,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def process_payment(
-        self,
-        info: Info,
-        order_id: str,
-        input: ProcessPaymentInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            orders.ProcessPayment,
-            {"order_id": order_id},
-            input,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def ship_order(
-        self,
-        info: Info,
-        order_id: str,
-        input: ShipOrderInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            orders.ShipOrder,
-            {"order_id": order_id},
-            input,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def deliver_order(
-        self,
-        info: Info,
-        order_id: str,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            orders.DeliverOrder,
-            {"order_id": order_id},
-            None,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def cancel_order(
-        self,
-        info: Info,
-        order_id: str,
-        input: CancelOrderInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            orders.CancelOrder,
-            {"order_id": order_id},
-            input,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def open_account(
-        self,
-        info: Info,
-        input: OpenAccountInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info, accounts.OpenAccount, {}, input, idempotency_key, expected_version
-        )
-
-    @strawberry.mutation
-    async def deposit(
-        self,
-        info: Info,
-        account_id: str,
-        input: DepositInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            accounts.Deposit,
-            {"account_id": account_id},
-            input,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def withdraw(
-        self,
-        info: Info,
-        account_id: str,
-        input: WithdrawInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            accounts.Withdraw,
-            {"account_id": account_id},
-            input,
-            idempotency_key,
-            expected_version,
-        )
-
-    @strawberry.mutation
-    async def close_account(
-        self,
-        info: Info,
-        account_id: str,
-        input: CloseAccountInput,
-        idempotency_key: str | None = None,
-        expected_version: int | None = None,
-    ) -> CommandResult:
-        return await send(
-            info,
-            accounts.CloseAccount,
-            {"account_id": account_id},
-            input,
-            idempotency_key,
-            expected_version,
-        )
+    resolve.__name__ = mutation_name(endpoint)
+    # mypy knows no __signature__ on functions; inspect.signature reads it.
+    resolve.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        parameters, return_annotation=CommandResult
+    )
+    return strawberry.mutation(resolve)
 
 
 # -- the subscription -----------------------------------------------------------------
@@ -1095,11 +973,11 @@ def _unexpected(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, GraphQLError)
 
 
-def build() -> strawberry.Schema:
-    """The schema, with its limits."""
+def build(routed: Iterable[Endpoint]) -> strawberry.Schema:
+    """The schema, with its limits and a mutation for each of ``routed``."""
     return Schema(
         query=Query,
-        mutation=Mutation,
+        mutation=mutation_type(routed),
         subscription=Subscription,
         config=StrawberryConfig(auto_camel_case=False, scalar_map={Long: LONG}),
         extensions=[

@@ -33,9 +33,9 @@ class StreamfoldGraphQLView(GraphQLView[Context, None]):
     """Strawberry's view with Streamfold's context: the worker's services and the
     request's ``Authorization`` header (a mutation checks it, as HTTP commands do)."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, endpoints: tuple[Endpoint, ...]) -> None:
         super().__init__(
-            build(),
+            build(endpoints),
             graphql_ide=None,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
             max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION,
@@ -57,14 +57,8 @@ def register(
     endpoints: tuple[Endpoint, ...],
 ) -> None:
     """``/graphql`` on ``app``."""
-    services = Services(
-        settings=settings,
-        read=read,
-        api=api,
-        codec=codec,
-        endpoints={endpoint.route.name: endpoint for endpoint in endpoints},
-    )
-    graphql = StreamfoldGraphQLView(services)
+    services = Services(settings=settings, read=read, api=api, codec=codec)
+    graphql = StreamfoldGraphQLView(services, endpoints)
 
     class GraphQLPage(View):
         """GraphQL over HTTP and graphql-transport-ws."""

@@ -6,101 +6,153 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import pytest
-from graphql import GraphQLError
-from strawberry.types.base import StrawberryOptional, get_object_definition
+from graphql import GraphQLError, GraphQLInputObjectType, Undefined, build_schema
+from strawberry.types.base import StrawberryObjectDefinition
 
 from app import params as checked
 from app import query
-from app.adapters.catalog import SchemaCatalog
+from app.adapters.catalog import SchemaCatalog, short_name
 from app.graphql import schema as graphql
-from app.rest.routes import endpoints
+from app.rest.routes import Endpoint, endpoints
 from app.rest.web import Refused
 
-SCHEMA = graphql.build()
+CATALOG = SchemaCatalog.load()
+ENDPOINTS = endpoints(CATALOG)
+SCHEMA = graphql.build(ENDPOINTS)
+# The schema as a client sees it: its printed SDL, read back by graphql-core.
+SDL = build_schema(SCHEMA.as_str())
+
+SCALAR_OF_AVRO = {
+    "boolean": "Boolean",
+    "int": "Int",
+    "long": "Long",
+    "float": "Float",
+    "double": "Float",
+    "string": "String",
+}
 
 
 def snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def mutation_fields() -> dict[str, Any]:
-    definition = get_object_definition(graphql.Mutation, strict=True)
-    return {field.name: field for field in definition.fields}
+def resolved(schema: Any, named: Mapping[str, Any]) -> Any:
+    """A type with its named references and one-branch nullable unions resolved."""
+    if isinstance(schema, str) and schema not in SCALAR_OF_AVRO:
+        return resolved(named[schema], named)
+    if isinstance(schema, list):
+        [branch] = [b for b in schema if b != "null"]
+        return resolved(branch, named)
+    if isinstance(schema, dict) and schema["type"] not in ("record", "array"):
+        return resolved(schema["type"], named)
+    return schema
 
 
-def test_every_route_has_one_mutation_with_its_arguments() -> None:
-    routed = endpoints(SchemaCatalog.load())
-    mutations = mutation_fields()
-    assert sorted(mutations) == sorted(snake(e.route.name) for e in routed)
-    for endpoint in routed:
-        field = mutations[snake(endpoint.route.name)]
-        arguments = {a.python_name: a for a in field.arguments}
-        body = [name for name in arguments if name in ("input", "item")]
-        assert set(arguments) == {
-            *endpoint.route.path_fields,
-            *body,
-            "idempotency_key",
-            "expected_version",
-        }, endpoint.route.name
-        if endpoint.route.body_field is not None:
-            assert body == [endpoint.route.body_field]
-        assert bool(body) == bool(endpoint.body["fields"]), endpoint.route.name
+def graphql_type(schema: Any, named: Mapping[str, Any], records: dict[str, Any]) -> str:
+    """The GraphQL input type an Avro type should be (nullable), noting each record
+    it holds in ``records`` by its input type's name."""
+    schema = resolved(schema, named)
+    if isinstance(schema, str):
+        return SCALAR_OF_AVRO[schema]
+    if schema["type"] == "array":
+        return f"[{graphql_type(schema['items'], named, records)}!]"
+    name = f"{short_name(schema['name'])}Input"
+    records[name] = (schema, named)
+    return name
 
 
-def input_shape(cls: type) -> dict[str, bool]:
-    """An input type's fields and whether each must be given."""
-    definition = get_object_definition(cls, strict=True)
-    return {
-        f.python_name: not isinstance(f.type, StrawberryOptional)
-        for f in definition.fields
+def left_out(field: Mapping[str, Any]) -> bool:
+    """A field that may be left out: one with a default, or nullable."""
+    kind = field["type"]
+    return "default" in field or (isinstance(kind, list) and "null" in kind)
+
+
+Shape = list[tuple[str, str, object]]  # name, GraphQL type, default
+
+
+def shape(arguments: Mapping[str, Any]) -> Shape:
+    return [(name, str(a.type), a.default_value) for name, a in arguments.items()]
+
+
+def test_every_route_is_a_mutation_and_every_body_field_an_input_field() -> None:
+    records: dict[str, Any] = {}
+    expected_mutations: dict[str, Shape] = {}
+    for endpoint in ENDPOINTS:
+        route = endpoint.route
+        arguments: Shape = [(name, "String!", Undefined) for name in route.path_fields]
+        body = resolved(endpoint.body, endpoint.named)
+        if not (body["type"] == "record" and not body["fields"]):
+            kind = graphql_type(endpoint.body, endpoint.named, records)
+            arguments.append((route.body_field or "input", f"{kind}!", Undefined))
+        arguments += [("idempotency_key", "String", None)]
+        arguments += [("expected_version", "Int", None)]
+        expected_mutations[snake(route.name)] = arguments
+    assert SDL.mutation_type is not None
+    mutations = SDL.mutation_type.fields
+    assert {name: shape(f.args) for name, f in mutations.items()} == expected_mutations
+    assert {str(f.type) for f in mutations.values()} == {"CommandResult!"}
+
+    seen: set[str] = set()
+    while unseen := sorted(set(records) - seen):  # the records the inputs hold
+        for name in unseen:
+            seen.add(name)
+            record, named = records[name]
+            expected = [
+                (f["name"], graphql_type(f["type"], named, records), None)
+                if left_out(f)
+                else (
+                    f["name"],
+                    graphql_type(f["type"], named, records) + "!",
+                    Undefined,
+                )
+                for f in record["fields"]
+            ]
+            found = SDL.get_type(name)
+            assert isinstance(found, GraphQLInputObjectType), name
+            assert shape(found.fields) == expected, name
+    inputs = {
+        n for n, t in SDL.type_map.items() if isinstance(t, GraphQLInputObjectType)
     }
-
-
-def avro_shape(record: dict[str, Any]) -> dict[str, bool]:
-    """A record's fields and whether each must be given (no default, not nullable)."""
-    return {
-        f["name"]: "default" not in f
-        and not (isinstance(f["type"], list) and "null" in f["type"])
-        for f in record["fields"]
-    }
-
-
-def test_each_input_type_is_its_routes_body() -> None:
-    mutations = mutation_fields()
-    for endpoint in endpoints(SchemaCatalog.load()):
-        field = mutations[snake(endpoint.route.name)]
-        [body] = [a for a in field.arguments if a.python_name in ("input", "item")] or [
-            None
-        ]
-        if body is None:
-            continue
-        cls = (
-            body.type.of_type
-            if isinstance(body.type, StrawberryOptional)
-            else body.type
-        )
-        assert input_shape(cls) == avro_shape(endpoint.body), endpoint.route.name
-    create = next(
-        e for e in endpoints(SchemaCatalog.load()) if e.route.name == "CreateOrder"
+    assert (
+        inputs
+        == seen
+        == {
+            "AddressInput",
+            "CancelOrderInput",
+            "CloseAccountInput",
+            "CreateOrderInput",
+            "DepositInput",
+            "LineItemInput",
+            "OpenAccountInput",
+            "ProcessPaymentInput",
+            "ShipOrderInput",
+            "WithdrawInput",
+        }
     )
-    by_name = {f["name"]: f["type"] for f in create.body["fields"]}
-    assert input_shape(graphql.LineItemInput) == avro_shape(by_name["items"]["items"])
-    assert input_shape(graphql.AddressInput) == avro_shape(by_name["shipping_address"])
+
+
+def input_class(name: str) -> Any:
+    definition = SCHEMA.get_type_by_name(name)
+    assert isinstance(definition, StrawberryObjectDefinition), name
+    return definition.origin
 
 
 def test_an_input_is_the_body_it_stands_for_less_what_was_left_out() -> None:
-    item = graphql.LineItemInput(product_id="tea", quantity=2, unit_price_minor=450)
-    order = graphql.CreateOrderInput(
+    item = input_class("LineItemInput")(
+        product_id="tea", quantity=2, unit_price_minor=450
+    )
+    order = input_class("CreateOrderInput")(
         order_id="o-1",
         customer_id="c-1",
         customer_name="Ada",
         customer_email="ada@example.com",
         items=[item],
         currency="USD",
-        shipping_address=graphql.AddressInput(
+        shipping_address=input_class("AddressInput")(
             street="1 Way", city="London", state="", zip_code="N1", country="GB"
         ),
     )
@@ -120,11 +172,63 @@ def test_an_input_is_the_body_it_stands_for_less_what_was_left_out() -> None:
             "country": "GB",
         },
     }
-    endpoint = next(
-        e for e in endpoints(SchemaCatalog.load()) if e.route.name == "CreateOrder"
-    )
+    endpoint = next(e for e in ENDPOINTS if e.route.name == "CreateOrder")
     command = endpoint.command({}, graphql.body_of(order))
     assert command.items[0].tax_rate_bps == 0 and command.account_id is None
+
+
+@dataclasses.dataclass
+class RecordingApi:
+    """A CommandApi that notes what it was asked to send and refuses it."""
+
+    sent: list[tuple[str, Mapping[str, str], Any, dict[str, Any]]]
+
+    def user_of(self, authorization: str | None) -> str:
+        return "ada"
+
+    async def send(
+        self, endpoint: Endpoint, ids: Mapping[str, str], body: Any, **more: Any
+    ) -> None:
+        self.sent.append((endpoint.route.name, ids, body, more))
+        raise Refused(503, "not here")
+
+
+def test_a_mutation_sends_its_routes_command_through_send() -> None:
+    api = RecordingApi([])
+    services = graphql.Services(
+        settings=cast(Any, None),
+        read=cast(Any, None),
+        api=cast(Any, api),
+        codec=cast(Any, None),
+    )
+    context = graphql.Context(services, "Bearer x")
+    for document in (
+        'mutation { add_item(order_id: "o-1", item: {product_id: "tea", quantity: 2,'
+        " unit_price_minor: 450}, expected_version: 3) { status } }",
+        'mutation { remove_item(order_id: "o-1", product_id: "tea",'
+        ' idempotency_key: "k-1") { status } }',
+    ):
+        result = asyncio.run(SCHEMA.execute(document, context_value=context))
+        assert [e.message for e in result.errors or []] == ["not here"]
+    assert api.sent == [
+        (
+            "AddItem",
+            {"order_id": "o-1"},
+            {"product_id": "tea", "quantity": 2, "unit_price_minor": 450},
+            {"user_id": "ada", "command_id": None, "expected_version": 3, "wait": None},
+        ),
+        (
+            "RemoveItem",
+            {"order_id": "o-1", "product_id": "tea"},
+            {},
+            {
+                "user_id": "ada",
+                "command_id": "k-1",
+                "expected_version": None,
+                "wait": None,
+            },
+        ),
+    ]
 
 
 def errors_of(document: str) -> list[str]:
