@@ -3,6 +3,7 @@ each following an aggregate, beside a plain read_committed consumer of the same
 events in the same run.
 
     .venv/bin/python -m bench.push [--subscribers 50] [--rounds 100] [--interval 0.05]
+                                   [--batch N]
 
 A transactional producer (in this process) appends one deposit per account per
 round, ``--interval`` seconds apart, one transaction per round, straight to the
@@ -52,8 +53,11 @@ from bench.harness import (
 RESULTS = Path(__file__).resolve().parent / "results" / "push.json"
 
 
-def events(settings: Settings, count: int, rounds: int) -> list[list[FramedRecord]]:
-    """Round 0 opens the accounts; each later round is one deposit on each."""
+def events(
+    settings: Settings, count: int, rounds: int, per_batch: int
+) -> list[list[FramedRecord]]:
+    """Round 0 opens the accounts; each later round is one deposit on each; in
+    transactions of ``per_batch`` events."""
     names = [f"acc-push-{n}" for n in range(count)]
     commands: list[Any] = [
         OpenAccount(account_id=a, owner_id="o", currency="USD") for a in names
@@ -67,7 +71,7 @@ def events(settings: Settings, count: int, rounds: int) -> list[list[FramedRecor
             accounts, accounts.AGGREGATE_TYPE, commands, start=datetime.now(UTC)
         ),
     )
-    return [framed[n : n + count] for n in range(0, len(framed), count)]
+    return [framed[n : n + per_batch] for n in range(0, len(framed), per_batch)]
 
 
 def append(
@@ -134,9 +138,9 @@ def plain_reader(
 
 
 async def measure(
-    settings: Settings, count: int, rounds: int, interval: float
+    settings: Settings, count: int, rounds: int, interval: float, per_batch: int
 ) -> dict[str, Any]:
-    batches = events(settings, count, rounds)
+    batches = events(settings, count, rounds, per_batch)
     url = f"ws://{settings.web_host}:{settings.web_port}/ws"
     pushed: dict[str, float] = {}
     plain: dict[str, float] = {}
@@ -192,7 +196,16 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="events per transaction, one every --interval (default: a round, "
+        "one per subscriber); e.g. 1000 subscribers at 500 events/s spread out: "
+        "--batch 25 --interval 0.05",
+    )
     args = parser.parse_args()
+    per_batch = args.batch or args.subscribers
     # The broker, Postgres and the registry must be running (bin/streamfold up).
     base = Settings.from_env()
     with deployment(
@@ -209,7 +222,9 @@ def main() -> None:
             wait_for(lambda: http_ok(ready), 120, "the worker's /ready")
             started = datetime.now(UTC)
             result = asyncio.run(
-                measure(settings, args.subscribers, args.rounds, args.interval)
+                measure(
+                    settings, args.subscribers, args.rounds, args.interval, per_batch
+                )
             )
         finally:
             worker.stop()
@@ -219,6 +234,7 @@ def main() -> None:
         subscribers=args.subscribers,
         rounds=args.rounds,
         interval_s=args.interval,
+        events_per_transaction=per_batch,
         load_average=load_average(),
         machine=machine(base),
         p99_ratio=None
