@@ -19,6 +19,7 @@ from app.adapters.gateway import CommandGateway
 from app.adapters.migrations import migrate
 from app.adapters.subjects import ensure_subjects
 from app.adapters.topics import TopicSpec, ensure_topics
+from app.console import web as console_web
 from app.faust_app import create_app
 from app.projections.engine import tune_gc
 from app.readside import ReadSide
@@ -72,6 +73,8 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
     if settings.api_tokens:
         worker.gateway = CommandGateway(settings, codec)
     rest.register(app, settings, worker.gateway, catalog)
+    # A codec of its own: the console decodes in threads, beside the agents' loop.
+    console_web.register(app, settings, Codec(registry, catalog))
     if settings.saga:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)

@@ -411,6 +411,34 @@ def records_of_key(
         consumer.close()
 
 
+def records_at(
+    settings: Settings, topic: str, partition: int, offsets: set[int]
+) -> dict[int, KafkaRecord]:
+    """The committed records at ``offsets`` of one partition, by offset (blocking).
+    Near offsets are read in one pass; far ones each on their own."""
+    consumer = reader(settings, "records-at")
+    found: dict[int, KafkaRecord] = {}
+    try:
+        ordered = sorted(offsets)
+        runs: list[tuple[int, int]] = []
+        for offset in ordered:
+            if runs and offset - runs[-1][1] <= RUN_GAP:
+                runs[-1] = (runs[-1][0], offset)
+            else:
+                runs.append((offset, offset))
+        for first, last in runs:
+            for message in read_range(consumer, topic, partition, first, last + 1):
+                if (message.offset() or 0) in offsets:
+                    found[message.offset() or 0] = KafkaRecord.of(message)
+    finally:
+        consumer.close()
+    return found
+
+
+# Offsets closer than this are read in one pass by ``records_at``.
+RUN_GAP = 500
+
+
 def record_end(
     settings: Settings, topic: str, partition: int, low: int, high: int
 ) -> int:

@@ -1,0 +1,320 @@
+"""The operator console's routes on the worker's web server.
+
+Reads are open, as the worker's other views are. An action (re-drive, discard)
+needs an operator's bearer token from ``STREAMFOLD_OPERATOR_TOKENS`` in the
+``Authorization`` header, JSON (``Content-Type: application/json``) and
+``"confirmed": true`` in the body; the operator recorded with it is the token's
+user id, never anything the body says. Without a configured token the console is
+read-only. No cookie is read: a page on another origin cannot make a browser send
+the header (nor the JSON without a CORS preflight this server never answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.web import View
+
+from app import params as checked
+from app.adapters.codec import Codec
+from app.adapters.deadletters import (
+    DeadLetterError,
+    Operations,
+    existing_topics,
+    read_actions,
+    read_dead_letters,
+    utc_now,
+)
+from app.adapters.topics import records_at
+from app.console import render
+from app.deadletters import ActionRefused, Verb, checked_reason, standings
+from app.history import HistoricEvent
+from app.rest import requests
+from app.rest.auth import Credentials, Unauthorized
+from app.rest.bodies import BodyError
+from app.settings import Settings
+
+log = logging.getLogger("streamfold.console")
+
+STATIC = Path(__file__).parent / "static"
+# The console's assets: served from the worker, nothing from elsewhere.
+ASSETS = {
+    "console.js": "text/javascript",
+    "console.css": "text/css",
+}
+# No script, style, image or connection but the worker's own.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; "
+        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class Refused(Exception):
+    def __init__(
+        self, status: int, error: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(error)
+        self.status, self.error, self.headers = status, error, headers or {}
+
+
+class Console:
+    """What the console's handlers share."""
+
+    def __init__(self, settings: Settings, codec: Codec) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.credentials = Credentials(settings.operator_tokens)
+        self.operations = Operations(settings, utc_now)
+
+    def operator(self, authorization: str | None) -> str:
+        """The operator's id from the request's credential; refuses when none is
+        configured (403) or it is missing or wrong (401)."""
+        if not self.credentials.enabled:
+            raise Refused(
+                403,
+                "the console is read-only on this worker: no operator credential is "
+                "configured (STREAMFOLD_OPERATOR_TOKENS=user_id:token,...)",
+            )
+        try:
+            return self.credentials.user_id(authorization)
+        except Unauthorized as error:
+            raise Refused(
+                401, error.message, {"WWW-Authenticate": error.challenge}
+            ) from None
+
+    def session(self, authorization: str | None) -> dict[str, Any]:
+        operator = self.operator(authorization) if authorization else None
+        return {"operator": operator, "actions_enabled": self.credentials.enabled}
+
+    def _decode(self, value: bytes) -> dict[str, Any]:
+        decoded = self.codec.decode(value)
+        return {
+            "record_name": decoded.record_name,
+            "writer_version": decoded.writer_version,
+            "schema_id": decoded.schema_id,
+            "data": decoded.data,
+        }
+
+    def dead_letters(self) -> dict[str, Any]:
+        topics = existing_topics(self.settings)
+        letters = read_dead_letters(self.settings, topics)
+        actions = read_actions(self.settings)
+        decided = standings(actions)
+        return {
+            "topics": topics,
+            "letters": [render.dead_letter(x, decided, self._decode) for x in letters],
+            "actions": [a.to_dict() for a in reversed(actions)],
+        }
+
+    def act(self, verb: Verb, operator: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ActionRefused(400, "expected a JSON object")
+        if body.get("confirmed") is not True:
+            raise ActionRefused(400, 'confirmed: send "confirmed": true to act')
+        reason = checked_reason(body.get("reason", ""), required=verb == "discard")
+        record, topic, aggregate_id = (
+            body.get(k) for k in ("record", "topic", "aggregate_id")
+        )
+        for name, value in (("record", record), ("topic", topic)):
+            if value is not None and not isinstance(value, str):
+                raise ActionRefused(400, f"{name}: expected a string")
+        if aggregate_id is not None and not isinstance(aggregate_id, str):
+            raise ActionRefused(400, "aggregate_id: expected a string")
+        if (record is None) == (aggregate_id is None):
+            raise ActionRefused(400, "give either record or topic and aggregate_id")
+        if aggregate_id is not None and (verb != "redrive" or topic is None):
+            raise ActionRefused(400, "a whole aggregate is re-driven from one topic")
+        actions = self.operations.act(
+            verb,
+            operator,
+            reason,
+            record=record,
+            topic=topic,
+            aggregate_id=aggregate_id,
+        )
+        return {"actions": [a.to_dict() for a in actions]}
+
+    def events(self, aggregate_id: str, kind: str | None) -> dict[str, Any]:
+        """One aggregate's events, upcast, with where each lies and its headers."""
+        from app.history import EventStore
+        from app.readside import store_work
+
+        def work(store: EventStore) -> dict[str, Any]:
+            resolved = store.aggregate_type(aggregate_id, kind)
+            return {
+                "aggregate_type": resolved,
+                "events": store.read_stream(resolved, aggregate_id),
+            }
+
+        found = store_work(self.settings, work)
+        located: dict[tuple[str, int], set[int]] = {}
+        for event in found["events"]:
+            located.setdefault((event.topic, event.partition), set()).add(event.offset)
+        records = {
+            (topic, partition, offset): record
+            for (topic, partition), offsets in located.items()
+            for offset, record in records_at(
+                self.settings, topic, partition, offsets
+            ).items()
+        }
+        return {
+            "aggregate_type": found["aggregate_type"],
+            "aggregate_id": aggregate_id,
+            "events": [
+                {
+                    **_event(event),
+                    "headers": render.headers_dict(
+                        records[key].headers if key in records else {}
+                    ),
+                }
+                for event in found["events"]
+                for key in [(event.topic, event.partition, event.offset)]
+            ],
+        }
+
+    def flow(self, correlation_id: str) -> dict[str, Any]:
+        from app.history import EventStore
+        from app.readside import store_work
+
+        def work(store: EventStore) -> dict[str, Any]:
+            return {"events": store.read_correlation(correlation_id)}
+
+        events = store_work(self.settings, work)["events"]
+        if not events:
+            raise Refused(404, f"no events with correlation id {correlation_id}")
+        return {
+            "correlation_id": correlation_id,
+            "events": [_event(e) for e in events],
+        }
+
+
+def _event(event: HistoricEvent) -> dict[str, Any]:
+    shown: dict[str, Any] = render.jsonable(
+        {
+            "aggregate_type": event.aggregate_type,
+            "aggregate_id": event.aggregate_id,
+            "stream_version": event.stream_version,
+            "event_type": event.event_type,
+            "record_name": event.record_name,
+            "schema_version": event.schema_version,
+            "occurred_at": event.occurred_at,
+            "event_id": event.event_id,
+            "correlation_id": event.correlation_id,
+            "causation_id": event.causation_id,
+            "user_id": event.user_id,
+            "topic": event.topic,
+            "partition": event.partition,
+            "offset": event.offset,
+            "data": event.data,
+        }
+    )
+    return shown
+
+
+async def answer(view: View, work: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``work`` and turn what it returned or raised into the response."""
+    from app import query
+    from app.history import AmbiguousAggregate, UnknownAggregate
+
+    headers: dict[str, str] = {}
+    try:
+        status, body = 200, await work()
+    except Refused as refused:
+        status, body, headers = (
+            refused.status,
+            {"error": refused.error},
+            refused.headers,
+        )
+    except ActionRefused as refused:
+        status, body = refused.status, {"error": refused.message}
+    except (checked.BadParameter, BodyError, AmbiguousAggregate) as error:
+        status, body = 400, {"error": str(error)}
+    except requests.UnsupportedMediaType as error:
+        status, body = 415, {"error": str(error)}
+    except (UnknownAggregate, query.NotFound) as error:
+        status, body = 404, {"error": str(error).strip("'\"")}
+    except DeadLetterError as error:
+        status, body = 503, {"error": f"Kafka: {error}; nothing was done"}
+    except Exception:
+        reference = str(uuid.uuid4())
+        log.exception("console request failed (correlation id %s)", reference)
+        status, body = 500, {"error": "internal error", "correlation_id": reference}
+    return view.json(body, status=status, headers=headers)
+
+
+def register(app: faust.App, settings: Settings, codec: Codec) -> Console:
+    """The console's page, assets and JSON routes, on ``app``."""
+    console = Console(settings, codec)
+    page = (STATIC / "index.html").read_text()
+
+    @app.page("/console")
+    async def console_page(web: View, request: Any) -> Any:
+        return web.html(page, headers=dict(SECURITY_HEADERS))
+
+    @app.page("/console/static/{name}")
+    async def console_asset(web: View, request: Any, name: str) -> Any:
+        if name not in ASSETS:
+            return web.json({"error": f"no asset {name}"}, status=404)
+        return web.text(
+            (STATIC / name).read_text(),
+            content_type=ASSETS[name],
+            headers=dict(SECURITY_HEADERS),
+        )
+
+    @app.page("/console/api/session")
+    async def console_session(web: View, request: Any) -> Any:
+        authorization = request.headers.get("Authorization")
+        return await answer(web, lambda: _now(console.session(authorization)))
+
+    @app.page("/console/api/events/{aggregate_id}")
+    async def console_events(web: View, request: Any, aggregate_id: str) -> Any:
+        async def work() -> Any:
+            params = checked.accepted(request.query.items(), ("type",))
+            checked.identifier(aggregate_id, "aggregate_id")
+            kind = checked.choice(params, "type", ("order", "account"))
+            return await asyncio.to_thread(console.events, aggregate_id, kind)
+
+        return await answer(web, work)
+
+    @app.page("/console/api/flows/{correlation_id}")
+    async def console_flow(web: View, request: Any, correlation_id: str) -> Any:
+        async def work() -> Any:
+            checked.identifier(correlation_id, "correlation_id")
+            return await asyncio.to_thread(console.flow, correlation_id)
+
+        return await answer(web, work)
+
+    @app.page("/console/api/dead-letters")
+    async def console_dead_letters(web: View, request: Any) -> Any:
+        return await answer(web, lambda: asyncio.to_thread(console.dead_letters))
+
+    def action_view(verb: Verb) -> type[View]:
+        async def post(self: View, request: Any) -> Any:
+            async def work() -> Any:
+                operator = console.operator(request.headers.get("Authorization"))
+                body = requests.json_body(
+                    await request.read(), request.headers.get("Content-Type")
+                )
+                return await asyncio.to_thread(console.act, verb, operator, body)
+
+            return await answer(self, work)
+
+        return type(f"console_{verb}", (View,), {"post": post})
+
+    app.page("/console/api/dead-letters/redrive")(action_view("redrive"))
+    app.page("/console/api/dead-letters/discard")(action_view("discard"))
+    return console
+
+
+async def _now(value: Any) -> Any:
+    return value
