@@ -158,6 +158,8 @@ class Operations:
         ``aggregate_id`` in dead-letter ``topic``, in their order; returns the
         actions recorded. Raises ``ActionRefused`` for a record not open, and
         ``DeadLetterError`` when Kafka failed (then nothing was done)."""
+        if verb == "discard" and record is None:
+            raise ActionRefused(400, "a discard names one record")
         with self._lock:
             named = topic if topic is not None else _topic_of(record)
             letters = read_dead_letters(self.settings, [named])

@@ -132,8 +132,8 @@ class Console:
             raise ActionRefused(400, "aggregate_id: expected a string")
         if (record is None) == (aggregate_id is None):
             raise ActionRefused(400, "give either record or topic and aggregate_id")
-        if aggregate_id is not None and (verb != "redrive" or topic is None):
-            raise ActionRefused(400, "a whole aggregate is re-driven from one topic")
+        if aggregate_id is not None and topic is None:
+            raise ActionRefused(400, "topic: an aggregate's records are in one topic")
         actions = self.operations.act(
             verb,
             operator,
