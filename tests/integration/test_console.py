@@ -16,6 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import (
+    ElementNotInteractableException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
@@ -195,13 +200,36 @@ def chrome() -> Iterator[WebDriver]:
 
 
 def _wait(driver: WebDriver, what: str, condition: Any) -> Any:
-    return WebDriverWait(driver, WAIT_S).until(condition, message=what)
+    # The page re-renders its tables as answers arrive: an element found a moment
+    # ago may be gone or not yet clickable; the condition is then tried again.
+    return WebDriverWait(
+        driver,
+        WAIT_S,
+        ignored_exceptions=(
+            StaleElementReferenceException,
+            ElementNotInteractableException,
+            NoSuchElementException,
+        ),
+    ).until(condition, message=what)
+
+
+def _click(driver: WebDriver, aggregate_id: str, button: str) -> str:
+    """Click ``button`` on the dead letter of ``aggregate_id``; its record id."""
+
+    def clicked(d: WebDriver) -> str:
+        row = _letter_row(d, aggregate_id)
+        record = str(row.get_attribute("data-id"))
+        row.find_element(By.CSS_SELECTOR, f"button.{button}").click()
+        return record
+
+    return _wait(driver, f"{button} of {aggregate_id}", clicked)  # type: ignore[no-any-return]
 
 
 def _open(driver: WebDriver, seeded: Seeded, page: str, token: str | None) -> None:
     driver.get(f"{seeded.base}/console")
     driver.execute_script("sessionStorage.clear()")
     driver.get(f"{seeded.base}/console#{page}")
+    driver.refresh()
     _wait(driver, "the console", lambda d: d.find_element(By.ID, "who").text)
     if token is not None:
         driver.find_element(By.ID, "token").send_keys(token)
@@ -224,11 +252,17 @@ def _letter_row(driver: WebDriver, aggregate_id: str) -> WebElement:
 
 
 def _confirm(driver: WebDriver, reason: str) -> None:
+    def confirmed(d: WebDriver) -> bool:
+        field = d.find_element(By.ID, "confirm-reason")
+        field.clear()
+        field.send_keys(reason)
+        d.find_element(By.ID, "confirm-ok").click()
+        return True
+
     _wait(
         driver, "the dialog", lambda d: d.find_element(By.ID, "confirm").is_displayed()
     )
-    driver.find_element(By.ID, "confirm-reason").send_keys(reason)
-    driver.find_element(By.ID, "confirm-ok").click()
+    _wait(driver, "confirmed", confirmed)
 
 
 def _standing(driver: WebDriver, aggregate_id: str) -> str:
@@ -295,9 +329,7 @@ def test_no_action_without_the_operator_credential(
 ) -> None:
     _open(chrome, seeded, "dead-letters", None)
     assert "read-only" in chrome.find_element(By.ID, "who").text
-    row = _letter_row(chrome, seeded.refused_order)
-    record = row.get_attribute("data-id")
-    row.find_element(By.CSS_SELECTOR, "button.discard").click()
+    record = _click(chrome, seeded.refused_order, "discard")
     _confirm(chrome, "tried without a token")
     notice = _wait(
         chrome,
@@ -329,13 +361,17 @@ def test_redrive_one_dead_letter_until_the_command_is_answered(
     chrome: WebDriver, seeded: Seeded
 ) -> None:
     _open(chrome, seeded, "dead-letters", GRACE.token)
-    row = _letter_row(chrome, seeded.big_order)
-    assert (
-        "exceeds the limit of 1024"
-        in row.find_element(By.CSS_SELECTOR, "td.reason").text
+    reason = _wait(
+        chrome,
+        "the reason",
+        lambda d: (
+            _letter_row(d, seeded.big_order)
+            .find_element(By.CSS_SELECTOR, "td.reason")
+            .text
+        ),
     )
-    record = row.get_attribute("data-id")
-    row.find_element(By.CSS_SELECTOR, "button.redrive").click()
+    assert "exceeds the limit of 1024" in reason
+    record = _click(chrome, seeded.big_order, "redrive")
     _confirm(chrome, "limit raised")
     _wait(
         chrome,
@@ -367,8 +403,7 @@ def test_redrive_an_aggregate_in_order_and_discard(
     chrome: WebDriver, seeded: Seeded
 ) -> None:
     _open(chrome, seeded, "dead-letters", GRACE.token)
-    row = _letter_row(chrome, seeded.big_account)
-    row.find_element(By.CSS_SELECTOR, "button.redrive-aggregate").click()
+    _click(chrome, seeded.big_account, "redrive-aggregate")
     _confirm(chrome, "both, in order")
     _wait(
         chrome,
