@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 Kind = Literal["command", "projection", "saga", "event"]
-Verb = Literal["redrive", "discard"]
+Verb = Literal["redrive", "discard", "replay"]
 Standing = Literal["open", "redriven", "discarded"]
 
 # Headers the dead-lettering adds (app/runtime.py, app/projections/engine.py,
@@ -151,7 +151,8 @@ def redrive_of(letter: DeadLetter, action_id: str) -> Redrive:
 
 @dataclass(frozen=True, slots=True)
 class Action:
-    """An operator's action on one dead-letter record, as kept for ever."""
+    """An operator's action, as kept for ever: on one dead-letter record, or a
+    replay (``record`` is then ``projection:<name>``)."""
 
     action_id: str
     at: datetime
@@ -180,7 +181,7 @@ class Action:
     def from_json(cls, raw: bytes) -> Action:
         data = json.loads(raw)
         verb = data["verb"]
-        if verb not in ("redrive", "discard"):
+        if verb not in ("redrive", "discard", "replay"):
             raise ValueError(f"unknown verb {verb!r}")
         return cls(
             action_id=str(data["action_id"]),
@@ -201,7 +202,8 @@ def standings(actions: Iterable[Action]) -> dict[str, Action]:
     re-drive that fails again comes back as a new dead letter, open."""
     decided: dict[str, Action] = {}
     for action in actions:
-        decided.setdefault(action.record, action)
+        if action.verb != "replay":
+            decided.setdefault(action.record, action)
     return decided
 
 

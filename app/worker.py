@@ -73,13 +73,13 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
     if settings.api_tokens:
         worker.gateway = CommandGateway(settings, codec)
     rest.register(app, settings, worker.gateway, catalog)
-    # A codec of its own: the console decodes in threads, beside the agents' loop.
-    console_web.register(app, settings, Codec(registry, catalog))
     if settings.saga:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)
     read = ReadSide(settings, settings.projections)
     readside.attach(app, settings, read, write.status)
+    # A codec of its own: the console decodes in threads, beside the agents' loop.
+    console_web.register(app, settings, Codec(registry, catalog), read, write)
     worker.read = read
     return worker
 

@@ -222,6 +222,22 @@ class Operations:
         )
         return action
 
+    def record(self, action: Action) -> None:
+        """Keep an action that produces nothing itself (a replay's start)."""
+        with self._lock:
+            producer = self._transactional()
+            try:
+                producer.begin_transaction()
+                producer.produce(
+                    self.settings.topics.operator_actions,
+                    action.to_json(),
+                    key=action.record.encode(),
+                )
+                producer.commit_transaction(30)
+            except KafkaException as error:
+                self._abort(producer)
+                raise DeadLetterError(f"{action.verb}: {error}") from error
+
     def _abort(self, producer: Producer) -> None:
         try:
             producer.abort_transaction(30)

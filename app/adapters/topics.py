@@ -435,6 +435,45 @@ def records_at(
     return found
 
 
+class GroupOffsets:
+    """A consumer group's committed offsets and the partitions' heads, read without
+    joining the group (blocking; one caller at a time)."""
+
+    def __init__(self, settings: Settings, group: str) -> None:
+        self._consumer = Consumer(
+            {
+                **settings.consumer_config(),
+                "group.id": group,
+                "enable.auto.commit": False,
+            }
+        )
+
+    def read(self, partitions: list[TP]) -> dict[TP, tuple[int | None, int]]:
+        """Per partition: (committed offset or None, high watermark)."""
+        found: dict[TP, tuple[int | None, int]] = {}
+        if not partitions:
+            return found
+        try:
+            committed = self._consumer.committed(
+                [TopicPartition(t, p) for t, p in partitions], timeout=10
+            )
+            for tp in committed:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=10
+                )
+                found[(tp.topic, tp.partition)] = (
+                    tp.offset if tp.offset >= 0 else None,
+                    int(high),
+                )
+        except KafkaException:
+            # Unknown this round; the next read asks again.
+            return {}
+        return found
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 # Offsets closer than this are read in one pass by ``records_at``.
 RUN_GAP = 500
 

@@ -12,13 +12,17 @@ the header (nor the JSON without a CORS preflight this server never answers).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import faust
+from aiohttp.web import StreamResponse
 from faust.web import View
 
 from app import params as checked
@@ -31,18 +35,23 @@ from app.adapters.deadletters import (
     read_dead_letters,
     utc_now,
 )
-from app.adapters.topics import records_at
-from app.console import render
-from app.deadletters import ActionRefused, Verb, checked_reason, standings
+from app.adapters.topics import GroupOffsets, records_at
+from app.console import live, render
+from app.deadletters import Action, ActionRefused, Verb, checked_reason, standings
 from app.history import HistoricEvent
+from app.projections import PROJECTIONS
+from app.readside import ReadSide, status_document
 from app.rest import requests
 from app.rest.auth import Credentials, Unauthorized
 from app.rest.bodies import BodyError
 from app.settings import Settings
+from app.writeside import WriteProcess
 
 log = logging.getLogger("streamfold.console")
 
 STATIC = Path(__file__).parent / "static"
+# How often the processors page is pushed a new document.
+LIVE_S = 1.0
 # The console's assets: served from the worker, nothing from elsewhere.
 ASSETS = {
     "console.js": "text/javascript",
@@ -70,11 +79,23 @@ class Refused(Exception):
 class Console:
     """What the console's handlers share."""
 
-    def __init__(self, settings: Settings, codec: Codec) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        codec: Codec,
+        read: ReadSide | None = None,
+        write: WriteProcess | None = None,
+    ) -> None:
         self.settings = settings
         self.codec = codec
+        self.read = read
+        self.write = write
         self.credentials = Credentials(settings.operator_tokens)
         self.operations = Operations(settings, utc_now)
+        self.replays = live.Replays(settings)
+        self._groups: dict[str, GroupOffsets] = {}
+        self._live_lock = threading.Lock()
+        self._live: tuple[float, dict[str, Any]] | None = None
 
     def operator(self, authorization: str | None) -> str:
         """The operator's id from the request's credential; refuses when none is
@@ -143,6 +164,67 @@ class Console:
             aggregate_id=aggregate_id,
         )
         return {"actions": [a.to_dict() for a in actions]}
+
+    def live_document(self) -> dict[str, Any]:
+        """Every processor's, saga's and projection's partitions, and the replays;
+        built at most once a second, whoever asks (blocking)."""
+        with self._live_lock:
+            if self._live is not None and time.monotonic() - self._live[0] < LIVE_S:
+                return self._live[1]
+            owner = live.owner_name()
+            rows = []
+            if self.write is not None:
+                reports = list(self.write.reports)
+                owned: dict[str, list[tuple[str, int]]] = {}
+                for report in reports:
+                    for group, state in report.items():
+                        if isinstance(state, dict) and "assignment" in state:
+                            owned.setdefault(group, []).extend(
+                                (t, p) for t, p in state["assignment"]
+                            )
+                offsets: dict[tuple[str, int], tuple[int | None, int]] = {}
+                for group, partitions in owned.items():
+                    if group not in self._groups:
+                        self._groups[group] = GroupOffsets(self.settings, group)
+                    offsets.update(self._groups[group].read(partitions))
+                rows += live.processor_rows(reports, offsets, owner)
+            if self.read is not None:
+                status = status_document(self.settings, self.read)
+                rows += live.projection_rows(status["projections"], owner)
+            document = {
+                "at": utc_now().isoformat(),
+                "rows": rows,
+                "projections": list(PROJECTIONS),
+                "replays": self.replays.to_list(),
+            }
+            self._live = (time.monotonic(), document)
+            return document
+
+    def start_replay(self, operator: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ActionRefused(400, "expected a JSON object")
+        if body.get("confirmed") is not True:
+            raise ActionRefused(400, 'confirmed: send "confirmed": true to act')
+        name = body.get("projection")
+        if name not in PROJECTIONS:
+            raise ActionRefused(
+                400, f"projection: one of {', '.join(PROJECTIONS)}, got {name!r}"
+            )
+        reason = checked_reason(body.get("reason", ""), required=False)
+        try:
+            replay = self.replays.start(name, operator)
+        except RuntimeError as error:
+            raise ActionRefused(409, str(error)) from None
+        action = Action(
+            action_id=str(uuid.uuid4()),
+            at=replay.started_at,
+            operator=operator,
+            verb="replay",
+            record=f"projection:{name}",
+            reason=reason,
+        )
+        self.operations.record(action)
+        return {"actions": [action.to_dict()], "replay": replay.to_dict()}
 
     def events(self, aggregate_id: str, kind: str | None) -> dict[str, Any]:
         """One aggregate's events, upcast, with where each lies and its headers."""
@@ -252,9 +334,15 @@ async def answer(view: View, work: Callable[[], Awaitable[Any]]) -> Any:
     return view.json(body, status=status, headers=headers)
 
 
-def register(app: faust.App, settings: Settings, codec: Codec) -> Console:
+def register(
+    app: faust.App,
+    settings: Settings,
+    codec: Codec,
+    read: ReadSide | None = None,
+    write: WriteProcess | None = None,
+) -> Console:
     """The console's page, assets and JSON routes, on ``app``."""
-    console = Console(settings, codec)
+    console = Console(settings, codec, read, write)
     page = (STATIC / "index.html").read_text()
 
     @app.page("/console")
@@ -313,6 +401,44 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> Console:
 
     app.page("/console/api/dead-letters/redrive")(action_view("redrive"))
     app.page("/console/api/dead-letters/discard")(action_view("discard"))
+
+    async def post_replay(self: View, request: Any) -> Any:
+        async def work() -> Any:
+            operator = console.operator(request.headers.get("Authorization"))
+            body = requests.json_body(
+                await request.read(), request.headers.get("Content-Type")
+            )
+            return await asyncio.to_thread(console.start_replay, operator, body)
+
+        return await answer(self, work)
+
+    app.page("/console/api/replays")(
+        type("console_replay", (View,), {"post": post_replay})
+    )
+
+    @app.page("/console/api/live")
+    async def console_live(web: View, request: Any) -> Any:
+        """Server-Sent Events: the processors document, once a second, until the
+        browser goes away."""
+        response = StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **SECURITY_HEADERS,
+            }
+        )
+        await response.prepare(request)
+        try:
+            while True:
+                document = await asyncio.to_thread(console.live_document)
+                await response.write(f"data: {json.dumps(document)}\n\n".encode())
+                await asyncio.sleep(LIVE_S)
+        except (ConnectionResetError, RuntimeError):
+            # The browser went away (aiohttp raises RuntimeError on a closed
+            # transport's write): this stream ends.
+            pass
+        return response
+
     return console
 
 

@@ -270,6 +270,17 @@ def _standing(driver: WebDriver, aggregate_id: str) -> str:
     return str(row.find_element(By.CSS_SELECTOR, "td.standing").text)
 
 
+def _table(driver: WebDriver, rows: str) -> list[list[str]]:
+    """The cells' text of ``rows``, read at once: the live page redraws its tables
+    every second, faster than a cell-by-cell read."""
+    found = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map("
+        "(r) => [...r.querySelectorAll('td')].map((c) => c.innerText))",
+        rows,
+    )
+    return [[str(c) for c in row] for row in found]
+
+
 def _look_up(driver: WebDriver, aggregate_id: str) -> list[WebElement]:
     field = driver.find_element(By.ID, "aggregate-id")
     field.clear()
@@ -496,6 +507,76 @@ def test_the_cli_lists_and_redrives(seeded: Seeded) -> None:
         timeout=WAIT_S,
     )
     assert answered.json()["events"][0]["event_type"] == "OrderCreated"
+    [refused_line] = [
+        x for x in listed.stdout.splitlines() if seeded.refused_order in x
+    ]
+    other = refused_line.split()[0]
+    os.environ["STREAMFOLD_OPERATOR_TOKEN"] = GRACE.token
+    try:
+        unexplained = run_cli(seeded.settings, "dlq", "discard", other, "--yes")
+        discarded = run_cli(
+            seeded.settings, "dlq", "discard", other, "--reason", "duplicate", "--yes"
+        )
+    finally:
+        del os.environ["STREAMFOLD_OPERATOR_TOKEN"]
+    assert unexplained.returncode == 3 and "say why" in unexplained.stderr
+    assert discarded.returncode == 0, discarded.stderr
+    assert discarded.stdout.strip() == f"discard {other} by grace"
+
     after = run_cli(seeded.settings, "dlq", "list")
-    [line] = [x for x in after.stdout.splitlines() if x.startswith(record)]
-    assert "redriven" in line
+    standing = {x.split()[0]: x.split()[1] for x in after.stdout.splitlines()}
+    assert (standing[record], standing[other]) == ("redriven", "discarded")
+
+
+def test_processors_live_and_a_replay_watched_to_its_end(
+    chrome: WebDriver, seeded: Seeded
+) -> None:
+    _open(chrome, seeded, "processors", GRACE.token)
+
+    def rows(d: WebDriver) -> list[list[str]] | None:
+        found = _table(d, "#processors tr.processor")
+        names = {r[0] for r in found}
+        wanted = (
+            f"processor {seeded.settings.app_id}.commands",
+            "projection orders",
+            "projection event_log",
+        )
+        return found if all(w in names for w in wanted) else None
+
+    shown = _wait(chrome, "the processors' partitions", rows)
+    orders = [r for r in shown if r[0] == "projection orders"]
+    events_topic = seeded.settings.topics.events("orders")
+    assert {r[1] for r in orders} == {
+        f"{events_topic}[{p}]" for p in range(seeded.settings.partitions)
+    }
+    assert all(r[2] and r[3].isdigit() and r[5].isdigit() for r in orders), orders
+    first = chrome.find_element(By.ID, "stream-state").text
+    # Pushed, not polled by the page: a newer document arrives by itself.
+    _wait(
+        chrome,
+        "a newer document",
+        lambda d: d.find_element(By.ID, "stream-state").text not in ("", first),
+    )
+
+    chrome.find_element(
+        By.CSS_SELECTOR, "#replay-projection option[value=orders]"
+    ).click()
+    chrome.find_element(By.CSS_SELECTOR, "#start-replay button").click()
+    _confirm(chrome, "rebuild after a fix")
+
+    def finished(d: WebDriver) -> list[str] | None:
+        for cells in _table(d, "#replays tr.replay"):
+            if cells[0] == "orders" and cells[3] in ("done", "failed"):
+                return cells
+        return None
+
+    cells = _wait(chrome, "the replay's end", finished)
+    assert cells[1] == "grace" and cells[3] == "done", cells
+    done, total = (int(x) for x in cells[4].split("/"))
+    assert done == total > 0 and cells[5] == "0", cells
+    assert "replayed" in cells[6] or "done" in cells[6], cells
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    chrome.save_screenshot(str(SHOTS / "processors.png"))
+    listed = httpx.get(f"{seeded.base}/console/api/dead-letters", timeout=60).json()
+    replays = [a for a in listed["actions"] if a["record"] == "projection:orders"]
+    assert [(a["operator"], a["verb"]) for a in replays] == [("grace", "replay")]

@@ -270,6 +270,55 @@ async function loadDeadLetters() {
 loaders["dead-letters"] = loadDeadLetters;
 $("#refresh-dead-letters").addEventListener("click", loadDeadLetters);
 
+// -- processors and projections ---------------------------------------------------------
+
+let live = null;
+
+function cell(value) {
+  return el("td", {}, value === null || value === undefined ? "—" : value);
+}
+
+function showLive(document_) {
+  $("#stream-state").textContent = "live · " + document_.at;
+  const chooser = $("#replay-projection");
+  if (chooser.options.length !== document_.projections.length) {
+    chooser.replaceChildren(...document_.projections.map((p) => el("option", { value: p }, p)));
+  }
+  $("#processors tbody").replaceChildren(...document_.rows.map((r) =>
+    el("tr", { class: "processor " + r.kind, "data-name": r.name, "data-partition": r.partition },
+      cell(`${r.kind} ${r.name}`), cell(`${r.topic}[${r.partition}]`), cell(r.owner),
+      cell(r.position), cell(r.head), el("td", { class: "lag" }, r.lag_events ?? "—"),
+      cell(r.lag_seconds), el("td", { class: "error" }, r.error ?? ""))));
+  $("#replays tbody").replaceChildren(...document_.replays.map((r) =>
+    el("tr", { class: "replay " + r.state, "data-projection": r.projection },
+      cell(r.projection), cell(r.operator), cell(r.started_at),
+      el("td", { class: "state" }, r.state), cell(`${r.done}/${r.total}`),
+      el("td", { class: "lag" }, r.lag_events), cell(r.last_line))));
+}
+
+function watchLive() {
+  if (live) return;
+  live = new EventSource("/console/api/live");
+  live.onmessage = (message) => showLive(JSON.parse(message.data));
+  live.onerror = () => { $("#stream-state").textContent = "reconnecting…"; };
+}
+
+loaders.processors = watchLive;
+
+$("#start-replay").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const projection = $("#replay-projection").value;
+  const reason = await confirmAction("Start a blue/green replay",
+    `Rebuild ${projection} from the start of its topics into new tables, then switch.`, false);
+  if (reason === null) return;
+  try {
+    await call("/console/api/replays", { body: { projection, reason, confirmed: true } });
+    notice(`replay of ${projection} started`, "info");
+  } catch (error) {
+    notice(`replay refused (${error.status}): ${error.message}`, "error");
+  }
+});
+
 // -- start ---------------------------------------------------------------------------
 
 refreshSession().then(() => show(location.hash.slice(1) || "events"));
