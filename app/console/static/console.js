@@ -68,6 +68,7 @@ async function refreshSession() {
   }
   $("#signout").hidden = !operator;
   $("#token").hidden = Boolean(operator);
+  $("#signin button[type=submit]").hidden = Boolean(operator);
 }
 
 $("#signin").addEventListener("submit", async (event) => {
