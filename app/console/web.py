@@ -26,7 +26,7 @@ from aiohttp.web import StreamResponse
 from faust.web import View
 
 from app import params as checked
-from app.adapters.codec import Codec
+from app.adapters.codec import Codec, ConfluentRegistry, RegistryError
 from app.adapters.deadletters import (
     DeadLetterError,
     Operations,
@@ -36,7 +36,7 @@ from app.adapters.deadletters import (
     utc_now,
 )
 from app.adapters.topics import GroupOffsets, records_at
-from app.console import live, render
+from app.console import live, render, schemas
 from app.deadletters import Action, ActionRefused, Verb, checked_reason, standings
 from app.history import HistoricEvent
 from app.projections import PROJECTIONS
@@ -93,6 +93,7 @@ class Console:
         self.credentials = Credentials(settings.operator_tokens)
         self.operations = Operations(settings, utc_now)
         self.replays = live.Replays(settings)
+        self._registry: ConfluentRegistry | None = None
         self._groups: dict[str, GroupOffsets] = {}
         self._live_lock = threading.Lock()
         self._live: tuple[float, dict[str, Any]] | None = None
@@ -164,6 +165,23 @@ class Console:
             aggregate_id=aggregate_id,
         )
         return {"actions": [a.to_dict() for a in actions]}
+
+    def registry(self) -> ConfluentRegistry:
+        if self._registry is None:
+            self._registry = ConfluentRegistry(self.settings.schema_registry_url)
+        return self._registry
+
+    def schema_subjects(self) -> dict[str, Any]:
+        return {
+            "subjects": schemas.subjects(
+                self.settings.topics, self.codec.catalog, self.registry()
+            )
+        }
+
+    def schema_diff(self, subject: str, old: int, new: int) -> dict[str, Any]:
+        return schemas.diff(
+            self.settings.topics, self.codec.catalog, self.registry(), subject, old, new
+        )
 
     def live_document(self) -> dict[str, Any]:
         """Every processor's, saga's and projection's partitions, and the replays;
@@ -327,6 +345,8 @@ async def answer(view: View, work: Callable[[], Awaitable[Any]]) -> Any:
         status, body = 404, {"error": str(error).strip("'\"")}
     except DeadLetterError as error:
         status, body = 503, {"error": f"Kafka: {error}; nothing was done"}
+    except RegistryError as error:
+        status, body = 503, {"error": f"schema registry: {error}"}
     except Exception:
         reference = str(uuid.uuid4())
         log.exception("console request failed (correlation id %s)", reference)
@@ -379,6 +399,22 @@ def register(
         async def work() -> Any:
             checked.identifier(correlation_id, "correlation_id")
             return await asyncio.to_thread(console.flow, correlation_id)
+
+        return await answer(web, work)
+
+    @app.page("/console/api/schemas")
+    async def console_schemas(web: View, request: Any) -> Any:
+        return await answer(web, lambda: asyncio.to_thread(console.schema_subjects))
+
+    @app.page("/console/api/schemas/diff")
+    async def console_schema_diff(web: View, request: Any) -> Any:
+        async def work() -> Any:
+            params = checked.accepted(request.query.items(), ("subject", "from", "to"))
+            subject = params.get("subject", "")
+            checked.identifier(subject, "subject")
+            old = checked.integer(params, "from", 1, 1, 10_000)
+            new = checked.integer(params, "to", 2, 1, 10_000)
+            return await asyncio.to_thread(console.schema_diff, subject, old, new)
 
         return await answer(web, work)
 

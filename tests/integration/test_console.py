@@ -580,3 +580,64 @@ def test_processors_live_and_a_replay_watched_to_its_end(
     listed = httpx.get(f"{seeded.base}/console/api/dead-letters", timeout=60).json()
     replays = [a for a in listed["actions"] if a["record"] == "projection:orders"]
     assert [(a["operator"], a["verb"]) for a in replays] == [("grace", "replay")]
+
+
+def test_schemas_subjects_modes_and_a_diff_with_its_upcaster(
+    chrome: WebDriver, seeded: Seeded
+) -> None:
+    _open(chrome, seeded, "schemas", None)
+    subject = (
+        f"{seeded.settings.topics.events('orders')}-streamfold.orders.OrderCreated"
+    )
+    rows = _wait(
+        chrome,
+        "the subjects",
+        lambda d: {r[0]: r for r in _table(d, "#subjects tr.subject")} or None,
+    )
+    mode = httpx.get(
+        f"{seeded.settings.schema_registry_url}/config/{subject}",
+        params={"defaultToGlobal": "true"},
+        timeout=30,
+    ).json()["compatibilityLevel"]
+    assert rows[subject][1:5] == [
+        "event",
+        "3 registered (schemas/: v1, v2, v3)",
+        mode,
+        "v1→v2 upcast_v1_to_v2; v2→v3 upcast_v2_to_v3",
+    ]
+    assert len(rows) > 20
+
+    for field, value in (("diff-from", "1"), ("diff-to", "3")):
+        box = chrome.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    box = chrome.find_element(By.ID, "diff-subject")
+    box.clear()
+    box.send_keys(subject)
+    chrome.find_element(By.CSS_SELECTOR, "#schema-diff-form button").click()
+    bridges = _wait(
+        chrome,
+        "the bridges",
+        lambda d: (
+            [b.text for b in d.find_elements(By.CSS_SELECTOR, "li.bridge")] or None
+        ),
+    )
+    assert bridges == [
+        "v1→v2: upcaster upcast_v1_to_v2",
+        "v2→v3: upcaster upcast_v2_to_v3",
+    ]
+    diff = chrome.find_element(By.ID, "schema-diff").text.splitlines()
+    assert diff[:2] == ["--- v1", "+++ v3"]
+    added = [x for x in diff if x.startswith("+") and not x.startswith("+++")]
+    assert added, diff
+    title = chrome.find_element(By.ID, "diff-title").text
+    assert title == f"streamfold.orders.OrderCreated: v1 → v3 ({mode})"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    chrome.save_screenshot(str(SHOTS / "schemas.png"))
+
+    wrong = httpx.get(
+        f"{seeded.base}/console/api/schemas/diff",
+        params={"subject": subject, "from": "3", "to": "9"},
+        timeout=30,
+    )
+    assert wrong.status_code == 400 and "versions 1..3" in wrong.json()["error"]

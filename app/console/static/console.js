@@ -320,6 +320,53 @@ $("#start-replay").addEventListener("submit", async (event) => {
   }
 });
 
+// -- schemas ----------------------------------------------------------------------------
+
+async function loadSchemas() {
+  let found;
+  try {
+    found = await call("/console/api/schemas");
+  } catch (error) {
+    notice(error.message, "error");
+    return;
+  }
+  $("#subjects tbody").replaceChildren(...found.subjects.map((s) =>
+    el("tr", { class: "subject", "data-subject": s.subject },
+      el("td", {}, s.subject),
+      el("td", {}, s.kind),
+      el("td", {}, `${s.registry_versions} registered (schemas/: v${s.catalog_versions.join(", v")})`),
+      el("td", { class: "mode" }, s.compatibility),
+      el("td", {}, Object.entries(s.upcasters).map(([step, f]) => `${step} ${f}`).join("; ") || "—"),
+      el("td", {}, s.registry_versions > 1 ? el("button", {
+        class: "diff",
+        onclick: () => showDiff(s.subject, s.registry_versions - 1, s.registry_versions),
+      }, `diff v${s.registry_versions - 1}→v${s.registry_versions}`) : ""))));
+}
+
+async function showDiff(subject, from, to) {
+  $("#diff-subject").value = subject;
+  $("#diff-from").value = from;
+  $("#diff-to").value = to;
+  let found;
+  try {
+    found = await call(`/console/api/schemas/diff?subject=${encodeURIComponent(subject)}&from=${from}&to=${to}`);
+  } catch (error) {
+    notice(error.message, "error");
+    return;
+  }
+  $("#diff-title").textContent = `${found.record}: v${found.from} → v${found.to} (${found.compatibility})`;
+  $("#bridges").replaceChildren(...found.bridges.map((b) => el("li", { class: "bridge" }, b)));
+  $("#schema-diff").replaceChildren(...found.diff.map((line) =>
+    el("span", { class: line.startsWith("+") ? "added" : line.startsWith("-") ? "removed" : "" }, line + "\n")));
+}
+
+loaders.schemas = loadSchemas;
+
+$("#schema-diff-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  showDiff($("#diff-subject").value.trim(), $("#diff-from").value, $("#diff-to").value);
+});
+
 // -- start ---------------------------------------------------------------------------
 
 refreshSession().then(() => show(location.hash.slice(1) || "events"));
