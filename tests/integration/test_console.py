@@ -641,3 +641,28 @@ def test_schemas_subjects_modes_and_a_diff_with_its_upcaster(
         timeout=30,
     )
     assert wrong.status_code == 400 and "versions 1..3" in wrong.json()["error"]
+
+
+def test_an_orders_saga_as_a_timeline(chrome: WebDriver, seeded: Seeded) -> None:
+    _open(chrome, seeded, "sagas", None)
+    chrome.find_element(By.ID, "saga-order").send_keys(seeded.paid_order)
+    chrome.find_element(By.CSS_SELECTOR, "#find-saga button").click()
+    steps = _wait(
+        chrome,
+        "the saga's steps",
+        lambda d: (
+            [s.text for s in d.find_elements(By.CSS_SELECTOR, "li.saga-step")] or None
+        ),
+    )
+    saga = httpx.get(f"{seeded.base}/sagas/{seeded.paid_order}", timeout=30).json()
+    assert len(steps) == len(saga["history"]) >= 2
+    for shown, entry in zip(steps, saga["history"], strict=True):
+        assert shown.startswith(f"{entry['at']} {entry['message_type']} → ")
+        for sent in entry["sent"]:
+            assert f"sent {sent['command_type']} {sent['command_id']}" in shown
+    assert any("sent Withdraw" in s for s in steps), steps
+    summary = chrome.find_element(By.ID, "saga-summary").text
+    assert summary.startswith("PAID") and "settled" in summary
+    assert seeded.paid_account in summary
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    chrome.save_screenshot(str(SHOTS / "sagas.png"))

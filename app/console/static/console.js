@@ -367,6 +367,35 @@ $("#schema-diff-form").addEventListener("submit", (event) => {
   showDiff($("#diff-subject").value.trim(), $("#diff-from").value, $("#diff-to").value);
 });
 
+// -- sagas ------------------------------------------------------------------------------
+
+async function showSaga(orderId) {
+  let saga;
+  try {
+    saga = await call("/sagas/" + encodeURIComponent(orderId));
+  } catch (error) {
+    notice(error.message, "error");
+    return;
+  }
+  notice("");
+  $("#saga-title").textContent = `Saga of order ${saga.order_id}`;
+  $("#saga-summary").textContent =
+    `${saga.phase} · money ${saga.money} · ${saga.amount_minor} ${saga.currency} from ` +
+    `${saga.account_id} · ${saga.settled ? "settled" : "in flight"} · correlation ${saga.correlation_id}`;
+  $("#saga-steps").replaceChildren(...saga.history.map((entry) =>
+    el("li", { class: "saga-step" },
+      el("time", {}, entry.at),
+      el("strong", {}, " " + entry.message_type),
+      ` → ${entry.phase} (money ${entry.money})`,
+      entry.note ? el("div", { class: "hint" }, entry.note) : null,
+      entry.sent.map((sent) => el("div", { class: "sent" }, `sent ${sent.command_type} ${sent.command_id}`)))));
+}
+
+$("#find-saga").addEventListener("submit", (event) => {
+  event.preventDefault();
+  showSaga($("#saga-order").value.trim());
+});
+
 // -- start ---------------------------------------------------------------------------
 
 refreshSession().then(() => show(location.hash.slice(1) || "events"));
