@@ -108,8 +108,14 @@ def ensure_actions_topic(settings: Settings) -> None:
 
 
 def read_actions(settings: Settings) -> list[Action]:
-    """Every operator action, oldest first."""
-    ensure_actions_topic(settings)
+    """Every operator action, oldest first (none before the first: the topic is
+    made by the first action, not by reading)."""
+    try:
+        present = admin_client(settings).list_topics(timeout=30).topics
+    except KafkaException as error:
+        raise DeadLetterError(f"listing topics: {error}") from error
+    if settings.topics.operator_actions not in present:
+        return []
     return [
         Action.from_json(message.value() or b"{}")
         for message in _read(settings, settings.topics.operator_actions, "console")

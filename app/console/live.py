@@ -99,14 +99,16 @@ class Replay:
     total: int = 0
 
     def follow(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             self.note(line)
         self.process.wait()
 
     def note(self, line: str) -> None:
+        """Take in one line of the replay's output: its progress, its summary or an
+        error; librdkafka's own log lines ("%6|…") are left out."""
         line = line.strip()
-        if not line:
+        if not line or line.startswith("%"):
             return
         self.lines = [*self.lines[-19:], line]
         found = PROGRESS.search(line)
@@ -145,8 +147,9 @@ class Replays:
             process = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "replay", projection],
                 env={**os.environ, **self.settings.as_env()},
+                # Progress goes to stderr, the summary to stdout: read as one.
                 stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 text=True,
             )
             replay = Replay(projection, operator, datetime.now(UTC), process)

@@ -87,6 +87,9 @@ def test_a_replay_reads_its_progress_lines() -> None:
     assert (replay.done, replay.total) == (1200, 5000)
     replay.note("replay orders: 5,000/5,000 events 100.0%  900 events/s  done")
     replay.note("   ")
+    replay.note("%6|1796292387.727|BGQUEUE|rdkafka#producer-5| Purging 1 events")
+    replay.note("orders: replayed 5,000 events into new tables, switched (epoch 2)")
     shown = replay.to_dict()
     assert (shown["state"], shown["done"], shown["lag_events"]) == ("done", 5000, 0)
-    assert shown["last_line"].endswith("done") and len(replay.lines) == 2
+    assert shown["last_line"].startswith("orders: replayed 5,000 events")
+    assert len(replay.lines) == 3
