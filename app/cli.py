@@ -61,6 +61,10 @@ def cmd_test(settings: Settings, args: argparse.Namespace) -> int:
     stack.up(settings)
     if cmd_schemas(settings, args) != 0:
         return 1
+    from app.local import browser
+
+    # The operator console's tests drive Debian's Chromium (apt-get, as PostgreSQL).
+    browser.install()
     # The suite mostly waits (on groups, sessions, workers starting): four test
     # processes keep two cores busy. Tests are handed out a few at a time, so the
     # slow ones collected first spread over the processes (in the default chunks,
@@ -387,6 +391,84 @@ def cmd_soak(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("--faults", str(error)) from error
 
 
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """Dead letters: list them, re-drive one (or an aggregate's, in order) to its
+    source topic, or discard one with a reason. Actions need an operator token in
+    STREAMFOLD_OPERATOR_TOKEN (one of STREAMFOLD_OPERATOR_TOKENS): its user id is
+    recorded with the action."""
+    from app.adapters.deadletters import (
+        DeadLetterError,
+        Operations,
+        existing_topics,
+        read_actions,
+        read_dead_letters,
+        utc_now,
+    )
+    from app.deadletters import ActionRefused, checked_reason, standing, standings
+    from app.rest.auth import Credentials, Unauthorized
+
+    try:
+        if args.action == "list":
+            letters = read_dead_letters(settings, existing_topics(settings))
+            decided = standings(read_actions(settings))
+            for letter in letters:
+                state = standing(letter, decided)
+                if args.open and state != "open":
+                    continue
+                print(
+                    f"{letter.id}  {state:<9} {letter.kind:<10} "
+                    f"{letter.aggregate_id or '-'}  from {letter.source_topic}"
+                    f"[{letter.source_partition}]@{letter.source_offset}: "
+                    f"{letter.reason}"
+                )
+            return 0
+        credentials = Credentials(settings.operator_tokens)
+        if not credentials.enabled:
+            raise SettingsError(
+                "STREAMFOLD_OPERATOR_TOKENS", "no operator is configured: read-only"
+            )
+        try:
+            operator = credentials.user_id(
+                "Bearer " + os.environ.get("STREAMFOLD_OPERATOR_TOKEN", "")
+            )
+        except Unauthorized:
+            raise SettingsError(
+                "STREAMFOLD_OPERATOR_TOKEN",
+                "missing, or not one of STREAMFOLD_OPERATOR_TOKENS",
+            ) from None
+        reason = checked_reason(args.reason, required=args.action == "discard")
+        if args.record is None and (args.topic is None or args.aggregate is None):
+            raise ActionRefused(400, "give a record, or --topic and --aggregate")
+        what = args.record or f"every open record of {args.aggregate} in {args.topic}"
+        if not args.yes:
+            answer = input(f"{args.action} {what} as {operator}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing done")
+                return 1
+        operations = Operations(settings, utc_now)
+        try:
+            actions = operations.act(
+                args.action,
+                operator,
+                reason,
+                record=args.record,
+                topic=args.topic if args.record is None else None,
+                aggregate_id=args.aggregate if args.record is None else None,
+            )
+        finally:
+            operations.close()
+        for action in actions:
+            landed = f" → {action.produced}" if action.produced else ""
+            print(f"{action.verb} {action.record}{landed} by {action.operator}")
+        return 0
+    except ActionRefused as refused:
+        print(f"streamfold: refused: {refused.message}", file=sys.stderr)
+        return 3
+    except DeadLetterError as error:
+        print(f"streamfold: {error}; nothing was done", file=sys.stderr)
+        return 1
+
+
 def _tool_class(name: str) -> str:
     from app.local.kafka import TOOLS
 
@@ -495,6 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument(
         "--keep", action="store_true", help="keep the soak's topics and database"
     )
+    dlq = add("dlq", cmd_dlq)
+    dlq.add_argument("action", choices=["list", "redrive", "discard"])
+    dlq.add_argument(
+        "record", nargs="?", help="a dead letter as topic:partition:offset (see list)"
+    )
+    dlq.add_argument("--open", action="store_true", help="list: only open records")
+    dlq.add_argument("--topic", help="redrive: the dead-letter topic of --aggregate")
+    dlq.add_argument(
+        "--aggregate", help="redrive: every open record of this aggregate, in order"
+    )
+    dlq.add_argument("--reason", default="", help="kept with the action")
+    dlq.add_argument("--yes", action="store_true", help="do not ask to confirm")
     tool = add("kafka-tool", cmd_kafka_tool)
     tool.add_argument("tool", help="consumer-groups, topics, configs, acls, ...")
     tool.add_argument("tool_args", nargs=argparse.REMAINDER)

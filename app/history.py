@@ -54,6 +54,12 @@ class HistoricEvent:
     causation_id: str
     user_id: str | None
     data: dict[str, Any]
+    aggregate_type: str = ""
+    aggregate_id: str = ""
+    # Where the event lies in Kafka.
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
 
 
 def state_schema(cls: type) -> str:
@@ -210,7 +216,8 @@ class EventStore:
 
     _COLUMNS = (
         "SELECT stream_version, event_type, record_name, schema_version, data_version,"
-        " data, metadata, occurred_at, event_id, correlation_id FROM event_log "
+        " data, metadata, occurred_at, event_id, correlation_id, topic, partition,"
+        ' "offset", aggregate_type, aggregate_id FROM event_log '
     )
 
     def read_stream(

@@ -169,23 +169,28 @@ def _historic(event: HistoricEvent) -> dict[str, Any]:
     }
 
 
-def _with_store(
+def store_work(
     settings: Settings, work: Callable[[EventStore], dict[str, Any]]
-) -> Awaitable[dict[str, Any]]:
+) -> dict[str, Any]:
+    """``work`` on the event-log index, on a connection of its own (blocking); an
+    unknown aggregate is ``query.NotFound``, an ambiguous id a ``BadParameter``."""
     import psycopg
 
     from app.history import AmbiguousAggregate, EventStore, UnknownAggregate
 
-    def run() -> dict[str, Any]:
-        with psycopg.connect(settings.query_database_url) as conn:
-            try:
-                return work(EventStore(conn))
-            except UnknownAggregate as error:
-                raise query.NotFound(str(error)) from None
-            except AmbiguousAggregate as error:
-                raise checked.BadParameter("type", str(error)) from None
+    with psycopg.connect(settings.query_database_url) as conn:
+        try:
+            return work(EventStore(conn))
+        except UnknownAggregate as error:
+            raise query.NotFound(str(error)) from None
+        except AmbiguousAggregate as error:
+            raise checked.BadParameter("type", str(error)) from None
 
-    return asyncio.to_thread(run)
+
+def _with_store(
+    settings: Settings, work: Callable[[EventStore], dict[str, Any]]
+) -> Awaitable[dict[str, Any]]:
+    return asyncio.to_thread(store_work, settings, work)
 
 
 def _kind(params: Mapping[str, str]) -> str | None:

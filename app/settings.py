@@ -53,6 +53,11 @@ class Topics:
     def schemas(self) -> str:
         return f"{self.prefix}_streamfold-schemas"
 
+    @property
+    def operator_actions(self) -> str:
+        """What operators did to dead letters (re-drive, discard): kept for ever."""
+        return f"{self.prefix}operator-actions"
+
 
 @dataclass(frozen=True, slots=True)
 class ApiToken:
@@ -123,6 +128,9 @@ class Settings:
     # How many of the newest command results each worker keeps for
     # GET /commands/{id} (read back from command-results at start).
     api_results_kept: int = 100_000
+    # Who may act in the operator console (/console: re-drive, discard, replay):
+    # none, and the console is read-only.
+    operator_tokens: tuple[ApiToken, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -254,6 +262,7 @@ class Settings:
                 _int_between(100, 10_000_000),
                 default.api_results_kept,
             ),
+            operator_tokens=get("STREAMFOLD_OPERATOR_TOKENS", _api_tokens, ()),
         )
         # Streamfold's promises rest on durable, de-duplicated appends: a producer that
         # may lose or repeat a write is refused rather than quietly weakened.
@@ -263,6 +272,17 @@ class Settings:
         return settings
 
     def _check_combinations(self) -> None:
+        shared = {t.token for t in self.api_tokens} & {
+            t.token for t in self.operator_tokens
+        }
+        if shared:
+            # A token that sends commands must not also re-drive dead letters: a
+            # leaked client token would otherwise be an operator's.
+            raise SettingsError(
+                "STREAMFOLD_OPERATOR_TOKENS",
+                "a token is also in STREAMFOLD_API_TOKENS; give operators tokens "
+                "of their own",
+            )
         if self.security_protocol.startswith("SASL_"):
             if not self.sasl_mechanism:
                 raise SettingsError(
@@ -324,6 +344,9 @@ class Settings:
                 f"{t.user_id}:{t.token}" for t in self.api_tokens
             ),
             "STREAMFOLD_API_RESULTS_KEPT": str(self.api_results_kept),
+            "STREAMFOLD_OPERATOR_TOKENS": ",".join(
+                f"{t.user_id}:{t.token}" for t in self.operator_tokens
+            ),
         }
         if self.projections is not None:
             env["STREAMFOLD_PROJECTIONS"] = ",".join(self.projections) or "none"

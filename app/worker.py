@@ -19,6 +19,7 @@ from app.adapters.gateway import CommandGateway
 from app.adapters.migrations import migrate
 from app.adapters.subjects import ensure_subjects
 from app.adapters.topics import TopicSpec, ensure_topics
+from app.console import web as console_web
 from app.faust_app import create_app
 from app.graphql import web as graphql
 from app.projections.engine import tune_gc
@@ -81,6 +82,8 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
     pushed = push.attach(app, settings, codec)
     readside.attach(app, settings, read, write.status, pushed.status)
     graphql.register(app, settings, read, api, codec, table)
+    # A codec of its own: the console decodes in threads, beside the agents' loop.
+    console_web.register(app, settings, Codec(registry, catalog), read, write)
     worker.read = read
     return worker
 

@@ -217,6 +217,15 @@ class ConfluentRegistry:
                 for n in numbers
             ]
 
+    def compatibility(self, subject: str) -> str:
+        """The subject's compatibility mode, else the registry's global one."""
+        try:
+            with self._translated(f"reading the compatibility of {subject}"):
+                return str(self._client.get_compatibility(subject))
+        except SchemaNotFound:
+            with self._translated("reading the global compatibility"):
+                return str(self._client.get_compatibility())
+
     def _version(self, subject: str, version: int) -> tuple[str, list[Reference]]:
         found = self._client.get_version(subject, version).schema
         return str(found.schema_str), _references(found)

@@ -411,6 +411,73 @@ def records_of_key(
         consumer.close()
 
 
+def records_at(
+    settings: Settings, topic: str, partition: int, offsets: set[int]
+) -> dict[int, KafkaRecord]:
+    """The committed records at ``offsets`` of one partition, by offset (blocking).
+    Near offsets are read in one pass; far ones each on their own."""
+    consumer = reader(settings, "records-at")
+    found: dict[int, KafkaRecord] = {}
+    try:
+        ordered = sorted(offsets)
+        runs: list[tuple[int, int]] = []
+        for offset in ordered:
+            if runs and offset - runs[-1][1] <= RUN_GAP:
+                runs[-1] = (runs[-1][0], offset)
+            else:
+                runs.append((offset, offset))
+        for first, last in runs:
+            for message in read_range(consumer, topic, partition, first, last + 1):
+                if (message.offset() or 0) in offsets:
+                    found[message.offset() or 0] = KafkaRecord.of(message)
+    finally:
+        consumer.close()
+    return found
+
+
+class GroupOffsets:
+    """A consumer group's committed offsets and the partitions' heads, read without
+    joining the group (blocking; one caller at a time)."""
+
+    def __init__(self, settings: Settings, group: str) -> None:
+        self._consumer = Consumer(
+            {
+                **settings.consumer_config(),
+                "group.id": group,
+                "enable.auto.commit": False,
+            }
+        )
+
+    def read(self, partitions: list[TP]) -> dict[TP, tuple[int | None, int]]:
+        """Per partition: (committed offset or None, high watermark)."""
+        found: dict[TP, tuple[int | None, int]] = {}
+        if not partitions:
+            return found
+        try:
+            committed = self._consumer.committed(
+                [TopicPartition(t, p) for t, p in partitions], timeout=10
+            )
+            for tp in committed:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=10
+                )
+                found[(tp.topic, tp.partition)] = (
+                    tp.offset if tp.offset >= 0 else None,
+                    int(high),
+                )
+        except KafkaException:
+            # Unknown this round; the next read asks again.
+            return {}
+        return found
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+# Offsets closer than this are read in one pass by ``records_at``.
+RUN_GAP = 500
+
+
 def record_end(
     settings: Settings, topic: str, partition: int, low: int, high: int
 ) -> int:

@@ -70,6 +70,9 @@ NOT_RUN = {
 
 # Commands run by another test, by how they start, and where.
 RUN_ELSEWHERE = {
+    "bin/streamfold dlq": "the dead-letter commands: tests/integration/"
+    "test_console.py (test_the_cli_lists_and_redrives) runs list, redrive and discard "
+    "against dead letters of its own",
     "curl -s -i": "the HTTP commands example: tests/integration/test_rest_api.py "
     "(test_the_readme_example) runs it with curl against a worker with its token",
     "curl -s http://127.0.0.1:6066/graphql": "the GraphQL example: "
