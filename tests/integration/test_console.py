@@ -38,6 +38,10 @@ from app.workload import deposit, new_order
 from tests.invariants import serving_worker
 from tests.support import get_until, run_cli
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
+
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 GRACE = ApiToken("grace", "grace-0123456789abcdef01")
 # The bound on every wait for the page: a worker on a busy 2-core machine.

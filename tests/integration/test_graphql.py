@@ -27,6 +27,10 @@ from app.local import deployments
 from app.settings import ApiToken, Settings
 from tests.invariants import serving_worker
 
+# One test process runs the whole module: its module-scoped deployment is set up
+# once (bin/streamfold test runs with --dist loadgroup).
+pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")

@@ -33,7 +33,7 @@ from tests.invariants import serving_worker, start_serving
 from tests.support import codec_for, create_order
 
 # One module-scoped worker (see ``pushing``): the module's tests run in one process.
-pytestmark = pytest.mark.xdist_group(__name__)
+pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
 
 # RFC 6455's close code for a message over the server's limit (64 KiB here).
 MESSAGE_TOO_BIG = 1009
