@@ -349,21 +349,17 @@ class Processor:
             stop.wait(delay)
 
     def _run(self, stop: threading.Event) -> None:
+        producer = Producer(self.producer_config())
+        # Aborts whatever an earlier incarnation with this id left open.
+        producer.init_transactions(60)
         consumer = Consumer(self.consumer_config())
         try:
-            # Joining the group goes on in the background meanwhile: the
-            # assignment is handed over at the first poll.
             consumer.subscribe(
                 list(self.routes),
                 on_assign=self._on_assign,
                 on_revoke=self._on_revoke,
                 on_lost=self._on_revoke,
             )
-            producer = Producer(self.producer_config())
-            # Aborts whatever an earlier incarnation with this id left open. After a
-            # crash mid-transaction the broker first answers "concurrent
-            # transactions" and librdkafka asks again after a fixed 500 ms.
-            producer.init_transactions(60)
             while not stop.is_set():
                 self._transact(consumer, producer, self._take(consumer))
         finally:
