@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import time
 
 import pytest
 
@@ -17,7 +18,7 @@ def _done_of_total(
     """The lines of ``updates`` updates a tenth of a second apart (a clock of our
     own), then the final one."""
     ticks = itertools.count()
-    monkeypatch.setattr(replay.time, "monotonic", lambda: 1000 + next(ticks) / 10)
+    monkeypatch.setattr(time, "monotonic", lambda: 1000 + next(ticks) / 10)
     out = io.StringIO()
     progress = replay.Progress("replay orders", out, every=every)
     for done in range(updates):
