@@ -354,7 +354,11 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from app.projections import replay
 
     return replay.main(
-        settings, args.projection, in_place=args.in_place, processes=args.processes
+        settings,
+        args.projection,
+        in_place=args.in_place,
+        processes=args.processes,
+        progress_every=args.progress_every,
     )
 
 
@@ -557,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="processes folding side by side, sharing the topics' partitions "
         "(default: one per core, at most one per partition)",
+    )
+    replay.add_argument(
+        "--progress-every",
+        type=float,
+        metavar="SECONDS",
+        help="a progress line every SECONDS (default: redrawn every 0.2 s on a "
+        "terminal, a line every 5 s otherwise)",
     )
     checks = add("audit", cmd_audit)
     checks.add_argument(

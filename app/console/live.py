@@ -21,6 +21,10 @@ from app.settings import Settings
 
 # A replay's progress line (app.projections.replay.Progress).
 PROGRESS = re.compile(r"([\d,]+)/([\d,]+) events")
+# How often a replay started from the console prints its progress: well under the
+# page's push interval (web.LIVE_S, a second), so each document pushed shows where
+# the replay was a moment ago rather than up to 5 s ago (the default off a terminal).
+PROGRESS_EVERY_S = 0.25
 
 
 def projection_rows(
@@ -95,8 +99,9 @@ class Replay:
     started_at: datetime
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
-    done: int = 0
-    total: int = 0
+    # None until its first progress line: the lag is not known before.
+    done: int | None = None
+    total: int | None = None
 
     def follow(self) -> None:
         assert self.process.stdout is not None
@@ -126,7 +131,11 @@ class Replay:
             "exit_code": code,
             "done": self.done,
             "total": self.total,
-            "lag_events": max(self.total - self.done, 0),
+            "lag_events": (
+                max(self.total - self.done, 0)
+                if self.total is not None and self.done is not None
+                else None
+            ),
             "last_line": self.lines[-1] if self.lines else "",
         }
 
@@ -145,7 +154,15 @@ class Replays:
             if running is not None and running.process.poll() is None:
                 raise RuntimeError(f"a replay of {projection} is running already")
             process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "replay", projection],
+                [
+                    sys.executable,
+                    "-m",
+                    "app.cli",
+                    "replay",
+                    projection,
+                    "--progress-every",
+                    str(PROGRESS_EVERY_S),
+                ],
                 env={**os.environ, **self.settings.as_env()},
                 # Progress goes to stderr, the summary to stdout: read as one.
                 stdout=subprocess.PIPE,

@@ -43,6 +43,7 @@ are sent once per source event (a replayed poison event is not dead-lettered aga
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -120,6 +121,7 @@ def main(
     *,
     in_place: bool = False,
     processes: int | None = None,
+    progress_every: float | None = None,
 ) -> int:
     """The CLI's entry point: progress on stderr, a summary on stdout."""
     from app.adapters.migrations import migrate
@@ -135,10 +137,21 @@ def main(
             "--processes",
             f"must be between 1 and {MAX_PROJECTION_PROCESSES}, got {processes}",
         )
+    if progress_every is not None and not (
+        math.isfinite(progress_every) and progress_every > 0
+    ):
+        raise SettingsError(
+            "--progress-every",
+            f"must be a number of seconds above 0, got {progress_every}",
+        )
     migrate(settings.database_url)
     try:
         done = replay(
-            settings, PROJECTIONS[name], in_place=in_place, processes=processes
+            settings,
+            PROJECTIONS[name],
+            in_place=in_place,
+            processes=processes,
+            progress_every=progress_every,
         )
     except (
         ReplayError,
@@ -163,16 +176,20 @@ def replay(
     in_place: bool = False,
     out: TextIO | None = None,
     processes: int | None = None,
+    progress_every: float | None = None,
 ) -> Replayed:
     """Rebuild ``projection`` from the start of its topics; see the module docstring.
     ``processes`` fold it side by side (default: one per core, at most one per
-    partition of its topics)."""
+    partition of its topics); a progress line every ``progress_every`` seconds
+    (default: ``Progress``'s, by whether ``out`` is a terminal)."""
     name = projection.name
     if processes is None:
         processes = default_processes(settings)
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", name):
         raise ReplayError(f"projection name {name!r} is not a plain identifier")
-    progress = Progress(f"replay {name}", out if out is not None else sys.stderr)
+    progress = Progress(
+        f"replay {name}", out if out is not None else sys.stderr, every=progress_every
+    )
     started = time.monotonic()
     with (
         psycopg.connect(settings.database_url, autocommit=True) as conn,
@@ -403,13 +420,18 @@ def _in_place(run: _Run) -> tuple[int, int, Positions]:
 
 class Progress:
     """One line on stderr: events done of total, rate and time left. Redrawn in place
-    on a terminal; a line every few seconds otherwise (logs, CI)."""
+    on a terminal; a line every few seconds otherwise (logs, CI), or every ``every``
+    seconds when given (a program that reads the lines, such as the console)."""
 
-    def __init__(self, label: str, stream: TextIO) -> None:
+    def __init__(
+        self, label: str, stream: TextIO, *, every: float | None = None
+    ) -> None:
         self.label = label
         self.stream = stream
         self.tty = stream.isatty()
-        self.interval = 0.2 if self.tty else 5.0
+        if every is None:
+            every = 0.2 if self.tty else 5.0
+        self.interval = every
         self.started = time.monotonic()
         self._shown = 0.0
         self._width = 0

@@ -1,15 +1,17 @@
 """The operator console in Debian's headless Chromium against a real worker, broker,
 registry and Postgres: an order's events and flow; dead letters re-driven (one, and
 an aggregate's in order) until their commands are answered, discarded, refused
-without the operator's credential; the same from the CLI. Screenshots of each page
-go to docs/console/ (the README shows them)."""
+without the operator's credential; the same from the CLI; a replay's lag watched
+falling to 0. Screenshots of each page go to docs/console/ (the README shows them)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,15 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from app.audit import new_codec, read_topic, results_by_command
 from app.client import CommandClient
+from app.domain import accounts
 from app.domain.accounts import Deposit, OpenAccount
 from app.domain.orders import CreateOrder, LineItem
 from app.local import browser, deployments
 from app.settings import ApiToken, Settings
 from app.workload import deposit, new_order
+from bench.harness import deposits, domain_events, encode_events, new_producer, produce
 from tests.invariants import serving_worker
-from tests.support import get_until, run_cli
+from tests.support import codec_for, get_until, run_cli
 
 # One test process runs the whole module: its module-scoped deployment is set up
 # once (bin/streamfold test runs with --dist loadgroup).
@@ -47,6 +51,11 @@ GRACE = ApiToken("grace", "grace-0123456789abcdef01")
 # The bound on every wait for the page: a worker on a busy 2-core machine.
 WAIT_S = 90
 SMALL_LIMIT = 1024
+# Events appended for the ledger's replay: enough that folding them takes a few
+# seconds on a 2-core machine (about 10,000 events/s), so the page shows it partly
+# done several times over (a document a second) before it switches.
+BULK_ACCOUNTS = 16
+BULK_EVENTS_EACH = 2_000
 
 
 @dataclasses.dataclass
@@ -203,12 +212,13 @@ def chrome() -> Iterator[WebDriver]:
         driver.quit()
 
 
-def _wait(driver: WebDriver, what: str, condition: Any) -> Any:
+def _wait(driver: WebDriver, what: str, condition: Any, every: float = 0.5) -> Any:
     # The page re-renders its tables as answers arrive: an element found a moment
     # ago may be gone or not yet clickable; the condition is then tried again.
     return WebDriverWait(
         driver,
         WAIT_S,
+        poll_frequency=every,
         ignored_exceptions=(
             StaleElementReferenceException,
             ElementNotInteractableException,
@@ -543,9 +553,72 @@ def test_the_cli_lists_and_redrives(seeded: Seeded) -> None:
     assert (standing[record], standing[other]) == ("redriven", "discarded")
 
 
-def test_processors_live_and_a_replay_watched_to_its_end(
+def _append_account_events(settings: Settings) -> int:
+    """Accounts opened and deposited into many times, appended straight to the
+    accounts' events topic as the write side would (no commands: quicker than a
+    worker deciding them one by one). Returns how many events."""
+    commands = [
+        command
+        for n in range(BULK_ACCOUNTS)
+        for command in deposits(n, _unique(f"acc-bulk-{n}"), BULK_EVENTS_EACH)
+    ]
+    events = domain_events(
+        accounts,
+        accounts.AGGREGATE_TYPE,
+        commands,
+        start=datetime.now(UTC) - timedelta(minutes=1),
+        step=timedelta(milliseconds=1),
+    )
+    topic = settings.topics.events("accounts")
+    framed = encode_events(codec_for(settings), topic, events)
+    # The seeding worker made the topics for its small limit: the producer's batches
+    # must fit that (the broker refuses a larger batch whole).
+    small = dataclasses.replace(settings, max_message_bytes=SMALL_LIMIT)
+    sent = produce(new_producer(small), topic, framed)
+    assert len(sent.position) == len(framed), "the broker refused some events"
+    return len(events)
+
+
+def _replay_watcher(
+    name: str, seen: list[list[str]]
+) -> Callable[[WebDriver], list[str] | None]:
+    """A wait condition that notes replay ``name``'s row in ``seen`` each time the
+    page is pushed a new document (the page redraws the row and the document's time
+    together), and gives the row once the replay is partly folded or over."""
+    at = ""
+
+    def watched(d: WebDriver) -> list[str] | None:
+        nonlocal at
+        pushed, rows = d.execute_script(
+            "return [document.getElementById('stream-state').textContent, "
+            "[...document.querySelectorAll('#replays tr.replay')].map("
+            "(r) => [...r.querySelectorAll('td')].map((c) => c.innerText))]"
+        )
+        mine = [[str(c) for c in row] for row in rows if row[0] == name]
+        if not mine or pushed == at:
+            return None
+        at = pushed
+        seen.append(mine[0])
+        progress = _done_of_total(mine[0])
+        if mine[0][3] != "running" or (progress is not None and progress[0] > 0):
+            return mine[0]
+        return None
+
+    return watched
+
+
+def _done_of_total(cells: list[str]) -> tuple[int, int] | None:
+    """A replay row's progress; None before its first progress line ("—")."""
+    if "/" not in cells[4]:
+        return None
+    done, total = (int(x) for x in cells[4].split("/"))
+    return done, total
+
+
+def test_processors_live_and_a_replay_watched_as_its_lag_falls(
     chrome: WebDriver, seeded: Seeded
 ) -> None:
+    appended = _append_account_events(seeded.settings)
     _open(chrome, seeded, "processors", GRACE.token)
 
     def rows(d: WebDriver) -> list[list[str]] | None:
@@ -574,26 +647,40 @@ def test_processors_live_and_a_replay_watched_to_its_end(
     )
 
     chrome.find_element(
-        By.CSS_SELECTOR, "#replay-projection option[value=orders]"
+        By.CSS_SELECTOR, "#replay-projection option[value=ledger]"
     ).click()
     chrome.find_element(By.CSS_SELECTOR, "#start-replay button").click()
     _confirm(chrome, "rebuild after a fix")
 
-    def finished(d: WebDriver) -> list[str] | None:
-        for cells in _table(d, "#replays tr.replay"):
-            if cells[0] == "orders" and cells[3] in ("done", "failed"):
-                return cells
-        return None
-
-    cells = _wait(chrome, "the replay's end", finished)
-    assert cells[1] == "grace" and cells[3] == "done", cells
-    done, total = (int(x) for x in cells[4].split("/"))
-    assert done == total > 0 and cells[5] == "0", cells
-    assert cells[6].startswith(f"orders: replayed {total} events"), cells
+    # The replay's row as each document arrives: first until it is partly folded
+    # (the page as it goes, for the README), then until it is over.
+    seen: list[list[str]] = []
+    watched = _replay_watcher("ledger", seen)
+    cells = _wait(chrome, "the replay partly folded", watched, every=0.1)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    chrome.save_screenshot(str(SHOTS / "processors.png"))
+    if cells[3] == "running":
+        chrome.save_screenshot(str(SHOTS / "processors.png"))
+    while cells[3] == "running":
+        cells = _wait(chrome, "the replay's next document", watched, every=0.1)
+
+    assert cells[1] == "grace" and cells[3] == "done", (cells, seen)
+    progress = [p for p in map(_done_of_total, seen) if p is not None]
+    lags = [int(row[5]) for row in seen if row[5] != "—"]
+    # The lag shown is the replay's own, and unknown ("—") only before its first
+    # progress line.
+    assert lags == [total - done for done, total in progress], seen
+    done, total = progress[-1]
+    assert done == total >= appended and lags[-1] == 0, seen
+    assert cells[6].startswith(f"ledger: replayed {total:,} events"), cells
+    # Watched as it went: pushed partly folded (0 < done < total) with two lags
+    # above 0 at least (it fell while watched), never rising from one document to
+    # the next. With a line every 5 s (the default off a terminal) the page showed
+    # 0 of the total, then all of it.
+    partly = {total - done for done, total in progress if 0 < done < total}
+    assert len(partly) >= 2, seen
+    assert all(later <= before for before, later in itertools.pairwise(lags)), seen
     listed = httpx.get(f"{seeded.base}/console/api/dead-letters", timeout=60).json()
-    replays = [a for a in listed["actions"] if a["record"] == "projection:orders"]
+    replays = [a for a in listed["actions"] if a["record"] == "projection:ledger"]
     assert [(a["operator"], a["verb"]) for a in replays] == [("grace", "replay")]
 
 

@@ -83,7 +83,11 @@ def test_a_replay_reads_its_progress_lines() -> None:
     process = subprocess.Popen(["true"])
     process.wait()
     replay = live.Replay("orders", "grace", datetime(2026, 12, 3, tzinfo=UTC), process)
+    replay.note("%6|1796292387.727|GROUP|rdkafka#consumer-1| joined")
+    # No progress line yet: neither done nor the lag is known.
+    assert (replay.to_dict()["total"], replay.to_dict()["lag_events"]) == (None, None)
     replay.note("replay orders: 1,200/5,000 events  24.0%  600 events/s  ETA 0:00:06\n")
+    assert replay.to_dict()["lag_events"] == 3800
     assert (replay.done, replay.total) == (1200, 5000)
     replay.note("replay orders: 5,000/5,000 events 100.0%  900 events/s  done")
     replay.note("   ")

@@ -293,8 +293,9 @@ function showLive(document_) {
   $("#replays tbody").replaceChildren(...document_.replays.map((r) =>
     el("tr", { class: "replay " + r.state, "data-projection": r.projection },
       cell(r.projection), cell(r.operator), cell(r.started_at),
-      el("td", { class: "state" }, r.state), cell(`${r.done}/${r.total}`),
-      el("td", { class: "lag" }, r.lag_events), cell(r.last_line))));
+      el("td", { class: "state" }, r.state),
+      cell(r.total === null ? null : `${r.done}/${r.total}`),
+      el("td", { class: "lag" }, r.lag_events ?? "—"), cell(r.last_line))));
 }
 
 function watchLive() {
