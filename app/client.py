@@ -114,6 +114,17 @@ class FramedCommand:
     value: bytes
     headers: Headers
 
+    def produce(self, producer: Producer, **options: Any) -> None:
+        """Hand it to ``producer`` (``options``: e.g. ``on_delivery``)."""
+        producer.produce(
+            self.topic,
+            self.value,
+            key=self.key,
+            partition=self.partition,
+            headers=self.headers,
+            **options,
+        )
+
 
 def frame_command(
     settings: Settings, codec: Codec, command: Any, envelope: Mapping[str, Any]
@@ -199,13 +210,7 @@ class CommandClient:
             issued_at=issued_at,
         )
         framed = frame_command(self.settings, self.codec, command, envelope)
-        self.producer.produce(
-            framed.topic,
-            framed.value,
-            key=framed.key,
-            partition=framed.partition,
-            headers=framed.headers,
-        )
+        framed.produce(self.producer)
         self.producer.poll(0)
         return str(envelope["command_id"])
 

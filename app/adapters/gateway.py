@@ -248,14 +248,7 @@ class CommandGateway:
                 )
 
         try:
-            self._producer.produce(
-                framed.topic,
-                framed.value,
-                key=framed.key,
-                partition=framed.partition,
-                headers=framed.headers,
-                on_delivery=delivered,
-            )
+            framed.produce(self._producer, on_delivery=delivered)
         except BufferError:
             raise GatewayError(
                 "the producer's queue is full; try again in a moment"

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from app.local.process import ServiceError, wait_for
+from app.local.process import ServiceError, apt_install, wait_for
 
 WRITER_ROLE = "streamfold_writer"
 READER_ROLE = "streamfold_reader"
@@ -71,21 +70,11 @@ def install() -> str:
     version = installed_version()
     if version:
         return version
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ServiceError(
-            "PostgreSQL is not installed and this is not a root Debian shell; install "
-            "postgresql yourself or point DATABASE_URL at a running server"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for args in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "postgresql"],
-    ):
-        result = subprocess.run(
-            args, capture_output=True, text=True, env=env, check=False
-        )
-        if result.returncode != 0:
-            raise ServiceError(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    apt_install(
+        ["postgresql"],
+        "PostgreSQL is not installed; install postgresql yourself or point "
+        "DATABASE_URL at a running server",
+    )
     version = installed_version()
     if not version:
         raise ServiceError(

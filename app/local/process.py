@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app.waiting import Backoff, eventually
@@ -131,3 +133,23 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
             return 200 <= status < 300
     except (urllib.error.URLError, OSError):
         return False
+
+
+def apt_install(packages: Sequence[str], missing: str) -> None:
+    """``apt-get install`` ``packages`` (after an update), as root on Debian;
+    ``missing`` says what is not installed and what to do instead, when this
+    cannot be done here."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ServiceError(
+            f"{missing} (not a root Debian shell: nothing installed here)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for args in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", *packages],
+    ):
+        result = subprocess.run(
+            args, capture_output=True, text=True, env=env, check=False
+        )
+        if result.returncode != 0:
+            raise ServiceError(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
