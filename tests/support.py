@@ -105,3 +105,29 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+# An order's JSON body as the HTTP routes and the GraphQL mutations take it, but
+# its order id.
+ORDER = {
+    "customer_id": "cust-1",
+    "customer_name": "Ada Lovelace",
+    "customer_email": "ada@example.com",
+    "items": [
+        {"product_id": "tea", "quantity": 2, "unit_price_minor": 450},
+        {
+            "product_id": "cake",
+            "quantity": 1,
+            "unit_price_minor": 300,
+            "tax_rate_bps": 0,
+        },
+    ],
+    "currency": "USD",
+    "shipping_address": {
+        "street": "1 Analytical Way",
+        "city": "London",
+        "state": "",
+        "zip_code": "N1",
+        "country": "GB",
+    },
+}

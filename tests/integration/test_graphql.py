@@ -26,6 +26,7 @@ from app.graphql.schema import MAX_DEPTH
 from app.local import deployments
 from app.settings import ApiToken, Settings
 from tests.invariants import serving_worker
+from tests.support import ORDER
 
 # One test process runs the whole module: its module-scoped deployment is set up
 # once (bin/streamfold test runs with --dist loadgroup).
@@ -124,30 +125,7 @@ mutation ($id: String!, $input: DepositInput!, $expected: Int, $key: String) {{
 
 
 def order_input(order_id: str, customer_id: str, **more: Any) -> dict[str, Any]:
-    return {
-        "order_id": order_id,
-        "customer_id": customer_id,
-        "customer_name": "Ada Lovelace",
-        "customer_email": "ada@example.com",
-        "items": [
-            {"product_id": "tea", "quantity": 2, "unit_price_minor": 450},
-            {
-                "product_id": "cake",
-                "quantity": 1,
-                "unit_price_minor": 300,
-                "tax_rate_bps": 0,
-            },
-        ],
-        "currency": "USD",
-        "shipping_address": {
-            "street": "1 Analytical Way",
-            "city": "London",
-            "state": "",
-            "zip_code": "N1",
-            "country": "GB",
-        },
-        **more,
-    }
+    return {**ORDER, "order_id": order_id, "customer_id": customer_id, **more}
 
 
 def open_account(api: Api, account_id: str, owner: str = "ada") -> dict[str, Any]:

@@ -36,6 +36,7 @@ from app.writeside import WRITER_NAME
 from bench.harness import process_tree
 from tests.invariants import serving_worker
 from tests.support import (
+    ORDER,
     codec_for,
     events_by_aggregate,
     get_until,
@@ -119,30 +120,6 @@ def unique(prefix: str) -> str:
 def keys_in(settings: Settings, area: str) -> set[bytes]:
     """The keys (aggregate ids) of every command produced to ``area``'s topic."""
     return {r.key or b"" for r in read_topic(settings, settings.topics.commands(area))}
-
-
-ORDER = {
-    "customer_id": "cust-1",
-    "customer_name": "Ada Lovelace",
-    "customer_email": "ada@example.com",
-    "items": [
-        {"product_id": "tea", "quantity": 2, "unit_price_minor": 450},
-        {
-            "product_id": "cake",
-            "quantity": 1,
-            "unit_price_minor": 300,
-            "tax_rate_bps": 0,
-        },
-    ],
-    "currency": "USD",
-    "shipping_address": {
-        "street": "1 Analytical Way",
-        "city": "London",
-        "state": "",
-        "zip_code": "N1",
-        "country": "GB",
-    },
-}
 
 
 def test_every_order_route_sends_its_command(api: Api, spec: dict[str, Any]) -> None:
