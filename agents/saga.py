@@ -39,8 +39,8 @@ from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership
-from app.adapters.saga_io import inbox_topic, route
-from app.adapters.topics import FOREVER, TP, TopicSpec, ensure_topics
+from app.adapters.saga_io import route
+from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
 from app.client import frame_command
 from app.settings import Settings
@@ -49,26 +49,6 @@ if TYPE_CHECKING:  # the write processes run the saga without importing Faust
     import faust
 
 log = logging.getLogger("streamfold.saga")
-
-
-def state_topic(settings: Settings) -> str:
-    return f"{settings.app_id}-saga-state"
-
-
-def ensure_saga_topics(settings: Settings) -> None:
-    inbox = inbox_topic(settings)
-    ensure_topics(
-        settings,
-        [
-            TopicSpec(inbox, settings.partitions),
-            TopicSpec(f"{inbox}.dlq", 1, dict(FOREVER), tuple(FOREVER)),
-            TopicSpec(
-                state_topic(settings),
-                settings.partitions,
-                {"cleanup.policy": "compact"},
-            ),
-        ],
-    )
 
 
 class SagaFailed(RuntimeError):

@@ -371,8 +371,15 @@ class CommandHandler:
     def _catch_up(self, partitions: list[int]) -> None:
         """Fold the partitions' logs to their ends, all at once: their waits for
         the end (and for a transaction the broker is still aborting) overlap."""
+        began = time.monotonic()
         logs = [tp for partition in partitions for tp in self._logs(partition)]
         self.tail.follow({tp: self.store.cache.offset(tp) for tp in logs})
+        log.info(
+            "%s%s: caught up with the log in %.2fs",
+            self.events_topic,
+            partitions,
+            time.monotonic() - began,
+        )
         # Known from now on, also when the logs were empty.
         self._folded.update(logs)
         # Only this writer answers its partition's commands while it owns it: the

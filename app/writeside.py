@@ -14,24 +14,20 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import socket
-import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agents.saga import FeedHandler, SagaHandler, ensure_saga_topics
-from app.adapters.codec import Codec
-from app.adapters.processor import Handler, Processor
-from app.adapters.saga_io import feed_group
-from app.adapters.topics import ensure_topics
-from app.projections.process import Supervisor, start_child
-from app.runtime import AGGREGATES, CommandHandler
+from app.adapters.topics import ensure_topics, required_topics, saga_topics
+from app.children import Supervisor
 from app.settings import Settings
 from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.worker")
 REPORT_S = 0.5
+# How long the worker lets its write processes start alone (see start_write_side).
+START_WAIT_S = 10.0
 WRITER_NAME = "sf-writer"
 
 
@@ -46,111 +42,20 @@ def state_dir(settings: Settings, index: int) -> Path:
     )
 
 
-def write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
-    """A child: run the processors, report what they own, stop on SIGTERM."""
-    started = start_child(settings, parent, WRITER_NAME)
-    if started is None:
-        return
-    stopping, codec = started
-    processors, handlers = build(settings, codec, index)
-    threads = [
-        threading.Thread(target=_running, args=(p, stopping), daemon=True)
-        for p in processors
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        while not stopping.is_set() and all(t.is_alive() for t in threads):
-            reports.send(_report(processors, handlers))
-            stopping.wait(REPORT_S)
-    except OSError:  # the worker is gone
-        pass
-    finally:
-        stopping.set()
-        for thread in threads:
-            thread.join(30)
-        for handler in handlers:
-            close = getattr(handler, "close", None)
-            if close is not None:
-                close()
-    if not stopping.is_set():
-        raise SystemExit(1)
-
-
-def build(
-    settings: Settings, codec: Codec, index: int
-) -> tuple[list[Processor], list[Handler]]:
-    """Child ``index``'s processors and their handlers: the command handlers and
-    the saga in the commands group, and the saga's feed in a group of its own."""
-    cache = state_dir(settings, index)
-    # Unique per process slot, and the same after a restart: the new incarnation's
-    # producer then aborts what the old one left open at once.
-    tx_id = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
-    handlers: list[Handler] = [
-        CommandHandler(settings, area, codec, cache) for area in AGGREGATES
-    ]
-    processors = []
-    if settings.saga:
-        handlers.append(SagaHandler(settings, codec, cache))
-        processors.append(
-            Processor(
-                settings,
-                group=feed_group(settings),
-                transactional_id=f"{tx_id}-feed",
-                handlers=[FeedHandler(settings, codec)],
-            )
-        )
-    processors.insert(
-        0,
-        Processor(
-            settings,
-            group=command_group(settings),
-            transactional_id=tx_id,
-            handlers=handlers,
-            batch_size=settings.command_batch,
-        ),
-    )
-    return processors, handlers
-
-
-def _running(processor: Processor, stopping: threading.Event) -> None:
-    try:
-        processor.run(stopping)
-    except Exception:  # a bug: the child exits and is started again
-        log.exception("%s stopped", processor.group)
-        stopping.set()
-        os._exit(1)
-
-
-def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        p.group: {
-            "assignment": sorted(p.report.assigned),
-            "batches": p.report.batches,
-            "messages": p.report.messages,
-            "aborts": p.report.aborts,
-            "last_error": p.report.last_error,
-        }
-        for p in processors
-    }
-    # Snapshots written and states restored from them, per aggregate type.
-    report[processors[0].group]["stores"] = {
-        h.aggregate.type: dict(h.stats)
-        for h in handlers
-        if isinstance(h, CommandHandler)
-    }
-    return report
-
-
 def start_write_side(settings: Settings) -> WriteProcess:
     """The topics, then the write processes: before the worker imports Faust, runs
     the migrations and registers the schemas' subjects (about two seconds), so a
     worker restarted after a crash answers commands again that much sooner."""
-    ensure_topics(settings)
-    if settings.saga:
-        ensure_saga_topics(settings)
+    ensure_topics(
+        settings,
+        required_topics(settings) + (saga_topics(settings) if settings.saga else []),
+    )
     write = WriteProcess(settings, settings.write_processes)
     write.start()
+    # The rest of the worker's start (Faust, the migrations, the projections: two
+    # seconds of CPU) would compete with the write processes' own on a small
+    # machine; after a crash, answering commands again comes first.
+    write.wait_assigned(START_WAIT_S)
     return write
 
 
@@ -162,6 +67,14 @@ class WriteProcess(Supervisor):
         super().__init__(processes, "write-process")
         self.settings = settings
         self.reports: list[dict[str, Any]] = [{} for _ in range(processes)]
+
+    def wait_assigned(self, timeout: float) -> bool:
+        """Until a child reports command partitions it owns (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while not self.assigned and time.monotonic() < deadline:
+            if self._stopping.wait(REPORT_S / 5):
+                break
+        return bool(self.assigned)
 
     @property
     def assigned(self) -> set[tuple[str, int]]:
@@ -194,7 +107,7 @@ class WriteProcess(Supervisor):
         while not self._stopping.is_set():
             receiving, sending = context.Pipe(duplex=False)
             child = context.Process(
-                target=write,
+                target=_write,
                 args=(self.settings, index, sending, os.getpid()),
                 name=f"streamfold-writer-{index}",
             )
@@ -223,3 +136,11 @@ class WriteProcess(Supervisor):
                 delay,
             )
             self._stopping.wait(delay)
+
+
+def _write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
+    # Imported here, in the write process: the worker starts its write processes
+    # before it imports the write side's modules (or Faust), see start_write_side.
+    from app.writer import write
+
+    write(settings, index, reports, parent)

@@ -39,7 +39,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from app.adapters import topics
 from app.adapters.codec import Codec
-from app.adapters.saga_io import feed_group, inbox_topic
+from app.adapters.saga_io import feed_group
+from app.adapters.topics import inbox_topic
 from app.client import CommandClient
 from app.local import stack
 from app.local.process import ServiceError, tail, wait_for

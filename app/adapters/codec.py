@@ -174,16 +174,36 @@ class ConfluentRegistry:
     """``SchemaRegistry`` over confluent-kafka's ``SchemaRegistryClient``."""
 
     def __init__(self, url: str, conf: Mapping[str, Any] | None = None) -> None:
-        try:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
-        except ImportError as exc:
-            raise RegistryError(
-                "the schema registry client needs confluent-kafka[schemaregistry] "
-                f"installed: {exc}"
-            ) from exc
-
-        self._client = SchemaRegistryClient({**(conf or {}), "url": url})
+        self._conf = {**(conf or {}), "url": url}
         self._url = url
+        self._made: Any = None
+
+    @property
+    def _client(self) -> Any:
+        # Made at the first call: importing the client takes about 0.3 s (authlib,
+        # httpx), which a process just started spends better beside its first
+        # waits on the broker (see ``preload``).
+        if self._made is None:
+            try:
+                from confluent_kafka.schema_registry import SchemaRegistryClient
+            except ImportError as exc:
+                raise RegistryError(
+                    "the schema registry client needs confluent-kafka[schemaregistry] "
+                    f"installed: {exc}"
+                ) from exc
+            self._made = SchemaRegistryClient(self._conf)
+        return self._made
+
+    @staticmethod
+    def preload() -> None:
+        """Import the client on a thread of its own, so that the first call finds
+        it imported (or waits only for the rest of the import)."""
+        threading.Thread(
+            target=importlib.import_module,
+            args=("confluent_kafka.schema_registry",),
+            name="registry-import",
+            daemon=True,
+        ).start()
 
     def register(
         self, subject: str, schema: str, references: Sequence[Reference] = ()

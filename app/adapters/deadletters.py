@@ -12,13 +12,13 @@ from typing import Any
 
 from confluent_kafka import KafkaException, Message, Producer
 
-from app.adapters.saga_io import inbox_topic
 from app.adapters.topics import (
     FOREVER,
     TopicSpec,
     admin_client,
     ensure_topics,
     headers_of,
+    inbox_topic,
     partitions_of,
     read_range,
     reader,

@@ -350,8 +350,14 @@ class Processor:
 
     def _run(self, stop: threading.Event) -> None:
         producer = Producer(self.producer_config())
+        began = time.monotonic()
         # Aborts whatever an earlier incarnation with this id left open.
         producer.init_transactions(60)
+        log.info(
+            "%s: transactions initialised in %.2fs",
+            self.group,
+            time.monotonic() - began,
+        )
         consumer = Consumer(self.consumer_config())
         try:
             consumer.subscribe(

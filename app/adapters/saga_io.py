@@ -25,10 +25,6 @@ from app.settings import Settings
 log = logging.getLogger("streamfold.saga")
 
 
-def inbox_topic(settings: Settings) -> str:
-    return f"{settings.app_id}-saga-inbox"
-
-
 def feed_group(settings: Settings) -> str:
     return f"{settings.app_id}.saga"
 

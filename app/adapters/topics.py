@@ -123,6 +123,27 @@ def required_topics(settings: Settings) -> list[TopicSpec]:
     return specs
 
 
+def inbox_topic(settings: Settings) -> str:
+    """The saga's inbox: what it reacts to, keyed by order id."""
+    return f"{settings.app_id}-saga-inbox"
+
+
+def state_topic(settings: Settings) -> str:
+    """The saga's log: each order's saga state, compacted."""
+    return f"{settings.app_id}-saga-state"
+
+
+def saga_topics(settings: Settings) -> list[TopicSpec]:
+    inbox = inbox_topic(settings)
+    return [
+        TopicSpec(inbox, settings.partitions),
+        TopicSpec(f"{inbox}.dlq", 1, dict(FOREVER), tuple(FOREVER)),
+        TopicSpec(
+            state_topic(settings), settings.partitions, {"cleanup.policy": "compact"}
+        ),
+    ]
+
+
 def admin_client(settings: Settings) -> AdminClient:
     # log_level 3: errors only; librdkafka's informational chatter is not for users.
     return AdminClient({**settings.kafka_client_config(), "log_level": 3})

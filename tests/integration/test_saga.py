@@ -21,7 +21,8 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from app.adapters.eventlog import partition_for
-from app.adapters.saga_io import feed_group, inbox_topic
+from app.adapters.saga_io import feed_group
+from app.adapters.topics import inbox_topic
 from app.application import saga
 from app.application.saga import Step
 from app.client import CommandClient

@@ -544,7 +544,7 @@ def test_off_runs_no_saga(on: bool, tmp_path: Path) -> None:
     from agents.saga import FeedHandler, SagaHandler
     from app.adapters.catalog import SchemaCatalog
     from app.adapters.codec import Codec, ConfluentRegistry
-    from app.writeside import build
+    from app.writer import build
 
     settings = replace(Settings(), saga=on, home=tmp_path)
     codec = Codec(ConfluentRegistry("http://127.0.0.1:1"), SchemaCatalog.load())

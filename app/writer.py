@@ -1,0 +1,120 @@
+"""A write process: the transactional processors of one slot of the worker (see
+``app.writeside``), with the command handlers of every aggregate type and the saga
+in the commands group, and the saga's feed in a group of its own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from agents.saga import FeedHandler, SagaHandler
+from app.adapters.codec import Codec
+from app.adapters.processor import Handler, Processor
+from app.adapters.saga_io import feed_group
+from app.children import start_child
+from app.runtime import AGGREGATES, CommandHandler
+from app.settings import Settings
+from app.writeside import REPORT_S, WRITER_NAME, command_group, state_dir
+
+log = logging.getLogger("streamfold.worker")
+
+
+def write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
+    """A child: run the processors, report what they own, stop on SIGTERM."""
+    started = start_child(settings, parent, WRITER_NAME)
+    if started is None:
+        return
+    stopping, codec = started
+    log.info("write process %d started", index)
+    processors, handlers = build(settings, codec, index)
+    threads = [
+        threading.Thread(target=_running, args=(p, stopping), daemon=True)
+        for p in processors
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        while not stopping.is_set() and all(t.is_alive() for t in threads):
+            reports.send(_report(processors, handlers))
+            stopping.wait(REPORT_S)
+    except OSError:  # the worker is gone
+        pass
+    finally:
+        stopping.set()
+        for thread in threads:
+            thread.join(30)
+        for handler in handlers:
+            close = getattr(handler, "close", None)
+            if close is not None:
+                close()
+    if not stopping.is_set():
+        raise SystemExit(1)
+
+
+def build(
+    settings: Settings, codec: Codec, index: int
+) -> tuple[list[Processor], list[Handler]]:
+    """Child ``index``'s processors and their handlers: the command handlers and
+    the saga in the commands group, and the saga's feed in a group of its own."""
+    cache = state_dir(settings, index)
+    # Unique per process slot, and the same after a restart: the new incarnation's
+    # producer then aborts what the old one left open at once.
+    tx_id = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
+    handlers: list[Handler] = [
+        CommandHandler(settings, area, codec, cache) for area in AGGREGATES
+    ]
+    processors = []
+    if settings.saga:
+        handlers.append(SagaHandler(settings, codec, cache))
+        processors.append(
+            Processor(
+                settings,
+                group=feed_group(settings),
+                transactional_id=f"{tx_id}-feed",
+                handlers=[FeedHandler(settings, codec)],
+            )
+        )
+    processors.insert(
+        0,
+        Processor(
+            settings,
+            group=command_group(settings),
+            transactional_id=tx_id,
+            handlers=handlers,
+            batch_size=settings.command_batch,
+        ),
+    )
+    return processors, handlers
+
+
+def _running(processor: Processor, stopping: threading.Event) -> None:
+    try:
+        processor.run(stopping)
+    except Exception:  # a bug: the child exits and is started again
+        log.exception("%s stopped", processor.group)
+        stopping.set()
+        os._exit(1)
+
+
+def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        p.group: {
+            "assignment": sorted(p.report.assigned),
+            "batches": p.report.batches,
+            "messages": p.report.messages,
+            "aborts": p.report.aborts,
+            "last_error": p.report.last_error,
+        }
+        for p in processors
+    }
+    # Snapshots written and states restored from them, per aggregate type.
+    report[processors[0].group]["stores"] = {
+        h.aggregate.type: dict(h.stats)
+        for h in handlers
+        if isinstance(h, CommandHandler)
+    }
+    return report
