@@ -28,6 +28,7 @@ Results go to bench/results/commands.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,6 +58,7 @@ from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
 from app.workload import ledger_traffic
+from app.writeside import WRITER_NAME
 from bench import quix_peer
 from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (
@@ -210,6 +212,12 @@ def measure(
     )
 
 
+def _named(pid: int, name: str) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip() == name
+    return False
+
+
 def _ms(latencies: list[float], q: float) -> float:
     value = percentile(latencies, q)
     if value is None:
@@ -266,6 +274,17 @@ def bench_worker(
             {
                 "worker": lambda: [pid for tree in trees for pid in tree()],
                 "broker": process_tree(broker_pid),
+                # The worker's share, split: the transactional write processes,
+                # and the rest (Faust's view agents and tables, the web server).
+                "of which write processes": lambda: [
+                    pid for tree in trees for pid in tree() if _named(pid, WRITER_NAME)
+                ],
+                "of which the rest": lambda: [
+                    pid
+                    for tree in trees
+                    for pid in tree()
+                    if not _named(pid, WRITER_NAME)
+                ],
             },
             settings.topics.commands("accounts"),
             listener,
