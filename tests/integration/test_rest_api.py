@@ -661,6 +661,57 @@ def test_a_new_gateway_reads_back_the_newest_results(api: Api) -> None:
     assert oldest is None
 
 
+def test_history_and_state_read_a_write_at_its_position(api: Api) -> None:
+    """POST, then at once GET the aggregate's history and state with the answer's
+    Streamfold-Position as ?after=: the event just written is there, not stale."""
+    account = unique("acc")
+    opened = api.call(
+        "POST", "/accounts", {"account_id": account, "owner_id": "o", "currency": "USD"}
+    )
+    assert opened.status_code == 201, opened.text
+    deposit = {
+        "transaction_id": "t-1",
+        "amount_minor": 725,
+        "currency": "USD",
+        "source": "card",
+    }
+    sent = api.call("POST", f"/accounts/{account}/deposits", deposit)
+    assert sent.status_code == 200, sent.text
+    after = sent.headers["Streamfold-Position"]
+    history = httpx.get(
+        f"{api.base}/query/history/{account}",
+        params={"type": "account", "after": after},
+        timeout=30,
+    )
+    assert history.status_code == 200, history.text
+    assert [e["event_type"] for e in history.json()["events"]] == [
+        "AccountOpened",
+        "MoneyDeposited",
+    ]
+    assert history.json()["stale"] is False
+    state = httpx.get(
+        f"{api.base}/query/state/{account}",
+        params={"type": "account", "after": after},
+        timeout=30,
+    ).json()
+    assert (state["version"], state["state"]["balance_minor"]) == (2, 725), state
+    assert state["stale"] is False
+    # A position the index has not reached: the answer as it stands, said stale.
+    partition = after.split(":")[0]
+    ahead = httpx.get(
+        f"{api.base}/query/state/{account}",
+        params={"type": "account", "after": f"{partition}:{10**12}"},
+        timeout=30,
+    ).json()
+    assert (ahead["version"], ahead["stale"]) == (2, True), ahead
+    # A position names a partition of one type's events topic: without the type,
+    # refused.
+    untyped = httpx.get(
+        f"{api.base}/query/history/{account}", params={"after": after}, timeout=30
+    )
+    assert untyped.status_code == 400 and untyped.json()["field"] == "type"
+
+
 def test_the_openapi_document_and_its_page(api: Api, spec: dict[str, Any]) -> None:
     served = httpx.get(f"{api.base}/openapi.json", timeout=30)
     assert served.status_code == 200
