@@ -119,8 +119,7 @@ class Subscription:
         if fold is None or meta is None or data is None:
             return None
         self.view = fold(self.view, meta, data) or self.view
-        # A version missing from the log (or a seed that could not be read): the
-        # view is not known here.
+        # A version missing from the log: the view is not known here.
         return None if self.view is None or self.view.get("gap") else self.view
 
     def seeds(self, partitions: Mapping[str, int]) -> dict[TP, tuple[int, int]]:
