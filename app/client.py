@@ -57,6 +57,9 @@ class CommandResult:
     message: str | None
     field: str | None
     correlation_id: str
+    # The digest of the command answered (``mapper.fingerprint``), from the
+    # result's headers; None when they carry none.
+    fingerprint: str | None = None
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> CommandResult:

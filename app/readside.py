@@ -26,6 +26,11 @@ log = logging.getLogger("streamfold.query")
 
 # Which projection's progress answers a read-your-writes wait, per query area.
 AREA_PROJECTION = {"orders": "orders", "accounts": "ledger"}
+# The events topic's area of each aggregate type.
+AREA_OF_TYPE = {"order": "orders", "account": "accounts"}
+# The "area" of the views over the event-log index, which wait for it (see
+# ``ReadSide.wait_for_index``).
+INDEX = "index"
 
 
 class ReadSide:
@@ -82,6 +87,22 @@ class ReadSide:
             partition,
             offset,
             self.settings.query_wait_s,
+        )
+
+    async def wait_for_index(self, kind: str | None, params: Mapping[str, str]) -> bool:
+        """Read-your-writes on the event-log index (history and state): as
+        ``wait_for``, on the events topic of aggregate type ``kind``, which
+        ``after`` needs (a position names a partition of one type's topic)."""
+        from app.history import EventLogProjection
+
+        if not params.get("after"):
+            return True
+        if kind not in AREA_OF_TYPE:
+            raise checked.BadParameter(
+                "type", "give the aggregate's type (order, account) with after"
+            )
+        return await self.wait_for(
+            AREA_OF_TYPE[kind], params, projection=EventLogProjection.name
         )
 
 
@@ -268,7 +289,9 @@ def attach(
     def view(
         area: str | None, names: tuple[str, ...], run: Query
     ) -> Callable[..., Awaitable[Any]]:
-        # The read models' views wait for ?after=; the event-log index's do not.
+        # The read models' views wait for ?after= on their area's projection;
+        # history and state (area INDEX) on the event-log index, the correlation
+        # view not at all.
         takes = (*names, "after") if area else names
 
         async def handler(web: Any, request: Any, **match: str) -> Any:
@@ -276,7 +299,10 @@ def attach(
                 params = checked.accepted(request.query.items(), takes)
                 for name, value in match.items():
                     checked.identifier(value, name)
-                fresh = await read.wait_for(area, params) if area else True
+                if area == INDEX:
+                    fresh = await read.wait_for_index(_kind(params), params)
+                else:
+                    fresh = await read.wait_for(area, params) if area else True
                 async with (await read.pool()).connection() as conn:
                     body = await run(conn, params, match)
             except checked.BadParameter as error:
@@ -335,12 +361,12 @@ def attach(
             lambda c, p, m: query.daily_report(c, p),
         ),
         "/query/history/{aggregate_id}": (
-            None,
+            INDEX,
             ("type", "from_version", "to_version"),
             lambda c, p, m: history_view(settings, m["aggregate_id"], p),
         ),
         "/query/state/{aggregate_id}": (
-            None,
+            INDEX,
             ("type", "version", "at"),
             lambda c, p, m: state_view(settings, m["aggregate_id"], p),
         ),

@@ -29,11 +29,15 @@ from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError, Headers
 from app.adapters.eventlog import (
     AGGREGATE_TYPE_HEADER,
+    FINGERPRINT_HEADER,
     encode_event,
     encode_result,
+    fingerprint_in,
+    kept_answer,
     metadata_from_record,
     partition_for,
     result_headers,
+    sent_answer,
 )
 from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
@@ -458,7 +462,9 @@ class CommandHandler:
             if kind in (None, self.aggregate.type.encode()) and command_id:
                 key = command_id.decode()
                 if self.store.answered(key) is None:
-                    self._folded_answers[key] = message.value() or b""
+                    self._folded_answers[key] = kept_answer(
+                        message.value() or b"", fingerprint_in(found)
+                    )
                     if len(self._folded_answers) >= FOLD_CHUNK:
                         self._save_folded()
             return
@@ -559,7 +565,9 @@ class CommandHandler:
                 )
             )
             return
-        decision = self.service.decide(parsed.envelope, parsed.command)
+        decision = self.service.decide(
+            parsed.envelope, parsed.command, mapper.fingerprint(parsed.command)
+        )
         self._emit(decision, command_id, home, batch)
 
     def _emit(
@@ -595,15 +603,19 @@ class CommandHandler:
     ) -> None:
         """The same answer again, for a command id sent again."""
         assert answer is not None, f"no answer kept for command {command_id!r}"
+        value, fingerprint = sent_answer(answer)
+        headers: Headers = [
+            (COMMAND_ID_HEADER, command_id.encode()),
+            (AGGREGATE_TYPE_HEADER, self.aggregate.type.encode()),
+        ]
+        if fingerprint is not None:
+            headers.append((FINGERPRINT_HEADER, fingerprint.encode()))
         batch.send(
             self.results_topic,
-            answer,
+            value,
             key=command_id.encode(),
             partition=partition,
-            headers=[
-                (COMMAND_ID_HEADER, command_id.encode()),
-                (AGGREGATE_TYPE_HEADER, self.aggregate.type.encode()),
-            ],
+            headers=headers,
         )
 
     def _append(
@@ -631,7 +643,9 @@ class CommandHandler:
 
     def _answer(self, result: Result, partition: int, batch: Batch) -> None:
         value = encode_result(self.codec, self.results_topic, result)
-        self.store.remember_answer(result.command_id, value)
+        self.store.remember_answer(
+            result.command_id, kept_answer(value, result.fingerprint)
+        )
         batch.send(
             self.results_topic,
             value,

@@ -4,6 +4,7 @@ wire (the transactional processor produces them), and the partition a key goes t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,6 +71,10 @@ def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
 
 RESULT_RECORD = "streamfold.CommandResult"
 AGGREGATE_TYPE_HEADER = "aggregate-type"
+# On a result: the fingerprint (``mapper.fingerprint``) of the command it answers.
+FINGERPRINT_HEADER = "command-fingerprint"
+# The first byte of an answer kept with its fingerprint (``kept_answer``).
+_FINGERPRINTED = b"\x01"
 
 
 def encode_result(codec: Codec, topic: str, result: Result) -> bytes:
@@ -77,9 +82,42 @@ def encode_result(codec: Codec, topic: str, result: Result) -> bytes:
 
 
 def result_headers(result: Result) -> Headers:
-    """What lets a reader route a result without decoding it."""
-    return [
+    """What lets a reader route a result without decoding it, and tell which
+    command it answers."""
+    found: Headers = [
         (COMMAND_ID_HEADER, result.command_id.encode()),
         (AGGREGATE_TYPE_HEADER, result.aggregate_type.encode()),
         ("status", b"ACCEPTED" if result.accepted else b"REJECTED"),
     ]
+    if result.fingerprint is not None:
+        found.append((FINGERPRINT_HEADER, result.fingerprint.encode()))
+    return found
+
+
+def fingerprint_in(headers: Mapping[str, bytes | None]) -> str | None:
+    """The fingerprint a result was sent with (None: none, as from a writer that
+    kept none)."""
+    raw = headers.get(FINGERPRINT_HEADER)
+    return None if raw is None else raw.decode(errors="replace")
+
+
+# The writer keeps, by command id, the answer it sent (``AggregateStore.answered``)
+# and sends it again for the same id: the result's value and its fingerprint, kept
+# as one value, _FINGERPRINTED, the digest's 32 bytes, then the result's value. A
+# result's value is a framed record (its first byte, the magic byte, is 0), so an
+# answer kept before fingerprints were reads as a value without one.
+
+
+def kept_answer(value: bytes, fingerprint: str | None) -> bytes:
+    try:
+        digest = bytes.fromhex(fingerprint or "")
+    except ValueError:  # not one of ours (another writer's header): none kept
+        digest = b""
+    return _FINGERPRINTED + digest + value if len(digest) == 32 else value
+
+
+def sent_answer(kept: bytes) -> tuple[bytes, str | None]:
+    """The value and the fingerprint of an answer as ``kept_answer`` keeps it."""
+    if kept[:1] != _FINGERPRINTED:
+        return kept, None
+    return kept[33:], kept[1:33].hex()

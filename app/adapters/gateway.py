@@ -17,13 +17,19 @@ whichever worker or client sent the command. At start it reads back the newest
 ``STREAMFOLD_API_RESULTS_KEPT`` results (that many divided among the partitions),
 so a worker that was restarted still answers for recent commands. The index holds
 the raw bytes (the record's key is the command id, so nothing is decoded unless
-asked for), at most that many, the oldest dropped first.
+asked for) with the fingerprint header of the command answered, at most that many,
+the oldest dropped first.
+
+An id sent again is answered only if it is the same request: the same aggregate
+and, where the result names one, the same fingerprint (``mapper.fingerprint``), which
+the writer puts on every result it writes or sends again; else ``KeyReused``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -34,8 +40,10 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError, RegistryError
-from app.adapters.topics import partitions_of, watermarks
+from app.adapters.eventlog import fingerprint_in
+from app.adapters.topics import headers_of, partitions_of, watermarks
 from app.client import (
     AREAS,
     CommandResult,
@@ -50,6 +58,8 @@ log = logging.getLogger("streamfold.gateway")
 
 # How long a lookup waits for the listener to have read back what it keeps.
 CATCH_UP_WAIT_S = 30.0
+# A result as the gateway keeps it: its value (undecoded) and its fingerprint.
+Kept = tuple[bytes, str | None]
 
 
 class GatewayError(Exception):
@@ -58,15 +68,29 @@ class GatewayError(Exception):
 
 
 class KeyReused(Exception):
-    """The command id already has a result for another aggregate: an idempotency
-    key sent again with a different request."""
+    """The command id already has a result for another aggregate, or for another
+    payload (its fingerprint differs): an idempotency key sent again with a
+    different request."""
 
-    def __init__(self, result: CommandResult) -> None:
+    def __init__(self, result: CommandResult, *, other_body: bool = False) -> None:
         super().__init__(
             f"command id {result.command_id} was already used for "
             f"{result.aggregate_type} {result.aggregate_id}"
+            + (" with another body" if other_body else "")
         )
         self.result = result
+
+
+def check_reuse(
+    result: CommandResult, aggregate: tuple[str, str], fingerprint: str
+) -> CommandResult:
+    """``result``, if it answers this request: the same aggregate and, where the
+    result says which command it answers, the same payload; else ``KeyReused``."""
+    if (result.aggregate_type, result.aggregate_id) != aggregate:
+        raise KeyReused(result)
+    if result.fingerprint is not None and result.fingerprint != fingerprint:
+        raise KeyReused(result, other_body=True)
+    return result
 
 
 @dataclass(slots=True)
@@ -87,7 +111,8 @@ class CommandGateway:
         self.topic = settings.topics.results
         self.kept = settings.api_results_kept
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, bytes] = OrderedDict()
+        # Each kept result's value and the fingerprint it was sent with.
+        self._index: OrderedDict[str, Kept] = OrderedDict()
         self._waiters: dict[str, list[_Waiter]] = {}
         self._caught_up = threading.Event()
         # Lookups waiting for the read-back at start: (their loop, a future).
@@ -154,20 +179,22 @@ class CommandGateway:
         command_id = str(envelope["command_id"])
         [kind] = [t for t, (_, m) in AREAS.items() if type(command) in m.COMMANDS]
         aggregate = (kind, aggregate_id_of(command))
+        fingerprint = mapper.fingerprint(command)
         waiter = self._waiter(aggregate)
         known = self._known_or_wait(command_id, waiter)
         if known is not None:
             result = await asyncio.to_thread(self._decode, known)
-            if (result.aggregate_type, result.aggregate_id) != aggregate:
-                raise KeyReused(result)
-            return result
+            return check_reuse(result, aggregate, fingerprint)
         try:
             framed = await asyncio.to_thread(
                 frame_command, self.settings, self.codec, command, envelope
             )
             await asyncio.to_thread(self._produce, framed, command_id, waiter)
             try:
-                return await asyncio.wait_for(waiter.future, wait)
+                # The writer answers an id it answered before with that answer,
+                # which names the payload it was for.
+                result = await asyncio.wait_for(waiter.future, wait)
+                return check_reuse(result, aggregate, fingerprint)
             except TimeoutError:
                 raise CommandTimeout(
                     f"no result for command {command_id} within {wait:g}s; it "
@@ -213,7 +240,7 @@ class CommandGateway:
         loop = asyncio.get_running_loop()
         return _Waiter(loop, loop.create_future(), aggregate)
 
-    def _known_or_wait(self, command_id: str, waiter: _Waiter | None) -> bytes | None:
+    def _known_or_wait(self, command_id: str, waiter: _Waiter | None) -> Kept | None:
         """The kept result of ``command_id``; else ``waiter`` is registered for it,
         in the same step, so a result arriving in between is not missed."""
         with self._lock:
@@ -254,8 +281,10 @@ class CommandGateway:
                 "the producer's queue is full; try again in a moment"
             ) from None
 
-    def _decode(self, value: bytes) -> CommandResult:
-        return CommandResult.from_record(self.codec.decode(value).data)
+    def _decode(self, kept: Kept) -> CommandResult:
+        value, fingerprint = kept
+        result = CommandResult.from_record(self.codec.decode(value).data)
+        return dataclasses.replace(result, fingerprint=fingerprint)
 
     # -- the listener thread ---------------------------------------------------------
 
@@ -293,7 +322,7 @@ class CommandGateway:
                 log.warning("command-results listener: %s", error.str())
             return
         key = (message.key() or b"").decode(errors="replace")
-        value = message.value() or b""
+        value = (message.value() or b"", fingerprint_in(dict(headers_of(message))))
         with self._lock:
             self._index[key] = value
             self._index.move_to_end(key)

@@ -8,6 +8,7 @@ not fit its class raises ``MappingError`` naming the field path, e.g.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from functools import cache
 from typing import Any, TypeVar
+
+import orjson
 
 T = TypeVar("T")
 
@@ -46,6 +49,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
         value = getattr(obj, name)
         out[name] = value if to is None else to(value)
     return out
+
+
+def fingerprint(command: Any) -> str:
+    """A digest (SHA-256, hex) of a command's type and fields, without its envelope
+    (no id, no time of sending): the same for the same request, whoever builds the
+    command from it; what tells a command id sent again with another payload
+    apart (``Idempotency-Key``)."""
+    canonical = orjson.dumps(
+        [type(command).__name__, to_dict(command)], option=orjson.OPT_SORT_KEYS
+    )
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:

@@ -96,6 +96,9 @@ class Result:
     code: str | None = None
     message: str | None = None
     field: str | None = None
+    # A digest of the command answered (its payload, not its envelope), when known:
+    # what tells its id sent again with another payload apart.
+    fingerprint: str | None = None
 
     @classmethod
     def rejected(
@@ -106,6 +109,7 @@ class Result:
         code: str,
         message: str,
         field: str | None = None,
+        fingerprint: str | None = None,
     ) -> Result:
         return cls(
             command_id=envelope.command_id,
@@ -116,6 +120,7 @@ class Result:
             code=code,
             message=message,
             field=field,
+            fingerprint=fingerprint,
         )
 
 
@@ -196,9 +201,12 @@ class CommandService:
             else VersionedState(state=self.aggregate.initial_state())
         )
 
-    def decide(self, envelope: Envelope, command: Any) -> Decision:
+    def decide(
+        self, envelope: Envelope, command: Any, fingerprint: str | None = None
+    ) -> Decision:
         """Check and decide one command against the stored state. A decision with
-        events changes nothing until ``apply``."""
+        events changes nothing until ``apply``. ``fingerprint`` (the command's
+        digest) goes into its result."""
         aggregate = self.aggregate
         aggregate_id = aggregate.aggregate_id(command)
         previous = self.store.answered(envelope.command_id)
@@ -217,12 +225,19 @@ class CommandService:
                 f"expected version {expected}, but {aggregate.type} {aggregate_id} "
                 f"is at version {current.version}",
                 "expected_version",
+                fingerprint,
             )
         try:
             events = aggregate.decide(current.state, command)
         except DomainError as error:
             return self._rejected(
-                current, envelope, aggregate_id, error.code, error.message, error.field
+                current,
+                envelope,
+                aggregate_id,
+                error.code,
+                error.message,
+                error.field,
+                fingerprint,
             )
         stamped = tuple(
             NewEvent(
@@ -241,6 +256,7 @@ class CommandService:
             correlation_id=envelope.correlation_id,
             version=current.version + len(stamped),
             event_ids=tuple(new.metadata.event_id for new in stamped),
+            fingerprint=fingerprint,
         )
         return Decision(
             aggregate_id=aggregate_id, current=current, result=result, events=stamped
@@ -285,9 +301,10 @@ class CommandService:
         code: str,
         message: str,
         field: str | None,
+        fingerprint: str | None,
     ) -> Decision:
         result = Result.rejected(
-            envelope, self.aggregate, aggregate_id, code, message, field
+            envelope, self.aggregate, aggregate_id, code, message, field, fingerprint
         )
         return Decision(aggregate_id=aggregate_id, current=current, result=result)
 

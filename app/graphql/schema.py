@@ -44,8 +44,7 @@ from app.adapters import feed
 from app.adapters.catalog import short_name
 from app.adapters.codec import Codec
 from app.client import CommandResult as Decided
-from app.history import EventLogProjection
-from app.readside import ReadSide
+from app.readside import AREA_OF_TYPE, ReadSide
 from app.rest.bodies import BodyError, describe
 from app.rest.routes import Endpoint
 from app.rest.web import CommandApi, Refused, result_body
@@ -619,10 +618,6 @@ class Query:
         )
 
 
-# The events topic of each aggregate type.
-AREA_OF_TYPE = {"order": "orders", "account": "accounts"}
-
-
 async def _indexed(
     info: Info,
     aggregate_id: str,
@@ -634,15 +629,7 @@ async def _indexed(
     ``after`` in the events topic of ``kind`` (which ``after`` needs: a position
     names a partition of one topic); its answer, and whether it may be stale."""
     checked.identifier(aggregate_id, "aggregate_id")
-    fresh = True
-    if after is not None:
-        if kind not in AREA_OF_TYPE:
-            raise checked.BadParameter(
-                "type", "give the aggregate's type (order, account) with after"
-            )
-        fresh = await info.context.services.read.wait_for(
-            AREA_OF_TYPE[kind], _params(after=after), projection=EventLogProjection.name
-        )
+    fresh = await info.context.services.read.wait_for_index(kind, _params(after=after))
     return await work(), not fresh
 
 

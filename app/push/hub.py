@@ -6,7 +6,9 @@ event loop and puts each event a subscription matches in its connection's bounde
 queue, which a task of the connection's own writes out. A connection whose queue is
 full is closed (``TOO_SLOW``) rather than waited for, so a slow client never slows
 the feed or the other clients. A subscription that resumes from a position reads
-its backlog with a reader of its own first (see ``app.push.protocol``).
+its backlog with a reader of its own first (see ``app.push.protocol``); one to an
+aggregate that starts after the log's start first folds the aggregate's view from
+its earlier events, so that every event it is sent carries the view after it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
+from app.adapters.eventlog import partition_for
 from app.adapters.livefeed import LiveFeed, read_backlog
 from app.adapters.topics import KafkaRecord
 from app.domain import accounts, orders
@@ -88,8 +91,8 @@ class Subscription:
     filter: Filter
     cursor: Cursor
     connection: Connection
-    # The order or account view after each event, for a subscription to an
-    # aggregate that has seen its first event.
+    # The order or account view after the last event, for a subscription to an
+    # aggregate (seeded from its events below the cursor: ``seeds``).
     view: dict[str, Any] | None = None
     catching_up: asyncio.Task[None] | None = None
 
@@ -106,17 +109,34 @@ class Subscription:
             **found.fields,
         }
         if self.filter.field == "aggregate_id":
-            body["view"] = self._fold(found)
+            body["view"] = self.fold(found)
         return orjson.dumps(body, default=str)
 
-    def _fold(self, found: PushedEvent) -> dict[str, Any] | None:
+    def fold(self, found: PushedEvent) -> dict[str, Any] | None:
+        """The view after ``found``, folded in (None when not known)."""
         meta, data = found.metadata, found.data
         fold = None if meta is None else FOLDS.get(meta["aggregate_type"])
         if fold is None or meta is None or data is None:
             return None
         self.view = fold(self.view, meta, data) or self.view
-        # Joined after the aggregate's first event: its view is not known here.
+        # A version missing from the log: the view is not known here.
         return None if self.view is None or self.view.get("gap") else self.view
+
+    def seeds(self, partitions: Mapping[str, int]) -> dict[TP, tuple[int, int]]:
+        """For a subscription to an aggregate, the ranges of the log below its
+        cursor that hold the aggregate's earlier events (its partition of each
+        event topic, from the start): what its view is folded from before the
+        first event is sent. Empty when the cursor is at the log's start."""
+        if self.filter.field != "aggregate_id":
+            return {}
+        key = self.filter.value.encode()
+        ranges = {}
+        for topic, count in partitions.items():
+            tp = (topic, partition_for(key, count))
+            end = self.cursor.next.get(tp, 0)
+            if end > 0:
+                ranges[tp] = (0, end)
+        return ranges
 
 
 @dataclass(eq=False, slots=True)
@@ -305,7 +325,7 @@ class Hub:
         )
         held[request.id] = subscription
         connection.reply(protocol.ack(request, subscription.cursor))
-        if subscription.cursor.behind(self.live):
+        if subscription.cursor.behind(self.live) or subscription.seeds(self.partitions):
             subscription.catching_up = asyncio.ensure_future(
                 self._catch_up(subscription)
             )
@@ -335,19 +355,34 @@ class Hub:
                 del self.following[name][value]
 
     async def _catch_up(self, subscription: Subscription) -> None:
-        """Read the log from the subscription's cursor to the feed's position, and
-        again while the feed moved on meanwhile; then follow the feed. The check
-        that nothing is left and joining the feed happen in one step on the loop,
-        so no event falls between them."""
+        """Fold the view of a subscription to an aggregate from its events below
+        the cursor (``Subscription.seeds``); read the log from the cursor to the
+        feed's position, and again while the feed moved on meanwhile; then follow
+        the feed. The check that nothing is left and joining the feed happen in
+        one step on the loop, so no event falls between them. The cursor does not
+        move while the view is seeded, so what arrives meanwhile is read after."""
         connection = subscription.connection
         wanted = functools.partial(self._wanted, subscription.filter)
+        loop = asyncio.get_running_loop()
         try:
+            seeds = subscription.seeds(self.partitions)
+            while seeds and not connection.closed:
+                found, reached = await loop.run_in_executor(
+                    self._backlogs, self.read, self.settings, seeds, wanted
+                )
+                for _, event in found:
+                    subscription.fold(event)
+                seeds = {
+                    tp: (reached.get(tp, start), end)
+                    for tp, (start, end) in seeds.items()
+                    if reached.get(tp, start) < end
+                }
             while not connection.closed:
                 ranges = subscription.cursor.behind(self.live)
                 if not ranges:
                     self._follow(subscription)
                     return
-                found, reached = await asyncio.get_running_loop().run_in_executor(
+                found, reached = await loop.run_in_executor(
                     self._backlogs, self.read, self.settings, ranges, wanted
                 )
                 for record, event in found:

@@ -164,8 +164,11 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "required": False,
         "schema": {"type": "string", "minLength": 1, "maxLength": 200},
         "description": (
-            "The command id. A request sent again with the same key gets the same "
-            "answer and never a second set of events. Without it a new id is made."
+            "The command id. A request sent again with the same key and the same "
+            "body gets the same answer and never a second set of events; with "
+            "another body (another command payload, or another aggregate) it is "
+            "refused, 422 IdempotencyKeyReused, and nothing is decided. Without it "
+            "a new id is made."
         ),
     },
     "IfMatch": {
@@ -207,7 +210,8 @@ def _error_responses() -> dict[str, Any]:
         "415": _error("The body is not sent as application/json."),
         "422": _refused(
             f"{decided}any other code); or the Idempotency-Key was already used "
-            "for another aggregate (an error, code IdempotencyKeyReused)."
+            "with another body or for another aggregate (an error, code "
+            "IdempotencyKeyReused)."
         ),
         "503": _error(
             "Kafka did not take the command, or not for sure: send it again with "

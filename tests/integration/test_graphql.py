@@ -137,13 +137,19 @@ def open_account(api: Api, account_id: str, owner: str = "ada") -> dict[str, Any
     return result
 
 
-def deposit(api: Api, account_id: str, amount: int, **more: Any) -> dict[str, Any]:
+def deposit(
+    api: Api,
+    account_id: str,
+    amount: int,
+    transaction_id: str | None = None,
+    **more: Any,
+) -> dict[str, Any]:
     done: dict[str, Any] = api.run(
         DEPOSIT,
         {
             "id": account_id,
             "input": {
-                "transaction_id": unique("t"),
+                "transaction_id": transaction_id or unique("t"),
                 "amount_minor": amount,
                 "currency": "USD",
                 "source": "card",
@@ -381,11 +387,27 @@ def test_account_mutations_rejection_conflict_and_transactions(api: Api) -> None
     assert overdraw["status"] == "REJECTED"
     assert overdraw["code"] == "InsufficientFunds", overdraw
 
-    # The same idempotency key twice: one command, the same answer.
-    key = unique("key")
-    once = deposit(api, account, 500, key=key)
-    again = deposit(api, account, 500, key=key)
+    # The same idempotency key twice with the same input: one command, the same
+    # answer; with another input, refused.
+    key, transaction = unique("key"), unique("t")
+    once = deposit(api, account, 500, transaction, key=key)
+    again = deposit(api, account, 500, transaction, key=key)
     assert once == again and once["command_id"] == key and once["version"] == 3
+    [reused] = api.refused(
+        DEPOSIT,
+        {
+            "id": account,
+            "key": key,
+            "input": {
+                "transaction_id": transaction,
+                "amount_minor": 501,
+                "currency": "USD",
+                "source": "card",
+            },
+        },
+    )
+    assert reused["extensions"]["code"] == "IdempotencyKeyReused", reused
+    assert reused["extensions"]["field"] == "idempotency_key"
 
     withdrawn = api.run(
         f"""mutation ($id: String!) {{

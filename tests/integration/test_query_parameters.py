@@ -31,7 +31,8 @@ pytestmark = pytest.mark.xdist_group(__name__)
 # test process (pytest-xdist) must collect the same ids.
 ACCOUNT, ORDER, CUSTOMER = "acc-qp1", "ord-qp1", "cust-qp1"
 
-# Each view with the parameters it takes (the Postgres read models' also ?after=).
+# Each view with the parameters it takes (the Postgres read models' and the event-log
+# index's history and state also ?after=).
 VIEWS: dict[str, tuple[str, ...]] = {
     "/query/orders/{id}": ("after",),
     "/query/orders": ("status", "customer_id", "from", "to", "limit", "after"),
@@ -40,8 +41,8 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "/query/accounts/{id}/transactions": ("page", "page_size", "after"),
     "/query/reports/daily": ("from", "to", "currency", "after"),
     "/query/search": ("q", "type", "page", "page_size", "cursor", "after"),
-    "/query/history/{id}": ("type", "from_version", "to_version"),
-    "/query/state/{id}": ("type", "version", "at"),
+    "/query/history/{id}": ("type", "from_version", "to_version", "after"),
+    "/query/state/{id}": ("type", "version", "at", "after"),
     "/query/correlation/{id}": (),
     "/orders/{id}": (),
     "/accounts/{id}": (),
@@ -108,6 +109,9 @@ def _get(base: str, path: str, params: list[tuple[str, str]]) -> httpx.Response:
         (f"/query/customers/{CUSTOMER}/orders", [("page", "1")], "page"),
         (f"/query/accounts/{ACCOUNT}/transactions", [("page", "1")], "page"),
         (f"/query/accounts/{ACCOUNT}", [("after", "99:0")], "after"),
+        # A position names a partition of one aggregate type's events topic.
+        (f"/query/history/{ORDER}", [("after", "0:0")], "type"),
+        (f"/query/state/{ACCOUNT}", [("type", "account"), ("after", "0")], "after"),
         ("/query/correlation/c", [("after", "0:0")], "after"),
         (f"/customers/{CUSTOMER}/orders", [("page", "1")], "page"),
         ("/orders/o%00", [], "order_id"),

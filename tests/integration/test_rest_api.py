@@ -23,9 +23,9 @@ import pytest
 from openapi_spec_validator import validate as validate_openapi
 
 from app.adapters.catalog import SchemaCatalog
-from app.adapters.gateway import CommandGateway
+from app.adapters.gateway import CommandGateway, KeyReused
 from app.audit import answer
-from app.client import CommandClient
+from app.client import CommandClient, new_envelope
 from app.domain.accounts import Deposit, OpenAccount
 from app.local import deployments
 from app.local.process import Daemon
@@ -485,11 +485,17 @@ def test_a_retried_idempotency_key_gets_the_same_answer_and_one_set_of_events(
     first = _same_answer(responses[0])
     assert first[0] == 200 and first[1]["command_id"] == key, responses[0].text
     assert all(_same_answer(r) == first for r in responses), [r.text for r in responses]
-    # Sent again later, also with a different body: the answer the key already got.
-    later = api.call(
+    # Sent again later: the answer the key already got.
+    assert _same_answer(api.call("POST", path, deposit, Idempotency_Key=key)) == first
+    # Sent again with another body: refused, naming the header, and nothing
+    # produced (the stream below has the one deposit).
+    reused = api.call(
         "POST", path, {**deposit, "amount_minor": 999}, Idempotency_Key=key
     )
-    assert _same_answer(later) == first
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["code"] == "IdempotencyKeyReused"
+    assert reused.json()["field"] == "Idempotency-Key"
+    assert "another body" in reused.json()["error"]
     stream = events_by_aggregate(api.settings, "accounts")[account]
     deposits = [e for e in stream if e["metadata"]["command_id"] == key]
     assert len(deposits) == 1 and deposits[0]["amount_minor"] == 250
@@ -503,6 +509,50 @@ def test_a_retried_idempotency_key_gets_the_same_answer_and_one_set_of_events(
     assert other.status_code == 422, other.text
     assert other.json()["code"] == "IdempotencyKeyReused"
     assert other.json()["field"] == "Idempotency-Key"
+
+
+def test_any_gateway_tells_a_reused_key_with_another_body(api: Api) -> None:
+    """The fingerprint of the command a result answers goes with the result (a
+    header of its record, which the writer keeps with its answer): a gateway that
+    started later (another worker, or this one restarted) tells a key sent again
+    with another body apart, whether it read the result back at start or the writer
+    answered the repeated id again."""
+    account = unique("acc")
+    opened = {"account_id": account, "owner_id": "o", "currency": "USD"}
+    assert api.call("POST", "/accounts", opened).status_code == 201
+    key = unique("deposit-key")
+    body = {"transaction_id": "t-1", "amount_minor": 250, "currency": "USD"}
+    path = f"/accounts/{account}/deposits"
+    first = api.call("POST", path, {**body, "source": "card"}, Idempotency_Key=key)
+    assert first.status_code == 200, first.text
+    # A result of the account's partition after it: a gateway keeping one result
+    # per partition does not have the key's.
+    later = api.call("POST", path, {**body, "transaction_id": "t-2", "source": "s"})
+    assert later.status_code == 200, later.text
+    deposit = Deposit(account_id=account, source="card", **body)
+    for kept, knows in ((api.settings.api_results_kept, True), (4, False)):
+        settings = dataclasses.replace(api.settings, api_results_kept=kept)
+        gateway = CommandGateway(settings, codec_for(settings))
+        gateway.start()
+        try:
+            read_back = asyncio.run(gateway.result(key))
+            assert (read_back is not None) == knows, read_back
+            same = asyncio.run(
+                gateway.send(deposit, new_envelope(command_id=key), wait=60)
+            )
+            assert (same.command_id, same.version) == (key, 2), same
+            with pytest.raises(KeyReused, match="another body"):
+                asyncio.run(
+                    gateway.send(
+                        dataclasses.replace(deposit, amount_minor=999),
+                        new_envelope(command_id=key),
+                        wait=60,
+                    )
+                )
+        finally:
+            gateway.stop()
+    stream = events_by_aggregate(api.settings, "accounts")[account]
+    assert [e.get("amount_minor") for e in stream] == [None, 250, 250], stream
 
 
 def test_if_match_lets_one_of_concurrent_writers_through(api: Api) -> None:
@@ -659,6 +709,57 @@ def test_a_new_gateway_reads_back_the_newest_results(api: Api) -> None:
         gateway.stop()
     assert newest is not None and newest.version == 61, newest
     assert oldest is None
+
+
+def test_history_and_state_read_a_write_at_its_position(api: Api) -> None:
+    """POST, then at once GET the aggregate's history and state with the answer's
+    Streamfold-Position as ?after=: the event just written is there, not stale."""
+    account = unique("acc")
+    opened = api.call(
+        "POST", "/accounts", {"account_id": account, "owner_id": "o", "currency": "USD"}
+    )
+    assert opened.status_code == 201, opened.text
+    deposit = {
+        "transaction_id": "t-1",
+        "amount_minor": 725,
+        "currency": "USD",
+        "source": "card",
+    }
+    sent = api.call("POST", f"/accounts/{account}/deposits", deposit)
+    assert sent.status_code == 200, sent.text
+    after = sent.headers["Streamfold-Position"]
+    history = httpx.get(
+        f"{api.base}/query/history/{account}",
+        params={"type": "account", "after": after},
+        timeout=30,
+    )
+    assert history.status_code == 200, history.text
+    assert [e["event_type"] for e in history.json()["events"]] == [
+        "AccountOpened",
+        "MoneyDeposited",
+    ]
+    assert history.json()["stale"] is False
+    state = httpx.get(
+        f"{api.base}/query/state/{account}",
+        params={"type": "account", "after": after},
+        timeout=30,
+    ).json()
+    assert (state["version"], state["state"]["balance_minor"]) == (2, 725), state
+    assert state["stale"] is False
+    # A position the index has not reached: the answer as it stands, said stale.
+    partition = after.split(":")[0]
+    ahead = httpx.get(
+        f"{api.base}/query/state/{account}",
+        params={"type": "account", "after": f"{partition}:{10**12}"},
+        timeout=30,
+    ).json()
+    assert (ahead["version"], ahead["stale"]) == (2, True), ahead
+    # A position names a partition of one type's events topic: without the type,
+    # refused.
+    untyped = httpx.get(
+        f"{api.base}/query/history/{account}", params={"after": after}, timeout=30
+    )
+    assert untyped.status_code == 400 and untyped.json()["field"] == "type"
 
 
 def test_the_openapi_document_and_its_page(api: Api, spec: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from app.waiting import eventually
 from app.workload import deposit, payment
 from bench.harness import domain_events, encode_events
 from tests.invariants import serving_worker, start_serving
-from tests.support import codec_for, create_order
+from tests.support import codec_for, create_order, get_until
 
 # One module-scoped worker (see ``pushing``): the module's tests run in one process.
 pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
@@ -231,6 +231,15 @@ def test_correlation_and_event_type_subscriptions(pushing: Pushing) -> None:
     asyncio.run(scenario())
 
 
+def assert_views(events: list[dict[str, Any]]) -> None:
+    """Each event of the account (opened, then deposits of 1, 2, 3, ...) carries
+    the account's view after it."""
+    assert [
+        (e["view"]["version"], e["view"]["status"], e["view"]["balance_minor"])
+        for e in events
+    ] == [(v, "OPEN", sum(range(1, v))) for v in versions(events)], events
+
+
 async def session(
     url: str, account: str, count: int, start: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -287,6 +296,9 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
         assert versions(backlog[:4]) == [3, 4, 5, 6]
         assert versions(after) == [3, 4, 5, 6, 7]
         assert [e["data"]["amount_minor"] for e in after] == [2, 3, 4, 5, 6]
+        # Resumed after the account's first event: the view after each event all
+        # the same, as if the subscription had seen every event.
+        assert_views(before + after)
 
         # Resuming while deposits go on: the backlog is read while the feed moves,
         # and the subscription joins the feed with neither a gap nor a repeat. A
@@ -313,7 +325,22 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
             await writing
             during = await client.until("s", 40)
             assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+            # Joined from now, after seven of the account's events.
+            watched = await watcher.until("w", 40)
         assert versions(during) == list(range(8, 48))
+        assert_views(during)
+        assert watched[0]["metadata"]["stream_version"] > 1
+        assert_views(watched)
+        # The last view is the one GET /accounts/{id} shows once it has the event.
+        base = f"http://{settings.web_host}:{settings.web_port}"
+        shown = await asyncio.to_thread(
+            get_until,
+            f"{base}/accounts/{account}",
+            lambda r: r.status_code == 200 and r.json()["version"] == 47,
+        )
+        assert shown.status_code == 200 and shown.json()["version"] == 47, shown.text
+        last = during[-1]["view"]
+        assert {k: shown.json()[k] for k in last} == last
 
         # From the log's start: every event, and the account's view after each.
         zeros = {t: dict.fromkeys(p, 0) for t, p in after[-1]["resume"].items()}

@@ -8,7 +8,8 @@ import zlib
 
 from confluent_kafka import Producer
 
-from app.adapters.eventlog import partition_for
+from app.adapters import mapper
+from app.adapters.eventlog import FINGERPRINT_HEADER, partition_for
 from app.client import PARTITIONER, CommandClient, frame_command, new_envelope
 from app.domain.accounts import CloseAccount, Deposit, OpenAccount
 from app.domain.orders import CreateOrder, LineItem
@@ -141,6 +142,14 @@ def test_a_repeated_command_id_gets_the_same_result_across_restarts(
     # The balance holds one deposit, so closing (which needs zero) is refused.
     assert closed.code == "NonZeroBalance"
     assert len(events_by_aggregate(deployment, "accounts")[account]) == 2
+    # Every answer to the id, the ones sent again too, names the command it
+    # answered (what the HTTP gateway tells a reused Idempotency-Key by).
+    prints = [
+        r.headers.get(FINGERPRINT_HEADER)
+        for r in read_topic(deployment, deployment.topics.results)
+        if r.key == b"dep-once"
+    ]
+    assert prints == [mapper.fingerprint(cash).encode()] * 3, prints
 
 
 def test_poison_commands_are_dead_lettered_and_the_next_one_is_processed(

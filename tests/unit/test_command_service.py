@@ -107,6 +107,18 @@ def test_a_command_id_answered_before_gets_that_answer_and_is_not_decided(
     assert again.events == () and again.result is None
 
 
+def test_a_decided_command_s_result_names_it_by_its_fingerprint(store: Store) -> None:
+    service = _service(store)
+    accepted = service.decide(_envelope("c-1"), OPEN, "f1")
+    assert accepted.result is not None and accepted.result.fingerprint == "f1"
+    service.apply(accepted)
+    refused = service.decide(_envelope("c-2"), OPEN, "f2")  # already exists
+    assert refused.result is not None and not refused.result.accepted
+    assert refused.result.fingerprint == "f2"
+    stale = service.decide(_envelope("c-3", expected=7), OPEN, "f3")
+    assert stale.result is not None and stale.result.fingerprint == "f3"
+
+
 def test_a_refused_command_is_rejected_unless_its_id_was_answered(
     store: Store,
 ) -> None:

@@ -13,8 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 
+from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
-from app.client import AREAS, CommandResult
+from app.adapters.codec import Codec, InMemoryRegistry
+from app.adapters.eventlog import (
+    FINGERPRINT_HEADER,
+    fingerprint_in,
+    kept_answer,
+    sent_answer,
+)
+from app.adapters.gateway import KeyReused, check_reuse
+from app.client import AREAS, CommandResult, frame_command, new_envelope
 from app.domain.accounts import Deposit
 from app.domain.orders import AddItem, LineItem, RemoveItem
 from app.params import BadParameter
@@ -25,6 +34,7 @@ from app.rest.openapi import document, render_html
 from app.rest.routes import ROUTES, Endpoint, endpoints
 from app.rest.web import result_body, status_and_headers
 from app.settings import ApiToken, Settings, SettingsError
+from tests.support import ORDER
 
 CATALOG = SchemaCatalog.load()
 DEPOSIT = {"transaction_id": "t", "amount_minor": 5, "currency": "USD", "source": "s"}
@@ -542,3 +552,56 @@ def test_the_page_shows_every_operation_and_loads_nothing() -> None:
     evil = json.loads(json.dumps(SPEC))
     evil["info"]["title"] = "<script>alert(1)</script>"
     assert "<script>alert" not in render_html(evil)
+
+
+# -- the Idempotency-Key's body check ------------------------------------------------
+
+
+def test_the_writer_reads_a_request_with_the_fingerprint_the_gateway_gave_it() -> None:
+    """The gateway's fingerprint of a request's command is the one the writer takes
+    of the command it decodes from Kafka (the body check compares the two); the
+    envelope (ids, time) is no part of it, and another payload has another."""
+    codec = Codec(InMemoryRegistry(), CATALOG)
+    settings = Settings(partitions=4)
+    order = ENDPOINTS["CreateOrder"].command({}, {**ORDER, "order_id": "o-1"})
+    deposit = ENDPOINTS["Deposit"].command(
+        {"account_id": "a-1"},
+        {"transaction_id": "t", "amount_minor": 5, "currency": "USD", "source": "s"},
+    )
+    for command in (order, deposit):
+        prints = set()
+        for envelope in (new_envelope(), new_envelope(command_id="k", user_id="u")):
+            framed = frame_command(settings, codec, command, envelope)
+            decoded = codec.decode(framed.value)
+            _, payload = mapper.split_command(decoded.data)
+            read = mapper.from_dict(CATALOG.class_for(decoded.record_name), payload)
+            prints.add(mapper.fingerprint(read))
+        assert prints == {mapper.fingerprint(command)}
+    assert mapper.fingerprint(deposit) != mapper.fingerprint(
+        dataclasses.replace(deposit, amount_minor=6)
+    )
+    assert mapper.fingerprint(order) != mapper.fingerprint(deposit)
+
+
+def test_a_kept_result_answers_only_the_same_request() -> None:
+    aggregate = ("account", "a-1")
+    printed = _result(fingerprint="f" * 64)
+    assert check_reuse(printed, aggregate, "f" * 64) is printed
+    with pytest.raises(KeyReused, match="with another body"):
+        check_reuse(printed, aggregate, "e" * 64)
+    with pytest.raises(KeyReused, match=r"for account a-1$"):
+        check_reuse(printed, ("account", "a-2"), "f" * 64)
+    # A result written before fingerprints names no payload: the first answer.
+    assert check_reuse(_result(), aggregate, "e" * 64) == _result()
+
+
+def test_the_writer_keeps_an_answer_with_its_fingerprint() -> None:
+    value = b"\x00\x00\x00\x00\x07result"
+    digest = "ab" * 32
+    assert sent_answer(kept_answer(value, digest)) == (value, digest)
+    # Kept before fingerprints were, or with a header that is no digest: none.
+    assert sent_answer(value) == (value, None)
+    assert kept_answer(value, None) == value
+    assert kept_answer(value, "not hex") == value
+    assert fingerprint_in({FINGERPRINT_HEADER: digest.encode()}) == digest
+    assert fingerprint_in({}) is None
