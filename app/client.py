@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from confluent_kafka import (
     Consumer,
@@ -80,26 +80,28 @@ def aggregate_id_of(command: Any) -> str:
     return str(getattr(command, "order_id", None) or command.account_id)
 
 
-def new_envelope(
-    *,
-    command_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-    user_id: str | None = None,
-    expected_version: int | None = None,
-    issued_at: datetime | None = None,
-) -> dict[str, Any]:
+class Envelope(TypedDict, total=False):
+    """What a caller may set of a command's envelope (see ``new_envelope``)."""
+
+    command_id: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    user_id: str | None
+    expected_version: int | None
+    issued_at: datetime | None
+
+
+def new_envelope(**given: Unpack[Envelope]) -> dict[str, Any]:
     """A command's envelope. What is not given is a new command's: a fresh command
     id, which is also its correlation and causation id; issued now."""
-    command_id = command_id or str(uuid.uuid4())
-    correlation_id = correlation_id or command_id
+    command_id = given.get("command_id") or str(uuid.uuid4())
     return {
         "command_id": command_id,
-        "correlation_id": correlation_id,
-        "causation_id": causation_id or command_id,
-        "user_id": user_id,
-        "issued_at": issued_at or datetime.now(UTC),
-        "expected_version": expected_version,
+        "correlation_id": given.get("correlation_id") or command_id,
+        "causation_id": given.get("causation_id") or command_id,
+        "user_id": given.get("user_id"),
+        "issued_at": given.get("issued_at") or datetime.now(UTC),
+        "expected_version": given.get("expected_version"),
     }
 
 
@@ -188,27 +190,10 @@ class CommandClient:
             self._consumer = consumer
         return self._consumer
 
-    def submit(
-        self,
-        command: Any,
-        *,
-        command_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        user_id: str | None = None,
-        expected_version: int | None = None,
-        issued_at: datetime | None = None,
-    ) -> str:
+    def submit(self, command: Any, **given: Unpack[Envelope]) -> str:
         """Produce one command; returns its command id. Call ``flush`` or ``wait``."""
         self._listen()
-        envelope = new_envelope(
-            command_id=command_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            user_id=user_id,
-            expected_version=expected_version,
-            issued_at=issued_at,
-        )
+        envelope = new_envelope(**given)
         framed = frame_command(self.settings, self.codec, command, envelope)
         framed.produce(self.producer)
         self.producer.poll(0)
@@ -252,10 +237,10 @@ class CommandClient:
         return [self.results[c] for c in wanted]
 
     def send(
-        self, command: Any, timeout: float | None = None, **envelope: Any
+        self, command: Any, timeout: float | None = None, **given: Unpack[Envelope]
     ) -> CommandResult:
         """Produce one command and wait for its result."""
-        command_id = self.submit(command, **envelope)
+        command_id = self.submit(command, **given)
         return self.wait([command_id], timeout)[0]
 
     def close(self) -> None:
