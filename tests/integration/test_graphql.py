@@ -9,11 +9,9 @@ import asyncio
 import dataclasses
 import json
 import re
-import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,13 +24,12 @@ from app.graphql.schema import MAX_DEPTH
 from app.local import deployments
 from app.settings import ApiToken, Settings
 from tests.invariants import serving_worker
-from tests.support import ORDER
+from tests.support import ORDER, as_run_here, console_commands, readme_block
 
 # One test process runs the whole module: its module-scoped deployment is set up
 # once (bin/streamfold test runs with --dist loadgroup).
 pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")
 # Bounds a subscription's wait for events so that a missing one fails the test
@@ -50,8 +47,12 @@ class Api:
     settings: Settings
 
     @property
+    def base(self) -> str:
+        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+
+    @property
     def url(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}/graphql"
+        return f"{self.base}/graphql"
 
     def run(
         self,
@@ -615,20 +616,6 @@ def test_limits_refuse_a_query_before_it_runs(api: Api) -> None:
     assert "price" in unknown["message"]
 
 
-def readme_example() -> list[tuple[list[str], str]]:
-    """(argv, output) of each command in the README's GraphQL example."""
-    text = README.read_text()
-    section = text[text.index("### GraphQL") :]
-    block = section.split("```console\n", 1)[1].split("```", 1)[0]
-    found: list[tuple[list[str], str]] = []
-    for line in block.splitlines():
-        if line.startswith("$ "):
-            found.append((shlex.split(line[2:]), ""))
-        elif found:
-            found[-1] = (found[-1][0], found[-1][1] + line)
-    return found
-
-
 def without_positions(answer: Any) -> Any:
     """An answer with its partitions and offsets left out: they depend on the
     account id, which each run chooses anew."""
@@ -646,18 +633,13 @@ def without_positions(answer: Any) -> Any:
 def test_the_readme_example(api: Api) -> None:
     """The README's curl commands against a worker with its token: the same answers
     but for the account id and where its events are."""
-    example = readme_example()
+    example = console_commands(readme_block("### GraphQL", "console"))
     assert len(example) >= 5, "the README shows no GraphQL example"
     run_id = unique("acc")[:10]
     position = None
     for argv, shown in example:
         assert argv[0] == "curl", argv
-        argv = [
-            re.sub(r"acc-[0-9a-f]{6}", run_id, a).replace(
-                "http://127.0.0.1:6066/graphql", api.url
-            )
-            for a in argv
-        ]
+        argv = as_run_here(argv, run_id, api.base)
         if position is not None:
             # The README's position is its account's; this run's is elsewhere.
             here = f'after: \\"{position}\\"'

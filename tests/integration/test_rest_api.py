@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import uuid
@@ -37,10 +36,13 @@ from bench.harness import process_tree
 from tests.invariants import serving_worker
 from tests.support import (
     ORDER,
+    as_run_here,
     codec_for,
+    console_commands,
     events_by_aggregate,
     get_until,
     read_topic,
+    readme_block,
     results_by_command,
 )
 
@@ -48,7 +50,6 @@ from tests.support import (
 # once (bin/streamfold test runs with --dist loadgroup).
 pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")
 
@@ -702,24 +703,6 @@ def test_without_a_token_writes_are_refused_and_reads_stay_open(
     assert account.encode() not in keys_in(settings, "accounts")
 
 
-def readme_example() -> list[tuple[list[str], list[str]]]:
-    """(argv, output lines) of each command in the README's HTTP commands example."""
-    text = README.read_text()
-    section = text[text.index("### HTTP commands") :]
-    block = section.split("```console\n", 1)[1].split("```", 1)[0]
-    found: list[tuple[list[str], list[str]]] = []
-    lines = iter(block.splitlines())
-    for line in lines:
-        if line.startswith("$ "):
-            command = line[2:]
-            while command.endswith("\\"):
-                command = command[:-1] + next(lines).strip()
-            found.append((shlex.split(command), []))
-        elif found:
-            found[-1][1].append(line)
-    return found
-
-
 def _header_names(head: str) -> set[str]:
     return set(_header_values(head))
 
@@ -732,23 +715,18 @@ def _header_values(head: str) -> dict[str, str]:
 def test_the_readme_example(api: Api) -> None:
     """The README's curl example, run with curl against a worker with its token:
     the same status lines, headers and JSON fields come back."""
-    example = readme_example()
+    example = console_commands(readme_block("### HTTP commands", "console"))
     assert example, "the README shows no HTTP commands example"
     run_id = unique("acc")
     for argv, shown in example:
         assert argv[0] == "curl", argv
-        argv = [
-            re.sub(r"acc-[0-9a-f]{6}", run_id, a).replace(
-                "http://127.0.0.1:6066", api.base
-            )
-            for a in argv
-        ]
+        argv = as_run_here(argv, run_id, api.base)
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=120, check=False
         )
         assert done.returncode == 0, done.stderr
         head, _, body = done.stdout.replace("\r\n", "\n").partition("\n\n")
-        shown_head, _, shown_body = "\n".join(shown).partition("\n\n")
+        shown_head, _, shown_body = shown.partition("\n\n")
         shown_head = re.sub(r"acc-[0-9a-f]{6}", run_id, shown_head)
         assert head.splitlines()[0] == shown_head.splitlines()[0], (argv, head)
         assert _header_names(shown_head) <= _header_names(head), (argv, head)
