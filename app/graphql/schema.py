@@ -225,6 +225,21 @@ async def _read(
         return await run(conn), not fresh
 
 
+async def _page_of(
+    info: Info,
+    page_type: type[T],
+    item_type: type[Any],
+    run: Callable[[Any, dict[str, str]], Awaitable[dict[str, Any]]],
+    params: dict[str, str],
+    **more: Any,
+) -> T:
+    """A page of a list an output type holds (a customer's orders, an account's
+    transactions), read as its holder was read: without waiting again."""
+    found, _ = await guarded(_read(info, None, None, lambda c: run(c, params)))
+    items = [_fields(item_type, row) for row in found["items"]]
+    return _fields(page_type, {**found, "items": items, **more})
+
+
 # -- read models ---------------------------------------------------------------------
 
 
@@ -309,21 +324,12 @@ class Customer:
     async def orders(
         self, info: Info, page: int | None = None, page_size: int | None = None
     ) -> OrderPage:
-        found, _ = await guarded(
-            _read(
-                info,
-                None,
-                None,
-                lambda c: query.customer_orders(
-                    c, self.customer_id, _params(page=page, page_size=page_size)
-                ),
-            )
-        )
-        return OrderPage(
-            items=[_fields(OrderSummary, r) for r in found["items"]],
-            total_count=found["total_count"],
-            page=found["page"],
-            page_size=found["page_size"],
+        return await _page_of(
+            info,
+            OrderPage,
+            OrderSummary,
+            lambda c, p: query.customer_orders(c, self.customer_id, p),
+            _params(page=page, page_size=page_size),
             stale=self.stale,
         )
 
@@ -382,21 +388,12 @@ class Account:
     async def transactions(
         self, info: Info, page: int | None = None, page_size: int | None = None
     ) -> TransactionPage:
-        found, _ = await guarded(
-            _read(
-                info,
-                None,
-                None,
-                lambda c: query.transactions(
-                    c, self.account_id, _params(page=page, page_size=page_size)
-                ),
-            )
-        )
-        return TransactionPage(
-            items=[_fields(Transaction, r) for r in found["items"]],
-            total_count=found["total_count"],
-            page=found["page"],
-            page_size=found["page_size"],
+        return await _page_of(
+            info,
+            TransactionPage,
+            Transaction,
+            lambda c, p: query.transactions(c, self.account_id, p),
+            _params(page=page, page_size=page_size),
         )
 
 
