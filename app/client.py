@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict, Unpack
@@ -116,9 +116,10 @@ class FramedCommand:
     value: bytes
     headers: Headers
 
-    def produce(self, producer: Producer, **options: Any) -> None:
-        """Hand it to ``producer`` (``options``: e.g. ``on_delivery``)."""
-        producer.produce(
+    def send_with(self, send: Callable[..., object], **options: Any) -> None:
+        """Hand it to ``send``: a producer's ``produce`` (``options``: e.g.
+        ``on_delivery``), or a transactional batch's ``send``."""
+        send(
             self.topic,
             self.value,
             key=self.key,
@@ -195,7 +196,7 @@ class CommandClient:
         self._listen()
         envelope = new_envelope(**given)
         framed = frame_command(self.settings, self.codec, command, envelope)
-        framed.produce(self.producer)
+        framed.send_with(self.producer.produce)
         self.producer.poll(0)
         return str(envelope["command_id"])
 
