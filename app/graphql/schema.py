@@ -572,16 +572,9 @@ class Query:
         to_version: int | None = None,
         after: str | None = None,
     ) -> History:
-        settings = info.context.services.settings
         params = _params(type=type, from_version=from_version, to_version=to_version)
         found, stale = await guarded(
-            _indexed(
-                info,
-                aggregate_id,
-                type,
-                after,
-                lambda: readside.history_view(settings, aggregate_id, params),
-            )
+            _indexed(info, readside.history_view, aggregate_id, params, type, after)
         )
         return History(
             aggregate_type=found["aggregate_type"],
@@ -600,16 +593,9 @@ class Query:
         at: str | None = None,
         after: str | None = None,
     ) -> AggregateState:
-        settings = info.context.services.settings
         params = _params(type=type, version=version, at=at)
         found, stale = await guarded(
-            _indexed(
-                info,
-                aggregate_id,
-                type,
-                after,
-                lambda: readside.state_view(settings, aggregate_id, params),
-            )
+            _indexed(info, readside.state_view, aggregate_id, params, type, after)
         )
         return _fields(
             AggregateState, {**found, "state": _json(found["state"]), "stale": stale}
@@ -622,14 +608,16 @@ AREA_OF_TYPE = {"order": "orders", "account": "accounts"}
 
 async def _indexed(
     info: Info,
+    view: Callable[[Settings, str, dict[str, str]], Awaitable[T]],
     aggregate_id: str,
+    params: dict[str, str],
     kind: str | None,
     after: str | None,
-    work: Callable[[], Awaitable[T]],
 ) -> tuple[T, bool]:
-    """``work`` over the event-log index, after waiting for the index to pass
-    ``after`` in the events topic of ``kind`` (which ``after`` needs: a position
-    names a partition of one topic); its answer, and whether it may be stale."""
+    """``view`` of ``aggregate_id`` from the event-log index, after waiting for the
+    index to pass ``after`` in the events topic of ``kind`` (which ``after`` needs: a
+    position names a partition of one topic); its answer, and whether it may be
+    stale."""
     checked.identifier(aggregate_id, "aggregate_id")
     fresh = True
     if after is not None:
@@ -640,7 +628,7 @@ async def _indexed(
         fresh = await info.context.services.read.wait_for(
             AREA_OF_TYPE[kind], _params(after=after), projection=EventLogProjection.name
         )
-    return await work(), not fresh
+    return await view(info.context.services.settings, aggregate_id, params), not fresh
 
 
 # -- commands ------------------------------------------------------------------------
