@@ -47,12 +47,8 @@ class Api:
     settings: Settings
 
     @property
-    def base(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}"
-
-    @property
     def url(self) -> str:
-        return f"{self.base}/graphql"
+        return f"{self.settings.web_url}/graphql"
 
     def run(
         self,
@@ -639,7 +635,7 @@ def test_the_readme_example(api: Api) -> None:
     position = None
     for argv, shown in example:
         assert argv[0] == "curl", argv
-        argv = as_run_here(argv, run_id, api.base)
+        argv = as_run_here(argv, run_id, api.settings.web_url)
         if position is not None:
             # The README's position is its account's; this run's is elsewhere.
             here = f'after: \\"{position}\\"'

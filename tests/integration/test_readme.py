@@ -193,7 +193,7 @@ def field_differences(shown: Any, real: Any, where: str = "") -> list[str]:
 
 def test_the_readme_examples_work(deployment: Settings, tmp_path: Path) -> None:
     examples = Examples()
-    web = f"http://{deployment.web_host}:{deployment.web_port}"
+    web = deployment.web_url
     with running_worker(deployment):
         # The demo, in the test's deployment: the README shows its whole output.
         demo = run_cli(deployment, *examples.cli("bin/streamfold demo"))

@@ -61,7 +61,7 @@ class Api:
 
     @property
     def base(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+        return self.settings.web_url
 
     def call(
         self,
@@ -78,6 +78,14 @@ class Api:
             headers=_headers(token, headers),
             timeout=90,
         )
+
+    def open_account(self) -> str:
+        """A new USD account's id."""
+        account = unique("acc")
+        body = {"account_id": account, "owner_id": "o", "currency": "USD"}
+        opened = self.call("POST", "/accounts", body)
+        assert opened.status_code == 201, opened.text
+        return account
 
 
 def _headers(token: ApiToken | None, given: dict[str, str]) -> dict[str, str]:
@@ -463,15 +471,7 @@ def _same_answer(response: httpx.Response) -> tuple[Any, ...]:
 def test_a_retried_idempotency_key_gets_the_same_answer_and_one_set_of_events(
     api: Api,
 ) -> None:
-    account = unique("acc")
-    assert (
-        api.call(
-            "POST",
-            "/accounts",
-            {"account_id": account, "owner_id": "o", "currency": "USD"},
-        ).status_code
-        == 201
-    )
+    account = api.open_account()
     key = unique("deposit-key")
     deposit = {
         "transaction_id": "t-1",
@@ -507,15 +507,7 @@ def test_a_retried_idempotency_key_gets_the_same_answer_and_one_set_of_events(
 
 
 def test_if_match_lets_one_of_concurrent_writers_through(api: Api) -> None:
-    account = unique("acc")
-    assert (
-        api.call(
-            "POST",
-            "/accounts",
-            {"account_id": account, "owner_id": "o", "currency": "USD"},
-        ).status_code
-        == 201
-    )
+    account = api.open_account()
     racers = [
         (
             "POST",
@@ -563,15 +555,7 @@ def test_if_match_lets_one_of_concurrent_writers_through(api: Api) -> None:
 
 
 def test_a_late_result_is_504_then_found_by_its_command_id(api: Api) -> None:
-    account = unique("acc")
-    assert (
-        api.call(
-            "POST",
-            "/accounts",
-            {"account_id": account, "owner_id": "o", "currency": "USD"},
-        ).status_code
-        == 201
-    )
+    account = api.open_account()
     pid = api.worker.pid()
     assert pid is not None
     writers = [
