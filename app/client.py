@@ -80,7 +80,7 @@ def aggregate_id_of(command: Any) -> str:
     return str(getattr(command, "order_id", None) or command.account_id)
 
 
-class Envelope(TypedDict, total=False):
+class EnvelopeFields(TypedDict, total=False):
     """What a caller may set of a command's envelope (see ``new_envelope``)."""
 
     command_id: str | None
@@ -91,7 +91,7 @@ class Envelope(TypedDict, total=False):
     issued_at: datetime | None
 
 
-def new_envelope(**given: Unpack[Envelope]) -> dict[str, Any]:
+def new_envelope(**given: Unpack[EnvelopeFields]) -> dict[str, Any]:
     """A command's envelope. What is not given is a new command's: a fresh command
     id, which is also its correlation and causation id; issued now."""
     command_id = given.get("command_id") or str(uuid.uuid4())
@@ -191,7 +191,7 @@ class CommandClient:
             self._consumer = consumer
         return self._consumer
 
-    def submit(self, command: Any, **given: Unpack[Envelope]) -> str:
+    def submit(self, command: Any, **given: Unpack[EnvelopeFields]) -> str:
         """Produce one command; returns its command id. Call ``flush`` or ``wait``."""
         self._listen()
         envelope = new_envelope(**given)
@@ -238,7 +238,10 @@ class CommandClient:
         return [self.results[c] for c in wanted]
 
     def send(
-        self, command: Any, timeout: float | None = None, **given: Unpack[Envelope]
+        self,
+        command: Any,
+        timeout: float | None = None,
+        **given: Unpack[EnvelopeFields],
     ) -> CommandResult:
         """Produce one command and wait for its result."""
         command_id = self.submit(command, **given)
