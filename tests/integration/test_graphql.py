@@ -151,6 +151,24 @@ def deposit(api: Api, account_id: str, amount: int, **more: Any) -> dict[str, An
     return done
 
 
+def withdraw(api: Api, account_id: str, amount: int) -> dict[str, Any]:
+    done: dict[str, Any] = api.run(
+        f"""mutation ($id: String!, $input: WithdrawInput!) {{
+          withdraw(account_id: $id, input: $input) {{ {RESULT} }}
+        }}""",
+        {
+            "id": account_id,
+            "input": {
+                "transaction_id": unique("w"),
+                "amount_minor": amount,
+                "currency": "USD",
+                "destination": "bank",
+            },
+        },
+    )["withdraw"]
+    return done
+
+
 def test_every_order_mutation_and_the_order_queries(api: Api) -> None:
     order, customer = unique("ord"), unique("cust")
     created = api.run(CREATE, {"input": order_input(order, customer)})["create_order"]
@@ -368,13 +386,7 @@ def test_account_mutations_rejection_conflict_and_transactions(api: Api) -> None
     assert stale["version"] is None and stale["event_ids"] == []
 
     # A rule of the domain refuses it: a rejection, not an error.
-    overdraw = api.run(
-        f"""mutation ($id: String!) {{
-          withdraw(account_id: $id, input: {{transaction_id: "w-1",
-            amount_minor: 1000000, currency: "USD", destination: "bank"}}) {{ {RESULT} }}
-        }}""",
-        {"id": account},
-    )["withdraw"]
+    overdraw = withdraw(api, account, 1_000_000)
     assert overdraw["status"] == "REJECTED"
     assert overdraw["code"] == "InsufficientFunds", overdraw
 
@@ -384,13 +396,7 @@ def test_account_mutations_rejection_conflict_and_transactions(api: Api) -> None
     again = deposit(api, account, 500, key=key)
     assert once == again and once["command_id"] == key and once["version"] == 3
 
-    withdrawn = api.run(
-        f"""mutation ($id: String!) {{
-          withdraw(account_id: $id, input: {{transaction_id: "w-2",
-            amount_minor: 3000, currency: "USD", destination: "bank"}}) {{ {RESULT} }}
-        }}""",
-        {"id": account},
-    )["withdraw"]
+    withdrawn = withdraw(api, account, 3_000)
     assert withdrawn["status"] == "ACCEPTED" and withdrawn["version"] == 4
     closed = api.run(
         f"""mutation ($id: String!) {{

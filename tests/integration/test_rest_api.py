@@ -122,6 +122,16 @@ def conforms(spec: dict[str, Any], schema_name: str, body: Any) -> None:
     jsonschema.Draft202012Validator(schema).validate(body)
 
 
+def deposit_body(transaction_id: str, amount_minor: int) -> dict[str, Any]:
+    """A USD card deposit's body."""
+    return {
+        "transaction_id": transaction_id,
+        "amount_minor": amount_minor,
+        "currency": "USD",
+        "source": "card",
+    }
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -229,12 +239,7 @@ def test_every_account_route_and_its_refusals(api: Api, spec: dict[str, Any]) ->
     )
     assert opened.status_code == 201, opened.text
     assert opened.headers["Location"] == f"/accounts/{account}"
-    deposit = {
-        "transaction_id": "t-1",
-        "amount_minor": 1000,
-        "currency": "USD",
-        "source": "card",
-    }
+    deposit = deposit_body("t-1", 1000)
     assert (
         api.call(
             "POST", f"/accounts/{account}/deposits", deposit, token=OPS
@@ -473,12 +478,7 @@ def test_a_retried_idempotency_key_gets_the_same_answer_and_one_set_of_events(
 ) -> None:
     account = api.open_account()
     key = unique("deposit-key")
-    deposit = {
-        "transaction_id": "t-1",
-        "amount_minor": 250,
-        "currency": "USD",
-        "source": "card",
-    }
+    deposit = deposit_body("t-1", 250)
     path = f"/accounts/{account}/deposits"
     responses = asyncio.run(
         _concurrently(api, [("POST", path, deposit, {"Idempotency-Key": key})] * 6)
@@ -512,12 +512,7 @@ def test_if_match_lets_one_of_concurrent_writers_through(api: Api) -> None:
         (
             "POST",
             f"/accounts/{account}/deposits",
-            {
-                "transaction_id": f"t-{n}",
-                "amount_minor": 100 + n,
-                "currency": "USD",
-                "source": "card",
-            },
+            deposit_body(f"t-{n}", 100 + n),
             {"If-Match": '"1"'},
         )
         for n in range(8)
@@ -565,12 +560,7 @@ def test_a_late_result_is_504_then_found_by_its_command_id(api: Api) -> None:
     ]
     assert len(writers) == 1, "the worker has no write process"
     key = unique("late")
-    deposit = {
-        "transaction_id": "t-late",
-        "amount_minor": 5,
-        "currency": "USD",
-        "source": "card",
-    }
+    deposit = deposit_body("t-late", 5)
     os.kill(writers[0], signal.SIGSTOP)
     try:
         # No writer runs: no result can arrive within the second the caller waits.
