@@ -191,13 +191,7 @@ def test_a_view_that_took_an_aborted_event_heals_from_the_log(
 
     def write(message: FramedRecord, commit: bool) -> None:
         producer.begin_transaction()
-        producer.produce(
-            topic,
-            message.value,
-            message.key,
-            partition=partition_for(message.key, deployment.partitions),
-            headers=message.headers,
-        )
+        message.produce_keyed(producer, topic, deployment.partitions)
         producer.flush(30)
         if commit:
             producer.commit_transaction(30)
