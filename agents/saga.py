@@ -42,7 +42,7 @@ from app.adapters.processor import TRANSIENT, Batch, Ownership
 from app.adapters.saga_io import route
 from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
-from app.client import frame_command
+from app.client import frame_command, new_envelope
 from app.settings import Settings
 
 if TYPE_CHECKING:  # the write processes run the saga without importing Faust
@@ -212,14 +212,13 @@ class SagaHandler:
                     self.settings,
                     self.codec,
                     out.command,
-                    {
-                        "command_id": out.command_id,
-                        "correlation_id": out.correlation_id,
-                        "causation_id": out.causation_id,
-                        "user_id": saga.ACTOR,
-                        "issued_at": out.issued_at,
-                        "expected_version": None,
-                    },
+                    new_envelope(
+                        command_id=out.command_id,
+                        correlation_id=out.correlation_id,
+                        causation_id=out.causation_id,
+                        user_id=saga.ACTOR,
+                        issued_at=out.issued_at,
+                    ),
                 )
                 for out in reaction.commands
             ]
@@ -230,13 +229,7 @@ class SagaHandler:
             self.deadlines.pop(order_id, None)
             raise SagaFailed(f"{type(error).__name__}: {error}") from error
         for command in framed:
-            batch.send(
-                command.topic,
-                command.value,
-                key=command.key,
-                partition=command.partition,
-                headers=command.headers,
-            )
+            command.send_with(batch.send)
         if reaction.state is not None and reaction.state != state:
             self.pending[order_id] = reaction.state
             batch.send(

@@ -29,14 +29,17 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _failed(code: int, message: str) -> int:
+    """Say on stderr why a command failed; ``code`` is its exit status."""
+    print(f"streamfold: {message}", file=sys.stderr)
+    return code
+
+
 def _start_worker(settings: Settings) -> None:
     from app.local.worker import WorkerProcess
 
     fresh = WorkerProcess(settings).start(timeout=120)
-    print(
-        f"worker    {'started' if fresh else 'running'}  "
-        f"http://{settings.web_host}:{settings.web_port}"
-    )
+    print(f"worker    {'started' if fresh else 'running'}  {settings.web_url}")
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
@@ -132,10 +135,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         payload = json.loads(args.payload)
         command: object = mapper.from_dict(cls, payload)
     except (ValueError, mapper.MappingError) as error:
-        print(
-            f"streamfold: invalid {args.command_type} payload: {error}", file=sys.stderr
-        )
-        return 2
+        return _failed(2, f"invalid {args.command_type} payload: {error}")
     with CommandClient(settings, catalog=catalog) as client:
         try:
             result = client.send(
@@ -147,8 +147,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
                 correlation_id=args.correlation_id,
             )
         except CommandTimeout as error:
-            print(f"streamfold: {error}", file=sys.stderr)
-            return 4
+            return _failed(4, str(error))
     print(json.dumps(_result_json(result), indent=2))
     return 0 if result.accepted else 3
 
@@ -205,8 +204,7 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
         ):
             done = import_events(settings, lines)
     except OSError as error:
-        print(f"streamfold: cannot read {args.file}: {error}", file=sys.stderr)
-        return 2
+        return _failed(2, f"cannot read {args.file}: {error}")
     except ImportRefused as refused:
         for problem in refused.problems:
             print(f"  ✗ {problem}", file=sys.stderr)
@@ -328,7 +326,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         f"registry  {'up' if http_ok(settings.schema_registry_url + '/subjects') else 'DOWN'}"
         f"  {settings.schema_registry_url}"
     )
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    url = f"{settings.web_url}/status"
     try:
         import httpx
 
@@ -466,11 +464,9 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{action.verb} {action.record}{landed} by {action.operator}")
         return 0
     except ActionRefused as refused:
-        print(f"streamfold: refused: {refused.message}", file=sys.stderr)
-        return 3
+        return _failed(3, f"refused: {refused.message}")
     except DeadLetterError as error:
-        print(f"streamfold: {error}; nothing was done", file=sys.stderr)
-        return 1
+        return _failed(1, f"{error}; nothing was done")
 
 
 def _tool_class(name: str) -> str:
@@ -618,15 +614,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         return int(args.handler(settings, args))
     except SettingsError as error:
-        print(f"streamfold: configuration error: {error}", file=sys.stderr)
-        return 2
+        return _failed(2, f"configuration error: {error}")
     except ServiceError as error:
-        print(f"streamfold: {error}", file=sys.stderr)
-        return 1
+        return _failed(1, str(error))
     except LookupError as error:
         # Unknown or ambiguous aggregate ids, unknown records: the user's input.
-        print(f"streamfold: {error.args[0] if error.args else error}", file=sys.stderr)
-        return 1
+        return _failed(1, str(error.args[0] if error.args else error))
     except KeyboardInterrupt:
         return 130
 

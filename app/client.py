@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from confluent_kafka import (
     Consumer,
@@ -83,26 +83,28 @@ def aggregate_id_of(command: Any) -> str:
     return str(getattr(command, "order_id", None) or command.account_id)
 
 
-def new_envelope(
-    *,
-    command_id: str | None = None,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-    user_id: str | None = None,
-    expected_version: int | None = None,
-    issued_at: datetime | None = None,
-) -> dict[str, Any]:
+class EnvelopeFields(TypedDict, total=False):
+    """What a caller may set of a command's envelope (see ``new_envelope``)."""
+
+    command_id: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    user_id: str | None
+    expected_version: int | None
+    issued_at: datetime | None
+
+
+def new_envelope(**given: Unpack[EnvelopeFields]) -> dict[str, Any]:
     """A command's envelope. What is not given is a new command's: a fresh command
     id, which is also its correlation and causation id; issued now."""
-    command_id = command_id or str(uuid.uuid4())
-    correlation_id = correlation_id or command_id
+    command_id = given.get("command_id") or str(uuid.uuid4())
     return {
         "command_id": command_id,
-        "correlation_id": correlation_id,
-        "causation_id": causation_id or command_id,
-        "user_id": user_id,
-        "issued_at": issued_at or datetime.now(UTC),
-        "expected_version": expected_version,
+        "correlation_id": given.get("correlation_id") or command_id,
+        "causation_id": given.get("causation_id") or command_id,
+        "user_id": given.get("user_id"),
+        "issued_at": given.get("issued_at") or datetime.now(UTC),
+        "expected_version": given.get("expected_version"),
     }
 
 
@@ -117,9 +119,10 @@ class FramedCommand:
     value: bytes
     headers: Headers
 
-    def produce(self, producer: Producer, **options: Any) -> None:
-        """Hand it to ``producer`` (``options``: e.g. ``on_delivery``)."""
-        producer.produce(
+    def send_with(self, send: Callable[..., object], **options: Any) -> None:
+        """Hand it to ``send``: a producer's ``produce`` (``options``: e.g.
+        ``on_delivery``), or a transactional batch's ``send``."""
+        send(
             self.topic,
             self.value,
             key=self.key,
@@ -191,29 +194,12 @@ class CommandClient:
             self._consumer = consumer
         return self._consumer
 
-    def submit(
-        self,
-        command: Any,
-        *,
-        command_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        user_id: str | None = None,
-        expected_version: int | None = None,
-        issued_at: datetime | None = None,
-    ) -> str:
+    def submit(self, command: Any, **given: Unpack[EnvelopeFields]) -> str:
         """Produce one command; returns its command id. Call ``flush`` or ``wait``."""
         self._listen()
-        envelope = new_envelope(
-            command_id=command_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            user_id=user_id,
-            expected_version=expected_version,
-            issued_at=issued_at,
-        )
+        envelope = new_envelope(**given)
         framed = frame_command(self.settings, self.codec, command, envelope)
-        framed.produce(self.producer)
+        framed.send_with(self.producer.produce)
         self.producer.poll(0)
         return str(envelope["command_id"])
 
@@ -255,10 +241,13 @@ class CommandClient:
         return [self.results[c] for c in wanted]
 
     def send(
-        self, command: Any, timeout: float | None = None, **envelope: Any
+        self,
+        command: Any,
+        timeout: float | None = None,
+        **given: Unpack[EnvelopeFields],
     ) -> CommandResult:
         """Produce one command and wait for its result."""
-        command_id = self.submit(command, **envelope)
+        command_id = self.submit(command, **given)
         return self.wait([command_id], timeout)[0]
 
     def close(self) -> None:

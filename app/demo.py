@@ -25,7 +25,7 @@ from app.workload import LONDON, deposit, new_order, withdrawal
 def run(settings: Settings) -> int:
     stack.up(settings)
     fresh = WorkerProcess(settings).start(timeout=120)
-    web = f"http://{settings.web_host}:{settings.web_port}"
+    web = settings.web_url
     print(f"worker    {'started' if fresh else 'running'}  {web}")
     tag = uuid.uuid4().hex[:6]
     account, order, customer = f"acc-{tag}", f"ord-{tag}", f"cust-{tag}"

@@ -305,6 +305,11 @@ class Settings:
                 "refusing to connect without authentication",
             )
 
+    @property
+    def web_url(self) -> str:
+        """Where the worker's HTTP server answers: ``http://host:port``."""
+        return f"http://{self.web_host}:{self.web_port}"
+
     def as_env(self) -> dict[str, str]:
         """The environment that makes a child process read these same settings."""
         env = {

@@ -303,7 +303,7 @@ def _soak(
 
 
 def _wait_projections(settings: Settings, say: Callable[[str], None]) -> None:
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    url = f"{settings.web_url}/status"
 
     def caught_up() -> bool:
         try:

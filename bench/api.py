@@ -43,7 +43,7 @@ def run(base: Settings, sizes: Sizes, seed: int, deployment: Any) -> dict[str, A
 def measure(settings: Settings, sizes: Sizes) -> dict[str, Any]:
     worker = WorkerProcess(dataclasses.replace(settings), "bench-api")
     worker.start(timeout=180)
-    base = f"http://{settings.web_host}:{settings.web_port}"
+    base = settings.web_url
     headers = {"Authorization": f"Bearer {TOKEN.token}"}
     account = "acc-api"
     rest: list[float] = []

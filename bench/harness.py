@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from app.adapters import mapper, migrations, topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, Headers, headers
-from app.adapters.eventlog import metadata_record
+from app.adapters.eventlog import metadata_record, partition_for
 from app.adapters.topics import end_offsets, record_end
 from app.application.commands import Metadata, event_id
 from app.client import PARTITIONER
@@ -316,6 +316,17 @@ class FramedRecord:
     value: bytes
     headers: Headers
     timestamp_ms: int | None = None
+
+    def produce_keyed(self, producer: Producer, topic: str, partitions: int) -> None:
+        """Produce it on its key's partition of ``topic``, where Streamfold's own
+        producers would put it."""
+        producer.produce(
+            topic,
+            self.value,
+            self.key,
+            partition=partition_for(self.key, partitions),
+            headers=self.headers,
+        )
 
 
 def new_codec(settings: Settings, catalog: SchemaCatalog | None = None) -> Codec:

@@ -30,7 +30,6 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from websockets.asyncio.client import connect
 
-from app.adapters.eventlog import partition_for
 from app.adapters.livefeed import stable_ends
 from app.domain import accounts
 from app.domain.accounts import OpenAccount
@@ -88,13 +87,7 @@ def append(
         started = time.monotonic()
         producer.begin_transaction()
         for record in batch:
-            producer.produce(
-                topic,
-                record.value,
-                record.key,
-                partition=partition_for(record.key, settings.partitions),
-                headers=record.headers,
-            )
+            record.produce_keyed(producer, topic, settings.partitions)
         producer.commit_transaction(30)
         now = time.monotonic()
         # encode_events names each framed event by its event id.

@@ -24,7 +24,7 @@ from tests.readmodels import wait_caught_up
 
 
 def ready_url(settings: Settings) -> str:
-    return f"http://{settings.web_host}:{settings.web_port}/ready"
+    return f"{settings.web_url}/ready"
 
 
 def wait_ready(settings: Settings, timeout: float = 120.0) -> None:

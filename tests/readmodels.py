@@ -38,7 +38,7 @@ def checksum(settings: Settings, table: str, order_by: str) -> str:
 
 def wait_caught_up(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
     """Poll the worker's /status until every projection has no lag left."""
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    url = f"{settings.web_url}/status"
     deadline = time.monotonic() + timeout
     document: dict[str, Any] = {}
     while time.monotonic() < deadline:

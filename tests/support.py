@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +32,8 @@ from app.settings import Settings
 from app.waiting import eventually
 from app.workload import new_order
 from app.writeside import state_dir
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def codec_for(settings: Settings) -> Codec:
@@ -131,3 +136,35 @@ ORDER = {
         "country": "GB",
     },
 }
+
+
+def readme_block(heading: str, language: str) -> str:
+    """The README's first ``language`` code block after ``heading``."""
+    text = README.read_text()
+    after = text[text.index(heading) :]
+    return after.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def console_commands(block: str) -> list[tuple[list[str], str]]:
+    """(argv, output) for every ``$ `` line in a console ``block``, the command's
+    continuation lines joined and its ``#`` comment dropped."""
+    found: list[tuple[list[str], list[str]]] = []
+    lines = iter(block.splitlines())
+    for line in lines:
+        if line.startswith("$ "):
+            command = line[2:]
+            while command.endswith("\\"):
+                command = command[:-1] + next(lines).strip()
+            found.append((shlex.split(command, comments=True), []))
+        elif found:
+            found[-1][1].append(line)
+    return [(argv, "\n".join(output)) for argv, output in found]
+
+
+def as_run_here(argv: list[str], account_id: str, base: str) -> list[str]:
+    """A README curl command against ``base`` (``http://host:port``), with the
+    README's account id replaced by ``account_id``."""
+    return [
+        re.sub(r"acc-[0-9a-f]{6}", account_id, a).replace("http://127.0.0.1:6066", base)
+        for a in argv
+    ]

@@ -275,7 +275,7 @@ class CommandGateway:
                 )
 
         try:
-            framed.produce(self._producer, on_delivery=delivered)
+            framed.send_with(self._producer.produce, on_delivery=delivered)
         except BufferError:
             raise GatewayError(
                 "the producer's queue is full; try again in a moment"

@@ -224,6 +224,21 @@ async def _read(
         return await run(conn), not fresh
 
 
+async def _page_of(
+    info: Info,
+    page_type: type[T],
+    item_type: type[Any],
+    run: Callable[[Any, dict[str, str]], Awaitable[dict[str, Any]]],
+    params: dict[str, str],
+    **more: Any,
+) -> T:
+    """A page of a list an output type holds (a customer's orders, an account's
+    transactions), read as its holder was read: without waiting again."""
+    found, _ = await guarded(_read(info, None, None, lambda c: run(c, params)))
+    items = [_fields(item_type, row) for row in found["items"]]
+    return _fields(page_type, {**found, "items": items, **more})
+
+
 # -- read models ---------------------------------------------------------------------
 
 
@@ -308,21 +323,12 @@ class Customer:
     async def orders(
         self, info: Info, page: int | None = None, page_size: int | None = None
     ) -> OrderPage:
-        found, _ = await guarded(
-            _read(
-                info,
-                None,
-                None,
-                lambda c: query.customer_orders(
-                    c, self.customer_id, _params(page=page, page_size=page_size)
-                ),
-            )
-        )
-        return OrderPage(
-            items=[_fields(OrderSummary, r) for r in found["items"]],
-            total_count=found["total_count"],
-            page=found["page"],
-            page_size=found["page_size"],
+        return await _page_of(
+            info,
+            OrderPage,
+            OrderSummary,
+            lambda c, p: query.customer_orders(c, self.customer_id, p),
+            _params(page=page, page_size=page_size),
             stale=self.stale,
         )
 
@@ -381,21 +387,12 @@ class Account:
     async def transactions(
         self, info: Info, page: int | None = None, page_size: int | None = None
     ) -> TransactionPage:
-        found, _ = await guarded(
-            _read(
-                info,
-                None,
-                None,
-                lambda c: query.transactions(
-                    c, self.account_id, _params(page=page, page_size=page_size)
-                ),
-            )
-        )
-        return TransactionPage(
-            items=[_fields(Transaction, r) for r in found["items"]],
-            total_count=found["total_count"],
-            page=found["page"],
-            page_size=found["page_size"],
+        return await _page_of(
+            info,
+            TransactionPage,
+            Transaction,
+            lambda c, p: query.transactions(c, self.account_id, p),
+            _params(page=page, page_size=page_size),
         )
 
 
@@ -574,16 +571,9 @@ class Query:
         to_version: int | None = None,
         after: str | None = None,
     ) -> History:
-        settings = info.context.services.settings
         params = _params(type=type, from_version=from_version, to_version=to_version)
         found, stale = await guarded(
-            _indexed(
-                info,
-                aggregate_id,
-                type,
-                after,
-                lambda: readside.history_view(settings, aggregate_id, params),
-            )
+            _indexed(info, readside.history_view, aggregate_id, params, type, after)
         )
         return History(
             aggregate_type=found["aggregate_type"],
@@ -602,16 +592,9 @@ class Query:
         at: str | None = None,
         after: str | None = None,
     ) -> AggregateState:
-        settings = info.context.services.settings
         params = _params(type=type, version=version, at=at)
         found, stale = await guarded(
-            _indexed(
-                info,
-                aggregate_id,
-                type,
-                after,
-                lambda: readside.state_view(settings, aggregate_id, params),
-            )
+            _indexed(info, readside.state_view, aggregate_id, params, type, after)
         )
         return _fields(
             AggregateState, {**found, "state": _json(found["state"]), "stale": stale}
@@ -620,17 +603,19 @@ class Query:
 
 async def _indexed(
     info: Info,
+    view: Callable[[Settings, str, dict[str, str]], Awaitable[T]],
     aggregate_id: str,
+    params: dict[str, str],
     kind: str | None,
     after: str | None,
-    work: Callable[[], Awaitable[T]],
 ) -> tuple[T, bool]:
-    """``work`` over the event-log index, after waiting for the index to pass
-    ``after`` in the events topic of ``kind`` (which ``after`` needs: a position
-    names a partition of one topic); its answer, and whether it may be stale."""
+    """``view`` of ``aggregate_id`` from the event-log index, after waiting for the
+    index to pass ``after`` in the events topic of ``kind`` (which ``after`` needs: a
+    position names a partition of one topic); its answer, and whether it may be
+    stale."""
     checked.identifier(aggregate_id, "aggregate_id")
     fresh = await info.context.services.read.wait_for_index(kind, _params(after=after))
-    return await work(), not fresh
+    return await view(info.context.services.settings, aggregate_id, params), not fresh
 
 
 # -- commands ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from app.settings import Settings
 
 
 def WorkerProcess(settings: Settings, name: str = "worker") -> Daemon:  # noqa: N802 - reads as a class
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    url = f"{settings.web_url}/status"
     return Daemon(
         f"{name}-{settings.web_port}",
         [sys.executable, "-m", "app.cli", "worker"],

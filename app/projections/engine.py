@@ -46,18 +46,9 @@ from confluent_kafka import (
 )
 from psycopg import sql
 
+from app.adapters import topics
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.rows import Rows, Table, describe
-from app.adapters.topics import (
-    FOREVER,
-    TopicSpec,
-    ensure_topics,
-    headers_of,
-    partitions_of,
-    read_range,
-    reader,
-    watermarks,
-)
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -757,8 +748,13 @@ class ProjectionRunner:
         replay or a rewound group meets the same poison again and sends nothing."""
         if self._producer is None:
             topic = dead_letter_topic(self.settings, self.projection.name)
-            ensure_topics(
-                self.settings, [TopicSpec(topic, 1, dict(FOREVER), tuple(FOREVER))]
+            topics.ensure_topics(
+                self.settings,
+                [
+                    topics.TopicSpec(
+                        topic, 1, dict(topics.FOREVER), tuple(topics.FOREVER)
+                    )
+                ],
             )
             self._dead_lettered = dead_lettered(self.settings, topic)
             self._producer = Producer(self.settings.producer_config())
@@ -850,13 +846,13 @@ class Superseded(Exception):
 
 def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
     """The source (topic, partition, offset) of every record in a dead-letter topic."""
-    consumer = reader(settings, "dead-letter-reader")
+    consumer = topics.reader(settings, "dead-letter-reader")
     found: set[tuple[str, int, int]] = set()
     try:
-        for partition in partitions_of(consumer, topic):
-            low, high = watermarks(consumer, topic, partition)
-            for message in read_range(consumer, topic, partition, low, high):
-                headers = {n: v for n, v in headers_of(message) if v is not None}
+        for partition in topics.partitions_of(consumer, topic):
+            low, high = topics.watermarks(consumer, topic, partition)
+            for message in topics.read_range(consumer, topic, partition, low, high):
+                headers = {n: v for n, v in topics.headers_of(message) if v is not None}
                 with contextlib.suppress(KeyError, ValueError):
                     found.add(
                         (

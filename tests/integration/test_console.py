@@ -227,6 +227,16 @@ def _wait(driver: WebDriver, what: str, condition: Any, every: float = 0.5) -> A
     ).until(condition, message=what)
 
 
+def _texts(driver: WebDriver, what: str, selector: str) -> list[str]:
+    """The texts of the elements ``selector`` finds, once it finds any."""
+    found: list[str] = _wait(
+        driver,
+        what,
+        lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, selector)] or None,
+    )
+    return found
+
+
 def _click(driver: WebDriver, aggregate_id: str, button: str) -> str:
     """Click ``button`` on the dead letter of ``aggregate_id``; its record id."""
 
@@ -346,13 +356,7 @@ def test_an_order_its_events_state_and_flow(chrome: WebDriver, seeded: Seeded) -
     )
 
     rows[0].find_element(By.CSS_SELECTOR, "a.flow-link").click()
-    steps = _wait(
-        chrome,
-        "the flow",
-        lambda d: (
-            [s.text for s in d.find_elements(By.CSS_SELECTOR, "#flow li.step")] or None
-        ),
-    )
+    steps = _texts(chrome, "the flow", "#flow li.step")
     assert any("OrderCreated" in s and seeded.paid_order in s for s in steps), steps
     # The saga's withdrawal from the account is part of the order's flow.
     assert any("MoneyWithdrawn" in s and seeded.paid_account in s for s in steps), steps
@@ -718,13 +722,7 @@ def test_schemas_subjects_modes_and_a_diff_with_its_upcaster(
     box.clear()
     box.send_keys(subject)
     chrome.find_element(By.CSS_SELECTOR, "#schema-diff-form button").click()
-    bridges = _wait(
-        chrome,
-        "the bridges",
-        lambda d: (
-            [b.text for b in d.find_elements(By.CSS_SELECTOR, "li.bridge")] or None
-        ),
-    )
+    bridges = _texts(chrome, "the bridges", "li.bridge")
     assert bridges == [
         "v1→v2: upcaster upcast_v1_to_v2",
         "v2→v3: upcaster upcast_v2_to_v3",
@@ -750,13 +748,7 @@ def test_an_orders_saga_as_a_timeline(chrome: WebDriver, seeded: Seeded) -> None
     _open(chrome, seeded, "sagas", None)
     chrome.find_element(By.ID, "saga-order").send_keys(seeded.paid_order)
     chrome.find_element(By.CSS_SELECTOR, "#find-saga button").click()
-    steps = _wait(
-        chrome,
-        "the saga's steps",
-        lambda d: (
-            [s.text for s in d.find_elements(By.CSS_SELECTOR, "li.saga-step")] or None
-        ),
-    )
+    steps = _texts(chrome, "the saga's steps", "li.saga-step")
     saga = httpx.get(f"{seeded.base}/sagas/{seeded.paid_order}", timeout=30).json()
     assert len(steps) == len(saga["history"]) >= 2
     for shown, entry in zip(steps, saga["history"], strict=True):

@@ -9,11 +9,9 @@ import asyncio
 import dataclasses
 import json
 import re
-import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,13 +24,12 @@ from app.graphql.schema import MAX_DEPTH
 from app.local import deployments
 from app.settings import ApiToken, Settings
 from tests.invariants import serving_worker
-from tests.support import ORDER
+from tests.support import ORDER, as_run_here, console_commands, readme_block
 
 # One test process runs the whole module: its module-scoped deployment is set up
 # once (bin/streamfold test runs with --dist loadgroup).
 pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")
 # Bounds a subscription's wait for events so that a missing one fails the test
@@ -51,7 +48,7 @@ class Api:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}/graphql"
+        return f"{self.settings.web_url}/graphql"
 
     def run(
         self,
@@ -157,6 +154,24 @@ def deposit(
             **more,
         },
     )["deposit"]
+    return done
+
+
+def withdraw(api: Api, account_id: str, amount: int) -> dict[str, Any]:
+    done: dict[str, Any] = api.run(
+        f"""mutation ($id: String!, $input: WithdrawInput!) {{
+          withdraw(account_id: $id, input: $input) {{ {RESULT} }}
+        }}""",
+        {
+            "id": account_id,
+            "input": {
+                "transaction_id": unique("w"),
+                "amount_minor": amount,
+                "currency": "USD",
+                "destination": "bank",
+            },
+        },
+    )["withdraw"]
     return done
 
 
@@ -377,13 +392,7 @@ def test_account_mutations_rejection_conflict_and_transactions(api: Api) -> None
     assert stale["version"] is None and stale["event_ids"] == []
 
     # A rule of the domain refuses it: a rejection, not an error.
-    overdraw = api.run(
-        f"""mutation ($id: String!) {{
-          withdraw(account_id: $id, input: {{transaction_id: "w-1",
-            amount_minor: 1000000, currency: "USD", destination: "bank"}}) {{ {RESULT} }}
-        }}""",
-        {"id": account},
-    )["withdraw"]
+    overdraw = withdraw(api, account, 1_000_000)
     assert overdraw["status"] == "REJECTED"
     assert overdraw["code"] == "InsufficientFunds", overdraw
 
@@ -409,13 +418,7 @@ def test_account_mutations_rejection_conflict_and_transactions(api: Api) -> None
     assert reused["extensions"]["code"] == "IdempotencyKeyReused", reused
     assert reused["extensions"]["field"] == "idempotency_key"
 
-    withdrawn = api.run(
-        f"""mutation ($id: String!) {{
-          withdraw(account_id: $id, input: {{transaction_id: "w-2",
-            amount_minor: 3000, currency: "USD", destination: "bank"}}) {{ {RESULT} }}
-        }}""",
-        {"id": account},
-    )["withdraw"]
+    withdrawn = withdraw(api, account, 3_000)
     assert withdrawn["status"] == "ACCEPTED" and withdrawn["version"] == 4
     closed = api.run(
         f"""mutation ($id: String!) {{
@@ -637,20 +640,6 @@ def test_limits_refuse_a_query_before_it_runs(api: Api) -> None:
     assert "price" in unknown["message"]
 
 
-def readme_example() -> list[tuple[list[str], str]]:
-    """(argv, output) of each command in the README's GraphQL example."""
-    text = README.read_text()
-    section = text[text.index("### GraphQL") :]
-    block = section.split("```console\n", 1)[1].split("```", 1)[0]
-    found: list[tuple[list[str], str]] = []
-    for line in block.splitlines():
-        if line.startswith("$ "):
-            found.append((shlex.split(line[2:]), ""))
-        elif found:
-            found[-1] = (found[-1][0], found[-1][1] + line)
-    return found
-
-
 def without_positions(answer: Any) -> Any:
     """An answer with its partitions and offsets left out: they depend on the
     account id, which each run chooses anew."""
@@ -668,18 +657,13 @@ def without_positions(answer: Any) -> Any:
 def test_the_readme_example(api: Api) -> None:
     """The README's curl commands against a worker with its token: the same answers
     but for the account id and where its events are."""
-    example = readme_example()
+    example = console_commands(readme_block("### GraphQL", "console"))
     assert len(example) >= 5, "the README shows no GraphQL example"
     run_id = unique("acc")[:10]
     position = None
     for argv, shown in example:
         assert argv[0] == "curl", argv
-        argv = [
-            re.sub(r"acc-[0-9a-f]{6}", run_id, a).replace(
-                "http://127.0.0.1:6066/graphql", api.url
-            )
-            for a in argv
-        ]
+        argv = as_run_here(argv, run_id, api.settings.web_url)
         if position is not None:
             # The README's position is its account's; this run's is elsewhere.
             here = f'after: \\"{position}\\"'

@@ -45,7 +45,7 @@ def _wait_indexed(settings: Settings, aggregate_id: str, version: int) -> None:
 def test_history_time_travel_and_snapshots(deployment: Settings) -> None:
     account = f"acc-{uuid.uuid4().hex[:6]}"
     deposits = SNAPSHOT_EVERY * 2 + 20
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     with running_worker(deployment), CommandClient(deployment) as client:
         opened = client.send(
             OpenAccount(account_id=account, owner_id="o", currency="EUR"),
@@ -188,7 +188,7 @@ def test_imported_events_of_old_schemas_are_read_as_the_newest(
     deployment: Settings, tmp_path: Path
 ) -> None:
     old = {version: f"legacy-v{version}-{uuid.uuid4().hex[:4]}" for version in (1, 2)}
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     lines = [_old_order_created(order_id, v) for v, order_id in old.items()]
     with running_worker(deployment), CommandClient(deployment) as client:
         assert "imported 2 events" in _import(deployment, lines, tmp_path)

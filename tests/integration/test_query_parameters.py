@@ -58,7 +58,7 @@ def base(registry_settings: Settings) -> Iterator[str]:
     deployment = dataclasses.replace(
         deployments.create(registry_settings), query_wait_s=0.1
     )
-    url = f"http://{deployment.web_host}:{deployment.web_port}"
+    url = deployment.web_url
     try:
         with serving_worker(deployment), CommandClient(deployment) as client:
             client.send(

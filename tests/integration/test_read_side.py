@@ -108,7 +108,7 @@ def test_read_models_equal_the_fold_of_the_log(deployment: Settings) -> None:
 
 
 def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     account = f"acc-{uuid.uuid4().hex[:6]}"
     order = f"ord-{uuid.uuid4().hex[:6]}"
     with running_worker(deployment), CommandClient(deployment) as client:
@@ -190,7 +190,7 @@ def test_query_views_read_your_writes_and_errors(deployment: Settings) -> None:
 
 
 def test_lag_is_reported_in_status_and_metrics(deployment: Settings) -> None:
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id="acc-lag", owner_id="o", currency="USD"))
         eventually_equal(lambda: actual_ledger(deployment), expected_ledger(deployment))
@@ -284,7 +284,7 @@ def test_postgres_restart_and_worker_kill_keep_read_models_exact(
 def test_an_internal_failure_is_a_generic_500_with_a_correlation_id(
     deployment: Settings,
 ) -> None:
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     with running_worker(deployment):
         with psycopg.connect(deployment.database_url) as conn:
             conn.execute("ALTER TABLE order_summaries RENAME TO order_summaries_gone")
@@ -322,7 +322,7 @@ def test_projections_run_in_children_that_restart_and_die_with_the_worker(
     # Two processes share each projection's partitions.
     deployment = dataclasses.replace(deployment, projection_processes=2)
 
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     account = f"acc-{uuid.uuid4().hex[:6]}"
 
     def errors() -> set[str | None]:

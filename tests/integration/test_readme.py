@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,14 @@ import pytest
 from app.local import postgres
 from app.settings import Settings
 from tests.readmodels import wait_caught_up
-from tests.support import get_until, run_cli, running_worker
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from tests.support import (
+    README,
+    console_commands,
+    get_until,
+    readme_block,
+    run_cli,
+    running_worker,
+)
 
 # Commands the service test below runs, by how they start; every README example that
 # starts so must be run there (it checks that it ran them all).
@@ -82,20 +86,9 @@ RUN_ELSEWHERE = {
 
 
 def console_examples() -> list[tuple[list[str], str]]:
-    """(argv, output) for every ``$ `` line in the README's console blocks, the
-    command's continuation lines joined and its ``#`` comment dropped."""
-    found: list[tuple[list[str], list[str]]] = []
-    for block in re.findall(r"^```console\n(.*?)^```", README.read_text(), re.M | re.S):
-        lines = iter(block.splitlines())
-        for line in lines:
-            if line.startswith("$ "):
-                command = line[2:]
-                while command.endswith("\\"):
-                    command = command[:-1] + next(lines).strip()
-                found.append((shlex.split(command, comments=True), []))
-            elif found:
-                found[-1][1].append(line)
-    return [(argv, "\n".join(output)) for argv, output in found]
+    """(argv, output) for every ``$ `` line in the README's console blocks."""
+    blocks = re.findall(r"^```console\n(.*?)^```", README.read_text(), re.M | re.S)
+    return [example for block in blocks for example in console_commands(block)]
 
 
 def classify(argv: list[str]) -> str | None:
@@ -145,12 +138,6 @@ class Examples:
         """The arguments after ``bin/streamfold`` of the one example under ``prefix``."""
         [(argv, _)] = self.take(prefix)
         return argv[1:]
-
-
-def text_block_after(heading: str, language: str) -> str:
-    text = README.read_text()
-    after = text[text.index(heading) :]
-    return after.split(f"```{language}\n", 1)[1].split("```", 1)[0]
 
 
 def as_shown(output: str, settings: Settings, tag: str, shown_tag: str) -> str:
@@ -206,12 +193,12 @@ def field_differences(shown: Any, real: Any, where: str = "") -> list[str]:
 
 def test_the_readme_examples_work(deployment: Settings, tmp_path: Path) -> None:
     examples = Examples()
-    web = f"http://{deployment.web_host}:{deployment.web_port}"
+    web = deployment.web_url
     with running_worker(deployment):
         # The demo, in the test's deployment: the README shows its whole output.
         demo = run_cli(deployment, *examples.cli("bin/streamfold demo"))
         assert demo.returncode == 0, demo.stdout + demo.stderr
-        shown = text_block_after("What the demo printed", "text")
+        shown = readme_block("What the demo printed", "text")
         shown_tag = re.findall(r"ids end in (\w+)", shown)[0]
         tag = re.findall(r"ids end in (\w+)", demo.stdout)[0]
         assert as_shown(demo.stdout, deployment, tag, shown_tag) == as_shown(
@@ -273,7 +260,7 @@ def test_the_readme_examples_work(deployment: Settings, tmp_path: Path) -> None:
     # The import example, with the README's own line as its file.
     import_example = examples.cli("bin/streamfold import")
     history_file = tmp_path / "history.jsonl"
-    history_file.write_text(text_block_after("### Importing history", "json"))
+    history_file.write_text(readme_block("### Importing history", "json"))
     imported = run_cli(
         deployment,
         *[str(history_file) if a == "history.jsonl" else a for a in import_example],

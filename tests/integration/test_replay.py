@@ -220,7 +220,7 @@ class Queries:
         self._thread.join(30)
 
     def _run(self) -> None:
-        base = f"http://{self.settings.web_host}:{self.settings.web_port}"
+        base = self.settings.web_url
         # One connection throughout: after a few runs psycopg prepares the statement,
         # so this also shows prepared statements follow the switched tables.
         with (

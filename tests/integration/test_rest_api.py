@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import uuid
@@ -37,10 +36,13 @@ from bench.harness import process_tree
 from tests.invariants import serving_worker
 from tests.support import (
     ORDER,
+    as_run_here,
     codec_for,
+    console_commands,
     events_by_aggregate,
     get_until,
     read_topic,
+    readme_block,
     results_by_command,
 )
 
@@ -48,7 +50,6 @@ from tests.support import (
 # once (bin/streamfold test runs with --dist loadgroup).
 pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 ADA = ApiToken("ada", "ada-0123456789abcdef0123")
 OPS = ApiToken("ops", "ops-fedcba9876543210fedc")
 
@@ -60,7 +61,7 @@ class Api:
 
     @property
     def base(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+        return self.settings.web_url
 
     def call(
         self,
@@ -77,6 +78,14 @@ class Api:
             headers=_headers(token, headers),
             timeout=90,
         )
+
+    def open_account(self) -> str:
+        """A new USD account's id."""
+        account = unique("acc")
+        body = {"account_id": account, "owner_id": "o", "currency": "USD"}
+        opened = self.call("POST", "/accounts", body)
+        assert opened.status_code == 201, opened.text
+        return account
 
 
 def _headers(token: ApiToken | None, given: dict[str, str]) -> dict[str, str]:
@@ -111,6 +120,16 @@ def conforms(spec: dict[str, Any], schema_name: str, body: Any) -> None:
         "components": spec["components"],
     }
     jsonschema.Draft202012Validator(schema).validate(body)
+
+
+def deposit_body(transaction_id: str, amount_minor: int) -> dict[str, Any]:
+    """A USD card deposit's body."""
+    return {
+        "transaction_id": transaction_id,
+        "amount_minor": amount_minor,
+        "currency": "USD",
+        "source": "card",
+    }
 
 
 def unique(prefix: str) -> str:
@@ -220,12 +239,7 @@ def test_every_account_route_and_its_refusals(api: Api, spec: dict[str, Any]) ->
     )
     assert opened.status_code == 201, opened.text
     assert opened.headers["Location"] == f"/accounts/{account}"
-    deposit = {
-        "transaction_id": "t-1",
-        "amount_minor": 1000,
-        "currency": "USD",
-        "source": "card",
-    }
+    deposit = deposit_body("t-1", 1000)
     assert (
         api.call(
             "POST", f"/accounts/{account}/deposits", deposit, token=OPS
@@ -462,22 +476,9 @@ def _same_answer(response: httpx.Response) -> tuple[Any, ...]:
 def test_a_retried_idempotency_key_gets_the_same_answer_and_one_set_of_events(
     api: Api,
 ) -> None:
-    account = unique("acc")
-    assert (
-        api.call(
-            "POST",
-            "/accounts",
-            {"account_id": account, "owner_id": "o", "currency": "USD"},
-        ).status_code
-        == 201
-    )
+    account = api.open_account()
     key = unique("deposit-key")
-    deposit = {
-        "transaction_id": "t-1",
-        "amount_minor": 250,
-        "currency": "USD",
-        "source": "card",
-    }
+    deposit = deposit_body("t-1", 250)
     path = f"/accounts/{account}/deposits"
     responses = asyncio.run(
         _concurrently(api, [("POST", path, deposit, {"Idempotency-Key": key})] * 6)
@@ -556,25 +557,12 @@ def test_any_gateway_tells_a_reused_key_with_another_body(api: Api) -> None:
 
 
 def test_if_match_lets_one_of_concurrent_writers_through(api: Api) -> None:
-    account = unique("acc")
-    assert (
-        api.call(
-            "POST",
-            "/accounts",
-            {"account_id": account, "owner_id": "o", "currency": "USD"},
-        ).status_code
-        == 201
-    )
+    account = api.open_account()
     racers = [
         (
             "POST",
             f"/accounts/{account}/deposits",
-            {
-                "transaction_id": f"t-{n}",
-                "amount_minor": 100 + n,
-                "currency": "USD",
-                "source": "card",
-            },
+            deposit_body(f"t-{n}", 100 + n),
             {"If-Match": '"1"'},
         )
         for n in range(8)
@@ -612,15 +600,7 @@ def test_if_match_lets_one_of_concurrent_writers_through(api: Api) -> None:
 
 
 def test_a_late_result_is_504_then_found_by_its_command_id(api: Api) -> None:
-    account = unique("acc")
-    assert (
-        api.call(
-            "POST",
-            "/accounts",
-            {"account_id": account, "owner_id": "o", "currency": "USD"},
-        ).status_code
-        == 201
-    )
+    account = api.open_account()
     pid = api.worker.pid()
     assert pid is not None
     writers = [
@@ -630,12 +610,7 @@ def test_a_late_result_is_504_then_found_by_its_command_id(api: Api) -> None:
     ]
     assert len(writers) == 1, "the worker has no write process"
     key = unique("late")
-    deposit = {
-        "transaction_id": "t-late",
-        "amount_minor": 5,
-        "currency": "USD",
-        "source": "card",
-    }
+    deposit = deposit_body("t-late", 5)
     os.kill(writers[0], signal.SIGSTOP)
     try:
         # No writer runs: no result can arrive within the second the caller waits.
@@ -803,24 +778,6 @@ def test_without_a_token_writes_are_refused_and_reads_stay_open(
     assert account.encode() not in keys_in(settings, "accounts")
 
 
-def readme_example() -> list[tuple[list[str], list[str]]]:
-    """(argv, output lines) of each command in the README's HTTP commands example."""
-    text = README.read_text()
-    section = text[text.index("### HTTP commands") :]
-    block = section.split("```console\n", 1)[1].split("```", 1)[0]
-    found: list[tuple[list[str], list[str]]] = []
-    lines = iter(block.splitlines())
-    for line in lines:
-        if line.startswith("$ "):
-            command = line[2:]
-            while command.endswith("\\"):
-                command = command[:-1] + next(lines).strip()
-            found.append((shlex.split(command), []))
-        elif found:
-            found[-1][1].append(line)
-    return found
-
-
 def _header_names(head: str) -> set[str]:
     return set(_header_values(head))
 
@@ -833,23 +790,18 @@ def _header_values(head: str) -> dict[str, str]:
 def test_the_readme_example(api: Api) -> None:
     """The README's curl example, run with curl against a worker with its token:
     the same status lines, headers and JSON fields come back."""
-    example = readme_example()
+    example = console_commands(readme_block("### HTTP commands", "console"))
     assert example, "the README shows no HTTP commands example"
     run_id = unique("acc")
     for argv, shown in example:
         assert argv[0] == "curl", argv
-        argv = [
-            re.sub(r"acc-[0-9a-f]{6}", run_id, a).replace(
-                "http://127.0.0.1:6066", api.base
-            )
-            for a in argv
-        ]
+        argv = as_run_here(argv, run_id, api.base)
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=120, check=False
         )
         assert done.returncode == 0, done.stderr
         head, _, body = done.stdout.replace("\r\n", "\n").partition("\n\n")
-        shown_head, _, shown_body = "\n".join(shown).partition("\n\n")
+        shown_head, _, shown_body = shown.partition("\n\n")
         shown_head = re.sub(r"acc-[0-9a-f]{6}", run_id, shown_head)
         assert head.splitlines()[0] == shown_head.splitlines()[0], (argv, head)
         assert _header_names(shown_head) <= _header_names(head), (argv, head)

@@ -96,7 +96,7 @@ def _open(
 
 
 def _saga_view(settings: Settings, order_id: str) -> dict[str, Any] | None:
-    url = f"http://{settings.web_host}:{settings.web_port}/sagas/{order_id}"
+    url = f"{settings.web_url}/sagas/{order_id}"
     response = httpx.get(url, timeout=10)
     # 503: the worker is still taking over its partitions (after a start or rebalance).
     if response.status_code in (404, 503):

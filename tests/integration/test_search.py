@@ -121,7 +121,7 @@ def word_order(order_id: str, word: str, weight: str) -> Any:
 @pytest.fixture(scope="module")
 def searching(registry_settings: Settings) -> Iterator[Searching]:
     deployment = deployments.create(registry_settings)
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     try:
         with serving_worker(deployment), CommandClient(deployment) as client:
             sent = [

@@ -28,7 +28,7 @@ def _payment(order_id: str) -> ProcessPayment:
 
 
 def test_table_views_follow_the_events(deployment: Settings) -> None:
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     order, account, customer = (f"{p}-{uuid.uuid4().hex[:6]}" for p in ("o", "a", "c"))
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(create_order(order, customer))
@@ -62,7 +62,7 @@ def test_table_views_follow_the_events(deployment: Settings) -> None:
 def _owned(settings: Settings) -> set[int]:
     """The order-event partitions this worker's view agents own (and so the
     order views' keys it serves), from its /status."""
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    url = f"{settings.web_url}/status"
     topic = settings.topics.events("orders")
     assignment = httpx.get(url, timeout=10).json().get("assignment", [])
     return {p for t, p in assignment if t == topic}
@@ -99,7 +99,7 @@ def test_views_are_routed_to_the_worker_owning_the_key(deployment: Settings) -> 
 def test_views_fold_a_burst_of_events_per_key(deployment: Settings) -> None:
     """A backlog puts several events of one key, from several partitions, in one
     batch of a view agent: each key's view is still the fold of all its events."""
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     run = uuid.uuid4().hex[:6]
     accounts = [f"a-{run}-{n}" for n in range(6)]
     customers = [f"c-{run}-{n}" for n in range(2)]
@@ -158,7 +158,7 @@ def test_a_view_that_took_an_aborted_event_heals_from_the_log(
     """Faust's consumer reads uncommitted records: a view takes the event of a
     transaction that then aborts. When the committed event at that version (another
     event id) arrives, the view is folded again from the committed log."""
-    base = f"http://{deployment.web_host}:{deployment.web_port}"
+    base = deployment.web_url
     order = f"o-heal-{uuid.uuid4().hex[:6]}"
     topic = deployment.topics.events("orders")
     codec = codec_for(deployment)
@@ -191,13 +191,7 @@ def test_a_view_that_took_an_aborted_event_heals_from_the_log(
 
     def write(message: FramedRecord, commit: bool) -> None:
         producer.begin_transaction()
-        producer.produce(
-            topic,
-            message.value,
-            message.key,
-            partition=partition_for(message.key, deployment.partitions),
-            headers=message.headers,
-        )
+        message.produce_keyed(producer, topic, deployment.partitions)
         producer.flush(30)
         if commit:
             producer.commit_transaction(30)

@@ -24,7 +24,7 @@ def _services_up(settings: Settings) -> None:
 
 def test_the_worker_stops_and_restarts_alone(deployment: Settings) -> None:
     worker = WorkerProcess(deployment)
-    status_url = f"http://{deployment.web_host}:{deployment.web_port}/status"
+    status_url = f"{deployment.web_url}/status"
     try:
         started = run_cli(deployment, "worker", "start")
         assert started.returncode == 0, started.stdout + started.stderr

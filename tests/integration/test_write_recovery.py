@@ -66,9 +66,7 @@ LOSSES = ("local store", "nothing", "local store and snapshots")
 
 def _stores(settings: Settings) -> dict[str, int]:
     """The running worker's snapshot figures for accounts (see ``CommandHandler``)."""
-    status = httpx.get(
-        f"http://{settings.web_host}:{settings.web_port}/status", timeout=10
-    ).json()
+    status = httpx.get(f"{settings.web_url}/status", timeout=10).json()
     [process] = status["write"]["processes"]
     stores: dict[str, int] = process[f"{settings.app_id}.commands"]["stores"]["account"]
     return stores

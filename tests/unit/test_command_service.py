@@ -18,8 +18,9 @@ from app.application.commands import (
     CommandService,
     Envelope,
 )
-from app.domain.accounts import Deposit, OpenAccount
+from app.domain.accounts import OpenAccount
 from app.runtime import ACCOUNTS, AggregateCache
+from app.workload import deposit
 
 
 @pytest.fixture(params=["memory", "rocksdb"])
@@ -44,14 +45,7 @@ def _envelope(command_id: str, expected: int | None = None) -> Envelope:
 
 
 OPEN = OpenAccount(account_id="acc-1", owner_id="o-1", currency="EUR")
-DEPOSIT = Deposit(
-    account_id="acc-1",
-    transaction_id="t-1",
-    amount_minor=500,
-    currency="EUR",
-    source="card",
-    reference="",
-)
+DEPOSIT = deposit("acc-1", 500, "t-1", currency="EUR")
 
 
 # Both backends: the port, and what the processor does when a batch ends.

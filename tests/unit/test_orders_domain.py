@@ -35,27 +35,26 @@ from app.domain.orders import (
 from tests.unit.deciders import assert_primitive_record, given, recorded
 
 ORDER_ID = "o-1"
-ADDRESS = Address(
-    street="1 Main St", city="Springfield", state="IL", zip_code="62701", country="US"
-)
+ADDRESS = workload.SPRINGFIELD
+
+
+def line_of(item: LineItem, total_price_minor: int) -> OrderLine:
+    """``item`` as an order records it, with the total the test expects."""
+    return OrderLine(
+        product_id=item.product_id,
+        quantity=item.quantity,
+        unit_price_minor=item.unit_price_minor,
+        tax_rate_bps=item.tax_rate_bps,
+        total_price_minor=total_price_minor,
+    )
+
+
 # 2 x 500, no tax: 1000.
 WIDGET = LineItem(product_id="p-1", quantity=2, unit_price_minor=500)
-WIDGET_LINE = OrderLine(
-    product_id="p-1",
-    quantity=2,
-    unit_price_minor=500,
-    tax_rate_bps=0,
-    total_price_minor=1000,
-)
+WIDGET_LINE = line_of(WIDGET, total_price_minor=1000)
 # 1 x 1000 at 8%: 1080.
 GADGET = LineItem(product_id="p-2", quantity=1, unit_price_minor=1000, tax_rate_bps=800)
-GADGET_LINE = OrderLine(
-    product_id="p-2",
-    quantity=1,
-    unit_price_minor=1000,
-    tax_rate_bps=800,
-    total_price_minor=1080,
-)
+GADGET_LINE = line_of(GADGET, total_price_minor=1080)
 
 
 def create(**changes: Any) -> CreateOrder:
@@ -328,13 +327,7 @@ def test_a_command_for_another_order_is_refused() -> None:
 # --- AddItem / RemoveItem -----------------------------------------------------
 
 EXTRA = LineItem(product_id="p-3", quantity=3, unit_price_minor=333, tax_rate_bps=1000)
-EXTRA_LINE = OrderLine(
-    product_id="p-3",
-    quantity=3,
-    unit_price_minor=333,
-    tax_rate_bps=1000,
-    total_price_minor=1099,
-)
+EXTRA_LINE = line_of(EXTRA, total_price_minor=1099)
 
 
 def test_add_item_records_the_line_and_the_new_total() -> None:

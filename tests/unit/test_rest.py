@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 
+from app import workload
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, InMemoryRegistry
@@ -24,7 +25,6 @@ from app.adapters.eventlog import (
 )
 from app.adapters.gateway import KeyReused, check_reuse
 from app.client import AREAS, CommandResult, frame_command, new_envelope
-from app.domain.accounts import Deposit
 from app.domain.orders import AddItem, LineItem, RemoveItem
 from app.params import BadParameter
 from app.rest import requests
@@ -71,14 +71,7 @@ def test_a_request_becomes_its_command() -> None:
         {"account_id": "a b"},
         {"transaction_id": "t", "amount_minor": 5, "currency": "USD", "source": "s"},
     )
-    assert deposit == Deposit(
-        account_id="a b",
-        transaction_id="t",
-        amount_minor=5,
-        currency="USD",
-        source="s",
-        reference="",
-    )
+    assert deposit == workload.deposit("a b", 5, "t", source="s")
     assert ENDPOINTS["Deposit"].location("a b/c") == "/accounts/a%20b%2Fc"
 
 
