@@ -310,6 +310,8 @@ def read_range(
     start: int,
     end: int,
     wait_s: float = OPEN_TRANSACTION_WAIT_S,
+    *,
+    stop_at_open: bool = True,
 ) -> Iterator[Message]:
     """The records a read_committed ``consumer`` (assigned here) finds in
     ``[start, end)`` of one partition, in offset order.
@@ -318,7 +320,7 @@ def read_range(
     markers partition by partition, so a record elsewhere can be readable a moment
     before this one is. After ``wait_s`` without progress it stops if it reached the
     last stable offset (a transaction left open, which the broker will abort) and
-    raises ``Stalled`` if it never did."""
+    raises ``Stalled`` if it never did (or, without ``stop_at_open``, either way)."""
     if start >= end:
         return
     tp = TopicPartition(topic, partition, start)
@@ -340,7 +342,7 @@ def read_range(
             if reached >= end:
                 return
             if time.monotonic() > deadline:
-                if at_end:
+                if at_end and stop_at_open:
                     return
                 raise Stalled(
                     KafkaError(
