@@ -260,12 +260,16 @@ def test_a_saga_inbox_dead_letter_redriven_once_its_cause_is_fixed(
         operations = Operations(settings, lambda: datetime.now(UTC))
         [letter] = read_dead_letters(settings, [dlq])
         assert letter.kind == "saga" and "Withdraw" in letter.reason, letter.reason
+        assert letter.aggregate_id == order
 
         deleted = httpx.delete(
             f"{settings.schema_registry_url}/subjects/{subject}", timeout=10
         )
         assert deleted.status_code == 200, deleted.text
-        [action] = operations.act("redrive", "grace", "schema fixed", record=record)
+        [action] = operations.act(
+            "redrive", "grace", "schema fixed", topic=dlq, aggregate_id=order
+        )
+        assert action.record == record
         assert action.produced is not None
         assert action.produced.startswith(f"{inbox_topic(settings)}:")
         saga = get_until(
