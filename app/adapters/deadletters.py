@@ -22,6 +22,7 @@ from app.adapters.topics import (
     admin_client,
     ensure_topics,
     headers_of,
+    log_ends,
     partitions_of,
     read_range,
     reader,
@@ -72,14 +73,17 @@ def existing_topics(settings: Settings) -> list[str]:
 def _read(
     settings: Settings, topic: str, purpose: str, *, whole: bool = False
 ) -> list[Message]:
-    """Every committed record of ``topic``. ``whole``: up to the end as it stood when
-    read, or ``DeadLetterError`` (a transaction still open there holds a
-    read_committed reader back; what it wrote may decide the reader's action)."""
+    """Every committed record of ``topic``. ``whole``: every record committed when
+    it was called, or ``DeadLetterError``: read up to the log's end, past any
+    transaction open there once it ends (a reader stopping at the last stable offset
+    would miss what other producers committed after an open transaction began)."""
     consumer = reader(settings, purpose)
     try:
         found: list[Message] = []
+        ends = log_ends(settings, [topic]) if whole else {}
         for partition in partitions_of(consumer, topic):
             low, high = watermarks(consumer, topic, partition)
+            high = ends.get((topic, partition), high)
             found += read_range(
                 consumer, topic, partition, low, high, stop_at_open=not whole
             )

@@ -16,18 +16,21 @@ from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
 
-# ConfigResource and NewTopic are documented as confluent_kafka.admin's, which
-# imports them without re-exporting them explicitly (attr-defined under strict).
+# ConfigResource, NewTopic and OffsetSpec are documented as confluent_kafka.admin's,
+# which imports them without re-exporting them explicitly (attr-defined under
+# strict), and leaves OffsetSpec untyped.
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
     NewTopic,
+    OffsetSpec,
 )
 
 from app.settings import AGGREGATES, Settings
@@ -292,6 +295,35 @@ def watermarks(
             if code not in SETTLING or time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
+
+
+def stable_ends(settings: Settings, topics: list[str]) -> dict[TP, int]:
+    """Each partition's last stable offset: the end a read_committed reader sees
+    (an open transaction's records lie above it)."""
+    return _ends(settings, topics, IsolationLevel.READ_COMMITTED)
+
+
+def log_ends(settings: Settings, topics: list[str]) -> dict[TP, int]:
+    """Each partition's log end, open transactions' records included: records that
+    other producers committed after a transaction still open began lie between the
+    last stable offset and here."""
+    return _ends(settings, topics, IsolationLevel.READ_UNCOMMITTED)
+
+
+def _ends(
+    settings: Settings, topics: list[str], isolation: IsolationLevel
+) -> dict[TP, int]:
+    admin = admin_client(settings)
+    wanted = {
+        TopicPartition(topic, partition): OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        for topic in topics
+        for partition in partitions_of(admin, topic)
+    }
+    futures = admin.list_offsets(wanted, isolation_level=isolation, request_timeout=30)
+    return {
+        (tp.topic, tp.partition): int(future.result().offset)
+        for tp, future in futures.items()
+    }
 
 
 # The longest a transaction of Streamfold's stays open (the processor's

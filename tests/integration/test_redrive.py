@@ -1,7 +1,8 @@
 """Dead letters re-driven against the real broker, registry and Postgres: two
-operators racing on the same records re-drive each once; a projection's dead letter,
-re-driven from the CLI once its cause is fixed, reaches the read model; a saga
-inbox's, re-driven once its cause is fixed, gets the order paid."""
+operators racing on the same records re-drive each once; an action committed behind
+another's open transaction still counts; a projection's dead letter, re-driven from
+the CLI once its cause is fixed, reaches the read model; a saga inbox's, re-driven
+once its cause is fixed, gets the order paid."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from confluent_kafka import Producer
 
 from app.adapters.codec import ConfluentRegistry
 from app.adapters.deadletters import (
+    DeadLetterError,
     Operations,
     Raced,
     read_actions,
     read_dead_letters,
+    transactional_id,
 )
 from app.adapters.saga_io import inbox_topic
 from app.audit import read_topic
@@ -130,6 +133,52 @@ def test_two_operators_racing_redrive_each_record_once(deployment: Settings) -> 
             )
             or (refusal.status == 404 and "no open dead letters of" in refusal.message)
         ), refusal
+
+
+def test_an_action_beyond_another_open_transaction_still_counts(
+    deployment: Settings,
+) -> None:
+    """An action on another dead-letter topic holds a transaction open on the
+    actions topic while a re-drive commits after it: the re-drive's action lies
+    beyond the last stable offset, where a read_committed reader's end stops. A second
+    re-drive of the record does not read less: while that transaction stays open it
+    fails with nothing done; once it ends, it is refused as already re-driven."""
+    topics = deployment.topics
+    source = topics.commands("orders")
+    dlq = topics.dead_letter(source)
+    [record] = _dead_letters(deployment, dlq, source, 1)
+    other = Producer(
+        {
+            **deployment.producer_config(),
+            "transactional.id": transactional_id(deployment, "other.dlq"),
+        }
+    )
+    other.init_transactions(30)
+
+    opened: list[bool] = []
+
+    def opening() -> datetime:
+        # The clock is read as the action is produced: the other action opens its
+        # transaction on the actions topic just before.
+        if not opened:
+            other.begin_transaction()
+            other.produce(topics.operator_actions, b"{}", key=b"other.dlq:0:0")
+            assert other.flush(30) == 0
+            opened.append(True)
+        return _now()
+
+    [first] = Operations(deployment, opening).act(
+        "redrive", "grace", "first", record=record
+    )
+    second = Operations(deployment, _now)
+    with pytest.raises(DeadLetterError, match="a transaction is still open"):
+        second.act("redrive", "alan", "second", record=record)
+    other.abort_transaction(30)
+    with pytest.raises(ActionRefused, match="was redriven by grace"):
+        second.act("redrive", "alan", "second", record=record)
+    redriven = [r for r in read_topic(deployment, source) if REDRIVEN_FROM in r.headers]
+    assert [r.offset for r in redriven] == [int(first.produced.rsplit(":", 1)[1])]
+    assert [a.record for a in read_actions(deployment)] == [record]
 
 
 def _records(settings: Settings, topic: str, count: int) -> list[str]:
