@@ -314,6 +314,8 @@ class SagaHandler:
         batch.send(
             f"{self.inbox}.dlq",
             message.value(),
+            # The order id: the console shows it, and re-drives an order's together.
+            key=message.key(),
             headers=[
                 ("dlq-source-topic", self.inbox.encode()),
                 ("dlq-source-partition", str(message.partition()).encode()),

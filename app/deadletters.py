@@ -87,9 +87,8 @@ class DeadLetter:
 
     @property
     def aggregate_id(self) -> str | None:
-        """The key (commands and events are keyed by aggregate id), else the
-        ``aggregate-id`` header, else None (the saga's inbox records are keyed by
-        order id but dead-lettered without a key)."""
+        """The key (commands and events are keyed by aggregate id, the saga's inbox
+        messages by order id), else the ``aggregate-id`` header, else None."""
         if self.key:
             return self.key.decode(errors="replace")
         return self.header("aggregate-id")

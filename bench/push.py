@@ -30,7 +30,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from websockets.asyncio.client import connect
 
-from app.adapters.livefeed import stable_ends
+from app.adapters.topics import stable_ends
 from app.domain import accounts
 from app.domain.accounts import OpenAccount
 from app.local.process import http_ok, wait_for

@@ -4,21 +4,25 @@ with the record of the action (``<prefix>operator-actions``, kept for ever)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from app.adapters.processor import TRANSACTION_TIMEOUT_MS
 from app.adapters.topics import (
     FOREVER,
+    Stalled,
     TopicSpec,
     admin_client,
     ensure_topics,
     headers_of,
     inbox_topic,
+    log_ends,
     partitions_of,
     read_range,
     reader,
@@ -66,14 +70,28 @@ def existing_topics(settings: Settings) -> list[str]:
     return [name for name in candidate_topics(settings) if name in present]
 
 
-def _read(settings: Settings, topic: str, purpose: str) -> list[Message]:
+def _read(
+    settings: Settings, topic: str, purpose: str, *, whole: bool = False
+) -> list[Message]:
+    """Every committed record of ``topic``. ``whole``: every record committed when
+    it was called, or ``DeadLetterError``: read up to the log's end, past any
+    transaction open there once it ends (a reader stopping at the last stable offset
+    would miss what other producers committed after an open transaction began)."""
     consumer = reader(settings, purpose)
     try:
         found: list[Message] = []
+        ends = log_ends(settings, [topic]) if whole else {}
         for partition in partitions_of(consumer, topic):
             low, high = watermarks(consumer, topic, partition)
-            found += read_range(consumer, topic, partition, low, high)
+            high = ends.get((topic, partition), high)
+            found += read_range(
+                consumer, topic, partition, low, high, stop_at_open=not whole
+            )
         return found
+    except Stalled as error:
+        raise DeadLetterError(
+            f"reading {topic}: a transaction is still open there; try again"
+        ) from error
     except KafkaException as error:
         raise DeadLetterError(f"reading {topic}: {error}") from error
     finally:
@@ -107,9 +125,10 @@ def ensure_actions_topic(settings: Settings) -> None:
     )
 
 
-def read_actions(settings: Settings) -> list[Action]:
+def read_actions(settings: Settings, *, whole: bool = False) -> list[Action]:
     """Every operator action, oldest first (none before the first: the topic is
-    made by the first action, not by reading)."""
+    made by the first action, not by reading). ``whole``: every action committed
+    when it was called, or ``DeadLetterError``."""
     try:
         present = admin_client(settings).list_topics(timeout=30).topics
     except KafkaException as error:
@@ -118,37 +137,85 @@ def read_actions(settings: Settings) -> list[Action]:
         return []
     return [
         Action.from_json(message.value() or b"{}")
-        for message in _read(settings, settings.topics.operator_actions, "console")
+        for message in _read(
+            settings, settings.topics.operator_actions, "console", whole=whole
+        )
     ]
+
+
+# What a producer reports when another with its transactional id took over.
+FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+
+class Raced(ActionRefused):
+    """Another process acted on the same dead-letter topic meanwhile (its producer
+    fenced this one's): nothing was produced."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            409,
+            "another operator acted on this dead-letter topic at the same time; "
+            "nothing was done, look again",
+        )
+
+
+def transactional_id(settings: Settings, topic: str) -> str:
+    """The one transactional id of every action on dead-letter ``topic``, in every
+    process: a new producer with it fences the one before (see ``Operations``)."""
+    return f"{settings.app_id}-operator-{topic}"
 
 
 class Operations:
     """Re-drives and discards, each in one Kafka transaction with its action record:
     a re-driven record is never without the action that produced it, nor the other
-    way round. One at a time per process: the check that a record is still open and
-    the action are not interleaved with another's."""
+    way round.
+
+    Actions on one dead-letter topic are serialised across processes by Kafka's
+    fencing: each starts a producer with the topic's transactional id
+    (``transactional_id``) before it checks that its records are open. Starting it
+    completes the transaction of any earlier producer with that id (a commit under
+    way is finished, an open one aborted) and fences that producer, so the actions
+    read next hold every action ever committed on the topic, and a producer started
+    in between makes this one's commit fail: then nothing was produced, and the action
+    is refused (409, ``Raced``). Within a process, one action at a time."""
 
     def __init__(self, settings: Settings, clock: Callable[[], datetime]) -> None:
         self.settings = settings
         self.clock = clock
         self._lock = threading.Lock()
-        self._producer: Producer | None = None
+        self._topic_made = False
 
-    def _transactional(self) -> Producer:
-        if self._producer is None:
+    @contextlib.contextmanager
+    def _transactional(self, transactional: str) -> Iterator[Producer]:
+        """A producer with transactions initialised under ``transactional`` (any
+        earlier one with that id is fenced and its transaction ended), closed after."""
+        if not self._topic_made:
             ensure_actions_topic(self.settings)
-            producer = Producer(
-                {
-                    **self.settings.producer_config(),
-                    "transactional.id": (
-                        f"{self.settings.app_id}-operator-{uuid.uuid4().hex}"
-                    ),
-                    "transaction.timeout.ms": 60_000,
-                }
-            )
+            self._topic_made = True
+        producer = Producer(
+            {
+                **self.settings.producer_config(),
+                "transactional.id": transactional,
+                "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+            }
+        )
+        try:
             producer.init_transactions(30)
-            self._producer = producer
-        return self._producer
+        except KafkaException as error:
+            producer.close()
+            raise DeadLetterError(f"starting a transaction: {error}") from error
+        try:
+            yield producer
+        except Raced:
+            # Fenced: its successor ended its transaction; close() would only try
+            # to abort it again (and warn). Dropped instead.
+            raise
+        except BaseException:
+            producer.close()
+            raise
+        producer.close()
 
     def act(
         self,
@@ -162,29 +229,46 @@ class Operations:
     ) -> list[Action]:
         """Re-drive or discard one record (``record``) or every open record of
         ``aggregate_id`` in dead-letter ``topic``, in their order; returns the
-        actions recorded. Raises ``ActionRefused`` for a record not open, and
-        ``DeadLetterError`` when Kafka failed (then nothing was done)."""
+        actions recorded. Raises ``ActionRefused`` for a record not open (``Raced``
+        when another process acted on the topic meanwhile), and ``DeadLetterError``
+        when Kafka failed (then nothing was done)."""
         if verb == "discard" and record is None:
             raise ActionRefused(400, "a discard names one record")
-        with self._lock:
-            named = topic if topic is not None else _topic_of(record)
+        named = topic if topic is not None else _topic_of(record)
+        # The producer first, then the check: see the class's docstring.
+        with (
+            self._lock,
+            self._transactional(transactional_id(self.settings, named)) as producer,
+        ):
             letters = read_dead_letters(self.settings, [named])
-            decided = standings(read_actions(self.settings))
+            decided = standings(read_actions(self.settings, whole=True))
             targets = chosen(
                 letters, decided, record=record, topic=topic, aggregate_id=aggregate_id
             )
-            producer = self._transactional()
-            try:
-                producer.begin_transaction()
-                actions = [
+            return self._commit(
+                producer,
+                verb,
+                lambda: [
                     self._one(producer, verb, operator, reason, letter)
                     for letter in targets
-                ]
-                producer.commit_transaction(30)
-            except KafkaException as error:
-                self._abort(producer)
-                raise DeadLetterError(f"{verb}: {error}") from error
+                ],
+            )
+
+    def _commit(
+        self, producer: Producer, verb: Verb, produce: Callable[[], list[Action]]
+    ) -> list[Action]:
+        """What ``produce`` produces, in one transaction; its actions once committed."""
+        try:
+            producer.begin_transaction()
+            actions = produce()
+            producer.commit_transaction(30)
             return actions
+        except KafkaException as error:
+            if _fenced(error):
+                raise Raced() from error
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(30)
+            raise DeadLetterError(f"{verb}: {error}") from error
 
     def _one(
         self,
@@ -207,7 +291,7 @@ class Operations:
                 headers=list(out.headers),
                 on_delivery=lambda error, message: landed.append((error, message)),
             )
-            producer.flush(30)
+            _flush(producer)
             if not landed or landed[0][0] is not None:
                 raise KafkaException(landed[0][0] if landed else "not delivered")
             message = landed[0][1]
@@ -229,33 +313,44 @@ class Operations:
         return action
 
     def record(self, action: Action) -> None:
-        """Keep an action that produces nothing itself (a replay's start)."""
-        with self._lock:
-            producer = self._transactional()
-            try:
-                producer.begin_transaction()
-                producer.produce(
-                    self.settings.topics.operator_actions,
-                    action.to_json(),
-                    key=action.record.encode(),
-                )
-                producer.commit_transaction(30)
-            except KafkaException as error:
-                self._abort(producer)
-                raise DeadLetterError(f"{action.verb}: {error}") from error
+        """Keep an action that produces nothing itself (a replay's start). Nothing
+        is checked first, so no other process need be fenced: the transactional id
+        is the action's own."""
+        with (
+            self._lock,
+            self._transactional(
+                f"{self.settings.app_id}-operator-{action.action_id}"
+            ) as producer,
+        ):
+            self._commit(producer, action.verb, lambda: [self._keep(producer, action)])
 
-    def _abort(self, producer: Producer) -> None:
-        try:
-            producer.abort_transaction(30)
-        except KafkaException:
-            # A producer that cannot abort is dropped; the next action starts a
-            # new one, whose transactional id is new (the broker aborts the old).
-            self._producer = None
+    def _keep(self, producer: Producer, action: Action) -> Action:
+        producer.produce(
+            self.settings.topics.operator_actions,
+            action.to_json(),
+            key=action.record.encode(),
+        )
+        return action
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(10)
-            self._producer = None
+        """Nothing is held between actions: each has a producer of its own."""
+
+
+def _flush(producer: Producer) -> None:
+    try:
+        producer.flush(30)
+    except SystemError as error:
+        # A producer fenced meanwhile raises the fatal KafkaException from flush()
+        # while it runs the delivery callback, which then surfaces as a SystemError
+        # chained to it (confluent-kafka 2.16): the KafkaException is the answer.
+        if isinstance(error.__cause__, KafkaException):
+            raise error.__cause__ from None
+        raise
+
+
+def _fenced(error: KafkaException) -> bool:
+    found = error.args[0] if error.args else None
+    return isinstance(found, KafkaError) and found.code() in FENCED
 
 
 def _topic_of(record: str | None) -> str:

@@ -9,19 +9,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, IsolationLevel, TopicPartition
-
-# OffsetSpec is documented as confluent_kafka.admin's, which imports it without
-# re-exporting it explicitly (attr-defined under strict), and leaves it untyped.
-from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
+from confluent_kafka import Consumer, TopicPartition
 
 from app.adapters.topics import (
     TP,
     KafkaRecord,
-    admin_client,
-    partitions_of,
     read_range,
     reader,
+    stable_ends,
     watermarks,
 )
 from app.settings import Settings
@@ -116,24 +111,6 @@ class LiveFeed:
             log.exception("push feed stopped")
         finally:
             consumer.close()
-
-
-def stable_ends(settings: Settings, topics: list[str]) -> dict[TP, int]:
-    """Each partition's last stable offset: the end a read_committed reader sees
-    (an open transaction's records lie above it)."""
-    admin = admin_client(settings)
-    wanted = {
-        TopicPartition(topic, partition): OffsetSpec.latest()  # type: ignore[no-untyped-call]
-        for topic in topics
-        for partition in partitions_of(admin, topic)
-    }
-    futures = admin.list_offsets(
-        wanted, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=30
-    )
-    return {
-        (tp.topic, tp.partition): int(future.result().offset)
-        for tp, future in futures.items()
-    }
 
 
 def read_backlog(

@@ -16,18 +16,21 @@ from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
 
-# ConfigResource and NewTopic are documented as confluent_kafka.admin's, which
-# imports them without re-exporting them explicitly (attr-defined under strict).
+# ConfigResource, NewTopic and OffsetSpec are documented as confluent_kafka.admin's,
+# which imports them without re-exporting them explicitly (attr-defined under
+# strict), and leaves OffsetSpec untyped.
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     ConfigResource,
     NewTopic,
+    OffsetSpec,
 )
 
 from app.settings import AGGREGATES, Settings
@@ -315,6 +318,35 @@ def watermarks(
             time.sleep(0.2)
 
 
+def stable_ends(settings: Settings, topics: list[str]) -> dict[TP, int]:
+    """Each partition's last stable offset: the end a read_committed reader sees
+    (an open transaction's records lie above it)."""
+    return _ends(settings, topics, IsolationLevel.READ_COMMITTED)
+
+
+def log_ends(settings: Settings, topics: list[str]) -> dict[TP, int]:
+    """Each partition's log end, open transactions' records included: records that
+    other producers committed after a transaction still open began lie between the
+    last stable offset and here."""
+    return _ends(settings, topics, IsolationLevel.READ_UNCOMMITTED)
+
+
+def _ends(
+    settings: Settings, topics: list[str], isolation: IsolationLevel
+) -> dict[TP, int]:
+    admin = admin_client(settings)
+    wanted = {
+        TopicPartition(topic, partition): OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        for topic in topics
+        for partition in partitions_of(admin, topic)
+    }
+    futures = admin.list_offsets(wanted, isolation_level=isolation, request_timeout=30)
+    return {
+        (tp.topic, tp.partition): int(future.result().offset)
+        for tp, future in futures.items()
+    }
+
+
 # The longest a transaction of Streamfold's stays open (the processor's
 # transaction timeout) and a margin for the broker's abort of it.
 OPEN_TRANSACTION_WAIT_S = 15.0
@@ -331,6 +363,8 @@ def read_range(
     start: int,
     end: int,
     wait_s: float = OPEN_TRANSACTION_WAIT_S,
+    *,
+    stop_at_open: bool = True,
 ) -> Iterator[Message]:
     """The records a read_committed ``consumer`` (assigned here) finds in
     ``[start, end)`` of one partition, in offset order.
@@ -339,7 +373,7 @@ def read_range(
     markers partition by partition, so a record elsewhere can be readable a moment
     before this one is. After ``wait_s`` without progress it stops if it reached the
     last stable offset (a transaction left open, which the broker will abort) and
-    raises ``Stalled`` if it never did."""
+    raises ``Stalled`` if it never did (or, without ``stop_at_open``, either way)."""
     if start >= end:
         return
     tp = TopicPartition(topic, partition, start)
@@ -361,7 +395,7 @@ def read_range(
             if reached >= end:
                 return
             if time.monotonic() > deadline:
-                if at_end:
+                if at_end and stop_at_open:
                     return
                 raise Stalled(
                     KafkaError(
