@@ -27,7 +27,7 @@ from app.adapters.deadletters import (
     read_dead_letters,
     transactional_id,
 )
-from app.adapters.saga_io import inbox_topic
+from app.adapters.topics import inbox_topic
 from app.audit import read_topic
 from app.client import CommandClient
 from app.deadletters import REDRIVEN_FROM, Action, ActionRefused, record_id
