@@ -27,6 +27,7 @@ import argparse
 import json
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -105,11 +106,21 @@ def burst(base: Settings, run: str, size: int, *, kill: bool) -> Burst:
             worker.stop(kill=True)
             killed_at = time.monotonic() - started
             answered = len(listener.arrived)
-            worker.start(timeout=180)
-            ready_at = time.monotonic() - started
+            # The restarted worker answers commands before its web server is up
+            # (its write processes start first): both are timed.
+            ready: list[float] = []
+
+            def restart() -> None:
+                worker.start(timeout=180)
+                ready.append(time.monotonic() - started)
+
+            restarting = threading.Thread(target=restart, daemon=True)
+            restarting.start()
             while len(listener.arrived) == answered:
                 time.sleep(0.01)
             resumed_at = time.monotonic() - started
+            restarting.join(180)
+            ready_at = ready[0] if ready else None
         finished = listener.wait_for(ids, timeout=900)
         seconds = finished - started
     finally:
