@@ -341,6 +341,7 @@ class EventStore:
 
 TP = tuple[str, int]
 Indexed = tuple[list[tuple[dict[str, Any], dict[str, Any]]], dict[TP, int]]
+SEED_PAGE = 1_000
 
 
 async def indexed_below(
@@ -372,7 +373,10 @@ async def indexed_below(
         if not enough(reached):
             return reached, None
         below = {tp: min(end, reached.get(tp, 0)) for tp, end in ends.items()}
-        async with conn.cursor(row_factory=dict_row) as rows:
+        events = []
+        # Page by page (a long stream's rows are parsed and upcast between waits
+        # for the next page, not all in one step of the caller's event loop).
+        async with conn.cursor("push_seed", row_factory=dict_row) as rows:
             await rows.execute(
                 "SELECT e.record_name, e.data_version, e.data, e.metadata"
                 " FROM event_log e JOIN unnest(%s::text[], %s::int[], %s::bigint[])"
@@ -386,12 +390,14 @@ async def indexed_below(
                     aggregate_id,
                 ),
             )
-            found = await rows.fetchall()
-    catalog = _catalog()
-    events = []
-    for row in found:
-        meta = dict(row["metadata"])
-        # Stored as JSON: the ISO 8601 text of the datetime the codec gave.
-        meta["timestamp"] = datetime.fromisoformat(meta["timestamp"])
-        events.append((meta, _data(catalog, row)))
+            while page := await rows.fetchmany(SEED_PAGE):
+                events += [_as_decoded(row) for row in page]
     return reached, (events, below)
+
+
+def _as_decoded(row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An indexed event's (metadata, data) as the codec gives them."""
+    meta = dict(row["metadata"])
+    # Stored as JSON: the ISO 8601 text of the datetime the codec gave.
+    meta["timestamp"] = datetime.fromisoformat(meta["timestamp"])
+    return meta, _data(_catalog(), row)

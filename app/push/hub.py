@@ -438,8 +438,10 @@ class Hub:
         if found is None:
             return seeds
         events, below = found
-        for metadata, data in events:
+        for n, (metadata, data) in enumerate(events, 1):
             subscription.fold(PushedEvent(metadata, data, {}))
+            if n % 1_000 == 0:
+                await asyncio.sleep(0)  # a long stream: let the feed in between
         self.seeded["from_index"] += 1
         self.seeded["index_events"] += len(events)
         return {
