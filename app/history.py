@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime
 from types import MappingProxyType, ModuleType
@@ -341,6 +341,9 @@ class EventStore:
 
 TP = tuple[str, int]
 Indexed = tuple[list[tuple[dict[str, Any], dict[str, Any]]], dict[TP, int]]
+# An aggregate's events below a position, from the index (``ReadSide.index_below``,
+# which the WebSocket push seeds views with); None when there is none to read.
+IndexSeed = Callable[[str, Mapping[TP, int]], Awaitable[Indexed | None]]
 SEED_PAGE = 1_000
 
 

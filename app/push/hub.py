@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,7 @@ from app.adapters.eventlog import partition_for
 from app.adapters.livefeed import LiveFeed, read_backlog
 from app.adapters.topics import KafkaRecord
 from app.domain import accounts, orders
-from app.history import Indexed
+from app.history import IndexSeed
 from app.projections import views
 from app.push import protocol
 from app.push.protocol import TP, BadRequest, Cursor, Filter, Subscribe
@@ -53,9 +53,6 @@ Backlog = Callable[
     [Settings, Mapping[TP, tuple[int, int]], Callable[[KafkaRecord], Any]],
     tuple[list[tuple[KafkaRecord, Any]], dict[TP, int]],
 ]
-# An aggregate's events below a position, from the event-log index
-# (``ReadSide.index_below``); None when there is none to read.
-IndexSeed = Callable[[str, Mapping[TP, int]], Awaitable[Indexed | None]]
 FOLDS = {"order": views.fold_order, "account": views.fold_account}
 EVENT_TYPES = frozenset(cls.__name__ for cls in (*orders.EVENTS, *accounts.EVENTS))
 
