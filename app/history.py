@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import typing
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime
 from types import MappingProxyType, ModuleType
@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -152,6 +153,11 @@ class EventLogProjection:
     handlers = MappingProxyType({"*": index_event})
 
 
+def _data(catalog: SchemaCatalog, row: Mapping[str, Any]) -> dict[str, Any]:
+    """An indexed event's data, upcast from the version it is stored as."""
+    return catalog.upcast(row["record_name"], row["data_version"], row["data"])
+
+
 @functools.cache
 def _catalog() -> SchemaCatalog:
     """One parsed catalog per process."""
@@ -202,7 +208,7 @@ class EventStore:
 
     def _event(self, row: dict[str, Any]) -> HistoricEvent:
         meta = row["metadata"]
-        data = self.catalog.upcast(row["record_name"], row["data_version"], row["data"])
+        data = _data(self.catalog, row)
         # The other fields are the columns of the same names (see _COLUMNS).
         columns = {f.name: row[f.name] for f in fields(HistoricEvent) if f.name in row}
         return HistoricEvent(
@@ -329,3 +335,72 @@ class EventStore:
                 _jsonb(mapper.to_dict(state)),
             ),
         )
+
+
+# -- an aggregate's events below a position of the log (the WebSocket push) -----------
+
+TP = tuple[str, int]
+Indexed = tuple[list[tuple[dict[str, Any], dict[str, Any]]], dict[TP, int]]
+# An aggregate's events below a position, from the index (``ReadSide.index_below``,
+# which the WebSocket push seeds views with); None when there is none to read.
+IndexSeed = Callable[[str, Mapping[TP, int]], Awaitable[Indexed | None]]
+SEED_PAGE = 1_000
+
+
+async def indexed_below(
+    conn: AsyncConnection[Any],
+    aggregate_id: str,
+    ends: Mapping[TP, int],
+    enough: Callable[[dict[TP, int]], bool],
+) -> tuple[dict[TP, int], Indexed | None]:
+    """How far the index has got on each partition of ``ends`` (its projection's
+    positions, committed with its rows) and, when that is ``enough``, from the same
+    snapshot: the events of ``aggregate_id`` below both that and ``ends`` there, as
+    (metadata, data) as the codec gives them (data upcast, the timestamp a
+    datetime), in offset order per partition, with the offset below which they
+    are all, per partition. Reads only the aggregate's own rows."""
+    async with conn.transaction():
+        # One snapshot: a replay's switch between the two reads would pair the
+        # positions of one index with the rows of another.
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur = await conn.execute(
+            "SELECT topic, partition, next_offset FROM projection_positions"
+            " WHERE projection = %s AND topic = ANY(%s)",
+            (EventLogProjection.name, sorted({topic for topic, _ in ends})),
+        )
+        reached = {
+            (str(t), int(p)): int(o)
+            for t, p, o in await cur.fetchall()
+            if (t, p) in ends
+        }
+        if not enough(reached):
+            return reached, None
+        below = {tp: min(end, reached.get(tp, 0)) for tp, end in ends.items()}
+        events = []
+        # Page by page (a long stream's rows are parsed and upcast between waits
+        # for the next page, not all in one step of the caller's event loop).
+        async with conn.cursor("push_seed", row_factory=dict_row) as rows:
+            await rows.execute(
+                "SELECT e.record_name, e.data_version, e.data, e.metadata"
+                " FROM event_log e JOIN unnest(%s::text[], %s::int[], %s::bigint[])"
+                " AS b(topic, part, below) ON e.topic = b.topic AND e.partition = b.part"
+                ' WHERE e.aggregate_id = %s AND e."offset" < b.below'
+                ' ORDER BY e.topic, e.partition, e."offset"',
+                (
+                    [t for t, _ in below],
+                    [p for _, p in below],
+                    list(below.values()),
+                    aggregate_id,
+                ),
+            )
+            while page := await rows.fetchmany(SEED_PAGE):
+                events += [_as_decoded(row) for row in page]
+    return reached, (events, below)
+
+
+def _as_decoded(row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An indexed event's (metadata, data) as the codec gives them."""
+    meta = dict(row["metadata"])
+    # Stored as JSON: the ISO 8601 text of the datetime the codec gave.
+    meta["timestamp"] = datetime.fromisoformat(meta["timestamp"])
+    return meta, _data(_catalog(), row)

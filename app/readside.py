@@ -20,7 +20,7 @@ from app.projections.process import ProjectionProcess
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.history import EventStore, HistoricEvent
+    from app.history import TP, EventStore, HistoricEvent, Indexed
 
 log = logging.getLogger("streamfold.query")
 
@@ -31,6 +31,14 @@ AREA_OF_TYPE = {"order": "orders", "account": "accounts"}
 # The "area" of the views over the event-log index, which wait for it (see
 # ``ReadSide.wait_for_index``).
 INDEX = "index"
+# How far below a subscription's position the event-log index may stop for good:
+# its position is the offset after the last event it applied, so a transaction's
+# commit marker (or an aborted transaction's records) after it is never passed.
+# Once the index stands still within this many offsets, the rest is read from the
+# log (see ``ReadSide.index_below``).
+SETTLED_GAP = 64
+# The first pause between looks at the index's position; it doubles up to the last.
+INDEX_POLL_S = (0.02, 0.5)
 
 
 class ReadSide:
@@ -104,6 +112,51 @@ class ReadSide:
         return await self.wait_for(
             AREA_OF_TYPE[kind], params, projection=EventLogProjection.name
         )
+
+    async def index_below(
+        self, aggregate_id: str, ends: Mapping[TP, int]
+    ) -> Indexed | None:
+        """The events of ``aggregate_id`` below ``ends`` (per partition, the next
+        offset of a subscription's position) from the event-log index, for the
+        WebSocket push to fold the aggregate's view from: waits (as read-your-
+        writes does, at most STREAMFOLD_QUERY_WAIT) until the index has passed
+        ``ends``, or has stopped within ``SETTLED_GAP`` of them; then gives what
+        it holds below both, with, per partition, the offset below which that is
+        all (the log holds the rest). None when the index projection does not run
+        in this worker or Postgres could not be read: then the log is read."""
+        from psycopg import Error
+
+        from app.history import EventLogProjection, indexed_below
+
+        if EventLogProjection.name not in self.projections.names or not ends:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.query_wait_s
+        pause, longest = INDEX_POLL_S
+        before: dict[TP, int] | None = None
+
+        def enough(reached: dict[TP, int]) -> bool:
+            left = [end - reached.get(tp, 0) for tp, end in ends.items()]
+            return (
+                max(left) <= 0
+                or (reached == before and max(left) <= SETTLED_GAP)
+                or loop.time() >= deadline
+            )
+
+        try:
+            while True:
+                async with (await self.pool()).connection() as conn:
+                    reached, found = await indexed_below(
+                        conn, aggregate_id, ends, enough
+                    )
+                if found is not None:
+                    return found
+                before = reached
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                pause = min(pause * 2, longest)
+        except Error as error:  # a pool timeout too
+            log.warning("push: the event-log index could not be read: %s", error)
+            return None
 
 
 def status_document(settings: Settings, read: ReadSide) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def build(settings: Settings, write: WriteProcess) -> Worker:
         saga_agents.register_view(app, settings)
     ensure_changelogs(settings, app)
     read = ReadSide(settings, settings.projections)
-    pushed = push.attach(app, settings, codec)
+    pushed = push.attach(app, settings, codec, read.index_below)
     readside.attach(app, settings, read, write.status, pushed.status)
     graphql.register(app, settings, read, api, codec, table)
     # A codec of its own: the console decodes in threads, beside the agents' loop.

@@ -8,7 +8,9 @@ full is closed (``TOO_SLOW``) rather than waited for, so a slow client never slo
 the feed or the other clients. A subscription that resumes from a position reads
 its backlog with a reader of its own first (see ``app.push.protocol``); one to an
 aggregate that starts after the log's start first folds the aggregate's view from
-its earlier events, so that every event it is sent carries the view after it.
+its earlier events, so that every event it is sent carries the view after it: read
+from the event-log index in Postgres (``ReadSide.index_below``), or from the log
+where the index does not run or lags.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from app.adapters.eventlog import partition_for
 from app.adapters.livefeed import LiveFeed, read_backlog
 from app.adapters.topics import KafkaRecord
 from app.domain import accounts, orders
+from app.history import IndexSeed
 from app.projections import views
 from app.push import protocol
 from app.push.protocol import TP, BadRequest, Cursor, Filter, Subscribe
@@ -126,7 +129,8 @@ class Subscription:
         """For a subscription to an aggregate, the ranges of the log below its
         cursor that hold the aggregate's earlier events (its partition of each
         event topic, from the start): what its view is folded from before the
-        first event is sent. Empty when the cursor is at the log's start."""
+        first event is sent, from the event-log index where it can be
+        (``Hub._seed_from_index``). Empty when the cursor is at the log's start."""
         if self.filter.field != "aggregate_id":
             return {}
         key = self.filter.value.encode()
@@ -190,11 +194,19 @@ class Hub:
     """The worker's push connections, their subscriptions, and the feed."""
 
     def __init__(
-        self, settings: Settings, codec: Codec, read: Backlog = read_backlog
+        self,
+        settings: Settings,
+        codec: Codec,
+        read: Backlog = read_backlog,
+        index: IndexSeed | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
         self.read = read
+        self.index = index
+        # Views seeded from the index, the events read there, and the offsets of
+        # the log read for seeds (where the index does not run or lags).
+        self.seeded = {"from_index": 0, "index_events": 0, "log_offsets": 0}
         self.partitions = {
             settings.topics.events(area): settings.partitions for area in AGGREGATES
         }
@@ -366,12 +378,17 @@ class Hub:
         loop = asyncio.get_running_loop()
         try:
             seeds = subscription.seeds(self.partitions)
+            if seeds:
+                seeds = await self._seed_from_index(subscription, seeds)
             while seeds and not connection.closed:
                 found, reached = await loop.run_in_executor(
                     self._backlogs, self.read, self.settings, seeds, wanted
                 )
                 for _, event in found:
                     subscription.fold(event)
+                self.seeded["log_offsets"] += sum(
+                    reached.get(tp, start) - start for tp, (start, _) in seeds.items()
+                )
                 seeds = {
                     tp: (reached.get(tp, start), end)
                     for tp, (start, end) in seeds.items()
@@ -405,6 +422,30 @@ class Hub:
                     )
                 )
             )
+
+    async def _seed_from_index(
+        self, subscription: Subscription, seeds: dict[TP, tuple[int, int]]
+    ) -> dict[TP, tuple[int, int]]:
+        """Fold the view from the aggregate's events the event-log index holds in
+        ``seeds``; the ranges left to read from the log (all without an index)."""
+        if self.index is None:
+            return seeds
+        ends = {tp: end for tp, (_, end) in seeds.items()}
+        found = await self.index(subscription.filter.value, ends)
+        if found is None:
+            return seeds
+        events, below = found
+        for n, (metadata, data) in enumerate(events, 1):
+            subscription.fold(PushedEvent(metadata, data, {}))
+            if n % 1_000 == 0:
+                await asyncio.sleep(0)  # a long stream: let the feed in between
+        self.seeded["from_index"] += 1
+        self.seeded["index_events"] += len(events)
+        return {
+            tp: (below.get(tp, start), end)
+            for tp, (start, end) in seeds.items()
+            if below.get(tp, start) < end
+        }
 
     def _wanted(self, chosen: Filter, record: KafkaRecord) -> PushedEvent | None:
         """The event, decoded, if ``chosen`` matches it (in a backlog's thread)."""
@@ -448,6 +489,7 @@ class Hub:
             "connections": len(self.connections),
             "subscriptions": sum(len(c.subscriptions) for c in self.connections),
             "dropped": self.dropped,
+            "seeded": dict(self.seeded),
             "feed": Cursor(self.live).as_json() if self.live else None,
         }
 
@@ -462,9 +504,12 @@ async def _shut(socket: web.WebSocketResponse, code: int, reason: str) -> None:
         )
 
 
-def attach(app: faust.App, settings: Settings, codec: Codec) -> Hub:
-    """Serve ``GET /ws`` on the worker's web server; the hub behind it."""
-    hub = Hub(settings, codec)
+def attach(
+    app: faust.App, settings: Settings, codec: Codec, index: IndexSeed | None = None
+) -> Hub:
+    """Serve ``GET /ws`` on the worker's web server; the hub behind it, which seeds
+    views from ``index`` where it can."""
+    hub = Hub(settings, codec, index=index)
 
     async def push(view: Any, request: Any) -> Any:
         socket = web.WebSocketResponse(

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from confluent_kafka import Producer
 from websockets.asyncio.client import ClientConnection, connect
@@ -25,6 +26,7 @@ from app.domain.orders import ShipOrder
 from app.local import deployments
 from app.local.process import Daemon
 from app.push.hub import TOO_SLOW, TRY_AGAIN_LATER
+from app.readside import ReadSide
 from app.settings import Settings
 from app.waiting import eventually
 from app.workload import deposit, payment
@@ -57,10 +59,13 @@ class Pushing:
 
 @pytest.fixture(scope="module")
 def pushing(registry_settings: Settings) -> Iterator[Pushing]:
-    """One worker for the module, with small limits so that tests reach them."""
+    """One worker for the module, with small limits so that tests reach them. Of
+    the projections only the event-log index runs: aggregate subscriptions' views
+    are seeded from it (waiting for it as long as a test may wait)."""
     settings = dataclasses.replace(
         deployments.create(registry_settings),
-        projections=(),
+        projections=("event_log",),
+        query_wait_s=WAIT_S,
         saga=False,
         ws_queue=1_000,
         ws_max_subscriptions=3,
@@ -119,6 +124,26 @@ def sent(settings: Settings, *commands: Any, **envelope: Any) -> None:
     with CommandClient(settings) as client:
         for command in commands:
             assert client.send(command, timeout=WAIT_S, **envelope).accepted
+
+
+def opened(account: str) -> tuple[Any, ...]:
+    """Open ``account`` and deposit 1, then 2."""
+    return (
+        OpenAccount(account_id=account, owner_id="o", currency="USD"),
+        deposit(account, 1, "t1"),
+        deposit(account, 2, "t2"),
+    )
+
+
+def indexed(settings: Settings, account: str, count: int) -> None:
+    """Wait until the event-log index has ``count`` events of ``account``."""
+    base = f"http://{settings.web_host}:{settings.web_port}"
+    shown = get_until(
+        f"{base}/query/history/{account}?type=account",
+        lambda r: r.status_code == 200 and len(r.json()["events"]) == count,
+        WAIT_S,
+    )
+    assert len(shown.json()["events"]) == count, shown.text
 
 
 def ids() -> tuple[str, str]:
@@ -358,6 +383,119 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
     asyncio.run(scenario())
 
 
+def test_a_view_is_seeded_from_the_index_not_the_partition(pushing: Pushing) -> None:
+    """A subscription made from now after an account's first events, in a
+    partition that holds thousands of another account's events below them: its
+    view is folded from the account's own events in the event-log index, and not
+    one offset of the log is read for it."""
+    settings = pushing.settings
+    account, other = ids()
+    topic = settings.topics.events("accounts")
+    partition = partition_for(account.encode(), settings.partitions)
+    crowd = encode_events(
+        codec_for(settings),
+        topic,
+        domain_events(
+            accounts,
+            accounts.AGGREGATE_TYPE,
+            [
+                OpenAccount(account_id=other, owner_id="o", currency="USD"),
+                *(deposit(other, 1, f"t{n}") for n in range(3_000)),
+            ],
+            start=datetime.now(UTC),
+        ),
+    )
+    producer = Producer(settings.producer_config())
+    for record in crowd:
+        producer.produce(
+            topic, record.value, record.key, partition=partition, headers=record.headers
+        )
+    assert producer.flush(30) == 0
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with connect(pushing.url) as socket:
+            client = Client(socket)
+            await client.ask(type="subscribe", id="w", aggregate_id=account)
+            await asyncio.to_thread(
+                sent,
+                settings,
+                *opened(account),
+            )
+            # The feed has handed over the account's events, and the index has
+            # them: the cursor below is past them, and the index there.
+            await client.until("w", 3)
+            await asyncio.to_thread(indexed, settings, account, 3)
+            ack = await client.ask(type="subscribe", id="s", aggregate_id=account)
+            assert ack["type"] == "ack"
+            await asyncio.to_thread(sent, settings, deposit(account, 3, "t3"))
+            got = await client.until("s", 1)
+            return ack, got
+
+    seeded = pushing.status()["seeded"]
+    ack, got = asyncio.run(scenario())
+    delta = {k: v - seeded[k] for k, v in pushing.status()["seeded"].items()}
+    # More than 3,000 offsets of the partition lie below the cursor.
+    assert ack["position"][topic][str(partition)] > 3_000
+    assert versions(got) == [4]
+    assert_views(got)
+    # Both subscriptions were seeded from the index: the watcher's with nothing
+    # (the account had no events yet), the other's with the account's three.
+    assert delta == {"from_index": 2, "index_events": 3, "log_offsets": 0}
+
+
+def test_the_index_gives_an_aggregates_events_below_a_position(
+    pushing: Pushing,
+) -> None:
+    """``ReadSide.index_below`` on the module's index: the aggregate's events
+    below the position, or, past the wait, below where the index has got; nothing
+    (the log is read) where the index does not run."""
+    settings = pushing.settings
+    account, _ = ids()
+    sent(
+        settings,
+        *opened(account),
+    )
+    indexed(settings, account, 3)
+    with psycopg.connect(settings.query_database_url) as conn:
+        rows = conn.execute(
+            'SELECT topic, partition, "offset" FROM event_log'
+            ' WHERE aggregate_id = %s ORDER BY "offset"',
+            (account,),
+        ).fetchall()
+    [tp] = {(str(t), int(p)) for t, p, _ in rows}
+    offsets = [int(o) for _, _, o in rows]
+
+    async def ask() -> list[Any]:
+        waiting = ReadSide(settings, ("event_log",))
+        # Not waiting at all: what the index holds when asked.
+        hurried = ReadSide(
+            dataclasses.replace(settings, query_wait_s=0.0), ("event_log",)
+        )
+        without = ReadSide(settings, ())
+        try:
+            return [
+                await waiting.index_below(account, {tp: offsets[1] + 1}),
+                await waiting.index_below(account, {tp: offsets[0] + 1}),
+                await hurried.index_below(account, {tp: 10**12}),
+                await without.index_below(account, {tp: offsets[1] + 1}),
+            ]
+        finally:
+            for read in (waiting, hurried):
+                await (await read.pool()).close()
+
+    two, one, held, none = asyncio.run(ask())
+    assert [m["stream_version"] for m, _ in two[0]] == [1, 2]
+    assert two[1] == {tp: offsets[1] + 1}
+    assert [d["balance_after_minor"] for _, d in two[0][1:]] == [1]
+    assert isinstance(two[0][0][0]["timestamp"], datetime)
+    assert [m["stream_version"] for m, _ in one[0]] == [1]
+    assert one[1] == {tp: offsets[0] + 1}
+    # Far past the index: all it holds, and where it stood (the log from there).
+    assert [m["stream_version"] for m, _ in held[0]] == [1, 2, 3]
+    assert offsets[2] < held[1][tp] < 10**12
+    assert none is None
+
+
 def test_bad_requests_get_an_error_naming_the_field(pushing: Pushing) -> None:
     settings = pushing.settings
     events = settings.topics.events("accounts")
@@ -582,9 +720,7 @@ def test_resume_across_a_worker_restart_is_exactly_once(pushing: Pushing) -> Non
             await asyncio.to_thread(
                 sent,
                 settings,
-                OpenAccount(account_id=account, owner_id="o", currency="USD"),
-                deposit(account, 1, "t1"),
-                deposit(account, 2, "t2"),
+                *opened(account),
             )
             return await client.until("s", 3)
 

@@ -17,7 +17,7 @@ from app.adapters.topics import KafkaRecord
 from app.domain import accounts
 from app.domain.accounts import OpenAccount
 from app.push import protocol
-from app.push.hub import EVENT_TYPES, TOO_SLOW, Connection, Hub
+from app.push.hub import EVENT_TYPES, TOO_SLOW, Connection, Hub, decode
 from app.push.protocol import BadRequest, Cursor, Filter, Subscribe, Unsubscribe
 from app.settings import Settings
 from app.workload import deposit
@@ -241,6 +241,29 @@ def position_of(offset: int) -> dict[str, dict[str, int]]:
     return start
 
 
+async def resumed(hub: Hub, socket: Socket, offset: int) -> asyncio.Task[None]:
+    """A connection's subscription "s" to "a-1" from ``offset`` of the account's
+    partition, once it has caught up; the connection's writer."""
+    connection = Connection(hub, socket, 1_000)  # type: ignore[arg-type]
+    hub.connections.add(connection)
+    writer = asyncio.ensure_future(connection.write_out())
+    hub.handle(
+        connection,
+        json.dumps(
+            {
+                "type": "subscribe",
+                "id": "s",
+                "aggregate_id": "a-1",
+                "from": position_of(offset),
+            }
+        ),
+    )
+    joining = connection.subscriptions["s"].catching_up
+    assert joining is not None
+    await joining
+    return writer
+
+
 def test_a_resumed_subscription_joins_the_moving_feed_exactly_once() -> None:
     """The feed moves on while the backlog is read: the hub reads again up to
     where the feed got to, then joins it; every event arrives once, in order."""
@@ -268,23 +291,7 @@ def test_a_resumed_subscription_joins_the_moving_feed_exactly_once() -> None:
 
         hub = hub_with(codec, live, read)
         socket = Socket()
-        connection = Connection(hub, socket, 1_000)  # type: ignore[arg-type]
-        hub.connections.add(connection)
-        writer = asyncio.ensure_future(connection.write_out())
-        hub.handle(
-            connection,
-            json.dumps(
-                {
-                    "type": "subscribe",
-                    "id": "s",
-                    "aggregate_id": "a-1",
-                    "from": position_of(2),
-                }
-            ),
-        )
-        joining = connection.subscriptions["s"].catching_up
-        assert joining is not None
-        await joining  # read the backlog and joined the feed
+        writer = await resumed(hub, socket, 2)  # read the backlog, joined the feed
         # Live from here on: 12 again (a repeat), then 14..18.
         await _dispatch(hub, [by_offset[o] for o in (12, 14, 16, 18)])
         await socket.until(lambda: len(socket.sent) >= 1 + 9)
@@ -314,6 +321,91 @@ def test_a_resumed_subscription_joins_the_moving_feed_exactly_once() -> None:
     assert [(e["view"]["version"], e["view"]["balance_minor"]) for e in events] == [
         (v, sum(range(1, v))) for v in range(2, 11)
     ]
+
+
+@pytest.mark.parametrize("indexed_to", [8, 4])
+def test_a_view_is_seeded_from_the_index_and_the_log_only_past_it(
+    indexed_to: int,
+) -> None:
+    """Resumed after four of the account's events: the index gives those below
+    where it has got to, and only the rest below the cursor is read from the log
+    (nothing when the index has passed the cursor), not the partition."""
+    records, codec = account_records("a-1", 9, step=2)
+    by_offset = {r.offset: r for r in records}
+    asked: list[tuple[str, dict[tuple[str, int], int]]] = []
+    ranges_read: list[dict[tuple[str, int], tuple[int, int]]] = []
+
+    async def index(aggregate_id: str, ends: Any) -> Any:
+        asked.append((aggregate_id, dict(ends)))
+        below = {tp: min(end, indexed_to) for tp, end in ends.items()}
+        events = [decode(codec, by_offset[o]) for o in range(0, indexed_to, 2)]
+        return [(e.metadata, e.data) for e in events], below
+
+    def read(settings: Any, ranges: Any, wanted: Any) -> Any:
+        ranges_read.append(dict(ranges))
+        [(tp, (start, end))] = ranges.items()
+        found = [(r, wanted(r)) for o, r in by_offset.items() if start <= o < end]
+        return [(r, f) for r, f in found if f], {tp: end}
+
+    async def scenario() -> tuple[Hub, Socket]:
+        live = {(t, p): 0 for t, n in PARTITIONS.items() for p in range(n)}
+        live[(EVENTS, 0)] = 8
+        hub = hub_with(codec, live, read)
+        hub.index = index
+        socket = Socket()
+        writer = await resumed(hub, socket, 8)
+        await _dispatch(hub, [by_offset[o] for o in range(8, 20, 2)])
+        await socket.until(lambda: len(socket.sent) >= 1 + 6)
+        writer.cancel()
+        return hub, socket
+
+    hub, socket = asyncio.run(scenario())
+    [_, *events] = socket.sent
+    # Asked for the account's events below the cursor on its partition only.
+    assert asked == [("a-1", {(EVENTS, 0): 8})]
+    assert ranges_read == ([] if indexed_to == 8 else [{(EVENTS, 0): (4, 8)}])
+    assert [(e["view"]["version"], e["view"]["balance_minor"]) for e in events] == [
+        (v, sum(range(1, v))) for v in range(5, 11)
+    ]
+    assert hub.seeded == {
+        "from_index": 1,
+        "index_events": indexed_to // 2,
+        "log_offsets": 8 - indexed_to,
+    }
+
+
+def test_without_an_index_the_seed_reads_the_log() -> None:
+    """The index does not run here (None): the partition is read below the
+    cursor, as the fallback."""
+    records, codec = account_records("a-1", 3)
+    ranges_read: list[dict[tuple[str, int], tuple[int, int]]] = []
+
+    async def no_index(aggregate_id: str, ends: Any) -> Any:
+        return None
+
+    def read(settings: Any, ranges: Any, wanted: Any) -> Any:
+        ranges_read.append(dict(ranges))
+        [(tp, (start, end))] = ranges.items()
+        return [(r, wanted(r)) for r in records if start <= r.offset < end], {tp: end}
+
+    async def scenario() -> Hub:
+        hub = hub_with(codec, {(EVENTS, 0): 3, (EVENTS, 1): 0}, read)
+        hub.index = no_index
+        connection = Connection(hub, Socket(), 10)  # type: ignore[arg-type]
+        hub.handle(
+            connection,
+            json.dumps({"type": "subscribe", "id": "s", "aggregate_id": "a-1"}),
+        )
+        joining = connection.subscriptions["s"].catching_up
+        assert joining is not None
+        await joining
+        assert connection.subscriptions["s"].view is not None
+        assert connection.subscriptions["s"].view["balance_minor"] == 3
+        return hub
+
+    hub = asyncio.run(scenario())
+    assert ranges_read == [{(EVENTS, 0): (0, 3)}]
+    assert hub.seeded == {"from_index": 0, "index_events": 0, "log_offsets": 3}
 
 
 async def _dispatch(hub: Hub, records: list[KafkaRecord]) -> None:
