@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import struct
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,11 +120,27 @@ class Subscription:
         return None if self.view is None or self.view.get("gap") else self.view
 
 
+def text_frame(data: bytes) -> bytes:
+    """``data`` as one unmasked, final WebSocket text frame (RFC 6455 5.2), as a
+    server sends it."""
+    size = len(data)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 65_536:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + data
+
+
 @dataclass(eq=False, slots=True)
 class Connection:
     hub: Hub
     socket: web.WebSocketResponse
     size: int
+    # The socket's transport, written to at once while nothing is queued and it
+    # has room; None: every message goes through the queue.
+    transport: asyncio.WriteTransport | None = None
     queue: asyncio.Queue[bytes] = field(init=False)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
@@ -135,8 +152,12 @@ class Connection:
         self.room.set()
 
     def offer(self, data: bytes) -> None:
-        """Queue ``data`` without waiting; a full queue drops the connection."""
+        """Send ``data`` without waiting: straight to the socket's transport while
+        nothing is queued before it and the transport's buffer is below its high
+        mark, else through the queue; a full queue drops the connection."""
         if self.closed:
+            return
+        if self.queue.empty() and self._write_now(data):
             return
         try:
             self.queue.put_nowait(data)
@@ -153,6 +174,23 @@ class Connection:
             self.room.clear()
             await self.room.wait()
         self.offer(data)
+
+    def _write_now(self, data: bytes) -> bool:
+        # The frame goes to the transport in one write, as aiohttp writes its own
+        # (pings, pongs, the close frame), so none is cut into another; the
+        # writer task has nothing in hand here (its queue is empty, and it writes
+        # what it takes before it awaits anything), so the order holds.
+        transport = self.transport
+        if (
+            transport is None
+            or self.socket.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            >= transport.get_write_buffer_limits()[1]
+        ):
+            return False
+        transport.write(text_frame(data))
+        return True
 
     async def write_out(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -447,7 +485,13 @@ def attach(app: faust.App, settings: Settings, codec: Codec) -> Hub:
                 b"(STREAMFOLD_WS_MAX_CONNECTIONS)",
             )
             return socket
-        connection = Connection(hub, socket, settings.ws_queue)
+        transport = request.transport
+        connection = Connection(
+            hub,
+            socket,
+            settings.ws_queue,
+            transport if isinstance(transport, asyncio.WriteTransport) else None,
+        )
         hub.connections.add(connection)
         connection.writer = asyncio.ensure_future(connection.write_out())
         try:
