@@ -12,7 +12,14 @@ taken when ``commit_transaction`` returns. Each subscriber (a ``websockets`` cli
 in this process) follows one account; the plain consumer (a thread of this process)
 reads the topic from its end. Latency is arrival minus commit, on one clock. Both
 readers share this process's cores with the producer (and the machine's with the
-worker and the broker). Results go to bench/results/push.json; not part of bench.run.
+worker and the broker).
+
+The worker's CPU (its process and any children, from /proc) is read over the
+measured window, and again over a control window of as many events at the same
+pace once every subscription is gone (the connections stay open): the worker then
+reads, folds into its views and matches the same events but pushes none, so the
+difference is what the fan-out itself costs. Results go to bench/results/push.json;
+not part of bench.run.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ from app.settings import Settings
 from app.waiting import eventually
 from app.workload import deposit
 from bench.harness import (
+    CpuSampler,
     FramedRecord,
     deployment,
     domain_events,
@@ -47,21 +57,25 @@ from bench.harness import (
     machine,
     new_codec,
     percentile,
+    process_tree,
 )
 
+# Kept in each CPU window once its events are delivered.
+SETTLE_S = 2.0
 RESULTS = Path(__file__).resolve().parent / "results" / "push.json"
 
 
 def events(
     settings: Settings, count: int, rounds: int, per_batch: int
-) -> list[list[FramedRecord]]:
-    """Round 0 opens the accounts; each later round is one deposit on each; in
+) -> tuple[list[list[FramedRecord]], list[list[FramedRecord]]]:
+    """The measured events: round 0 opens the accounts, each later round is one
+    deposit on each; then the control's, as many deposits again. Each in
     transactions of ``per_batch`` events."""
     names = [f"acc-push-{n}" for n in range(count)]
     commands: list[Any] = [
         OpenAccount(account_id=a, owner_id="o", currency="USD") for a in names
     ]
-    for r in range(rounds):
+    for r in range(2 * rounds + 1):
         commands += [deposit(a, 1, f"t{r}") for a in names]
     framed = encode_events(
         new_codec(settings),
@@ -70,7 +84,12 @@ def events(
             accounts, accounts.AGGREGATE_TYPE, commands, start=datetime.now(UTC)
         ),
     )
-    return [framed[n : n + per_batch] for n in range(0, len(framed), per_batch)]
+    measured = count * (rounds + 1)
+
+    def batches(records: list[FramedRecord]) -> list[list[FramedRecord]]:
+        return [records[n : n + per_batch] for n in range(0, len(records), per_batch)]
+
+    return batches(framed[:measured]), batches(framed[measured:])
 
 
 def append(
@@ -130,10 +149,48 @@ def plain_reader(
     return thread
 
 
+def cpu(used: dict[str, float], seconds: float, events: int) -> dict[str, Any]:
+    """The worker's CPU over a window: seconds, per event, and cores busy."""
+    spent = used.get("worker", 0.0)
+    return {
+        "cpu_s": round(spent, 3),
+        "window_s": round(seconds, 2),
+        "events": events,
+        "ms_per_event": round(1000 * spent / events, 3) if events else None,
+        "cores_busy": round(spent / seconds, 3) if seconds else None,
+    }
+
+
+def push_status(settings: Settings) -> dict[str, Any]:
+    """The worker's /status for the push."""
+    url = f"http://{settings.web_host}:{settings.web_port}/status"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        found: dict[str, Any] = json.load(answer)["push"]
+    return found
+
+
+def fed_to(settings: Settings, topic: str) -> int:
+    """How far the worker's push feed has read ``topic``, over its partitions."""
+    feed = push_status(settings)["feed"] or {}
+    return sum(int(offset) for offset in feed.get(topic, {}).values())
+
+
+def hub_cpu(settings: Settings) -> dict[str, float]:
+    """The CPU seconds the worker counts for the fan-out itself: its feed's thread,
+    and its loop handing the feed's batches out."""
+    counted = push_status(settings).get("cpu_s", {})  # none before this was counted
+    return {name: float(s) for name, s in counted.items()}
+
+
 async def measure(
-    settings: Settings, count: int, rounds: int, interval: float, per_batch: int
+    settings: Settings,
+    count: int,
+    rounds: int,
+    interval: float,
+    per_batch: int,
+    worker: Callable[[], list[int]],
 ) -> dict[str, Any]:
-    batches = events(settings, count, rounds, per_batch)
+    batches, control = events(settings, count, rounds, per_batch)
     url = f"ws://{settings.web_host}:{settings.web_port}/ws"
     pushed: dict[str, float] = {}
     plain: dict[str, float] = {}
@@ -147,23 +204,56 @@ async def measure(
         )
         assert json.loads(await socket.recv())["type"] == "ack"
 
+    left: list[str] = []
+
     async def take(socket: Any) -> None:
         async for frame in socket:
             now = time.monotonic()
             message = json.loads(frame)
             if message["type"] == "event":
                 pushed[message["metadata"]["event_id"]] = now
+            elif message["type"] == "ack" and message["request"] == "unsubscribe":
+                left.append(message["id"])
 
     readers = [asyncio.ensure_future(take(socket)) for socket in sockets]
     thread = plain_reader(settings, plain, stop)
+    meter = CpuSampler({"worker": worker})
+    hub_before = await asyncio.to_thread(hub_cpu, settings)
+    meter.start()
     committed = await asyncio.to_thread(append, settings, batches, interval)
     # Until both readers have every event (or a minute passes: the figures then
-    # say how many were delivered).
+    # say how many were delivered); then what the worker still does for them (its
+    # views' last writes) counts here too, in both windows alike.
     await asyncio.to_thread(
         eventually,
         lambda: len(pushed) >= len(committed) and len(plain) >= len(committed),
         timeout=60,
     )
+    await asyncio.sleep(SETTLE_S)
+    fanout = cpu(meter.stop(), meter.seconds, len(committed))
+    hub_after = await asyncio.to_thread(hub_cpu, settings)
+    delivered = sum(1 for e in committed if e in pushed)
+    fanout["deliveries"] = delivered
+    fanout["ms_per_delivery"] = (
+        round(1000 * fanout["cpu_s"] / delivered, 3) if delivered else None
+    )
+    hub = {name: hub_after[name] - hub_before.get(name, 0.0) for name in hub_after}
+
+    # The control: the same pace of events with no subscription left.
+    for socket in sockets:
+        await socket.send(json.dumps({"type": "unsubscribe", "id": "s"}))
+    await asyncio.to_thread(eventually, lambda: len(left) >= count, timeout=60)
+    topic = settings.topics.events("accounts")
+    before = await asyncio.to_thread(fed_to, settings, topic)
+    expected = before + sum(len(batch) for batch in control)
+    meter = CpuSampler({"worker": worker})
+    meter.start()
+    controlled = await asyncio.to_thread(append, settings, control, interval)
+    await asyncio.to_thread(
+        eventually, lambda: fed_to(settings, topic) >= expected, timeout=60, every=0.25
+    )
+    await asyncio.sleep(SETTLE_S)
+    idle = cpu(meter.stop(), meter.seconds, len(controlled))
     stop.set()
     for reader in readers:
         reader.cancel()
@@ -181,7 +271,27 @@ async def measure(
             "p99_ms": percentile(latencies, 0.99),
         }
 
-    return {"events": len(committed), "push": figures(pushed), "plain": figures(plain)}
+    extra = fanout["cpu_s"] - idle["cpu_s"] * fanout["events"] / max(1, idle["events"])
+    return {
+        "events": len(committed),
+        "push": figures(pushed),
+        "plain": figures(plain),
+        "worker_cpu": {
+            "fanout": fanout,
+            "control": idle,
+            # What the fan-out adds: the measured window's CPU less the control's
+            # for as many events.
+            "fanout_ms_per_delivery": round(1000 * extra / delivered, 3)
+            if delivered
+            else None,
+            # As the worker counts it over the measured window: its feed's thread
+            # and its loop's dispatch (matching, messages, socket writes).
+            "hub_cpu_s": {name: round(s, 3) for name, s in hub.items()},
+            "hub_ms_per_delivery": round(1000 * sum(hub.values()) / delivered, 3)
+            if delivered
+            else None,
+        },
+    }
 
 
 def main() -> None:
@@ -214,9 +324,17 @@ def main() -> None:
             ready = f"http://{settings.web_host}:{settings.web_port}/ready"
             wait_for(lambda: http_ok(ready), 120, "the worker's /ready")
             started = datetime.now(UTC)
+            pid = worker.pid()
+            if pid is None:
+                raise RuntimeError("the worker has no pid")
             result = asyncio.run(
                 measure(
-                    settings, args.subscribers, args.rounds, args.interval, per_batch
+                    settings,
+                    args.subscribers,
+                    args.rounds,
+                    args.interval,
+                    per_batch,
+                    process_tree(pid),
                 )
             )
         finally:
@@ -236,12 +354,22 @@ def main() -> None:
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    used = result["worker_cpu"]
+    fanout, idle = used["fanout"], used["control"]
     print(
         f"{result['events']} events to {args.subscribers} subscribers: push p50 "
         f"{push['p50_ms']:.1f} ms p99 {push['p99_ms']:.1f} ms ({push['delivered']} "
         f"delivered); plain read_committed consumer p50 {plain['p50_ms']:.1f} ms "
         f"p99 {plain['p99_ms']:.1f} ms ({plain['delivered']}); p99 ratio "
-        f"{result['p99_ratio']}"
+        f"{result['p99_ratio']}\n"
+        f"worker CPU: {fanout['ms_per_event']} ms per event pushed "
+        f"({fanout['ms_per_delivery']} ms per delivery, {fanout['cores_busy']} cores "
+        f"busy); {idle['ms_per_event']} ms per event with nobody subscribed "
+        f"({idle['cores_busy']} cores); the fan-out's own "
+        f"{used['fanout_ms_per_delivery']} ms per delivery by the difference, "
+        f"{used['hub_ms_per_delivery']} as the worker counts it (feed thread and "
+        f"dispatch); load average "
+        f"{' '.join(str(x) for x in result['load_average'])}"
     )
 
 

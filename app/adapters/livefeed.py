@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,6 +70,17 @@ class LiveFeed:
         )
         self._thread.start()
         return starts
+
+    def cpu_s(self) -> float:
+        """CPU seconds of the feed's thread so far (librdkafka's own threads
+        aside); 0 before it starts or once it has stopped."""
+        thread = self._thread
+        if thread is None or thread.ident is None or not thread.is_alive():
+            return 0.0
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except OSError:  # it stopped meanwhile
+            return 0.0
 
     def taken(self) -> None:
         """The event loop has dealt with one batch."""

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import struct
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -143,11 +145,27 @@ class Subscription:
         return ranges
 
 
+def text_frame(data: bytes) -> bytes:
+    """``data`` as one unmasked, final WebSocket text frame (RFC 6455 5.2), as a
+    server sends it."""
+    size = len(data)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 65_536:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + data
+
+
 @dataclass(eq=False, slots=True)
 class Connection:
     hub: Hub
     socket: web.WebSocketResponse
     size: int
+    # The socket's transport, written to at once while nothing is queued and it
+    # has room; None: every message goes through the queue.
+    transport: asyncio.WriteTransport | None = None
     queue: asyncio.Queue[bytes] = field(init=False)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
@@ -159,8 +177,12 @@ class Connection:
         self.room.set()
 
     def offer(self, data: bytes) -> None:
-        """Queue ``data`` without waiting; a full queue drops the connection."""
+        """Send ``data`` without waiting: straight to the socket's transport while
+        nothing is queued before it and the transport's buffer is below its high
+        mark, else through the queue; a full queue drops the connection."""
         if self.closed:
+            return
+        if self.queue.empty() and self._write_now(data):
             return
         try:
             self.queue.put_nowait(data)
@@ -177,6 +199,23 @@ class Connection:
             self.room.clear()
             await self.room.wait()
         self.offer(data)
+
+    def _write_now(self, data: bytes) -> bool:
+        # The frame goes to the transport in one write, as aiohttp writes its own
+        # (pings, pongs, the close frame), so none is cut into another; the
+        # writer task has nothing in hand here (its queue is empty, and it writes
+        # what it takes before it awaits anything), so the order holds.
+        transport = self.transport
+        if (
+            transport is None
+            or self.socket.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            >= transport.get_write_buffer_limits()[1]
+        ):
+            return False
+        transport.write(text_frame(data))
+        return True
 
     async def write_out(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -217,6 +256,9 @@ class Hub:
         }
         self.connections: set[Connection] = set()
         self.dropped = 0
+        # CPU seconds the loop has spent handing the feed's batches out (matching,
+        # messages, socket writes).
+        self.dispatch_cpu_s = 0.0
         self.feed: LiveFeed | None = None
         self._starting: asyncio.Future[None] | None = None
         # Backlogs are read BACKLOG_READERS at a time, in threads of their own:
@@ -258,6 +300,7 @@ class Hub:
 
     def dispatch(self, batch: list[KafkaRecord]) -> None:
         """Hand a batch of the feed to the subscriptions it matches (on the loop)."""
+        started = time.thread_time()
         try:
             for record in batch:
                 try:
@@ -272,6 +315,7 @@ class Hub:
                 tp = (record.topic, record.partition)
                 self.live[tp] = max(self.live.get(tp, 0), record.offset + 1)
         finally:
+            self.dispatch_cpu_s += time.thread_time() - started
             if self.feed is not None:
                 self.feed.taken()
 
@@ -491,6 +535,10 @@ class Hub:
             "dropped": self.dropped,
             "seeded": dict(self.seeded),
             "feed": Cursor(self.live).as_json() if self.live else None,
+            "cpu_s": {
+                "feed": round(0.0 if self.feed is None else self.feed.cpu_s(), 6),
+                "dispatch": round(self.dispatch_cpu_s, 6),
+            },
         }
 
 
@@ -527,7 +575,13 @@ def attach(
                 b"(STREAMFOLD_WS_MAX_CONNECTIONS)",
             )
             return socket
-        connection = Connection(hub, socket, settings.ws_queue)
+        transport = request.transport
+        connection = Connection(
+            hub,
+            socket,
+            settings.ws_queue,
+            transport if isinstance(transport, asyncio.WriteTransport) else None,
+        )
         hub.connections.add(connection)
         connection.writer = asyncio.ensure_future(connection.write_out())
         try:

@@ -200,6 +200,10 @@ def test_an_aggregate_subscriber_sees_its_events_once_and_no_others(
             assert first["partition"] == partition_for(mine.encode(), 4)
             resume = got[-1]["resume"][first["topic"]][str(first["partition"])]
             assert resume == got[-1]["position"]["offset"] + 1
+            # The fan-out's own CPU, as /status counts it: the feed's thread has
+            # polled, the loop has dispatched.
+            spent = (await asyncio.to_thread(pushing.status))["cpu_s"]
+            assert spent["feed"] > 0 and spent["dispatch"] > 0
 
     asyncio.run(scenario())
 

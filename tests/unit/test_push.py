@@ -450,6 +450,77 @@ def test_a_full_queue_drops_its_connection_and_no_other() -> None:
     assert [e["view"]["balance_minor"] for e in fast.sent[1:]] == [0, 1, 3, 6, 10, 15]
 
 
+class Transport:
+    """A socket's transport with ``buffered`` bytes not yet sent, recorded."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.buffered = 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16_384, 65_536)
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def frames(self) -> list[dict[str, Any]]:
+        """The text frames written, each read back from its header's length (7
+        bits, or 126 and 16 bits: these messages are below 64 KiB)."""
+        found, data = [], self.written
+        while data:
+            assert data[0] == 0x81, "a final text frame, unmasked"
+            size, start = data[1], 2
+            if size == 126:
+                size, start = int.from_bytes(data[2:4], "big"), 4
+            found.append(json.loads(data[start : start + size]))
+            data = data[start + size :]
+        return found
+
+
+def test_a_message_goes_straight_to_a_transport_with_room_else_queues_in_order() -> (
+    None
+):
+    """Nothing queued and room in the transport: the frame is written at once,
+    without the writer task. A full transport: messages queue, and the ones after
+    them queue too even once it has room, so none overtakes another."""
+    records, codec = account_records("a-1", 7)
+
+    async def scenario() -> tuple[Transport, Socket, int]:
+        hub = hub_with(codec, {(EVENTS, 0): 0, (EVENTS, 1): 0}, _no_backlog)
+        socket, transport = Socket(), Transport()
+        connection = Connection(hub, socket, 200, transport)  # type: ignore[arg-type]
+        hub.connections.add(connection)
+        hub.handle(
+            connection,
+            json.dumps({"type": "subscribe", "id": "s", "aggregate_id": "a-1"}),
+        )
+        await _dispatch(hub, records[:2])
+        transport.buffered = 65_536  # at its high mark
+        await _dispatch(hub, records[2:4])
+        transport.buffered = 0
+        await _dispatch(hub, records[4:6])
+        queued = connection.queue.qsize()
+        connection.writer = asyncio.ensure_future(connection.write_out())
+        await socket.until(lambda: len(socket.sent) >= 4)
+        await _dispatch(hub, records[6:])
+        connection.writer.cancel()
+        return transport, socket, queued
+
+    transport, socket, queued = asyncio.run(scenario())
+    assert queued == 4
+    [ack, *direct] = transport.frames()
+    assert ack["type"] == "ack"
+    versions = [e["metadata"]["stream_version"] for e in direct]
+    assert versions == [1, 2, 7, 8]
+    assert [e["metadata"]["stream_version"] for e in socket.sent] == [3, 4, 5, 6]
+
+
 def _no_backlog(*args: Any) -> Any:
     raise AssertionError("nothing is behind the feed here")
 
