@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 from app.local import deployments, postgres
 from app.local.deployments import free_port
@@ -29,6 +30,35 @@ pytest.register_assert_rewrite("tests.support")
 # Where the processes of one run (pytest-xdist's workers and their controller) note
 # which services a test process started, so the controller stops them at the end.
 RUN_DIR = "STREAMFOLD_TEST_RUN"
+
+
+class ModuleGroups(LoadScopeScheduling):
+    """``--dist loadgroup`` as meant: a module marked ``xdist_group`` (its tests share
+    a module-scoped deployment) runs whole on one test process, every other test on
+    whichever is free. pytest-xdist 3.8 tags a grouped test by rewriting its node id,
+    which pytest 9 ignores, so its own scheduler spread the groups over every process
+    (each then set the module's deployment up again); this one groups by file."""
+
+    def __init__(self, config: pytest.Config, log: object = None) -> None:
+        super().__init__(config, log)
+        self._grouped: dict[str, bool] = {}
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        if module not in self._grouped:
+            source = self.config.rootpath / module
+            self._grouped[module] = source.suffix == ".py" and (
+                "pytest.mark.xdist_group(" in source.read_text()
+            )
+        return module if self._grouped[module] else nodeid
+
+
+def pytest_xdist_make_scheduler(
+    config: pytest.Config, log: object
+) -> LoadScopeScheduling | None:
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    return ModuleGroups(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
