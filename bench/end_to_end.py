@@ -20,7 +20,6 @@ rows) passes the event's offset; ``PositionWatcher`` polls the positions table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -28,12 +27,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -214,7 +213,7 @@ class StreamfoldSystem:
         Faust agents and saga feed have committed all they consume, so what is
         measured next meets an idle worker rather than its catch-up."""
         settings = self.settings
-        url = f"http://{settings.web_host}:{settings.web_port}/status"
+        url = f"{settings.web_url}/status"
         events = [settings.topics.events(a) for a in AGGREGATES]
         # The write processes' group: commands and the saga's inbox.
         writes = [settings.topics.commands(a) for a in AGGREGATES]
@@ -222,8 +221,7 @@ class StreamfoldSystem:
         began = time.monotonic()
 
         def idle() -> bool:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                status = json.loads(response.read())
+            status = httpx.get(url, timeout=5).raise_for_status().json()
             return (
                 all(p["lag_events"] == 0 for p in status["projections"])
                 and group_lag(settings, settings.app_id, events) == 0

@@ -29,13 +29,13 @@ import asyncio
 import json
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from websockets.asyncio.client import connect
 
@@ -163,9 +163,8 @@ def cpu(used: dict[str, float], seconds: float, events: int) -> dict[str, Any]:
 
 def push_status(settings: Settings) -> dict[str, Any]:
     """The worker's /status for the push."""
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        found: dict[str, Any] = json.load(answer)["push"]
+    answer = httpx.get(f"{settings.web_url}/status", timeout=10).raise_for_status()
+    found: dict[str, Any] = answer.json()["push"]
     return found
 
 
@@ -321,7 +320,7 @@ def main() -> None:
         worker = WorkerProcess(settings, "push-bench")
         worker.start(timeout=120)
         try:
-            ready = f"http://{settings.web_host}:{settings.web_port}/ready"
+            ready = f"{settings.web_url}/ready"
             wait_for(lambda: http_ok(ready), 120, "the worker's /ready")
             started = datetime.now(UTC)
             pid = worker.pid()

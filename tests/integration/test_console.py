@@ -74,7 +74,7 @@ class Seeded:
 
     @property
     def base(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+        return self.settings.web_url
 
     @property
     def order_dlq(self) -> str:

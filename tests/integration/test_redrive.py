@@ -290,7 +290,7 @@ def test_a_saga_inbox_dead_letter_redriven_once_its_cause_is_fixed(
     }
     ConfluentRegistry(settings.schema_registry_url).register(subject, json.dumps(wrong))
     account, order = f"acc-{uuid.uuid4().hex[:8]}", f"ord-{uuid.uuid4().hex[:8]}"
-    base = f"http://{settings.web_host}:{settings.web_port}"
+    base = settings.web_url
     with running_worker(settings), CommandClient(settings) as client:
         for command in (
             OpenAccount(account_id=account, owner_id="o", currency="EUR"),

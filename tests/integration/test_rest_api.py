@@ -758,7 +758,7 @@ def test_without_a_token_writes_are_refused_and_reads_stay_open(
     deployment: Settings,
 ) -> None:
     settings = dataclasses.replace(deployment, api_tokens=())
-    base = f"http://{settings.web_host}:{settings.web_port}"
+    base = settings.web_url
     account = unique("acc")
     with serving_worker(settings, "no-token"):
         refused = httpx.post(

@@ -53,7 +53,7 @@ class Pushing:
         return f"ws://{self.settings.web_host}:{self.settings.web_port}/ws"
 
     def status(self) -> dict[str, Any]:
-        base = f"http://{self.settings.web_host}:{self.settings.web_port}"
+        base = self.settings.web_url
         return dict(httpx.get(f"{base}/status", timeout=10).json()["push"])
 
 
@@ -137,7 +137,7 @@ def opened(account: str) -> tuple[Any, ...]:
 
 def indexed(settings: Settings, account: str, count: int) -> None:
     """Wait until the event-log index has ``count`` events of ``account``."""
-    base = f"http://{settings.web_host}:{settings.web_port}"
+    base = settings.web_url
     shown = get_until(
         f"{base}/query/history/{account}?type=account",
         lambda r: r.status_code == 200 and len(r.json()["events"]) == count,
@@ -361,7 +361,7 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
         assert watched[0]["metadata"]["stream_version"] > 1
         assert_views(watched)
         # The last view is the one GET /accounts/{id} shows once it has the event.
-        base = f"http://{settings.web_host}:{settings.web_port}"
+        base = settings.web_url
         shown = await asyncio.to_thread(
             get_until,
             f"{base}/accounts/{account}",

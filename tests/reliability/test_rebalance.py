@@ -4,12 +4,11 @@ the partitions under load; a third joins, one leaves gracefully, one is killed."
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
-import urllib.request
 from collections import Counter
 
+import httpx
 import pytest
 
 from app.client import CommandClient
@@ -35,11 +34,9 @@ def _worker(settings: Settings) -> tuple[Daemon, Settings]:
 
 
 def _assignment(settings: Settings) -> set[tuple[str, int]]:
-    url = f"http://{settings.web_host}:{settings.web_port}/status"
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            document = json.load(response)
-    except OSError:
+        document = httpx.get(f"{settings.web_url}/status", timeout=2).json()
+    except httpx.HTTPError:
         return set()
     # The write side's command partitions (cooperative-sticky balances them over
     # every topic the processors read, not per topic).
