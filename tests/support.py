@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import httpx
+import psycopg
 
 from app.adapters.codec import Codec
 from app.audit import (  # noqa: F401 - re-exported for the tests
@@ -65,6 +66,14 @@ def get_until(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:
     return eventually(
         lambda: httpx.get(url, timeout=10), until, timeout=timeout, every=0.2
     )
+
+
+def query_rows(
+    database_url: str, query: LiteralString, *params: Any
+) -> list[tuple[Any, ...]]:
+    """Every row ``query`` returns, on a connection of its own (closed after)."""
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(query, params).fetchall()
 
 
 def eventually_equal(

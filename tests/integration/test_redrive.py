@@ -37,7 +37,13 @@ from app.projections.engine import dead_letter_topic
 from app.settings import ApiToken, Settings
 from app.waiting import eventually
 from app.workload import deposit, new_order
-from tests.support import eventually_equal, get_until, run_cli, running_worker
+from tests.support import (
+    eventually_equal,
+    get_until,
+    query_rows,
+    run_cli,
+    running_worker,
+)
 
 ROUNDS = 10
 GRACE = ApiToken("grace", "grace-0123456789abcdef01")
@@ -262,12 +268,12 @@ def test_a_projection_dead_letter_redriven_once_its_cause_is_fixed(
     # Dead-lettered once: the re-driven copy was not poison. The event-log index
     # keeps the original of version 3, not the copy.
     [letter] = read_dead_letters(settings, [dlq])
-    with psycopg.connect(settings.query_database_url) as conn:
-        indexed = conn.execute(
-            'SELECT stream_version, "offset" FROM event_log WHERE aggregate_id = %s '
-            "ORDER BY stream_version",
-            (account,),
-        ).fetchall()
+    indexed = query_rows(
+        settings.query_database_url,
+        'SELECT stream_version, "offset" FROM event_log WHERE aggregate_id = %s '
+        "ORDER BY stream_version",
+        account,
+    )
     assert [version for version, _ in indexed] == [1, 2, 3, 4]
     assert indexed[2][1] == letter.source_offset
 

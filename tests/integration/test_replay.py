@@ -44,7 +44,7 @@ from tests.readmodels import (
     expected_orders,
     wait_caught_up,
 )
-from tests.support import eventually_equal, read_topic, running_worker
+from tests.support import eventually_equal, query_rows, read_topic, running_worker
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {
@@ -323,12 +323,12 @@ def members(settings: Settings, projection: str) -> int:
 
 
 def positions(settings: Settings, projection: str) -> dict[tuple[str, int], int]:
-    with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            "SELECT topic, partition, next_offset FROM projection_positions "
-            "WHERE projection = %s",
-            (projection,),
-        ).fetchall()
+    rows = query_rows(
+        settings.database_url,
+        "SELECT topic, partition, next_offset FROM projection_positions "
+        "WHERE projection = %s",
+        projection,
+    )
     return {(t, p): o for t, p, o in rows}
 
 

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from confluent_kafka import Producer
 from websockets.asyncio.client import ClientConnection, connect
@@ -32,7 +31,7 @@ from app.waiting import eventually
 from app.workload import deposit, payment
 from bench.harness import domain_events, encode_events
 from tests.invariants import serving_worker, start_serving
-from tests.support import codec_for, create_order, get_until
+from tests.support import codec_for, create_order, get_until, query_rows
 
 # One module-scoped worker (see ``pushing``): the module's tests run in one process.
 pytestmark = [pytest.mark.xdist_group(__name__), pytest.mark.slow]
@@ -460,12 +459,12 @@ def test_the_index_gives_an_aggregates_events_below_a_position(
         *opened(account),
     )
     indexed(settings, account, 3)
-    with psycopg.connect(settings.query_database_url) as conn:
-        rows = conn.execute(
-            'SELECT topic, partition, "offset" FROM event_log'
-            ' WHERE aggregate_id = %s ORDER BY "offset"',
-            (account,),
-        ).fetchall()
+    rows = query_rows(
+        settings.query_database_url,
+        'SELECT topic, partition, "offset" FROM event_log'
+        ' WHERE aggregate_id = %s ORDER BY "offset"',
+        account,
+    )
     [tp] = {(str(t), int(p)) for t, p, _ in rows}
     offsets = [int(o) for _, _, o in rows]
 
