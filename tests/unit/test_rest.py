@@ -138,22 +138,7 @@ def test_a_request_becomes_its_command() -> None:
         (
             "CreateOrder",
             {},
-            {
-                "order_id": "o",
-                "customer_id": "c",
-                "customer_name": "n",
-                "customer_email": "e",
-                "items": [],
-                "currency": "USD",
-                "shipping_address": {
-                    "street": "s",
-                    "city": "c",
-                    "state": "",
-                    "zip_code": "z",
-                    "country": "GB",
-                },
-                "account_id": 7,
-            },
+            {**ORDER, "order_id": "o", "account_id": 7},
             "account_id",
             "expected a string",
         ),
