@@ -7,7 +7,8 @@ import asyncio
 import dataclasses
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,17 @@ class Pushing:
         base = self.settings.web_url
         return dict(httpx.get(f"{base}/status", timeout=10).json()["push"])
 
+    async def send(self, *commands: Any, **envelope: Any) -> None:
+        """Send ``commands``, each accepted, from a thread: the loop goes on
+        receiving meanwhile."""
+        await asyncio.to_thread(sent, self.settings, *commands, **envelope)
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[Client]:
+        """A connection to the worker's ``/ws``, closed on leaving."""
+        async with connect(self.url) as socket:
+            yield Client(socket)
+
 
 @pytest.fixture(scope="module")
 def pushing(registry_settings: Settings) -> Iterator[Pushing]:
@@ -97,6 +109,22 @@ class Client:
         """Send a request; the ack or error it gets."""
         await self.socket.send(json.dumps(request))
         return await self.answer()
+
+    async def subscribe(
+        self, name: str, start: dict[str, Any] | None = None, **selector: Any
+    ) -> dict[str, Any]:
+        """Subscribe ``name`` to the events ``selector`` picks (from ``start``, a
+        position, if given); the ack, which it must be."""
+        request: dict[str, Any] = {"type": "subscribe", "id": name, **selector}
+        if start is not None:
+            request["from"] = start
+        ack = await self.ask(**request)
+        assert ack["type"] == "ack", (request, ack)
+        return ack
+
+    async def unsubscribe(self, name: str) -> None:
+        answer = await self.ask(type="unsubscribe", id=name)
+        assert answer["type"] == "ack", answer
 
     async def answer(self) -> dict[str, Any]:
         while not self.answers:
@@ -157,19 +185,15 @@ def test_an_aggregate_subscriber_sees_its_events_once_and_no_others(
     settings = pushing.settings
 
     async def scenario() -> None:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            ack = await client.ask(type="subscribe", id="mine", aggregate_id=mine)
-            assert ack["type"] == "ack" and ack["id"] == "mine"
+        async with pushing.client() as client:
+            ack = await client.subscribe("mine", aggregate_id=mine)
+            assert ack["id"] == "mine"
             assert set(ack["position"]) == {
                 settings.topics.events("orders"),
                 settings.topics.events("accounts"),
             }
-            ack = await client.ask(type="subscribe", id="other", aggregate_id=other)
-            assert ack["type"] == "ack"
-            await asyncio.to_thread(
-                sent,
-                settings,
+            await client.subscribe("other", aggregate_id=other)
+            await pushing.send(
                 OpenAccount(account_id=mine, owner_id="o", currency="USD"),
                 OpenAccount(account_id=other, owner_id="o", currency="USD"),
                 deposit(mine, 100, "t1"),
@@ -181,8 +205,8 @@ def test_an_aggregate_subscriber_sees_its_events_once_and_no_others(
             # The other account's events have passed the feed: its subscriber has
             # them all. Whatever else went to "mine" was queued before this ack.
             await client.until("other", 3)
-            assert (await client.ask(type="unsubscribe", id="mine"))["type"] == "ack"
-            assert (await client.ask(type="unsubscribe", id="other"))["type"] == "ack"
+            await client.unsubscribe("mine")
+            await client.unsubscribe("other")
             got = client.events["mine"]
             assert [e["metadata"]["aggregate_id"] for e in got] == [mine] * 3
             assert versions(got) == [1, 2, 3]
@@ -211,26 +235,17 @@ def test_correlation_and_event_type_subscriptions(pushing: Pushing) -> None:
     run = uuid.uuid4().hex[:6]
     order, account, stray = f"ord-{run}", f"acc-{run}", f"ord-stray-{run}"
     correlation = f"corr-{run}"
-    settings = pushing.settings
 
     async def scenario() -> None:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            for request in (
-                {"id": "flow", "correlation_id": correlation},
-                {"id": "shipped", "event_type": "OrderShipped"},
-            ):
-                assert (await client.ask(type="subscribe", **request))["type"] == "ack"
-            await asyncio.to_thread(
-                sent,
-                settings,
+        async with pushing.client() as client:
+            await client.subscribe("flow", correlation_id=correlation)
+            await client.subscribe("shipped", event_type="OrderShipped")
+            await pushing.send(
                 create_order(order, "c-1"),
                 OpenAccount(account_id=account, owner_id="o", currency="USD"),
                 correlation_id=correlation,
             )
-            await asyncio.to_thread(
-                sent,
-                settings,
+            await pushing.send(
                 create_order(stray, "c-2"),
                 payment(stray, 4200, "p", "t", method="paypal"),
                 ShipOrder(order_id=stray, tracking_number="1Z2", carrier="UPS"),
@@ -240,8 +255,8 @@ def test_correlation_and_event_type_subscriptions(pushing: Pushing) -> None:
             )
             shipped = await client.until("shipped", 2)
             flow = await client.until("flow", 2)
-            assert (await client.ask(type="unsubscribe", id="flow"))["type"] == "ack"
-            assert (await client.ask(type="unsubscribe", id="shipped"))["type"] == "ack"
+            await client.unsubscribe("flow")
+            await client.unsubscribe("shipped")
         assert sorted(
             (e["metadata"]["aggregate_id"], e["event_type"]) for e in flow
         ) == [
@@ -268,58 +283,30 @@ def assert_views(events: list[dict[str, Any]]) -> None:
     ] == [(v, "OPEN", sum(range(1, v))) for v in versions(events)], events
 
 
-async def session(
-    url: str, account: str, count: int, start: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """Subscribe to ``account`` (from ``start``), take ``count`` events, hang up."""
-    async with connect(url) as socket:
-        client = Client(socket)
-        request: dict[str, Any] = {
-            "type": "subscribe",
-            "id": "s",
-            "aggregate_id": account,
-        }
-        if start is not None:
-            request["from"] = start
-        assert (await client.ask(**request))["type"] == "ack"
-        return await client.until("s", count)
-
-
 def test_resume_after_a_disconnect_misses_and_repeats_nothing(
     pushing: Pushing,
 ) -> None:
     account, _ = ids()
-    settings = pushing.settings
 
     async def scenario() -> None:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            await client.ask(type="subscribe", id="s", aggregate_id=account)
-            await asyncio.to_thread(
-                sent,
-                settings,
+        async with pushing.client() as client:
+            await client.subscribe("s", aggregate_id=account)
+            await pushing.send(
                 OpenAccount(account_id=account, owner_id="o", currency="USD"),
                 deposit(account, 1, "t1"),
             )
             before = await client.until("s", 2)
         # Disconnected: these arrive while no one listens.
-        await asyncio.to_thread(
-            sent, settings, *(deposit(account, n, f"t{n}") for n in range(2, 6))
-        )
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            ack = await client.ask(
-                type="subscribe",
-                id="s",
-                aggregate_id=account,
-                **{"from": before[-1]["resume"]},
+        await pushing.send(*(deposit(account, n, f"t{n}") for n in range(2, 6)))
+        async with pushing.client() as client:
+            ack = await client.subscribe(
+                "s", before[-1]["resume"], aggregate_id=account
             )
-            assert ack["type"] == "ack"
             assert ack["position"] == before[-1]["resume"]
             backlog = await client.until("s", 4)
-            await asyncio.to_thread(sent, settings, deposit(account, 6, "t6"))
+            await pushing.send(deposit(account, 6, "t6"))
             after = await client.until("s", 5)
-            assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+            await client.unsubscribe("s")
         assert versions(before) == [1, 2]
         assert versions(backlog[:4]) == [3, 4, 5, 6]
         assert versions(after) == [3, 4, 5, 6, 7]
@@ -331,28 +318,16 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
         # Resuming while deposits go on: the backlog is read while the feed moves,
         # and the subscription joins the feed with neither a gap nor a repeat. A
         # watcher says when the deposits are flowing.
-        async with connect(pushing.url) as watching, connect(pushing.url) as socket:
-            watcher = Client(watching)
-            await watcher.ask(type="subscribe", id="w", aggregate_id=account)
+        async with pushing.client() as watcher, pushing.client() as client:
+            await watcher.subscribe("w", aggregate_id=account)
             writing = asyncio.ensure_future(
-                asyncio.to_thread(
-                    sent,
-                    settings,
-                    *(deposit(account, n, f"t{n}") for n in range(7, 47)),
-                )
+                pushing.send(*(deposit(account, n, f"t{n}") for n in range(7, 47)))
             )
             await watcher.until("w", 5)
-            client = Client(socket)
-            ack = await client.ask(
-                type="subscribe",
-                id="s",
-                aggregate_id=account,
-                **{"from": after[-1]["resume"]},
-            )
-            assert ack["type"] == "ack"
+            await client.subscribe("s", after[-1]["resume"], aggregate_id=account)
             await writing
             during = await client.until("s", 40)
-            assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+            await client.unsubscribe("s")
             # Joined from now, after seven of the account's events.
             watched = await watcher.until("w", 40)
         assert versions(during) == list(range(8, 48))
@@ -360,7 +335,7 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
         assert watched[0]["metadata"]["stream_version"] > 1
         assert_views(watched)
         # The last view is the one GET /accounts/{id} shows once it has the event.
-        base = settings.web_url
+        base = pushing.settings.web_url
         shown = await asyncio.to_thread(
             get_until,
             f"{base}/accounts/{account}",
@@ -372,12 +347,8 @@ def test_resume_after_a_disconnect_misses_and_repeats_nothing(
 
         # From the log's start: every event, and the account's view after each.
         zeros = {t: dict.fromkeys(p, 0) for t, p in after[-1]["resume"].items()}
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            ack = await client.ask(
-                type="subscribe", id="s", aggregate_id=account, **{"from": zeros}
-            )
-            assert ack["type"] == "ack"
+        async with pushing.client() as client:
+            await client.subscribe("s", zeros, aggregate_id=account)
             whole = await client.until("s", 47)
         assert versions(whole) == list(range(1, 48))
         balances = [e["view"]["balance_minor"] for e in whole]
@@ -416,21 +387,15 @@ def test_a_view_is_seeded_from_the_index_not_the_partition(pushing: Pushing) -> 
     assert producer.flush(30) == 0
 
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            await client.ask(type="subscribe", id="w", aggregate_id=account)
-            await asyncio.to_thread(
-                sent,
-                settings,
-                *opened(account),
-            )
+        async with pushing.client() as client:
+            await client.subscribe("w", aggregate_id=account)
+            await pushing.send(*opened(account))
             # The feed has handed over the account's events, and the index has
             # them: the cursor below is past them, and the index there.
             await client.until("w", 3)
             await asyncio.to_thread(indexed, settings, account, 3)
-            ack = await client.ask(type="subscribe", id="s", aggregate_id=account)
-            assert ack["type"] == "ack"
-            await asyncio.to_thread(sent, settings, deposit(account, 3, "t3"))
+            ack = await client.subscribe("s", aggregate_id=account)
+            await pushing.send(deposit(account, 3, "t3"))
             got = await client.until("s", 1)
             return ack, got
 
@@ -504,11 +469,8 @@ def test_bad_requests_get_an_error_naming_the_field(pushing: Pushing) -> None:
     events = settings.topics.events("accounts")
 
     async def scenario() -> None:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            full = (await client.ask(type="subscribe", id="a", aggregate_id="x"))[
-                "position"
-            ]
+        async with pushing.client() as client:
+            full = (await client.subscribe("a", aggregate_id="x"))["position"]
             short = {t: dict(p) for t, p in full.items()}
             del short[events]["3"]
             cases: list[tuple[str | None, dict[str, Any] | str]] = [
@@ -573,15 +535,14 @@ def test_bad_requests_get_an_error_naming_the_field(pushing: Pushing) -> None:
             ]
             for field, request in cases:
                 text = request if isinstance(request, str) else json.dumps(request)
-                await socket.send(text)
+                await client.socket.send(text)
                 answer = await client.answer()
                 assert answer["type"] == "error", (request, answer)
                 assert answer["field"] == field, (request, answer)
                 assert answer["error"]
             # At most 3 subscriptions (STREAMFOLD_WS_MAX_SUBSCRIPTIONS here).
             for name in ("b", "c"):
-                ok = await client.ask(type="subscribe", id=name, aggregate_id=name)
-                assert ok["type"] == "ack"
+                await client.subscribe(name, aggregate_id=name)
             refused = await client.ask(type="subscribe", id="d", aggregate_id="d")
             assert (refused["type"], refused["field"], refused["id"]) == (
                 "error",
@@ -589,10 +550,8 @@ def test_bad_requests_get_an_error_naming_the_field(pushing: Pushing) -> None:
                 "d",
             )
             # The connection is still open and answering.
-            assert (await client.ask(type="unsubscribe", id="c"))["type"] == "ack"
-            assert (await client.ask(type="subscribe", id="d", aggregate_id="d"))[
-                "type"
-            ] == "ack"
+            await client.unsubscribe("c")
+            await client.subscribe("d", aggregate_id="d")
 
     asyncio.run(scenario())
 
@@ -679,8 +638,8 @@ def test_a_slow_client_is_dropped_and_the_others_keep_receiving(
             connect(pushing.url) as fast,
         ):
             fast_client, slow_client = Client(fast), Client(slow)
-            await fast_client.ask(type="subscribe", id="f", aggregate_id=account)
-            await slow_client.ask(type="subscribe", id="s", event_type="MoneyDeposited")
+            await fast_client.subscribe("f", aggregate_id=account)
+            await slow_client.subscribe("s", event_type="MoneyDeposited")
             produced = 0
 
             async def chunk_received() -> None:
@@ -717,14 +676,9 @@ def test_resume_across_a_worker_restart_is_exactly_once(pushing: Pushing) -> Non
     settings = pushing.settings
 
     async def before_restart() -> list[dict[str, Any]]:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            await client.ask(type="subscribe", id="s", aggregate_id=account)
-            await asyncio.to_thread(
-                sent,
-                settings,
-                *opened(account),
-            )
+        async with pushing.client() as client:
+            await client.subscribe("s", aggregate_id=account)
+            await pushing.send(*opened(account))
             return await client.until("s", 3)
 
     first = asyncio.run(before_restart())
@@ -737,19 +691,12 @@ def test_resume_across_a_worker_restart_is_exactly_once(pushing: Pushing) -> Non
     sent(settings, deposit(account, 4, "t4"))
 
     async def after_restart() -> list[dict[str, Any]]:
-        async with connect(pushing.url) as socket:
-            client = Client(socket)
-            ack = await client.ask(
-                type="subscribe",
-                id="s",
-                aggregate_id=account,
-                **{"from": first[-1]["resume"]},
-            )
-            assert ack["type"] == "ack"
+        async with pushing.client() as client:
+            await client.subscribe("s", first[-1]["resume"], aggregate_id=account)
             await client.until("s", 2)
-            await asyncio.to_thread(sent, settings, deposit(account, 5, "t5"))
+            await pushing.send(deposit(account, 5, "t5"))
             got = await client.until("s", 3)
-            assert (await client.ask(type="unsubscribe", id="s"))["type"] == "ack"
+            await client.unsubscribe("s")
             return got
 
     second = asyncio.run(after_restart())
