@@ -49,6 +49,16 @@ async function call(path, options) {
   return body;
 }
 
+// A read the page shows: its answer, or null once the failure is shown as a notice.
+async function fetchShown(path) {
+  try {
+    return await call(path);
+  } catch (error) {
+    notice(error.message, "error");
+    return null;
+  }
+}
+
 // -- sign-in ------------------------------------------------------------------------
 
 let operator = null;
@@ -110,13 +120,8 @@ function pretty(value) {
 async function lookUp(aggregateId, type) {
   notice("");
   const query = type ? "?type=" + encodeURIComponent(type) : "";
-  let found;
-  try {
-    found = await call("/console/api/events/" + encodeURIComponent(aggregateId) + query);
-  } catch (error) {
-    notice(error.message, "error");
-    return;
-  }
+  const found = await fetchShown("/console/api/events/" + encodeURIComponent(aggregateId) + query);
+  if (!found) return;
   $("#events-title").textContent =
     `Events of ${found.aggregate_type} ${found.aggregate_id} (${found.events.length})`;
   const rows = found.events.map((e) =>
@@ -147,25 +152,17 @@ async function stateAt(type, aggregateId, version) {
   for (const row of document.querySelectorAll("#events tr.event")) {
     row.classList.toggle("selected", row.dataset.version === String(version));
   }
-  try {
-    const found = await call(
-      `/query/state/${encodeURIComponent(aggregateId)}?type=${type}&version=${version}`);
-    $("#state").textContent = `${type} ${aggregateId} as of version ${found.version}\n` +
-      pretty(found.state);
-  } catch (error) {
-    notice(error.message, "error");
-  }
+  const found = await fetchShown(
+    `/query/state/${encodeURIComponent(aggregateId)}?type=${type}&version=${version}`);
+  if (!found) return;
+  $("#state").textContent = `${type} ${aggregateId} as of version ${found.version}\n` +
+    pretty(found.state);
 }
 
 async function showFlow(correlationId) {
   $("#correlation-id").value = correlationId;
-  let found;
-  try {
-    found = await call("/console/api/flows/" + encodeURIComponent(correlationId));
-  } catch (error) {
-    notice(error.message, "error");
-    return;
-  }
+  const found = await fetchShown("/console/api/flows/" + encodeURIComponent(correlationId));
+  if (!found) return;
   $("#flow-title").textContent = `Flow ${correlationId} (${found.events.length} events)`;
   $("#flow").replaceChildren(...found.events.map((e) =>
     el("li", { class: "step" },
@@ -251,13 +248,8 @@ function letterRow(letter) {
 }
 
 async function loadDeadLetters() {
-  let found;
-  try {
-    found = await call("/console/api/dead-letters");
-  } catch (error) {
-    notice(error.message, "error");
-    return;
-  }
+  const found = await fetchShown("/console/api/dead-letters");
+  if (!found) return;
   const open = found.letters.filter((l) => l.standing === "open").length;
   $("#dead-letter-count").textContent =
     `${found.letters.length} dead letters, ${open} open, in ${found.topics.length} topics`;
@@ -324,13 +316,8 @@ $("#start-replay").addEventListener("submit", async (event) => {
 // -- schemas ----------------------------------------------------------------------------
 
 async function loadSchemas() {
-  let found;
-  try {
-    found = await call("/console/api/schemas");
-  } catch (error) {
-    notice(error.message, "error");
-    return;
-  }
+  const found = await fetchShown("/console/api/schemas");
+  if (!found) return;
   $("#subjects tbody").replaceChildren(...found.subjects.map((s) =>
     el("tr", { class: "subject", "data-subject": s.subject },
       el("td", {}, s.subject),
@@ -348,13 +335,8 @@ async function showDiff(subject, from, to) {
   $("#diff-subject").value = subject;
   $("#diff-from").value = from;
   $("#diff-to").value = to;
-  let found;
-  try {
-    found = await call(`/console/api/schemas/diff?subject=${encodeURIComponent(subject)}&from=${from}&to=${to}`);
-  } catch (error) {
-    notice(error.message, "error");
-    return;
-  }
+  const found = await fetchShown(`/console/api/schemas/diff?subject=${encodeURIComponent(subject)}&from=${from}&to=${to}`);
+  if (!found) return;
   $("#diff-title").textContent = `${found.record}: v${found.from} → v${found.to} (${found.compatibility})`;
   $("#bridges").replaceChildren(...found.bridges.map((b) => el("li", { class: "bridge" }, b)));
   $("#schema-diff").replaceChildren(...found.diff.map((line) =>
@@ -371,13 +353,8 @@ $("#schema-diff-form").addEventListener("submit", (event) => {
 // -- sagas ------------------------------------------------------------------------------
 
 async function showSaga(orderId) {
-  let saga;
-  try {
-    saga = await call("/sagas/" + encodeURIComponent(orderId));
-  } catch (error) {
-    notice(error.message, "error");
-    return;
-  }
+  const saga = await fetchShown("/sagas/" + encodeURIComponent(orderId));
+  if (!saga) return;
   notice("");
   $("#saga-title").textContent = `Saga of order ${saga.order_id}`;
   $("#saga-summary").textContent =
