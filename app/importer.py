@@ -22,6 +22,7 @@ from app.adapters import mapper
 from app.adapters.catalog import UnknownRecord
 from app.adapters.codec import Codec, DecodeError, EncodeError, Headers, headers
 from app.adapters.eventlog import metadata_record, partition_for
+from app.adapters.topics import init_transactions
 from app.application.commands import Aggregate, Metadata
 from app.audit import new_codec, read_topic
 from app.settings import Settings
@@ -246,7 +247,7 @@ def _write(settings: Settings, events: list[_Event]) -> None:
         }
     )
     try:
-        producer.init_transactions(30)
+        init_transactions(producer, events[0].topic, 30)
         producer.begin_transaction()
         for event in events:
             producer.produce(

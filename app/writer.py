@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -18,19 +18,38 @@ from app.adapters.saga_io import feed_group
 from app.children import start_child
 from app.runtime import AGGREGATES, CommandHandler
 from app.settings import Settings
-from app.writeside import REPORT_S, WRITER_NAME, command_group, state_dir
+from app.writeside import (
+    FENCE_TIMEOUT_S,
+    REPORT_S,
+    WRITER_NAME,
+    command_group,
+    state_dir,
+    transactional_ids,
+)
 
 log = logging.getLogger("streamfold.worker")
 
 
-def write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
-    """A child: run the processors, report what they own, stop on SIGTERM."""
+def write(
+    settings: Settings, index: int, reports: Connection, parent: int, fenced: Any
+) -> None:
+    """A child: run the processors, report what they own, stop on SIGTERM.
+
+    ``fenced`` is set by the worker once it has fenced this slot's transactional
+    ids (``app.writeside.fence``); the processors start after that, so the worker's
+    fencing producers cannot fence theirs."""
     started = start_child(settings, parent, WRITER_NAME)
     if started is None:
         return
     stopping, codec = started
     log.info("write process %d started", index)
     processors, handlers = build(settings, codec, index)
+    began = time.monotonic()
+    if not fenced.wait(FENCE_TIMEOUT_S + 5.0):
+        log.warning("write process %d: the worker did not fence its ids", index)
+    log.info(
+        "write process %d: its ids fenced %.2fs later", index, time.monotonic() - began
+    )
     threads = [
         threading.Thread(target=_running, args=(p, stopping), daemon=True)
         for p in processors
@@ -61,9 +80,7 @@ def build(
     """Child ``index``'s processors and their handlers: the command handlers and
     the saga in the commands group, and the saga's feed in a group of its own."""
     cache = state_dir(settings, index)
-    # Unique per process slot, and the same after a restart: the new incarnation's
-    # producer then aborts what the old one left open at once.
-    tx_id = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
+    ids = transactional_ids(settings, index)
     handlers: list[Handler] = [
         CommandHandler(settings, area, codec, cache) for area in AGGREGATES
     ]
@@ -74,7 +91,7 @@ def build(
             Processor(
                 settings,
                 group=feed_group(settings),
-                transactional_id=f"{tx_id}-feed",
+                transactional_id=ids[1],
                 handlers=[FeedHandler(settings, codec)],
             )
         )
@@ -83,7 +100,7 @@ def build(
         Processor(
             settings,
             group=command_group(settings),
-            transactional_id=tx_id,
+            transactional_id=ids[0],
             handlers=handlers,
             batch_size=settings.command_batch,
         ),

@@ -14,12 +14,19 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
+import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from app.adapters.topics import ensure_topics, required_topics, saga_topics
+from app.adapters.topics import (
+    ensure_topics,
+    init_transactions,
+    required_topics,
+    saga_topics,
+)
 from app.children import Supervisor
 from app.settings import Settings
 from app.waiting import Backoff
@@ -28,11 +35,49 @@ log = logging.getLogger("streamfold.worker")
 REPORT_S = 0.5
 # How long the worker lets its write processes start alone (see start_write_side).
 START_WAIT_S = 10.0
+# How long a child's transactional ids may take to be fenced ahead (see ``fence``).
+FENCE_TIMEOUT_S = 10.0
 WRITER_NAME = "sf-writer"
 
 
 def command_group(settings: Settings) -> str:
     return f"{settings.app_id}.commands"
+
+
+def transactional_ids(settings: Settings, index: int) -> list[str]:
+    """Child ``index``'s transactional ids: its command processor's, then its saga
+    feed's (with the saga on). Unique per process slot and the same after a
+    restart: the new incarnation's producers abort what the old one left open."""
+    slot = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
+    return [slot, f"{slot}-feed"] if settings.saga else [slot]
+
+
+def fence(settings: Settings, transactional_ids: list[str]) -> None:
+    """Abort what earlier holders of ``transactional_ids`` left open, with a
+    producer of each id that opens nothing itself.
+
+    Run by the worker while the child that will use the ids starts: after a crash
+    the broker answers a new producer's first InitProducerId by aborting the dead
+    one's transaction, and its next with CONCURRENT_TRANSACTIONS until the abort is
+    done; librdkafka retries that after a fixed 500 ms. Fenced here, that wait
+    passes while the child imports its modules, and the child's own
+    ``init_transactions`` (after ``fenced``) is answered at once."""
+    from confluent_kafka import KafkaException, Producer
+
+    def one(transactional_id: str) -> None:
+        producer = Producer(
+            {**settings.kafka_client_config(), "transactional.id": transactional_id}
+        )
+        try:
+            init_transactions(producer, settings.topics.results, FENCE_TIMEOUT_S)
+        except KafkaException as error:  # the child's own init deals with it
+            log.info("could not fence %s ahead: %s", transactional_id, error)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in transactional_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def state_dir(settings: Settings, index: int) -> Path:
@@ -106,9 +151,10 @@ class WriteProcess(Supervisor):
         backoff = Backoff(0.5, 10.0)
         while not self._stopping.is_set():
             receiving, sending = context.Pipe(duplex=False)
+            fenced = context.Event()
             child = context.Process(
                 target=_write,
-                args=(self.settings, index, sending, os.getpid()),
+                args=(self.settings, index, sending, os.getpid(), fenced),
                 name=f"streamfold-writer-{index}",
             )
             with self._starting:
@@ -117,6 +163,8 @@ class WriteProcess(Supervisor):
                 child.start()
                 self._children[index] = child
             sending.close()
+            fence(self.settings, transactional_ids(self.settings, index))
+            fenced.set()
             try:
                 while True:
                     self.reports[index] = receiving.recv()
@@ -138,9 +186,11 @@ class WriteProcess(Supervisor):
             self._stopping.wait(delay)
 
 
-def _write(settings: Settings, index: int, reports: Connection, parent: int) -> None:
+def _write(
+    settings: Settings, index: int, reports: Connection, parent: int, fenced: Any
+) -> None:
     # Imported here, in the write process: the worker starts its write processes
     # before it imports the write side's modules (or Faust), see start_write_side.
     from app.writer import write
 
-    write(settings, index, reports, parent)
+    write(settings, index, reports, parent, fenced)

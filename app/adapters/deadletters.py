@@ -22,6 +22,7 @@ from app.adapters.topics import (
     ensure_topics,
     headers_of,
     inbox_topic,
+    init_transactions,
     log_ends,
     partitions_of,
     read_range,
@@ -202,7 +203,7 @@ class Operations:
             }
         )
         try:
-            producer.init_transactions(30)
+            init_transactions(producer, self.settings.topics.operator_actions, 30)
         except KafkaException as error:
             producer.close()
             raise DeadLetterError(f"starting a transaction: {error}") from error

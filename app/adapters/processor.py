@@ -32,7 +32,7 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
-from app.adapters.topics import TP
+from app.adapters.topics import TP, init_transactions
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -352,7 +352,7 @@ class Processor:
         producer = Producer(self.producer_config())
         began = time.monotonic()
         # Aborts whatever an earlier incarnation with this id left open.
-        producer.init_transactions(60)
+        init_transactions(producer, next(iter(self.routes)), 60)
         log.info(
             "%s: transactions initialised in %.2fs",
             self.group,

@@ -300,6 +300,26 @@ def end_offsets(consumer: Any, topic: str) -> dict[int, int]:
     }
 
 
+def init_transactions(producer: Any, topic: str, timeout: float) -> None:
+    """``producer.init_transactions``, once a broker known by its id has answered a
+    metadata request for ``topic`` (one that exists).
+
+    librdkafka 2.16 drops its bootstrap connection as soon as metadata names the
+    broker behind it. A producer id asked for at that moment finds no broker up,
+    and the request waits for a fixed 500 ms timer: measured, one of two producers
+    started together, and most write processes started after a worker restart.
+    Asked for once a named broker has answered, it comes in a few milliseconds."""
+    for _ in range(METADATA_TRIES):
+        if producer.list_topics(topic, timeout=timeout).orig_broker_id >= 0:
+            break
+    producer.init_transactions(timeout)
+
+
+# Metadata requests before a producer id (see ``init_transactions``): the first
+# is answered by the bootstrap connection, the next by the broker it named.
+METADATA_TRIES = 3
+
+
 def watermarks(
     consumer: Any, topic: str, partition: int, timeout: float = 30.0
 ) -> tuple[int, int]:

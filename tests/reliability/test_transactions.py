@@ -1,6 +1,8 @@
 """The write side's transactions against the real broker: a paused writer whose
-partitions moved on (a zombie) writes nothing a read_committed reader sees, and an
-event someone else appended is folded before the next decision, without a restart."""
+partitions moved on (a zombie) writes nothing a read_committed reader sees, an
+event someone else appended is folded before the next decision, without a restart,
+and the worker's fencing of a write process's ids ahead of it aborts what the
+slot's last holder left open without fencing the new holder."""
 
 from __future__ import annotations
 
@@ -13,9 +15,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from app.adapters.eventlog import encode_event, partition_for
+from app.adapters.topics import (
+    TopicSpec,
+    ensure_topics,
+    log_ends,
+    records_of_key,
+    stable_ends,
+)
 from app.application.commands import Metadata, NewEvent, event_id
 from app.client import CommandClient
 from app.domain.accounts import Deposit, MoneyDeposited, OpenAccount
@@ -24,7 +33,7 @@ from app.local.process import wait_for
 from app.projections.replay import group_members
 from app.settings import Settings
 from app.workload import deposit, withdrawal
-from app.writeside import WRITER_NAME, command_group
+from app.writeside import WRITER_NAME, command_group, fence
 from bench.harness import process_tree
 from tests.invariants import assert_write_side_promises, serving_worker
 from tests.support import codec_for
@@ -139,3 +148,33 @@ def test_an_event_appended_by_someone_else_is_folded_before_the_next_decision(
         )
     assert spent.accepted, spent
     assert spent.version == 3
+
+
+def test_fencing_a_slot_ahead_aborts_what_its_last_holder_left_open(
+    deployment: Settings,
+) -> None:
+    topic = f"{deployment.topics.prefix}fenced"
+    ensure_topics(deployment, [TopicSpec(topic, 1)])
+    slot = {**deployment.producer_config(), "transactional.id": f"{topic}-slot"}
+    dead = Producer(slot)
+    dead.init_transactions(30)
+    dead.begin_transaction()
+    dead.produce(topic, key=b"k", value=b"left open")
+    assert dead.flush(30) == 0
+    assert stable_ends(deployment, [topic]) == {(topic, 0): 0}
+    assert log_ends(deployment, [topic]) == {(topic, 0): 1}
+
+    fence(deployment, [str(slot["transactional.id"])])
+
+    # Aborted before the slot's next producer starts: the marker is written and
+    # read_committed readers are no longer held back.
+    assert stable_ends(deployment, [topic]) == {(topic, 0): 2}
+    assert log_ends(deployment, [topic]) == {(topic, 0): 2}
+    new = Producer(slot)
+    new.init_transactions(30)
+    new.begin_transaction()
+    new.produce(topic, key=b"k", value=b"committed")
+    new.commit_transaction(30)  # not fenced by the fencing producer
+    with pytest.raises(KafkaException):
+        dead.commit_transaction(10)
+    assert records_of_key(deployment, topic, 0, b"k", 4) == [b"committed"]
