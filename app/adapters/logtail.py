@@ -59,6 +59,8 @@ class LogTail:
             }
         )
         self.offsets: dict[TP, int] = {}
+        # Topics whose metadata this consumer asked for (see ``follow``).
+        self._described: set[str] = set()
         # A fold failed: what the consumer handed over past ``offsets`` was not
         # folded, so the followed partitions are read again from ``offsets``.
         self._dirty = False
@@ -67,6 +69,13 @@ class LogTail:
         """Start following these partitions at these offsets and fold each up to
         its last stable offset before returning."""
         fresh = {tp: o for tp, o in starts.items() if tp not in self.offsets}
+        for topic in {t for t, _ in fresh} - self._described:
+            # Partitions of a topic this consumer has no metadata for wait for its
+            # next metadata refresh before their first fetch (librdkafka asks
+            # for unknown topics' leaders about once a second: 0.1-1.0 s of a
+            # restarted write process's catch-up); asked for now, they do not.
+            self.consumer.list_topics(topic, timeout=30)
+            self._described.add(topic)
         if fresh:
             self.consumer.incremental_assign(
                 [TopicPartition(t, p, o) for (t, p), o in fresh.items()]
