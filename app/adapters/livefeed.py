@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 from app.adapters.topics import (
     TP,
     KafkaRecord,
+    describe,
     read_range,
     reader,
     stable_ends,
@@ -63,6 +64,7 @@ class LiveFeed:
                 "fetch.wait.max.ms": 50,
             }
         )
+        describe(consumer, self.topics)
         consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
         self.consumer = consumer
         self._thread = threading.Thread(

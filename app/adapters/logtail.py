@@ -30,7 +30,7 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from app.adapters.topics import OPEN_TRANSACTION_WAIT_S, TP
+from app.adapters.topics import OPEN_TRANSACTION_WAIT_S, TP, describe
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
@@ -59,7 +59,7 @@ class LogTail:
             }
         )
         self.offsets: dict[TP, int] = {}
-        # Topics whose metadata this consumer asked for (see ``follow``).
+        # Topics whose metadata this consumer asked for (see ``describe``).
         self._described: set[str] = set()
         # A fold failed: what the consumer handed over past ``offsets`` was not
         # folded, so the followed partitions are read again from ``offsets``.
@@ -69,13 +69,9 @@ class LogTail:
         """Start following these partitions at these offsets and fold each up to
         its last stable offset before returning."""
         fresh = {tp: o for tp, o in starts.items() if tp not in self.offsets}
-        for topic in {t for t, _ in fresh} - self._described:
-            # Partitions of a topic this consumer has no metadata for wait for its
-            # next metadata refresh before their first fetch (librdkafka asks
-            # for unknown topics' leaders about once a second: 0.1-1.0 s of a
-            # restarted write process's catch-up); asked for now, they do not.
-            self.consumer.list_topics(topic, timeout=30)
-            self._described.add(topic)
+        new_topics = {t for t, _ in fresh} - self._described
+        describe(self.consumer, new_topics)
+        self._described |= new_topics
         if fresh:
             self.consumer.incremental_assign(
                 [TopicPartition(t, p, o) for (t, p), o in fresh.items()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -320,6 +320,15 @@ def init_transactions(producer: Any, topic: str, timeout: float) -> None:
 METADATA_TRIES = 3
 
 
+def describe(consumer: Any, topics: Iterable[str]) -> None:
+    """Ask for ``topics``' metadata, before assigning partitions of them to
+    ``consumer``: librdkafka fetches nothing from a partition of a topic it has no
+    metadata for until its next scan of unknown topics, about once a second
+    (measured: 0.1-1.0 s of a restarted write process's catch-up)."""
+    for topic in topics:
+        consumer.list_topics(topic, timeout=30)
+
+
 def watermarks(
     consumer: Any, topic: str, partition: int, timeout: float = 30.0
 ) -> tuple[int, int]:
@@ -397,6 +406,7 @@ def read_range(
     if start >= end:
         return
     tp = TopicPartition(topic, partition, start)
+    describe(consumer, [topic])
     consumer.assign([tp])
     deadline = time.monotonic() + wait_s
     at_end = False  # the last stable offset was reached once
