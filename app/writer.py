@@ -45,11 +45,12 @@ def write(
     log.info("write process %d started", index)
     processors, handlers = build(settings, codec, index)
     began = time.monotonic()
-    if not fenced.wait(FENCE_TIMEOUT_S + 5.0):
+    if fenced.wait(FENCE_TIMEOUT_S + 5.0):
+        log.info(
+            "write process %d: ids fenced %.2fs later", index, time.monotonic() - began
+        )
+    else:
         log.warning("write process %d: the worker did not fence its ids", index)
-    log.info(
-        "write process %d: its ids fenced %.2fs later", index, time.monotonic() - began
-    )
     threads = [
         threading.Thread(target=_running, args=(p, stopping), daemon=True)
         for p in processors
