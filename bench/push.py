@@ -3,16 +3,18 @@ each following an aggregate, beside a plain read_committed consumer of the same
 events in the same run.
 
     .venv/bin/python -m bench.push [--subscribers 50] [--rounds 100] [--interval 0.05]
-                                   [--batch N]
+                                   [--batch N] [--client-processes 4]
 
 A transactional producer (in this process) appends one deposit per account per
 round, ``--interval`` seconds apart, one transaction per round, straight to the
 events topic of a deployment of its own with a worker running; the commit time is
-taken when ``commit_transaction`` returns. Each subscriber (a ``websockets`` client
-in this process) follows one account; the plain consumer (a thread of this process)
-reads the topic from its end. Latency is arrival minus commit, on one clock. Both
-readers share this process's cores with the producer (and the machine's with the
-worker and the broker).
+taken when ``commit_transaction`` returns. Each subscriber (a ``websockets`` client)
+follows one account; the subscribers are spread over ``--client-processes``
+processes, as clients on machines of their own would be (one loop taking every
+message measures mostly its own queue). The plain consumer reads the topic from its
+end in a process of its own. Latency is arrival minus commit, on one clock
+(``time.monotonic``, the machine's CLOCK_MONOTONIC in every process). The readers
+share the machine's cores with the producer, the worker and the broker.
 
 The worker's CPU (its process and any children, from /proc) is read over the
 measured window, and again over a control window of as many events at the same
@@ -27,11 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import threading
+import multiprocessing
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +119,44 @@ def append(
     return committed
 
 
-def plain_reader(
-    settings: Settings, arrived: dict[str, float], stop: threading.Event
-) -> threading.Thread:
+class Readers:
+    """Processes of the bench's readers, each asked over a pipe: ``count`` (how many
+    events it has), ``unsubscribe`` (answered once every subscription is gone) and
+    ``stop`` (answered with each event's arrival time, by event id)."""
+
+    def __init__(self) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+
+    def start(self, target: Callable[..., None], *args: Any) -> None:
+        """``target(pipe, *args)`` in a process of its own; returns once it says
+        it is ready (connected and subscribed, or assigned)."""
+        mine, theirs = self.context.Pipe()
+        process = self.context.Process(target=target, args=(theirs, *args), daemon=True)
+        process.start()
+        self.pipes.append(mine)
+        self.processes.append(process)
+        if not mine.poll(120):
+            raise RuntimeError(f"a reader ({target.__name__}) did not start in 120 s")
+        assert mine.recv() == "ready"
+
+    def ask(self, request: str, pipes: list[Connection] | None = None) -> list[Any]:
+        chosen = self.pipes if pipes is None else pipes
+        for pipe in chosen:
+            pipe.send(request)
+        return [pipe.recv() for pipe in chosen]
+
+    def stop(self) -> list[dict[str, float]]:
+        arrived: list[dict[str, float]] = self.ask("stop")
+        for process in self.processes:
+            process.join(10)
+        return arrived
+
+
+def plain_reader(pipe: Connection, settings: Settings) -> None:
     """A read_committed consumer from the topic's end, noting each event's arrival
-    (by the ``event-id`` header)."""
+    (by the ``event-id`` header); a process of its own."""
     consumer = Consumer(
         {
             **settings.consumer_config(),
@@ -131,22 +168,67 @@ def plain_reader(
     topic = settings.topics.events("accounts")
     starts = stable_ends(settings, [topic])
     consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
+    arrived: dict[str, float] = {}
+    pipe.send("ready")
+    while True:
+        # As the feed reads: wait for the first record, not for a full batch.
+        first = consumer.poll(0.05)
+        for message in [] if first is None else [first, *consumer.consume(499, 0)]:
+            if message.error() is None:
+                now = time.monotonic()
+                found = dict(message.headers() or []).get("event-id")
+                if isinstance(found, bytes):
+                    arrived[found.decode()] = now
+        if pipe.poll():
+            request = pipe.recv()
+            if request == "stop":
+                break
+            pipe.send(len(arrived))  # "count"; "unsubscribe" has nothing to undo
+    consumer.close()
+    pipe.send(arrived)
 
-    def run() -> None:
-        while not stop.is_set():
-            # As the feed reads: wait for the first record, not for a full batch.
-            first = consumer.poll(0.05)
-            for message in [] if first is None else [first, *consumer.consume(499, 0)]:
-                if message.error() is None:
-                    now = time.monotonic()
-                    found = dict(message.headers() or []).get("event-id")
-                    if isinstance(found, bytes):
-                        arrived[found.decode()] = now
-        consumer.close()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+def subscribers(pipe: Connection, url: str, accounts: list[str]) -> None:
+    """``websockets`` clients, one per account, each following its account through
+    ``url``; a process of its own."""
+    asyncio.run(_subscribers(pipe, url, accounts))
+
+
+async def _subscribers(pipe: Connection, url: str, accounts: list[str]) -> None:
+    sockets = [await connect(url) for _ in accounts]
+    for socket, account in zip(sockets, accounts, strict=True):
+        await socket.send(
+            json.dumps({"type": "subscribe", "id": "s", "aggregate_id": account})
+        )
+        assert json.loads(await socket.recv())["type"] == "ack"
+    arrived: dict[str, float] = {}
+    left: list[str] = []
+    all_left = asyncio.Event()
+
+    async def take(socket: Any) -> None:
+        async for frame in socket:
+            now = time.monotonic()
+            message = json.loads(frame)
+            if message["type"] == "event":
+                arrived[message["metadata"]["event_id"]] = now
+            elif message["type"] == "ack" and message["request"] == "unsubscribe":
+                left.append(message["id"])
+                if len(left) == len(sockets):
+                    all_left.set()
+
+    readers = [asyncio.ensure_future(take(socket)) for socket in sockets]
+    pipe.send("ready")
+    while (request := await asyncio.to_thread(pipe.recv)) != "stop":
+        if request == "unsubscribe":
+            for socket in sockets:
+                await socket.send(json.dumps({"type": "unsubscribe", "id": "s"}))
+            await all_left.wait()
+        pipe.send(len(arrived))
+    for reader in readers:
+        reader.cancel()
+    for socket in sockets:
+        await socket.close()
+    pipe.send(arrived)
 
 
 def cpu(used: dict[str, float], seconds: float, events: int) -> dict[str, Any]:
@@ -181,84 +263,61 @@ def hub_cpu(settings: Settings) -> dict[str, float]:
     return {name: float(s) for name, s in counted.items()}
 
 
-async def measure(
+def measure(
     settings: Settings,
     count: int,
     rounds: int,
     interval: float,
     per_batch: int,
+    clients: int,
     worker: Callable[[], list[int]],
 ) -> dict[str, Any]:
     batches, control = events(settings, count, rounds, per_batch)
     url = f"ws://{settings.web_host}:{settings.web_port}/ws"
-    pushed: dict[str, float] = {}
-    plain: dict[str, float] = {}
-    stop = threading.Event()
-    sockets = [await connect(url) for _ in range(count)]
-    for n, socket in enumerate(sockets):
-        await socket.send(
-            json.dumps(
-                {"type": "subscribe", "id": "s", "aggregate_id": f"acc-push-{n}"}
-            )
-        )
-        assert json.loads(await socket.recv())["type"] == "ack"
+    names = [f"acc-push-{n}" for n in range(count)]
+    readers = Readers()
+    readers.start(plain_reader, settings)
+    for n in range(clients):
+        readers.start(subscribers, url, names[n::clients])
+    plain_pipe, client_pipes = readers.pipes[0], readers.pipes[1:]
 
-    left: list[str] = []
-
-    async def take(socket: Any) -> None:
-        async for frame in socket:
-            now = time.monotonic()
-            message = json.loads(frame)
-            if message["type"] == "event":
-                pushed[message["metadata"]["event_id"]] = now
-            elif message["type"] == "ack" and message["request"] == "unsubscribe":
-                left.append(message["id"])
-
-    readers = [asyncio.ensure_future(take(socket)) for socket in sockets]
-    thread = plain_reader(settings, plain, stop)
     meter = CpuSampler({"worker": worker})
-    hub_before = await asyncio.to_thread(hub_cpu, settings)
+    hub_before = hub_cpu(settings)
     meter.start()
-    committed = await asyncio.to_thread(append, settings, batches, interval)
+    committed = append(settings, batches, interval)
     # Until both readers have every event (or a minute passes: the figures then
     # say how many were delivered); then what the worker still does for them (its
     # views' last writes) counts here too, in both windows alike.
-    await asyncio.to_thread(
-        eventually,
-        lambda: len(pushed) >= len(committed) and len(plain) >= len(committed),
+    eventually(
+        lambda: (
+            readers.ask("count", [plain_pipe])[0] >= len(committed)
+            and sum(readers.ask("count", client_pipes)) >= len(committed)
+        ),
         timeout=60,
     )
-    await asyncio.sleep(SETTLE_S)
+    time.sleep(SETTLE_S)
     fanout = cpu(meter.stop(), meter.seconds, len(committed))
-    hub_after = await asyncio.to_thread(hub_cpu, settings)
+    hub_after = hub_cpu(settings)
+    hub = {name: hub_after[name] - hub_before.get(name, 0.0) for name in hub_after}
+
+    # The control: the same pace of events with no subscription left.
+    readers.ask("unsubscribe", client_pipes)
+    topic = settings.topics.events("accounts")
+    before = fed_to(settings, topic)
+    expected = before + sum(len(batch) for batch in control)
+    meter = CpuSampler({"worker": worker})
+    meter.start()
+    controlled = append(settings, control, interval)
+    eventually(lambda: fed_to(settings, topic) >= expected, timeout=60, every=0.25)
+    time.sleep(SETTLE_S)
+    idle = cpu(meter.stop(), meter.seconds, len(controlled))
+    plain, *clients_arrived = readers.stop()
+    pushed = {e: t for arrived in clients_arrived for e, t in arrived.items()}
     delivered = sum(1 for e in committed if e in pushed)
     fanout["deliveries"] = delivered
     fanout["ms_per_delivery"] = (
         round(1000 * fanout["cpu_s"] / delivered, 3) if delivered else None
     )
-    hub = {name: hub_after[name] - hub_before.get(name, 0.0) for name in hub_after}
-
-    # The control: the same pace of events with no subscription left.
-    for socket in sockets:
-        await socket.send(json.dumps({"type": "unsubscribe", "id": "s"}))
-    await asyncio.to_thread(eventually, lambda: len(left) >= count, timeout=60)
-    topic = settings.topics.events("accounts")
-    before = await asyncio.to_thread(fed_to, settings, topic)
-    expected = before + sum(len(batch) for batch in control)
-    meter = CpuSampler({"worker": worker})
-    meter.start()
-    controlled = await asyncio.to_thread(append, settings, control, interval)
-    await asyncio.to_thread(
-        eventually, lambda: fed_to(settings, topic) >= expected, timeout=60, every=0.25
-    )
-    await asyncio.sleep(SETTLE_S)
-    idle = cpu(meter.stop(), meter.seconds, len(controlled))
-    stop.set()
-    for reader in readers:
-        reader.cancel()
-    for socket in sockets:
-        await socket.close()
-    thread.join(5)
 
     def figures(arrived: dict[str, float]) -> dict[str, Any]:
         latencies = [
@@ -306,6 +365,14 @@ def main() -> None:
         "one per subscriber); e.g. 1000 subscribers at 500 events/s spread out: "
         "--batch 25 --interval 0.05",
     )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=4,
+        help="processes the subscribers are spread over (as clients on machines "
+        "of their own would be: one loop taking every message measures its own "
+        "queue); the plain consumer has a process of its own",
+    )
     args = parser.parse_args()
     per_batch = args.batch or args.subscribers
     # The broker, Postgres and the registry must be running (bin/streamfold up).
@@ -326,15 +393,14 @@ def main() -> None:
             pid = worker.pid()
             if pid is None:
                 raise RuntimeError("the worker has no pid")
-            result = asyncio.run(
-                measure(
-                    settings,
-                    args.subscribers,
-                    args.rounds,
-                    args.interval,
-                    per_batch,
-                    process_tree(pid),
-                )
+            result = measure(
+                settings,
+                args.subscribers,
+                args.rounds,
+                args.interval,
+                per_batch,
+                min(args.client_processes, args.subscribers),
+                process_tree(pid),
             )
         finally:
             worker.stop()
