@@ -401,20 +401,17 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     from app.adapters.deadletters import (
         DeadLetterError,
         Operations,
-        existing_topics,
-        read_actions,
-        read_dead_letters,
+        read_overview,
         utc_now,
     )
-    from app.deadletters import ActionRefused, checked_reason, standing, standings
+    from app.deadletters import ActionRefused, checked_reason, standing
     from app.rest.auth import Credentials, Unauthorized
 
     try:
         if args.action == "list":
-            letters = read_dead_letters(settings, existing_topics(settings))
-            decided = standings(read_actions(settings))
-            for letter in letters:
-                state = standing(letter, decided)
+            overview = read_overview(settings)
+            for letter in overview.letters:
+                state = standing(letter, overview.decided)
                 if args.open and state != "open":
                     continue
                 print(

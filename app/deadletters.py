@@ -196,6 +196,18 @@ class Action:
         return {**json.loads(self.to_json()), "at": self.at.isoformat()}
 
 
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """What an operator looks at: the dead-letter topics that exist, every record
+    in them, every action taken (oldest first), and each record's deciding action
+    (``standings``)."""
+
+    topics: list[str]
+    letters: list[DeadLetter]
+    actions: list[Action]
+    decided: dict[str, Action]
+
+
 def standings(actions: Iterable[Action]) -> dict[str, Action]:
     """Each record's deciding action: its first. A record is acted on once; a
     re-drive that fails again comes back as a new dead letter, open."""

@@ -33,6 +33,7 @@ from app.deadletters import (
     Action,
     ActionRefused,
     DeadLetter,
+    Overview,
     Verb,
     chosen,
     parse_record_id,
@@ -117,6 +118,14 @@ def read_dead_letters(settings: Settings, topics: Sequence[str]) -> list[DeadLet
                 )
             )
     return letters
+
+
+def read_overview(settings: Settings) -> Overview:
+    """Every dead letter of the dead-letter topics that exist, with every action."""
+    topics = existing_topics(settings)
+    letters = read_dead_letters(settings, topics)
+    actions = read_actions(settings)
+    return Overview(topics, letters, actions, standings(actions))
 
 
 def ensure_actions_topic(settings: Settings) -> None:

@@ -153,6 +153,7 @@ class Rows:
         table: Table,
         rows: Mapping[Any, list[_Change]],
     ) -> None:
+        conflict = self._conflicts.get(table.name)
         rounds: list[list[_Change]] = []
         # In key order, so writers of shared rows lock them in one order (no deadlock).
         for ident in sorted(rows, key=_sortable):
@@ -166,7 +167,7 @@ class Rows:
                 shape = (change.kind, tuple(change.values), tuple(change.added))
                 groups.setdefault(shape, []).append(change)
             for (kind, columns, added), group in groups.items():
-                query = _QUERIES[kind](table, columns, added, self._conflicts)
+                query = _statement(kind, table, columns, added, conflict)
                 arrays = [[c.values[col] for c in group] for col in columns]
                 arrays += [[c.added[col] for c in group] for col in added]
                 cur.execute(query, arrays)
@@ -194,13 +195,31 @@ def _names(columns: Iterable[str]) -> sql.Composed:
     return sql.SQL(", ").join(map(sql.Identifier, columns))
 
 
-def _insert(
+def _statement(
+    kind: str,
     table: Table,
     columns: tuple[str, ...],
-    _added: tuple[str, ...],
-    conflicts: Mapping[str, str],
+    added: tuple[str, ...],
+    conflict: str | None,
 ) -> sql.Composed:
-    conflict = conflicts.get(table.name)
+    """The one statement that writes a group of ``kind`` changes to ``table``: the
+    values of ``columns``, the deltas of ``added``; ``conflict`` is the table's
+    ``ON CONFLICT`` action for an insert (``KEEP``, or the projection's SQL)."""
+    match kind:
+        case "insert":
+            return _insert(table, columns, conflict)
+        case "add":
+            return _add(table, columns, added)
+        case "update":
+            return _update(table, columns, added)
+        case "delete":
+            return _delete(table, columns)
+    raise ValueError(f"unknown change {kind!r}")
+
+
+def _insert(
+    table: Table, columns: tuple[str, ...], conflict: str | None
+) -> sql.Composed:
     tail: sql.Composable
     if conflict is None:
         tail = sql.SQL("")
@@ -217,10 +236,7 @@ def _insert(
 
 
 def _add(
-    table: Table,
-    columns: tuple[str, ...],
-    added: tuple[str, ...],
-    _conflicts: Mapping[str, str],
+    table: Table, columns: tuple[str, ...], added: tuple[str, ...]
 ) -> sql.Composed:
     return sql.SQL(
         "INSERT INTO {} AS t ({}) SELECT * FROM unnest({}) "
@@ -238,10 +254,7 @@ def _add(
 
 
 def _update(
-    table: Table,
-    columns: tuple[str, ...],
-    added: tuple[str, ...],
-    _conflicts: Mapping[str, str],
+    table: Table, columns: tuple[str, ...], added: tuple[str, ...]
 ) -> sql.Composed:
     given = [*columns, *(f"add.{c}" for c in added)]
     assignments = [
@@ -263,12 +276,7 @@ def _update(
     )
 
 
-def _delete(
-    table: Table,
-    columns: tuple[str, ...],
-    _added: tuple[str, ...],
-    _conflicts: Mapping[str, str],
-) -> sql.Composed:
+def _delete(table: Table, columns: tuple[str, ...]) -> sql.Composed:
     return sql.SQL("DELETE FROM {} AS t USING unnest({}) AS u({}) WHERE {}").format(
         sql.Identifier(table.name),
         _arrays(table, columns),
@@ -281,9 +289,6 @@ def _matches(table: Table) -> sql.Composed:
     return sql.SQL(" AND ").join(
         sql.SQL("t.{0} = u.{0}").format(sql.Identifier(c)) for c in table.key
     )
-
-
-_QUERIES = {"insert": _insert, "add": _add, "update": _update, "delete": _delete}
 
 
 def describe(conn: psycopg.Connection[Any], name: str) -> Table:

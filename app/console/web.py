@@ -30,14 +30,12 @@ from app.adapters.codec import Codec, ConfluentRegistry, RegistryError
 from app.adapters.deadletters import (
     DeadLetterError,
     Operations,
-    existing_topics,
-    read_actions,
-    read_dead_letters,
+    read_overview,
     utc_now,
 )
 from app.adapters.topics import GroupOffsets, records_at
 from app.console import live, render, schemas
-from app.deadletters import Action, ActionRefused, Verb, checked_reason, standings
+from app.deadletters import Action, ActionRefused, Verb, checked_reason
 from app.history import HistoricEvent
 from app.projections import PROJECTIONS
 from app.readside import ReadSide, status_document
@@ -128,14 +126,13 @@ class Console:
         }
 
     def dead_letters(self) -> dict[str, Any]:
-        topics = existing_topics(self.settings)
-        letters = read_dead_letters(self.settings, topics)
-        actions = read_actions(self.settings)
-        decided = standings(actions)
+        seen = read_overview(self.settings)
         return {
-            "topics": topics,
-            "letters": [render.dead_letter(x, decided, self._decode) for x in letters],
-            "actions": [a.to_dict() for a in reversed(actions)],
+            "topics": seen.topics,
+            "letters": [
+                render.dead_letter(x, seen.decided, self._decode) for x in seen.letters
+            ],
+            "actions": [a.to_dict() for a in reversed(seen.actions)],
         }
 
     def act(self, verb: Verb, operator: str, body: Any) -> dict[str, Any]:

@@ -175,6 +175,19 @@ def withdraw(api: Api, account_id: str, amount: int) -> dict[str, Any]:
     return done
 
 
+def with_reason(
+    api: Api, mutation: str, id_argument: str, aggregate_id: str, reason: str
+) -> dict[str, Any]:
+    """``cancel_order`` or ``close_account``: a mutation whose input is a reason."""
+    done: dict[str, Any] = api.run(
+        f"""mutation ($id: String!) {{
+          {mutation}({id_argument}: $id, input: {{reason: "{reason}"}}) {{ {RESULT} }}
+        }}""",
+        {"id": aggregate_id},
+    )[mutation]
+    return done
+
+
 def test_every_order_mutation_and_the_order_queries(api: Api) -> None:
     order, customer = unique("ord"), unique("cust")
     created = api.run(CREATE, {"input": order_input(order, customer)})["create_order"]
@@ -250,12 +263,7 @@ def test_every_order_mutation_and_the_order_queries(api: Api) -> None:
     # A second order of the same customer, cancelled: filters and the customer.
     second = unique("ord")
     api.run(CREATE, {"input": order_input(second, customer)})
-    cancelled = api.run(
-        f"""mutation ($id: String!) {{
-          cancel_order(order_id: $id, input: {{reason: "changed my mind"}}) {{ {RESULT} }}
-        }}""",
-        {"id": second},
-    )["cancel_order"]
+    cancelled = with_reason(api, "cancel_order", "order_id", second, "changed my mind")
     assert cancelled["status"] == "ACCEPTED" and cancelled["version"] == 2
 
     listed = api.run(
@@ -420,12 +428,7 @@ def test_account_mutations_rejection_conflict_and_transactions(api: Api) -> None
 
     withdrawn = withdraw(api, account, 3_000)
     assert withdrawn["status"] == "ACCEPTED" and withdrawn["version"] == 4
-    closed = api.run(
-        f"""mutation ($id: String!) {{
-          close_account(account_id: $id, input: {{reason: "moving"}}) {{ {RESULT} }}
-        }}""",
-        {"id": account},
-    )["close_account"]
+    closed = with_reason(api, "close_account", "account_id", account, "moving")
     assert closed["status"] == "ACCEPTED" and closed["version"] == 5, closed
 
     seen = api.run(
