@@ -65,9 +65,10 @@ NOT_RUN = {
     ".venv/bin/python -m bench.recovery": "a million aggregates folded, minutes",
     ".venv/bin/python -m bench.recovery --quick": "a worker killed and started again "
     "in a burst, and 20,000 aggregates folded: over a minute of benchmark",
-    ".venv/bin/python -m bench.push --subscribers 50 --rounds 100 --interval 0.05": (
-        "a benchmark with a worker of its own (about 20 s); "
-        "tests/integration/test_websocket.py checks what /ws delivers"
+    ".venv/bin/python -m bench.push --subscribers 1000 --rounds 10 --interval 0.05 "
+    "--batch 25": (
+        "a benchmark with a worker of its own and 1,000 connections (about a "
+        "minute); tests/integration/test_websocket.py checks what /ws delivers"
     ),
 }
 
