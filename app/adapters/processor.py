@@ -317,7 +317,11 @@ class Processor:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "cooperative-sticky",
-            "fetch.wait.max.ms": 10,
+            # A long poll: the broker answers a fetch as soon as a record (or a
+            # transaction's marker) arrives, so this only bounds an idle one. At
+            # 10 ms an idle worker cost the broker 13% of a core, at 500 ms 0-2%,
+            # with send() p50 the same (11 ms).
+            "fetch.wait.max.ms": 500,
             "session.timeout.ms": session_ms,
             "heartbeat.interval.ms": max(session_ms // 10, 500),
             # A partition taken over is folded from its log before its first

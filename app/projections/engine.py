@@ -309,7 +309,8 @@ class ProjectionRunner:
                 "group.id": self.group,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 50,
+                # A long poll, as the write side's (``Processor.consumer_config``).
+                "fetch.wait.max.ms": 500,
                 # As the worker's own consumers: a killed worker's partitions move on
                 # (and its group can be reset) after this, not librdkafka's 45 s.
                 "session.timeout.ms": int(self.settings.session_timeout_s * 1000),
