@@ -410,8 +410,9 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             overview = read_overview(settings)
+            decided = overview.decided()
             for letter in overview.letters:
-                state = standing(letter, overview.decided)
+                state = standing(letter, decided)
                 if args.open and state != "open":
                     continue
                 print(

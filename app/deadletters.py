@@ -199,13 +199,15 @@ class Action:
 @dataclass(frozen=True, slots=True)
 class Overview:
     """What an operator looks at: the dead-letter topics that exist, every record
-    in them, every action taken (oldest first), and each record's deciding action
-    (``standings``)."""
+    in them, and every action taken (oldest first)."""
 
     topics: list[str]
     letters: list[DeadLetter]
     actions: list[Action]
-    decided: dict[str, Action]
+
+    def decided(self) -> dict[str, Action]:
+        """Each record's deciding action (``standings``)."""
+        return standings(self.actions)
 
 
 def standings(actions: Iterable[Action]) -> dict[str, Action]:

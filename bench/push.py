@@ -137,9 +137,8 @@ class Readers:
         process.start()
         self.pipes.append(mine)
         self.processes.append(process)
-        if not mine.poll(120):
+        if not mine.poll(120) or mine.recv() != "ready":
             raise RuntimeError(f"a reader ({target.__name__}) did not start in 120 s")
-        assert mine.recv() == "ready"
 
     def ask(self, request: str, pipes: list[Connection] | None = None) -> list[Any]:
         chosen = self.pipes if pipes is None else pipes

@@ -125,7 +125,7 @@ def read_overview(settings: Settings) -> Overview:
     topics = existing_topics(settings)
     letters = read_dead_letters(settings, topics)
     actions = read_actions(settings)
-    return Overview(topics, letters, actions, standings(actions))
+    return Overview(topics, letters, actions)
 
 
 def ensure_actions_topic(settings: Settings) -> None:

@@ -23,7 +23,7 @@ def partition_for(key: bytes, partitions: int) -> int:
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 of ``data`` (``Utils.murmur2`` in its Java client), as an
     unsigned 32-bit value. Our own, so that a write process need not import
-    aiokafka (a tenth of its imports) for one function."""
+    aiokafka (about 40 ms, a seventh of its imports) for one function."""
     m, mask = 0x5BD1E995, 0xFFFFFFFF
     length = len(data)
     h = (0x9747B28C ^ length) & mask

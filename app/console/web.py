@@ -127,10 +127,11 @@ class Console:
 
     def dead_letters(self) -> dict[str, Any]:
         seen = read_overview(self.settings)
+        decided = seen.decided()
         return {
             "topics": seen.topics,
             "letters": [
-                render.dead_letter(x, seen.decided, self._decode) for x in seen.letters
+                render.dead_letter(x, decided, self._decode) for x in seen.letters
             ],
             "actions": [a.to_dict() for a in reversed(seen.actions)],
         }
