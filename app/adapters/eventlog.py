@@ -7,11 +7,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, Headers, headers
 from app.application.commands import Metadata, NewEvent, Result
+
+if TYPE_CHECKING:
+    from app.client import CommandResult
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -70,7 +73,12 @@ def encode_event(codec: Codec, topic: str, new: NewEvent) -> tuple[bytes, Header
     )
 
 
-def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
+def result_fields(
+    result: Result | CommandResult, partition: int | None, offset: int | None
+) -> dict[str, Any]:
+    """The fields of the Avro ``CommandResult`` record but ``processed_at``, of a
+    result decided here (``Result``) or read back (``app.client.CommandResult``):
+    what ``result_record`` writes and the HTTP API answers with."""
     return {
         "command_id": result.command_id,
         "aggregate_type": result.aggregate_type,
@@ -78,14 +86,19 @@ def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
         "status": "ACCEPTED" if result.accepted else "REJECTED",
         "version": result.version,
         "event_ids": list(result.event_ids),
-        "partition": result.position.partition if result.position else None,
-        "offset": result.position.offset if result.position else None,
+        "partition": partition,
+        "offset": offset,
         "code": result.code,
         "message": result.message,
         "field": result.field,
         "correlation_id": result.correlation_id,
-        "processed_at": processed_at,
     }
+
+
+def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
+    at = result.position
+    partition, offset = (at.partition, at.offset) if at else (None, None)
+    return {**result_fields(result, partition, offset), "processed_at": processed_at}
 
 
 RESULT_RECORD = "streamfold.CommandResult"

@@ -23,6 +23,7 @@ from faust.web import View
 from app import params as checked
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import EncodeError, RegistryError
+from app.adapters.eventlog import result_fields
 from app.adapters.gateway import CommandGateway, GatewayError, KeyReused
 from app.client import CommandResult, CommandTimeout, new_envelope
 from app.rest import openapi, requests
@@ -58,20 +59,7 @@ class Refused(Exception):
 def result_body(result: CommandResult) -> dict[str, Any]:
     """A command result as the HTTP answers carry it: the fields of the Avro
     ``CommandResult`` but when it was processed."""
-    return {
-        "command_id": result.command_id,
-        "aggregate_type": result.aggregate_type,
-        "aggregate_id": result.aggregate_id,
-        "status": "ACCEPTED" if result.accepted else "REJECTED",
-        "version": result.version,
-        "event_ids": list(result.event_ids),
-        "partition": result.partition,
-        "offset": result.offset,
-        "code": result.code,
-        "message": result.message,
-        "field": result.field,
-        "correlation_id": result.correlation_id,
-    }
+    return result_fields(result, result.partition, result.offset)
 
 
 def result_headers(result: CommandResult) -> dict[str, str]:
