@@ -6,13 +6,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import assert_never
 
-from app.domain.accounts.events import (
-    AccountClosed,
-    AccountOpened,
-    Event,
-    MoneyDeposited,
-    MoneyWithdrawn,
-)
+from app.domain.accounts import events
 
 
 class AccountStatus(StrEnum):
@@ -45,11 +39,11 @@ def initial_state() -> AccountState:
     )
 
 
-def evolve(state: AccountState, event: Event) -> AccountState:
+def evolve(state: AccountState, event: events.Event) -> AccountState:
     """Apply one event. Events are facts: nothing is checked, only recorded."""
     state = replace(state, version=state.version + 1)
     match event:
-        case AccountOpened():
+        case events.AccountOpened():
             return replace(
                 state,
                 status=AccountStatus.OPEN,
@@ -59,9 +53,9 @@ def evolve(state: AccountState, event: Event) -> AccountState:
                 balance_minor=0,
                 overdraft_limit_minor=event.overdraft_limit_minor,
             )
-        case MoneyDeposited() | MoneyWithdrawn():
+        case events.MoneyDeposited() | events.MoneyWithdrawn():
             return replace(state, balance_minor=event.balance_after_minor)
-        case AccountClosed():
+        case events.AccountClosed():
             return replace(state, status=AccountStatus.CLOSED)
         case _:
             assert_never(event)

@@ -6,16 +6,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import assert_never
 
-from app.domain.orders.events import (
-    Event,
-    OrderCancelled,
-    OrderCreated,
-    OrderDelivered,
-    OrderItemAdded,
-    OrderItemRemoved,
-    OrderShipped,
-    PaymentProcessed,
-)
+from app.domain.orders import events
 from app.domain.orders.values import OrderLine
 
 
@@ -58,11 +49,11 @@ def initial_state() -> OrderState:
     )
 
 
-def evolve(state: OrderState, event: Event) -> OrderState:
+def evolve(state: OrderState, event: events.Event) -> OrderState:
     """Apply one event. Events are facts: nothing is checked, only recorded."""
     state = replace(state, version=state.version + 1)
     match event:
-        case OrderCreated():
+        case events.OrderCreated():
             return replace(
                 state,
                 status=OrderStatus.CREATED,
@@ -73,28 +64,28 @@ def evolve(state: OrderState, event: Event) -> OrderState:
                 total_minor=event.total_minor,
                 account_id=event.account_id,
             )
-        case OrderItemAdded():
+        case events.OrderItemAdded():
             return replace(
                 state, items=(*state.items, event.item), total_minor=event.total_minor
             )
-        case OrderItemRemoved():
+        case events.OrderItemRemoved():
             items = tuple(i for i in state.items if i.product_id != event.product_id)
             return replace(state, items=items, total_minor=event.total_minor)
-        case PaymentProcessed():
+        case events.PaymentProcessed():
             return replace(
                 state,
                 status=OrderStatus.PAID,
                 paid_minor=state.paid_minor + event.amount_minor,
             )
-        case OrderShipped():
+        case events.OrderShipped():
             return replace(
                 state,
                 status=OrderStatus.SHIPPED,
                 tracking_number=event.tracking_number,
             )
-        case OrderDelivered():
+        case events.OrderDelivered():
             return replace(state, status=OrderStatus.DELIVERED)
-        case OrderCancelled():
+        case events.OrderCancelled():
             return replace(state, status=OrderStatus.CANCELLED)
         case _:
             assert_never(event)
