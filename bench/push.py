@@ -137,8 +137,11 @@ class Readers:
         process.start()
         self.pipes.append(mine)
         self.processes.append(process)
-        if not mine.poll(120) or mine.recv() != "ready":
+        if not mine.poll(120):
             raise RuntimeError(f"a reader ({target.__name__}) did not start in 120 s")
+        said = mine.recv()
+        if said != "ready":
+            raise RuntimeError(f"a reader ({target.__name__}) said {said!r}, not ready")
 
     def ask(self, request: str, pipes: list[Connection] | None = None) -> list[Any]:
         chosen = self.pipes if pipes is None else pipes

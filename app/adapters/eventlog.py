@@ -98,7 +98,9 @@ def result_fields(
 def result_record(result: Result, processed_at: datetime) -> dict[str, Any]:
     at = result.position
     partition, offset = (at.partition, at.offset) if at else (None, None)
-    return {**result_fields(result, partition, offset), "processed_at": processed_at}
+    record = result_fields(result, partition, offset)
+    record["processed_at"] = processed_at  # once per command: no second dict
+    return record
 
 
 RESULT_RECORD = "streamfold.CommandResult"
