@@ -24,7 +24,7 @@ from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, Headers, headers
 from app.adapters.eventlog import partition_for
-from app.adapters.topics import end_offsets
+from app.adapters.topics import end_offsets, take
 from app.domain import accounts, orders
 from app.settings import Settings
 
@@ -227,10 +227,7 @@ class CommandClient:
                 )
             # ``consume`` waits out its whole timeout unless the batch fills, so
             # wait for one result, then take what else has arrived.
-            first = consumer.poll(min(remaining, 0.5))
-            if first is None:
-                continue
-            for message in [first, *consumer.consume(500, 0)]:
+            for message in take(consumer, 501, min(remaining, 0.5)):
                 if message.error():
                     raise KafkaException(message.error())
                 result = CommandResult.from_record(

@@ -363,7 +363,7 @@ def raw_loop(settings: Settings, ready_file: Path) -> None:
 
     consumer.subscribe([names["commands"]])
     while not stopping:
-        batch = consumer.consume(500, 0.05)
+        batch = topics.take(consumer, 500, 0.05)
         if consumer.assignment() and not ready_file.exists():
             ready_file.write_text("ready")
         for message in batch:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, TopicPartition
 
-from app.adapters.topics import end_offsets
+from app.adapters.topics import end_offsets, take
 from app.local.deployments import free_port
 from app.settings import Settings, Topics
 from app.waiting import eventually
@@ -77,7 +77,7 @@ class ResultListener:
     def _run(self) -> None:
         arrived = self.arrived
         while not self._stop.is_set():
-            for message in self._consumer.consume(1000, 0.05):
+            for message in take(self._consumer, 1000, 0.05):
                 if message.error():
                     continue
                 now = time.monotonic()

@@ -21,7 +21,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from app.adapters.codec import Codec, DecodeError, RegistryError
 from app.adapters.eventlog import partition_for
-from app.adapters.topics import reader, watermarks
+from app.adapters.topics import reader, take, watermarks
 from app.settings import Settings
 
 # How long one poll waits for the next record; also how soon a closed feed's
@@ -80,7 +80,7 @@ async def aggregate_events(
     def batch() -> list[FedEvent]:
         found = []
         try:
-            messages = consumer.consume(BATCH, POLL_S)
+            messages = take(consumer, BATCH, POLL_S)
         except KafkaException as failure:
             raise FeedError(f"reading {topic}[{partition}] failed") from failure
         for message in messages:

@@ -43,7 +43,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError, RegistryError
 from app.adapters.eventlog import fingerprint_in
-from app.adapters.topics import headers_of, partitions_of, watermarks
+from app.adapters.topics import headers_of, partitions_of, take, watermarks
 from app.client import (
     AREAS,
     CommandResult,
@@ -295,10 +295,7 @@ class CommandGateway:
         while not self._stopping.is_set():
             try:
                 producer.poll(0)  # delivery reports
-                first = consumer.poll(0.1)
-                if first is None:
-                    continue
-                for message in [first, *consumer.consume(500, 0)]:
+                for message in take(consumer, 501, 0.1):
                     self._take(message)
             except Exception:  # the listener must outlive any one bad record
                 log.exception("command-results listener: going on after an error")

@@ -19,6 +19,7 @@ from app.adapters.topics import (
     read_range,
     reader,
     stable_ends,
+    take,
     watermarks,
 )
 from app.settings import Settings
@@ -101,12 +102,7 @@ class LiveFeed:
                 if not self._slots.acquire(timeout=0.5):
                     continue
                 batch = []
-                # consume(n, timeout) waits out its timeout unless n arrive: the
-                # first record is waited for, what is queued behind it is not.
-                first = consumer.poll(0.2)
-                arrived = (
-                    [] if first is None else [first, *consumer.consume(BATCH - 1, 0)]
-                )
+                arrived = take(consumer, BATCH, 0.2)
                 for message in arrived:
                     error = message.error()
                     if error is not None:

@@ -30,7 +30,7 @@ from confluent_kafka import (
 )
 from rocksdict import Options, Rdict, WriteBatch
 
-from app.adapters.topics import OPEN_TRANSACTION_WAIT_S, TP, describe
+from app.adapters.topics import OPEN_TRANSACTION_WAIT_S, TP, describe, take
 from app.settings import Settings
 
 log = logging.getLogger("streamfold.processor")
@@ -104,8 +104,7 @@ class LogTail:
                         f"{self.name}: could not read {sorted(waiting)} to its end",
                     )
                 )
-            first = self.consumer.poll(0.2)
-            messages = [] if first is None else [first, *self.consumer.consume(999, 0)]
+            messages = take(self.consumer, 1000, 0.2)
             if messages:
                 deadline = time.monotonic() + timeout
             for message in messages:
@@ -151,8 +150,7 @@ class LogTail:
                 return
             # What has arrived, all of it: a transaction just committed may hold
             # many records, and each round asks the broker for every watermark.
-            first = self.consumer.poll(0.05)
-            messages = [] if first is None else [first, *self.consumer.consume(999, 0)]
+            messages = take(self.consumer, 1000, 0.05)
             for message in messages:
                 error = message.error()
                 if error is None:

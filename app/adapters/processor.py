@@ -32,7 +32,7 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
-from app.adapters.topics import TP, init_transactions
+from app.adapters.topics import TP, init_transactions, take
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -371,7 +371,11 @@ class Processor:
                 on_lost=self._on_revoke,
             )
             while not stop.is_set():
-                self._transact(consumer, producer, self._take(consumer))
+                self._transact(
+                    consumer,
+                    producer,
+                    take(consumer, self.batch_size, self.poll_timeout),
+                )
         finally:
             self.report.assigned.clear()
             for handler in self.handlers:
@@ -380,15 +384,6 @@ class Processor:
                 consumer.close()
             except KafkaException as error:  # leaving the group is best effort
                 log.info("%s: closing the consumer: %s", self.group, error)
-
-    def _take(self, consumer: Consumer) -> list[Message]:
-        """The next batch: the first message as soon as it arrives, with whatever
-        is queued behind it (``consume`` alone waits out its timeout unless the
-        batch fills: 50 ms on every command sent one at a time)."""
-        first = consumer.poll(self.poll_timeout)
-        if first is None:
-            return []
-        return [first, *consumer.consume(self.batch_size - 1, 0)]
 
     def _transact(
         self, consumer: Consumer, producer: Producer, messages: list[Message]

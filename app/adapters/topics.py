@@ -459,6 +459,17 @@ def read_to_end(
     raise TimeoutError
 
 
+def take(consumer: Consumer, most: int, timeout: float) -> list[Message]:
+    """The next records: the first as soon as it arrives (none after ``timeout``),
+    with whatever is queued behind it, up to ``most``. librdkafka's
+    ``consume(most, timeout)`` alone waits out its timeout unless ``most`` arrive:
+    the whole timeout on every record of a trickle."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(most - 1, 0)]
+
+
 def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
     """A consumed record's headers, in order (a header without a value has None)."""
     # What a consumer hands over is always such a list; the stub's type is the wider

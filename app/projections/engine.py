@@ -324,7 +324,9 @@ class ProjectionRunner:
         self.status.error = None
         try:
             while not self._stop.is_set():
-                messages = self._consumer.consume(self.batch_size, self.poll_timeout)
+                messages = topics.take(
+                    self._consumer, self.batch_size, self.poll_timeout
+                )
                 try:
                     if messages:
                         self._write(*self._decode(messages))
