@@ -220,19 +220,31 @@ class StreamfoldSystem:
         writes.append(inbox_topic(settings))
         began = time.monotonic()
 
+        lags: dict[str, int] = {}
+
         def idle() -> bool:
             status = httpx.get(url, timeout=5).raise_for_status().json()
-            return (
-                all(p["lag_events"] == 0 for p in status["projections"])
-                and group_lag(settings, settings.app_id, events) == 0
-                and group_lag(settings, command_group(settings), writes) == 0
-                and group_lag(
-                    settings, feed_group(settings), [*events, settings.topics.results]
-                )
-                == 0
+            lags.clear()
+            lags.update(
+                {
+                    f"projection {p['name']}": p["lag_events"]
+                    for p in status["projections"]
+                }
             )
+            lags["faust agents"] = group_lag(settings, settings.app_id, events)
+            lags["write processes"] = group_lag(
+                settings, command_group(settings), writes
+            )
+            lags["saga feed"] = group_lag(
+                settings, feed_group(settings), [*events, settings.topics.results]
+            )
+            return not any(lags.values())
 
-        wait_for(idle, timeout, "the worker's projections to catch up", every=0.02)
+        try:
+            wait_for(idle, timeout, "the worker's projections to catch up", every=0.02)
+        except ServiceError as error:
+            behind = ", ".join(f"{k} {v}" for k, v in lags.items() if v)
+            raise ServiceError(f"{error}; still behind: {behind}") from None
         return round(time.monotonic() - began, 2)
 
     def visible_at(self, sent: Sent, command_id: str) -> float | None:
