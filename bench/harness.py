@@ -651,8 +651,8 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def process_tree(pid: int) -> Callable[[], list[int]]:
-    """A finder for ``pid`` and its descendants (the worker and its projection
-    process), as they are when called."""
+    """A finder for ``pid`` and its descendants (the worker and its write and
+    projection processes), as they are when called."""
 
     def find() -> list[int]:
         found, todo = [], [pid]
@@ -774,11 +774,42 @@ class CpuSampler:
         self._thread.start()
 
     def stop(self) -> dict[str, float]:
+        self._halt()
+        self.stopped = time.monotonic()
+        return self._totals()
+
+    def stop_when_quiet(
+        self, group: str, below: float = 0.15, every: float = 0.5, timeout: float = 300
+    ) -> dict[str, float]:
+        """Stop once ``group`` uses less than ``below`` cores over ``every`` seconds,
+        and give what every group had used when that quiet stretch began: the work a
+        system does for the load after its last answer (a reader catching up, a
+        table's changelog) counts, its idle polling afterwards does not."""
+        self._halt()
+        mark = (time.monotonic(), self._totals())
+        deadline = mark[0] + timeout
+        while True:
+            time.sleep(every)
+            self._sample()
+            now = (time.monotonic(), self._totals())
+            if now[1][group] - mark[1][group] < below * (now[0] - mark[0]):
+                self.stopped = mark[0]
+                return mark[1]
+            if now[0] > deadline:
+                raise RuntimeError(
+                    f"{group} was still busy {timeout:.0f}s after the load "
+                    f"({now[1][group] - mark[1][group]:.2f} CPU s in the last "
+                    f"{now[0] - mark[0]:.1f}s)"
+                )
+            mark = now
+
+    def _halt(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
         self._sample()
-        self.stopped = time.monotonic()
+
+    def _totals(self) -> dict[str, float]:
         return {
             name: round(
                 sum(

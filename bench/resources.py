@@ -1,10 +1,13 @@
 """Resources over the end-to-end backlog: CPU seconds per 1,000 commands for each
-process (the worker, the broker, the Postgres backends of the deployment's database)
-and the worker's peak memory, beside the raw pipeline's under the same workload.
+process (the worker with all its processes, the broker, the Postgres backends of the
+deployment's database) and the worker's peak memory, beside the raw pipeline's under
+the same workload. The window runs from the first command produced until the worker
+is idle, not only until the last read model is visible in Postgres: the worker's
+Faust views go on folding the backlog's events after that.
 
 CPU is read from /proc/<pid>/stat; Postgres' client backends are found by the title
 Postgres gives them (user, database). "Cores busy" is CPU seconds over the wall
-seconds of the backlog, for information rather than better or worse: a process that
+seconds of that window, for information rather than better or worse: a process that
 is the bottleneck yet stays well below one core (Python's GIL allows about one) is
 waiting on something, not computing.
 """
@@ -33,7 +36,7 @@ def figures(e2e: dict[str, Any]) -> list[dict[str, Any]]:
     ours, raw = e2e["streamfold"], e2e["raw"]
     out = []
     for name, label in (
-        ("process", "Worker (with its projection process)"),
+        ("process", "Worker (all its processes)"),
         ("broker", "Kafka broker"),
         ("postgres", "Postgres backends"),
     ):
@@ -53,7 +56,7 @@ def figures(e2e: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         figure(
             "resources.busy.process",
-            "Worker (with its projection process) cores busy during the backlog",
+            "Worker (all its processes) cores busy from the backlog until it is idle",
             "cores",
             _busy(ours, "process"),
             _busy(raw, "process"),
@@ -65,7 +68,7 @@ def figures(e2e: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         figure(
             "resources.peak_memory",
-            "Worker peak memory (VmHWM, summed with its projection process)",
+            "Worker peak memory (VmHWM, summed over its processes)",
             "MiB",
             ours["peak_memory_mib"],
             raw["peak_memory_mib"],
