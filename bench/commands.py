@@ -164,19 +164,21 @@ def measure(
     producer = new_producer(settings)
     accounts = [f"acc-{n:05d}" for n in range(size.accounts)]
     opened = produce(producer, commands_topic, opening(encode, accounts)).at
-    listener.wait_for(list(opened), timeout=120)
+    listener.wait_for(list(opened), timeout=120, what=f"{system}: accounts opened")
     # Warm-up: caches, connections, batch sizes.
     warm = produce(
         producer, commands_topic, traffic(encode, accounts, size.backlog // 10, 1)
     ).at
-    listener.wait_for(list(warm), timeout=300)
+    listener.wait_for(list(warm), timeout=300, what=f"{system}: warm-up commands")
 
     backlog = traffic(encode, accounts, size.backlog, 2)
     meter = CpuSampler(pids)
     meter.start()
     started = time.monotonic()
     produce(producer, commands_topic, backlog)
-    finished = listener.wait_for([c.command_id for c in backlog], timeout=900)
+    finished = listener.wait_for(
+        [c.command_id for c in backlog], timeout=900, what=f"{system}: backlog commands"
+    )
     # The first group is the system's own processes: what they do for the backlog
     # after its last answer (the worker's views catching up) is part of its cost.
     cpu = meter.stop_when_quiet(next(iter(pids)))
@@ -188,7 +190,7 @@ def measure(
     paced_rate = max(50.0, rate / 2)
     paced = traffic(encode, accounts, int(paced_rate * size.latency_s), 3)
     sent = produce(producer, commands_topic, paced, rate=paced_rate).at
-    listener.wait_for(list(sent), timeout=300)
+    listener.wait_for(list(sent), timeout=300, what=f"{system}: paced commands")
     latencies = [
         (listener.arrived[c] - t) * 1000
         for c, t in sent.items()

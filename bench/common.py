@@ -84,7 +84,9 @@ class ResultListener:
                 self.results += 1
                 arrived.setdefault(self._command_id_of(message.value() or b""), now)
 
-    def wait_for(self, command_ids: Sequence[str], timeout: float) -> float:
+    def wait_for(
+        self, command_ids: Sequence[str], timeout: float, what: str = "commands"
+    ) -> float:
         """Seconds until all have a result (monotonic clock); raises on timeout."""
         missing = eventually(
             lambda: sum(1 for c in command_ids if c not in self.arrived),
@@ -93,7 +95,10 @@ class ResultListener:
             every=0.05,
         )
         if missing:
-            raise TimeoutError(f"{missing} of {len(command_ids)} results missing")
+            raise TimeoutError(
+                f"{missing} of {len(command_ids)} {what} without a result "
+                f"after {timeout:.0f}s"
+            )
         return max(self.arrived[c] for c in command_ids)
 
     def close(self) -> None:

@@ -779,12 +779,14 @@ class CpuSampler:
         return self._totals()
 
     def stop_when_quiet(
-        self, group: str, below: float = 0.15, every: float = 0.5, timeout: float = 300
+        self, group: str, below: float = 0.15, every: float = 2.0, timeout: float = 300
     ) -> dict[str, float]:
         """Stop once ``group`` uses less than ``below`` cores over ``every`` seconds,
         and give what every group had used when that quiet stretch began: the work a
         system does for the load after its last answer (a reader catching up, a
-        table's changelog) counts, its idle polling afterwards does not."""
+        table's changelog) counts, its idle polling afterwards does not. ``every``
+        is long enough to span a pause in the work: Faust's view agents, catching
+        up on one core, stopped for about a second in the middle of it."""
         self._halt()
         mark = (time.monotonic(), self._totals())
         deadline = mark[0] + timeout

@@ -183,9 +183,14 @@ def _commands_once(
             f"bench.commands did not finish within {timeout:.0f}s"
         ) from None
     if process.returncode != 0 or not target.exists():
+        # The whole output stays beside the results: two lines rarely say which
+        # system failed, or what it was doing.
+        log = target.with_suffix(".log")
+        log.write_text(f"{stdout}\n--- stderr ---\n{stderr}")
         lines = (stderr or stdout).strip().splitlines()[-2:]
         raise RuntimeError(
-            f"bench.commands exited with {process.returncode}: " + " | ".join(lines)
+            f"bench.commands exited with {process.returncode} (output in {log}): "
+            + " | ".join(lines)
         )
     return dict(json.loads(target.read_text()))
 
