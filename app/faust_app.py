@@ -57,10 +57,12 @@ def create_app(settings: Settings) -> faust.App:
         # write side's transactions at most: the transaction markers between them
         # leave a duplicate in Faust's acked offsets that ends the run it commits
         # (faust-streaming's gap handling; robinhood/faust#625 is that symptom). At
-        # Faust's 1 s, 8,000 commands paced at 800/s left the group 9,000 records
-        # behind and it caught up at about 15 a second (10 minutes, all of them
-        # folded again by a restart in that time); at 0.1 s in under a minute, with
-        # the same CPU for the load.
+        # the 1 s this was before, 8,000 commands paced at 800/s left the group 9,000
+        # records behind and it caught up at about 15 a second (10 minutes, all of
+        # them folded again by a restart in that time); at 0.1 s in under a minute,
+        # with the same CPU for the load. The committed position still falls behind
+        # while the write side commits more than about 10 transactions a second on a
+        # partition (the views themselves keep up; only a restart folds more).
         broker_commit_interval=0.1,
         # A killed worker's partitions move on after this, not Faust's default 60s.
         broker_session_timeout=settings.session_timeout_s,

@@ -39,7 +39,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from app.adapters import topics
 from app.adapters.codec import Codec
 from app.adapters.saga_io import feed_group
-from app.adapters.topics import inbox_topic
+from app.adapters.topics import inbox_topic, take
 from app.client import CommandClient
 from app.local import stack
 from app.local.process import ServiceError, tail, wait_for
@@ -120,7 +120,7 @@ class ResultListener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._consumer.consume(1000, 0.005)
+            batch = take(self._consumer, 1000, 0.05)
             now = time.monotonic()
             for message in batch:
                 if message.error():
@@ -411,7 +411,7 @@ def raw_pipeline(settings: Settings, ready_file: Path) -> None:
 
         consumer.subscribe([commands])
         while not stopping.is_set():
-            batch = consumer.consume(500, 0.005)
+            batch = take(consumer, 500, 0.05)
             assigned["forward"] = assigned["forward"] or bool(consumer.assignment())
             for message in batch:
                 if message.error():
@@ -441,7 +441,7 @@ def raw_pipeline(settings: Settings, ready_file: Path) -> None:
         )
         consumer.subscribe([events])
         while not stopping.is_set():
-            batch = consumer.consume(1000, 0.005)
+            batch = take(consumer, 1000, 0.05)
             assigned["project"] = assigned["project"] or bool(consumer.assignment())
             rows = []
             positions: dict[int, int] = {}

@@ -8,6 +8,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import platform
 import random
@@ -735,16 +736,23 @@ class CpuSampler:
 
     Samples every ``interval`` on a thread, so a process that exits mid-window (a
     Postgres backend) keeps what it used up to its last sample; one that appears
-    mid-window counts from zero.
+    mid-window counts from zero. ``read`` gives a process's CPU seconds (None once
+    it has gone).
     """
 
     def __init__(
-        self, groups: Mapping[str, Callable[[], Iterable[int]]], interval: float = 0.25
+        self,
+        groups: Mapping[str, Callable[[], Iterable[int]]],
+        interval: float = 0.25,
+        read: Callable[[int], float | None] = cpu_seconds,
     ) -> None:
         self.groups = groups
         self.interval = interval
+        self._read = read
         self._base: dict[str, dict[int, float]] = {}
         self._last: dict[str, dict[int, float]] = {}
+        # (when, every group's total then), one entry a sample.
+        self._history: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.started = self.stopped = 0.0
@@ -754,7 +762,7 @@ class CpuSampler:
             base = self._base.setdefault(name, {})
             last = self._last.setdefault(name, {})
             for pid in find():
-                used = cpu_seconds(pid)
+                used = self._read(pid)
                 if used is None:
                     continue
                 if first:
@@ -762,6 +770,7 @@ class CpuSampler:
                 else:
                     base.setdefault(pid, 0.0)
                 last[pid] = used
+        self._history.append((time.monotonic(), self._totals()))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -775,41 +784,48 @@ class CpuSampler:
 
     def stop(self) -> dict[str, float]:
         self._halt()
+        self._sample()
         self.stopped = time.monotonic()
         return self._totals()
 
     def stop_when_quiet(
         self, group: str, below: float = 0.15, every: float = 2.0, timeout: float = 300
     ) -> dict[str, float]:
-        """Stop once ``group`` uses less than ``below`` cores over ``every`` seconds,
-        and give what every group had used when that quiet stretch began: the work a
-        system does for the load after its last answer (a reader catching up, a
-        table's changelog) counts, its idle polling afterwards does not. ``every``
-        is long enough to span a pause in the work: Faust's view agents, catching
-        up on one core, stopped for about a second in the middle of it."""
-        self._halt()
-        mark = (time.monotonic(), self._totals())
-        deadline = mark[0] + timeout
+        """Stop once ``group`` has used less than ``below`` cores over the last
+        ``every`` seconds, and give what every group had used at the end of the last
+        sample in which ``group`` was busier than that: the work a system does for
+        the load after its last answer (a reader catching up, a table's changelog)
+        counts, its idle polling afterwards does not, and the window (``seconds``)
+        ends there too. ``every`` is long enough to span a pause in the work: Faust's
+        view agents, catching up on one core, stopped for about a second in the
+        middle of it."""
+        deadline = time.monotonic() + timeout
         while True:
-            time.sleep(every)
-            self._sample()
-            now = (time.monotonic(), self._totals())
-            if now[1][group] - mark[1][group] < below * (now[0] - mark[0]):
-                self.stopped = mark[0]
-                return mark[1]
-            if now[0] > deadline:
+            time.sleep(self.interval)
+            history = list(self._history)
+            now, totals = history[-1]
+            if now - history[0][0] >= every:
+                since, then = next(h for h in reversed(history) if h[0] <= now - every)
+                if totals[group] - then[group] < below * (now - since):
+                    break
+            if time.monotonic() > deadline:
+                self._halt()
                 raise RuntimeError(
-                    f"{group} was still busy {timeout:.0f}s after the load "
-                    f"({now[1][group] - mark[1][group]:.2f} CPU s in the last "
-                    f"{now[0] - mark[0]:.1f}s)"
+                    f"{group} was still busy {timeout:.0f}s after the load: it "
+                    f"never used less than {below} cores over {every}s"
                 )
-            mark = now
+        self._halt()
+        end = history[0]
+        for before, after in itertools.pairwise(history):
+            if after[1][group] - before[1][group] > below * (after[0] - before[0]):
+                end = after
+        self.stopped = max(end[0], self.started)
+        return end[1]
 
     def _halt(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._sample()
 
     def _totals(self) -> dict[str, float]:
         return {

@@ -22,6 +22,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from psycopg import sql
 
 from app.adapters.codec import Codec
+from app.adapters.topics import take
 from app.history import EventLogProjection
 from app.projections.engine import Projection, reset
 from app.projections.orders import OrdersProjection
@@ -117,7 +118,7 @@ def consume_all(
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in highs])
     try:
         while count < total:
-            for message in consumer.consume(1000, 0.1):
+            for message in take(consumer, 1000, 0.1):
                 if message.error():
                     continue
                 count += 1

@@ -43,7 +43,7 @@ import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from websockets.asyncio.client import connect
 
-from app.adapters.topics import stable_ends
+from app.adapters.topics import stable_ends, take
 from app.domain import accounts
 from app.domain.accounts import OpenAccount
 from app.local.process import http_ok, wait_for
@@ -174,8 +174,7 @@ def plain_reader(pipe: Connection, settings: Settings) -> None:
     pipe.send("ready")
     while True:
         # As the feed reads: wait for the first record, not for a full batch.
-        first = consumer.poll(0.05)
-        for message in [] if first is None else [first, *consumer.consume(499, 0)]:
+        for message in take(consumer, 500, 0.05):
             if message.error() is None:
                 now = time.monotonic()
                 found = dict(message.headers() or []).get("event-id")

@@ -172,20 +172,21 @@ def _commands_once(
         stderr=subprocess.PIPE,
         text=True,
     )
+    # The whole output of a failed run stays beside the results: two lines rarely
+    # say which system failed, or what it was doing.
+    log = target.with_suffix(".log")
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         # Its worker runs in a session of its own: stop every descendant, not just
         # the child, or the worker outlives the run.
         stop_tree(process.pid)
-        process.communicate()
+        stdout, stderr = process.communicate()
+        log.write_text(f"{stdout}\n--- stderr ---\n{stderr}")
         raise RuntimeError(
-            f"bench.commands did not finish within {timeout:.0f}s"
+            f"bench.commands did not finish within {timeout:.0f}s (output in {log})"
         ) from None
     if process.returncode != 0 or not target.exists():
-        # The whole output stays beside the results: two lines rarely say which
-        # system failed, or what it was doing.
-        log = target.with_suffix(".log")
         log.write_text(f"{stdout}\n--- stderr ---\n{stderr}")
         lines = (stderr or stdout).strip().splitlines()[-2:]
         raise RuntimeError(

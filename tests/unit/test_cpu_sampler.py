@@ -1,59 +1,72 @@
-"""The bench's CPU sampler counts what a process does after the load's last answer
-(a reader catching up) and stops once the process is idle, or says it never was."""
+"""The bench's CPU sampler counts what a system does after the load's last answer (a
+reader catching up) and closes its window where that work ended, not where the quiet
+after it was noticed; a system that never goes quiet is named.
+
+A scripted reading stands in for /proc: CPU seconds as a function of the clock, so
+the expected totals follow from the script whatever the machine's load."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
 from bench.harness import CpuSampler
 
-# Burns ``sys.argv[1]`` CPU seconds of its own (by its own clock, so a busy machine
-# only makes it take longer), prints "done", then sleeps.
-BURN = """
-import sys, time
-need = float(sys.argv[1])
-while time.process_time() < need:
-    sum(range(1000))
-print("done", flush=True)
-time.sleep(60)
-"""
+
+def _script(busy_s: float, busy_rate: float, idle_rate: float) -> Callable[[], float]:
+    """CPU seconds used since now: ``busy_rate`` cores for ``busy_s``, then
+    ``idle_rate`` (below the sampler's threshold, but not zero)."""
+    began = time.monotonic()
+
+    def used() -> float:
+        elapsed = time.monotonic() - began
+        busy = min(elapsed, busy_s)
+        return busy * busy_rate + max(0.0, elapsed - busy_s) * idle_rate
+
+    return used
 
 
-def _burner(cpu_seconds: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", BURN, str(cpu_seconds)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def _sampler(used: Callable[[], float]) -> CpuSampler:
+    return CpuSampler({"system": lambda: [1]}, interval=0.05, read=lambda _: used())
 
 
-def test_stop_when_quiet_counts_the_work_after_the_load_and_not_the_idle_time() -> None:
-    process = _burner(0.6)
-    try:
-        sampler = CpuSampler({"burner": lambda: [process.pid]}, interval=0.05)
-        sampler.start()
-        used = sampler.stop_when_quiet("burner", below=0.05, every=0.3, timeout=120)
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "done"  # it had finished
-        # The burn itself (less what the interpreter spent before the sampler
-        # started), and nothing like the 60 s of sleep after it.
-        assert 0.3 <= used["burner"] <= 0.9, used
-        assert sampler.seconds > 0
-    finally:
-        process.kill()
-        process.wait()
+def test_the_work_after_the_load_counts_and_the_quiet_after_it_does_not() -> None:
+    sampler = _sampler(_script(busy_s=0.6, busy_rate=1.0, idle_rate=0.12))
+    sampler.start()
+    used = sampler.stop_when_quiet("system", below=0.15, every=1.0, timeout=60)
+    # 0.6 s of work; the quiet second that proved it was over would add 0.12 more.
+    assert 0.5 <= used["system"] <= 0.66, used
+    # The window ends with the work (a sample late at most), not a second later.
+    assert 0.5 <= sampler.seconds <= 1.1, sampler.seconds
 
 
-def test_stop_when_quiet_names_a_process_that_never_goes_quiet() -> None:
-    process = _burner(600)
-    try:
-        sampler = CpuSampler({"burner": lambda: [process.pid]}, interval=0.05)
-        sampler.start()
-        with pytest.raises(RuntimeError, match="burner was still busy"):
-            sampler.stop_when_quiet("burner", below=0.05, every=0.3, timeout=1.5)
-    finally:
-        process.kill()
-        process.wait()
+def test_a_pause_shorter_than_the_quiet_window_does_not_end_it() -> None:
+    first = _script(busy_s=0.4, busy_rate=1.0, idle_rate=0.0)
+    began = time.monotonic()
+
+    def used() -> float:
+        # 0.4 s busy, 0.4 s paused, 0.4 s busy again, then idle.
+        elapsed = time.monotonic() - began
+        again = min(max(0.0, elapsed - 0.8), 0.4)
+        return first() + again
+
+    sampler = _sampler(used)
+    sampler.start()
+    spent = sampler.stop_when_quiet("system", below=0.15, every=1.0, timeout=60)
+    assert 0.7 <= spent["system"] <= 0.81, spent
+
+
+def test_a_system_idle_from_the_start_used_nothing() -> None:
+    sampler = _sampler(_script(busy_s=0.0, busy_rate=0.0, idle_rate=0.05))
+    sampler.start()
+    assert sampler.stop_when_quiet("system", every=0.5, timeout=60) == {"system": 0.0}
+    assert sampler.seconds == 0.0
+
+
+def test_a_system_that_never_goes_quiet_is_named() -> None:
+    sampler = _sampler(_script(busy_s=3600, busy_rate=1.0, idle_rate=0.0))
+    sampler.start()
+    with pytest.raises(RuntimeError, match="system was still busy"):
+        sampler.stop_when_quiet("system", every=0.3, timeout=1.0)
