@@ -792,19 +792,21 @@ class CpuSampler:
         self, group: str, below: float = 0.15, every: float = 2.0, timeout: float = 300
     ) -> dict[str, float]:
         """Stop once ``group`` has used less than ``below`` cores over the last
-        ``every`` seconds, and give what every group had used at the end of the last
-        sample in which ``group`` was busier than that: the work a system does for
-        the load after its last answer (a reader catching up, a table's changelog)
-        counts, its idle polling afterwards does not, and the window (``seconds``)
-        ends there too. ``every`` is long enough to span a pause in the work: Faust's
-        view agents, catching up on one core, stopped for about a second in the
-        middle of it."""
-        deadline = time.monotonic() + timeout
+        ``every`` seconds, and give what every group had used by the end of its work:
+        the first sample after this call (the load's last answer), or the last
+        sample after that in which ``group`` was busier than ``below``. The work a
+        system does for the load after its last answer (a reader catching up, a
+        table's changelog) counts, its idle polling afterwards does not, and the
+        window (``seconds``) ends there too. ``every`` is long enough to span a pause
+        in the work: Faust's view agents, catching up on one core, stopped for about
+        a second in the middle of it."""
+        called = time.monotonic()
+        deadline = called + timeout
         while True:
             time.sleep(self.interval)
             history = list(self._history)
             now, totals = history[-1]
-            if now - history[0][0] >= every:
+            if now - max(called, history[0][0]) >= every:
                 since, then = next(h for h in reversed(history) if h[0] <= now - every)
                 if totals[group] - then[group] < below * (now - since):
                     break
@@ -815,11 +817,12 @@ class CpuSampler:
                     f"never used less than {below} cores over {every}s"
                 )
         self._halt()
-        end = history[0]
+        end = next(h for h in history if h[0] >= called)
         for before, after in itertools.pairwise(history):
-            if after[1][group] - before[1][group] > below * (after[0] - before[0]):
+            busy = after[1][group] - before[1][group] > below * (after[0] - before[0])
+            if busy and after[0] > end[0]:
                 end = after
-        self.stopped = max(end[0], self.started)
+        self.stopped = end[0]
         return end[1]
 
     def _halt(self) -> None:
