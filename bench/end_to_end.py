@@ -241,7 +241,9 @@ class StreamfoldSystem:
             return not any(lags.values())
 
         try:
-            wait_for(idle, timeout, "the worker's projections to catch up", every=0.02)
+            # Each look opens three consumers; a quarter second is fine enough for
+            # waits of seconds.
+            wait_for(idle, timeout, "the worker's projections to catch up", every=0.25)
         except ServiceError as error:
             behind = ", ".join(f"{k} {v}" for k, v in lags.items() if v)
             raise ServiceError(f"{error}; still behind: {behind}") from None
