@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import shutil
 import socket
 import tempfile
@@ -24,9 +25,31 @@ from app.settings import Settings, Topics
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free now, below the kernel's ephemeral range: a port from that range
+    (what binding port 0 gives) can be taken by any outgoing connection before the
+    process it was chosen for binds it, and the suite's Kafka clients open many."""
+    low = ephemeral_low()
+    ports = range(max(1024, low - 12_000), low)
+    for port in random.sample(ports, min(64, len(ports))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a machine with its ephemeral range set low
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default: 32768)."""
+    try:
+        return int(
+            Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        )
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def with_database(url: str, database: str) -> str:
