@@ -33,7 +33,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -50,9 +49,8 @@ from app.adapters import mapper, topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, ConfluentRegistry, headers
 from app.domain.accounts import OpenAccount
-from app.faust_app import worker_datadir
 from app.local import stack
-from app.local.deployments import delete_topics, free_port
+from app.local.deployments import delete_local_state, delete_topics, free_port
 from app.local.process import Daemon, wait_for
 from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
@@ -305,7 +303,7 @@ def bench_worker(
         for worker in processes:
             worker.stop()
         for each in deployed:
-            shutil.rmtree(worker_datadir(each), ignore_errors=True)
+            delete_local_state(each)
     return outcomes.count(figures)
 
 
@@ -460,7 +458,7 @@ def bench_baseline(
             process.kill()
             process.wait(30)
         ready.unlink(missing_ok=True)
-        shutil.rmtree(worker_datadir(settings), ignore_errors=True)
+        delete_local_state(settings)
     return outcomes.count(figures) if outcomes is not None else figures
 
 

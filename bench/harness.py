@@ -13,7 +13,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
 import threading
 import time
@@ -43,9 +42,13 @@ from app.domain.orders import (
     ShipOrder,
     line_total_minor,
 )
-from app.faust_app import worker_datadir
 from app.local import postgres
-from app.local.deployments import delete_topics, free_port, with_database
+from app.local.deployments import (
+    delete_local_state,
+    delete_topics,
+    free_port,
+    with_database,
+)
 from app.local.process import wait_for
 from app.settings import Settings, Topics
 from app.workload import deposit, new_order, payment
@@ -229,7 +232,7 @@ def deployment(
         if database:
             postgres.drop_database(dbname, port=writer.port)
         delete_topics(settings)
-        shutil.rmtree(worker_datadir(settings), ignore_errors=True)
+        delete_local_state(settings)
 
 
 # -- the seeded workload -----------------------------------------------------------------

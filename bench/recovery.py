@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -39,9 +38,8 @@ from app.adapters.eventlog import partition_for
 from app.audit import read_topic
 from app.domain import accounts as accounts_domain
 from app.domain.accounts import OpenAccount
-from app.faust_app import worker_datadir
 from app.local import stack
-from app.local.deployments import delete_topics
+from app.local.deployments import delete_local_state, delete_topics, local_state
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.workload import deposit
@@ -225,7 +223,7 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
     finally:
         listener.close()
         worker.stop()
-    store = sum(_size_mib(path) for path in _stores(settings))
+    store = sum(_size_mib(path) for path in local_state(settings))
     _remove(settings)
     return Memory(
         aggregates=aggregates,
@@ -259,16 +257,9 @@ def _name(pid: int) -> str:
         return str(pid)
 
 
-def _stores(settings: Settings) -> list[Path]:
-    """The write processes' state caches of this deployment."""
-    return list((settings.home / "write-state").glob(f"{settings.app_id}-*"))
-
-
 def _remove(settings: Settings) -> None:
     delete_topics(settings)
-    shutil.rmtree(worker_datadir(settings), ignore_errors=True)
-    for path in _stores(settings):
-        shutil.rmtree(path, ignore_errors=True)
+    delete_local_state(settings)
 
 
 def _size_mib(path: Path) -> float:

@@ -145,6 +145,7 @@ def session_settings(
     yield settings
     for used in [settings, *_FRESH]:
         deployments.delete_topics(used)
+        deployments.delete_local_state(used)
     port = postgres.Conninfo.parse(settings.database_url).port
     postgres.drop_database(database, port=port)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -26,13 +25,11 @@ from app.audit import (  # noqa: F401 - re-exported for the tests
 )
 from app.client import CommandClient
 from app.domain.orders import CreateOrder, LineItem
-from app.faust_app import worker_datadir
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
 from app.workload import new_order
-from app.writeside import state_dir
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,13 +46,6 @@ def running_worker(settings: Settings, name: str = "worker") -> Iterator[Daemon]
         yield worker
     finally:
         worker.stop()
-
-
-def delete_local_store(settings: Settings) -> None:
-    """The worker's local state: its Faust tables and its write processes' caches."""
-    shutil.rmtree(worker_datadir(settings), ignore_errors=True)
-    for index in range(settings.write_processes):
-        shutil.rmtree(state_dir(settings, index), ignore_errors=True)
 
 
 def get_until(url: str, until: Any, timeout: float = 30.0) -> httpx.Response:

@@ -22,6 +22,7 @@ from app.adapters import topics
 from app.client import CommandClient, CommandResult
 from app.domain.accounts import OpenAccount, Withdraw
 from app.domain.money import fmt
+from app.local import deployments
 from app.settings import Settings
 from app.workload import deposit, withdrawal
 from tests.invariants import (
@@ -29,7 +30,7 @@ from tests.invariants import (
     assert_write_side_promises,
     serving_worker,
 )
-from tests.support import delete_local_store, events_by_aggregate
+from tests.support import events_by_aggregate
 
 ACCOUNTS = 12
 COMMANDS_EACH = 20
@@ -120,7 +121,7 @@ def test_a_worker_that_lost_its_table_rebuilds_every_aggregate(
         }
         assert set(versions) == set(sent)
         if lost.startswith("local store"):
-            delete_local_store(deployment)
+            deployments.delete_local_state(deployment)
         if lost.endswith("snapshots"):
             _delete_snapshots(deployment)
         # Restored from the snapshots only when they are there.
