@@ -59,6 +59,7 @@ def write(
         thread.start()
     try:
         while not stopping.is_set() and all(t.is_alive() for t in threads):
+            _exit_if_stuck(processors)
             reports.send(_report(processors, handlers))
             stopping.wait(REPORT_S)
     except OSError:  # the worker is gone
@@ -116,6 +117,17 @@ def _running(processor: Processor, stopping: threading.Event) -> None:
         log.exception("%s stopped", processor.group)
         stopping.set()
         os._exit(1)
+
+
+def _exit_if_stuck(processors: list[Processor]) -> None:
+    """A processor blocked in a transactional call past its limit ends the process
+    (the worker starts it again), as a bug in one does (``_running``)."""
+    now = time.monotonic()
+    for processor in processors:
+        stuck = processor.stuck(now)
+        if stuck is not None:
+            log.error("%s; the write process exits to be started again", stuck)
+            os._exit(1)
 
 
 def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, Any]:

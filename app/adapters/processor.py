@@ -46,79 +46,16 @@ TRANSIENT = (KafkaException, RegistryUnavailable, OSError, TimeoutError)
 TRANSACTION_TIMEOUT_MS = 10_000
 
 
-# How long a transactional call may block before the producer counts as stuck:
+# How long a transactional call may block before the process counts as stuck:
 # librdkafka was seen to hang in send_offsets_to_transaction past its timeout
-# after a broker restart, while the consumer's group rejoined.
+# after a broker restart, while the consumer's group rejoined. The call is made on
+# the processor's own thread (a thread per call cost one command at a time 1.4-3 ms
+# of its 12-18 ms); its deadline is watched from outside (``Processor.stuck``).
 CALL_LIMIT_S = 60.0
 # Sending the offsets waits no longer than the broker keeps the transaction open:
 # past that the broker has aborted it, and only new clients get anywhere.
 OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
 OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
-
-
-def _bounded(
-    what: str,
-    call: Callable[..., object],
-    *args: object,
-    limit_s: float = CALL_LIMIT_S,
-) -> object:
-    """``call(*args)`` on a thread of its own; a call that has not returned after
-    ``limit_s`` raises a fatal error (so new clients are started, and the new
-    producer's transactional id fences the stuck one)."""
-    done = threading.Event()
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = error
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=what, daemon=True).start()
-    if not done.wait(limit_s):
-        raise KafkaException(
-            KafkaError(
-                KafkaError._TIMED_OUT,
-                f"{what} did not return within {limit_s:.0f}s",
-                fatal=True,
-            )
-        )
-    error = outcome.get("error")
-    if isinstance(error, BaseException):
-        raise error
-    return outcome.get("value")
-
-
-def _retrying(what: str, call: Callable[[float], object], attempts: int = 5) -> None:
-    """A transactional call, called again while librdkafka says its error may be
-    retried (its contract for commit and abort); any other error is raised."""
-    for attempt in range(attempts):
-        try:
-            _bounded(what, call, 30)
-            return
-        except KafkaException as failure:
-            error = failure.args[0] if failure.args else None
-            retriable = isinstance(error, KafkaError) and error.retriable()
-            if not retriable or attempt == attempts - 1:
-                raise
-            log.info("%s retried: %s", what, error)
-
-
-def _send_offsets(
-    consumer: Consumer, producer: Producer, offsets: dict[TP, int]
-) -> None:
-    """The input offsets into the transaction, with the consumer's group metadata:
-    the group's generation fences a zombie (KIP-447)."""
-    _bounded(
-        "send_offsets_to_transaction",
-        producer.send_offsets_to_transaction,
-        [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-        consumer.consumer_group_metadata(),
-        OFFSETS_TIMEOUT_S,
-        limit_s=OFFSETS_LIMIT_S,
-    )
 
 
 @dataclass(slots=True)
@@ -273,6 +210,8 @@ class Report:
     messages: int = 0
     aborts: int = 0
     last_error: str | None = None
+    # The transactional call in progress, and when it counts as stuck.
+    calling: tuple[str, float] | None = None
 
 
 class Processor:
@@ -424,7 +363,7 @@ class Processor:
                 # settled: the two round trips overlap.
                 offsets = ends or self._owned_committed(consumer)
                 if offsets:
-                    _send_offsets(consumer, producer, offsets)
+                    self._send_offsets(consumer, producer, offsets)
                 batch.settle()
                 self._commit(producer)
         except TRANSIENT as failure:
@@ -448,7 +387,62 @@ class Processor:
         """Commit; an error that requires an abort is raised for ``_abort``, any
         other one too (then ``_abort`` raises it on, and ``run`` starts new
         clients)."""
-        _retrying("commit_transaction", producer.commit_transaction)
+        self._retrying("commit_transaction", producer.commit_transaction)
+
+    def stuck(self, now: float) -> str | None:
+        """The transactional call that has blocked past its limit, if any. Its
+        process should exit: the call cannot be taken back from the thread it
+        blocks, and a process started again fences the stuck producer by its
+        transactional id."""
+        calling = self.report.calling
+        if calling is None or now < calling[1]:
+            return None
+        return f"{self.group}: {calling[0]} did not return within its limit"
+
+    def _call(
+        self,
+        what: str,
+        call: Callable[..., object],
+        *args: object,
+        limit_s: float = CALL_LIMIT_S,
+    ) -> None:
+        """``call(*args)``, with its deadline in the report for ``stuck``."""
+        self.report.calling = (what, time.monotonic() + limit_s)
+        try:
+            call(*args)
+        finally:
+            self.report.calling = None
+
+    def _retrying(
+        self, what: str, call: Callable[[float], object], attempts: int = 5
+    ) -> None:
+        """A transactional call, called again while librdkafka says its error may
+        be retried (its contract for commit and abort); any other error is
+        raised."""
+        for attempt in range(attempts):
+            try:
+                self._call(what, call, 30)
+                return
+            except KafkaException as failure:
+                error = failure.args[0] if failure.args else None
+                retriable = isinstance(error, KafkaError) and error.retriable()
+                if not retriable or attempt == attempts - 1:
+                    raise
+                log.info("%s retried: %s", what, error)
+
+    def _send_offsets(
+        self, consumer: Consumer, producer: Producer, offsets: dict[TP, int]
+    ) -> None:
+        """The input offsets into the transaction, with the consumer's group
+        metadata: the group's generation fences a zombie (KIP-447)."""
+        self._call(
+            "send_offsets_to_transaction",
+            producer.send_offsets_to_transaction,
+            [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+            consumer.consumer_group_metadata(),
+            OFFSETS_TIMEOUT_S,
+            limit_s=OFFSETS_LIMIT_S,
+        )
 
     def _owned_committed(self, consumer: Consumer) -> dict[TP, int]:
         owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
@@ -479,7 +473,7 @@ class Processor:
             return
         producer.begin_transaction()
         try:
-            _send_offsets(consumer, producer, moved)
+            self._send_offsets(consumer, producer, moved)
             self._commit(producer)
         except TRANSIENT as failure:
             self._abort(producer, failure, 0, True)  # raises unless aborted
@@ -505,7 +499,7 @@ class Processor:
         ):
             raise failure
         if begun:
-            _retrying("abort_transaction", producer.abort_transaction)
+            self._retrying("abort_transaction", producer.abort_transaction)
 
     def _rewind(self, consumer: Consumer, starts: dict[TP, int]) -> None:
         """Go back to the group's committed offsets of the batch's partitions (a

@@ -3,11 +3,14 @@ its clients (so ``run`` starts new ones) and how it joins its group."""
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from app import writer
 from app.adapters.processor import Batch, Processor
 from app.settings import Settings
 
@@ -188,3 +191,57 @@ def test_a_batch_that_writes_sends_its_offsets_before_its_outputs_settle() -> No
     ]
     assert clients.offsets_sent == [{("in", 0): 4}]
     assert handler.committed_batches == 1
+
+
+def test_a_call_blocked_past_its_limit_is_reported_stuck_and_ends_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Transactional calls run on the processor's thread; one that blocks past its
+    limit (librdkafka was seen to, after a broker restart) is seen by the write
+    process's main loop, which exits so that the worker starts it again."""
+    processor = _processor()
+    release = threading.Event()
+    entered = threading.Event()
+
+    def blocking(timeout: float) -> None:
+        entered.set()
+        release.wait(10)
+
+    caller = threading.Thread(
+        target=processor._call,
+        args=("commit_transaction", blocking, 30.0),
+        kwargs={"limit_s": 5.0},
+    )
+    caller.start()
+    try:
+        assert entered.wait(10)
+        now = time.monotonic()
+        assert processor.stuck(now) is None  # within its limit
+        late = processor.stuck(now + 6.0)
+        assert late == "g.commands: commit_transaction did not return within its limit"
+
+        exits: list[int] = []
+        monkeypatch.setattr(writer.os, "_exit", exits.append)
+        monkeypatch.setattr(writer.time, "monotonic", lambda: now + 6.0)
+        writer._exit_if_stuck([processor])
+        assert exits == [1]
+    finally:
+        release.set()
+        caller.join(10)
+    # Returned: nothing is in progress any more, however late it is.
+    assert processor.report.calling is None
+    assert processor.stuck(time.monotonic() + 3600) is None
+    exits.clear()
+    writer._exit_if_stuck([processor])
+    assert exits == []
+
+
+def test_a_call_that_fails_is_not_left_in_progress() -> None:
+    processor = _processor()
+
+    def failing(timeout: float) -> None:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    with pytest.raises(KafkaException):
+        processor._retrying("commit_transaction", failing)
+    assert processor.report.calling is None
