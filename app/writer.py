@@ -58,10 +58,7 @@ def write(
     for thread in threads:
         thread.start()
     try:
-        while not stopping.is_set() and all(t.is_alive() for t in threads):
-            _exit_if_stuck(processors)
-            reports.send(_report(processors, handlers))
-            stopping.wait(REPORT_S)
+        _watch(processors, handlers, reports, stopping, threads)
     except OSError:  # the worker is gone
         pass
     finally:
@@ -119,10 +116,24 @@ def _running(processor: Processor, stopping: threading.Event) -> None:
         os._exit(1)
 
 
-def _exit_if_stuck(processors: list[Processor]) -> None:
+def _watch(
+    processors: list[Processor],
+    handlers: list[Handler],
+    reports: Connection,
+    stopping: threading.Event,
+    threads: list[threading.Thread],
+) -> None:
+    """Until stopped or a processor's thread ends: exit the process if a processor
+    is stuck in a call, and report what they own, every ``REPORT_S``."""
+    while not stopping.is_set() and all(t.is_alive() for t in threads):
+        _exit_if_stuck(processors, time.monotonic())
+        reports.send(_report(processors, handlers))
+        stopping.wait(REPORT_S)
+
+
+def _exit_if_stuck(processors: list[Processor], now: float) -> None:
     """A processor blocked in a transactional call past its limit ends the process
     (the worker starts it again), as a bug in one does (``_running``)."""
-    now = time.monotonic()
     for processor in processors:
         stuck = processor.stuck(now)
         if stuck is not None:

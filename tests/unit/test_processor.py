@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from app import writer
-from app.adapters.processor import Batch, Processor
+from app.adapters.processor import (
+    CALL_LIMIT_S,
+    OFFSETS_LIMIT_S,
+    Batch,
+    Processor,
+)
 from app.settings import Settings
 
 
@@ -60,6 +66,14 @@ class _Clients:
         self.calls: list[str] = []
         self.positions = positions
         self.offsets_sent: list[dict[tuple[str, int], int]] = []
+        # What the processor's report said was in progress during each
+        # transactional call (set ``watched`` to the processor).
+        self.watched: Processor | None = None
+        self.in_progress: list[tuple[str, float] | None] = []
+
+    def _seen(self) -> None:
+        if self.watched is not None:
+            self.in_progress.append(self.watched.report.calling)
 
     # The producer.
     def begin_transaction(self) -> None:
@@ -75,6 +89,7 @@ class _Clients:
         self, offsets: list[TopicPartition], *_: object
     ) -> None:
         self.calls.append("send_offsets")
+        self._seen()
         self.offsets_sent.append(
             {(tp.topic, tp.partition): tp.offset for tp in offsets}
         )
@@ -85,6 +100,7 @@ class _Clients:
 
     def commit_transaction(self, timeout: float) -> None:
         self.calls.append("commit")
+        self._seen()
 
     # The consumer.
     def consumer_group_metadata(self) -> object:
@@ -193,12 +209,25 @@ def test_a_batch_that_writes_sends_its_offsets_before_its_outputs_settle() -> No
     assert handler.committed_batches == 1
 
 
-def test_a_call_blocked_past_its_limit_is_reported_stuck_and_ends_the_process(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_each_transactional_call_is_watched_with_its_limit() -> None:
+    handler = _Echo()
+    processor = _processor_with(handler)
+    clients = _Clients({("in", 0): 4})
+    clients.watched = processor
+    began = time.monotonic()
+    processor._transact(clients, clients, [_Message("in", 0, 3)])  # type: ignore[arg-type]
+    ended = time.monotonic()
+    names = [c[0] for c in clients.in_progress if c is not None]
+    assert names == ["send_offsets_to_transaction", "commit_transaction"]
+    offsets, commit = (c[1] for c in clients.in_progress if c is not None)
+    assert began + OFFSETS_LIMIT_S <= offsets <= ended + OFFSETS_LIMIT_S
+    assert began + CALL_LIMIT_S <= commit <= ended + CALL_LIMIT_S
+    assert processor.report.calling is None  # nothing in progress once done
+
+
+def test_a_call_blocked_past_its_limit_is_reported_stuck() -> None:
     """Transactional calls run on the processor's thread; one that blocks past its
-    limit (librdkafka was seen to, after a broker restart) is seen by the write
-    process's main loop, which exits so that the worker starts it again."""
+    limit (librdkafka was seen to, after a broker restart) is reported stuck."""
     processor = _processor()
     release = threading.Event()
     entered = threading.Event()
@@ -219,21 +248,74 @@ def test_a_call_blocked_past_its_limit_is_reported_stuck_and_ends_the_process(
         assert processor.stuck(now) is None  # within its limit
         late = processor.stuck(now + 6.0)
         assert late == "g.commands: commit_transaction did not return within its limit"
-
-        exits: list[int] = []
-        monkeypatch.setattr(writer.os, "_exit", exits.append)
-        monkeypatch.setattr(writer.time, "monotonic", lambda: now + 6.0)
-        writer._exit_if_stuck([processor])
-        assert exits == [1]
     finally:
         release.set()
         caller.join(10)
     # Returned: nothing is in progress any more, however late it is.
     assert processor.report.calling is None
     assert processor.stuck(time.monotonic() + 3600) is None
-    exits.clear()
-    writer._exit_if_stuck([processor])
-    assert exits == []
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_the_write_process_exits_when_a_processor_is_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The write process's loop exits the process (the worker starts it again) when
+    a processor's call is past its deadline, and only then."""
+    codes: list[int] = []
+
+    def exit_(code: int) -> None:
+        codes.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(writer.os, "_exit", exit_)
+    stuck, healthy = _processor(), _processor()
+    stuck.report.calling = ("send_offsets_to_transaction", time.monotonic() - 1.0)
+    healthy.report.calling = ("commit_transaction", time.monotonic() + 60.0)
+    sent: list[object] = []
+    reports = SimpleNamespace(send=sent.append)
+    stopping = threading.Event()
+    alive = [threading.current_thread()]
+
+    with pytest.raises(_Exited):
+        writer._watch([healthy, stuck], [], reports, stopping, alive)  # type: ignore[arg-type]
+    assert codes == [1]
+    assert sent == []  # it exits before it reports
+
+    # A call within its limit: the loop reports and goes on until stopped.
+    stuck.report.calling = None
+    monkeypatch.setattr(stopping, "wait", lambda timeout: stopping.set())
+    writer._watch([healthy, stuck], [], reports, stopping, alive)  # type: ignore[arg-type]
+    assert codes == [1]
+    assert len(sent) == 1
+
+
+def test_a_retriable_failure_is_called_again_and_then_given_up() -> None:
+    processor = _processor()
+    attempts: list[tuple[str, float] | None] = []
+
+    def flaky(timeout: float) -> None:
+        attempts.append(processor.report.calling)
+        if len(attempts) < 3:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+
+    processor._retrying("commit_transaction", flaky)
+    assert len(attempts) == 3
+    assert all(a is not None and a[0] == "commit_transaction" for a in attempts)
+    assert processor.report.calling is None
+
+    def failing(timeout: float) -> None:
+        attempts.append(processor.report.calling)
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True))
+
+    attempts.clear()
+    with pytest.raises(KafkaException):
+        processor._retrying("commit_transaction", failing, attempts=4)
+    assert len(attempts) == 4
+    assert processor.report.calling is None
 
 
 def test_a_call_that_fails_is_not_left_in_progress() -> None:
