@@ -58,6 +58,23 @@ OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
 OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
 
 
+# librdkafka (rdkafka_assignment.c, 2.x) reports with these words an OffsetFetch
+# for a new assignment that failed without offsets (the broker went away) while
+# the assignment changed, and then leaves those partitions waiting for that answer
+# for good: the consumer fetches nothing more while its group sees it as their
+# owner (a 20-minute soak stopped answering so after a broker SIGKILL). Only new
+# clients get going again.
+STUCK_ASSIGNMENT = "Failed to fetch committed offsets for partitions in group"
+
+
+def consumer_failure(error: KafkaError) -> KafkaException:
+    """What a consumer's error raises in a batch: one that leaves the consumer
+    stuck is fatal to the clients (``run`` starts new ones); others abort the batch."""
+    if STUCK_ASSIGNMENT in error.str():
+        return KafkaException(KafkaError(error.code(), error.str(), fatal=True))
+    return KafkaException(error)
+
+
 @dataclass(slots=True)
 class Sent:
     """One output of a batch; ``offset`` is known once the broker has it."""
@@ -344,7 +361,7 @@ class Processor:
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
                         continue
-                    raise KafkaException(error)
+                    raise consumer_failure(error)
                 tp = (message.topic() or "", message.partition() or 0)
                 ends[tp] = (message.offset() or 0) + 1
                 self.routes[tp[0]].handle(message, batch)

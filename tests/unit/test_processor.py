@@ -327,3 +327,48 @@ def test_a_call_that_fails_is_not_left_in_progress() -> None:
     with pytest.raises(KafkaException):
         processor._retrying("commit_transaction", failing)
     assert processor.report.calling is None
+
+
+class _Failed(_Message):
+    """A consumer's error, as ``poll`` hands it over."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__("", -1, -1001)
+        self._error = error
+
+    def error(self) -> KafkaError:  # type: ignore[override]
+        return self._error
+
+
+def test_a_consumer_left_stuck_by_its_offset_fetch_gets_new_clients() -> None:
+    """librdkafka leaves a new assignment's partitions unfetched for good when their
+    committed offsets could not be fetched (it says so in these words): the batch
+    raises a fatal error, so ``run`` replaces the consumer and the producer."""
+    stuck = KafkaError(
+        KafkaError._TRANSPORT,
+        'Failed to fetch committed offsets for partitions in group "g": '
+        "Local: Broker transport failure",
+    )
+    processor = _processor_with(_Echo())
+    clients = _Clients({("in", 0): 4})
+    with pytest.raises(KafkaException) as raised:
+        processor._transact(clients, clients, [_Failed(stuck)])  # type: ignore[arg-type]
+    assert raised.value.args[0].fatal()
+    assert raised.value.args[0].code() == KafkaError._TRANSPORT
+    assert processor.report.aborts == 1
+
+
+def test_another_consumer_error_aborts_the_batch_and_keeps_the_clients() -> None:
+    """Any other error (a broker away for a while, which librdkafka rides out) aborts
+    the batch; the processor goes on with the same clients."""
+    passing = KafkaError(
+        KafkaError._TRANSPORT,
+        'Failed to fetch committed offsets for 3 partition(s) in group "g": '
+        "Local: Broker transport failure",
+    )
+    processor = _processor_with(_Echo())
+    clients = _Clients({("in", 0): 4})
+    processor._transact(clients, clients, [_Failed(passing)])  # type: ignore[arg-type]
+    assert processor.report.aborts == 1
+    assert processor.report.last_error is not None
+    assert "3 partition(s)" in processor.report.last_error
