@@ -12,6 +12,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+# An attempt (a child process, a pair of clients) that ran this long was healthy.
+HEALTHY_S = 60.0
+
+
 class Backoff:
     """Delays that grow by ``factor`` from ``first`` up to ``most``: the wait before
     each new attempt, and ``reset`` once an attempt has done well."""
@@ -28,6 +32,14 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = self.first
+
+    def after(self, ran_s: float) -> float:
+        """The wait after an attempt that ran ``ran_s`` seconds before it failed: one
+        that ran ``HEALTHY_S`` or more did well, so the delays start over (a process
+        restarted now and then over a long life waits the shortest delay)."""
+        if ran_s >= HEALTHY_S:
+            self.reset()
+        return self.next()
 
 
 def eventually(

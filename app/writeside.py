@@ -33,9 +33,6 @@ from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.worker")
 REPORT_S = 0.5
-# A write process that ran this long before it exited was healthy: it is started
-# again after the shortest delay, not after one grown by exits long ago.
-HEALTHY_S = 60.0
 # How long the worker lets its write processes start alone (see start_write_side).
 START_WAIT_S = 10.0
 # How long a child's transactional ids may take to be fenced ahead (see ``fence``).
@@ -180,9 +177,7 @@ class WriteProcess(Supervisor):
             if self._stopping.is_set():
                 return
             self.exits += 1
-            if time.monotonic() - began >= HEALTHY_S:
-                backoff.reset()
-            delay = backoff.next()
+            delay = backoff.after(time.monotonic() - began)
             log.error(
                 "write process %d exited (code %s); restarting it in %.1fs",
                 index,

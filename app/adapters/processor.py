@@ -299,12 +299,13 @@ class Processor:
         """Process until ``stop`` is set; a fenced or failed client is replaced."""
         backoff = Backoff(0.5, 10.0)
         while not stop.is_set():
+            began = time.monotonic()
             try:
                 self._run(stop)
                 return
             except TRANSIENT as error:
                 self.report.last_error = str(error)
-                delay = backoff.next()
+                delay = backoff.after(time.monotonic() - began)
                 log.warning("%s: %s; starting again in %.1fs", self.group, error, delay)
             stop.wait(delay)
 

@@ -110,10 +110,11 @@ class ProjectionProcess(Supervisor):
                         }
                     )
                 )
+            delay = backoff.after(time.monotonic() - began)
             error = (
                 f"{EXITED} ({code}"
                 f"{', last error: ' + last if last else ''}); "
-                f"restarting it in {backoff.delay:.1f}s"
+                f"restarting it in {delay:.1f}s"
             )
             log.error(error)
             with self._progress:
@@ -125,9 +126,7 @@ class ProjectionProcess(Supervisor):
                         status, positions={}, heads={}, error=error
                     )
                 self._progress.notify_all()
-            if time.monotonic() - began > 60:
-                backoff.reset()
-            self._stopping.wait(backoff.next())
+            self._stopping.wait(delay)
 
     def _run_child(self, context: Any, index: int) -> str:
         """Start child ``index`` and mirror its reports until it exits."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -340,19 +341,26 @@ class _Failed(_Message):
         return self._error
 
 
+def _taking_error(reason: str) -> tuple[Processor, Callable[[], None]]:
+    """A processor, and a batch to run in it of a consumer error (a transport
+    failure) that says ``reason``."""
+    error = KafkaError(
+        KafkaError._TRANSPORT, f"{reason}: Local: Broker transport failure"
+    )
+    processor = _processor_with(_Echo())
+    clients = _Clients({("in", 0): 4})
+    return processor, lambda: processor._transact(clients, clients, [_Failed(error)])  # type: ignore[arg-type]
+
+
 def test_a_consumer_left_stuck_by_its_offset_fetch_gets_new_clients() -> None:
     """librdkafka leaves a new assignment's partitions unfetched for good when their
     committed offsets could not be fetched (it says so in these words): the batch
     raises a fatal error, so ``run`` replaces the consumer and the producer."""
-    stuck = KafkaError(
-        KafkaError._TRANSPORT,
-        'Failed to fetch committed offsets for partitions in group "g": '
-        "Local: Broker transport failure",
+    processor, batch = _taking_error(
+        'Failed to fetch committed offsets for partitions in group "g"'
     )
-    processor = _processor_with(_Echo())
-    clients = _Clients({("in", 0): 4})
     with pytest.raises(KafkaException) as raised:
-        processor._transact(clients, clients, [_Failed(stuck)])  # type: ignore[arg-type]
+        batch()
     assert raised.value.args[0].fatal()
     assert raised.value.args[0].code() == KafkaError._TRANSPORT
     assert processor.report.aborts == 1
@@ -361,14 +369,10 @@ def test_a_consumer_left_stuck_by_its_offset_fetch_gets_new_clients() -> None:
 def test_another_consumer_error_aborts_the_batch_and_keeps_the_clients() -> None:
     """Any other error (a broker away for a while, which librdkafka rides out) aborts
     the batch; the processor goes on with the same clients."""
-    passing = KafkaError(
-        KafkaError._TRANSPORT,
-        'Failed to fetch committed offsets for 3 partition(s) in group "g": '
-        "Local: Broker transport failure",
+    processor, batch = _taking_error(
+        'Failed to fetch committed offsets for 3 partition(s) in group "g"'
     )
-    processor = _processor_with(_Echo())
-    clients = _Clients({("in", 0): 4})
-    processor._transact(clients, clients, [_Failed(passing)])  # type: ignore[arg-type]
+    batch()
     assert processor.report.aborts == 1
     assert processor.report.last_error is not None
     assert "3 partition(s)" in processor.report.last_error

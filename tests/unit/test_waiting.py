@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from app.waiting import Backoff, eventually
+from app.waiting import HEALTHY_S, Backoff, eventually
 
 
 def test_backoff_doubles_up_to_its_ceiling_and_starts_again_on_reset() -> None:
@@ -12,6 +12,16 @@ def test_backoff_doubles_up_to_its_ceiling_and_starts_again_on_reset() -> None:
     assert [backoff.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
     backoff.reset()
     assert backoff.next() == 0.5
+
+
+def test_after_a_healthy_run_the_delays_start_over() -> None:
+    backoff = Backoff(0.5, 3.0)
+    # Attempts that failed soon: the delay keeps growing.
+    assert [backoff.after(1.0) for _ in range(4)] == [0.5, 1.0, 2.0, 3.0]
+    assert backoff.after(HEALTHY_S - 0.1) == 3.0
+    # One that ran a healthy while: the shortest delay again, then growing anew.
+    assert backoff.after(HEALTHY_S) == 0.5
+    assert backoff.after(1.0) == 1.0
 
 
 def test_backoff_grows_by_its_factor() -> None:
