@@ -347,6 +347,14 @@ class ProjectionRunner:
                     closer.close()
         self._consumer = self._conn = None
         self._tables = None
+        # What the closed consumer held is no longer this runner's to report or
+        # commit: a partition it had may be another runner's by the next assignment,
+        # and a stale "caught up" here would hide that runner's lag in the merged
+        # status (`process._merged` keeps the furthest report).
+        with self._progress:
+            self.status.positions.clear()
+            self.status.heads.clear()
+            self._progress.notify_all()
 
     # -- assignment: resume from Postgres, notice rewinds ---------------------------
 

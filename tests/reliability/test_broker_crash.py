@@ -75,7 +75,10 @@ def test_broker_sigkill_under_load_loses_nothing(
             raise AssertionError(f"{error}\n{tail(worker.log_file, 40)}") from error
         # The same worker process carried on: it resumed by itself.
         assert worker.pid() == survivor, tail(worker.log_file, 40)
-        assert_read_models_match_the_log(deployment)
+        try:
+            assert_read_models_match_the_log(deployment)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{tail(worker.log_file, 60)}") from error
 
     assert len(results) == len(work)
     assert_write_side_promises(deployment, results)

@@ -4,9 +4,12 @@ partitions it holds; together they are one status."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any, cast
 
-from app.projections.engine import Status
+from app.projections.engine import KafkaTransient, ProjectionRunner, Status
+from app.projections.ledger import LedgerProjection
 from app.projections.process import _merged
+from app.settings import Settings
 
 T1 = datetime(2026, 11, 1, tzinfo=UTC)
 T2 = datetime(2026, 11, 2, tzinfo=UTC)
@@ -45,3 +48,25 @@ def test_distinct_errors_are_all_named_once() -> None:
     merged = _merged("orders", [Status("orders", error=e) for e in errors])
     assert merged.error == "Postgres down; a projection process exited (code 1)"
     assert _merged("orders", [Status("orders")]).error is None
+
+
+def test_a_runner_whose_consumer_failed_reports_nothing_it_held() -> None:
+    """After a consumer error the runner starts a new consumer, whose assignment may
+    differ: the old one's positions and heads must not stand in the merged status,
+    where another runner's lag on the same partition would hide behind them."""
+    runner = ProjectionRunner(Settings(), LedgerProjection(), cast(Any, None))
+
+    def failing_consumer() -> None:
+        runner.status.positions[("ev", 0)] = 7
+        runner.status.heads[("ev", 0)] = 7
+        runner._stop.set()  # one attempt: run() returns after its retry delay
+        raise KafkaTransient("Failed to fetch committed offsets")
+
+    runner._run_once = failing_consumer  # type: ignore[method-assign]
+    runner.run()
+    assert runner.status.error == "KafkaTransient: Failed to fetch committed offsets"
+    assert runner.status.positions == {}
+    assert runner.status.heads == {}
+    # Merged with a runner that is behind on the partition, the lag shows.
+    behind = Status("ledger", positions={("ev", 0): 3}, heads={("ev", 0): 7})
+    assert _merged("ledger", [runner.status, behind]).lag_events == 4
