@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
@@ -136,7 +136,6 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every variable; raise ``SettingsError`` on the first bad one."""
         env = os.environ if env is None else env
-        default = cls()
 
         def get(name: str, parse: Callable[[str, str], T], fallback: T) -> T:
             raw = env.get(name)
@@ -144,125 +143,13 @@ class Settings:
                 return fallback
             return parse(name, raw.strip())
 
+        # An unset (or empty) variable leaves the field's default.
         settings = cls(
-            bootstrap_servers=get(
-                "KAFKA_BOOTSTRAP_SERVERS", _hostports, default.bootstrap_servers
-            ),
-            database_url=get("DATABASE_URL", _postgres_url, default.database_url),
-            query_database_url=get(
-                "QUERY_DATABASE_URL", _postgres_url, default.query_database_url
-            ),
-            schema_registry_url=get(
-                "SCHEMA_REGISTRY_URL", _http_url, default.schema_registry_url
-            ),
-            app_id=get("STREAMFOLD_APP_ID", _name, default.app_id),
-            topics=Topics(prefix=get("STREAMFOLD_TOPIC_PREFIX", _prefix, "")),
-            partitions=get(
-                "STREAMFOLD_PARTITIONS", _int_between(1, 1024), default.partitions
-            ),
-            replication_factor=get(
-                "STREAMFOLD_REPLICATION_FACTOR",
-                _int_between(1, 16),
-                default.replication_factor,
-            ),
-            home=get("STREAMFOLD_HOME", _path, default.home),
-            cache=get("STREAMFOLD_CACHE", _path, default.cache),
-            web_host=get("STREAMFOLD_WEB_HOST", _name, default.web_host),
-            web_port=get(
-                "STREAMFOLD_WEB_PORT", _int_between(1, 65535), default.web_port
-            ),
-            registry_port=get(
-                "STREAMFOLD_REGISTRY_PORT",
-                _int_between(1, 65535),
-                default.registry_port,
-            ),
-            store=get("STREAMFOLD_STORE", _one_of("rocksdb", "memory"), default.store),
-            max_message_bytes=get(
-                "STREAMFOLD_MAX_MESSAGE_BYTES",
-                _int_between(1024, 100 * 1_048_576),
-                default.max_message_bytes,
-            ),
-            command_timeout_s=get(
-                "STREAMFOLD_COMMAND_TIMEOUT",
-                _float_between(0.1, 3600),
-                default.command_timeout_s,
-            ),
-            command_batch=get(
-                "STREAMFOLD_COMMAND_BATCH",
-                _int_between(1, 10_000),
-                default.command_batch,
-            ),
-            log_level=get(
-                "STREAMFOLD_LOG_LEVEL",
-                lambda name, raw: _one_of(*LOG_LEVELS)(name, raw.lower()),
-                default.log_level,
-            ),
-            session_timeout_s=get(
-                "STREAMFOLD_SESSION_TIMEOUT",
-                _float_between(6, 300),
-                default.session_timeout_s,
-            ),
-            query_wait_s=get("STREAMFOLD_QUERY_WAIT", _float_between(0, 60), 2.0),
-            projections=get("STREAMFOLD_PROJECTIONS", _projections, None),
-            projection_processes=get(
-                "STREAMFOLD_PROJECTION_PROCESSES",
-                _int_between(1, MAX_PROJECTION_PROCESSES),
-                default.projection_processes,
-            ),
-            write_processes=get(
-                "STREAMFOLD_WRITE_PROCESSES",
-                _int_between(1, MAX_PROJECTION_PROCESSES),
-                default.write_processes,
-            ),
-            saga=get("STREAMFOLD_SAGA", _one_of("on", "off"), "on") == "on",
-            saga_timeout_s=get(
-                "STREAMFOLD_SAGA_TIMEOUT",
-                _float_between(0.001, MAX_SAGA_TIMEOUT_S),
-                default.saga_timeout_s,
-            ),
-            snapshot_interval_s=get(
-                "STREAMFOLD_SNAPSHOT_INTERVAL",
-                _float_between(0, 86_400),
-                default.snapshot_interval_s,
-            ),
-            registry_host=get("STREAMFOLD_REGISTRY_HOST", _name, default.registry_host),
-            ws_max_connections=get(
-                "STREAMFOLD_WS_MAX_CONNECTIONS",
-                _int_between(1, 100_000),
-                default.ws_max_connections,
-            ),
-            ws_max_subscriptions=get(
-                "STREAMFOLD_WS_MAX_SUBSCRIPTIONS",
-                _int_between(1, 1_000),
-                default.ws_max_subscriptions,
-            ),
-            ws_queue=get(
-                # At least two of the feed's batches (app.adapters.livefeed.BATCH),
-                # which arrive at once: a client keeping up is never dropped.
-                "STREAMFOLD_WS_QUEUE",
-                _int_between(200, 1_000_000),
-                default.ws_queue,
-            ),
-            security_protocol=get(
-                "KAFKA_SECURITY_PROTOCOL",
-                _one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-                default.security_protocol,
-            ),
-            sasl_mechanism=get(
-                "KAFKA_SASL_MECHANISM",
-                _one_of("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-                None,
-            ),
-            sasl_username=get("KAFKA_SASL_USERNAME", _text, None),
-            sasl_password=get("KAFKA_SASL_PASSWORD", _text, None),
-            ssl_cafile=get("KAFKA_SSL_CAFILE", _existing_file, None),
-            api_tokens=get("STREAMFOLD_API_TOKENS", _api_tokens, ()),
-            api_results_kept=get(
-                "STREAMFOLD_API_RESULTS_KEPT",
-                _int_between(100, 10_000_000),
-                default.api_results_kept,
-            ),
-            operator_tokens=get("STREAMFOLD_OPERATOR_TOKENS", _api_tokens, ()),
+            **{
+                v.field: v.parse(v.name, env[v.name].strip())
+                for v in VARIABLES
+                if env.get(v.name)
+            }
         )
         # Streamfold's promises rest on durable, de-duplicated appends: a producer that
         # may lose or repeat a write is refused rather than quietly weakened.
@@ -312,57 +199,10 @@ class Settings:
 
     def as_env(self) -> dict[str, str]:
         """The environment that makes a child process read these same settings."""
-        env = {
-            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
-            "DATABASE_URL": self.database_url,
-            "QUERY_DATABASE_URL": self.query_database_url,
-            "SCHEMA_REGISTRY_URL": self.schema_registry_url,
-            "STREAMFOLD_APP_ID": self.app_id,
-            "STREAMFOLD_TOPIC_PREFIX": self.topics.prefix,
-            "STREAMFOLD_PARTITIONS": str(self.partitions),
-            "STREAMFOLD_REPLICATION_FACTOR": str(self.replication_factor),
-            "STREAMFOLD_HOME": str(self.home),
-            "STREAMFOLD_CACHE": str(self.cache),
-            "STREAMFOLD_WEB_HOST": self.web_host,
-            "STREAMFOLD_WEB_PORT": str(self.web_port),
-            "STREAMFOLD_REGISTRY_PORT": str(self.registry_port),
-            "STREAMFOLD_STORE": self.store,
-            "STREAMFOLD_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
-            "STREAMFOLD_COMMAND_TIMEOUT": str(self.command_timeout_s),
-            "STREAMFOLD_COMMAND_BATCH": str(self.command_batch),
-            "STREAMFOLD_LOG_LEVEL": self.log_level,
-            "STREAMFOLD_SESSION_TIMEOUT": str(self.session_timeout_s),
-            "STREAMFOLD_QUERY_WAIT": str(self.query_wait_s),
-            "STREAMFOLD_PROJECTION_PROCESSES": str(self.projection_processes),
-            "STREAMFOLD_WRITE_PROCESSES": str(self.write_processes),
-            "STREAMFOLD_SAGA": "on" if self.saga else "off",
-            "STREAMFOLD_SAGA_TIMEOUT": str(self.saga_timeout_s),
-            "STREAMFOLD_SNAPSHOT_INTERVAL": str(self.snapshot_interval_s),
-            "STREAMFOLD_REGISTRY_HOST": self.registry_host,
-            "STREAMFOLD_WS_MAX_CONNECTIONS": str(self.ws_max_connections),
-            "STREAMFOLD_WS_MAX_SUBSCRIPTIONS": str(self.ws_max_subscriptions),
-            "STREAMFOLD_WS_QUEUE": str(self.ws_queue),
-            "KAFKA_SECURITY_PROTOCOL": self.security_protocol,
-            # Always set, also when empty: a child reads these settings, never a
-            # token from the environment it was started in.
-            "STREAMFOLD_API_TOKENS": ",".join(
-                f"{t.user_id}:{t.token}" for t in self.api_tokens
-            ),
-            "STREAMFOLD_API_RESULTS_KEPT": str(self.api_results_kept),
-            "STREAMFOLD_OPERATOR_TOKENS": ",".join(
-                f"{t.user_id}:{t.token}" for t in self.operator_tokens
-            ),
-        }
-        if self.projections is not None:
-            env["STREAMFOLD_PROJECTIONS"] = ",".join(self.projections) or "none"
-        optional = {
-            "KAFKA_SASL_MECHANISM": self.sasl_mechanism,
-            "KAFKA_SASL_USERNAME": self.sasl_username,
-            "KAFKA_SASL_PASSWORD": self.sasl_password,
-            "KAFKA_SSL_CAFILE": self.ssl_cafile,
-        }
-        env.update({k: v for k, v in optional.items() if v})
-        return env
+        # An empty token list is written too: a child reads these settings, never a
+        # token from the environment it was started in.
+        values = ((v, getattr(self, v.field)) for v in VARIABLES)
+        return {v.name: v.show(value) for v, value in values if value is not None}
 
     def kafka_client_config(self) -> dict[str, str]:
         """librdkafka settings shared by every confluent-kafka client Streamfold makes."""
@@ -554,3 +394,115 @@ def _one_of(*choices: str) -> Callable[[str, str], str]:
         return raw
 
     return parse
+
+
+def _tokens(tokens: tuple[ApiToken, ...]) -> str:
+    return ",".join(f"{t.user_id}:{t.token}" for t in tokens)
+
+
+class Variable(NamedTuple):
+    """An environment variable: the setting it fills, how it is read (raising
+    ``SettingsError``) and how a child process is handed the value."""
+
+    name: str
+    field: str
+    parse: Callable[[str, str], Any]
+    show: Callable[[Any], str] = str
+
+
+_PORT = _int_between(1, 65535)
+_PROCESSES = _int_between(1, MAX_PROJECTION_PROCESSES)
+
+VARIABLES = (
+    Variable("KAFKA_BOOTSTRAP_SERVERS", "bootstrap_servers", _hostports),
+    Variable("DATABASE_URL", "database_url", _postgres_url),
+    Variable("QUERY_DATABASE_URL", "query_database_url", _postgres_url),
+    Variable("SCHEMA_REGISTRY_URL", "schema_registry_url", _http_url),
+    Variable("STREAMFOLD_APP_ID", "app_id", _name),
+    Variable(
+        "STREAMFOLD_TOPIC_PREFIX",
+        "topics",
+        lambda name, raw: Topics(prefix=_prefix(name, raw)),
+        lambda topics: str(topics.prefix),
+    ),
+    Variable("STREAMFOLD_PARTITIONS", "partitions", _int_between(1, 1024)),
+    Variable(
+        "STREAMFOLD_REPLICATION_FACTOR", "replication_factor", _int_between(1, 16)
+    ),
+    Variable("STREAMFOLD_HOME", "home", _path),
+    Variable("STREAMFOLD_CACHE", "cache", _path),
+    Variable("STREAMFOLD_WEB_HOST", "web_host", _name),
+    Variable("STREAMFOLD_WEB_PORT", "web_port", _PORT),
+    Variable("STREAMFOLD_REGISTRY_PORT", "registry_port", _PORT),
+    Variable("STREAMFOLD_REGISTRY_HOST", "registry_host", _name),
+    Variable("STREAMFOLD_STORE", "store", _one_of("rocksdb", "memory")),
+    Variable(
+        "STREAMFOLD_MAX_MESSAGE_BYTES",
+        "max_message_bytes",
+        _int_between(1024, 100 * 1_048_576),
+    ),
+    Variable(
+        "STREAMFOLD_COMMAND_TIMEOUT", "command_timeout_s", _float_between(0.1, 3600)
+    ),
+    Variable("STREAMFOLD_COMMAND_BATCH", "command_batch", _int_between(1, 10_000)),
+    Variable(
+        "STREAMFOLD_LOG_LEVEL",
+        "log_level",
+        lambda name, raw: _one_of(*LOG_LEVELS)(name, raw.lower()),
+    ),
+    Variable("STREAMFOLD_SESSION_TIMEOUT", "session_timeout_s", _float_between(6, 300)),
+    Variable("STREAMFOLD_QUERY_WAIT", "query_wait_s", _float_between(0, 60)),
+    Variable(
+        "STREAMFOLD_PROJECTIONS",
+        "projections",
+        _projections,
+        lambda chosen: ",".join(chosen) or "none",
+    ),
+    Variable("STREAMFOLD_PROJECTION_PROCESSES", "projection_processes", _PROCESSES),
+    Variable("STREAMFOLD_WRITE_PROCESSES", "write_processes", _PROCESSES),
+    Variable(
+        "STREAMFOLD_SAGA",
+        "saga",
+        lambda name, raw: _one_of("on", "off")(name, raw) == "on",
+        lambda on: "on" if on else "off",
+    ),
+    Variable(
+        "STREAMFOLD_SAGA_TIMEOUT",
+        "saga_timeout_s",
+        _float_between(0.001, MAX_SAGA_TIMEOUT_S),
+    ),
+    Variable(
+        "STREAMFOLD_SNAPSHOT_INTERVAL", "snapshot_interval_s", _float_between(0, 86_400)
+    ),
+    Variable(
+        "STREAMFOLD_WS_MAX_CONNECTIONS", "ws_max_connections", _int_between(1, 100_000)
+    ),
+    Variable(
+        "STREAMFOLD_WS_MAX_SUBSCRIPTIONS",
+        "ws_max_subscriptions",
+        _int_between(1, 1_000),
+    ),
+    # At least two of the feed's batches (app.adapters.livefeed.BATCH), which arrive
+    # at once: a client keeping up is never dropped.
+    Variable("STREAMFOLD_WS_QUEUE", "ws_queue", _int_between(200, 1_000_000)),
+    Variable(
+        "KAFKA_SECURITY_PROTOCOL",
+        "security_protocol",
+        _one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    ),
+    Variable(
+        "KAFKA_SASL_MECHANISM",
+        "sasl_mechanism",
+        _one_of("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    ),
+    Variable("KAFKA_SASL_USERNAME", "sasl_username", _text),
+    Variable("KAFKA_SASL_PASSWORD", "sasl_password", _text),
+    Variable("KAFKA_SSL_CAFILE", "ssl_cafile", _existing_file),
+    Variable("STREAMFOLD_API_TOKENS", "api_tokens", _api_tokens, _tokens),
+    Variable(
+        "STREAMFOLD_API_RESULTS_KEPT",
+        "api_results_kept",
+        _int_between(100, 10_000_000),
+    ),
+    Variable("STREAMFOLD_OPERATOR_TOKENS", "operator_tokens", _api_tokens, _tokens),
+)
