@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -56,23 +57,6 @@ CALL_LIMIT_S = 60.0
 # past that the broker has aborted it, and only new clients get anywhere.
 OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
 OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
-
-
-# librdkafka (rdkafka_assignment.c, 2.x) reports with these words an OffsetFetch
-# for a new assignment that failed without offsets (the broker went away) while
-# the assignment changed, and then leaves those partitions waiting for that answer
-# for good: the consumer fetches nothing more while its group sees it as their
-# owner (a 20-minute soak stopped answering so after a broker SIGKILL). Only new
-# clients get going again.
-STUCK_ASSIGNMENT = "Failed to fetch committed offsets for partitions in group"
-
-
-def consumer_failure(error: KafkaError) -> KafkaException:
-    """What a consumer's error raises in a batch: one that leaves the consumer
-    stuck is fatal to the clients (``run`` starts new ones); others abort the batch."""
-    if STUCK_ASSIGNMENT in error.str():
-        return KafkaException(KafkaError(error.code(), error.str(), fatal=True))
-    return KafkaException(error)
 
 
 @dataclass(slots=True)
@@ -362,7 +346,7 @@ class Processor:
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
                         continue
-                    raise consumer_failure(error)
+                    raise KafkaException(error)
                 tp = (message.topic() or "", message.partition() or 0)
                 ends[tp] = (message.offset() or 0) + 1
                 self.routes[tp[0]].handle(message, batch)
@@ -533,13 +517,24 @@ class Processor:
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start each new partition at its committed offset, looked up here: left to
+        librdkafka, a lookup that fails at the request level (NOT_COORDINATOR or a
+        lost connection after a broker restart) leaves the partition waiting for an
+        answer for good, and the consumer fetches nothing while its group counts it
+        as the owner (librdkafka #5586; seen in the 20-minute soak). A lookup that
+        fails here raises out of the poll: ``run`` starts new clients."""
+        committed = consumer.committed(partitions, 30)
+        starts = []
+        for tp in committed:
+            if tp.error is not None:
+                raise KafkaException(tp.error)
+            if tp.offset >= 0:
+                self._committed[(tp.topic, tp.partition)] = tp.offset
+            else:  # nothing committed yet: auto.offset.reset's earliest
+                tp.offset = OFFSET_BEGINNING
+            starts.append(tp)
         self._route(partitions, "assigned")
-        try:
-            for tp in consumer.committed(partitions, 30):
-                if tp.offset >= 0:
-                    self._committed[(tp.topic, tp.partition)] = tp.offset
-        except KafkaException as error:  # only the idle marker commits wait for it
-            log.info("%s: committed offsets unknown for now: %s", self.group, error)
+        consumer.incremental_assign(starts)
         self.report.assigned |= {(tp.topic, tp.partition) for tp in partitions}
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

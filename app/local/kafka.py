@@ -32,6 +32,10 @@ TOOLS = {
     "console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
     "console-producer": "org.apache.kafka.tools.ConsoleProducer",
     "storage": "kafka.tools.StorageTool",
+    # Open and hanging transactions (list, describe, find-hanging, abort): a
+    # transaction left open holds every read_committed reader of its partitions.
+    "transactions": "org.apache.kafka.tools.TransactionsCommand",
+    "get-offsets": "org.apache.kafka.tools.GetOffsetShell",
 }
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from app import writer
 from app.adapters.processor import (
@@ -341,38 +340,91 @@ class _Failed(_Message):
         return self._error
 
 
-def _taking_error(reason: str) -> tuple[Processor, Callable[[], None]]:
-    """A processor, and a batch to run in it of a consumer error (a transport
-    failure) that says ``reason``."""
+def test_a_consumer_error_aborts_the_batch_and_keeps_the_clients() -> None:
+    """A consumer's error (a broker away for a while, which librdkafka rides out)
+    aborts the batch; the processor goes on with the same clients."""
     error = KafkaError(
-        KafkaError._TRANSPORT, f"{reason}: Local: Broker transport failure"
+        KafkaError._TRANSPORT,
+        'Failed to fetch committed offsets for 3 partition(s) in group "g": '
+        "Local: Broker transport failure",
     )
     processor = _processor_with(_Echo())
     clients = _Clients({("in", 0): 4})
-    return processor, lambda: processor._transact(clients, clients, [_Failed(error)])  # type: ignore[arg-type]
-
-
-def test_a_consumer_left_stuck_by_its_offset_fetch_gets_new_clients() -> None:
-    """librdkafka leaves a new assignment's partitions unfetched for good when their
-    committed offsets could not be fetched (it says so in these words): the batch
-    raises a fatal error, so ``run`` replaces the consumer and the producer."""
-    processor, batch = _taking_error(
-        'Failed to fetch committed offsets for partitions in group "g"'
-    )
-    with pytest.raises(KafkaException) as raised:
-        batch()
-    assert raised.value.args[0].fatal()
-    assert raised.value.args[0].code() == KafkaError._TRANSPORT
-    assert processor.report.aborts == 1
-
-
-def test_another_consumer_error_aborts_the_batch_and_keeps_the_clients() -> None:
-    """Any other error (a broker away for a while, which librdkafka rides out) aborts
-    the batch; the processor goes on with the same clients."""
-    processor, batch = _taking_error(
-        'Failed to fetch committed offsets for 3 partition(s) in group "g"'
-    )
-    batch()
+    processor._transact(clients, clients, [_Failed(error)])  # type: ignore[arg-type]
     assert processor.report.aborts == 1
     assert processor.report.last_error is not None
     assert "3 partition(s)" in processor.report.last_error
+
+
+class _Assigning:
+    """A consumer in a rebalance: what the group committed, and what is assigned."""
+
+    def __init__(self, committed: list[TopicPartition] | Exception) -> None:
+        self._committed = committed
+        self.assigned: list[tuple[str, int, int]] = []
+
+    def committed(
+        self, partitions: list[TopicPartition], timeout: float
+    ) -> list[TopicPartition]:
+        if isinstance(self._committed, Exception):
+            raise self._committed
+        return self._committed
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned += [(tp.topic, tp.partition, tp.offset) for tp in partitions]
+
+
+class _Told(_Echo):
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[list[tuple[str, int]]] = []
+
+    def assigned(self, partitions: list[tuple[str, int]]) -> None:
+        self.told.append(partitions)
+
+
+def test_new_partitions_start_at_the_offsets_the_group_committed() -> None:
+    """The processor looks the committed offsets up and assigns them itself; one
+    without a committed offset starts at the log's beginning (auto.offset.reset)."""
+    handler = _Told()
+    processor = _processor_with(handler)
+    new = [TopicPartition("in", 0), TopicPartition("in", 1)]
+    consumer = _Assigning([TopicPartition("in", 0, 42), TopicPartition("in", 1, -1001)])
+    processor._on_assign(consumer, new)  # type: ignore[arg-type]
+    assert consumer.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
+    assert handler.told == [[("in", 0), ("in", 1)]]
+    assert processor.report.assigned == {("in", 0), ("in", 1)}
+    assert processor._committed == {("in", 0): 42}
+
+
+@pytest.mark.parametrize(
+    "committed",
+    [
+        KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)),
+        [
+            TopicPartition("in", 0, 42),
+            SimpleNamespace(
+                topic="in",
+                partition=1,
+                offset=-1001,
+                error=KafkaError(KafkaError.NOT_COORDINATOR),
+            ),
+        ],
+    ],
+    ids=["lookup failed", "one partition's lookup failed"],
+)
+def test_an_assignment_whose_offsets_are_unknown_fails_the_clients(
+    committed: list[TopicPartition] | Exception,
+) -> None:
+    """Nothing is assigned on a guess: the error raises out of the poll and ``run``
+    starts new clients, whose assignment looks again."""
+    handler = _Told()
+    processor = _processor_with(handler)
+    consumer = _Assigning(committed)
+    with pytest.raises(KafkaException):
+        processor._on_assign(  # type: ignore[arg-type]
+            consumer, [TopicPartition("in", 0), TopicPartition("in", 1)]
+        )
+    assert consumer.assigned == []
+    assert handler.told == []
+    assert processor.report.assigned == set()
