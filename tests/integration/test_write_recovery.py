@@ -25,6 +25,7 @@ from app.domain.money import fmt
 from app.local import deployments
 from app.settings import Settings
 from app.workload import deposit, withdrawal
+from app.writeside import REPORT_S
 from tests.invariants import (
     assert_balances_fold,
     assert_write_side_promises,
@@ -174,6 +175,9 @@ def _after_loss(
             *deposited.values(),
         ]
         after = {r.command_id: r for r in client.wait(ids, timeout=RECOVERY_DEADLINE_S)}
+        # The write process reports every REPORT_S: read a report sent after the
+        # answers (the one before may predate the last partition's restore).
+        time.sleep(2 * REPORT_S)
         assert _stores(deployment)["restored_states"] == restored
         _snapshotted(deployment)
     for account in sent:
