@@ -67,7 +67,7 @@ async def aggregate_events(
     key = aggregate_id.encode()
     thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sf-feed")
     loop = asyncio.get_running_loop()
-    consumer = reader(settings, "graphql-feed")
+    consumer = reader(settings, "graphql-feed", tailing=True)
 
     def run(work: Callable[[], Any]) -> asyncio.Future[Any]:
         return loop.run_in_executor(thread, work)
