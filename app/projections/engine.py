@@ -364,6 +364,35 @@ class ProjectionRunner:
         epoch = current_epoch(self._conn, self.projection.name)
         stored = stored_positions(self._conn, self.projection.name)
         self._conn.commit()
+        try:
+            epoch = self._start_at(consumer, partitions, stored, epoch)
+        except KafkaException as error:
+            # The broker away or its group coordinator moving (a broker restart):
+            # raised out of the poll, and the runner starts a new consumer.
+            raise KafkaTransient(
+                f"assigning {len(partitions)} partitions: {error}"
+            ) from error
+        with self._progress:
+            for tp in partitions:
+                self.status.positions[(tp.topic, tp.partition)] = tp.offset
+            # Read-your-writes waiters: a position already past theirs answers now.
+            self._progress.notify_all()
+        self._epoch = epoch
+        consumer.assign(partitions)
+        if self._on_progress is not None:
+            self._on_progress()
+
+    def _start_at(
+        self,
+        consumer: Consumer,
+        partitions: list[TopicPartition],
+        stored: dict[tuple[str, int], int],
+        epoch: int,
+    ) -> int:
+        """Set each partition's offset: where Postgres has it, else the log's start;
+        the whole log again when someone rewound the group (the tables' epoch then
+        moves on: the new one is returned)."""
+        assert self._conn is not None
         committed = consumer.committed(partitions, timeout=30)
         # Behind Postgres is a rewind only if someone else committed it: a runner's
         # own commit (marked) lags Postgres when it died or lost the partition
@@ -390,15 +419,7 @@ class ProjectionRunner:
         for tp in partitions:
             position = stored.get((tp.topic, tp.partition))
             tp.offset = position if position is not None else _earliest(consumer, tp)
-        with self._progress:
-            for tp in partitions:
-                self.status.positions[(tp.topic, tp.partition)] = tp.offset
-            # Read-your-writes waiters: a position already past theirs answers now.
-            self._progress.notify_all()
-        self._epoch = epoch
-        consumer.assign(partitions)
-        if self._on_progress is not None:
-            self._on_progress()
+        return epoch
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit the revoked partitions' offsets, then forget them: their progress

@@ -6,6 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
 from app.projections.engine import KafkaTransient, ProjectionRunner, Status
 from app.projections.ledger import LedgerProjection
 from app.projections.process import _merged
@@ -70,3 +73,40 @@ def test_a_runner_whose_consumer_failed_reports_nothing_it_held() -> None:
     # Merged with a runner that is behind on the partition, the lag shows.
     behind = Status("ledger", positions={("ev", 0): 3}, heads={("ev", 0): 7})
     assert _merged("ledger", [runner.status, behind]).lag_events == 4
+
+
+class _Empty:
+    """A Postgres connection with no epochs and no positions stored."""
+
+    def execute(self, query: str, params: object = None) -> _Empty:
+        return self
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchall(self) -> list[object]:
+        return []
+
+    def commit(self) -> None:
+        return None
+
+
+class _Away:
+    """A consumer whose broker is away: every lookup fails."""
+
+    def committed(self, partitions: object, timeout: float) -> None:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    def assign(self, partitions: object) -> None:
+        raise AssertionError("assigned without knowing where to start")
+
+
+def test_an_assignment_that_cannot_be_looked_up_is_a_transient_failure() -> None:
+    """A broker restart fails the lookups behind an assignment: the runner starts a
+    new consumer after a while (``run`` retries a KafkaTransient) rather than
+    stopping as on a bug, and assigns nothing meanwhile."""
+    runner = ProjectionRunner(Settings(), LedgerProjection(), cast(Any, None))
+    runner._conn = cast(Any, _Empty())
+    with pytest.raises(KafkaTransient, match="assigning 1 partitions"):
+        runner._on_assign(cast(Any, _Away()), [TopicPartition("ev", 0)])
+    assert runner.status.positions == {}
