@@ -340,35 +340,35 @@ class _Failed(_Message):
         return self._error
 
 
-def test_a_consumer_error_aborts_the_batch_and_keeps_the_clients() -> None:
+def test_a_consumer_error_in_a_batch_aborts_it_and_keeps_the_clients() -> None:
     """A consumer's error (a broker away for a while, which librdkafka rides out)
     aborts the batch; the processor goes on with the same clients."""
     error = KafkaError(
-        KafkaError._TRANSPORT,
-        'Failed to fetch committed offsets for 3 partition(s) in group "g": '
-        "Local: Broker transport failure",
+        KafkaError._TRANSPORT, "127.0.0.1:9092/1: Disconnected (after 5ms in state UP)"
     )
     processor = _processor_with(_Echo())
     clients = _Clients({("in", 0): 4})
     processor._transact(clients, clients, [_Failed(error)])  # type: ignore[arg-type]
     assert processor.report.aborts == 1
     assert processor.report.last_error is not None
-    assert "3 partition(s)" in processor.report.last_error
+    assert "Disconnected" in processor.report.last_error
 
 
 class _Assigning:
-    """A consumer in a rebalance: what the group committed, and what is assigned."""
+    """A consumer in a rebalance: what the group committed (an answer per lookup,
+    the last one repeated), and what is assigned."""
 
-    def __init__(self, committed: list[TopicPartition] | Exception) -> None:
-        self._committed = committed
+    def __init__(self, *answers: list[Any] | Exception) -> None:
+        self._answers = list(answers)
+        self.lookups = 0
         self.assigned: list[tuple[str, int, int]] = []
 
-    def committed(
-        self, partitions: list[TopicPartition], timeout: float
-    ) -> list[TopicPartition]:
-        if isinstance(self._committed, Exception):
-            raise self._committed
-        return self._committed
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[Any]:
+        answer = self._answers[min(self.lookups, len(self._answers) - 1)]
+        self.lookups += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def incremental_assign(self, partitions: list[TopicPartition]) -> None:
         self.assigned += [(tp.topic, tp.partition, tp.offset) for tp in partitions]
@@ -383,48 +383,85 @@ class _Told(_Echo):
         self.told.append(partitions)
 
 
+def _committed_answer() -> list[Any]:
+    return [TopicPartition("in", 0, 42), TopicPartition("in", 1, -1001)]
+
+
+def _failed_partition(code: int) -> list[Any]:
+    """An answer in which partition 1's lookup failed (TopicPartition.error is
+    read-only, hence a stand-in)."""
+    failed = SimpleNamespace(
+        topic="in", partition=1, offset=-1001, error=KafkaError(code)
+    )
+    return [TopicPartition("in", 0, 42), failed]
+
+
+NEW = [("in", 0), ("in", 1)]
+
+
 def test_new_partitions_start_at_the_offsets_the_group_committed() -> None:
     """The processor looks the committed offsets up and assigns them itself; one
     without a committed offset starts at the log's beginning (auto.offset.reset)."""
     handler = _Told()
     processor = _processor_with(handler)
-    new = [TopicPartition("in", 0), TopicPartition("in", 1)]
-    consumer = _Assigning([TopicPartition("in", 0, 42), TopicPartition("in", 1, -1001)])
-    processor._on_assign(consumer, new)  # type: ignore[arg-type]
+    consumer = _Assigning(_committed_answer())
+    processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
     assert consumer.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
-    assert handler.told == [[("in", 0), ("in", 1)]]
-    assert processor.report.assigned == {("in", 0), ("in", 1)}
+    assert handler.told == [NEW]
+    assert processor.report.assigned == set(NEW)
     assert processor._committed == {("in", 0): 42}
 
 
 @pytest.mark.parametrize(
-    "committed",
+    "moving",
     [
         KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)),
-        [
-            TopicPartition("in", 0, 42),
-            SimpleNamespace(
-                topic="in",
-                partition=1,
-                offset=-1001,
-                error=KafkaError(KafkaError.NOT_COORDINATOR),
-            ),
-        ],
+        _failed_partition(KafkaError.COORDINATOR_LOAD_IN_PROGRESS),
     ],
-    ids=["lookup failed", "one partition's lookup failed"],
+    ids=["coordinator moved", "coordinator loading"],
+)
+def test_a_lookup_during_a_coordinator_move_is_asked_again(moving: Any) -> None:
+    """librdkafka answers NOT_COORDINATOR once, without asking again (a broker
+    restart moves the group's coordinator): the processor asks again."""
+    consumer = _Assigning(moving, moving, _committed_answer())
+    processor = _processor_with(_Told())
+    processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert consumer.lookups == 3
+    assert consumer.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)),
+        _failed_partition(KafkaError.GROUP_AUTHORIZATION_FAILED),
+    ],
+    ids=["lookup refused", "one partition's lookup refused"],
 )
 def test_an_assignment_whose_offsets_are_unknown_fails_the_clients(
-    committed: list[TopicPartition] | Exception,
+    refused: Any,
 ) -> None:
-    """Nothing is assigned on a guess: the error raises out of the poll and ``run``
-    starts new clients, whose assignment looks again."""
+    """The error raises out of the poll (``run`` then closes the clients and starts
+    new ones, whose assignment looks again); meanwhile the handlers are not told
+    of the partitions and nothing is taken for committed."""
     handler = _Told()
     processor = _processor_with(handler)
-    consumer = _Assigning(committed)
+    consumer = _Assigning(refused)
     with pytest.raises(KafkaException):
-        processor._on_assign(  # type: ignore[arg-type]
-            consumer, [TopicPartition("in", 0), TopicPartition("in", 1)]
-        )
+        processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert consumer.lookups == 1
     assert consumer.assigned == []
     assert handler.told == []
     assert processor.report.assigned == set()
+    assert processor._committed == {}
+
+
+def test_an_empty_assignment_asks_nothing() -> None:
+    """Cooperative rebalancing hands over an empty assignment after each revoke;
+    asking for no offsets would still wait for a coordinator (up to the timeout
+    after a broker restart)."""
+    consumer = _Assigning(AssertionError("asked"))
+    processor = _processor_with(_Told())
+    processor._on_assign(consumer, [])  # type: ignore[arg-type]
+    assert consumer.lookups == 0
+    assert consumer.assigned == []
