@@ -33,9 +33,9 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
-from app.adapters.topics import TP, init_transactions, take
+from app.adapters.topics import TP, committed_offsets, init_transactions, take
 from app.settings import Settings
-from app.waiting import Backoff, eventually
+from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.processor")
 
@@ -57,47 +57,6 @@ CALL_LIMIT_S = 60.0
 # past that the broker has aborted it, and only new clients get anywhere.
 OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
 OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
-
-
-# How long a new assignment's committed offsets are asked for, and the answers
-# worth asking again: the group's coordinator moved or is loading (a broker
-# restart), or the broker is away for a moment.
-LOOKUP_S = 30.0
-COORDINATOR_MOVING = {
-    KafkaError.NOT_COORDINATOR,
-    KafkaError.COORDINATOR_NOT_AVAILABLE,
-    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-    KafkaError._TRANSPORT,
-    KafkaError._TIMED_OUT,
-}
-
-
-def committed_offsets(
-    consumer: Consumer, partitions: list[TopicPartition], timeout: float
-) -> list[TopicPartition]:
-    """The group's committed offsets of ``partitions`` (-1001 where none), asked
-    again while the coordinator moves, for up to ``timeout`` seconds; then a
-    failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR."""
-    if not partitions:
-        return []  # asks nothing, but would wait for a coordinator first
-
-    def ask() -> list[TopicPartition] | KafkaError:
-        try:
-            found = consumer.committed(partitions, min(timeout, 10.0))
-        except KafkaException as error:
-            failure: KafkaError = error.args[0]
-            return failure
-        return next((tp.error for tp in found if tp.error is not None), found)
-
-    def settled(answer: list[TopicPartition] | KafkaError) -> bool:
-        return not isinstance(answer, KafkaError) or not (
-            answer.retriable() or answer.code() in COORDINATOR_MOVING
-        )
-
-    answer = eventually(ask, settled, timeout=timeout, every=Backoff(0.1, 2.0))
-    if isinstance(answer, KafkaError):
-        raise KafkaException(answer)
-    return answer
 
 
 @dataclass(slots=True)
@@ -563,11 +522,11 @@ class Processor:
         lost connection after a broker restart) leaves the partition waiting for an
         answer for good, and the consumer fetches nothing while its group counts it
         as the owner (librdkafka #5586; seen in the 20-minute soak). A lookup that
-        still fails after ``LOOKUP_S`` raises out of the poll: ``run`` closes the
+        still fails after ``topics.LOOKUP_S`` raises out of the poll: ``run`` closes the
         clients and starts new ones."""
         committed: dict[TP, int] = {}
         starts = []
-        for tp in committed_offsets(consumer, partitions, LOOKUP_S):
+        for tp in committed_offsets(consumer, partitions):
             if tp.offset >= 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
             else:  # nothing committed yet: auto.offset.reset's earliest

@@ -34,6 +34,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from app.settings import AGGREGATES, Settings
+from app.waiting import Backoff, eventually
 
 FOREVER = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 
@@ -475,6 +476,47 @@ def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
     # What a consumer hands over is always such a list; the stub's type is the wider
     # one produce() accepts (a dict, or str values).
     return cast(list[tuple[str, bytes | None]], message.headers() or [])
+
+
+# How long a new assignment's committed offsets are asked for, and the answers
+# worth asking again: the group's coordinator moved or is loading (a broker
+# restart), or the broker is away for a moment.
+LOOKUP_S = 30.0
+COORDINATOR_MOVING = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+}
+
+
+def committed_offsets(
+    consumer: Consumer, partitions: list[TopicPartition], timeout: float = LOOKUP_S
+) -> list[TopicPartition]:
+    """The group's committed offsets of ``partitions`` (-1001 where none), asked
+    again while the coordinator moves, for up to ``timeout`` seconds; then a
+    failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR."""
+    if not partitions:
+        return []  # asks nothing, but would wait for a coordinator first
+
+    def ask() -> list[TopicPartition] | KafkaError:
+        try:
+            found = consumer.committed(partitions, min(timeout, 10.0))
+        except KafkaException as error:
+            failure: KafkaError = error.args[0]
+            return failure
+        return next((tp.error for tp in found if tp.error is not None), found)
+
+    def settled(answer: list[TopicPartition] | KafkaError) -> bool:
+        return not isinstance(answer, KafkaError) or not (
+            answer.retriable() or answer.code() in COORDINATOR_MOVING
+        )
+
+    answer = eventually(ask, settled, timeout=timeout, every=Backoff(0.1, 2.0))
+    if isinstance(answer, KafkaError):
+        raise KafkaException(answer)
+    return answer
 
 
 def reader(settings: Settings, purpose: str, *, tailing: bool = False) -> Consumer:

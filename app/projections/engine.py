@@ -393,7 +393,7 @@ class ProjectionRunner:
         the whole log again when someone rewound the group (the tables' epoch then
         moves on: the new one is returned)."""
         assert self._conn is not None
-        committed = consumer.committed(partitions, timeout=30)
+        committed = topics.committed_offsets(consumer, partitions)
         # Behind Postgres is a rewind only if someone else committed it: a runner's
         # own commit (marked) lags Postgres when it died or lost the partition
         # between the two commits, and then Postgres simply wins.

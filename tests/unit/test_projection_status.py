@@ -95,7 +95,7 @@ class _Away:
     """A consumer whose broker is away: every lookup fails."""
 
     def committed(self, partitions: object, timeout: float) -> None:
-        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        raise KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN))
 
     def assign(self, partitions: object) -> None:
         raise AssertionError("assigned without knowing where to start")
