@@ -512,7 +512,7 @@ class Processor:
         wanted = [TopicPartition(t, p) for (t, p) in starts if (t, p) in owned]
         if not wanted:
             return
-        for tp in consumer.committed(wanted, 30):
+        for tp in committed_offsets(consumer, wanted):
             offset = tp.offset if tp.offset >= 0 else starts[(tp.topic, tp.partition)]
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
