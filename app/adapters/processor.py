@@ -33,7 +33,13 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
-from app.adapters.topics import TP, committed_offsets, init_transactions, take
+from app.adapters.topics import (
+    TP,
+    committed_offsets,
+    init_transactions,
+    pending_offsets,
+    take,
+)
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -512,9 +518,18 @@ class Processor:
         wanted = [TopicPartition(t, p) for (t, p) in starts if (t, p) in owned]
         if not wanted:
             return
-        for tp in committed_offsets(consumer, wanted):
+        for tp in self._committed_offsets(consumer, wanted):
             offset = tp.offset if tp.offset >= 0 else starts[(tp.topic, tp.partition)]
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+    def _committed_offsets(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        return committed_offsets(
+            consumer,
+            partitions,
+            why=lambda: pending_offsets(self.settings, self.group, partitions),
+        )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start each new partition at its committed offset, looked up here: left to
@@ -526,7 +541,7 @@ class Processor:
         clients and starts new ones."""
         committed: dict[TP, int] = {}
         starts = []
-        for tp in committed_offsets(consumer, partitions):
+        for tp in self._committed_offsets(consumer, partitions):
             if tp.offset >= 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
             else:  # nothing committed yet: auto.offset.reset's earliest

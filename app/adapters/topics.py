@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
+    ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaError,
     KafkaException,
@@ -492,11 +493,17 @@ COORDINATOR_MOVING = {
 
 
 def committed_offsets(
-    consumer: Consumer, partitions: list[TopicPartition], timeout: float = LOOKUP_S
+    consumer: Consumer,
+    partitions: list[TopicPartition],
+    timeout: float = LOOKUP_S,
+    *,
+    why: Callable[[], str] | None = None,
 ) -> list[TopicPartition]:
     """The group's committed offsets of ``partitions`` (-1001 where none), asked
     again while the coordinator moves, for up to ``timeout`` seconds; then a
-    failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR."""
+    failure raises ``KafkaException``, with what ``why()`` finds out when the
+    lookup timed out. librdkafka asks once on NOT_COORDINATOR, and waits out its
+    timeout on offsets a transaction holds, without saying so."""
     if not partitions:
         return []  # asks nothing, but would wait for a coordinator first
 
@@ -515,8 +522,43 @@ def committed_offsets(
 
     answer = eventually(ask, settled, timeout=timeout, every=Backoff(0.1, 2.0))
     if isinstance(answer, KafkaError):
+        if why is not None and answer.code() == KafkaError._TIMED_OUT:
+            answer = KafkaError(answer.code(), f"{answer.str()}: {why()}")
         raise KafkaException(answer)
     return answer
+
+
+def pending_offsets(
+    settings: Settings, group: str, partitions: list[TopicPartition]
+) -> str:
+    """What group ``group``'s coordinator tells an admin client of ``partitions``'
+    committed offsets, for a consumer whose lookup of them timed out: which ones a
+    transaction not yet ended holds (UNSTABLE_OFFSET_COMMIT), or that it answers."""
+    admin = admin_client(settings)
+    asked = ConsumerGroupTopicPartitions(
+        group, [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+    )
+    try:
+        [future] = admin.list_consumer_group_offsets(
+            [asked], require_stable=True, request_timeout=10
+        ).values()
+        answered = future.result(15).topic_partitions or []
+    except KafkaException as error:
+        return (
+            f"the group's coordinator does not answer an admin client either: {error}"
+        )
+    held = [
+        f"{tp.topic}[{tp.partition}]"
+        for tp in answered
+        if tp.error is not None and tp.error.code() == KafkaError.UNSTABLE_OFFSET_COMMIT
+    ]
+    if held:
+        return (
+            f"{', '.join(held)} have offsets pending in a transaction not ended "
+            "(UNSTABLE_OFFSET_COMMIT); one open past its transaction timeout is "
+            "hanging: see the README, Kafka without Docker"
+        )
+    return "the group's coordinator answers an admin client, with no offsets pending"
 
 
 def reader(settings: Settings, purpose: str, *, tailing: bool = False) -> Consumer:

@@ -15,13 +15,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from app.adapters.eventlog import encode_event, partition_for
 from app.adapters.topics import (
     TopicSpec,
+    committed_offsets,
     ensure_topics,
     log_ends,
+    pending_offsets,
     records_of_key,
     stable_ends,
 )
@@ -178,3 +186,54 @@ def test_fencing_a_slot_ahead_aborts_what_its_last_holder_left_open(
     with pytest.raises(KafkaException):
         dead.commit_transaction(10)
     assert records_of_key(deployment, topic, 0, b"k", 4) == [b"committed"]
+
+
+def test_offsets_a_transaction_holds_are_named_when_their_lookup_times_out(
+    deployment: Settings,
+) -> None:
+    """librdkafka waits out a consumer's lookup of committed offsets that an open
+    transaction holds, and then says only "Timed out": the lookup names them, as
+    the group's coordinator tells an admin client; once the transaction ends the
+    offsets are there again."""
+    topic = deployment.topics.commands("accounts")
+    group = f"{deployment.app_id}.held-offsets"
+    consumer = Consumer(
+        {
+            **deployment.consumer_config(),
+            "group.id": group,
+            "enable.auto.commit": False,
+        }
+    )
+    producer = Producer(
+        {
+            **deployment.producer_config(),
+            "transactional.id": f"{deployment.app_id}-holder",
+            "transaction.timeout.ms": 60_000,
+        }
+    )
+    partitions = [TopicPartition(topic, 0)]
+
+    def lookup(timeout: float) -> list[TopicPartition]:
+        return committed_offsets(
+            consumer,
+            partitions,
+            timeout,
+            why=lambda: pending_offsets(deployment, group, partitions),
+        )
+
+    try:
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        producer.send_offsets_to_transaction(
+            [TopicPartition(topic, 0, 5)], consumer.consumer_group_metadata(), 30
+        )
+        with pytest.raises(KafkaException) as held:
+            lookup(3.0)
+        assert held.value.args[0].code() == KafkaError._TIMED_OUT
+        assert f"{topic}[0] have offsets pending" in held.value.args[0].str()
+        assert "UNSTABLE_OFFSET_COMMIT" in held.value.args[0].str()
+        producer.abort_transaction(30)
+        [after] = lookup(30.0)
+        assert after.offset < 0  # the aborted commit is gone; nothing was committed
+    finally:
+        consumer.close()

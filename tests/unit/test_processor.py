@@ -18,6 +18,7 @@ from app.adapters.processor import (
     Batch,
     Processor,
 )
+from app.adapters.topics import committed_offsets
 from app.settings import Settings
 
 
@@ -465,3 +466,22 @@ def test_an_empty_assignment_asks_nothing() -> None:
     processor._on_assign(consumer, [])  # type: ignore[arg-type]
     assert consumer.lookups == 0
     assert consumer.assigned == []
+
+
+def test_a_lookup_that_timed_out_says_why_and_a_refused_one_asks_nothing() -> None:
+    asked: list[str] = []
+
+    def why() -> str:
+        asked.append("why")
+        return "in[0] have offsets pending"
+
+    timing_out = _Assigning(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+    with pytest.raises(KafkaException) as raised:
+        committed_offsets(timing_out, [TopicPartition("in", 0)], 0.3, why=why)  # type: ignore[arg-type]
+    assert raised.value.args[0].code() == KafkaError._TIMED_OUT
+    assert raised.value.args[0].str().endswith(": in[0] have offsets pending")
+    assert timing_out.lookups >= 2  # asked again until the time was up
+    refused = _Assigning(KafkaException(KafkaError(KafkaError.GROUP_ID_NOT_FOUND)))
+    with pytest.raises(KafkaException):
+        committed_offsets(refused, [TopicPartition("in", 0)], 0.3, why=why)  # type: ignore[arg-type]
+    assert asked == ["why"]
