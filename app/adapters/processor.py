@@ -36,8 +36,8 @@ from app.adapters.codec import Headers, RegistryUnavailable
 from app.adapters.topics import (
     TP,
     committed_offsets,
+    group_offsets,
     init_transactions,
-    pending_offsets,
     take,
 )
 from app.settings import Settings
@@ -525,10 +525,12 @@ class Processor:
     def _committed_offsets(
         self, consumer: Consumer, partitions: list[TopicPartition]
     ) -> list[TopicPartition]:
+        """The consumer's lookup; one that timed out asks the group's coordinator
+        through an admin client, which also names offsets a transaction holds."""
         return committed_offsets(
             consumer,
             partitions,
-            why=lambda: pending_offsets(self.settings, self.group, partitions),
+            fallback=lambda: group_offsets(self.settings, self.group, partitions),
         )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -537,8 +539,8 @@ class Processor:
         lost connection after a broker restart) leaves the partition waiting for an
         answer for good, and the consumer fetches nothing while its group counts it
         as the owner (librdkafka #5586; seen in the 20-minute soak). A lookup that
-        still fails after ``topics.LOOKUP_S`` raises out of the poll: ``run`` closes the
-        clients and starts new ones."""
+        fails for good raises out of the poll: ``run`` closes the clients and starts
+        new ones."""
         committed: dict[TP, int] = {}
         starts = []
         for tp in self._committed_offsets(consumer, partitions):

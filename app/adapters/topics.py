@@ -497,13 +497,13 @@ def committed_offsets(
     partitions: list[TopicPartition],
     timeout: float = LOOKUP_S,
     *,
-    why: Callable[[], str] | None = None,
+    fallback: Callable[[], list[TopicPartition]] | None = None,
 ) -> list[TopicPartition]:
     """The group's committed offsets of ``partitions`` (-1001 where none), asked
-    again while the coordinator moves, for up to ``timeout`` seconds; then a
-    failure raises ``KafkaException``, with what ``why()`` finds out when the
-    lookup timed out. librdkafka asks once on NOT_COORDINATOR, and waits out its
-    timeout on offsets a transaction holds, without saying so."""
+    again while the coordinator moves, for up to ``timeout`` seconds; a lookup
+    that timed out then asks ``fallback`` (``group_offsets``), and any other
+    failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR,
+    and waits out its timeout on offsets a transaction holds, without saying so."""
     if not partitions:
         return []  # asks nothing, but would wait for a coordinator first
 
@@ -522,18 +522,26 @@ def committed_offsets(
 
     answer = eventually(ask, settled, timeout=timeout, every=Backoff(0.1, 2.0))
     if isinstance(answer, KafkaError):
-        if why is not None and answer.code() == KafkaError._TIMED_OUT:
-            answer = KafkaError(answer.code(), f"{answer.str()}: {why()}")
-        raise KafkaException(answer)
+        if fallback is None or answer.code() != KafkaError._TIMED_OUT:
+            raise KafkaException(answer)
+        try:
+            return fallback()
+        except KafkaException as failure:
+            why: KafkaError = failure.args[0]
+            raise KafkaException(
+                KafkaError(answer.code(), f"{answer.str()}: {why.str()}")
+            ) from failure
     return answer
 
 
-def pending_offsets(
+def group_offsets(
     settings: Settings, group: str, partitions: list[TopicPartition]
-) -> str:
-    """What group ``group``'s coordinator tells an admin client of ``partitions``'
-    committed offsets, for a consumer whose lookup of them timed out: which ones a
-    transaction not yet ended holds (UNSTABLE_OFFSET_COMMIT), or that it answers."""
+) -> list[TopicPartition]:
+    """``partitions``' committed offsets in group ``group`` (-1001 where none) as its
+    coordinator tells an admin client, stable ones only, as a read_committed
+    consumer asks: the way round a consumer whose own lookup timed out. Raises
+    ``KafkaException`` naming the partitions whose offsets a transaction not yet
+    ended holds (UNSTABLE_OFFSET_COMMIT), or what the coordinator answered."""
     admin = admin_client(settings)
     asked = ConsumerGroupTopicPartitions(
         group, [TopicPartition(tp.topic, tp.partition) for tp in partitions]
@@ -544,21 +552,31 @@ def pending_offsets(
         ).values()
         answered = future.result(15).topic_partitions or []
     except KafkaException as error:
-        return (
-            f"the group's coordinator does not answer an admin client either: {error}"
-        )
+        raise KafkaException(
+            KafkaError(
+                KafkaError._TIMED_OUT,
+                f"the group's coordinator does not answer an admin client either: "
+                f"{error}",
+            )
+        ) from error
     held = [
         f"{tp.topic}[{tp.partition}]"
         for tp in answered
         if tp.error is not None and tp.error.code() == KafkaError.UNSTABLE_OFFSET_COMMIT
     ]
     if held:
-        return (
-            f"{', '.join(held)} have offsets pending in a transaction not ended "
-            "(UNSTABLE_OFFSET_COMMIT); one open past its transaction timeout is "
-            "hanging: see the README, Kafka without Docker"
+        raise KafkaException(
+            KafkaError(
+                KafkaError._TIMED_OUT,
+                f"{', '.join(held)} have offsets pending in a transaction not ended "
+                "(UNSTABLE_OFFSET_COMMIT); one open past its transaction timeout is "
+                "hanging: see the README, Kafka without Docker",
+            )
         )
-    return "the group's coordinator answers an admin client, with no offsets pending"
+    failed = next((tp.error for tp in answered if tp.error is not None), None)
+    if failed is not None:
+        raise KafkaException(failed)
+    return [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in answered]
 
 
 def reader(settings: Settings, purpose: str, *, tailing: bool = False) -> Consumer:

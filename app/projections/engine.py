@@ -396,7 +396,9 @@ class ProjectionRunner:
         committed = topics.committed_offsets(
             consumer,
             partitions,
-            why=lambda: topics.pending_offsets(self.settings, self.group, partitions),
+            fallback=lambda: topics.group_offsets(
+                self.settings, self.group, partitions
+            ),
         )
         # Behind Postgres is a rewind only if someone else committed it: a runner's
         # own commit (marked) lags Postgres when it died or lost the partition

@@ -28,8 +28,8 @@ from app.adapters.topics import (
     TopicSpec,
     committed_offsets,
     ensure_topics,
+    group_offsets,
     log_ends,
-    pending_offsets,
     records_of_key,
     stable_ends,
 )
@@ -192,9 +192,10 @@ def test_offsets_a_transaction_holds_are_named_when_their_lookup_times_out(
     deployment: Settings,
 ) -> None:
     """librdkafka waits out a consumer's lookup of committed offsets that an open
-    transaction holds, and then says only "Timed out": the lookup names them, as
-    the group's coordinator tells an admin client; once the transaction ends the
-    offsets are there again."""
+    transaction holds, and then says only "Timed out": the lookup falls back on the
+    group's coordinator as an admin client sees it, which names them; once the
+    transaction ends the offsets are there again, and the coordinator's answer
+    is what a committed transaction wrote."""
     topic = deployment.topics.commands("accounts")
     group = f"{deployment.app_id}.held-offsets"
     consumer = Consumer(
@@ -218,7 +219,7 @@ def test_offsets_a_transaction_holds_are_named_when_their_lookup_times_out(
             consumer,
             partitions,
             timeout,
-            why=lambda: pending_offsets(deployment, group, partitions),
+            fallback=lambda: group_offsets(deployment, group, partitions),
         )
 
     try:
@@ -235,5 +236,13 @@ def test_offsets_a_transaction_holds_are_named_when_their_lookup_times_out(
         producer.abort_transaction(30)
         [after] = lookup(30.0)
         assert after.offset < 0  # the aborted commit is gone; nothing was committed
+        # The coordinator's own answer, which a lookup that timed out falls back on.
+        producer.begin_transaction()
+        producer.send_offsets_to_transaction(
+            [TopicPartition(topic, 0, 5)], consumer.consumer_group_metadata(), 30
+        )
+        producer.commit_transaction(30)
+        [stable] = group_offsets(deployment, group, partitions)
+        assert (stable.topic, stable.partition, stable.offset) == (topic, 0, 5)
     finally:
         consumer.close()

@@ -468,20 +468,28 @@ def test_an_empty_assignment_asks_nothing() -> None:
     assert consumer.assigned == []
 
 
-def test_a_lookup_that_timed_out_says_why_and_a_refused_one_asks_nothing() -> None:
+def test_a_lookup_that_timed_out_asks_the_fallback_and_a_refused_one_does_not() -> None:
     asked: list[str] = []
+    offsets = [TopicPartition("in", 0, 7)]
 
-    def why() -> str:
-        asked.append("why")
-        return "in[0] have offsets pending"
+    def fallback() -> list[TopicPartition]:
+        asked.append("fallback")
+        return offsets
+
+    def held() -> list[TopicPartition]:
+        raise KafkaException(
+            KafkaError(KafkaError._TIMED_OUT, "in[0] have offsets pending")
+        )
 
     timing_out = _Assigning(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+    parts = [TopicPartition("in", 0)]
+    assert committed_offsets(timing_out, parts, 0.3, fallback=fallback) == offsets  # type: ignore[arg-type]
+    assert timing_out.lookups >= 2  # asked again until the time was up
     with pytest.raises(KafkaException) as raised:
-        committed_offsets(timing_out, [TopicPartition("in", 0)], 0.3, why=why)  # type: ignore[arg-type]
+        committed_offsets(timing_out, parts, 0.3, fallback=held)  # type: ignore[arg-type]
     assert raised.value.args[0].code() == KafkaError._TIMED_OUT
     assert raised.value.args[0].str().endswith(": in[0] have offsets pending")
-    assert timing_out.lookups >= 2  # asked again until the time was up
     refused = _Assigning(KafkaException(KafkaError(KafkaError.GROUP_ID_NOT_FOUND)))
     with pytest.raises(KafkaException):
-        committed_offsets(refused, [TopicPartition("in", 0)], 0.3, why=why)  # type: ignore[arg-type]
-    assert asked == ["why"]
+        committed_offsets(refused, parts, 0.3, fallback=fallback)  # type: ignore[arg-type]
+    assert asked == ["fallback"]
