@@ -35,13 +35,14 @@ from confluent_kafka import (
 from app.adapters.codec import Headers, RegistryUnavailable
 from app.adapters.topics import (
     TP,
+    OffsetsPending,
     committed_offsets,
     group_offsets,
     init_transactions,
     take,
 )
 from app.settings import Settings
-from app.waiting import Backoff
+from app.waiting import Backoff, eventually
 
 log = logging.getLogger("streamfold.processor")
 
@@ -63,6 +64,9 @@ CALL_LIMIT_S = 60.0
 # past that the broker has aborted it, and only new clients get anywhere.
 OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
 OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
+# How long offsets released by an abort (``Processor._release``) may take to be
+# seen: the transaction coordinator writes its markers after it answers the abort.
+RELEASE_S = 10.0
 
 
 @dataclass(slots=True)
@@ -247,6 +251,8 @@ class Processor:
         # position can move past it over transaction markers only.
         self._committed: dict[TP, int] = {}
         self._idle_check = 0.0
+        # The producer of the clients running, for ``_release``.
+        self._producer: Producer | None = None
 
     def consumer_config(self) -> dict[str, object]:
         session_ms = int(self.settings.session_timeout_s * 1000)
@@ -309,6 +315,7 @@ class Processor:
             self.group,
             time.monotonic() - began,
         )
+        self._producer = producer
         consumer = Consumer(self.consumer_config())
         try:
             consumer.subscribe(
@@ -526,12 +533,75 @@ class Processor:
         self, consumer: Consumer, partitions: list[TopicPartition]
     ) -> list[TopicPartition]:
         """The consumer's lookup; one that timed out asks the group's coordinator
-        through an admin client, which also names offsets a transaction holds."""
-        return committed_offsets(
-            consumer,
-            partitions,
-            fallback=lambda: group_offsets(self.settings, self.group, partitions),
+        through an admin client, which also names offsets a transaction holds.
+        Those are released (``_release``) and asked for again."""
+
+        def fallback() -> list[TopicPartition]:
+            return group_offsets(self.settings, self.group, partitions)
+
+        def asked() -> list[TopicPartition] | OffsetsPending:
+            try:
+                return fallback()
+            except OffsetsPending as pending:
+                return pending
+
+        try:
+            return committed_offsets(consumer, partitions, fallback=fallback)
+        except OffsetsPending as pending:
+            self._release(consumer, pending.partitions)
+            answer = eventually(
+                asked,
+                lambda a: not isinstance(a, OffsetsPending),
+                timeout=RELEASE_S,
+                every=0.5,
+            )
+            if isinstance(answer, OffsetsPending):
+                error: KafkaError = answer.args[0]
+                raise OffsetsPending(
+                    KafkaError(
+                        error.code(),
+                        f"{error.str()}; still pending after {self.transactional_id} "
+                        "aborted a transaction on the group: a transaction of another "
+                        "transactional id holds them",
+                    ),
+                    answer.partitions,
+                ) from pending
+            return answer
+
+    def _release(self, consumer: Consumer, held: list[TopicPartition]) -> None:
+        """End offsets pending in the group with no transaction of this process
+        open (its producer's ``init_transactions`` aborted any): after an unclean
+        broker restart, Kafka 4.4's group coordinator was seen to keep offsets
+        pending for this producer id for good, with its transaction coordinator
+        holding no transaction for it, and every lookup fails on them.
+
+        A transaction of the same producer id that touches the group and aborts
+        ends them: the group coordinator drops every offset pending for a producer
+        id when a marker of that id reaches the group's partition, whatever its
+        epoch (OffsetMetadataManager.replayEndTransactionMarker). It sends the
+        offsets last committed before them (nothing commits them either way)."""
+        producer = self._producer
+        if producer is None:
+            return
+        before = group_offsets(self.settings, self.group, held, stable=False)
+        log.warning(
+            "%s: offsets of %s pending with no transaction of %s open: aborting "
+            "one on the group to end them",
+            self.group,
+            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in held),
+            self.transactional_id,
         )
+        producer.begin_transaction()
+        try:
+            self._send_offsets(
+                consumer,
+                producer,
+                {(tp.topic, tp.partition): max(tp.offset, 0) for tp in before},
+            )
+        except KafkaException as error:  # the group's partition is in it all the same
+            log.info("%s: offsets sent to end them: %s", self.group, error)
+        finally:
+            self._retrying("abort_transaction", producer.abort_transaction)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start each new partition at its committed offset, looked up here: left to

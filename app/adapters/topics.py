@@ -492,20 +492,30 @@ COORDINATOR_MOVING = {
 }
 
 
+class OffsetsPending(KafkaException):
+    """The group's offsets of ``partitions`` are held by a transaction not ended
+    (UNSTABLE_OFFSET_COMMIT), as its coordinator says."""
+
+    def __init__(self, error: KafkaError, partitions: list[TopicPartition]) -> None:
+        super().__init__(error)
+        self.partitions = partitions
+
+
 def committed_offsets(
     consumer: Consumer,
     partitions: list[TopicPartition],
-    timeout: float = LOOKUP_S,
+    timeout: float | None = None,
     *,
     fallback: Callable[[], list[TopicPartition]] | None = None,
 ) -> list[TopicPartition]:
     """The group's committed offsets of ``partitions`` (-1001 where none), asked
-    again while the coordinator moves, for up to ``timeout`` seconds; a lookup
+    again while the coordinator moves, for up to ``timeout`` seconds (``LOOKUP_S``); a lookup
     that timed out then asks ``fallback`` (``group_offsets``), and any other
     failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR,
     and waits out its timeout on offsets a transaction holds, without saying so."""
     if not partitions:
         return []  # asks nothing, but would wait for a coordinator first
+    timeout = LOOKUP_S if timeout is None else timeout
 
     def ask() -> list[TopicPartition] | KafkaError:
         try:
@@ -528,27 +538,33 @@ def committed_offsets(
             return fallback()
         except KafkaException as failure:
             why: KafkaError = failure.args[0]
-            raise KafkaException(
-                KafkaError(answer.code(), f"{answer.str()}: {why.str()}")
-            ) from failure
+            error = KafkaError(answer.code(), f"{answer.str()}: {why.str()}")
+            if isinstance(failure, OffsetsPending):
+                raise OffsetsPending(error, failure.partitions) from failure
+            raise KafkaException(error) from failure
     return answer
 
 
 def group_offsets(
-    settings: Settings, group: str, partitions: list[TopicPartition]
+    settings: Settings,
+    group: str,
+    partitions: list[TopicPartition],
+    *,
+    stable: bool = True,
 ) -> list[TopicPartition]:
     """``partitions``' committed offsets in group ``group`` (-1001 where none) as its
-    coordinator tells an admin client, stable ones only, as a read_committed
-    consumer asks: the way round a consumer whose own lookup timed out. Raises
-    ``KafkaException`` naming the partitions whose offsets a transaction not yet
-    ended holds (UNSTABLE_OFFSET_COMMIT), or what the coordinator answered."""
+    coordinator tells an admin client: the way round a consumer whose own lookup
+    timed out. ``stable``, as a read_committed consumer asks, raises
+    ``OffsetsPending`` naming the partitions whose offsets a transaction not yet
+    ended holds (UNSTABLE_OFFSET_COMMIT); otherwise those answer the offsets last
+    committed before it. Any other failure raises what the coordinator answered."""
     admin = admin_client(settings)
     asked = ConsumerGroupTopicPartitions(
         group, [TopicPartition(tp.topic, tp.partition) for tp in partitions]
     )
     try:
         [future] = admin.list_consumer_group_offsets(
-            [asked], require_stable=True, request_timeout=10
+            [asked], require_stable=stable, request_timeout=10
         ).values()
         answered = future.result(15).topic_partitions or []
     except KafkaException as error:
@@ -560,18 +576,20 @@ def group_offsets(
             )
         ) from error
     held = [
-        f"{tp.topic}[{tp.partition}]"
+        TopicPartition(tp.topic, tp.partition)
         for tp in answered
         if tp.error is not None and tp.error.code() == KafkaError.UNSTABLE_OFFSET_COMMIT
     ]
     if held:
-        raise KafkaException(
+        named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in held)
+        raise OffsetsPending(
             KafkaError(
                 KafkaError._TIMED_OUT,
-                f"{', '.join(held)} have offsets pending in a transaction not ended "
+                f"{named} have offsets pending in a transaction not ended "
                 "(UNSTABLE_OFFSET_COMMIT); one open past its transaction timeout is "
                 "hanging: see the README, Kafka without Docker",
-            )
+            ),
+            held,
         )
     failed = next((tp.error for tp in answered if tp.error is not None), None)
     if failed is not None:

@@ -23,8 +23,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from app.adapters import processor as processor_module
+from app.adapters import topics
 from app.adapters.eventlog import encode_event, partition_for
+from app.adapters.processor import Processor
 from app.adapters.topics import (
+    OffsetsPending,
     TopicSpec,
     committed_offsets,
     ensure_topics,
@@ -244,5 +248,59 @@ def test_offsets_a_transaction_holds_are_named_when_their_lookup_times_out(
         producer.commit_transaction(30)
         [stable] = group_offsets(deployment, group, partitions)
         assert (stable.topic, stable.partition, stable.offset) == (topic, 0, 5)
+    finally:
+        consumer.close()
+
+
+def test_a_processor_ends_offsets_pending_for_its_producer_and_names_others(
+    deployment: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write process whose lookup meets pending offsets aborts a transaction of
+    its own on the group (which ends any its producer id left pending), then asks
+    again. Offsets another transactional id's open transaction holds are not
+    touched: the lookup fails naming them, and answers once that transaction
+    ends. The coordinator's answer without require_stable is the offsets last
+    committed before the held ones."""
+    monkeypatch.setattr(topics, "LOOKUP_S", 3.0)
+    monkeypatch.setattr(processor_module, "RELEASE_S", 3.0)
+    topic = deployment.topics.commands("accounts")
+    group = f"{deployment.app_id}.released"
+    consumer = Consumer(
+        {**deployment.consumer_config(), "group.id": group, "enable.auto.commit": False}
+    )
+    holder = Producer(
+        {
+            **deployment.producer_config(),
+            "transactional.id": f"{group}-holder",
+            "transaction.timeout.ms": 60_000,
+        }
+    )
+    processor = Processor(
+        deployment, group=group, transactional_id=f"{group}-0", handlers=[]
+    )
+    own = Producer(processor.producer_config())
+    partitions = [TopicPartition(topic, 0)]
+    try:
+        for producer in (holder, own):
+            producer.init_transactions(30)
+        own.begin_transaction()
+        own.send_offsets_to_transaction(
+            [TopicPartition(topic, 0, 3)], consumer.consumer_group_metadata(), 30
+        )
+        own.commit_transaction(30)
+        holder.begin_transaction()
+        holder.send_offsets_to_transaction(
+            [TopicPartition(topic, 0, 5)], consumer.consumer_group_metadata(), 30
+        )
+        [last] = group_offsets(deployment, group, partitions, stable=False)
+        assert last.offset == 3
+        processor._producer = own
+        with pytest.raises(OffsetsPending) as held:
+            processor._committed_offsets(consumer, partitions)
+        assert f"{topic}[0] have offsets pending" in held.value.args[0].str()
+        assert "another transactional id holds them" in held.value.args[0].str()
+        holder.abort_transaction(30)
+        [after] = processor._committed_offsets(consumer, partitions)
+        assert after.offset == 3
     finally:
         consumer.close()

@@ -12,13 +12,15 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from app import writer
+from app.adapters import processor as processor_module
+from app.adapters import topics
 from app.adapters.processor import (
     CALL_LIMIT_S,
     OFFSETS_LIMIT_S,
     Batch,
     Processor,
 )
-from app.adapters.topics import committed_offsets
+from app.adapters.topics import OffsetsPending, committed_offsets
 from app.settings import Settings
 
 
@@ -102,6 +104,9 @@ class _Clients:
     def commit_transaction(self, timeout: float) -> None:
         self.calls.append("commit")
         self._seen()
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.calls.append("abort")
 
     # The consumer.
     def consumer_group_metadata(self) -> object:
@@ -374,6 +379,9 @@ class _Assigning:
     def incremental_assign(self, partitions: list[TopicPartition]) -> None:
         self.assigned += [(tp.topic, tp.partition, tp.offset) for tp in partitions]
 
+    def consumer_group_metadata(self) -> object:
+        return object()
+
 
 class _Told(_Echo):
     def __init__(self) -> None:
@@ -493,3 +501,86 @@ def test_a_lookup_that_timed_out_asks_the_fallback_and_a_refused_one_does_not() 
     with pytest.raises(KafkaException):
         committed_offsets(refused, parts, 0.3, fallback=fallback)  # type: ignore[arg-type]
     assert asked == ["fallback"]
+
+
+def _pending(*partitions: tuple[str, int]) -> OffsetsPending:
+    return OffsetsPending(
+        KafkaError(KafkaError._TIMED_OUT, "held (UNSTABLE_OFFSET_COMMIT)"),
+        [TopicPartition(*tp) for tp in partitions],
+    )
+
+
+class _Coordinator:
+    """The group's coordinator as an admin client sees it: the stable answers in
+    turn (the last one repeated), and the offsets last committed."""
+
+    def __init__(self, *stable: list[TopicPartition] | OffsetsPending) -> None:
+        self.stable = list(stable)
+        self.asked: list[str] = []
+
+    def __call__(
+        self,
+        settings: Settings,
+        group: str,
+        partitions: list[TopicPartition],
+        *,
+        stable: bool = True,
+    ) -> list[TopicPartition]:
+        if not stable:
+            self.asked.append("last committed")
+            return [TopicPartition("in", 0, 40), TopicPartition("in", 1, -1001)]
+        self.asked.append("stable")
+        answer = self.stable[min(len(self.asked) - 1, len(self.stable) - 1)]
+        if isinstance(answer, OffsetsPending):
+            raise answer
+        return answer
+
+
+@pytest.fixture
+def timing_out(monkeypatch: pytest.MonkeyPatch) -> _Assigning:
+    """A consumer whose lookups time out (librdkafka waiting out held offsets)."""
+    monkeypatch.setattr(topics, "LOOKUP_S", 0.2)
+    monkeypatch.setattr(processor_module, "RELEASE_S", 0.6)
+    return _Assigning(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+
+
+def test_offsets_pending_with_no_transaction_are_released_by_an_abort(
+    monkeypatch: pytest.MonkeyPatch, timing_out: _Assigning
+) -> None:
+    """Offsets the group's coordinator keeps pending although no transaction of
+    this producer is open (seen after a broker SIGKILL) are ended by a transaction
+    of the producer that touches the group and aborts: the offsets sent are the
+    ones last committed, and the partitions start at what the group then says."""
+    coordinator = _Coordinator(_pending(("in", 0)), _committed_answer())
+    monkeypatch.setattr(processor_module, "group_offsets", coordinator)
+    processor = _processor_with(_Told())
+    producer = _Clients({})
+    processor._producer = producer  # type: ignore[assignment]
+    processor._on_assign(timing_out, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert producer.calls == ["begin", "send_offsets", "abort"]
+    assert producer.offsets_sent == [{("in", 0): 40, ("in", 1): 0}]
+    assert coordinator.asked == ["stable", "last committed", "stable"]
+    assert timing_out.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
+
+
+def test_offsets_an_abort_does_not_release_fail_the_assignment_named(
+    monkeypatch: pytest.MonkeyPatch, timing_out: _Assigning
+) -> None:
+    """Offsets another transactional id's transaction holds stay pending after the
+    abort: the assignment fails naming them (``run`` starts new clients), and
+    nothing is assigned or taken for committed."""
+    monkeypatch.setattr(
+        processor_module, "group_offsets", _Coordinator(_pending(("in", 1)))
+    )
+    handler = _Told()
+    processor = _processor_with(handler)
+    producer = _Clients({})
+    processor._producer = producer  # type: ignore[assignment]
+    with pytest.raises(OffsetsPending) as raised:
+        processor._on_assign(timing_out, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert raised.value.partitions[0].partition == 1
+    assert "another transactional id" in raised.value.args[0].str()
+    assert producer.calls == ["begin", "send_offsets", "abort"]
+    assert timing_out.assigned == []
+    assert handler.told == []
+    assert processor._committed == {}
