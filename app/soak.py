@@ -5,18 +5,20 @@ audit (``app.audit``) of every promise. Not part of the test suite: run it by ha
     bin/streamfold soak --minutes 20 [--rate 40] [--faults worker,broker,postgres]
 
 It runs in a deployment of its own (topic prefix, application id, database, web
-port), removed afterwards unless ``--keep``. Faults, one every 20-60 s:
+port), removed afterwards unless ``--keep`` (which also keeps the broker and
+PostgreSQL cluster of a soak that failed running). Faults, one every 20-60 s:
 
 - ``worker``: SIGKILL, then a restart (as a process supervisor would);
 - ``broker``: SIGKILL of the Kafka broker, restarted on the same data after a few
   seconds; nobody touches the worker or the client. With this fault the soak starts
-  a broker (and schema registry) of its own on free ports, removed at the end even
-  with ``--keep``: killing the shared broker would hit everything else on it, and
-  it recovers every partition it holds before it answers again;
+  a broker (and schema registry) of its own on free ports, removed at the end
+  unless the soak failed with ``--keep``: killing the shared broker would hit
+  everything else on it, and it recovers every partition it holds before it
+  answers again;
 - ``postgres``: an immediate-mode stop of the PostgreSQL cluster, started again
   after a few seconds. With this fault the soak runs on a cluster of its own on a
-  free port, dropped at the end: stopping the machine's cluster would hit every
-  other database on it.
+  free port, dropped at the end (kept as the broker is): stopping the machine's
+  cluster would hit every other database on it.
 """
 
 from __future__ import annotations
@@ -226,7 +228,16 @@ def run(
                 deployments.private_postgres(settings)
             )
             say(f"postgres  cluster {cluster}, the soak's own")
-        return _soak(settings, broker, cluster, minutes, rate, faults, seed, keep, say)
+        status = _soak(
+            settings, broker, cluster, minutes, rate, faults, seed, keep, say
+        )
+        if status and keep and (broker or cluster):
+            scope.pop_all()  # left running, as the failure left them, to be looked at
+            say(
+                "kept      the soak's own broker and PostgreSQL cluster, still running; "
+                "stop them by hand when done"
+            )
+        return status
 
 
 def _soak(
