@@ -295,12 +295,16 @@ class Processor:
         """Process until ``stop`` is set; a fenced or failed client is replaced."""
         backoff = Backoff(0.5, 10.0)
         while not stop.is_set():
-            began = time.monotonic()
+            began, batches = time.monotonic(), self.report.batches
             try:
                 self._run(stop)
                 return
             except TRANSIENT as error:
                 self.report.last_error = str(error)
+                if self.report.batches > batches:
+                    # Clients that got work done were fine: what failed them (a
+                    # broker restart fences the producer) is no run of failures.
+                    backoff.reset()
                 delay = backoff.after(time.monotonic() - began)
                 log.warning("%s: %s; starting again in %.1fs", self.group, error, delay)
             stop.wait(delay)

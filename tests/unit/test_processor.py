@@ -584,3 +584,27 @@ def test_offsets_an_abort_does_not_release_fail_the_assignment_named(
     assert timing_out.assigned == []
     assert handler.told == []
     assert processor._committed == {}
+
+
+def test_new_clients_wait_longer_only_while_the_last_ones_got_nothing_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run of failures backs off (0.5 s, 1 s, 2 s ...); clients that committed a
+    batch before failing (a broker restart fenced them) start the waits over."""
+    processor = _processor()
+    stop = threading.Event()
+    waits: list[float] = []
+    attempts = iter([False, False, False, True, False])
+
+    def attempt(stop_: threading.Event) -> None:
+        got_work_done = next(attempts, None)
+        if got_work_done is None:
+            stop.set()
+        elif got_work_done:
+            processor.report.batches += 1
+        raise KafkaException(KafkaError(KafkaError._FENCED))
+
+    monkeypatch.setattr(processor, "_run", attempt)
+    monkeypatch.setattr(stop, "wait", waits.append)
+    processor.run(stop)
+    assert waits == [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]
