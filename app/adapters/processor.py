@@ -33,16 +33,9 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
-from app.adapters.topics import (
-    TP,
-    OffsetsPending,
-    committed_offsets,
-    group_offsets,
-    init_transactions,
-    take,
-)
+from app.adapters.topics import TP, committed_offsets, init_transactions, take
 from app.settings import Settings
-from app.waiting import Backoff, eventually
+from app.waiting import Backoff
 
 log = logging.getLogger("streamfold.processor")
 
@@ -64,9 +57,6 @@ CALL_LIMIT_S = 60.0
 # past that the broker has aborted it, and only new clients get anywhere.
 OFFSETS_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000
 OFFSETS_LIMIT_S = OFFSETS_TIMEOUT_S + 5
-# How long offsets released by an abort (``Processor._release``) may take to be
-# seen: the transaction coordinator writes its markers after it answers the abort.
-RELEASE_S = 10.0
 
 
 @dataclass(slots=True)
@@ -536,73 +526,58 @@ class Processor:
     def _committed_offsets(
         self, consumer: Consumer, partitions: list[TopicPartition]
     ) -> list[TopicPartition]:
-        """The consumer's lookup; one that timed out asks the group's coordinator
-        through an admin client, which also names offsets a transaction holds.
-        Those are released (``_release``) and asked for again."""
-
-        def fallback() -> list[TopicPartition]:
-            return group_offsets(self.settings, self.group, partitions)
-
-        def asked() -> list[TopicPartition] | OffsetsPending:
-            try:
-                return fallback()
-            except OffsetsPending as pending:
-                return pending
-
+        """The consumer's lookup. One that timed out may have waited out offsets
+        pending for this producer id with no transaction behind them: those are
+        released (``_release``) and the offsets asked for again."""
         try:
-            return committed_offsets(consumer, partitions, fallback=fallback)
-        except OffsetsPending as pending:
-            self._release(consumer, pending.partitions)
-            answer = eventually(
-                asked,
-                lambda a: not isinstance(a, OffsetsPending),
-                timeout=RELEASE_S,
-                every=0.5,
-            )
-            if isinstance(answer, OffsetsPending):
-                error: KafkaError = answer.args[0]
-                raise OffsetsPending(
-                    KafkaError(
-                        error.code(),
-                        f"{error.str()}; still pending after {self.transactional_id} "
-                        "aborted a transaction on the group: a transaction of another "
-                        "transactional id holds them",
-                    ),
-                    answer.partitions,
-                ) from pending
-            return answer
+            return committed_offsets(consumer, partitions)
+        except KafkaException as failure:
+            error: KafkaError = failure.args[0]
+            if error.code() != KafkaError._TIMED_OUT or self._producer is None:
+                raise
+            self._release(consumer, self._producer, partitions)
+        try:
+            return committed_offsets(consumer, partitions)
+        except KafkaException as failure:
+            error = failure.args[0]
+            raise KafkaException(
+                KafkaError(
+                    error.code(),
+                    f"{error.str()}, also after {self.transactional_id} aborted a "
+                    "transaction on the group to end offsets its producer left "
+                    "pending; offsets an open transaction of another transactional "
+                    "id holds (UNSTABLE_OFFSET_COMMIT) wait until it ends: see the "
+                    "README, Kafka without Docker",
+                )
+            ) from failure
 
-    def _release(self, consumer: Consumer, held: list[TopicPartition]) -> None:
-        """End offsets pending in the group with no transaction of this process
-        open (its producer's ``init_transactions`` aborted any): after an unclean
-        broker restart, Kafka 4.4's group coordinator was seen to keep offsets
-        pending for this producer id for good, with its transaction coordinator
-        holding no transaction for it, and every lookup fails on them.
+    def _release(
+        self, consumer: Consumer, producer: Producer, partitions: list[TopicPartition]
+    ) -> None:
+        """End offsets pending in the group for this producer id with no
+        transaction of it open (its ``init_transactions`` aborted any): after a
+        broker SIGKILL, Kafka 4.4's group coordinator was seen to keep such offsets
+        pending for good, and a read_committed lookup waits on them until it times
+        out.
 
         A transaction of the same producer id that touches the group and aborts
         ends them: the group coordinator drops every offset pending for a producer
         id when a marker of that id reaches the group's partition, whatever its
-        epoch (OffsetMetadataManager.replayEndTransactionMarker). It sends the
-        offsets last committed before them (nothing commits them either way)."""
-        producer = self._producer
-        if producer is None:
-            return
-        before = group_offsets(self.settings, self.group, held, stable=False)
+        epoch (Kafka's OffsetMetadataManager.replayEndTransactionMarker). The
+        offsets it sends (0) are never committed: the transaction is aborted, or
+        the broker aborts it at its timeout."""
         log.warning(
-            "%s: offsets of %s pending with no transaction of %s open: aborting "
-            "one on the group to end them",
+            "%s: the lookup of committed offsets timed out; aborting a transaction "
+            "of %s on the group, to end any offsets its producer left pending",
             self.group,
-            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in held),
             self.transactional_id,
         )
         producer.begin_transaction()
         try:
             self._send_offsets(
-                consumer,
-                producer,
-                {(tp.topic, tp.partition): max(tp.offset, 0) for tp in before},
+                consumer, producer, {(tp.topic, tp.partition): 0 for tp in partitions}
             )
-        except KafkaException as error:  # the group's partition is in it all the same
+        except KafkaException as error:  # the abort follows all the same
             log.info("%s: offsets sent to end them: %s", self.group, error)
         finally:
             self._retrying("abort_transaction", producer.abort_transaction)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaError,
     KafkaException,
@@ -492,27 +491,16 @@ COORDINATOR_MOVING = {
 }
 
 
-class OffsetsPending(KafkaException):
-    """The group's offsets of ``partitions`` are held by a transaction not ended
-    (UNSTABLE_OFFSET_COMMIT), as its coordinator says."""
-
-    def __init__(self, error: KafkaError, partitions: list[TopicPartition]) -> None:
-        super().__init__(error)
-        self.partitions = partitions
-
-
 def committed_offsets(
     consumer: Consumer,
     partitions: list[TopicPartition],
     timeout: float | None = None,
-    *,
-    fallback: Callable[[], list[TopicPartition]] | None = None,
 ) -> list[TopicPartition]:
     """The group's committed offsets of ``partitions`` (-1001 where none), asked
-    again while the coordinator moves, for up to ``timeout`` seconds (``LOOKUP_S``); a lookup
-    that timed out then asks ``fallback`` (``group_offsets``), and any other
-    failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR,
-    and waits out its timeout on offsets a transaction holds, without saying so."""
+    again while the coordinator moves, for up to ``timeout`` seconds (``LOOKUP_S``);
+    any failure raises ``KafkaException``. librdkafka asks once on NOT_COORDINATOR,
+    and waits out its timeout on offsets a transaction holds, without saying so
+    (then "Timed out")."""
     if not partitions:
         return []  # asks nothing, but would wait for a coordinator first
     timeout = LOOKUP_S if timeout is None else timeout
@@ -532,69 +520,8 @@ def committed_offsets(
 
     answer = eventually(ask, settled, timeout=timeout, every=Backoff(0.1, 2.0))
     if isinstance(answer, KafkaError):
-        if fallback is None or answer.code() != KafkaError._TIMED_OUT:
-            raise KafkaException(answer)
-        try:
-            return fallback()
-        except KafkaException as failure:
-            why: KafkaError = failure.args[0]
-            error = KafkaError(answer.code(), f"{answer.str()}: {why.str()}")
-            if isinstance(failure, OffsetsPending):
-                raise OffsetsPending(error, failure.partitions) from failure
-            raise KafkaException(error) from failure
+        raise KafkaException(answer)
     return answer
-
-
-def group_offsets(
-    settings: Settings,
-    group: str,
-    partitions: list[TopicPartition],
-    *,
-    stable: bool = True,
-) -> list[TopicPartition]:
-    """``partitions``' committed offsets in group ``group`` (-1001 where none) as its
-    coordinator tells an admin client: the way round a consumer whose own lookup
-    timed out. ``stable``, as a read_committed consumer asks, raises
-    ``OffsetsPending`` naming the partitions whose offsets a transaction not yet
-    ended holds (UNSTABLE_OFFSET_COMMIT); otherwise those answer the offsets last
-    committed before it. Any other failure raises what the coordinator answered."""
-    admin = admin_client(settings)
-    asked = ConsumerGroupTopicPartitions(
-        group, [TopicPartition(tp.topic, tp.partition) for tp in partitions]
-    )
-    try:
-        [future] = admin.list_consumer_group_offsets(
-            [asked], require_stable=stable, request_timeout=10
-        ).values()
-        answered = future.result(15).topic_partitions or []
-    except KafkaException as error:
-        raise KafkaException(
-            KafkaError(
-                KafkaError._TIMED_OUT,
-                f"the group's coordinator does not answer an admin client either: "
-                f"{error}",
-            )
-        ) from error
-    held = [
-        TopicPartition(tp.topic, tp.partition)
-        for tp in answered
-        if tp.error is not None and tp.error.code() == KafkaError.UNSTABLE_OFFSET_COMMIT
-    ]
-    if held:
-        named = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in held)
-        raise OffsetsPending(
-            KafkaError(
-                KafkaError._TIMED_OUT,
-                f"{named} have offsets pending in a transaction not ended "
-                "(UNSTABLE_OFFSET_COMMIT); one open past its transaction timeout is "
-                "hanging: see the README, Kafka without Docker",
-            ),
-            held,
-        )
-    failed = next((tp.error for tp in answered if tp.error is not None), None)
-    if failed is not None:
-        raise KafkaException(failed)
-    return [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in answered]
 
 
 def reader(settings: Settings, purpose: str, *, tailing: bool = False) -> Consumer:

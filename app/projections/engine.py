@@ -393,13 +393,7 @@ class ProjectionRunner:
         the whole log again when someone rewound the group (the tables' epoch then
         moves on: the new one is returned)."""
         assert self._conn is not None
-        committed = topics.committed_offsets(
-            consumer,
-            partitions,
-            fallback=lambda: topics.group_offsets(
-                self.settings, self.group, partitions
-            ),
-        )
+        committed = topics.committed_offsets(consumer, partitions)
         # Behind Postgres is a rewind only if someone else committed it: a runner's
         # own commit (marked) lags Postgres when it died or lost the partition
         # between the two commits, and then Postgres simply wins.

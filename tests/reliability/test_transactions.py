@@ -23,16 +23,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from app.adapters import processor as processor_module
 from app.adapters import topics
 from app.adapters.eventlog import encode_event, partition_for
 from app.adapters.processor import Processor
 from app.adapters.topics import (
-    OffsetsPending,
     TopicSpec,
     committed_offsets,
     ensure_topics,
-    group_offsets,
     log_ends,
     records_of_key,
     stable_ends,
@@ -192,77 +189,16 @@ def test_fencing_a_slot_ahead_aborts_what_its_last_holder_left_open(
     assert records_of_key(deployment, topic, 0, b"k", 4) == [b"committed"]
 
 
-def test_offsets_a_transaction_holds_are_named_when_their_lookup_times_out(
-    deployment: Settings,
-) -> None:
-    """librdkafka waits out a consumer's lookup of committed offsets that an open
-    transaction holds, and then says only "Timed out": the lookup falls back on the
-    group's coordinator as an admin client sees it, which names them; once the
-    transaction ends the offsets are there again, and the coordinator's answer
-    is what a committed transaction wrote."""
-    topic = deployment.topics.commands("accounts")
-    group = f"{deployment.app_id}.held-offsets"
-    consumer = Consumer(
-        {
-            **deployment.consumer_config(),
-            "group.id": group,
-            "enable.auto.commit": False,
-        }
-    )
-    producer = Producer(
-        {
-            **deployment.producer_config(),
-            "transactional.id": f"{deployment.app_id}-holder",
-            "transaction.timeout.ms": 60_000,
-        }
-    )
-    partitions = [TopicPartition(topic, 0)]
-
-    def lookup(timeout: float) -> list[TopicPartition]:
-        return committed_offsets(
-            consumer,
-            partitions,
-            timeout,
-            fallback=lambda: group_offsets(deployment, group, partitions),
-        )
-
-    try:
-        producer.init_transactions(30)
-        producer.begin_transaction()
-        producer.send_offsets_to_transaction(
-            [TopicPartition(topic, 0, 5)], consumer.consumer_group_metadata(), 30
-        )
-        with pytest.raises(KafkaException) as held:
-            lookup(3.0)
-        assert held.value.args[0].code() == KafkaError._TIMED_OUT
-        assert f"{topic}[0] have offsets pending" in held.value.args[0].str()
-        assert "UNSTABLE_OFFSET_COMMIT" in held.value.args[0].str()
-        producer.abort_transaction(30)
-        [after] = lookup(30.0)
-        assert after.offset < 0  # the aborted commit is gone; nothing was committed
-        # The coordinator's own answer, which a lookup that timed out falls back on.
-        producer.begin_transaction()
-        producer.send_offsets_to_transaction(
-            [TopicPartition(topic, 0, 5)], consumer.consumer_group_metadata(), 30
-        )
-        producer.commit_transaction(30)
-        [stable] = group_offsets(deployment, group, partitions)
-        assert (stable.topic, stable.partition, stable.offset) == (topic, 0, 5)
-    finally:
-        consumer.close()
-
-
-def test_a_processor_ends_offsets_pending_for_its_producer_and_names_others(
+def test_a_lookup_of_held_offsets_times_out_and_a_release_leaves_other_ids_alone(
     deployment: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write process whose lookup meets pending offsets aborts a transaction of
-    its own on the group (which ends any its producer id left pending), then asks
-    again. Offsets another transactional id's open transaction holds are not
-    touched: the lookup fails naming them, and answers once that transaction
-    ends. The coordinator's answer without require_stable is the offsets last
-    committed before the held ones."""
+    """librdkafka waits out a lookup of committed offsets that an open transaction
+    holds, and then says only "Timed out". A write process whose lookup timed out
+    aborts a transaction of its own producer on the group (which ends any offsets
+    that producer id left pending) and asks again; another transactional id's
+    open transaction is not touched: the lookup fails saying what was tried, and
+    answers the offsets last committed once that transaction ends."""
     monkeypatch.setattr(topics, "LOOKUP_S", 3.0)
-    monkeypatch.setattr(processor_module, "RELEASE_S", 3.0)
     topic = deployment.topics.commands("accounts")
     group = f"{deployment.app_id}.released"
     consumer = Consumer(
@@ -292,15 +228,18 @@ def test_a_processor_ends_offsets_pending_for_its_producer_and_names_others(
         holder.send_offsets_to_transaction(
             [TopicPartition(topic, 0, 5)], consumer.consumer_group_metadata(), 30
         )
-        [last] = group_offsets(deployment, group, partitions, stable=False)
-        assert last.offset == 3
+        with pytest.raises(KafkaException) as held:
+            committed_offsets(consumer, partitions, 3.0)
+        assert held.value.args[0].code() == KafkaError._TIMED_OUT
         processor._producer = own
-        with pytest.raises(OffsetsPending) as held:
+        with pytest.raises(KafkaException) as still:
             processor._committed_offsets(consumer, partitions)
-        assert f"{topic}[0] have offsets pending" in held.value.args[0].str()
-        assert "another transactional id holds them" in held.value.args[0].str()
+        assert still.value.args[0].code() == KafkaError._TIMED_OUT
+        assert (
+            f"also after {group}-0 aborted a transaction" in still.value.args[0].str()
+        )
         holder.abort_transaction(30)
         [after] = processor._committed_offsets(consumer, partitions)
-        assert after.offset == 3
+        assert after.offset == 3  # the held 5 was aborted, the release's 0 too
     finally:
         consumer.close()

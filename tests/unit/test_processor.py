@@ -12,7 +12,6 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from app import writer
-from app.adapters import processor as processor_module
 from app.adapters import topics
 from app.adapters.processor import (
     CALL_LIMIT_S,
@@ -20,7 +19,6 @@ from app.adapters.processor import (
     Batch,
     Processor,
 )
-from app.adapters.topics import OffsetsPending, committed_offsets
 from app.settings import Settings
 
 
@@ -476,114 +474,66 @@ def test_an_empty_assignment_asks_nothing() -> None:
     assert consumer.assigned == []
 
 
-def test_a_lookup_that_timed_out_asks_the_fallback_and_a_refused_one_does_not() -> None:
-    asked: list[str] = []
-    offsets = [TopicPartition("in", 0, 7)]
+class _Held(_Assigning):
+    """A consumer whose lookups time out (librdkafka waiting out offsets held for a
+    transaction) until ``released`` holds."""
 
-    def fallback() -> list[TopicPartition]:
-        asked.append("fallback")
-        return offsets
+    def __init__(self, released: Any) -> None:
+        super().__init__(_committed_answer())
+        self.released = released
 
-    def held() -> list[TopicPartition]:
-        raise KafkaException(
-            KafkaError(KafkaError._TIMED_OUT, "in[0] have offsets pending")
-        )
-
-    timing_out = _Assigning(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
-    parts = [TopicPartition("in", 0)]
-    assert committed_offsets(timing_out, parts, 0.3, fallback=fallback) == offsets  # type: ignore[arg-type]
-    assert timing_out.lookups >= 2  # asked again until the time was up
-    with pytest.raises(KafkaException) as raised:
-        committed_offsets(timing_out, parts, 0.3, fallback=held)  # type: ignore[arg-type]
-    assert raised.value.args[0].code() == KafkaError._TIMED_OUT
-    assert raised.value.args[0].str().endswith(": in[0] have offsets pending")
-    refused = _Assigning(KafkaException(KafkaError(KafkaError.GROUP_ID_NOT_FOUND)))
-    with pytest.raises(KafkaException):
-        committed_offsets(refused, parts, 0.3, fallback=fallback)  # type: ignore[arg-type]
-    assert asked == ["fallback"]
-
-
-def _pending(*partitions: tuple[str, int]) -> OffsetsPending:
-    return OffsetsPending(
-        KafkaError(KafkaError._TIMED_OUT, "held (UNSTABLE_OFFSET_COMMIT)"),
-        [TopicPartition(*tp) for tp in partitions],
-    )
-
-
-class _Coordinator:
-    """The group's coordinator as an admin client sees it: the stable answers in
-    turn (the last one repeated), and the offsets last committed."""
-
-    def __init__(self, *stable: list[TopicPartition] | OffsetsPending) -> None:
-        self.stable = list(stable)
-        self.asked: list[str] = []
-
-    def __call__(
-        self,
-        settings: Settings,
-        group: str,
-        partitions: list[TopicPartition],
-        *,
-        stable: bool = True,
-    ) -> list[TopicPartition]:
-        if not stable:
-            self.asked.append("last committed")
-            return [TopicPartition("in", 0, 40), TopicPartition("in", 1, -1001)]
-        self.asked.append("stable")
-        answer = self.stable[min(len(self.asked) - 1, len(self.stable) - 1)]
-        if isinstance(answer, OffsetsPending):
-            raise answer
-        return answer
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[Any]:
+        if not self.released():
+            self.lookups += 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return super().committed(partitions, timeout)
 
 
 @pytest.fixture
-def timing_out(monkeypatch: pytest.MonkeyPatch) -> _Assigning:
-    """A consumer whose lookups time out (librdkafka waiting out held offsets)."""
+def short_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(topics, "LOOKUP_S", 0.2)
-    monkeypatch.setattr(processor_module, "RELEASE_S", 0.6)
-    return _Assigning(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
 
 
-def test_offsets_pending_with_no_transaction_are_released_by_an_abort(
-    monkeypatch: pytest.MonkeyPatch, timing_out: _Assigning
-) -> None:
-    """Offsets the group's coordinator keeps pending although no transaction of
-    this producer is open (seen after a broker SIGKILL) are ended by a transaction
-    of the producer that touches the group and aborts: the offsets sent are the
-    ones last committed, and the partitions start at what the group then says."""
-    coordinator = _Coordinator(_pending(("in", 0)), _committed_answer())
-    monkeypatch.setattr(processor_module, "group_offsets", coordinator)
-    processor = _processor_with(_Told())
+@pytest.mark.usefixtures("short_lookups")
+def test_a_lookup_that_timed_out_releases_what_the_producer_left_pending() -> None:
+    """Offsets the group's coordinator keeps pending for this producer id with no
+    transaction of it open (seen after a broker SIGKILL) are ended by a
+    transaction of the producer that touches the group and aborts; then the
+    partitions start at what the group says."""
     producer = _Clients({})
+    consumer = _Held(lambda: "abort" in producer.calls)
+    processor = _processor_with(_Told())
     processor._producer = producer  # type: ignore[assignment]
-    processor._on_assign(timing_out, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
     assert producer.calls == ["begin", "send_offsets", "abort"]
-    assert producer.offsets_sent == [{("in", 0): 40, ("in", 1): 0}]
-    assert coordinator.asked == ["stable", "last committed", "stable"]
-    assert timing_out.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
+    assert producer.offsets_sent == [{("in", 0): 0, ("in", 1): 0}]
+    assert consumer.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
 
 
-def test_offsets_an_abort_does_not_release_fail_the_assignment_named(
-    monkeypatch: pytest.MonkeyPatch, timing_out: _Assigning
-) -> None:
-    """Offsets another transactional id's transaction holds stay pending after the
-    abort: the assignment fails naming them (``run`` starts new clients), and
-    nothing is assigned or taken for committed."""
-    monkeypatch.setattr(
-        processor_module, "group_offsets", _Coordinator(_pending(("in", 1)))
-    )
+@pytest.mark.usefixtures("short_lookups")
+def test_offsets_still_held_after_the_release_fail_the_assignment_saying_so() -> None:
+    """Offsets another transactional id's open transaction holds outlast the
+    release: the assignment fails (``run`` starts new clients) saying what was
+    tried, and nothing is assigned or taken for committed; a refused lookup
+    releases nothing."""
+    producer = _Clients({})
+    consumer = _Held(lambda: False)
     handler = _Told()
     processor = _processor_with(handler)
-    producer = _Clients({})
     processor._producer = producer  # type: ignore[assignment]
-    with pytest.raises(OffsetsPending) as raised:
-        processor._on_assign(timing_out, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
-    assert raised.value.partitions[0].partition == 1
-    assert "another transactional id" in raised.value.args[0].str()
+    with pytest.raises(KafkaException) as raised:
+        processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert raised.value.args[0].code() == KafkaError._TIMED_OUT
+    assert "also after t-0 aborted a transaction" in raised.value.args[0].str()
     assert producer.calls == ["begin", "send_offsets", "abort"]
-    assert timing_out.assigned == []
+    assert consumer.lookups >= 2  # asked again until the time was up, twice
+    assert consumer.assigned == []
     assert handler.told == []
     assert processor._committed == {}
+    refused = _Assigning(KafkaException(KafkaError(KafkaError.GROUP_ID_NOT_FOUND)))
+    with pytest.raises(KafkaException):
+        processor._on_assign(refused, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert producer.calls == ["begin", "send_offsets", "abort"]
 
 
 def test_new_clients_wait_longer_only_while_the_last_ones_got_nothing_done(
