@@ -325,6 +325,7 @@ class Processor:
                     take(consumer, self.batch_size, self.poll_timeout),
                 )
         finally:
+            self._producer = None
             self.report.assigned.clear()
             for handler in self.handlers:
                 handler.aborted()
