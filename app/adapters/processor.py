@@ -527,15 +527,19 @@ class Processor:
     def _committed_offsets(
         self, consumer: Consumer, partitions: list[TopicPartition]
     ) -> list[TopicPartition]:
-        """The consumer's lookup. One that timed out may have waited out offsets
-        pending for this producer id with no transaction behind them: those are
-        released (``_release``) and the offsets asked for again."""
+        """The consumer's lookup. One that timed out while a broker answers may
+        have waited out offsets pending for this producer id with no transaction
+        behind them: those are released (``_release``) and the offsets asked for
+        again."""
         try:
             return committed_offsets(consumer, partitions)
         except KafkaException as failure:
             error: KafkaError = failure.args[0]
             if error.code() != KafkaError._TIMED_OUT or self._producer is None:
                 raise
+            # A broker away times lookups out too; the release would only hang
+            # in send_offsets_to_transaction (then the process exits as stuck).
+            consumer.list_topics(partitions[0].topic, timeout=5)
             self._release(consumer, self._producer, partitions)
         try:
             return committed_offsets(consumer, partitions)

@@ -488,6 +488,13 @@ class _Held(_Assigning):
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
         return super().committed(partitions, timeout)
 
+    def list_topics(self, topic: str, timeout: float) -> object:
+        if self.broker_away:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return object()
+
+    broker_away = False
+
 
 @pytest.fixture
 def short_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -534,6 +541,22 @@ def test_offsets_still_held_after_the_release_fail_the_assignment_saying_so() ->
     with pytest.raises(KafkaException):
         processor._on_assign(refused, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
     assert producer.calls == ["begin", "send_offsets", "abort"]
+
+
+@pytest.mark.usefixtures("short_lookups")
+def test_a_lookup_that_timed_out_with_the_broker_away_releases_nothing() -> None:
+    """With no broker answering, the release would only hang: the clients end
+    (``run`` starts new ones) and nothing is sent."""
+    producer = _Clients({})
+    consumer = _Held(lambda: False)
+    consumer.broker_away = True
+    processor = _processor_with(_Told())
+    processor._producer = producer  # type: ignore[assignment]
+    with pytest.raises(KafkaException) as raised:
+        processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert raised.value.args[0].code() == KafkaError._TRANSPORT
+    assert producer.calls == []
+    assert consumer.assigned == []
 
 
 def test_new_clients_wait_longer_only_while_the_last_ones_got_nothing_done(
