@@ -233,9 +233,10 @@ def run(
         )
         if status and keep and (broker or cluster):
             scope.pop_all()  # left running, as the failure left them, to be looked at
+            kept = [f"broker {broker.bootstrap}"] if broker else []
+            kept += [f"PostgreSQL cluster {cluster}"] if cluster else []
             say(
-                "kept      the soak's own broker and PostgreSQL cluster, still running; "
-                "stop them by hand when done"
+                f"kept      {' and '.join(kept)}, still running: stop by hand when done"
             )
         return status
 

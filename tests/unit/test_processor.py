@@ -481,6 +481,7 @@ class _Held(_Assigning):
     def __init__(self, released: Any) -> None:
         super().__init__(_committed_answer())
         self.released = released
+        self.broker_away = False
 
     def committed(self, partitions: list[TopicPartition], timeout: float) -> list[Any]:
         if not self.released():
@@ -492,8 +493,6 @@ class _Held(_Assigning):
         if self.broker_away:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT))
         return object()
-
-    broker_away = False
 
 
 @pytest.fixture
