@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -25,20 +25,27 @@ from app.domain import accounts, orders
 from app.rest.bodies import BodyError, conform, named_types
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class Route:
-    """One command over HTTP: ``method`` on ``path`` sends ``command``.
+    """One command over HTTP: ``"METHOD /path"`` sends ``command``.
 
     ``creates``: the command makes its aggregate (201 rather than 200).
     ``body_field``: the body is this one field's value rather than an object of
     the command's fields (``POST /orders/{order_id}/items`` takes the line item)."""
 
-    method: str
-    path: str
+    request: str
     command: type
     summary: str
-    creates: bool = False
-    body_field: str | None = None
+    creates: bool = field(default=False, kw_only=True)
+    body_field: str | None = field(default=None, kw_only=True)
+
+    @property
+    def method(self) -> str:
+        return self.request.split(" ", 1)[0]
+
+    @property
+    def path(self) -> str:
+        return self.request.split(" ", 1)[1]
 
     @property
     def path_fields(self) -> tuple[str, ...]:
@@ -50,74 +57,43 @@ class Route:
 
 
 ROUTES: tuple[Route, ...] = (
+    Route("POST /orders", orders.CreateOrder, "Create an order", creates=True),
     Route(
-        method="POST",
-        path="/orders",
-        command=orders.CreateOrder,
-        summary="Create an order",
-        creates=True,
-    ),
-    Route(
-        method="POST",
-        path="/orders/{order_id}/items",
-        command=orders.AddItem,
-        summary="Add a line item to an order",
+        "POST /orders/{order_id}/items",
+        orders.AddItem,
+        "Add a line item to an order",
         body_field="item",
     ),
     Route(
-        method="DELETE",
-        path="/orders/{order_id}/items/{product_id}",
-        command=orders.RemoveItem,
-        summary="Remove an order's line item",
+        "DELETE /orders/{order_id}/items/{product_id}",
+        orders.RemoveItem,
+        "Remove an order's line item",
     ),
     Route(
-        method="POST",
-        path="/orders/{order_id}/payment",
-        command=orders.ProcessPayment,
-        summary="Record an order's payment",
+        "POST /orders/{order_id}/payment",
+        orders.ProcessPayment,
+        "Record an order's payment",
+    ),
+    Route("POST /orders/{order_id}/ship", orders.ShipOrder, "Ship an order"),
+    Route(
+        "POST /orders/{order_id}/deliver",
+        orders.DeliverOrder,
+        "Mark an order delivered",
+    ),
+    Route("POST /orders/{order_id}/cancel", orders.CancelOrder, "Cancel an order"),
+    Route("POST /accounts", accounts.OpenAccount, "Open an account", creates=True),
+    Route(
+        "POST /accounts/{account_id}/deposits",
+        accounts.Deposit,
+        "Deposit money into an account",
     ),
     Route(
-        method="POST",
-        path="/orders/{order_id}/ship",
-        command=orders.ShipOrder,
-        summary="Ship an order",
+        "POST /accounts/{account_id}/withdrawals",
+        accounts.Withdraw,
+        "Withdraw money from an account",
     ),
     Route(
-        method="POST",
-        path="/orders/{order_id}/deliver",
-        command=orders.DeliverOrder,
-        summary="Mark an order delivered",
-    ),
-    Route(
-        method="POST",
-        path="/orders/{order_id}/cancel",
-        command=orders.CancelOrder,
-        summary="Cancel an order",
-    ),
-    Route(
-        method="POST",
-        path="/accounts",
-        command=accounts.OpenAccount,
-        summary="Open an account",
-        creates=True,
-    ),
-    Route(
-        method="POST",
-        path="/accounts/{account_id}/deposits",
-        command=accounts.Deposit,
-        summary="Deposit money into an account",
-    ),
-    Route(
-        method="POST",
-        path="/accounts/{account_id}/withdrawals",
-        command=accounts.Withdraw,
-        summary="Withdraw money from an account",
-    ),
-    Route(
-        method="POST",
-        path="/accounts/{account_id}/close",
-        command=accounts.CloseAccount,
-        summary="Close an account",
+        "POST /accounts/{account_id}/close", accounts.CloseAccount, "Close an account"
     ),
 )
 
