@@ -393,6 +393,18 @@ def cmd_soak(settings: Settings, args: argparse.Namespace) -> int:
         raise SettingsError("--faults", str(error)) from error
 
 
+def cmd_broker_kills(settings: Settings, args: argparse.Namespace) -> int:
+    """Exactly once through broker SIGKILLs: the transactional processor on a
+    private broker that is killed every 15-40 s; exit 1 unless it held."""
+    from app import brokerkills
+
+    outcome = brokerkills.run(
+        settings, args.minutes, args.rate, processors=args.processors, seed=args.seed
+    )
+    print(brokerkills.report(outcome))
+    return 0 if outcome.ok else 1
+
+
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     """Dead letters: list them, re-drive one (or an aggregate's, in order) to its
     source topic, or discard one with a reason. Actions need an operator token in
@@ -582,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument(
         "--keep", action="store_true", help="keep the soak's topics and database"
     )
+    kills = add("broker-kills", cmd_broker_kills)
+    kills.add_argument("--minutes", type=float, default=10.0)
+    kills.add_argument("--rate", type=float, default=4000.0, help="records per second")
+    kills.add_argument("--processors", type=int, default=2)
+    kills.add_argument("--seed", type=int, default=1)
     dlq = add("dlq", cmd_dlq)
     dlq.add_argument("action", choices=["list", "redrive", "discard"])
     dlq.add_argument(

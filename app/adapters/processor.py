@@ -241,8 +241,6 @@ class Processor:
         # position can move past it over transaction markers only.
         self._committed: dict[TP, int] = {}
         self._idle_check = 0.0
-        # The producer of the clients running, for ``_release``.
-        self._producer: Producer | None = None
 
     def consumer_config(self) -> dict[str, object]:
         session_ms = int(self.settings.session_timeout_s * 1000)
@@ -309,7 +307,6 @@ class Processor:
             self.group,
             time.monotonic() - began,
         )
-        self._producer = producer
         consumer = Consumer(self.consumer_config())
         try:
             consumer.subscribe(
@@ -325,7 +322,6 @@ class Processor:
                     take(consumer, self.batch_size, self.poll_timeout),
                 )
         finally:
-            self._producer = None
             self.report.assigned.clear()
             for handler in self.handlers:
                 handler.aborted()
@@ -520,72 +516,9 @@ class Processor:
         wanted = [TopicPartition(t, p) for (t, p) in starts if (t, p) in owned]
         if not wanted:
             return
-        for tp in self._committed_offsets(consumer, wanted):
+        for tp in committed_offsets(consumer, wanted):
             offset = tp.offset if tp.offset >= 0 else starts[(tp.topic, tp.partition)]
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
-
-    def _committed_offsets(
-        self, consumer: Consumer, partitions: list[TopicPartition]
-    ) -> list[TopicPartition]:
-        """The consumer's lookup. One that timed out while a broker answers may
-        have waited out offsets pending for this producer id with no transaction
-        behind them: those are released (``_release``) and the offsets asked for
-        again."""
-        try:
-            return committed_offsets(consumer, partitions)
-        except KafkaException as failure:
-            error: KafkaError = failure.args[0]
-            if error.code() != KafkaError._TIMED_OUT or self._producer is None:
-                raise
-            # A broker away times lookups out too; the release would only hang
-            # in send_offsets_to_transaction (then the process exits as stuck).
-            consumer.list_topics(partitions[0].topic, timeout=5)
-            self._release(consumer, self._producer, partitions)
-        try:
-            return committed_offsets(consumer, partitions)
-        except KafkaException as failure:
-            error = failure.args[0]
-            raise KafkaException(
-                KafkaError(
-                    error.code(),
-                    f"{error.str()}, also after {self.transactional_id} aborted a "
-                    "transaction on the group to end offsets its producer left "
-                    "pending; offsets an open transaction of another transactional "
-                    "id holds (UNSTABLE_OFFSET_COMMIT) wait until it ends: see the "
-                    "README, Kafka without Docker",
-                )
-            ) from failure
-
-    def _release(
-        self, consumer: Consumer, producer: Producer, partitions: list[TopicPartition]
-    ) -> None:
-        """End offsets pending in the group for this producer id with no
-        transaction of it open (its ``init_transactions`` aborted any): after a
-        broker SIGKILL, Kafka 4.4's group coordinator was seen to keep such offsets
-        pending for good, and a read_committed lookup waits on them until it times
-        out.
-
-        A transaction of the same producer id that touches the group and aborts
-        ends them: the group coordinator drops every offset pending for a producer
-        id when a marker of that id reaches the group's partition, whatever its
-        epoch (Kafka's OffsetMetadataManager.replayEndTransactionMarker). The
-        offsets it sends (0) are never committed: the transaction is aborted, or
-        the broker aborts it at its timeout."""
-        log.warning(
-            "%s: the lookup of committed offsets timed out; aborting a transaction "
-            "of %s on the group, to end any offsets its producer left pending",
-            self.group,
-            self.transactional_id,
-        )
-        producer.begin_transaction()
-        try:
-            self._send_offsets(
-                consumer, producer, {(tp.topic, tp.partition): 0 for tp in partitions}
-            )
-        except KafkaException as error:  # the abort follows all the same
-            log.info("%s: offsets sent to end them: %s", self.group, error)
-        finally:
-            self._retrying("abort_transaction", producer.abort_transaction)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start each new partition at its committed offset, looked up here: left to
@@ -594,10 +527,14 @@ class Processor:
         answer for good, and the consumer fetches nothing while its group counts it
         as the owner (librdkafka #5586; seen in the 20-minute soak). A lookup that
         fails for good raises out of the poll: ``run`` closes the clients and starts
-        new ones."""
+        new ones. Offsets the group holds pending for a transaction time the lookup
+        out the same way, and are looked up again until they are settled: ending
+        them from here (a transaction of the same producer id that aborts drops
+        them) lost a committed batch's offsets after a broker SIGKILL, and the batch
+        was written twice (``streamfold broker-kills``, 2026-12-05)."""
         committed: dict[TP, int] = {}
         starts = []
-        for tp in self._committed_offsets(consumer, partitions):
+        for tp in committed_offsets(consumer, partitions):
             if tp.offset >= 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
             else:  # nothing committed yet: auto.offset.reset's earliest

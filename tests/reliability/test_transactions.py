@@ -189,18 +189,16 @@ def test_fencing_a_slot_ahead_aborts_what_its_last_holder_left_open(
     assert records_of_key(deployment, topic, 0, b"k", 4) == [b"committed"]
 
 
-def test_a_lookup_of_held_offsets_times_out_and_a_release_leaves_other_ids_alone(
+def test_a_lookup_of_held_offsets_times_out_until_their_transaction_ends(
     deployment: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """librdkafka waits out a lookup of committed offsets that an open transaction
-    holds, and then says only "Timed out". A write process whose lookup timed out
-    aborts a transaction of its own producer on the group (which ends any offsets
-    that producer id left pending) and asks again; another transactional id's
-    open transaction is not touched: the lookup fails saying what was tried, and
-    answers the offsets last committed once that transaction ends."""
+    holds, and then says only "Timed out"; a processor's assignment fails the same
+    way (its new clients look again), and once the transaction ends the lookup
+    answers the offsets last committed."""
     monkeypatch.setattr(topics, "LOOKUP_S", 3.0)
     topic = deployment.topics.commands("accounts")
-    group = f"{deployment.app_id}.released"
+    group = f"{deployment.app_id}.held"
     consumer = Consumer(
         {**deployment.consumer_config(), "group.id": group, "enable.auto.commit": False}
     )
@@ -231,15 +229,12 @@ def test_a_lookup_of_held_offsets_times_out_and_a_release_leaves_other_ids_alone
         with pytest.raises(KafkaException) as held:
             committed_offsets(consumer, partitions, 3.0)
         assert held.value.args[0].code() == KafkaError._TIMED_OUT
-        processor._producer = own
-        with pytest.raises(KafkaException) as still:
-            processor._committed_offsets(consumer, partitions)
-        assert still.value.args[0].code() == KafkaError._TIMED_OUT
-        assert (
-            f"also after {group}-0 aborted a transaction" in still.value.args[0].str()
-        )
+        with pytest.raises(KafkaException) as assigning:
+            processor._on_assign(consumer, partitions)
+        assert assigning.value.args[0].code() == KafkaError._TIMED_OUT
+        assert processor.report.assigned == set()
         holder.abort_transaction(30)
-        [after] = processor._committed_offsets(consumer, partitions)
-        assert after.offset == 3  # the held 5 was aborted, the release's 0 too
+        [after] = committed_offsets(consumer, partitions)
+        assert after.offset == 3  # the held 5 was aborted
     finally:
         consumer.close()

@@ -475,87 +475,39 @@ def test_an_empty_assignment_asks_nothing() -> None:
 
 
 class _Held(_Assigning):
-    """A consumer whose lookups time out (librdkafka waiting out offsets held for a
-    transaction) until ``released`` holds."""
+    """A consumer whose lookups time out, as librdkafka's do while the group holds
+    the offsets pending for a transaction."""
 
-    def __init__(self, released: Any) -> None:
+    def __init__(self) -> None:
         super().__init__(_committed_answer())
-        self.released = released
-        self.broker_away = False
 
     def committed(self, partitions: list[TopicPartition], timeout: float) -> list[Any]:
-        if not self.released():
-            self.lookups += 1
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
-        return super().committed(partitions, timeout)
+        self.lookups += 1
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
 
-    def list_topics(self, topic: str, timeout: float) -> object:
-        if self.broker_away:
-            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
-        return object()
+
+@pytest.mark.usefixtures("short_lookups")
+def test_offsets_held_pending_fail_the_assignment_and_end_nothing() -> None:
+    """A lookup that times out on offsets held pending fails the assignment
+    (``run`` starts new clients, which look again): nothing is assigned or taken
+    for committed, and no transaction is begun to end what the group holds (an
+    abort of the same producer id drops pending offsets, a committed batch's
+    too)."""
+    consumer = _Held()
+    handler = _Told()
+    processor = _processor_with(handler)
+    with pytest.raises(KafkaException) as raised:
+        processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert raised.value.args[0].code() == KafkaError._TIMED_OUT
+    assert consumer.lookups >= 2  # asked again until the time was up
+    assert consumer.assigned == []
+    assert handler.told == []
+    assert processor._committed == {}
 
 
 @pytest.fixture
 def short_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(topics, "LOOKUP_S", 0.2)
-
-
-@pytest.mark.usefixtures("short_lookups")
-def test_a_lookup_that_timed_out_releases_what_the_producer_left_pending() -> None:
-    """Offsets the group's coordinator keeps pending for this producer id with no
-    transaction of it open (seen after a broker SIGKILL) are ended by a
-    transaction of the producer that touches the group and aborts; then the
-    partitions start at what the group says."""
-    producer = _Clients({})
-    consumer = _Held(lambda: "abort" in producer.calls)
-    processor = _processor_with(_Told())
-    processor._producer = producer  # type: ignore[assignment]
-    processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
-    assert producer.calls == ["begin", "send_offsets", "abort"]
-    assert producer.offsets_sent == [{("in", 0): 0, ("in", 1): 0}]
-    assert consumer.assigned == [("in", 0, 42), ("in", 1, OFFSET_BEGINNING)]
-
-
-@pytest.mark.usefixtures("short_lookups")
-def test_offsets_still_held_after_the_release_fail_the_assignment_saying_so() -> None:
-    """Offsets another transactional id's open transaction holds outlast the
-    release: the assignment fails (``run`` starts new clients) saying what was
-    tried, and nothing is assigned or taken for committed; a refused lookup
-    releases nothing."""
-    producer = _Clients({})
-    consumer = _Held(lambda: False)
-    handler = _Told()
-    processor = _processor_with(handler)
-    processor._producer = producer  # type: ignore[assignment]
-    with pytest.raises(KafkaException) as raised:
-        processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
-    assert raised.value.args[0].code() == KafkaError._TIMED_OUT
-    assert "also after t-0 aborted a transaction" in raised.value.args[0].str()
-    assert producer.calls == ["begin", "send_offsets", "abort"]
-    assert consumer.lookups >= 2  # asked again until the time was up, twice
-    assert consumer.assigned == []
-    assert handler.told == []
-    assert processor._committed == {}
-    refused = _Assigning(KafkaException(KafkaError(KafkaError.GROUP_ID_NOT_FOUND)))
-    with pytest.raises(KafkaException):
-        processor._on_assign(refused, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
-    assert producer.calls == ["begin", "send_offsets", "abort"]
-
-
-@pytest.mark.usefixtures("short_lookups")
-def test_a_lookup_that_timed_out_with_the_broker_away_releases_nothing() -> None:
-    """With no broker answering, the release would only hang: the clients end
-    (``run`` starts new ones) and nothing is sent."""
-    producer = _Clients({})
-    consumer = _Held(lambda: False)
-    consumer.broker_away = True
-    processor = _processor_with(_Told())
-    processor._producer = producer  # type: ignore[assignment]
-    with pytest.raises(KafkaException) as raised:
-        processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
-    assert raised.value.args[0].code() == KafkaError._TRANSPORT
-    assert producer.calls == []
-    assert consumer.assigned == []
 
 
 def test_new_clients_wait_longer_only_while_the_last_ones_got_nothing_done(
