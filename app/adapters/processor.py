@@ -277,6 +277,13 @@ class Processor:
             "linger.ms": 1,
             "partitioner": "murmur2_random",
             "queue.buffering.max.messages": 1_000_000,
+            # A batch that begins right after the last one committed finds that
+            # transaction still completing on its coordinator, which answers
+            # AddOffsetsToTxn with CONCURRENT_TRANSACTIONS; librdkafka retries that
+            # after retry.backoff.ms (100 ms by default; it waits 20 ms for
+            # AddPartitionsToTxn). At 1,000 commands/s 4% of the transactions
+            # waited so, and end to end p99 went from 256 to 133 ms at 10 ms.
+            "retry.backoff.ms": 10,
         }
 
     def run(self, stop: threading.Event) -> None:
