@@ -26,11 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import TopicPartition
 
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
-from app.adapters.topics import KafkaRecord, Stalled, read_range, reader
+from app.adapters.topics import (
+    KafkaRecord,
+    Stalled,
+    read_range,
+    reader,
+    watermarks,
+)
 from app.domain.money import fmt
 from app.settings import Settings
 
@@ -63,9 +68,8 @@ def read_topic(settings: Settings, topic: str) -> list[KafkaRecord]:
             return []
         found: list[KafkaRecord] = []
         for partition in sorted(metadata.partitions):
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=30
-            )
+            # A topic created a moment ago may have no leader yet: asked again.
+            low, high = watermarks(consumer, topic, partition)
             if high <= low:
                 continue
             try:
