@@ -751,7 +751,14 @@ def test_schemas_subjects_modes_and_a_diff_with_its_upcaster(
 
 def test_an_orders_saga_as_a_timeline(chrome: WebDriver, seeded: Seeded) -> None:
     _open(chrome, seeded, "sagas", None)
-    chrome.find_element(By.ID, "saga-order").send_keys(seeded.paid_order)
+    # The view's form may not take keys yet right after it is shown.
+    _wait(
+        chrome,
+        "the saga form",
+        lambda d: (
+            d.find_element(By.ID, "saga-order").send_keys(seeded.paid_order) or True
+        ),
+    )
     chrome.find_element(By.CSS_SELECTOR, "#find-saga button").click()
     steps = _texts(chrome, "the saga's steps", "li.saga-step")
     saga = httpx.get(f"{seeded.base}/sagas/{seeded.paid_order}", timeout=30).json()
