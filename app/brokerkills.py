@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import random
 import threading
 import time
@@ -53,6 +52,7 @@ from app.adapters.topics import (
 from app.audit import read_topic
 from app.local import deployments
 from app.settings import Settings
+from app.writer import exit_if_stuck
 
 log = logging.getLogger("streamfold.brokerkills")
 
@@ -140,7 +140,7 @@ def run(
         try:
             end = time.monotonic() + minutes * 60
             while time.monotonic() < end:
-                echoes.watch(rng.uniform(*every))
+                echoes.watch(min(rng.uniform(*every), end - time.monotonic()))
                 if time.monotonic() >= end:
                     break
                 killed = time.monotonic()
@@ -248,9 +248,9 @@ class Echoes:
                 process.kill()
 
 
-def _echo(
-    settings: Settings, n: int, output: str, stop: EventType
-) -> None:  # pragma: no cover - runs in a child process
+def _echo(settings: Settings, n: int, output: str, stop: EventType) -> None:
+    """One echo processor, in a child process, until ``stop``; stuck, it exits with
+    ``STUCK_EXIT`` as a write process exits (``writer.exit_if_stuck``)."""
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s echo-{n} %(levelname)s %(message)s"
     )
@@ -264,10 +264,7 @@ def _echo(
     thread = threading.Thread(target=processor.run, args=(stopping,), daemon=True)
     thread.start()
     while thread.is_alive() and not stop.is_set():
-        stuck = processor.stuck(time.monotonic())
-        if stuck is not None:
-            log.error("%s; exiting to be started again", stuck)
-            os._exit(STUCK_EXIT)
+        exit_if_stuck([processor], time.monotonic(), STUCK_EXIT)
         time.sleep(0.5)
     stopping.set()
     thread.join(60)

@@ -126,19 +126,20 @@ def _watch(
     """Until stopped or a processor's thread ends: exit the process if a processor
     is stuck in a call, and report what they own, every ``REPORT_S``."""
     while not stopping.is_set() and all(t.is_alive() for t in threads):
-        _exit_if_stuck(processors, time.monotonic())
+        exit_if_stuck(processors, time.monotonic())
         reports.send(_report(processors, handlers))
         stopping.wait(REPORT_S)
 
 
-def _exit_if_stuck(processors: list[Processor], now: float) -> None:
+def exit_if_stuck(processors: list[Processor], now: float, code: int = 1) -> None:
     """A processor blocked in a transactional call past its limit ends the process
-    (the worker starts it again), as a bug in one does (``_running``)."""
+    with ``code`` (its supervisor starts it again), as a bug in one does
+    (``_running``)."""
     for processor in processors:
         stuck = processor.stuck(now)
         if stuck is not None:
-            log.error("%s; the write process exits to be started again", stuck)
-            os._exit(1)
+            log.error("%s; the process exits to be started again", stuck)
+            os._exit(code)
 
 
 def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, Any]:
