@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import assert_never
+from typing import TypedDict, assert_never
 
 from app.domain.accounts.commands import (
     CloseAccount,
@@ -93,36 +93,44 @@ def _open(state: AccountState, command: OpenAccount) -> tuple[Event, ...]:
     )
 
 
+class _Movement(TypedDict):
+    """What a deposit and a withdrawal record alike."""
+
+    account_id: str
+    transaction_id: str
+    amount_minor: int
+    currency: str
+    reference: str
+
+
+def _movement(state: AccountState, command: Deposit | Withdraw) -> _Movement:
+    """The fields ``command`` shares with the other kind of movement, validated."""
+    return _Movement(
+        account_id=state.account_id,
+        transaction_id=require_id(command.transaction_id, "transaction_id"),
+        amount_minor=require_amount(command.amount_minor),
+        currency=require_currency(command.currency),
+        reference=optional_text(command.reference, "reference"),
+    )
+
+
 def _deposit(state: AccountState, command: Deposit) -> tuple[Event, ...]:
-    transaction_id = require_id(command.transaction_id, "transaction_id")
-    amount = require_amount(command.amount_minor)
-    currency = require_currency(command.currency)
+    movement = _movement(state, command)
     source = require_text(command.source, "source")
-    reference = optional_text(command.reference, "reference")
-    _require_same_currency(state, currency)
-    balance_after = state.balance_minor + amount
+    _require_same_currency(state, movement["currency"])
+    balance_after = state.balance_minor + movement["amount_minor"]
     if balance_after > MAX_LONG:
         raise invalid("amount_minor", f"would bring the balance beyond {MAX_LONG}")
     return (
-        MoneyDeposited(
-            account_id=state.account_id,
-            transaction_id=transaction_id,
-            amount_minor=amount,
-            currency=currency,
-            source=source,
-            reference=reference,
-            balance_after_minor=balance_after,
-        ),
+        MoneyDeposited(**movement, source=source, balance_after_minor=balance_after),
     )
 
 
 def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
-    transaction_id = require_id(command.transaction_id, "transaction_id")
-    amount = require_amount(command.amount_minor)
-    currency = require_currency(command.currency)
+    movement = _movement(state, command)
     destination = require_text(command.destination, "destination")
-    reference = optional_text(command.reference, "reference")
-    _require_same_currency(state, currency)
+    _require_same_currency(state, movement["currency"])
+    amount, currency = movement["amount_minor"], movement["currency"]
     balance_after = state.balance_minor - amount
     if balance_after < -state.overdraft_limit_minor:
         raise DomainError(
@@ -134,13 +142,7 @@ def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
         )
     return (
         MoneyWithdrawn(
-            account_id=state.account_id,
-            transaction_id=transaction_id,
-            amount_minor=amount,
-            currency=currency,
-            destination=destination,
-            reference=reference,
-            balance_after_minor=balance_after,
+            **movement, destination=destination, balance_after_minor=balance_after
         ),
     )
 
