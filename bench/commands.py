@@ -272,7 +272,7 @@ def bench_worker(
     )
     listener = ResultListener(settings, settings.topics.results, outcomes)
     try:
-        trees = [process_tree(_pid(w)) for w in processes]
+        trees = [process_tree(pid_of(w)) for w in processes]
         figures = measure(
             "worker" if workers == 1 else f"{workers} workers",
             settings,
@@ -307,7 +307,8 @@ def bench_worker(
     return outcomes.count(figures)
 
 
-def _pid(worker: Daemon) -> int:
+def pid_of(worker: Daemon) -> int:
+    """``worker``'s process id; it must be running."""
     pid = worker.pid()
     if pid is None:
         raise RuntimeError(f"{worker.name} has no pid")

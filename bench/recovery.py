@@ -43,7 +43,7 @@ from app.local.deployments import delete_local_state, delete_topics, local_state
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.workload import deposit
-from bench.commands import Encoder, Outcomes, opening, traffic
+from bench.commands import Encoder, Outcomes, opening, pid_of, traffic
 from bench.common import ResultListener, isolated, run_id
 from bench.harness import (
     domain_events,
@@ -217,7 +217,7 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
             raise AssertionError(
                 f"deposits on opened accounts answered with versions {versions}, not 2"
             )
-        tree = process_tree(_pid(worker))()
+        tree = process_tree(pid_of(worker))()
         peak = {_name(pid): peak_memory_mib(pid) or 0.0 for pid in tree}
         now = {_name(pid): memory_mib(pid) or 0.0 for pid in tree}
     finally:
@@ -241,13 +241,6 @@ def memory(base: Settings, run: str, aggregates: int) -> Memory:
 
 def _deposit(encode: Encoder, account: str) -> Any:
     return encode(deposit(account, 100, f"warm-{account}", source="bench"))
-
-
-def _pid(worker: Any) -> int:
-    pid = worker.pid()
-    if pid is None:
-        raise RuntimeError(f"{worker.name} has no pid")
-    return int(pid)
 
 
 def _name(pid: int) -> str:
