@@ -29,12 +29,17 @@ from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, DecodeError, Headers
 from app.adapters.eventlog import (
     AGGREGATE_TYPE_HEADER,
+    COMMAND_AT_HEADER,
     FINGERPRINT_HEADER,
+    CommandAt,
+    answered_at,
     encode_event,
     encode_result,
     fingerprint_in,
+    format_at,
     kept_answer,
     metadata_from_record,
+    parse_at,
     partition_for,
     result_headers,
     sent_answer,
@@ -261,7 +266,12 @@ class CommandHandler:
         self._rounds: dict[int, int] = {}
         self._snapshotted: list[str] = []
         self._completed: set[int] = set()
-        self.stats = {"snapshot_states": 0, "snapshots": 0, "restored_states": 0}
+        self.stats = {
+            "snapshot_states": 0,
+            "snapshots": 0,
+            "restored_states": 0,
+            "taken_again": 0,
+        }
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -461,9 +471,11 @@ class CommandHandler:
             command_id = message.key()
             if kind in (None, self.aggregate.type.encode()) and command_id:
                 key = command_id.decode()
-                if self.store.answered(key) is None:
+                at = parse_at(found.get(COMMAND_AT_HEADER))
+                kept = self._folded_answers.get(key) or self.store.answered(key)
+                if kept is None or (at is not None and _later(at, kept)):
                     self._folded_answers[key] = kept_answer(
-                        message.value() or b"", fingerprint_in(found)
+                        message.value() or b"", fingerprint_in(found), at
                     )
                     if len(self._folded_answers) >= FOLD_CHUNK:
                         self._save_folded()
@@ -545,7 +557,13 @@ class CommandHandler:
             refused = self.service.refuse(
                 envelope, _key(message), "Validation", str(error), error.path
             )
-            self._emit(refused, envelope.command_id, message.partition() or 0, batch)
+            self._emit(
+                refused,
+                envelope.command_id,
+                message.partition() or 0,
+                command_at(message),
+                batch,
+            )
             return None
         return Parsed(envelope, command)
 
@@ -556,31 +574,38 @@ class CommandHandler:
             self.reroute(message, aggregate_id, home, batch)
             return
         command_id = parsed.envelope.command_id
+        at = command_at(message)
         if command_id in self._deciding:
             # Decided earlier in this batch; its answer exists once its events are
             # acknowledged.
             batch.later(
                 lambda: self._resend(
-                    self.store.answered(command_id), command_id, home, batch
+                    self.store.answered(command_id), command_id, home, at, batch
                 )
             )
             return
         decision = self.service.decide(
             parsed.envelope, parsed.command, mapper.fingerprint(parsed.command)
         )
-        self._emit(decision, command_id, home, batch)
+        self._emit(decision, command_id, home, at, batch)
 
     def _emit(
-        self, decision: Decision, command_id: str, partition: int, batch: Batch
+        self,
+        decision: Decision,
+        command_id: str,
+        partition: int,
+        at: CommandAt,
+        batch: Batch,
     ) -> None:
         """A decision's outputs: the answer given before, a rejection, or the
-        events and then (once they are acknowledged) the result naming them."""
+        events and then (once they are acknowledged) the result naming them.
+        ``at`` is the command record decided on."""
         result = decision.result
         if result is None:
-            self._resend(decision.repeat, command_id, partition, batch)
+            self._resend(decision.repeat, command_id, partition, at, batch)
             return
         if not decision.events:
-            self._answer(result, partition, batch)
+            self._answer(result, partition, at, batch)
             return
         encoded = [
             encode_event(self.codec, self.events_topic, new) for new in decision.events
@@ -594,19 +619,33 @@ class CommandHandler:
         def answer() -> None:
             last = sent[-1]
             position = Position(partition=last.partition, offset=last.offset)
-            self._answer(replace(result, position=position), partition, batch)
+            self._answer(replace(result, position=position), partition, at, batch)
 
         batch.later(answer)
 
     def _resend(
-        self, answer: bytes | None, command_id: str, partition: int, batch: Batch
+        self,
+        answer: bytes | None,
+        command_id: str,
+        partition: int,
+        at: CommandAt,
+        batch: Batch,
     ) -> None:
-        """The same answer again, for a command id sent again."""
+        """The same answer again, for a command id sent again; nothing for a command
+        record answered already, taken again because the group's offsets went back
+        (an operator's reset, or offsets a hanging transaction held, see
+        ``Processor``): records of a partition are decided in order, so one at or
+        before the last record answered has its answer."""
         assert answer is not None, f"no answer kept for command {command_id!r}"
+        if not _later(at, answer):
+            self.stats["taken_again"] += 1
+            return
         value, fingerprint = sent_answer(answer)
+        self.store.remember_answer(command_id, kept_answer(value, fingerprint, at))
         headers: Headers = [
             (COMMAND_ID_HEADER, command_id.encode()),
             (AGGREGATE_TYPE_HEADER, self.aggregate.type.encode()),
+            (COMMAND_AT_HEADER, format_at(at)),
         ]
         if fingerprint is not None:
             headers.append((FINGERPRINT_HEADER, fingerprint.encode()))
@@ -641,17 +680,19 @@ class CommandHandler:
             sent.append(tracked)
         return sent
 
-    def _answer(self, result: Result, partition: int, batch: Batch) -> None:
+    def _answer(
+        self, result: Result, partition: int, at: CommandAt, batch: Batch
+    ) -> None:
         value = encode_result(self.codec, self.results_topic, result)
         self.store.remember_answer(
-            result.command_id, kept_answer(value, result.fingerprint)
+            result.command_id, kept_answer(value, result.fingerprint, at)
         )
         batch.send(
             self.results_topic,
             value,
             key=result.command_id.encode(),
             partition=partition,
-            headers=result_headers(result),
+            headers=[*result_headers(result), (COMMAND_AT_HEADER, format_at(at))],
         )
 
     def reroute(
@@ -699,6 +740,24 @@ class CommandHandler:
             headers=headers,
         )
         log.warning("dead-lettering %s: %s", _where(message), reason)
+
+
+def command_at(message: Message) -> CommandAt:
+    """The command record ``message`` is: where it was produced (where it came from,
+    for one the writer sent on from another partition)."""
+    for name, value in headers_of(message):
+        if name == REROUTED_HEADER:
+            found = parse_at(value)
+            if found is not None:
+                return found
+    return message.partition() or 0, message.offset() or 0
+
+
+def _later(at: CommandAt, kept: bytes) -> bool:
+    """Whether the command record ``at`` comes after the last one the kept answer
+    answered (a kept answer that names none, or one on another partition: yes)."""
+    last = answered_at(kept)
+    return last is None or last[0] != at[0] or at[1] > last[1]
 
 
 def _key(message: Message) -> str:

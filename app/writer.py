@@ -92,6 +92,7 @@ def build(
                 group=feed_group(settings),
                 transactional_id=ids[1],
                 handlers=[FeedHandler(settings, codec)],
+                replays_safely=True,
             )
         )
     processors.insert(
@@ -102,6 +103,7 @@ def build(
             transactional_id=ids[0],
             handlers=handlers,
             batch_size=settings.command_batch,
+            replays_safely=True,
         ),
     )
     return processors, handlers
@@ -149,6 +151,7 @@ def _report(processors: list[Processor], handlers: list[Handler]) -> dict[str, A
             "batches": p.report.batches,
             "messages": p.report.messages,
             "aborts": p.report.aborts,
+            "held_lookups": p.report.held_lookups,
             "last_error": p.report.last_error,
         }
         for p in processors

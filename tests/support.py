@@ -167,3 +167,35 @@ def as_run_here(argv: list[str], account_id: str, base: str) -> list[str]:
         re.sub(r"acc-[0-9a-f]{6}", account_id, a).replace("http://127.0.0.1:6066", base)
         for a in argv
     ]
+
+
+def rewind_group(settings: Settings, group: str, topics: Sequence[str]) -> None:
+    """Every partition of ``topics`` back to offset 0 for ``group``, as
+    ``kafka-consumer-groups --reset-offsets --to-earliest`` does. The group must have
+    no member: a stopped worker's processors are static members, which stay until
+    their session times out, and the broker refuses the reset until then (per
+    partition: UNKNOWN_MEMBER_ID)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    config: dict[str, str | int | float | bool] = {**settings.kafka_client_config()}
+    admin = AdminClient(config)
+    partitions = [
+        TopicPartition(topic, p, 0)
+        for topic in topics
+        for p in range(settings.partitions)
+    ]
+
+    def reset() -> list[str]:
+        request = ConsumerGroupTopicPartitions(group, partitions)
+        done = admin.alter_consumer_group_offsets([request])[group].result(timeout=30)
+        return [
+            f"{tp.topic}[{tp.partition}]: {tp.error}"
+            for tp in done.topic_partitions
+            if tp.error
+        ]
+
+    refused = eventually(
+        reset, lambda r: not r, timeout=3 * settings.session_timeout_s, every=1.0
+    )
+    assert not refused, f"{group} not rewound: {refused}"

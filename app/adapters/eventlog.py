@@ -107,8 +107,14 @@ RESULT_RECORD = "streamfold.CommandResult"
 AGGREGATE_TYPE_HEADER = "aggregate-type"
 # On a result: the fingerprint (``mapper.fingerprint``) of the command it answers.
 FINGERPRINT_HEADER = "command-fingerprint"
-# The first byte of an answer kept with its fingerprint (``kept_answer``).
+# On a result: the command record it answers, "<partition>@<offset>" of the commands
+# topic (where the command was produced, for one sent on by the writer).
+COMMAND_AT_HEADER = "command-at"
+# The first byte of an answer kept with its fingerprint (``kept_answer``), and of
+# one kept with the command record it last answered.
 _FINGERPRINTED = b"\x01"
+_ANSWERED_AT = b"\x02"
+_AT = struct.Struct(">iq")
 
 
 def encode_result(codec: Codec, topic: str, result: Result) -> bytes:
@@ -136,22 +142,51 @@ def fingerprint_in(headers: Mapping[str, bytes | None]) -> str | None:
 
 
 # The writer keeps, by command id, the answer it sent (``AggregateStore.answered``)
-# and sends it again for the same id: the result's value and its fingerprint, kept
-# as one value, _FINGERPRINTED, the digest's 32 bytes, then the result's value. A
-# result's value is a framed record (its first byte, the magic byte, is 0), so an
-# answer kept before fingerprints were reads as a value without one.
+# and sends it again for the same id sent again: the result's value, its fingerprint
+# and the command record it last answered, kept as one value: _ANSWERED_AT and the
+# record's partition and offset (``_AT``), then _FINGERPRINTED and the digest's 32
+# bytes, then the result's value. A result's value is a framed record (its first
+# byte, the magic byte, is 0), so an answer kept before either was added reads as a
+# value without it.
+CommandAt = tuple[int, int]
 
 
-def kept_answer(value: bytes, fingerprint: str | None) -> bytes:
+def kept_answer(
+    value: bytes, fingerprint: str | None, at: CommandAt | None = None
+) -> bytes:
     try:
         digest = bytes.fromhex(fingerprint or "")
     except ValueError:  # not one of ours (another writer's header): none kept
         digest = b""
-    return _FINGERPRINTED + digest + value if len(digest) == 32 else value
+    kept = _FINGERPRINTED + digest + value if len(digest) == 32 else value
+    return kept if at is None else _ANSWERED_AT + _AT.pack(*at) + kept
 
 
 def sent_answer(kept: bytes) -> tuple[bytes, str | None]:
     """The value and the fingerprint of an answer as ``kept_answer`` keeps it."""
+    if kept[:1] == _ANSWERED_AT:
+        kept = kept[1 + _AT.size :]
     if kept[:1] != _FINGERPRINTED:
         return kept, None
     return kept[33:], kept[1:33].hex()
+
+
+def answered_at(kept: bytes) -> CommandAt | None:
+    """The command record an answer as ``kept_answer`` keeps it last answered."""
+    if kept[:1] != _ANSWERED_AT:
+        return None
+    partition, offset = _AT.unpack_from(kept, 1)
+    return partition, offset
+
+
+def format_at(at: CommandAt) -> bytes:
+    return f"{at[0]}@{at[1]}".encode()
+
+
+def parse_at(raw: bytes | None) -> CommandAt | None:
+    """A "<partition>@<offset>" header's value (None: absent or not one)."""
+    try:
+        partition, offset = (raw or b"").split(b"@")
+        return int(partition), int(offset)
+    except ValueError:
+        return None

@@ -33,7 +33,13 @@ from confluent_kafka import (
 )
 
 from app.adapters.codec import Headers, RegistryUnavailable
-from app.adapters.topics import TP, committed_offsets, init_transactions, take
+from app.adapters.topics import (
+    LOOKUP_S,
+    TP,
+    committed_offsets,
+    init_transactions,
+    take,
+)
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -210,6 +216,9 @@ class Report:
     batches: int = 0
     messages: int = 0
     aborts: int = 0
+    # Lookups of committed offsets that stayed held and were answered by the
+    # offsets the group has (see ``Processor.replays_safely``).
+    held_lookups: int = 0
     last_error: str | None = None
     # The transactional call in progress, and when it counts as stuck.
     calling: tuple[str, float] | None = None
@@ -227,8 +236,15 @@ class Processor:
         handlers: Sequence[Handler],
         batch_size: int = 500,
         poll_timeout: float = 0.05,
+        replays_safely: bool = False,
     ) -> None:
+        """``replays_safely``: the handlers write nothing for input they took before
+        (the write side's: an answer is kept with the command record it answered,
+        the saga keeps what it acted on), so the processor may start a partition
+        from the offsets the group has when a hanging transaction holds newer ones
+        (``_committed_offsets``)."""
         self.settings = settings
+        self.replays_safely = replays_safely
         self.group = group
         self.transactional_id = transactional_id
         self.handlers = list(handlers)
@@ -523,9 +539,54 @@ class Processor:
         wanted = [TopicPartition(t, p) for (t, p) in starts if (t, p) in owned]
         if not wanted:
             return
-        for tp in committed_offsets(consumer, wanted):
+        for tp in self._committed_offsets(wanted, consumer):
             offset = tp.offset if tp.offset >= 0 else starts[(tp.topic, tp.partition)]
             consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
+    def _committed_offsets(
+        self, partitions: list[TopicPartition], consumer: Consumer
+    ) -> list[TopicPartition]:
+        """The group's committed offsets of ``partitions``, as a read_committed
+        consumer asks for them: stable, waiting while a transaction holds offsets
+        pending. A transaction ends within its timeout (the broker aborts it), but
+        after a broker SIGKILL Kafka 4.4 was seen to hold offsets of a transaction
+        that had ended for good (the soak of 2026-12-05: the saga's feed stopped).
+        Past ``LOOKUP_S``, a processor whose handlers take input again harmlessly
+        (``replays_safely``) starts from the offsets the group has, asked without
+        waiting (read_uncommitted): no later than the held ones, so nothing is
+        skipped. Ending the hold instead (a transaction of the same producer id
+        that aborts drops what it holds) dropped a committed batch's offsets: an
+        echo processor, which keeps nothing, wrote that batch twice
+        (``streamfold broker-kills``, 2026-12-05)."""
+        try:
+            return committed_offsets(consumer, partitions)
+        except KafkaException as failure:
+            error = failure.args[0] if failure.args else None
+            timed_out = isinstance(error, KafkaError) and (
+                error.code() == KafkaError._TIMED_OUT
+            )
+            if not (self.replays_safely and timed_out):
+                raise
+        self.report.held_lookups += 1
+        log.warning(
+            "%s: committed offsets of %s held past %.0fs: starting from the "
+            "offsets the group has; input taken again writes nothing",
+            self.group,
+            sorted((tp.topic, tp.partition) for tp in partitions),
+            LOOKUP_S,
+        )
+        plain = Consumer(
+            {
+                **self.settings.kafka_client_config(),
+                "group.id": self.group,
+                "enable.auto.commit": False,
+                "isolation.level": "read_uncommitted",
+            }
+        )
+        try:
+            return committed_offsets(plain, partitions)
+        finally:
+            plain.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Start each new partition at its committed offset, looked up here: left to
@@ -534,14 +595,10 @@ class Processor:
         answer for good, and the consumer fetches nothing while its group counts it
         as the owner (librdkafka #5586; seen in the 20-minute soak). A lookup that
         fails for good raises out of the poll: ``run`` closes the clients and starts
-        new ones. Offsets the group holds pending for a transaction time the lookup
-        out the same way, and are looked up again until they are settled: ending
-        them from here (a transaction of the same producer id that aborts drops
-        them) lost a committed batch's offsets after a broker SIGKILL, and the batch
-        was written twice (``streamfold broker-kills``, 2026-12-05)."""
+        new ones; offsets held pending, see ``_committed_offsets``."""
         committed: dict[TP, int] = {}
         starts = []
-        for tp in committed_offsets(consumer, partitions):
+        for tp in self._committed_offsets(partitions, consumer):
             if tp.offset >= 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
             else:  # nothing committed yet: auto.offset.reset's earliest

@@ -18,7 +18,6 @@ import httpx
 import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from app.adapters.eventlog import partition_for
 from app.adapters.saga_io import feed_group
@@ -35,7 +34,13 @@ from app.settings import Settings
 from app.waiting import eventually
 from app.workload import LONDON, deposit, new_order
 from app.writeside import command_group
-from tests.support import codec_for, events_by_aggregate, read_topic, running_worker
+from tests.support import (
+    codec_for,
+    events_by_aggregate,
+    read_topic,
+    rewind_group,
+    running_worker,
+)
 
 
 def _id(prefix: str) -> str:
@@ -335,21 +340,6 @@ def _feed_sources(settings: Settings) -> list[str]:
     ]
 
 
-def _rewind(settings: Settings) -> None:
-    """What ``kafka-consumer-groups --reset-offsets --to-earliest`` does to the group."""
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
-    admin = AdminClient(settings.kafka_client_config())
-    partitions = [
-        TopicPartition(topic, p, 0)
-        for topic in _feed_sources(settings)
-        for p in range(settings.partitions)
-    ]
-    request = ConsumerGroupTopicPartitions(feed_group(settings), partitions)
-    for future in admin.alter_consumer_group_offsets([request]).values():
-        future.result(timeout=30)
-
-
 def _caught_up(settings: Settings, group: str, topics: list[str]) -> bool:
     """Whether ``group`` has committed everything currently in ``topics``."""
     consumer = Consumer({**settings.consumer_config(), "group.id": group})
@@ -409,7 +399,7 @@ def test_sigkill_amid_many_sagas_then_a_replay_of_its_group(
 
         # Replay the saga's own group from the start: it recognises every message it
         # already acted on and sends nothing again.
-        _rewind(deployment)
+        rewind_group(deployment, feed_group(deployment), _feed_sources(deployment))
         worker.start(timeout=120)
         sources, inbox = _feed_sources(deployment), [inbox_topic(deployment)]
         _until(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import uuid
 import zlib
+from typing import Any
 
 from confluent_kafka import Producer
 
@@ -16,10 +18,12 @@ from app.domain.orders import CreateOrder, LineItem
 from app.runtime import REROUTED_HEADER
 from app.settings import Settings
 from app.workload import LONDON, deposit, new_order, payment, withdrawal
+from app.writeside import command_group
 from tests.support import (
     events_by_aggregate,
     read_topic,
     results_by_command,
+    rewind_group,
     running_worker,
 )
 
@@ -319,3 +323,48 @@ def test_a_command_on_another_partition_than_its_aggregates_is_sent_on_there(
     ]
     streams = events_by_aggregate(deployment, "accounts")
     assert len(streams[account]) == 4
+
+
+def test_commands_taken_again_get_no_second_answer(deployment: Settings) -> None:
+    """The commands group set back to the log's beginning (what
+    ``kafka-consumer-groups --reset-offsets --to-earliest`` does; a write process
+    starts from the group's offsets so when a hanging transaction holds newer ones):
+    every command is taken again and writes nothing, neither events nor a second
+    answer, with the local store kept and with it rebuilt from the log; a command id
+    sent again afterwards is still answered again."""
+    account = _id("acc")
+    cash = deposit(account, 500, "t-1", source="cash")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
+        first = client.send(cash, command_id="dep-again")
+        client.send(cash, command_id="dep-again")
+        refused = client.send(withdrawal(account, 10_000, "w-1"))
+    assert first.accepted and refused.code == "InsufficientFunds"
+    answers = {k: len(v) for k, v in results_by_command(deployment).items()}
+    assert sorted(answers.values()) == [1, 1, 2]
+    for store in ("kept", "rebuilt"):
+        rewind_group(
+            deployment,
+            command_group(deployment),
+            [deployment.topics.commands(area) for area in ("orders", "accounts")],
+        )
+        if store == "rebuilt":
+            for cache in (deployment.home / "write-state").glob(
+                f"{deployment.app_id}-*"
+            ):
+                shutil.rmtree(cache)
+        with running_worker(deployment), CommandClient(deployment) as client:
+            later = client.send(deposit(account, 1, f"t-{store}", source="cash"))
+            again = client.send(cash, command_id="dep-again")
+        assert later.accepted, store
+        assert (again.version, again.event_ids) == (first.version, first.event_ids)
+        answers[later.command_id] = 1
+        answers["dep-again"] += 1
+        found = {k: len(v) for k, v in results_by_command(deployment).items()}
+        assert found == answers, store
+    versions = [e["metadata"]["stream_version"] for e in _stream(deployment, account)]
+    assert versions == [1, 2, 3, 4]
+
+
+def _stream(settings: Settings, account: str) -> list[dict[str, Any]]:
+    return events_by_aggregate(settings, "accounts")[account]

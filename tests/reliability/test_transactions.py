@@ -14,6 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from confluent_kafka import (
     Consumer,
@@ -41,11 +42,17 @@ from app.local.deployments import free_port
 from app.local.process import wait_for
 from app.projections.replay import group_members
 from app.settings import Settings
+from app.waiting import eventually
 from app.workload import deposit, withdrawal
 from app.writeside import WRITER_NAME, command_group, fence
 from bench.harness import process_tree
 from tests.invariants import assert_write_side_promises, serving_worker
-from tests.support import codec_for
+from tests.support import (
+    codec_for,
+    events_by_aggregate,
+    results_by_command,
+    running_worker,
+)
 from tests.unit.deciders import recorded
 
 ACCOUNTS = 8
@@ -233,8 +240,97 @@ def test_a_lookup_of_held_offsets_times_out_until_their_transaction_ends(
             processor._on_assign(consumer, partitions)
         assert assigning.value.args[0].code() == KafkaError._TIMED_OUT
         assert processor.report.assigned == set()
+        # A processor whose handlers take input again harmlessly starts from the
+        # offsets the group has, while the hold stays.
+        safe = Processor(
+            deployment,
+            group=group,
+            transactional_id=f"{group}-1",
+            handlers=[],
+            replays_safely=True,
+        )
+        safe._on_assign(consumer, partitions)
+        assert safe.report.held_lookups == 1
+        assert safe._committed == {(topic, 0): 3}
+        with pytest.raises(KafkaException):
+            committed_offsets(consumer, partitions, 3.0)  # still held
         holder.abort_transaction(30)
         [after] = committed_offsets(consumer, partitions)
         assert after.offset == 3  # the held 5 was aborted
     finally:
         consumer.close()
+
+
+@pytest.mark.slow
+def test_the_write_side_goes_on_past_offsets_a_transaction_keeps_holding(
+    deployment: Settings,
+) -> None:
+    """A transaction that holds the commands group's offsets past the lookup's time
+    (as Kafka was seen to keep one after a broker SIGKILL) does not stop the write
+    side: its processes start from the offsets the group has, and every command is
+    answered once, while the hold is still there."""
+    group = command_group(deployment)
+    account = _id("acc")
+    with running_worker(deployment), CommandClient(deployment) as client:
+        assert client.send(
+            OpenAccount(account_id=account, owner_id="c-1", currency="USD")
+        ).accepted
+        assert client.send(_deposit(account, 1)).accepted
+    # The stopped worker's static members stay until their sessions end; offsets
+    # sent outside a generation are taken only by a group without members.
+    assert eventually(
+        lambda: group_members(deployment, group) == 0,
+        timeout=3 * deployment.session_timeout_s,
+        every=1.0,
+    ), f"{group} kept its members"
+    partitions = [
+        TopicPartition(deployment.topics.commands(area), p)
+        for area in ("accounts", "orders")
+        for p in range(deployment.partitions)
+    ]
+    consumer = Consumer(
+        {**deployment.consumer_config(), "group.id": group, "enable.auto.commit": False}
+    )
+    holder = Producer(
+        {
+            **deployment.producer_config(),
+            "transactional.id": f"{group}-holder",
+            "transaction.timeout.ms": 300_000,
+        }
+    )
+    try:
+        holder.init_transactions(30)
+        holder.begin_transaction()
+        holder.send_offsets_to_transaction(
+            [TopicPartition(tp.topic, tp.partition, 0) for tp in partitions],
+            consumer.consumer_group_metadata(),
+            30,
+        )
+        with pytest.raises(KafkaException):
+            committed_offsets(consumer, partitions, 3.0)
+        with running_worker(deployment), CommandClient(deployment) as client:
+            later = client.send(_deposit(account, 2), timeout=120)
+            closing = client.send(withdrawal(account, 2, "w-all"), timeout=60)
+            status = httpx.get(f"{deployment.web_url}/status", timeout=5).json()
+        with pytest.raises(KafkaException):
+            committed_offsets(consumer, partitions, 3.0)  # the hold is still there
+    finally:
+        holder.abort_transaction(30)
+        consumer.close()
+    assert later.accepted and later.version == 3
+    assert closing.accepted and closing.version == 4
+    held = [
+        report.get(group, {}).get("held_lookups", 0)
+        for report in status["write"]["processes"]
+    ]
+    assert sum(held) >= 1, status["write"]
+    answers = results_by_command(deployment)
+    assert sorted(len(a) for a in answers.values()) == [1, 1, 1, 1]
+    assert [
+        e["metadata"]["stream_version"]
+        for e in events_by_aggregate(deployment, "accounts")[account]
+    ] == [1, 2, 3, 4]
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

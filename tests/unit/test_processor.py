@@ -12,6 +12,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from app import writer
+from app.adapters import processor as processor_module
 from app.adapters import topics
 from app.adapters.processor import (
     CALL_LIMIT_S,
@@ -166,12 +167,13 @@ class _Echo:
         return None
 
 
-def _processor_with(handler: _Echo) -> Processor:
+def _processor_with(handler: _Echo, *, replays_safely: bool = False) -> Processor:
     return Processor(
         Settings(),
         group="g",
         transactional_id="t-0",
         handlers=[handler],  # type: ignore[list-item]
+        replays_safely=replays_safely,
     )
 
 
@@ -503,6 +505,45 @@ def test_offsets_held_pending_fail_the_assignment_and_end_nothing() -> None:
     assert consumer.assigned == []
     assert handler.told == []
     assert processor._committed == {}
+
+
+class _Plain(_Assigning):
+    """The read_uncommitted consumer a processor asks when a lookup stays held."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__([TopicPartition("in", 0, 40), TopicPartition("in", 1, 7)])
+        self.config = config
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.usefixtures("short_lookups")
+def test_a_processor_that_replays_safely_starts_held_partitions_where_the_group_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the lookup's time, a processor whose handlers take input again
+    harmlessly asks the group's offsets without waiting for the hold (no stable
+    offsets: read_uncommitted) and starts there; nothing ends the hold."""
+    plain: list[_Plain] = []
+
+    def consumer(config: dict[str, Any]) -> _Plain:
+        plain.append(_Plain(config))
+        return plain[-1]
+
+    monkeypatch.setattr(processor_module, "Consumer", consumer)
+    held, handler = _Held(), _Told()
+    processor = _processor_with(handler, replays_safely=True)
+    processor._on_assign(held, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
+    assert held.lookups >= 2
+    assert [(c.config["group.id"], c.config["isolation.level"]) for c in plain] == [
+        ("g", "read_uncommitted")
+    ]
+    assert held.assigned == [("in", 0, 40), ("in", 1, 7)]
+    assert handler.told == [NEW]
+    assert processor.report.held_lookups == 1
+    assert plain[0].closed
 
 
 @pytest.fixture

@@ -19,8 +19,11 @@ from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, InMemoryRegistry
 from app.adapters.eventlog import (
     FINGERPRINT_HEADER,
+    answered_at,
     fingerprint_in,
+    format_at,
     kept_answer,
+    parse_at,
     sent_answer,
 )
 from app.adapters.gateway import KeyReused, check_reuse
@@ -583,3 +586,19 @@ def test_the_writer_keeps_an_answer_with_its_fingerprint() -> None:
     assert kept_answer(value, "not hex") == value
     assert fingerprint_in({FINGERPRINT_HEADER: digest.encode()}) == digest
     assert fingerprint_in({}) is None
+
+
+def test_the_writer_keeps_an_answer_with_the_command_record_it_answered() -> None:
+    value = b"\x00\x00\x00\x00\x07result"
+    digest = "cd" * 32
+    kept = kept_answer(value, digest, (3, 1_234_567_890_123))
+    assert sent_answer(kept) == (value, digest)
+    assert answered_at(kept) == (3, 1_234_567_890_123)
+    assert answered_at(kept_answer(value, None, (0, 5))) == (0, 5)
+    assert sent_answer(kept_answer(value, None, (0, 5))) == (value, None)
+    # Kept before the record was: none named.
+    assert answered_at(kept_answer(value, digest)) is None
+    assert answered_at(value) is None
+    assert parse_at(format_at((2, 17))) == (2, 17)
+    assert parse_at(b"2@") is None
+    assert parse_at(None) is None
