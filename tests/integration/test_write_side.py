@@ -8,6 +8,7 @@ import uuid
 import zlib
 from typing import Any
 
+import pytest
 from confluent_kafka import Producer
 
 from app.adapters import mapper
@@ -325,6 +326,7 @@ def test_a_command_on_another_partition_than_its_aggregates_is_sent_on_there(
     assert len(streams[account]) == 4
 
 
+@pytest.mark.slow
 def test_commands_taken_again_get_no_second_answer(deployment: Settings) -> None:
     """The commands group set back to the log's beginning (what
     ``kafka-consumer-groups --reset-offsets --to-earliest`` does; a write process
