@@ -41,13 +41,18 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from app.adapters.eventlog import format_at, parse_at
 from app.adapters.processor import Batch, Processor
 from app.adapters.topics import (
     TP,
     TopicSpec,
     committed_offsets,
     ensure_topics,
+    headers_of,
     log_ends,
+    read_range,
+    reader,
+    watermarks,
 )
 from app.audit import read_topic
 from app.local import deployments
@@ -57,6 +62,7 @@ from app.writer import exit_if_stuck
 log = logging.getLogger("streamfold.brokerkills")
 
 INPUT = "broker-kills-in"
+ECHOES_HEADER = "echoes"
 GROUP = "broker-kills"
 # A processor process that exits with this was stuck in a transactional call.
 STUCK_EXIT = 3
@@ -93,10 +99,96 @@ class Echo:
         pass
 
 
+class KeepingEcho(Echo):
+    """An echo that takes input again harmlessly, as the write side's handlers do
+    (``Processor(replays_safely=True)``): each output record names the input record it
+    echoes (header ``echoes``, ``<partition>@<offset>``) and goes to the input's
+    partition number, so a partition taken over, or left uncertain by an abort,
+    first reads its output's last committed record, and skips input at or before
+    it. A lookup of committed offsets held past its time then starts from the
+    group's offsets instead of waiting."""
+
+    def __init__(self, settings: Settings, output: str) -> None:
+        super().__init__(output)
+        self.settings = settings
+        self.last: dict[int, int] = {}
+        self.pending: dict[int, int] = {}
+        self.owned: set[int] = set()
+        self.stale: set[int] = set()
+        self.skipped = 0
+
+    def assigned(self, partitions: Sequence[TP]) -> None:
+        taken = {p for _, p in partitions}
+        self.owned |= taken
+        self.stale |= taken
+
+    def revoked(self, partitions: Sequence[TP]) -> None:
+        for _, p in partitions:
+            self.owned.discard(p)
+            self.stale.discard(p)
+            self.last.pop(p, None)
+
+    def prepare(self, partitions: set[TP]) -> None:
+        for _, p in partitions:
+            if p in self.stale:
+                self.last[p] = last_echoed(self.settings, self.output, p)
+                self.stale.discard(p)
+                log.info("%s[%d]: last echoed input %d", self.output, p, self.last[p])
+
+    def handle(self, message: Message, batch: Batch) -> None:
+        partition, offset = message.partition() or 0, message.offset() or 0
+        if offset <= self.pending.get(partition, self.last.get(partition, -1)):
+            # Echoed before: taken again after the group's offsets went back.
+            self.skipped += 1
+            log.warning("%s: input %d@%d echoed before", self.output, partition, offset)
+            return
+        batch.send(
+            self.output,
+            message.value(),
+            key=message.key(),
+            partition=partition,
+            headers=[(ECHOES_HEADER, format_at((partition, offset)))],
+        )
+        self.pending[partition] = offset
+
+    def committed(self) -> None:
+        self.last.update(self.pending)
+        self.pending.clear()
+
+    def aborted(self) -> None:
+        # A commit that failed may have landed: the output says.
+        self.pending.clear()
+        self.stale |= self.owned
+
+
+def last_echoed(settings: Settings, output: str, partition: int) -> int:
+    """The input offset of the last committed record of ``output``'s ``partition``
+    (-1: none), read backwards in growing windows (an open transaction at the end is
+    waited for, then read past)."""
+    consumer = reader(settings, "broker-kills-echoed")
+    try:
+        low, end = watermarks(consumer, output, partition)
+        window = 64
+        while end > low:
+            start = max(low, end - window)
+            found = [
+                parse_at(dict(headers_of(m)).get(ECHOES_HEADER))
+                for m in read_range(consumer, output, partition, start, end)
+            ]
+            named = [at[1] for at in found if at is not None]
+            if named:
+                return named[-1]
+            end, window = start, window * 4
+        return -1
+    finally:
+        consumer.close()
+
+
 @dataclass
 class Outcome:
     minutes: float
     rate: float
+    keeping: bool = False
     kills: int = 0
     down_s: list[float] = field(default_factory=list)
     produced: int = 0
@@ -122,11 +214,13 @@ def run(
     processors: int = 2,
     seed: int = 1,
     every: tuple[float, float] = (15.0, 40.0),
+    keeping: bool = False,
 ) -> Outcome:
     """The loop (see the module's docstring), a kill every ``every`` seconds (drawn
-    between the two); ``Outcome.ok`` says whether it held."""
+    between the two), with ``KeepingEcho`` processors if ``keeping``;
+    ``Outcome.ok`` says whether it held."""
     rng = random.Random(seed)  # noqa: S311 - fault timing, not a secret
-    outcome = Outcome(minutes=minutes, rate=rate)
+    outcome = Outcome(minutes=minutes, rate=rate, keeping=keeping)
     with deployments.private_broker(settings) as (own, node):
         outputs = [f"broker-kills-out-{n}" for n in range(processors)]
         ensure_topics(own, [TopicSpec(t, PARTITIONS) for t in (INPUT, *outputs)])
@@ -136,7 +230,7 @@ def run(
             target=_feed, args=(own, rate, feeding, outcome), daemon=True
         )
         feeder.start()
-        echoes = Echoes(own, outputs)
+        echoes = Echoes(own, outputs, keeping)
         try:
             end = time.monotonic() + minutes * 60
             while time.monotonic() < end:
@@ -208,9 +302,10 @@ class Echoes:
     processes: one whose transactional call blocks past its limit exits, and is
     started again here (as the worker does), which ``restarts`` records."""
 
-    def __init__(self, settings: Settings, outputs: list[str]) -> None:
+    def __init__(self, settings: Settings, outputs: list[str], keeping: bool) -> None:
         self.settings = settings
         self.outputs = outputs
+        self.keeping = keeping
         self.restarts: list[str] = []
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
@@ -219,7 +314,7 @@ class Echoes:
     def _start(self, n: int) -> BaseProcess:
         process = self._context.Process(
             target=_echo,
-            args=(self.settings, n, self.outputs[n], self._stop),
+            args=(self.settings, n, self.outputs[n], self.keeping, self._stop),
             name=f"echo-{n}",
             daemon=True,
         )
@@ -248,7 +343,9 @@ class Echoes:
                 process.kill()
 
 
-def _echo(settings: Settings, n: int, output: str, stop: EventType) -> None:
+def _echo(
+    settings: Settings, n: int, output: str, keeping: bool, stop: EventType
+) -> None:
     """One echo processor, in a child process, until ``stop``; stuck, it exits with
     ``STUCK_EXIT`` as a write process exits (``writer.exit_if_stuck``)."""
     logging.basicConfig(
@@ -258,7 +355,8 @@ def _echo(settings: Settings, n: int, output: str, stop: EventType) -> None:
         settings,
         group=f"{GROUP}.{n}",
         transactional_id=f"{GROUP}-{n}",
-        handlers=[Echo(output)],
+        handlers=[KeepingEcho(settings, output) if keeping else Echo(output)],
+        replays_safely=keeping,
     )
     stopping = threading.Event()
     thread = threading.Thread(target=processor.run, args=(stopping,), daemon=True)

@@ -399,10 +399,29 @@ def cmd_broker_kills(settings: Settings, args: argparse.Namespace) -> int:
     from app import brokerkills
 
     outcome = brokerkills.run(
-        settings, args.minutes, args.rate, processors=args.processors, seed=args.seed
+        settings,
+        args.minutes,
+        args.rate,
+        processors=args.processors,
+        seed=args.seed,
+        every=args.every,
+        keeping=args.keeping,
     )
     print(brokerkills.report(outcome))
     return 0 if outcome.ok else 1
+
+
+def _seconds_between(text: str) -> tuple[float, float]:
+    low, _, high = text.partition("-")
+    try:
+        bounds = float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected A-B in seconds, e.g. 3-6, got {text!r}"
+        ) from None
+    if not 0 < bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 < A <= B, got {text!r}")
+    return bounds
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
@@ -599,6 +618,19 @@ def build_parser() -> argparse.ArgumentParser:
     kills.add_argument("--rate", type=float, default=4000.0, help="records per second")
     kills.add_argument("--processors", type=int, default=2)
     kills.add_argument("--seed", type=int, default=1)
+    kills.add_argument(
+        "--every",
+        type=_seconds_between,
+        default=(15.0, 40.0),
+        metavar="A-B",
+        help="seconds between kills, drawn between A and B (default 15-40)",
+    )
+    kills.add_argument(
+        "--keeping",
+        action="store_true",
+        help="echoes that take input again harmlessly, as the write side's "
+        "handlers do, and so go on past held offsets",
+    )
     dlq = add("dlq", cmd_dlq)
     dlq.add_argument("action", choices=["list", "redrive", "discard"])
     dlq.add_argument(
