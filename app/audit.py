@@ -32,6 +32,7 @@ from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
 from app.adapters.topics import (
     KafkaRecord,
     Stalled,
+    log_ends,
     read_range,
     reader,
     watermarks,
@@ -60,23 +61,32 @@ class Finding:
 
 
 def read_topic(settings: Settings, topic: str) -> list[KafkaRecord]:
-    """Every record currently in ``topic``, partition by partition, in offset order."""
+    """Every record currently in ``topic``, partition by partition, in offset order,
+    as a read_committed reader sees them.
+
+    Read up to each partition's log end, not its high watermark as a read_committed
+    consumer is told it: that is the last stable offset, which stays below a
+    committed transaction until its markers reach the partition. A client that has
+    seen a result (its partition's marker written) could otherwise read its events'
+    partition without them: a test missed every event of a partition so."""
     consumer = reader(settings, "audit")
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics.get(topic)
         if metadata is None or metadata.error is not None:
             return []
+        # A topic created a moment ago may have no leader yet: asked again.
+        lows = {p: watermarks(consumer, topic, p)[0] for p in metadata.partitions}
+        ends = log_ends(settings, [topic])
         found: list[KafkaRecord] = []
-        for partition in sorted(metadata.partitions):
-            # A topic created a moment ago may have no leader yet: asked again.
-            low, high = watermarks(consumer, topic, partition)
-            if high <= low:
+        for partition, low in sorted(lows.items()):
+            end = ends.get((topic, partition), low)
+            if end <= low:
                 continue
             try:
                 found += [
                     KafkaRecord.of(message)
-                    # Up to the high watermark read when the audit began.
-                    for message in read_range(consumer, topic, partition, low, high)
+                    # Up to the log end read when the audit began.
+                    for message in read_range(consumer, topic, partition, low, end)
                 ]
             except Stalled as error:
                 raise AuditError(str(error.args[0].str())) from error

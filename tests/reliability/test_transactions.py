@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ from tests.invariants import assert_write_side_promises, serving_worker
 from tests.support import (
     codec_for,
     events_by_aggregate,
+    read_topic,
     results_by_command,
     running_worker,
 )
@@ -325,3 +327,28 @@ def test_the_write_side_goes_on_past_offsets_a_transaction_keeps_holding(
 
 def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_a_read_of_a_topic_waits_for_a_transaction_committing_meanwhile(
+    deployment: Settings,
+) -> None:
+    """``read_topic`` reads to each partition's log end: a read_committed consumer
+    is told the last stable offset as its high watermark, which stays below a
+    transaction until its markers arrive, so a read started then would stop short
+    (a test saw every event of a partition missing, its results already seen)."""
+    topic = deployment.topics.events("accounts")
+    producer = Producer(
+        {**deployment.producer_config(), "transactional.id": f"{topic}-reader-test"}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for n in range(3):
+        producer.produce(topic, f"r-{n}".encode(), partition=0)
+    producer.flush(30)
+    committing = threading.Timer(2.0, producer.commit_transaction, args=(30,))
+    committing.start()
+    try:
+        found = read_topic(deployment, topic)
+    finally:
+        committing.join()
+    assert [r.value for r in found] == [b"r-0", b"r-1", b"r-2"]
