@@ -103,7 +103,11 @@ def build(
             transactional_id=ids[0],
             handlers=handlers,
             batch_size=settings.command_batch,
-            replays_safely=True,
+            # Its handlers take input again harmlessly too, but it waits holds out:
+            # after a broker SIGKILL a transaction can be left hanging on an events
+            # partition as well, and commands decided past the hold would be
+            # answered while their events sat behind it, out of a read_committed
+            # reader's sight (a clean-clone run of test_broker_crash, 2026-12-05).
         ),
     )
     return processors, handlers
