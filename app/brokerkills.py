@@ -164,10 +164,13 @@ class KeepingEcho(Echo):
 def last_echoed(settings: Settings, output: str, partition: int) -> int:
     """The input offset of the last committed record of ``output``'s ``partition``
     (-1: none), read backwards in growing windows (an open transaction at the end is
-    waited for, then read past)."""
+    waited for, then read past; as ``audit.read_topic``, to the log end)."""
     consumer = reader(settings, "broker-kills-echoed")
     try:
-        low, end = watermarks(consumer, output, partition)
+        low, _ = watermarks(consumer, output, partition)
+        # The log end, not the high watermark a read_committed consumer is told
+        # (the last stable offset: below a commit whose marker has not landed).
+        end = log_ends(settings, [output])[(output, partition)]
         window = 64
         while end > low:
             start = max(low, end - window)

@@ -238,11 +238,12 @@ class Processor:
         poll_timeout: float = 0.05,
         replays_safely: bool = False,
     ) -> None:
-        """``replays_safely``: the handlers write nothing for input they took before
-        (the write side's: an answer is kept with the command record it answered,
-        the saga keeps what it acted on), so the processor may start a partition
-        from the offsets the group has when a hanging transaction holds newer ones
-        (``_committed_offsets``)."""
+        """``replays_safely``: the handlers write nothing for input they took before,
+        and nothing a client waits for (the saga's feed, whose copies the saga
+        recognises), so the processor may start a partition from the offsets the
+        group has when a hanging transaction holds newer ones
+        (``_committed_offsets``; why the command processor waits instead:
+        ``writer.build``)."""
         self.settings = settings
         self.replays_safely = replays_safely
         self.group = group
