@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypedDict, assert_never
+from typing import TypeAlias, TypedDict, assert_never
 
-from app.domain.accounts.commands import (
-    CloseAccount,
-    Command,
-    Deposit,
-    OpenAccount,
-    Withdraw,
-)
-from app.domain.accounts.events import (
-    AccountClosed,
-    AccountOpened,
-    Event,
-    MoneyDeposited,
-    MoneyWithdrawn,
-)
+from app.domain.accounts import commands, events
 from app.domain.accounts.state import AccountState, AccountStatus
 from app.domain.errors import (
     DomainError,
@@ -38,20 +25,23 @@ from app.domain.money import (
     require_currency,
 )
 
+# What a command decides: its events, in order (none: nothing to record).
+Decided: TypeAlias = tuple[events.Event, ...]
 
-def decide(state: AccountState, command: Command) -> tuple[Event, ...]:
+
+def decide(state: AccountState, command: commands.Command) -> Decided:
     """The events ``command`` produces from ``state``; raises ``DomainError``.
 
     Checks run in a fixed order: existence, status, field validation, business rules.
     """
     match command:
-        case OpenAccount():
+        case commands.OpenAccount():
             return _open(state, command)
-        case Deposit():
+        case commands.Deposit():
             return _deposit(_open_account(state, command.account_id), command)
-        case Withdraw():
+        case commands.Withdraw():
             return _withdraw(_open_account(state, command.account_id), command)
-        case CloseAccount():
+        case commands.CloseAccount():
             return _close(_open_account(state, command.account_id), command)
         case _:
             assert_never(command)
@@ -74,12 +64,12 @@ def _require_same_currency(state: AccountState, currency: str) -> None:
         )
 
 
-def _open(state: AccountState, command: OpenAccount) -> tuple[Event, ...]:
+def _open(state: AccountState, command: commands.OpenAccount) -> Decided:
     refuse_existing(
         "account", state.status is not AccountStatus.NEW, command.account_id
     )
     return (
-        AccountOpened(
+        events.AccountOpened(
             account_id=require_id(command.account_id, "account_id"),
             owner_id=require_id(command.owner_id, "owner_id"),
             currency=require_currency(command.currency),
@@ -103,7 +93,9 @@ class _Movement(TypedDict):
     reference: str
 
 
-def _movement(state: AccountState, command: Deposit | Withdraw) -> _Movement:
+def _movement(
+    state: AccountState, command: commands.Deposit | commands.Withdraw
+) -> _Movement:
     """The fields ``command`` shares with the other kind of movement, validated."""
     return _Movement(
         account_id=state.account_id,
@@ -114,7 +106,7 @@ def _movement(state: AccountState, command: Deposit | Withdraw) -> _Movement:
     )
 
 
-def _deposit(state: AccountState, command: Deposit) -> tuple[Event, ...]:
+def _deposit(state: AccountState, command: commands.Deposit) -> Decided:
     movement = _movement(state, command)
     source = require_text(command.source, "source")
     _require_same_currency(state, movement["currency"])
@@ -122,11 +114,13 @@ def _deposit(state: AccountState, command: Deposit) -> tuple[Event, ...]:
     if balance_after > MAX_LONG:
         raise invalid("amount_minor", f"would bring the balance beyond {MAX_LONG}")
     return (
-        MoneyDeposited(**movement, source=source, balance_after_minor=balance_after),
+        events.MoneyDeposited(
+            **movement, source=source, balance_after_minor=balance_after
+        ),
     )
 
 
-def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
+def _withdraw(state: AccountState, command: commands.Withdraw) -> Decided:
     movement = _movement(state, command)
     destination = require_text(command.destination, "destination")
     _require_same_currency(state, movement["currency"])
@@ -141,13 +135,13 @@ def _withdraw(state: AccountState, command: Withdraw) -> tuple[Event, ...]:
             "amount_minor",
         )
     return (
-        MoneyWithdrawn(
+        events.MoneyWithdrawn(
             **movement, destination=destination, balance_after_minor=balance_after
         ),
     )
 
 
-def _close(state: AccountState, command: CloseAccount) -> tuple[Event, ...]:
+def _close(state: AccountState, command: commands.CloseAccount) -> Decided:
     reason = require_text(command.reason, "reason")
     if state.balance_minor != 0:
         raise DomainError(
@@ -155,4 +149,4 @@ def _close(state: AccountState, command: CloseAccount) -> tuple[Event, ...]:
             f"cannot close account {state.account_id!r} with balance "
             f"{fmt(state.balance_minor, state.currency)}; it must be 0",
         )
-    return (AccountClosed(account_id=state.account_id, reason=reason),)
+    return (events.AccountClosed(account_id=state.account_id, reason=reason),)

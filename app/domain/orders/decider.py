@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import assert_never
+from typing import TypeAlias, assert_never
 
 from app.domain.errors import (
     DomainError,
@@ -15,50 +15,33 @@ from app.domain.errors import (
     require_text,
 )
 from app.domain.money import MAX_LONG, fmt, require_currency
-from app.domain.orders.commands import (
-    PAYMENT_METHODS,
-    AddItem,
-    CancelOrder,
-    Command,
-    CreateOrder,
-    DeliverOrder,
-    ProcessPayment,
-    RemoveItem,
-    ShipOrder,
-)
-from app.domain.orders.events import (
-    Event,
-    OrderCancelled,
-    OrderCreated,
-    OrderDelivered,
-    OrderItemAdded,
-    OrderItemRemoved,
-    OrderShipped,
-    PaymentProcessed,
-)
+from app.domain.orders import commands, events
 from app.domain.orders.state import OrderState, OrderStatus
 from app.domain.orders.values import OrderLine, to_order_line, validate_address
 
+# What a command decides: its events, in order (none: nothing to record).
+Decided: TypeAlias = tuple[events.Event, ...]
 
-def decide(state: OrderState, command: Command) -> tuple[Event, ...]:
+
+def decide(state: OrderState, command: commands.Command) -> Decided:
     """The events ``command`` produces from ``state``; raises ``DomainError``.
 
     Checks run in a fixed order: existence, status, field validation, business rules.
     """
     match command:
-        case CreateOrder():
+        case commands.CreateOrder():
             return _create(state, command)
-        case AddItem():
+        case commands.AddItem():
             return _add_item(_existing(state, command.order_id), command)
-        case RemoveItem():
+        case commands.RemoveItem():
             return _remove_item(_existing(state, command.order_id), command)
-        case ProcessPayment():
+        case commands.ProcessPayment():
             return _pay(_existing(state, command.order_id), command)
-        case ShipOrder():
+        case commands.ShipOrder():
             return _ship(_existing(state, command.order_id), command)
-        case DeliverOrder():
+        case commands.DeliverOrder():
             return _deliver(_existing(state, command.order_id))
-        case CancelOrder():
+        case commands.CancelOrder():
             return _cancel(_existing(state, command.order_id), command)
         case _:
             assert_never(command)
@@ -86,7 +69,7 @@ def _order_total(items: tuple[OrderLine, ...], field: str) -> int:
     return total
 
 
-def _create(state: OrderState, command: CreateOrder) -> tuple[Event, ...]:
+def _create(state: OrderState, command: commands.CreateOrder) -> Decided:
     refuse_existing("order", state.status is not OrderStatus.NEW, command.order_id)
     order_id = require_id(command.order_id, "order_id")
     customer_id = require_id(command.customer_id, "customer_id")
@@ -114,7 +97,7 @@ def _create(state: OrderState, command: CreateOrder) -> tuple[Event, ...]:
         else require_id(command.account_id, "account_id")
     )
     return (
-        OrderCreated(
+        events.OrderCreated(
             order_id=order_id,
             customer_id=customer_id,
             customer_name=customer_name,
@@ -138,7 +121,7 @@ def _require_email(value: str, field: str) -> str:
     return email
 
 
-def _add_item(state: OrderState, command: AddItem) -> tuple[Event, ...]:
+def _add_item(state: OrderState, command: commands.AddItem) -> Decided:
     _require_status(state, "add items to", OrderStatus.CREATED)
     line = to_order_line(command.item, "item")
     if any(existing.product_id == line.product_id for existing in state.items):
@@ -147,10 +130,12 @@ def _add_item(state: OrderState, command: AddItem) -> tuple[Event, ...]:
             f"{line.product_id!r} is already in the order; remove it first",
         )
     total = _order_total((*state.items, line), "item")
-    return (OrderItemAdded(order_id=state.order_id, item=line, total_minor=total),)
+    return (
+        events.OrderItemAdded(order_id=state.order_id, item=line, total_minor=total),
+    )
 
 
-def _remove_item(state: OrderState, command: RemoveItem) -> tuple[Event, ...]:
+def _remove_item(state: OrderState, command: commands.RemoveItem) -> Decided:
     _require_status(state, "remove items from", OrderStatus.CREATED)
     product_id = require_id(command.product_id, "product_id")
     remaining = tuple(i for i in state.items if i.product_id != product_id)
@@ -162,7 +147,7 @@ def _remove_item(state: OrderState, command: RemoveItem) -> tuple[Event, ...]:
             "an order keeps at least one item; cancel it instead",
         )
     return (
-        OrderItemRemoved(
+        events.OrderItemRemoved(
             order_id=state.order_id,
             product_id=product_id,
             total_minor=_order_total(remaining, "product_id"),
@@ -170,14 +155,14 @@ def _remove_item(state: OrderState, command: RemoveItem) -> tuple[Event, ...]:
     )
 
 
-def _pay(state: OrderState, command: ProcessPayment) -> tuple[Event, ...]:
+def _pay(state: OrderState, command: commands.ProcessPayment) -> Decided:
     _require_status(state, "pay for", OrderStatus.CREATED)
     payment_id = require_id(command.payment_id, "payment_id")
     transaction_id = require_id(command.transaction_id, "transaction_id")
-    if command.method not in PAYMENT_METHODS:
+    if command.method not in commands.PAYMENT_METHODS:
         raise invalid(
             "method",
-            f"must be one of {', '.join(sorted(PAYMENT_METHODS))}, "
+            f"must be one of {', '.join(sorted(commands.PAYMENT_METHODS))}, "
             f"got {command.method!r}",
         )
     if command.method == "account" and state.account_id is None:
@@ -199,7 +184,7 @@ def _pay(state: OrderState, command: ProcessPayment) -> tuple[Event, ...]:
             "amount_minor",
         )
     return (
-        PaymentProcessed(
+        events.PaymentProcessed(
             order_id=state.order_id,
             payment_id=payment_id,
             amount_minor=amount,
@@ -210,10 +195,10 @@ def _pay(state: OrderState, command: ProcessPayment) -> tuple[Event, ...]:
     )
 
 
-def _ship(state: OrderState, command: ShipOrder) -> tuple[Event, ...]:
+def _ship(state: OrderState, command: commands.ShipOrder) -> Decided:
     _require_status(state, "ship", OrderStatus.PAID)
     return (
-        OrderShipped(
+        events.OrderShipped(
             order_id=state.order_id,
             tracking_number=require_text(command.tracking_number, "tracking_number"),
             carrier=require_text(command.carrier, "carrier"),
@@ -221,15 +206,15 @@ def _ship(state: OrderState, command: ShipOrder) -> tuple[Event, ...]:
     )
 
 
-def _deliver(state: OrderState) -> tuple[Event, ...]:
+def _deliver(state: OrderState) -> Decided:
     _require_status(state, "deliver", OrderStatus.SHIPPED)
-    return (OrderDelivered(order_id=state.order_id),)
+    return (events.OrderDelivered(order_id=state.order_id),)
 
 
-def _cancel(state: OrderState, command: CancelOrder) -> tuple[Event, ...]:
+def _cancel(state: OrderState, command: commands.CancelOrder) -> Decided:
     _require_status(state, "cancel", OrderStatus.CREATED, OrderStatus.PAID)
     return (
-        OrderCancelled(
+        events.OrderCancelled(
             order_id=state.order_id,
             reason=require_text(command.reason, "reason"),
             refund_due_minor=state.paid_minor,
