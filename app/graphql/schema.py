@@ -13,6 +13,7 @@ Names are snake_case, as in the commands, events and HTTP bodies, so an error's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import re
@@ -21,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mappi
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated, Any, NewType, TypeVar, cast
+from typing import Annotated, Any, NewType, ParamSpec, TypeVar, cast
 from uuid import UUID
 
 import strawberry
@@ -132,6 +133,7 @@ ARGUMENT_OF_HEADER = {
 }
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 async def guarded(work: Awaitable[T]) -> T:
@@ -166,6 +168,16 @@ async def guarded(work: Awaitable[T]) -> T:
         raise ClientError(
             "internal error", "INTERNAL", correlation_id=reference
         ) from None
+
+
+def _guarding(read: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """``read`` with its failures ``guarded``."""
+
+    @functools.wraps(read)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await guarded(read(*args, **kwargs))
+
+    return call
 
 
 def _json(value: Any) -> Any:
@@ -206,6 +218,7 @@ def subscription(description: str) -> Callable[[F], F]:
     return cast(Callable[[F], F], strawberry.subscription(description=description))
 
 
+@_guarding
 async def _read(
     info: Info,
     area: str | None,
@@ -234,7 +247,7 @@ async def _page_of(
 ) -> T:
     """A page of a list an output type holds (a customer's orders, an account's
     transactions), read as its holder was read: without waiting again."""
-    found, _ = await guarded(_read(info, None, None, lambda c: run(c, params)))
+    found, _ = await _read(info, None, None, lambda c: run(c, params))
     items = [_fields(item_type, row) for row in found["items"]]
     return _fields(page_type, {**found, "items": items, **more})
 
@@ -278,8 +291,8 @@ class OrderSummary:
     async def account(self, info: Info) -> Account | None:
         if self.account_id is None:
             return None
-        found, _ = await guarded(
-            _read(info, None, None, lambda c: query.account(c, str(self.account_id)))
+        found, _ = await _read(
+            info, None, None, lambda c: query.account(c, str(self.account_id))
         )
         return _fields(Account, {**found, "stale": False})
 
@@ -334,14 +347,12 @@ class Customer:
 
 
 async def _customer(info: Info, customer_id: str, after: str | None) -> Customer:
-    found, stale = await guarded(
-        _read(
-            info,
-            "orders",
-            after,
-            lambda c: query.customer_orders(c, customer_id, _params(page_size=1)),
-            customer_id=customer_id,
-        )
+    found, stale = await _read(
+        info,
+        "orders",
+        after,
+        lambda c: query.customer_orders(c, customer_id, _params(page_size=1)),
+        customer_id=customer_id,
     )
     return Customer(
         customer_id=customer_id,
@@ -471,14 +482,12 @@ class AggregateState:
 class Query:
     @described("An order and its lines")
     async def order(self, info: Info, order_id: str, after: str | None = None) -> Order:
-        found, stale = await guarded(
-            _read(
-                info,
-                "orders",
-                after,
-                lambda c: query.order(c, order_id),
-                order_id=order_id,
-            )
+        found, stale = await _read(
+            info,
+            "orders",
+            after,
+            lambda c: query.order(c, order_id),
+            order_id=order_id,
         )
         items = [_fields(OrderItem, i) for i in found.pop("items")]
         return _fields(Order, {**found, "items": items, "stale": stale})
@@ -500,8 +509,8 @@ class Query:
             limit=limit,
             **{"from": since, "to": until},
         )
-        found, stale = await guarded(
-            _read(info, "orders", after, lambda c: query.search_orders(c, params))
+        found, stale = await _read(
+            info, "orders", after, lambda c: query.search_orders(c, params)
         )
         return OrderList(
             items=[_fields(OrderSummary, r) for r in found["items"]],
@@ -519,14 +528,12 @@ class Query:
     async def account(
         self, info: Info, account_id: str, after: str | None = None
     ) -> Account:
-        found, stale = await guarded(
-            _read(
-                info,
-                "accounts",
-                after,
-                lambda c: query.account(c, account_id),
-                account_id=account_id,
-            )
+        found, stale = await _read(
+            info,
+            "accounts",
+            after,
+            lambda c: query.account(c, account_id),
+            account_id=account_id,
         )
         return _fields(Account, {**found, "stale": stale})
 
@@ -542,8 +549,8 @@ class Query:
         after: str | None = None,
     ) -> SearchPage:
         params = _params(q=q, type=type, page=page, page_size=page_size, cursor=cursor)
-        found, stale = await guarded(
-            _read(info, "orders", after, lambda c: query.search(c, params))
+        found, stale = await _read(
+            info, "orders", after, lambda c: query.search(c, params)
         )
         rows = found["items"]
         kind = found["type"]
@@ -572,8 +579,8 @@ class Query:
         after: str | None = None,
     ) -> History:
         params = _params(type=type, from_version=from_version, to_version=to_version)
-        found, stale = await guarded(
-            _indexed(info, readside.history_view, aggregate_id, params, type, after)
+        found, stale = await _indexed(
+            info, readside.history_view, aggregate_id, params, type, after
         )
         return History(
             aggregate_type=found["aggregate_type"],
@@ -593,14 +600,15 @@ class Query:
         after: str | None = None,
     ) -> AggregateState:
         params = _params(type=type, version=version, at=at)
-        found, stale = await guarded(
-            _indexed(info, readside.state_view, aggregate_id, params, type, after)
+        found, stale = await _indexed(
+            info, readside.state_view, aggregate_id, params, type, after
         )
         return _fields(
             AggregateState, {**found, "state": _json(found["state"]), "stale": stale}
         )
 
 
+@_guarding
 async def _indexed(
     info: Info,
     view: Callable[[Settings, str, dict[str, str]], Awaitable[T]],
