@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from app.domain.accounts import Deposit, Withdraw
+from app.domain.accounts import Deposit, OpenAccount, Withdraw
 from app.domain.orders import Address, CreateOrder, LineItem, ProcessPayment
 
 SPRINGFIELD = Address(
@@ -77,6 +77,41 @@ def new_order(
         items=tuple(items),
         currency=currency,
         shipping_address=address,
+        account_id=account_id,
+    )
+
+
+def funded_account(
+    account_id: str, funds_minor: int, *, currency: str = "EUR", owner_id: str = "c-1"
+) -> tuple[OpenAccount | Deposit, ...]:
+    """An account opened in ``currency`` and, unless ``funds_minor`` is 0, funded by
+    a bank deposit: what an order charged to it needs."""
+    opened = OpenAccount(account_id=account_id, owner_id=owner_id, currency=currency)
+    if not funds_minor:
+        return (opened,)
+    funding = deposit(
+        account_id,
+        funds_minor,
+        f"funding-{account_id}",
+        currency=currency,
+        source="bank",
+        reference="funding",
+    )
+    return (opened, funding)
+
+
+def charged_order(
+    order_id: str, account_id: str | None, price_minor: int, *, currency: str = "EUR"
+) -> CreateOrder:
+    """An order of one item at ``price_minor``, charged to ``account_id`` by the
+    payment saga (paid by card if ``account_id`` is None)."""
+    item = LineItem(product_id="engine", quantity=1, unit_price_minor=price_minor)
+    return new_order(
+        order_id,
+        "c-1",
+        (item,),
+        currency=currency,
+        address=LONDON,
         account_id=account_id,
     )
 

@@ -37,7 +37,7 @@ from app.domain.accounts import Deposit, OpenAccount
 from app.domain.orders import CreateOrder, LineItem
 from app.local import browser, deployments
 from app.settings import ApiToken, Settings
-from app.workload import deposit, new_order
+from app.workload import charged_order, funded_account, new_order
 from bench.harness import deposits, domain_events, encode_events, new_producer, produce
 from tests.invariants import serving_worker
 from tests.support import codec_for, get_until, run_cli
@@ -147,19 +147,10 @@ def seeded(registry_settings: Settings) -> Iterator[Seeded]:
         seeded = dataclasses.replace(seeded, big_order_command=command_id)
         with serving_worker(seeded.settings, "console") as _:
             with CommandClient(seeded.settings) as client:
-                _open_and_fund(client, seeded.paid_account)
+                for command in funded_account(seeded.paid_account, 5000):
+                    assert client.send(command, timeout=60).accepted
                 assert client.send(
-                    new_order(
-                        seeded.paid_order,
-                        "c-1",
-                        (
-                            LineItem(
-                                product_id="engine", quantity=1, unit_price_minor=900
-                            ),
-                        ),
-                        currency="EUR",
-                        account_id=seeded.paid_account,
-                    ),
+                    charged_order(seeded.paid_order, seeded.paid_account, 900),
                     correlation_id=f"flow-{seeded.paid_order}",
                     timeout=60,
                 ).accepted
@@ -171,16 +162,6 @@ def seeded(registry_settings: Settings) -> Iterator[Seeded]:
             yield seeded
     finally:
         deployments.remove(small)
-
-
-def _open_and_fund(client: CommandClient, account: str) -> None:
-    assert client.send(
-        OpenAccount(account_id=account, owner_id="c-1", currency="EUR"), timeout=60
-    ).accepted
-    assert client.send(
-        deposit(account, 5000, f"fund-{account}", currency="EUR", source="bank"),
-        timeout=60,
-    ).accepted
 
 
 def _wait_for_records(settings: Settings, topic: str, count: int) -> None:

@@ -32,11 +32,10 @@ from app.audit import read_topic
 from app.client import CommandClient
 from app.deadletters import REDRIVEN_FROM, Action, ActionRefused, record_id
 from app.domain.accounts import OpenAccount
-from app.domain.orders import LineItem
 from app.projections.engine import dead_letter_topic
 from app.settings import ApiToken, Settings
 from app.waiting import eventually
-from app.workload import deposit, new_order
+from app.workload import charged_order, deposit, funded_account
 from tests.support import (
     eventually_equal,
     get_until,
@@ -299,15 +298,8 @@ def test_a_saga_inbox_dead_letter_redriven_once_its_cause_is_fixed(
     base = settings.web_url
     with running_worker(settings), CommandClient(settings) as client:
         for command in (
-            OpenAccount(account_id=account, owner_id="o", currency="EUR"),
-            deposit(account, 5000, "fund", currency="EUR"),
-            new_order(
-                order,
-                "c-1",
-                (LineItem(product_id="p", quantity=1, unit_price_minor=900),),
-                currency="EUR",
-                account_id=account,
-            ),
+            *funded_account(account, 5000),
+            charged_order(order, account, 900),
         ):
             assert client.send(command, timeout=60).accepted
         dlq = f"{inbox_topic(settings)}.dlq"

@@ -25,14 +25,13 @@ from app.adapters.topics import inbox_topic
 from app.application import saga
 from app.application.saga import Step
 from app.client import CommandClient
-from app.domain.accounts import CloseAccount, OpenAccount
-from app.domain.orders import CreateOrder, LineItem
+from app.domain.accounts import CloseAccount
 from app.history import EventStore
 from app.local.process import Daemon
 from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
-from app.workload import LONDON, deposit, new_order
+from app.workload import charged_order, funded_account
 from app.writeside import command_group
 from tests.support import (
     codec_for,
@@ -69,35 +68,11 @@ def _supervised(worker: Daemon, check: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _order(order_id: str, account_id: str | None, price: int) -> CreateOrder:
-    return new_order(
-        order_id,
-        "c-1",
-        (LineItem(product_id="engine", quantity=1, unit_price_minor=price),),
-        currency="EUR",
-        address=LONDON,
-        account_id=account_id,
-    )
-
-
 def _open(
     client: CommandClient, account: str, funds: int, currency: str = "EUR"
 ) -> None:
-    assert client.send(
-        OpenAccount(account_id=account, owner_id="c-1", currency=currency), timeout=60
-    ).accepted
-    if funds:
-        assert client.send(
-            deposit(
-                account,
-                funds,
-                f"funding-{account}",
-                currency=currency,
-                source="bank",
-                reference="funding",
-            ),
-            timeout=60,
-        ).accepted
+    for command in funded_account(account, funds, currency=currency):
+        assert client.send(command, timeout=60).accepted
 
 
 def _saga_view(settings: Settings, order_id: str) -> dict[str, Any] | None:
@@ -166,7 +141,7 @@ def test_outcomes_the_deadline_and_the_history_of_a_flow(
         _open(client, dollars, 10_000, "USD")
         results = {
             order: client.send(
-                _order(order, account, 4200), correlation_id=f"flow-{order}"
+                charged_order(order, account, 4200), correlation_id=f"flow-{order}"
             )
             for order, account in (
                 (happy, rich),
@@ -294,7 +269,9 @@ def _deadline_then_a_late_withdrawal(settings: Settings, client: CommandClient) 
     account = pick("acc", lambda p: p in held[accounts_topic])
     order = pick("ord", lambda p: p not in held[orders_topic])
     _open(client, account, 10_000)
-    created = client.send(_order(order, account, 4200), correlation_id=f"flow-{order}")
+    created = client.send(
+        charged_order(order, account, 4200), correlation_id=f"flow-{order}"
+    )
     assert created.accepted
 
     def given_up() -> dict[str, Any] | None:
@@ -381,7 +358,8 @@ def test_sigkill_amid_many_sagas_then_a_replay_of_its_group(
             assert client.send(CloseAccount(account_id=closed, reason="gone")).accepted
             for order, price in prices.items():
                 client.submit(
-                    _order(order, owner[order], price), correlation_id=f"flow-{order}"
+                    charged_order(order, owner[order], price),
+                    correlation_id=f"flow-{order}",
                 )
             client.flush()
             for _ in range(KILLS):

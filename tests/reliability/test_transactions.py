@@ -40,12 +40,11 @@ from app.adapters.topics import (
 from app.application.commands import Metadata, NewEvent, event_id
 from app.client import CommandClient
 from app.domain.accounts import Deposit, MoneyDeposited, OpenAccount
-from app.domain.orders import LineItem
 from app.local.deployments import free_port
 from app.local.process import wait_for
 from app.projections.replay import group_members
 from app.settings import Settings
-from app.workload import deposit, new_order, withdrawal
+from app.workload import charged_order, deposit, funded_account, withdrawal
 from app.writeside import WRITER_NAME, command_group, fence
 from bench.harness import process_tree
 from tests.invariants import assert_write_side_promises, serving_worker
@@ -305,22 +304,11 @@ def test_the_saga_feed_goes_on_past_offsets_a_transaction_keeps_holding(
         with pytest.raises(KafkaException):
             committed_offsets(consumer, partitions, 3.0)
         with running_worker(deployment), CommandClient(deployment) as client:
-            assert client.send(
-                OpenAccount(account_id=account, owner_id="c-1", currency="EUR"),
-                timeout=60,
-            ).accepted
-            assert client.send(
-                deposit(account, 5_000, "t-1", currency="EUR", source="cash")
-            ).accepted
-            assert client.send(
-                new_order(
-                    order,
-                    "c-1",
-                    (LineItem(product_id="p", quantity=1, unit_price_minor=1_000),),
-                    currency="EUR",
-                    account_id=account,
-                )
-            ).accepted
+            for command in (
+                *funded_account(account, 5_000),
+                charged_order(order, account, 1_000),
+            ):
+                assert client.send(command, timeout=60).accepted
             wait_for(
                 lambda: _event_types(deployment, order)[-1:] == ["PaymentProcessed"],
                 120,
