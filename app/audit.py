@@ -27,16 +27,10 @@ from typing import Any
 
 import psycopg
 
+from app.adapters import topics
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, DecodeError
-from app.adapters.topics import (
-    KafkaRecord,
-    Stalled,
-    log_ends,
-    read_range,
-    reader,
-    watermarks,
-)
+from app.adapters.topics import KafkaRecord, Stalled, admin_client
 from app.domain.money import fmt
 from app.settings import Settings
 
@@ -61,38 +55,17 @@ class Finding:
 
 
 def read_topic(settings: Settings, topic: str) -> list[KafkaRecord]:
-    """Every record currently in ``topic``, partition by partition, in offset order,
-    as a read_committed reader sees them.
-
-    Read up to each partition's log end, not its high watermark as a read_committed
-    consumer is told it: that is the last stable offset, which stays below a
-    committed transaction until its markers reach the partition. A client that has
-    seen a result (its partition's marker written) could otherwise read its events'
-    partition without them: a test missed every event of a partition so."""
-    consumer = reader(settings, "audit")
+    """Every record currently in ``topic`` (none if there is no such topic),
+    partition by partition, in offset order, as a read_committed reader sees them,
+    up to each partition's log end (``topics.read_topic``): a client that has seen a
+    result (its partition's marker written) could otherwise read its events'
+    partition without them; a test missed every event of a partition so."""
+    if topic not in admin_client(settings).list_topics(timeout=30).topics:
+        return []
     try:
-        metadata = consumer.list_topics(topic, timeout=30).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            return []
-        # A topic created a moment ago may have no leader yet: asked again.
-        lows = {p: watermarks(consumer, topic, p)[0] for p in metadata.partitions}
-        ends = log_ends(settings, [topic])
-        found: list[KafkaRecord] = []
-        for partition, low in sorted(lows.items()):
-            end = ends.get((topic, partition), low)
-            if end <= low:
-                continue
-            try:
-                found += [
-                    KafkaRecord.of(message)
-                    # Up to the log end read when the audit began.
-                    for message in read_range(consumer, topic, partition, low, end)
-                ]
-            except Stalled as error:
-                raise AuditError(str(error.args[0].str())) from error
-        return found
-    finally:
-        consumer.close()
+        return [KafkaRecord.of(m) for m in topics.read_topic(settings, topic, "audit")]
+    except Stalled as error:
+        raise AuditError(str(error.args[0].str())) from error
 
 
 def new_codec(settings: Settings) -> Codec:

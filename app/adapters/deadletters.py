@@ -23,11 +23,7 @@ from app.adapters.topics import (
     headers_of,
     inbox_topic,
     init_transactions,
-    log_ends,
-    partitions_of,
-    read_range,
-    reader,
-    watermarks,
+    read_topic,
 )
 from app.deadletters import (
     Action,
@@ -76,28 +72,16 @@ def _read(
     settings: Settings, topic: str, purpose: str, *, whole: bool = False
 ) -> list[Message]:
     """Every committed record of ``topic``. ``whole``: every record committed when
-    it was called, or ``DeadLetterError``: read up to the log's end, past any
-    transaction open there once it ends (a reader stopping at the last stable offset
-    would miss what other producers committed after an open transaction began)."""
-    consumer = reader(settings, purpose)
+    it was called (read up to the log's end, past any transaction open there once
+    it ends), or ``DeadLetterError``."""
     try:
-        found: list[Message] = []
-        ends = log_ends(settings, [topic]) if whole else {}
-        for partition in partitions_of(consumer, topic):
-            low, high = watermarks(consumer, topic, partition)
-            high = ends.get((topic, partition), high)
-            found += read_range(
-                consumer, topic, partition, low, high, stop_at_open=not whole
-            )
-        return found
+        return read_topic(settings, topic, purpose, to_log_end=whole)
     except Stalled as error:
         raise DeadLetterError(
             f"reading {topic}: a transaction is still open there; try again"
         ) from error
     except KafkaException as error:
         raise DeadLetterError(f"reading {topic}: {error}") from error
-    finally:
-        consumer.close()
 
 
 def read_dead_letters(settings: Settings, topics: Sequence[str]) -> list[DeadLetter]:

@@ -441,6 +441,34 @@ def read_range(
         deadline = time.monotonic() + wait_s
 
 
+def read_topic(
+    settings: Settings, topic: str, purpose: str, *, to_log_end: bool = True
+) -> list[Message]:
+    """Every committed record of ``topic``, partition by partition, in offset order,
+    as a read_committed reader (``reader``) finds them (blocking).
+
+    ``to_log_end``: every record committed when it was called: up to each
+    partition's log end, waiting for a transaction open there to end (``Stalled``
+    if it does not). A read_committed consumer is told its high watermark as the
+    last stable offset, which stays below a committed transaction until its markers
+    reach the partition, and below what other producers committed after a
+    transaction still open began: a reader stopping there misses those. Otherwise
+    up to that last stable offset, stopping at a transaction left open there."""
+    consumer = reader(settings, purpose)
+    try:
+        ends = log_ends(settings, [topic]) if to_log_end else {}
+        found: list[Message] = []
+        for partition in partitions_of(consumer, topic):
+            low, high = watermarks(consumer, topic, partition)
+            end = ends.get((topic, partition), high)
+            found += read_range(
+                consumer, topic, partition, low, end, stop_at_open=not to_log_end
+            )
+        return found
+    finally:
+        consumer.close()
+
+
 def read_to_end(
     consumer: Consumer, deadline: float, poll_s: float
 ) -> Iterator[Message]:

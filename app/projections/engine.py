@@ -878,25 +878,23 @@ class Superseded(Exception):
 
 def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
     """The source (topic, partition, offset) of every record in a dead-letter topic."""
-    consumer = topics.reader(settings, "dead-letter-reader")
-    found: set[tuple[str, int, int]] = set()
     try:
-        for partition in topics.partitions_of(consumer, topic):
-            low, high = topics.watermarks(consumer, topic, partition)
-            for message in topics.read_range(consumer, topic, partition, low, high):
-                headers = {n: v for n, v in topics.headers_of(message) if v is not None}
-                with contextlib.suppress(KeyError, ValueError):
-                    found.add(
-                        (
-                            headers["dlq-source-topic"].decode(),
-                            int(headers["dlq-source-partition"]),
-                            int(headers["dlq-source-offset"]),
-                        )
-                    )
+        letters = topics.read_topic(
+            settings, topic, "dead-letter-reader", to_log_end=False
+        )
     except KafkaException as error:
         raise KafkaTransient(f"reading {topic}: {error}") from error
-    finally:
-        consumer.close()
+    found: set[tuple[str, int, int]] = set()
+    for message in letters:
+        headers = {n: v for n, v in topics.headers_of(message) if v is not None}
+        with contextlib.suppress(KeyError, ValueError):
+            found.add(
+                (
+                    headers["dlq-source-topic"].decode(),
+                    int(headers["dlq-source-partition"]),
+                    int(headers["dlq-source-offset"]),
+                )
+            )
     return found
 
 
