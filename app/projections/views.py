@@ -21,6 +21,17 @@ STATUS = {
 }
 
 
+# What a view copies from the event that created its aggregate.
+_CREATED_ORDER = (
+    "order_id",
+    "customer_id",
+    "customer_name",
+    "customer_email",
+    "currency",
+    "total_minor",
+)
+_OPENED_ACCOUNT = ("account_id", "owner_id", "currency", "overdraft_limit_minor")
+
 # Orders the customer-orders view keeps per customer (see ``upsert_order``).
 KEEP_ORDERS = 500
 
@@ -64,24 +75,32 @@ def refold(
     return row
 
 
-def fold_order(current: Row | None, meta: Row, data: Row) -> Row | None:
-    row = _next(current, meta)
-    if row is None:
-        return None
-    kind = meta["event_type"]
+def _fold(
+    step: Callable[[Row, str, Row, Row], None],
+) -> Callable[[Row | None, Row, Row], Row | None]:
+    """A view's fold from its ``step``, which changes the row (a copy, versioned by
+    ``_next``) for one event: (row, event type, metadata, data). A repeated event
+    changes nothing (None)."""
+
+    def fold(current: Row | None, meta: Row, data: Row) -> Row | None:
+        row = _next(current, meta)
+        if row is not None:
+            step(row, meta["event_type"], meta, data)
+        return row
+
+    return fold
+
+
+@_fold
+def fold_order(row: Row, kind: str, meta: Row, data: Row) -> None:
     if kind == "OrderCreated":
         row.update(
-            order_id=data["order_id"],
-            customer_id=data["customer_id"],
-            customer_name=data["customer_name"],
-            customer_email=data["customer_email"],
+            {n: data[n] for n in _CREATED_ORDER},
             status="CREATED",
-            currency=data["currency"],
-            total_minor=data["total_minor"],
             items_count=len(data["items"]),
             created_at=meta["timestamp"].isoformat(),
         )
-    elif current is None:
+    elif "order_id" not in row:
         # Without its creation this order cannot be shown; the gap flag says so.
         row.update(
             order_id=meta["aggregate_id"], customer_id="", status="UNKNOWN", gap=True
@@ -97,7 +116,6 @@ def fold_order(current: Row | None, meta: Row, data: Row) -> Row | None:
         row.update(tracking_number=data["tracking_number"], carrier=data["carrier"])
     if kind == "OrderCancelled":
         row["cancel_reason"] = data["reason"]
-    return row
 
 
 def upsert_order(current: Row | list[Row] | None, summary: Row) -> Row:
@@ -124,27 +142,18 @@ def _customer(current: Row | list[Row] | None) -> Row:
     return current
 
 
-def fold_account(current: Row | None, meta: Row, data: Row) -> Row | None:
-    row = _next(current, meta)
-    if row is None:
-        return None
-    kind = meta["event_type"]
+@_fold
+def fold_account(row: Row, kind: str, meta: Row, data: Row) -> None:
     if kind == "AccountOpened":
         row.update(
-            account_id=data["account_id"],
-            owner_id=data["owner_id"],
-            currency=data["currency"],
-            balance_minor=0,
-            status="OPEN",
-            overdraft_limit_minor=data["overdraft_limit_minor"],
+            {n: data[n] for n in _OPENED_ACCOUNT}, balance_minor=0, status="OPEN"
         )
-    elif current is None:
+    elif "account_id" not in row:
         row.update(account_id=meta["aggregate_id"], status="UNKNOWN", gap=True)
     if kind in ("MoneyDeposited", "MoneyWithdrawn"):
         row["balance_minor"] = data["balance_after_minor"]
     if kind == "AccountClosed":
         row["status"] = "CLOSED"
-    return row
 
 
 def page(current: Row | list[Row] | None, params: Mapping[str, str]) -> Row:
