@@ -18,7 +18,7 @@ import pytest
 from app import query
 from app.adapters import migrations
 from app.client import CommandClient
-from app.domain.orders import AddItem, Address, LineItem, RemoveItem
+from app.domain.orders import AddItem, LineItem, RemoveItem
 from app.local import deployments, postgres
 from app.settings import Settings
 from app.workload import LONDON, SPRINGFIELD, new_order
@@ -29,12 +29,12 @@ from tests.support import get_until, run_cli
 # once (bin/streamfold test runs with --dist loadgroup).
 pytestmark = pytest.mark.xdist_group(__name__)
 
-ARLINGTON = Address(
+ARLINGTON = dataclasses.replace(
+    SPRINGFIELD,
     street="7 Lovelace Road",
     city="Arlington",
     state="VA",
     zip_code="22201",
-    country="US",
 )
 # The named orders: id, customer, name, e-mail, address, items (SKU, quantity, price).
 PEOPLE = [
@@ -281,24 +281,22 @@ def test_cursor_pages_neither_repeat_nor_skip_while_orders_arrive(
     ("params", "field"),
     [
         ({}, "q"),
-        ({"q": ""}, "q"),
-        ({"q": " \t\n "}, "q"),
-        ({"q": "ada\x00"}, "q"),
-        ({"q": "ada\x07"}, "q"),
-        ({"q": "a" * 257}, "q"),
-        ({"q": "ada", "type": "products"}, "type"),
-        ({"q": "ada", "type": "Orders"}, "type"),
-        ({"q": "ada", "page": "-1"}, "page"),
-        ({"q": "ada", "page": "1"}, "page"),
-        ({"q": "ada", "page_size": "0"}, "page_size"),
-        ({"q": "ada", "page_size": "101"}, "page_size"),
-        ({"q": "ada", "cursor": "next"}, "cursor"),
-        ({"q": "ada", "cursor": "0.5"}, "cursor"),
-        ({"q": "ada", "cursor": "0.5:"}, "cursor"),
-        ({"q": "ada", "cursor": "nan:ord-ada"}, "cursor"),
-        ({"q": "ada", "cursor": "1e999:ord-ada"}, "cursor"),
-        ({"q": "ada", "cursor": "-1:ord-ada"}, "cursor"),
-        ({"q": "ada", "cursor": "0.5:ord\x01"}, "cursor"),
+        *(({"q": bad}, "q") for bad in ("", " \t\n ", "ada\x00", "ada\x07", "a" * 257)),
+        *(({"q": "ada", "type": bad}, "type") for bad in ("products", "Orders")),
+        *(({"q": "ada", "page": bad}, "page") for bad in ("-1", "1")),
+        *(({"q": "ada", "page_size": bad}, "page_size") for bad in ("0", "101")),
+        *(
+            ({"q": "ada", "cursor": bad}, "cursor")
+            for bad in (
+                "next",
+                "0.5",
+                "0.5:",
+                "nan:ord-ada",
+                "1e999:ord-ada",
+                "-1:ord-ada",
+                "0.5:ord\x01",
+            )
+        ),
         ({"q": "ada", "cursor": "0.5:ord-ada", "page": "0"}, "cursor"),
         ({"q": "ada", "after": "zero"}, "after"),
         ({"q": "ada", "query": "ada"}, "query"),
