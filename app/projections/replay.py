@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, TypedDict, Unpack
 
 import psycopg
 from confluent_kafka import (
@@ -115,18 +115,20 @@ class Replayed:
     positions: Positions
 
 
-def main(
-    settings: Settings,
-    name: str,
-    *,
-    in_place: bool = False,
-    processes: int | None = None,
-    progress_every: float | None = None,
-) -> int:
+class Options(TypedDict, total=False):
+    """How ``replay`` runs, as ``main`` takes it from the CLI's flags."""
+
+    in_place: bool
+    processes: int | None
+    progress_every: float | None
+
+
+def main(settings: Settings, name: str, **options: Unpack[Options]) -> int:
     """The CLI's entry point: progress on stderr, a summary on stdout."""
     from app.adapters.migrations import migrate
     from app.settings import MAX_PROJECTION_PROCESSES, SettingsError
 
+    processes, every = options.get("processes"), options.get("progress_every")
     if name not in PROJECTIONS:
         raise SettingsError(
             "PROJECTION",
@@ -137,22 +139,13 @@ def main(
             "--processes",
             f"must be between 1 and {MAX_PROJECTION_PROCESSES}, got {processes}",
         )
-    if progress_every is not None and not (
-        math.isfinite(progress_every) and progress_every > 0
-    ):
+    if every is not None and not (math.isfinite(every) and every > 0):
         raise SettingsError(
-            "--progress-every",
-            f"must be a number of seconds above 0, got {progress_every}",
+            "--progress-every", f"must be a number of seconds above 0, got {every}"
         )
     migrate(settings.database_url)
     try:
-        done = replay(
-            settings,
-            PROJECTIONS[name],
-            in_place=in_place,
-            processes=processes,
-            progress_every=progress_every,
-        )
+        done = replay(settings, PROJECTIONS[name], **options)
     except (
         ReplayError,
         psycopg.OperationalError,
