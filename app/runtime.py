@@ -145,10 +145,13 @@ class AggregateCache:
     def remember_answer(self, command_id: str, value: bytes) -> None:
         self.pending_answers[command_id] = value
 
-    def commit(self, snapshotted: Iterable[str] = ()) -> None:
+    def commit(
+        self, snapshotted: Iterable[str] = (), taken: dict[TP, int] | None = None
+    ) -> None:
         """Make the pending states and answers committed (the batch's transaction
-        did), and the states ``snapshotted`` clean."""
-        self.write(self.pending, self.pending_answers, {}, snapshotted)
+        did), the states ``snapshotted`` clean, and note the input offsets ``taken``
+        (the next one of each partition)."""
+        self.write(self.pending, self.pending_answers, taken or {}, snapshotted)
         self.drop()
 
     def write(
@@ -256,6 +259,12 @@ class CommandHandler:
         self.partitions = Ownership()
         # Command ids decided in this batch whose answers wait for their events.
         self._deciding: set[str] = set()
+        # Per command partition, the offset after the last record taken (decided,
+        # answered again, dead-lettered or sent on) in a committed batch, or, from
+        # the log, answered: records before it are taken again only when the
+        # group's offsets went back, and write nothing. ``_taking``: this batch's.
+        self._through: dict[int, int] = {}
+        self._taking: dict[int, int] = {}
         # What the tail folded and is not written yet.
         self._folded: set[TP] = set()
         self._folded_states: dict[str, VersionedState] = {}
@@ -280,6 +289,8 @@ class CommandHandler:
     # Rebalances.
     def assigned(self, partitions: Sequence[TP]) -> None:
         self.partitions.take(partitions)
+        for _, partition in partitions:
+            self._pass(partition, self.store.cache.offset(self._input(partition)))
 
     def revoked(self, partitions: Sequence[TP]) -> None:
         for partition in self.partitions.give_up(partitions):
@@ -302,6 +313,11 @@ class CommandHandler:
             self._catch_up(stale)
 
     def handle(self, message: Message, batch: Batch) -> None:
+        partition, offset = message.partition() or 0, message.offset() or 0
+        if offset < self._through.get(partition, 0):
+            self.stats["taken_again"] += 1
+            return
+        self._taking[partition] = offset + 1
         try:
             parsed = self._parse(message, batch)
             if parsed is not None:
@@ -358,7 +374,11 @@ class CommandHandler:
         )
 
     def committed(self) -> None:
-        self.store.commit(self._snapshotted)
+        taken = {self._input(p): offset for p, offset in self._taking.items()}
+        self.store.commit(self._snapshotted, taken)
+        for partition, offset in self._taking.items():
+            self._pass(partition, offset)
+        self._taking.clear()
         self.stats["snapshot_states"] += len(self._snapshotted)
         self.stats["snapshots"] += len(self._completed)
         for partition in self._completed:
@@ -369,6 +389,7 @@ class CommandHandler:
 
     def aborted(self) -> None:
         self.store.drop()
+        self._taking.clear()
         self._snapshotted.clear()
         self._completed.clear()
         self._deciding.clear()
@@ -379,6 +400,14 @@ class CommandHandler:
         self.store.cache.close()
 
     # The log.
+    def _input(self, partition: int) -> TP:
+        return (self.commands_topic, partition)
+
+    def _pass(self, partition: int, offset: int) -> None:
+        """Records of ``partition`` before ``offset`` were taken (in order)."""
+        if offset > self._through.get(partition, 0):
+            self._through[partition] = offset
+
     def _logs(self, partition: int) -> list[TP]:
         return [(self.events_topic, partition), (self.results_topic, partition)]
 
@@ -453,6 +482,7 @@ class CommandHandler:
 
     def _save_folded(self) -> None:
         offsets = {tp: self.tail.offsets[tp] for tp in self._folded}
+        offsets.update({self._input(p): o for p, o in self._through.items()})
         self.store.write(self._folded_states, self._folded_answers, offsets)
         self._folded.clear()
         self._folded_states.clear()
@@ -472,6 +502,11 @@ class CommandHandler:
             if kind in (None, self.aggregate.type.encode()) and command_id:
                 key = command_id.decode()
                 at = parse_at(found.get(COMMAND_AT_HEADER))
+                if at is not None and at[0] == message.partition():
+                    # Answered where it was produced (one sent on from another
+                    # partition names its origin): every record before it there
+                    # was taken, too.
+                    self._pass(at[0], at[1] + 1)
                 kept = self._folded_answers.get(key) or self.store.answered(key)
                 if kept is None or (at is not None and _later(at, kept)):
                     self._folded_answers[key] = kept_answer(
@@ -634,8 +669,9 @@ class CommandHandler:
         """The same answer again, for a command id sent again; nothing for a command
         record answered already, taken again because the group's offsets went back
         (an operator's reset, or offsets a hanging transaction held, see
-        ``Processor``): records of a partition are decided in order, so one at or
-        before the last record answered has its answer."""
+        ``Processor``) past what ``_through`` knows (a store rebuilt from the log):
+        records of a partition are decided in order, so one at or before the last
+        record answered has its answer."""
         assert answer is not None, f"no answer kept for command {command_id!r}"
         if not _later(at, answer):
             self.stats["taken_again"] += 1
@@ -745,12 +781,14 @@ class CommandHandler:
 def command_at(message: Message) -> CommandAt:
     """The command record ``message`` is: where it was produced (where it came from,
     for one the writer sent on from another partition)."""
+    here = message.partition() or 0
     for name, value in headers_of(message):
         if name == REROUTED_HEADER:
             found = parse_at(value)
-            if found is not None:
+            # Only the writer sends a record on, and only to another partition.
+            if found is not None and found[0] != here:
                 return found
-    return message.partition() or 0, message.offset() or 0
+    return here, message.offset() or 0
 
 
 def _later(at: CommandAt, kept: bytes) -> bool:

@@ -331,19 +331,50 @@ def test_commands_taken_again_get_no_second_answer(deployment: Settings) -> None
     """The commands group set back to the log's beginning (what
     ``kafka-consumer-groups --reset-offsets --to-earliest`` does; a write process
     starts from the group's offsets so when a hanging transaction holds newer ones):
-    every command is taken again and writes nothing, neither events nor a second
-    answer, with the local store kept and with it rebuilt from the log; a command id
-    sent again afterwards is still answered again."""
-    account = _id("acc")
+    every command record is taken again and writes nothing, neither events nor a
+    second answer, nor a second dead letter or a second copy sent on, with the local
+    store kept; with it rebuilt from the log, nothing is answered twice (a record
+    sent on from another partition is sent on again, and its copy answered nothing).
+    A command id sent again afterwards is still answered again."""
+    n = deployment.partitions
+    account = next(
+        a
+        for a in (_id("acc") for _ in range(1000))
+        if zlib.crc32(a.encode()) % n != partition_for(a.encode(), n)
+    )
+    topic = deployment.topics.commands("accounts")
+    producer = Producer({**deployment.producer_config(), "partitioner": PARTITIONER})
+    producer.produce(topic, b"not avro at all", key=account.encode())
+    assert producer.flush(30) == 0
     cash = deposit(account, 500, "t-1", source="cash")
     with running_worker(deployment), CommandClient(deployment) as client:
         client.send(OpenAccount(account_id=account, owner_id="c-1", currency="USD"))
         first = client.send(cash, command_id="dep-again")
         client.send(cash, command_id="dep-again")
         refused = client.send(withdrawal(account, 10_000, "w-1"))
-    assert first.accepted and refused.code == "InsufficientFunds"
+        # On the partition CRC32 picks, not the account's: sent on from there.
+        envelope = new_envelope()
+        framed = frame_command(
+            deployment, client.codec, deposit(account, 7, "t-crc"), envelope
+        )
+        plain = Producer(deployment.producer_config())
+        plain.produce(
+            framed.topic, framed.value, key=framed.key, headers=framed.headers
+        )
+        assert plain.flush(30) == 0
+        [sent_on] = client.wait([str(envelope["command_id"])], timeout=60)
+    assert first.accepted and refused.code == "InsufficientFunds" and sent_on.accepted
     answers = {k: len(v) for k, v in results_by_command(deployment).items()}
-    assert sorted(answers.values()) == [1, 1, 2]
+    assert sorted(answers.values()) == [1, 1, 1, 2]
+
+    def dead_and_copies() -> tuple[int, int]:
+        dead = read_topic(deployment, deployment.topics.dead_letter(topic))
+        copies = [
+            m for m in read_topic(deployment, topic) if REROUTED_HEADER in m.headers
+        ]
+        return len(dead), len(copies)
+
+    assert dead_and_copies() == (1, 1)
     for store in ("kept", "rebuilt"):
         rewind_group(
             deployment,
@@ -364,8 +395,12 @@ def test_commands_taken_again_get_no_second_answer(deployment: Settings) -> None
         answers["dep-again"] += 1
         found = {k: len(v) for k, v in results_by_command(deployment).items()}
         assert found == answers, store
+        # Rebuilt, a partition's records count as taken up to its last answer:
+        # the poison before the account's answers is not dead-lettered again, but
+        # the record sent on lies on a partition with no answer of its own.
+        assert dead_and_copies() == (1, 2 if store == "rebuilt" else 1), store
     versions = [e["metadata"]["stream_version"] for e in _stream(deployment, account)]
-    assert versions == [1, 2, 3, 4]
+    assert versions == [1, 2, 3, 4, 5]
 
 
 def _stream(settings: Settings, account: str) -> list[dict[str, Any]]:

@@ -154,7 +154,7 @@ def test_the_cache_keeps_what_was_committed_across_a_restart(tmp_path: Path) -> 
     service = _service(store)
     service.apply(service.decide(_envelope("c-1"), OPEN))
     store.remember_answer("c-1", b"accepted")
-    store.commit()
+    store.commit(taken={("t.commands", 1): 7})
     store.write({}, {}, {("t.events", 3): 42})
     cache.close()
 
@@ -165,6 +165,7 @@ def test_the_cache_keeps_what_was_committed_across_a_restart(tmp_path: Path) -> 
     assert again.answered("c-1") == b"accepted"
     assert reopened.offset(("t.events", 3)) == 42
     assert reopened.offset(("t.events", 2)) == 0
+    assert reopened.offset(("t.commands", 1)) == 7
     reopened.close()
 
 
