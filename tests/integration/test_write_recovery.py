@@ -197,3 +197,33 @@ def _after_loss(
             original.offset,
         ), account
     return after
+
+
+def test_a_store_filled_from_topics_since_deleted_is_dropped(
+    deployment: Settings,
+) -> None:
+    """The topics deleted and created again under their names (a Kafka reset), the
+    workers' local stores left: the write side drops its store instead of reading
+    another log's states and offsets. An account opened before does not exist in
+    the new log (its open is accepted again), and the new topics' first commands
+    are decided, not taken for commands taken before (their offsets start over)."""
+    account = "acc-reset"
+    with serving_worker(deployment), CommandClient(deployment) as client:
+        opened = client.send(
+            OpenAccount(account_id=account, owner_id="o", currency="USD")
+        )
+        for n in range(5):
+            client.send(deposit(account, 10, f"before-{n}", source="s"))
+    assert opened.accepted
+    deployments.delete_topics(deployment)
+    with serving_worker(deployment), CommandClient(deployment) as client:
+        again = client.send(
+            OpenAccount(account_id=account, owner_id="o", currency="USD"), timeout=60
+        )
+        assert again.accepted and again.version == 1, again
+        after = client.send(deposit(account, 10, "after", source="s"), timeout=60)
+        assert after.accepted and after.version == 2, after
+    assert [
+        e["metadata"]["event_type"]
+        for e in events_by_aggregate(deployment, "accounts")[account]
+    ] == ["AccountOpened", "MoneyDeposited"]
