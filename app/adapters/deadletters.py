@@ -105,10 +105,12 @@ def read_dead_letters(settings: Settings, topics: Sequence[str]) -> list[DeadLet
 
 
 def read_overview(settings: Settings) -> Overview:
-    """Every dead letter of the dead-letter topics that exist, with every action."""
+    """Every dead letter of the dead-letter topics that exist, with every action
+    committed before the call (one just taken shows its letter no longer open), or
+    ``DeadLetterError`` while a transaction stays open on the actions."""
     topics = existing_topics(settings)
     letters = read_dead_letters(settings, topics)
-    actions = read_actions(settings)
+    actions = read_actions(settings, whole=True)
     return Overview(topics, letters, actions)
 
 

@@ -364,3 +364,48 @@ def test_a_read_of_a_topic_waits_for_a_transaction_committing_meanwhile(
     finally:
         committing.join()
     assert [r.value for r in found] == [b"r-0", b"r-1", b"r-2"]
+
+
+def test_the_dead_letter_overview_shows_every_action_committed_before_it(
+    deployment: Settings,
+) -> None:
+    """The console lists the dead letters again right after an operator's action: its
+    overview reads the operator actions to the log end, not to the last stable
+    offset, which stays below an action committed after a transaction still open
+    there, and below one committed a moment ago until its marker lands (a console
+    test once saw a re-drive never shown)."""
+    from app.adapters.deadletters import ensure_actions_topic, read_overview
+    from app.deadletters import Action
+
+    ensure_actions_topic(deployment)
+    topic = deployment.topics.operator_actions
+
+    def producer(name: str) -> Producer:
+        made = Producer(
+            {**deployment.producer_config(), "transactional.id": f"{topic}-{name}"}
+        )
+        made.init_transactions(30)
+        made.begin_transaction()
+        return made
+
+    holder = producer("holder")
+    holder.produce(topic, b"never committed")
+    holder.flush(30)
+    done = Action(
+        action_id=str(uuid.uuid4()),
+        at=datetime.now(UTC),
+        operator="grace",
+        verb="discard",
+        record=f"{topic}.dlq:0:0",
+        reason="seen after the open transaction",
+    )
+    other = producer("other")
+    other.produce(topic, done.to_json())
+    other.commit_transaction(30)
+    aborting = threading.Timer(2.0, holder.abort_transaction, args=(30,))
+    aborting.start()
+    try:
+        overview = read_overview(deployment)
+    finally:
+        aborting.join()
+    assert [a.action_id for a in overview.actions] == [done.action_id]
