@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import shutil
 import time
 import typing
 from collections import OrderedDict
@@ -46,7 +48,16 @@ from app.adapters.eventlog import (
 )
 from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Sent
-from app.adapters.topics import TP, headers_of, read_range, reader, watermarks
+from app.adapters.topics import (
+    TP,
+    headers_of,
+    inbox_topic,
+    read_range,
+    reader,
+    state_topic,
+    topic_ids,
+    watermarks,
+)
 from app.application.commands import (
     Aggregate,
     CommandService,
@@ -81,6 +92,57 @@ SNAPSHOT_CHUNK = 2_000
 SNAPSHOT_MARKER = b"\x00snapshot-marker"
 # The shape of the states a snapshot record holds (``state_format``).
 FORMAT_HEADER = "streamfold-state-format"
+
+
+# Beside a write process's cache: the ids of the topics it was filled from.
+TOPICS_MARKER = "topics"
+
+
+class TopicsChanged(RuntimeError):
+    """A topic the cache was filled from was deleted and created again meanwhile."""
+
+
+def cached_topics(settings: Settings) -> list[str]:
+    """The topics a write process's cache folds: its states, answers, offsets."""
+    names = [settings.topics.results]
+    for area in AGGREGATES:
+        names += [settings.topics.commands(area), settings.topics.events(area)]
+    if settings.saga:
+        names += [inbox_topic(settings), state_topic(settings)]
+    return names
+
+
+def cache_topic_ids(cache_dir: Path) -> dict[str, str]:
+    """The topic ids noted beside a cache (none for a cache without the note)."""
+    try:
+        return dict(orjson.loads((cache_dir / TOPICS_MARKER).read_bytes()))
+    except (OSError, orjson.JSONDecodeError, TypeError, ValueError):
+        return {}
+
+
+def drop_cache_of_other_topics(settings: Settings, cache_dir: Path) -> None:
+    """Drop the cache unless the topics it was filled from are the ones there now
+    (not deleted since, even if others were created under their names: a Kafka
+    reset under a kept ``~/.streamfold``): their offsets start over, and its
+    states, answers and offsets would be another log's. A cache without the note
+    is dropped too (written before it, or by a drop cut short). It is rebuilt from
+    the snapshots and the log."""
+    ids = topic_ids(settings, cached_topics(settings))
+    if cache_topic_ids(cache_dir) != ids and cache_dir.exists():
+        if any(cache_dir.iterdir()):
+            log.warning(
+                "%s: not filled from the topics there now; rebuilding it", cache_dir
+            )
+        # Out of the way at once, then deleted: a process killed meanwhile leaves
+        # no half-deleted cache under the cache's name.
+        doomed = cache_dir.with_name(cache_dir.name + ".dropped")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(cache_dir, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    written = cache_dir / (TOPICS_MARKER + ".new")
+    written.write_bytes(orjson.dumps(ids))
+    os.replace(written, cache_dir / TOPICS_MARKER)
 
 
 def state_format(cls: type) -> str:
@@ -260,11 +322,14 @@ class CommandHandler:
         # Command ids decided in this batch whose answers wait for their events.
         self._deciding: set[str] = set()
         # Per command partition, the offset after the last record taken (decided,
-        # answered again, dead-lettered or sent on) in a committed batch, or, from
-        # the log, answered: records before it are taken again only when the
-        # group's offsets went back, and write nothing. ``_taking``: this batch's.
+        # answered again, dead-lettered or sent on) in a committed batch: records
+        # before it are taken again only when the group's offsets went back, and
+        # write nothing. ``_taking``: this batch's. ``_checked``: partitions whose
+        # topic was seen to be the one the cache was filled from, since assigned.
         self._through: dict[int, int] = {}
         self._taking: dict[int, int] = {}
+        self._checked: set[int] = set()
+        self.cache_dir = cache_dir
         # What the tail folded and is not written yet.
         self._folded: set[TP] = set()
         self._folded_states: dict[str, VersionedState] = {}
@@ -280,6 +345,7 @@ class CommandHandler:
             "snapshots": 0,
             "restored_states": 0,
             "taken_again": 0,
+            "answered_before": 0,
         }
 
     @property
@@ -291,6 +357,7 @@ class CommandHandler:
         self.partitions.take(partitions)
         for _, partition in partitions:
             self._pass(partition, self.store.cache.offset(self._input(partition)))
+            self._checked.discard(partition)
 
     def revoked(self, partitions: Sequence[TP]) -> None:
         for partition in self.partitions.give_up(partitions):
@@ -314,7 +381,7 @@ class CommandHandler:
 
     def handle(self, message: Message, batch: Batch) -> None:
         partition, offset = message.partition() or 0, message.offset() or 0
-        if offset < self._through.get(partition, 0):
+        if offset < self._through.get(partition, 0) and self._same_topic(partition):
             self.stats["taken_again"] += 1
             return
         self._taking[partition] = offset + 1
@@ -402,6 +469,25 @@ class CommandHandler:
     # The log.
     def _input(self, partition: int) -> TP:
         return (self.commands_topic, partition)
+
+    def _same_topic(self, partition: int) -> bool:
+        """Whether the commands topic is still the one whose offsets the cache
+        noted, checked once a partition's records are first taken for taken
+        before since it was assigned: a topic deleted and created again under its
+        name while the process ran starts its offsets over, and the process ends
+        (``TopicsChanged``), to start again on a cache dropped for it
+        (``writer``)."""
+        if partition in self._checked:
+            return True
+        noted = cache_topic_ids(self.cache_dir).get(self.commands_topic)
+        now = topic_ids(self.settings, [self.commands_topic], timeout=30.0)
+        if noted is not None and now.get(self.commands_topic) != noted:
+            raise TopicsChanged(
+                f"{self.commands_topic} was deleted and created again "
+                f"(topic id {noted}, now {now.get(self.commands_topic)})"
+            )
+        self._checked.add(partition)
+        return noted is not None
 
     def _pass(self, partition: int, offset: int) -> None:
         """Records of ``partition`` before ``offset`` were taken (in order)."""
@@ -502,11 +588,6 @@ class CommandHandler:
             if kind in (None, self.aggregate.type.encode()) and command_id:
                 key = command_id.decode()
                 at = parse_at(found.get(COMMAND_AT_HEADER))
-                if at is not None and at[0] == message.partition():
-                    # Answered where it was produced (one sent on from another
-                    # partition names its origin): every record before it there
-                    # was taken, too.
-                    self._pass(at[0], at[1] + 1)
                 kept = self._folded_answers.get(key) or self.store.answered(key)
                 if kept is None or (at is not None and _later(at, kept)):
                     self._folded_answers[key] = kept_answer(
@@ -669,12 +750,12 @@ class CommandHandler:
         """The same answer again, for a command id sent again; nothing for a command
         record answered already, taken again because the group's offsets went back
         (an operator's reset, or offsets a hanging transaction held, see
-        ``Processor``) past what ``_through`` knows (a store rebuilt from the log):
-        records of a partition are decided in order, so one at or before the last
-        record answered has its answer."""
+        ``Processor``) past what ``_through`` knows (a store rebuilt from the log,
+        or another process's): records of a partition are decided in order, so one
+        at or before the last record answered has its answer."""
         assert answer is not None, f"no answer kept for command {command_id!r}"
         if not _later(at, answer):
-            self.stats["taken_again"] += 1
+            self.stats["answered_before"] += 1
             return
         value, fingerprint = sent_answer(answer)
         self.store.remember_answer(command_id, kept_answer(value, fingerprint, at))

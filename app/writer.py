@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from agents.saga import FeedHandler, SagaHandler
 from app.adapters.codec import Codec
 from app.adapters.processor import Handler, Processor
 from app.adapters.saga_io import feed_group
-from app.adapters.topics import required_topics, saga_topics, topic_ids
 from app.children import start_child
-from app.runtime import AGGREGATES, CommandHandler
+from app.runtime import AGGREGATES, CommandHandler, drop_cache_of_other_topics
 from app.settings import Settings
 from app.writeside import (
     FENCE_TIMEOUT_S,
@@ -46,7 +43,7 @@ def write(
         return
     stopping, codec = started
     log.info("write process %d started", index)
-    _cache_of_these_topics(settings, state_dir(settings, index))
+    drop_cache_of_other_topics(settings, state_dir(settings, index))
     processors, handlers = build(settings, codec, index)
     began = time.monotonic()
     if fenced.wait(FENCE_TIMEOUT_S + 5.0):
@@ -115,23 +112,6 @@ def build(
         ),
     )
     return processors, handlers
-
-
-def _cache_of_these_topics(settings: Settings, cache: Path) -> None:
-    """Drop the cache if the topics it was filled from are gone, even if others were
-    created under their names since (a Kafka reset, a deployment made again): its
-    offsets and states would be another log's, and it would skip the new topics'
-    first commands as taken before. It is rebuilt from the log."""
-    names = [spec.name for spec in required_topics(settings)]
-    if settings.saga:
-        names += [spec.name for spec in saga_topics(settings)]
-    ids = topic_ids(settings, names)
-    marker = cache / "topics"
-    if marker.exists() and marker.read_text() != ids:
-        log.warning("%s: filled from topics since deleted; rebuilding it", cache)
-        shutil.rmtree(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    marker.write_text(ids)
 
 
 def _running(processor: Processor, stopping: threading.Event) -> None:

@@ -199,3 +199,37 @@ def rewind_group(settings: Settings, group: str, topics: Sequence[str]) -> None:
         reset, lambda r: not r, timeout=3 * settings.session_timeout_s, every=1.0
     )
     assert not refused, f"{group} not rewound: {refused}"
+
+
+class Consumed:
+    """A consumed record for code that reads one without a broker (as much of
+    confluent_kafka's ``Message`` as the processor and handlers read first)."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: bytes = b"",
+        key: bytes = b"k",
+    ) -> None:
+        self.where = (topic, partition, offset)
+        self.data = (key, value)
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self.where[0]
+
+    def partition(self) -> int:
+        return self.where[1]
+
+    def offset(self) -> int:
+        return self.where[2]
+
+    def key(self) -> bytes:
+        return self.data[0]
+
+    def value(self) -> bytes:
+        return self.data[1]

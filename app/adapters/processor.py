@@ -10,7 +10,9 @@ moved on) is fenced by the group's generation.
 
 Any failure aborts the batch: the handlers drop what it changed, the consumer goes
 back to the group's committed offsets, and each handler catches up from its log
-before it decides again. Nothing is read back, probed or kept beside Kafka's offsets.
+before it decides again. The processor reads nothing back, probes nothing and keeps
+no position of its own beside Kafka's offsets (the command handlers note, with their
+states, the last input they took: ``runtime.CommandHandler``).
 """
 
 from __future__ import annotations
@@ -340,11 +342,8 @@ class Processor:
                 on_lost=self._on_revoke,
             )
             while not stop.is_set():
-                self._transact(
-                    consumer,
-                    producer,
-                    take(consumer, self.batch_size, self.poll_timeout),
-                )
+                taken = take(consumer, self.batch_size, self.poll_timeout)
+                self._transact(consumer, producer, self.still_mine(taken))
         finally:
             self.report.assigned.clear()
             for handler in self.handlers:
@@ -353,6 +352,20 @@ class Processor:
                 consumer.close()
             except KafkaException as error:  # leaving the group is best effort
                 log.info("%s: closing the consumer: %s", self.group, error)
+
+    def still_mine(self, messages: list[Message]) -> list[Message]:
+        """``messages`` less those of partitions no longer assigned: a record polled
+        before a rebalance that took its partition away (in ``take``'s second call)
+        is the next owner's, and deciding it here too would answer it twice (the
+        broker takes offsets from a member of the group's generation whatever it
+        was assigned)."""
+        assigned = self.report.assigned
+        return [
+            m
+            for m in messages
+            if m.error() is not None
+            or (m.topic() or "", m.partition() or 0) in assigned
+        ]
 
     def _transact(
         self, consumer: Consumer, producer: Producer, messages: list[Message]

@@ -295,10 +295,12 @@ def partitions_of(consumer: Any, topic: str, timeout: float = 30.0) -> list[int]
         time.sleep(0.2)
 
 
-def topic_ids(settings: Settings, names: Iterable[str], timeout: float = 120.0) -> str:
-    """The topics' ids (``name=id`` lines, by name): what tells a topic from one
-    deleted and created again under its name, whose offsets start over. Waits for
-    the broker and for a topic created a moment ago (see ``SETTLING``)."""
+def topic_ids(
+    settings: Settings, names: Iterable[str], timeout: float = 120.0
+) -> dict[str, str]:
+    """Each topic's id: what tells a topic from one deleted and created again under
+    its name, whose offsets start over. Waits for the broker and for a topic created
+    a moment ago (see ``SETTLING``)."""
     admin = admin_client(settings)
     wanted = sorted(set(names))
     deadline = time.monotonic() + timeout
@@ -308,12 +310,14 @@ def topic_ids(settings: Settings, names: Iterable[str], timeout: float = 120.0) 
             described = admin.describe_topics(
                 TopicCollection(wanted), request_timeout=30
             )
-            found = {name: f.result().topic_id for name, f in described.items()}
-            return "\n".join(f"{name}={found[name]}" for name in wanted)
+            return {name: str(f.result().topic_id) for name, f in described.items()}
         except KafkaException as error:
             code = error.args[0].code() if error.args else None
-            retriable = code in SETTLING or code == KafkaError._TRANSPORT
-            if not retriable or time.monotonic() >= deadline:
+            waiting = code in SETTLING or code in (
+                KafkaError._TIMED_OUT,
+                KafkaError._TRANSPORT,
+            )
+            if not waiting or time.monotonic() >= deadline:
                 raise
             time.sleep(pauses.next())
 

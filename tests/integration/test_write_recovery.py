@@ -14,15 +14,18 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from app.adapters import topics
+from app.audit import new_codec
 from app.client import CommandClient, CommandResult
 from app.domain.accounts import OpenAccount, Withdraw
 from app.domain.money import fmt
 from app.local import deployments
+from app.runtime import CommandHandler, TopicsChanged, drop_cache_of_other_topics
 from app.settings import Settings
 from app.workload import deposit, withdrawal
 from app.writeside import REPORT_S
@@ -31,7 +34,7 @@ from tests.invariants import (
     assert_write_side_promises,
     serving_worker,
 )
-from tests.support import events_by_aggregate
+from tests.support import Consumed, events_by_aggregate
 
 ACCOUNTS = 12
 COMMANDS_EACH = 20
@@ -227,3 +230,31 @@ def test_a_store_filled_from_topics_since_deleted_is_dropped(
         e["metadata"]["event_type"]
         for e in events_by_aggregate(deployment, "accounts")[account]
     ] == ["AccountOpened", "MoneyDeposited"]
+
+
+def test_a_running_write_process_stops_on_a_topic_created_again(
+    deployment: Settings, tmp_path: Path
+) -> None:
+    """A command record below the last one the write process took (the group's
+    offsets went back) is taken for one taken before, and skipped, only while the
+    commands topic is the one the cache noted: deleted and created again under its
+    name while the process runs, its offsets start over, and the process stops (to
+    start again on a cache dropped for it) instead of skipping the new commands."""
+    every = topics.required_topics(deployment) + topics.saga_topics(deployment)
+    topics.ensure_topics(deployment, every)
+    cache = tmp_path / "write-state"
+    drop_cache_of_other_topics(deployment, cache)
+    handler = CommandHandler(deployment, "accounts", new_codec(deployment), cache)
+    commands = deployment.topics.commands("accounts")
+    try:
+        handler.store.commit(taken={(commands, 0): 5})
+        handler.assigned([(commands, 0)])
+        handler.handle(Consumed(commands, 0, 3), None)  # type: ignore[arg-type]
+        assert handler.stats["taken_again"] == 1
+        deployments.delete_topics(deployment)
+        topics.ensure_topics(deployment, every)
+        handler.assigned([(commands, 0)])
+        with pytest.raises(TopicsChanged, match="created again"):
+            handler.handle(Consumed(commands, 0, 3), None)  # type: ignore[arg-type]
+    finally:
+        handler.close()

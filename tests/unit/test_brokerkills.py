@@ -9,23 +9,7 @@ import pytest
 from app import brokerkills
 from app.brokerkills import ECHOES_HEADER, INPUT, KeepingEcho
 from app.settings import Settings
-
-
-class _Message:
-    def __init__(self, partition: int, offset: int) -> None:
-        self._partition, self._offset = partition, offset
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes:
-        return b"k"
-
-    def value(self) -> bytes:
-        return f"{self._partition}:{self._offset}".encode()
+from tests.support import Consumed
 
 
 class _Batch:
@@ -52,7 +36,9 @@ def test_a_keeping_echo_skips_input_its_output_already_holds(
     batch = _Batch()
     echo.prepare({(INPUT, 0), (INPUT, 1)})
     for partition, offset in [(0, 4), (0, 5), (0, 6), (1, 0)]:
-        echo.handle(_Message(partition, offset), batch)  # type: ignore[arg-type]
+        echo.handle(
+            Consumed(INPUT, partition, offset, f"{partition}:{offset}".encode()), batch
+        )  # type: ignore[arg-type]
     assert [options["partition"] for _, _, options in batch.sent] == [0, 1]
     assert [options["headers"] for _, _, options in batch.sent] == [
         [(ECHOES_HEADER, b"0@6")],
@@ -64,11 +50,11 @@ def test_a_keeping_echo_skips_input_its_output_already_holds(
     echo.aborted()
     outputs[0] = 6
     echo.prepare({(INPUT, 0)})
-    echo.handle(_Message(0, 6), batch)  # type: ignore[arg-type]
+    echo.handle(Consumed(INPUT, 0, 6, b"0:6"), batch)  # type: ignore[arg-type]
     assert echo.skipped == 3
-    echo.handle(_Message(0, 7), batch)  # type: ignore[arg-type]
+    echo.handle(Consumed(INPUT, 0, 7, b"0:7"), batch)  # type: ignore[arg-type]
     echo.committed()
     echo.prepare({(INPUT, 0)})
-    echo.handle(_Message(0, 7), batch)  # type: ignore[arg-type]
+    echo.handle(Consumed(INPUT, 0, 7, b"0:7"), batch)  # type: ignore[arg-type]
     assert echo.skipped == 4
     assert reads == [0, 1, 0] or (sorted(reads[:2]) == [0, 1] and reads[2:] == [0])

@@ -21,6 +21,7 @@ from app.adapters.processor import (
     Processor,
 )
 from app.settings import Settings
+from tests.support import Consumed
 
 
 def _processor() -> Processor:
@@ -123,23 +124,6 @@ class _Clients:
         ]
 
 
-class _Message:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._where = (topic, partition, offset)
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self._where[0]
-
-    def partition(self) -> int:
-        return self._where[1]
-
-    def offset(self) -> int:
-        return self._where[2]
-
-
 class _Echo:
     """Writes one output per message of ``answered`` (tracked, and answered once
     acknowledged), nothing for any other topic's message."""
@@ -184,7 +168,7 @@ def test_a_batch_that_writes_nothing_opens_no_transaction_and_its_offsets_follow
     processor = _processor_with(handler)
     clients = _Clients({("quiet", 0): 8})
     processor._transact(
-        clients, clients, [_Message("quiet", 0, 6), _Message("quiet", 0, 7)]
+        clients, clients, [Consumed("quiet", 0, 6), Consumed("quiet", 0, 7)]
     )  # type: ignore[arg-type]
     # No transaction for the batch; the idle commit (due at once the first time)
     # carries its offsets in a transaction of its own.
@@ -193,7 +177,7 @@ def test_a_batch_that_writes_nothing_opens_no_transaction_and_its_offsets_follow
     assert handler.committed_batches == 1
     # Within the second: nothing more is committed.
     clients.positions[("quiet", 0)] = 9
-    processor._transact(clients, clients, [_Message("quiet", 0, 8)])  # type: ignore[arg-type]
+    processor._transact(clients, clients, [Consumed("quiet", 0, 8)])  # type: ignore[arg-type]
     assert clients.calls == ["begin", "send_offsets", "commit"]
     assert handler.committed_batches == 2
 
@@ -202,7 +186,7 @@ def test_a_batch_that_writes_sends_its_offsets_before_its_outputs_settle() -> No
     handler = _Echo()
     processor = _processor_with(handler)
     clients = _Clients({("in", 0): 4})
-    processor._transact(clients, clients, [_Message("in", 0, 3)])  # type: ignore[arg-type]
+    processor._transact(clients, clients, [Consumed("in", 0, 3)])  # type: ignore[arg-type]
     assert clients.calls == [
         "begin",
         "produce out",
@@ -221,7 +205,7 @@ def test_each_transactional_call_is_watched_with_its_limit() -> None:
     clients = _Clients({("in", 0): 4})
     clients.watched = processor
     began = time.monotonic()
-    processor._transact(clients, clients, [_Message("in", 0, 3)])  # type: ignore[arg-type]
+    processor._transact(clients, clients, [Consumed("in", 0, 3)])  # type: ignore[arg-type]
     ended = time.monotonic()
     names = [c[0] for c in clients.in_progress if c is not None]
     assert names == ["send_offsets_to_transaction", "commit_transaction"]
@@ -335,7 +319,7 @@ def test_a_call_that_fails_is_not_left_in_progress() -> None:
     assert processor.report.calling is None
 
 
-class _Failed(_Message):
+class _Failed(Consumed):
     """A consumer's error, as ``poll`` hands it over."""
 
     def __init__(self, error: KafkaError) -> None:
@@ -573,3 +557,13 @@ def test_new_clients_wait_longer_only_while_the_last_ones_got_nothing_done(
     monkeypatch.setattr(stop, "wait", waits.append)
     processor.run(stop)
     assert waits == [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]
+
+
+def test_records_of_a_partition_taken_away_meanwhile_are_left_to_its_next_owner() -> (
+    None
+):
+    processor = _processor()
+    processor.report.assigned = {("in", 0)}
+    taken = [Consumed("in", 0, 5), Consumed("in", 1, 7), Consumed("in", 0, 6)]
+    kept = processor.still_mine(taken)  # type: ignore[arg-type]
+    assert [(m.partition(), m.offset()) for m in kept] == [(0, 5), (0, 6)]
