@@ -75,7 +75,7 @@ def _read(
     it was called (read up to the log's end, past any transaction open there once
     it ends), or ``DeadLetterError``."""
     try:
-        return read_topic(settings, topic, purpose, to_log_end=whole)
+        return list(read_topic(settings, topic, purpose, to_log_end=whole))
     except Stalled as error:
         raise DeadLetterError(
             f"reading {topic}: a transaction is still open there; try again"

@@ -471,9 +471,9 @@ def read_range(
 
 def read_topic(
     settings: Settings, topic: str, purpose: str, *, to_log_end: bool = True
-) -> list[Message]:
+) -> Iterator[Message]:
     """Every committed record of ``topic``, partition by partition, in offset order,
-    as a read_committed reader (``reader``) finds them (blocking).
+    as a read_committed reader (``reader``) finds them (blocking), one at a time.
 
     ``to_log_end``: every record committed when it was called: up to each
     partition's log end, waiting for a transaction open there to end (``Stalled``
@@ -485,14 +485,12 @@ def read_topic(
     consumer = reader(settings, purpose)
     try:
         ends = log_ends(settings, [topic]) if to_log_end else {}
-        found: list[Message] = []
         for partition in partitions_of(consumer, topic):
             low, high = watermarks(consumer, topic, partition)
             end = ends.get((topic, partition), high)
-            found += read_range(
+            yield from read_range(
                 consumer, topic, partition, low, end, stop_at_open=not to_log_end
             )
-        return found
     finally:
         consumer.close()
 

@@ -878,23 +878,22 @@ class Superseded(Exception):
 
 def dead_lettered(settings: Settings, topic: str) -> set[tuple[str, int, int]]:
     """The source (topic, partition, offset) of every record in a dead-letter topic."""
+    found: set[tuple[str, int, int]] = set()
     try:
-        letters = topics.read_topic(
+        for message in topics.read_topic(
             settings, topic, "dead-letter-reader", to_log_end=False
-        )
+        ):
+            headers = {n: v for n, v in topics.headers_of(message) if v is not None}
+            with contextlib.suppress(KeyError, ValueError):
+                found.add(
+                    (
+                        headers["dlq-source-topic"].decode(),
+                        int(headers["dlq-source-partition"]),
+                        int(headers["dlq-source-offset"]),
+                    )
+                )
     except KafkaException as error:
         raise KafkaTransient(f"reading {topic}: {error}") from error
-    found: set[tuple[str, int, int]] = set()
-    for message in letters:
-        headers = {n: v for n, v in topics.headers_of(message) if v is not None}
-        with contextlib.suppress(KeyError, ValueError):
-            found.add(
-                (
-                    headers["dlq-source-topic"].decode(),
-                    int(headers["dlq-source-partition"]),
-                    int(headers["dlq-source-offset"]),
-                )
-            )
     return found
 
 
