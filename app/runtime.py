@@ -480,14 +480,16 @@ class CommandHandler:
         if partition in self._checked:
             return True
         noted = cache_topic_ids(self.cache_dir).get(self.commands_topic)
+        if noted is None:
+            return False  # a cache without the note: its offsets are not trusted
         now = topic_ids(self.settings, [self.commands_topic], timeout=30.0)
-        if noted is not None and now.get(self.commands_topic) != noted:
+        if now.get(self.commands_topic) != noted:
             raise TopicsChanged(
                 f"{self.commands_topic} was deleted and created again "
                 f"(topic id {noted}, now {now.get(self.commands_topic)})"
             )
         self._checked.add(partition)
-        return noted is not None
+        return True
 
     def _pass(self, partition: int, offset: int) -> None:
         """Records of ``partition`` before ``offset`` were taken (in order)."""

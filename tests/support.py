@@ -233,3 +233,6 @@ class Consumed:
 
     def value(self) -> bytes:
         return self.data[1]
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return []
