@@ -24,6 +24,7 @@ from app.local import postgres
 from app.local.kafka import KafkaNode
 from app.local.registry import RegistryProcess
 from app.settings import Settings, Topics
+from app.waiting import eventually
 from app.writeside import state_dir
 
 
@@ -138,10 +139,19 @@ def delete_topics(settings: Settings) -> None:
     ]
     if names:
         # Wait until the topics are gone from the metadata (their files go later): an
-        # admin client dropped before its request is sent deletes nothing.
+        # admin client dropped before its request is sent deletes nothing, and a
+        # topic created again under a name still being deleted is deleted with it.
         for future in admin.delete_topics(names, operation_timeout=30).values():
             with contextlib.suppress(KafkaException):
                 future.result(timeout=30)
+        left = eventually(
+            lambda: set(names) & set(admin.list_topics(timeout=30).topics),
+            lambda found: not found,
+            timeout=120,
+            every=0.5,
+        )
+        if left:
+            raise RuntimeError(f"topics not deleted within 120 s: {sorted(left)}")
 
 
 @contextlib.contextmanager
