@@ -579,8 +579,20 @@ class Processor:
             timed_out = isinstance(error, KafkaError) and (
                 error.code() == KafkaError._TIMED_OUT
             )
-            if not (self.replays_safely and timed_out):
+            if not timed_out:
                 raise
+            if not self.replays_safely:
+                held = sorted((tp.topic, tp.partition) for tp in partitions)
+                # What /status shows as the last error: where, and the remedy.
+                raise KafkaException(
+                    KafkaError(
+                        KafkaError._TIMED_OUT,
+                        f"committed offsets of {held} held past {LOOKUP_S:.0f}s by a "
+                        "transaction pending on the group; waiting for it to end (if "
+                        "it never does: `streamfold kafka-tool transactions "
+                        "find-hanging`, then `abort`)",
+                    )
+                ) from failure
         self.report.held_lookups += 1
         log.warning(
             "%s: committed offsets of %s held past %.0fs: starting from the "

@@ -485,6 +485,9 @@ def test_offsets_held_pending_fail_the_assignment_and_end_nothing() -> None:
     with pytest.raises(KafkaException) as raised:
         processor._on_assign(consumer, [TopicPartition(*tp) for tp in NEW])  # type: ignore[arg-type]
     assert raised.value.args[0].code() == KafkaError._TIMED_OUT
+    # Named, with the remedy, for /status's last error.
+    assert "('in', 0)" in raised.value.args[0].str()
+    assert "find-hanging" in raised.value.args[0].str()
     assert consumer.lookups >= 2  # asked again until the time was up
     assert consumer.assigned == []
     assert handler.told == []
