@@ -42,7 +42,7 @@ from confluent_kafka import (
 )
 
 from app.adapters.eventlog import format_at, parse_at
-from app.adapters.processor import Batch, Processor
+from app.adapters.processor import Batch, Ownership, Processor
 from app.adapters.topics import (
     TP,
     TopicSpec,
@@ -113,26 +113,21 @@ class KeepingEcho(Echo):
         self.settings = settings
         self.last: dict[int, int] = {}
         self.pending: dict[int, int] = {}
-        self.owned: set[int] = set()
-        self.stale: set[int] = set()
+        self.partitions = Ownership()
         self.skipped = 0
 
     def assigned(self, partitions: Sequence[TP]) -> None:
-        taken = {p for _, p in partitions}
-        self.owned |= taken
-        self.stale |= taken
+        self.partitions.take(partitions)
 
     def revoked(self, partitions: Sequence[TP]) -> None:
-        for _, p in partitions:
-            self.owned.discard(p)
-            self.stale.discard(p)
+        for p in self.partitions.give_up(partitions):
             self.last.pop(p, None)
 
     def prepare(self, partitions: set[TP]) -> None:
         for _, p in partitions:
-            if p in self.stale:
+            if p in self.partitions.stale:
                 self.last[p] = last_echoed(self.settings, self.output, p)
-                self.stale.discard(p)
+                self.partitions.stale.discard(p)
                 log.info("%s[%d]: last echoed input %d", self.output, p, self.last[p])
 
     def handle(self, message: Message, batch: Batch) -> None:
@@ -158,7 +153,7 @@ class KeepingEcho(Echo):
     def aborted(self) -> None:
         # A commit that failed may have landed: the output says.
         self.pending.clear()
-        self.stale |= self.owned
+        self.partitions.doubt()
 
 
 def last_echoed(settings: Settings, output: str, partition: int) -> int:

@@ -329,7 +329,9 @@ class CommandHandler:
         self._through: dict[int, int] = {}
         self._taking: dict[int, int] = {}
         self._checked: set[int] = set()
-        self.cache_dir = cache_dir
+        # The commands topic's id as noted beside the cache when the process started
+        # (``drop_cache_of_other_topics``); None: no note, the mark is not trusted.
+        self._noted_id = cache_topic_ids(cache_dir).get(self.commands_topic)
         # What the tail folded and is not written yet.
         self._folded: set[TP] = set()
         self._folded_states: dict[str, VersionedState] = {}
@@ -479,14 +481,13 @@ class CommandHandler:
         (``writer``)."""
         if partition in self._checked:
             return True
-        noted = cache_topic_ids(self.cache_dir).get(self.commands_topic)
-        if noted is None:
-            return False  # a cache without the note: its offsets are not trusted
+        if self._noted_id is None:
+            return False
         now = topic_ids(self.settings, [self.commands_topic], timeout=30.0)
-        if now.get(self.commands_topic) != noted:
+        if now.get(self.commands_topic) != self._noted_id:
             raise TopicsChanged(
                 f"{self.commands_topic} was deleted and created again "
-                f"(topic id {noted}, now {now.get(self.commands_topic)})"
+                f"(topic id {self._noted_id}, now {now.get(self.commands_topic)})"
             )
         self._checked.add(partition)
         return True
@@ -570,7 +571,6 @@ class CommandHandler:
 
     def _save_folded(self) -> None:
         offsets = {tp: self.tail.offsets[tp] for tp in self._folded}
-        offsets.update({self._input(p): o for p, o in self._through.items()})
         self.store.write(self._folded_states, self._folded_answers, offsets)
         self._folded.clear()
         self._folded_states.clear()
