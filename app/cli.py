@@ -14,7 +14,7 @@ from app.local.process import ServiceError
 from app.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from app.client import CommandResult
+    from app.adapters.eventlog import CommandResult
 
 REPO = Path(__file__).resolve().parents[1]
 

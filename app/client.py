@@ -23,7 +23,7 @@ from confluent_kafka import (
 from app.adapters import mapper
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, ConfluentRegistry, Headers, headers
-from app.adapters.eventlog import partition_for
+from app.adapters.eventlog import CommandResult, partition_for
 from app.adapters.topics import end_offsets, take
 from app.domain import accounts, orders
 from app.settings import Settings
@@ -41,34 +41,6 @@ PARTITIONER = "murmur2_random"
 
 class CommandTimeout(TimeoutError):
     """No result arrived in time; the command may still be processed later."""
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    command_id: str
-    accepted: bool
-    aggregate_type: str
-    aggregate_id: str
-    version: int | None
-    event_ids: tuple[str, ...]
-    partition: int | None
-    offset: int | None
-    code: str | None
-    message: str | None
-    field: str | None
-    correlation_id: str
-    # The digest of the command answered (``mapper.fingerprint``), from the
-    # result's headers; None when they carry none.
-    fingerprint: str | None = None
-
-    @classmethod
-    def from_record(cls, data: dict[str, Any]) -> CommandResult:
-        # The record's other fields have the same names; when it was processed is
-        # no part of the result.
-        fields = {k: v for k, v in data.items() if k not in ("status", "processed_at")}
-        return mapper.from_dict(
-            cls, {**fields, "accepted": data["status"] == "ACCEPTED"}
-        )
 
 
 def area_of(command: Any) -> str:

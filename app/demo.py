@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 
+from app.adapters.eventlog import CommandResult
 from app.application import saga
 from app.application.saga import Step
-from app.client import CommandClient, CommandResult
+from app.client import CommandClient
 from app.domain.accounts import OpenAccount
 from app.domain.money import fmt
 from app.domain.orders import DeliverOrder, LineItem, ShipOrder

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from agents.saga import FeedHandler, SagaHandler
@@ -18,16 +20,32 @@ from app.adapters.saga_io import feed_group
 from app.children import start_child
 from app.runtime import AGGREGATES, CommandHandler, drop_cache_of_other_topics
 from app.settings import Settings
-from app.writeside import (
-    FENCE_TIMEOUT_S,
-    REPORT_S,
-    WRITER_NAME,
-    command_group,
-    state_dir,
-    transactional_ids,
-)
 
 log = logging.getLogger("streamfold.worker")
+REPORT_S = 0.5
+# How long a child's transactional ids may take to be fenced ahead (see
+# ``app.writeside.fence``).
+FENCE_TIMEOUT_S = 10.0
+WRITER_NAME = "sf-writer"
+
+
+def command_group(settings: Settings) -> str:
+    return f"{settings.app_id}.commands"
+
+
+def transactional_ids(settings: Settings, index: int) -> list[str]:
+    """Child ``index``'s transactional ids: its command processor's, then its saga
+    feed's (with the saga on). Unique per process slot and the same after a
+    restart: the new incarnation's producers abort what the old one left open."""
+    slot = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
+    return [slot, f"{slot}-feed"] if settings.saga else [slot]
+
+
+def state_dir(settings: Settings, index: int) -> Path:
+    """Where child ``index`` of this worker caches its state (RocksDB)."""
+    return (
+        settings.home / "write-state" / f"{settings.app_id}-{settings.web_port}-{index}"
+    )
 
 
 def write(

@@ -14,11 +14,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import socket
 import threading
 import time
-from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from app.adapters.topics import (
@@ -30,26 +27,17 @@ from app.adapters.topics import (
 from app.children import Supervisor
 from app.settings import Settings
 from app.waiting import Backoff
+from app.writer import (
+    FENCE_TIMEOUT_S,
+    REPORT_S,
+    command_group,
+    transactional_ids,
+    write,
+)
 
 log = logging.getLogger("streamfold.worker")
-REPORT_S = 0.5
 # How long the worker lets its write processes start alone (see start_write_side).
 START_WAIT_S = 10.0
-# How long a child's transactional ids may take to be fenced ahead (see ``fence``).
-FENCE_TIMEOUT_S = 10.0
-WRITER_NAME = "sf-writer"
-
-
-def command_group(settings: Settings) -> str:
-    return f"{settings.app_id}.commands"
-
-
-def transactional_ids(settings: Settings, index: int) -> list[str]:
-    """Child ``index``'s transactional ids: its command processor's, then its saga
-    feed's (with the saga on). Unique per process slot and the same after a
-    restart: the new incarnation's producers abort what the old one left open."""
-    slot = f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}-{index}"
-    return [slot, f"{slot}-feed"] if settings.saga else [slot]
 
 
 def fence(settings: Settings, transactional_ids: list[str]) -> None:
@@ -80,13 +68,6 @@ def fence(settings: Settings, transactional_ids: list[str]) -> None:
         thread.join()
 
 
-def state_dir(settings: Settings, index: int) -> Path:
-    """Where child ``index`` of this worker caches its state (RocksDB)."""
-    return (
-        settings.home / "write-state" / f"{settings.app_id}-{settings.web_port}-{index}"
-    )
-
-
 def start_write_side(settings: Settings) -> WriteProcess:
     """The topics, then the write processes: before the worker imports Faust, runs
     the migrations and registers the schemas' subjects (about two seconds), so a
@@ -95,13 +76,13 @@ def start_write_side(settings: Settings) -> WriteProcess:
         settings,
         required_topics(settings) + (saga_topics(settings) if settings.saga else []),
     )
-    write = WriteProcess(settings, settings.write_processes)
-    write.start()
+    side = WriteProcess(settings, settings.write_processes)
+    side.start()
     # The rest of the worker's start (Faust, the migrations, the projections: two
     # seconds of CPU) would compete with the write processes' own on a small
     # machine; after a crash, answering commands again comes first.
-    write.wait_assigned(START_WAIT_S)
-    return write
+    side.wait_assigned(START_WAIT_S)
+    return side
 
 
 class WriteProcess(Supervisor):
@@ -153,7 +134,7 @@ class WriteProcess(Supervisor):
             receiving, sending = context.Pipe(duplex=False)
             fenced = context.Event()
             child = context.Process(
-                target=_write,
+                target=write,
                 args=(self.settings, index, sending, os.getpid(), fenced),
                 name=f"streamfold-writer-{index}",
             )
@@ -185,13 +166,3 @@ class WriteProcess(Supervisor):
                 delay,
             )
             self._stopping.wait(delay)
-
-
-def _write(
-    settings: Settings, index: int, reports: Connection, parent: int, fenced: Any
-) -> None:
-    # Imported here, in the write process: the worker starts its write processes
-    # before it imports the write side's modules (or Faust), see start_write_side.
-    from app.writer import write
-
-    write(settings, index, reports, parent, fenced)

@@ -56,7 +56,7 @@ from app.local.worker import WorkerProcess
 from app.projections.replay import group_members
 from app.settings import Settings
 from app.workload import ledger_traffic
-from app.writeside import WRITER_NAME
+from app.writer import WRITER_NAME
 from bench import quix_peer
 from bench.common import ResultListener, baseline_topics, isolated, run_id
 from bench.harness import (

@@ -46,7 +46,7 @@ from app.local.process import ServiceError, tail, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import AGGREGATES, Settings
 from app.waiting import eventually
-from app.writeside import command_group
+from app.writer import command_group
 from bench.harness import (
     CommandEncoder,
     CpuSampler,

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from app import audit
-from app.client import CommandResult
+from app.adapters.eventlog import CommandResult
 from app.local.process import Daemon, http_ok, wait_for
 from app.local.worker import WorkerProcess
 from app.settings import Settings

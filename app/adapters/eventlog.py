@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.adapters import mapper
 from app.adapters.codec import COMMAND_ID_HEADER, Codec, Headers, headers
 from app.application.commands import Metadata, NewEvent, Result
-
-if TYPE_CHECKING:
-    from app.client import CommandResult
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -73,11 +71,39 @@ def encode_event(codec: Codec, topic: str, new: NewEvent) -> tuple[bytes, Header
     )
 
 
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    command_id: str
+    accepted: bool
+    aggregate_type: str
+    aggregate_id: str
+    version: int | None
+    event_ids: tuple[str, ...]
+    partition: int | None
+    offset: int | None
+    code: str | None
+    message: str | None
+    field: str | None
+    correlation_id: str
+    # The digest of the command answered (``mapper.fingerprint``), from the
+    # result's headers; None when they carry none.
+    fingerprint: str | None = None
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> CommandResult:
+        # The record's other fields have the same names; when it was processed is
+        # no part of the result.
+        fields = {k: v for k, v in data.items() if k not in ("status", "processed_at")}
+        return mapper.from_dict(
+            cls, {**fields, "accepted": data["status"] == "ACCEPTED"}
+        )
+
+
 def result_fields(
     result: Result | CommandResult, partition: int | None, offset: int | None
 ) -> dict[str, Any]:
     """The fields of the Avro ``CommandResult`` record but ``processed_at``, of a
-    result decided here (``Result``) or read back (``app.client.CommandResult``):
+    result decided here (``Result``) or read back (``CommandResult``):
     what ``result_record`` writes and the HTTP API answers with."""
     return {
         "command_id": result.command_id,

@@ -42,11 +42,10 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError, RegistryError
-from app.adapters.eventlog import fingerprint_in
+from app.adapters.eventlog import CommandResult, fingerprint_in
 from app.adapters.topics import headers_of, partitions_of, take, watermarks
 from app.client import (
     AREAS,
-    CommandResult,
     CommandTimeout,
     FramedCommand,
     aggregate_id_of,

@@ -44,7 +44,7 @@ from app import query, readside
 from app.adapters import feed
 from app.adapters.catalog import short_name
 from app.adapters.codec import Codec
-from app.client import CommandResult as Decided
+from app.adapters.eventlog import CommandResult as Decided
 from app.readside import AREA_OF_TYPE, ReadSide
 from app.rest.bodies import BodyError, describe
 from app.rest.routes import Endpoint

@@ -25,7 +25,7 @@ from app.local.kafka import KafkaNode
 from app.local.registry import RegistryProcess
 from app.settings import Settings, Topics
 from app.waiting import eventually
-from app.writeside import state_dir
+from app.writer import state_dir
 
 
 def free_port() -> int:

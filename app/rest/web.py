@@ -23,9 +23,9 @@ from faust.web import View
 from app import params as checked
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import EncodeError, RegistryError
-from app.adapters.eventlog import result_fields
+from app.adapters.eventlog import CommandResult, result_fields
 from app.adapters.gateway import CommandGateway, GatewayError, KeyReused
-from app.client import CommandResult, CommandTimeout, new_envelope
+from app.client import CommandTimeout, new_envelope
 from app.rest import openapi, requests
 from app.rest.auth import Credentials, Unauthorized
 from app.rest.bodies import BodyError

@@ -31,7 +31,7 @@ from app.local.process import Daemon
 from app.rest.openapi import document
 from app.rest.routes import ROUTES, endpoints
 from app.settings import ApiToken, Settings
-from app.writeside import WRITER_NAME
+from app.writer import WRITER_NAME
 from bench.harness import process_tree
 from tests.invariants import serving_worker
 from tests.support import (

@@ -32,7 +32,7 @@ from app.local.worker import WorkerProcess
 from app.settings import Settings
 from app.waiting import eventually
 from app.workload import charged_order, funded_account
-from app.writeside import command_group
+from app.writer import command_group
 from tests.support import (
     codec_for,
     events_by_aggregate,

@@ -20,15 +20,16 @@ import httpx
 import pytest
 
 from app.adapters import topics
+from app.adapters.eventlog import CommandResult
 from app.audit import new_codec
-from app.client import CommandClient, CommandResult
+from app.client import CommandClient
 from app.domain.accounts import OpenAccount, Withdraw
 from app.domain.money import fmt
 from app.local import deployments
 from app.runtime import CommandHandler, TopicsChanged, drop_cache_of_other_topics
 from app.settings import Settings
 from app.workload import deposit, withdrawal
-from app.writeside import REPORT_S
+from app.writer import REPORT_S
 from tests.invariants import (
     assert_balances_fold,
     assert_write_side_promises,

@@ -19,7 +19,7 @@ from app.domain.orders import CreateOrder, LineItem
 from app.runtime import REROUTED_HEADER
 from app.settings import Settings
 from app.workload import LONDON, deposit, new_order, payment, withdrawal
-from app.writeside import command_group
+from app.writer import command_group
 from tests.support import (
     events_by_aggregate,
     read_topic,

@@ -45,7 +45,8 @@ from app.local.process import wait_for
 from app.projections.replay import group_members
 from app.settings import Settings
 from app.workload import charged_order, deposit, funded_account, withdrawal
-from app.writeside import WRITER_NAME, command_group, fence
+from app.writer import WRITER_NAME, command_group
+from app.writeside import fence
 from bench.harness import process_tree
 from tests.invariants import assert_write_side_promises, serving_worker
 from tests.support import (

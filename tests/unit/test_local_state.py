@@ -10,7 +10,7 @@ from pathlib import Path
 from app.faust_app import worker_datadir
 from app.local.deployments import delete_local_state, local_state
 from app.settings import Settings
-from app.writeside import state_dir
+from app.writer import state_dir
 
 
 def _worker_ran(settings: Settings, port: int, processes: int) -> list[Path]:

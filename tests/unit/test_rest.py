@@ -19,6 +19,7 @@ from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import Codec, InMemoryRegistry
 from app.adapters.eventlog import (
     FINGERPRINT_HEADER,
+    CommandResult,
     answered_at,
     fingerprint_in,
     format_at,
@@ -27,7 +28,7 @@ from app.adapters.eventlog import (
     sent_answer,
 )
 from app.adapters.gateway import KeyReused, check_reuse
-from app.client import AREAS, CommandResult, frame_command, new_envelope
+from app.client import AREAS, frame_command, new_envelope
 from app.domain.orders import AddItem, LineItem, RemoveItem
 from app.params import BadParameter
 from app.rest import requests
