@@ -52,7 +52,9 @@ def area_of(command: Any) -> str:
 
 
 def aggregate_id_of(command: Any) -> str:
-    return str(getattr(command, "order_id", None) or command.account_id)
+    """The id of the aggregate ``command`` is for (an order's commands carry an
+    ``account_id`` too, so the area decides which field it is)."""
+    return str(command.order_id if area_of(command) == "orders" else command.account_id)
 
 
 class EnvelopeFields(TypedDict, total=False):

@@ -5,6 +5,7 @@ record's standing. Pure: the Kafka side is ``app.adapters.deadletters``."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,10 +100,14 @@ def record_id(topic: str, partition: int, offset: int) -> str:
     return f"{topic}:{partition}:{offset}"
 
 
+# ASCII digits ("²".isdigit() is true, and int() refuses it), few enough for int().
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def parse_record_id(text: str) -> tuple[str, int, int]:
     topic, _, rest = text.rpartition(":")
     topic, _, partition = topic.rpartition(":")
-    if not topic or not partition.isdigit() or not rest.isdigit():
+    if not topic or not _DIGITS.fullmatch(partition) or not _DIGITS.fullmatch(rest):
         raise ActionRefused(400, f"expected topic:partition:offset, got {text!r}")
     return topic, int(partition), int(rest)
 

@@ -8,6 +8,7 @@ order; a page must lie within what there is.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -15,11 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TypeVar
 
+from app.domain.errors import MAX_ID_LENGTH
 from app.domain.money import CURRENCY_DECIMALS
 
-# Longer than any id Streamfold or its clients make (uuids, prefixed uuids), short
-# enough that an absurd one is refused before it reaches a table lookup or a log.
-MAX_ID_LENGTH = 200
 MAX_PAGE_SIZE = 100
 # Enough for any search a person types; a query is parsed and matched word by word.
 MAX_SEARCH_LENGTH = 256
@@ -67,6 +66,26 @@ def identifier(value: str, field: str) -> str:
     if value != value.strip():
         raise BadParameter(field, "must not start or end with whitespace")
     return value
+
+
+def unpaired_surrogates(value: object) -> bool:
+    """Whether decoded JSON holds a string (a key or a value) with an unpaired
+    surrogate: ``"\\ud800"`` parses, but has no UTF-8, so no Avro string and no
+    JSON answer that could echo it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(text: str) -> str:
+    """``text`` as an error message may echo it: what is not printable ASCII
+    escaped (a header's bytes that were not UTF-8 arrive as surrogate escapes)."""
+    return "".join(
+        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
 
 
 def search_text(params: Mapping[str, str], name: str) -> str:

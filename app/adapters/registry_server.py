@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -207,11 +208,16 @@ class State:
         raise _version_not_found(subject, number)
 
 
+# A number in a path: ASCII digits ("²".isdigit() is true, and int() refuses it),
+# few enough for int().
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def _version_number(raw: str) -> int | None:
     """A version path segment: None for the latest, else 1 … 2³¹-1 (42202 otherwise)."""
     if raw in ("latest", "-1"):
         return None
-    if raw.isdigit() and 1 <= int(raw) <= MAX_VERSION:
+    if _DIGITS.fullmatch(raw) and 1 <= int(raw) <= MAX_VERSION:
         return int(raw)
     raise RegistryError(
         42202,
@@ -657,7 +663,7 @@ def _level(body: Any) -> str:
 def _schema_id(request: web.Request) -> int:
     raw = request.match_info["id"]
     state = request.app[REGISTRY].state
-    if not raw.isdigit() or int(raw) not in state.schemas:
+    if not _DIGITS.fullmatch(raw) or int(raw) not in state.schemas:
         raise RegistryError(40403, f"Schema {raw} not found")
     return int(raw)
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from types import ModuleType
 from typing import Any, Protocol
 
-from app.domain.errors import DomainError
+from app.domain.errors import DomainError, require_id
 
 EVENT_ID_NAMESPACE = uuid.UUID("5f0ad1c0-57e4-4e6f-9a0b-2f4c8d1b7e10")
 CONCURRENCY_CONFLICT = "ConcurrencyConflict"
@@ -32,6 +32,15 @@ class Envelope:
     user_id: str | None
     issued_at: datetime
     expected_version: int | None = None
+
+    def check(self) -> None:
+        """``DomainError`` (VALIDATION) naming the first of its ids that is not
+        one (see ``require_id``): they go into every event's metadata."""
+        require_id(self.command_id, "command_id")
+        require_id(self.correlation_id, "correlation_id")
+        require_id(self.causation_id, "causation_id")
+        if self.user_id is not None:
+            require_id(self.user_id, "user_id")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,6 +237,7 @@ class CommandService:
                 fingerprint,
             )
         try:
+            envelope.check()
             events = aggregate.decide(current.state, command)
         except DomainError as error:
             return self._rejected(

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import unicodedata
 from enum import StrEnum
+
+# Longer than any id Streamfold or its clients make (uuids, prefixed uuids), short
+# enough that an absurd one is refused before it keys a stream, a row or a log line.
+MAX_ID_LENGTH = 200
+# Room for a name, an address line or a reason a person writes.
+MAX_TEXT_LENGTH = 1000
+# Never in free text: control characters but whitespace (NUL above all: Postgres
+# text cannot store it) and lone surrogates (no UTF-8, so no Avro string).
+_REFUSED_IN_TEXT = frozenset({"Cc", "Cs"})
 
 
 class ErrorCode(StrEnum):
@@ -48,28 +58,46 @@ def invalid(field: str, message: str) -> DomainError:
 
 def require_text(value: str, field: str) -> str:
     """Free text that must not be blank; returned stripped."""
-    if not isinstance(value, str):
-        raise invalid(field, f"must be a string, got {type(value).__name__}")
-    stripped = value.strip()
+    stripped = optional_text(value, field)
     if not stripped:
         raise invalid(field, "must not be empty")
     return stripped
 
 
 def optional_text(value: str, field: str) -> str:
-    """Free text that may be empty; returned stripped."""
+    """Free text that may be empty, of at most ``MAX_TEXT_LENGTH`` characters, none
+    of them a control character but whitespace; returned stripped."""
     if not isinstance(value, str):
         raise invalid(field, f"must be a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise invalid(
+            field, f"must be at most {MAX_TEXT_LENGTH} characters, got {len(value)}"
+        )
+    if not value.isprintable() and any(
+        unicodedata.category(c) in _REFUSED_IN_TEXT and not c.isspace() for c in value
+    ):
+        raise invalid(
+            field, "must not contain control characters or unpaired surrogates"
+        )
     return value.strip()
 
 
 def require_id(value: str, field: str) -> str:
-    """An identifier: not blank, and kept verbatim.
+    """An identifier: 1 to ``MAX_ID_LENGTH`` printable characters, kept verbatim.
 
     Surrounding whitespace is refused rather than stripped, because ids key streams and
     partitions: silently rewriting one would split an aggregate in two.
     """
-    require_text(value, field)
+    if not isinstance(value, str):
+        raise invalid(field, f"must be a string, got {type(value).__name__}")
+    if not value:
+        raise invalid(field, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise invalid(
+            field, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
+        )
+    if not value.isprintable():
+        raise invalid(field, "must not contain control or unprintable characters")
     if value != value.strip():
         raise invalid(field, f"must not start or end with whitespace, got {value!r}")
     return value

@@ -9,6 +9,7 @@ its scripts from elsewhere, which the worker's pages never do.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import faust
@@ -17,6 +18,7 @@ from faust.web import View
 from strawberry.aiohttp.views import GraphQLView
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
+from app import params as checked
 from app.adapters.codec import Codec
 from app.graphql.schema import Context, Services, build
 from app.readside import ReadSide
@@ -42,10 +44,28 @@ class StreamfoldGraphQLView(GraphQLView[Context, None]):
         )
         self.services = services
 
+    def decode_json(self, data: str | bytes) -> object:
+        return decode_request(data)
+
     async def get_context(
         self, request: web.Request, response: web.Response | web.WebSocketResponse
     ) -> Context:
         return Context(self.services, request.headers.get("Authorization"))
+
+
+def decode_request(data: str | bytes) -> object:
+    """A request's JSON as strawberry reads it: an object, or a list of them (a
+    batch). Anything else is refused as not JSON, which strawberry answers with 400
+    over HTTP and by closing a WebSocket (4400), never by failing on it later."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, RecursionError) as error:
+        raise json.JSONDecodeError(type(error).__name__, "", 0) from None
+    if not isinstance(value, dict | list):
+        raise json.JSONDecodeError("not a JSON object", "", 0)
+    if checked.unpaired_surrogates(value):
+        raise json.JSONDecodeError("an unpaired surrogate escape", "", 0)
+    return value
 
 
 def register(

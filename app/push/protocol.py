@@ -88,10 +88,12 @@ def parse(
         raise BadRequest(None, f"a request must be at most {MAX_REQUEST_BYTES} bytes")
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest(None, "not a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest(None, "not a JSON object")
+    if checked.unpaired_surrogates(body):
+        raise BadRequest(None, "holds an unpaired surrogate escape (such as \\ud800)")
     raw_id = body.get("id")
     request_id = raw_id if isinstance(raw_id, str) else None
     try:

@@ -65,4 +65,6 @@ class Credentials:
 
 
 def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    # A header's bytes that are not UTF-8 come as surrogate escapes: digested as
+    # they came (a configured token is text, so such a token matches none).
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()

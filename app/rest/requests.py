@@ -89,11 +89,11 @@ def json_body(raw: bytes, content_type: str | None) -> Any:
     ):
         raise UnsupportedMediaType(
             f"send the body as JSON with Content-Type: application/json, "
-            f"not {media or 'no Content-Type'}"
+            f"not {checked.shown(media) or 'no Content-Type'}"
         )
     try:
         text = raw.decode("utf-8")
-        return json.loads(
+        body = json.loads(
             text, object_pairs_hook=_no_repeats, parse_constant=_no_constant
         )
     except UnicodeDecodeError as error:
@@ -104,6 +104,13 @@ def json_body(raw: bytes, content_type: str | None) -> Any:
             f"the body is not JSON: {error.msg} at line {error.lineno} column "
             f"{error.colno}",
         ) from None
+    except RecursionError:
+        raise BodyError(None, "the body is nested too deeply") from None
+    if checked.unpaired_surrogates(body):
+        raise BodyError(
+            None, "the body holds an unpaired surrogate escape (such as \\ud800)"
+        )
+    return body
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
