@@ -231,6 +231,10 @@ class Operations:
         if verb == "discard" and record is None:
             raise ActionRefused(400, "a discard names one record")
         named = topic if topic is not None else _topic_of(record)
+        if named not in existing_topics(self.settings):
+            raise ActionRefused(
+                404, f"{named} is not a dead-letter topic of this deployment"
+            )
         # The producer first, then the check: see the class's docstring.
         with (
             self._lock,

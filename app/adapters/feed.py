@@ -35,6 +35,27 @@ class FeedError(Exception):
     decoded. The message says which; nothing internal is in it."""
 
 
+class Feeds:
+    """How many feeds one worker runs at once (each holds a Kafka consumer and a
+    thread); used from the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+
+    def take(self) -> None:
+        """One more feed, or ``FeedError`` when ``limit`` run already."""
+        if self.running >= self.limit:
+            raise FeedError(
+                f"this worker already serves {self.limit} subscriptions, its limit; "
+                "try again later or on another worker"
+            )
+        self.running += 1
+
+    def give_back(self) -> None:
+        self.running -= 1
+
+
 @dataclass(frozen=True, slots=True)
 class FedEvent:
     """An event as the feed hands it over: where it is and what it says."""

@@ -66,6 +66,17 @@ class GatewayError(Exception):
     queue full, the gateway not running); nothing was sent, or not for sure."""
 
 
+class CommandTooLarge(ValueError):
+    """The command's record would be over ``STREAMFOLD_MAX_MESSAGE_BYTES``: the
+    write side would dead-letter it, so it is not sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the command's record would be {size} bytes, over the limit of {limit} "
+            "(STREAMFOLD_MAX_MESSAGE_BYTES)"
+        )
+
+
 class KeyReused(Exception):
     """The command id already has a result for another aggregate, or for another
     payload (its fingerprint differs): an idempotency key sent again with a
@@ -173,7 +184,7 @@ class CommandGateway:
         back and nothing is produced (the writer would answer the same).
 
         Raises ``CommandTimeout`` (it may still be decided later: look it up by its
-        id), ``KeyReused``, ``GatewayError``, and the codec's ``EncodeError`` or
+        id), ``KeyReused``, ``CommandTooLarge``, ``GatewayError``, and the codec's ``EncodeError`` or
         ``RegistryError``."""
         command_id = str(envelope["command_id"])
         [kind] = [t for t, (_, m) in AREAS.items() if type(command) in m.COMMANDS]
@@ -188,6 +199,10 @@ class CommandGateway:
             framed = await asyncio.to_thread(
                 frame_command, self.settings, self.codec, command, envelope
             )
+            if len(framed.value) > self.settings.max_message_bytes:
+                raise CommandTooLarge(
+                    len(framed.value), self.settings.max_message_bytes
+                )
             await asyncio.to_thread(self._produce, framed, command_id, waiter)
             try:
                 # The writer answers an id it answered before with that answer,

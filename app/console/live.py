@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -148,11 +148,16 @@ class Replays:
         self._lock = threading.Lock()
         self.started: dict[str, Replay] = {}
 
-    def start(self, projection: str, operator: str) -> Replay:
+    def start(
+        self, projection: str, operator: str, first: Callable[[], None]
+    ) -> Replay:
+        """Start a replay of ``projection``, once ``first`` (recording it) returned;
+        ``RuntimeError`` when one runs already (then ``first`` is not called)."""
         with self._lock:
             running = self.started.get(projection)
             if running is not None and running.process.poll() is None:
                 raise RuntimeError(f"a replay of {projection} is running already")
+            first()
             process = subprocess.Popen(
                 [
                     sys.executable,

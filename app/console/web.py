@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from aiohttp.web import StreamResponse
+from aiohttp.web import HTTPRequestEntityTooLarge, StreamResponse
 from faust.web import View
 
 from app import params as checked
@@ -227,19 +227,21 @@ class Console:
                 400, f"projection: one of {', '.join(PROJECTIONS)}, got {name!r}"
             )
         reason = checked_reason(body.get("reason", ""), required=False)
-        try:
-            replay = self.replays.start(name, operator)
-        except RuntimeError as error:
-            raise ActionRefused(409, str(error)) from None
         action = Action(
             action_id=str(uuid.uuid4()),
-            at=replay.started_at,
+            at=utc_now(),
             operator=operator,
             verb="replay",
             record=f"projection:{name}",
             reason=reason,
         )
-        self.operations.record(action)
+        try:
+            # Recorded first: a replay never runs without its action on record.
+            replay = self.replays.start(
+                name, operator, first=lambda: self.operations.record(action)
+            )
+        except RuntimeError as error:
+            raise ActionRefused(409, str(error)) from None
         return {"actions": [action.to_dict()], "replay": replay.to_dict()}
 
     def events(self, aggregate_id: str, kind: str | None) -> dict[str, Any]:
@@ -339,6 +341,8 @@ async def answer(view: View, work: Callable[[], Awaitable[Any]]) -> Any:
         status, body = 400, {"error": str(error)}
     except requests.UnsupportedMediaType as error:
         status, body = 415, {"error": str(error)}
+    except HTTPRequestEntityTooLarge as error:
+        status, body = 413, {"error": f"the body is too large: {error.text}"}
     except (UnknownAggregate, query.NotFound) as error:
         status, body = 404, {"error": str(error).strip("'\"")}
     except DeadLetterError as error:

@@ -19,7 +19,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, NewType, ParamSpec, TypeVar, cast
@@ -45,6 +45,7 @@ from app.adapters import feed
 from app.adapters.catalog import short_name
 from app.adapters.codec import Codec
 from app.adapters.eventlog import CommandResult as Decided
+from app.graphql.cost import MaxCostLimiter
 from app.readside import AREA_OF_TYPE, ReadSide
 from app.rest.bodies import BodyError, describe
 from app.rest.routes import Endpoint
@@ -54,11 +55,18 @@ from app.settings import Settings
 log = logging.getLogger("streamfold.graphql")
 
 # The limits every operation is checked against before it runs (see README,
-# "GraphQL"): nesting, aliases (each alias is another resolver call), and tokens
-# (the document's size). Lists are bounded by page_size (100) and limit (500).
+# "GraphQL"): nesting, aliases (each alias is another resolver call), tokens (the
+# document's size) and cost. Lists are bounded by page_size (100) and limit (500).
 MAX_DEPTH = 8
 MAX_ALIASES = 15
 MAX_TOKENS = 2000
+# Fields counted once per item of the lists around them (see graphql.cost): a page
+# of 100 orders with 40 fields each is 4,000; the same with each one's customer's
+# orders is far past it.
+MAX_COST = 5000
+# Subscriptions one worker serves at once, over every connection: each holds a
+# Kafka consumer and a thread (a connection holds at most 10, see graphql.web).
+MAX_FEEDS = 100
 
 # GraphQL's Int is 32 bits; amounts in minor units and offsets are not.
 Long = NewType("Long", int)
@@ -91,6 +99,7 @@ class Services:
     read: ReadSide
     api: CommandApi
     codec: Codec
+    feeds: feed.Feeds = field(default_factory=lambda: feed.Feeds(MAX_FEEDS))
 
 
 @dataclass(slots=True)
@@ -911,6 +920,7 @@ class Subscription:
                 raise checked.BadParameter("from_version", "must be 1 or more")
             if from_offset is not None and from_offset < 0:
                 raise checked.BadParameter("from_offset", "must be 0 or more")
+            services.feeds.take()
             return AREA_OF_TYPE[type]
 
         area = await guarded(check())
@@ -930,6 +940,7 @@ class Subscription:
                     return
                 yield _event(fed)
         finally:
+            services.feeds.give_back()
             await events.aclose()
 
 
@@ -964,6 +975,7 @@ def build(routed: Iterable[Endpoint]) -> strawberry.Schema:
             lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
             lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
             lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+            lambda: MaxCostLimiter(max_cost=MAX_COST),
             # The last guard: a message no resolver chose (a bug) is not shown.
             lambda: MaskErrors(
                 should_mask_error=_unexpected, error_message="internal error"

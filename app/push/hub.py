@@ -33,7 +33,7 @@ from aiohttp import WSMsgType, web
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.eventlog import partition_for
 from app.adapters.livefeed import LiveFeed, read_backlog
-from app.adapters.topics import KafkaRecord
+from app.adapters.topics import KafkaRecord, reader, watermarks
 from app.domain import accounts, orders
 from app.history import IndexSeed
 from app.projections import views
@@ -380,13 +380,49 @@ class Hub:
             request.id, request.filter, Cursor(start), connection
         )
         held[request.id] = subscription
+        # A position past the feed's: the feed lags, or it is past the log's end.
+        ahead = {
+            tp: offset
+            for tp, offset in subscription.cursor.next.items()
+            if offset > self.live.get(tp, 0)
+        }
+        if ahead:
+            subscription.catching_up = asyncio.ensure_future(
+                self._ahead(subscription, request, ahead)
+            )
+            return
         connection.reply(protocol.ack(request, subscription.cursor))
+        self._begin(subscription)
+
+    def _begin(self, subscription: Subscription) -> None:
         if subscription.cursor.behind(self.live) or subscription.seeds(self.partitions):
             subscription.catching_up = asyncio.ensure_future(
                 self._catch_up(subscription)
             )
         else:
             self._follow(subscription)
+
+    async def _ahead(
+        self, subscription: Subscription, request: Subscribe, ahead: Mapping[TP, int]
+    ) -> None:
+        """Acknowledge and start a subscription from past the feed's position once
+        the broker says it is not past the log's end too; refuse it if it is."""
+        connection = subscription.connection
+        loop = asyncio.get_running_loop()
+        try:
+            past = await loop.run_in_executor(
+                self._backlogs, past_the_end, self.settings, ahead
+            )
+        except Exception as error:  # noqa: BLE001 - the client is told, the worker goes on
+            past = f"could not be checked ({error}); subscribe again"
+        if connection.subscriptions.get(subscription.id) is not subscription:
+            return  # unsubscribed, or the connection closed, meanwhile
+        if past is not None:
+            connection.subscriptions.pop(subscription.id, None)
+            connection.reply(protocol.error(BadRequest("from", past, subscription.id)))
+            return
+        connection.reply(protocol.ack(request, subscription.cursor))
+        self._begin(subscription)
 
     def _follow(self, subscription: Subscription) -> None:
         name, value = subscription.filter.field, subscription.filter.value
@@ -540,6 +576,22 @@ class Hub:
                 "dispatch": round(self.dispatch_cpu_s, 6),
             },
         }
+
+
+def past_the_end(settings: Settings, wanted: Mapping[TP, int]) -> str | None:
+    """Which offset of ``wanted`` lies past its partition's end, said for a
+    client; None when none does."""
+    consumer = reader(settings, "push-ends")
+    try:
+        for (topic, partition), offset in sorted(wanted.items()):
+            _, end = watermarks(consumer, topic, partition)
+            if offset > end:
+                return (
+                    f"offset {offset} of {topic}[{partition}] is past its end ({end})"
+                )
+    finally:
+        consumer.close()
+    return None
 
 
 async def _shut(socket: web.WebSocketResponse, code: int, reason: str) -> None:

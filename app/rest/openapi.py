@@ -206,7 +206,10 @@ def _error_responses() -> dict[str, Any]:
         "409": _refused(
             f"{decided}ConcurrencyConflict: If-Match is stale; or AlreadyExists)."
         ),
-        "413": _error("The body is larger than the worker takes."),
+        "413": _error(
+            "The body, or the command record made of it, is larger than the "
+            "worker takes."
+        ),
         "415": _error("The body is not sent as application/json."),
         "422": _refused(
             f"{decided}any other code); or the Idempotency-Key was already used "

@@ -24,7 +24,12 @@ from app import params as checked
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.codec import EncodeError, RegistryError
 from app.adapters.eventlog import CommandResult, result_fields
-from app.adapters.gateway import CommandGateway, GatewayError, KeyReused
+from app.adapters.gateway import (
+    CommandGateway,
+    CommandTooLarge,
+    GatewayError,
+    KeyReused,
+)
 from app.client import CommandTimeout, new_envelope
 from app.rest import openapi, requests
 from app.rest.auth import Credentials, Unauthorized
@@ -190,6 +195,8 @@ class CommandApi:
             ) from None
         except EncodeError as error:
             raise Refused(400, str(error)) from None
+        except CommandTooLarge as error:
+            raise Refused(413, str(error), command_id=command_id) from None
         except (GatewayError, RegistryError) as error:
             raise Refused(
                 503,

@@ -128,8 +128,16 @@ def seeded(registry_settings: Settings) -> Iterator[Seeded]:
             command_id = client.submit(_big_order(seeded.big_order))
             for order in (seeded.doomed_order, seeded.refused_order, seeded.cli_order):
                 client.submit(_big_order(order))
+            # Over SMALL_LIMIT with ids and text of the longest lengths taken.
+            longest = {
+                "correlation_id": "c" * 200,
+                "causation_id": "k" * 200,
+                "user_id": "u" * 200,
+            }
             client.submit(
-                OpenAccount(account_id=big_account, owner_id="o" * 1100, currency="EUR")
+                OpenAccount(account_id=big_account, owner_id="o" * 200, currency="EUR"),
+                command_id=f"open-{big_account}".ljust(200, "-"),
+                **longest,
             )
             client.submit(
                 Deposit(
@@ -138,8 +146,9 @@ def seeded(registry_settings: Settings) -> Iterator[Seeded]:
                     amount_minor=500,
                     currency="EUR",
                     source="bank",
-                    reference="r" * 1100,
-                )
+                    reference="r" * 1000,
+                ),
+                **longest,
             )
             client.flush()
             _wait_for_records(small, seeded.order_dlq, 4)
@@ -483,6 +492,20 @@ def test_redrive_an_aggregate_in_order_and_discard(
     )
     assert again.status_code == 409
     assert "discarded by grace" in again.json()["error"]
+    # Only a dead-letter topic's records are acted on, never another topic's.
+    events = seeded.settings.topics.events("orders")
+    for verb, body in (
+        ("discard", {"record": f"{events}:0:0", "reason": "no"}),
+        ("redrive", {"topic": events, "aggregate_id": seeded.doomed_order}),
+    ):
+        stray = httpx.post(
+            f"{seeded.base}/console/api/dead-letters/{verb}",
+            json={**body, "confirmed": True},
+            headers={"Authorization": f"Bearer {GRACE.token}"},
+            timeout=60,
+        )
+        assert stray.status_code == 404, stray.text
+        assert "not a dead-letter topic" in stray.json()["error"]
     chrome.get(f"{seeded.base}/console#dead-letters")
     _wait(
         chrome,

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from gql import Client, GraphQLRequest, gql
 from gql.transport.aiohttp import AIOHTTPTransport
@@ -629,8 +630,26 @@ def test_limits_refuse_a_query_before_it_runs(api: Api) -> None:
     nested = "customer_id"
     for _ in range(MAX_DEPTH):
         nested = f"customer {{ orders {{ items {{ {nested} }} }} }}"
-    [deep] = api.refused(f'{{ order(order_id: "o-1") {{ {nested} }} }}')
-    assert "exceeds maximum operation depth" in deep["message"]
+    deep = api.refused(f'{{ order(order_id: "o-1") {{ {nested} }} }}')
+    assert any("exceeds maximum operation depth" in e["message"] for e in deep)
+
+    # Lists in lists: 100 orders, each naming its customer's 100 orders.
+    fan = "customer { orders(page_size: 100) { items { customer_id } } }"
+    [dear] = api.refused(
+        f'{{ order(order_id: "o-1") {{ customer {{ orders(page_size: 100) {{'
+        f" items {{ {fan} }} }} }} }} }}"
+    )
+    assert "over the limit" in dear["message"]
+
+    # A body that is no GraphQL request: 400 before anything runs.
+    for body in (b"1", b"null", b'"x"', b"\xff\xfe{", b"[" * 5000):
+        got = httpx.post(
+            api.url,
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert got.status_code == 400, (body[:10], got.text)
 
     aliases = " ".join(
         f'a{i}: account(account_id: "x") {{ version }}' for i in range(20)

@@ -132,6 +132,11 @@ def deposit_body(transaction_id: str, amount_minor: int) -> dict[str, Any]:
     }
 
 
+def _sized(head: bytes, size: int) -> bytes:
+    """``head`` + x… + ``"}``, ``size`` bytes in all."""
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -413,6 +418,20 @@ def test_bad_requests_name_what_was_wrong_and_send_nothing(api: Api) -> None:
             "Content-Type",
         ),
         (b'{"carrier": "' + b"x" * 2**21 + b'"}', "application/json", 413, None),
+        (b"[" * 5000, "application/json", 400, None),
+        (
+            b'{"tracking_number": "\\ud800", "carrier": "c"}',
+            "application/json",
+            400,
+            None,
+        ),
+        # Under the HTTP limit, but its record would be over the write side's.
+        (
+            _sized(b'{"tracking_number": "t", "carrier": "', 2**20 - 16),
+            "application/json",
+            413,
+            None,
+        ),
     ]
     for content, media, status, field in raw:
         got = httpx.post(
@@ -423,6 +442,14 @@ def test_bad_requests_name_what_was_wrong_and_send_nothing(api: Api) -> None:
         )
         assert got.status_code == status, (content, got.text)
         assert got.json()["field"] == field, (content, got.text)
+    # A header's bytes that are not UTF-8 are a token like any wrong one.
+    garbled = httpx.post(
+        f"{api.base}/orders/{order}/ship",
+        json={"tracking_number": "x", "carrier": "c"},
+        headers={"Authorization": b"Bearer \xff\xfe"},
+        timeout=30,
+    )
+    assert garbled.status_code == 401, garbled.text
     # A method the route does not take.
     assert httpx.put(f"{api.base}/orders/{order}/ship", timeout=30).status_code == 405
     assert order.encode() not in keys_in(api.settings, "orders")

@@ -566,6 +566,17 @@ def test_bad_requests_get_an_error_naming_the_field(pushing: Pushing) -> None:
                 ),
                 ("id", {"type": "subscribe", "id": "a", "aggregate_id": "y"}),
                 ("id", {"type": "unsubscribe", "id": "never"}),
+                # Past the log's end: checked at the broker, refused, not held.
+                (
+                    "from",
+                    {
+                        "type": "subscribe",
+                        "id": "b",
+                        "aggregate_id": "x",
+                        "from": {**full, events: {**full[events], "0": 10**12}},
+                    },
+                ),
+                (None, "[" * 3000),
             ]
             for field, request in cases:
                 text = request if isinstance(request, str) else json.dumps(request)

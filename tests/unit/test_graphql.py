@@ -10,13 +10,22 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import pytest
-from graphql import GraphQLError, GraphQLInputObjectType, Undefined, build_schema
+from graphql import (
+    FragmentDefinitionNode,
+    GraphQLError,
+    GraphQLInputObjectType,
+    OperationDefinitionNode,
+    Undefined,
+    build_schema,
+    parse,
+)
 from strawberry.types.base import StrawberryObjectDefinition
 
 from app import params as checked
 from app import query
 from app.adapters.catalog import SchemaCatalog, short_name
 from app.graphql import schema as graphql
+from app.graphql.cost import operation_cost
 from app.rest.routes import Endpoint, endpoints
 from app.rest.web import Refused
 
@@ -238,11 +247,12 @@ def errors_of(document: str) -> list[str]:
 
 def test_a_query_past_the_depth_limit_is_refused_before_it_runs() -> None:
     # The limiter counts nesting from 0 at the root field.
-    [deep] = errors_of(
+    deep = errors_of(
         '{ order(order_id: "o") { customer { orders { items { customer { orders {'
         " items { customer { orders { items { customer_id } } } } } } } } } } }"
     )
-    assert deep == f"'anonymous' exceeds maximum operation depth of {graphql.MAX_DEPTH}"
+    # (Its three nested pages of orders cost too much as well.)
+    assert f"'anonymous' exceeds maximum operation depth of {graphql.MAX_DEPTH}" in deep
     # One as deep as allowed is not refused by it: it runs (and fails without a
     # worker, as "internal error", which shows it got past validation).
     allowed = errors_of(
@@ -262,6 +272,54 @@ def test_too_many_aliases_or_tokens_are_refused() -> None:
         "Syntax Error: Document contains more than "
         f"{graphql.MAX_TOKENS} tokens. Parsing aborted."
     ]
+
+
+def cost_of(document: str) -> int:
+    parsed = parse(document)
+    fragments = {
+        d.name.value: d
+        for d in parsed.definitions
+        if isinstance(d, FragmentDefinitionNode)
+    }
+    [operation] = [
+        d for d in parsed.definitions if isinstance(d, OperationDefinitionNode)
+    ]
+    return operation_cost(SDL, operation, fragments)
+
+
+def test_a_field_costs_once_per_item_of_the_lists_around_it() -> None:
+    assert cost_of('{ account(account_id: "a") { version balance_minor } }') == 3
+    # A page of orders: 20 by default, page_size when given, its largest when a
+    # variable; a fragment costs what it selects.
+    page = '{{ customer(customer_id: "c") {{ orders{} {{ items {{ order_id }} }} }} }}'
+    assert cost_of(page.format("")) == 2 + 20 * 2
+    assert cost_of(page.format("(page_size: 5)")) == 2 + 5 * 2
+    assert cost_of(f"query Q($n: Int) {page.format('(page_size: $n)')}") == 2 + 100 * 2
+    assert (
+        cost_of(
+            'query { customer(customer_id: "c") { ...O } } '
+            "fragment O on Customer { orders { items { order_id status } } }"
+        )
+        == 2 + 20 * 3
+    )
+
+
+def test_an_operation_costing_more_than_the_limit_is_refused_before_it_runs() -> None:
+    # Each of 100 orders naming its customer's 100 orders, 15 times over.
+    fan = " ".join(
+        f"a{i}: orders(page_size: 100) {{ items {{ order_id }} }}" for i in range(15)
+    )
+    document = (
+        '{ order(order_id: "o") { customer { orders(page_size: 100) { items {'
+        f" customer {{ {fan} }} }} }} }} }} }}"
+    )
+    [refused] = errors_of(document)
+    assert refused.startswith(f"the operation costs {cost_of(document)}, over the ")
+    assert f"limit of {graphql.MAX_COST}" in refused
+    # A page of 100 orders with every field a list item has runs.
+    every = " ".join(f.name for f in dataclasses.fields(graphql.OrderSummary))
+    ran = errors_of(f"{{ orders(limit: 100) {{ items {{ {every} }} }} }}")
+    assert not any("costs" in error for error in ran), ran
 
 
 def refused_as(error: Exception) -> GraphQLError:
