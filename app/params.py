@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TypeVar
 
-from app.domain.errors import MAX_ID_LENGTH
+from app.domain.errors import id_problem
 from app.domain.money import CURRENCY_DECIMALS
 
 MAX_PAGE_SIZE = 100
@@ -54,17 +54,10 @@ def accepted(
 
 
 def identifier(value: str, field: str) -> str:
-    """An id from a path or a parameter."""
-    if not value:
-        raise BadParameter(field, "must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise BadParameter(
-            field, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
-        )
-    if not value.isprintable():
-        raise BadParameter(field, "must not contain control or unprintable characters")
-    if value != value.strip():
-        raise BadParameter(field, "must not start or end with whitespace")
+    """An id from a path or a parameter: as an id in a command (``id_problem``)."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise BadParameter(field, problem)
     return value
 
 

@@ -90,17 +90,24 @@ def require_id(value: str, field: str) -> str:
     """
     if not isinstance(value, str):
         raise invalid(field, f"must be a string, got {type(value).__name__}")
-    if not value:
-        raise invalid(field, "must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise invalid(
-            field, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
-        )
-    if not value.isprintable():
-        raise invalid(field, "must not contain control or unprintable characters")
-    if value != value.strip():
-        raise invalid(field, f"must not start or end with whitespace, got {value!r}")
+    problem = id_problem(value)
+    if problem is not None:
+        raise invalid(field, problem)
     return value
+
+
+def id_problem(value: str) -> str | None:
+    """What keeps ``value`` from being an id (see ``require_id``), or None; the
+    query views' parameters are held to the same rule."""
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_ID_LENGTH:
+        return f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
+    if not value.isprintable():
+        return "must not contain control or unprintable characters"
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    return None
 
 
 def require_int(value: int, field: str, low: int, high: int) -> int:

@@ -7,7 +7,8 @@ from datetime import UTC, date, datetime
 import pytest
 
 from app import params
-from app.params import MAX_ID_LENGTH, BadParameter
+from app.domain.errors import MAX_ID_LENGTH
+from app.params import BadParameter
 
 
 def _refused(field: str) -> pytest.RaisesExc[BadParameter]:
