@@ -140,11 +140,10 @@ class SagaHandler:
         for partition in self.partitions.give_up(partitions):
             self._unindexed.discard(partition)
             self.tail.drop([(self.log_topic, partition)])
-        self.deadlines = {
-            order: due
-            for order, due in self.deadlines.items()
-            if self._partition(order) in self.partitions.owned
-        }
+        # States folded by a catch-up that failed are the next owner's now: left
+        # here, the next catch-up would index their deadlines and fire them.
+        self._folded = {o: raw for o, raw in self._folded.items() if self._owns(o)}
+        self.deadlines = {o: due for o, due in self.deadlines.items() if self._owns(o)}
 
     def prepare(self, partitions: set[TP]) -> None:
         self._catch_up_stale()
@@ -172,7 +171,11 @@ class SagaHandler:
             return
         now = datetime.now(UTC)
         for order_id, deadline in list(self.deadlines.items()):
-            if deadline <= now and order_id not in self.pending:
+            if (
+                deadline <= now
+                and order_id not in self.pending
+                and self._owns(order_id)
+            ):
                 with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
                     self._react(
                         saga.TimedOut(order_id=order_id, deadline=deadline, at=now),
@@ -250,13 +253,17 @@ class SagaHandler:
         return None if raw is None else saga.state_from_json(json.loads(raw))
 
     def _index(self, order_id: str, state: saga.SagaState) -> None:
-        if state.deadline is None or state.settled:
+        # Only an owner fires a deadline: another process acts on the others.
+        if state.deadline is None or state.settled or not self._owns(order_id):
             self.deadlines.pop(order_id, None)
         else:
             self.deadlines[order_id] = state.deadline
 
     def _partition(self, order_id: str) -> int:
         return partition_for(order_id.encode(), self.settings.partitions)
+
+    def _owns(self, order_id: str) -> bool:
+        return self._partition(order_id) in self.partitions.owned
 
     def _catch_up_stale(self) -> None:
         """Fold the log of partitions taken over (or after an abort) to its end. Only

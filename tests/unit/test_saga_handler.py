@@ -1,0 +1,191 @@
+"""The saga on the processor, without a broker: which deadlines a process fires (the
+orders it owns, once their inbox is read that far), what it keeps across a failed
+catch-up and a rebalance, and how it caches its states.
+
+The saga's log is a list per partition (``SagaLog``, standing in for ``LogTail``);
+commands are framed by a codec that needs no registry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+import agents.saga
+from agents.saga import SagaHandler
+from app.adapters.catalog import SchemaCatalog
+from app.adapters.eventlog import partition_for
+from app.adapters.topics import TP, inbox_topic, state_topic
+from app.application import saga
+from app.settings import Settings
+from tests.support import Consumed
+
+TIMEOUT = timedelta(seconds=30)
+
+
+class SagaLog:
+    """The saga's state log: records (key, value) per partition, and a tail that
+    folds them as ``LogTail`` does. ``fail_next`` makes the next catch-up fail after
+    it folded what it read (a fetch that errs, or nothing arriving in time)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.fail_next = False
+
+    def tail(self, settings: Settings, fold: Callable[[Any], None], **_: Any) -> Any:
+        return _Tail(self, fold)
+
+
+class _Tail:
+    def __init__(self, log: SagaLog, fold: Callable[[Any], None]) -> None:
+        self.log, self.fold = log, fold
+        self.offsets: dict[TP, int] = {}
+
+    def follow(self, starts: dict[TP, int]) -> None:
+        for tp, offset in starts.items():
+            self.offsets.setdefault(tp, offset)
+            records = self.log.records.get(tp[1], [])
+            while self.offsets[tp] < len(records):
+                key, value = records[self.offsets[tp]]
+                self.fold(Consumed(tp[0], tp[1], self.offsets[tp], value, key))
+                self.offsets[tp] += 1
+        if self.log.fail_next:
+            self.log.fail_next = False
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "read no end"))
+
+    def pause(self, tps: Any) -> None:
+        return None
+
+    def drop(self, tps: Any) -> None:
+        for tp in tps:
+            self.offsets.pop(tp, None)
+
+    def close(self) -> None:
+        return None
+
+
+class FramingCodec:
+    """What framing a command needs of a codec, without a registry."""
+
+    catalog = SchemaCatalog.load()
+
+    def encode(self, topic: str, name: str, data: Any, **_: Any) -> bytes:
+        return name.encode()
+
+
+class Reading:
+    """How far the inbox is read: every partition to its end unless set."""
+
+    def __init__(self) -> None:
+        self.positions: dict[TP, int | None] = {}
+        self.ends: dict[TP, int | None] = {}
+
+    def position(self, tp: TP) -> int | None:
+        return self.positions.get(tp, 0)
+
+    def end(self, tp: TP) -> int | None:
+        return self.ends.get(tp, 0)
+
+
+class Batch:
+    """What a handler writes in one batch (topic, key, partition, value)."""
+
+    def __init__(self, reading: Reading | None = None) -> None:
+        self.sent: list[tuple[str, bytes | None, int | None, bytes | None]] = []
+        self.reading = reading or Reading()
+        self.drained = True  # what the processor said of a short batch
+
+    def send(self, topic: str, value: bytes | None, **options: Any) -> None:
+        self.sent.append((topic, options.get("key"), options.get("partition"), value))
+
+    def commands(self) -> list[tuple[str, str]]:
+        """(command topic, order id) of each command sent."""
+        return [
+            (topic, (key or b"").decode())
+            for topic, key, _, _ in self.sent
+            if topic.endswith(".commands")
+        ]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return replace(Settings(), home=tmp_path)
+
+
+@pytest.fixture
+def log(monkeypatch: pytest.MonkeyPatch) -> SagaLog:
+    found = SagaLog()
+    monkeypatch.setattr(agents.saga, "LogTail", found.tail)
+    return found
+
+
+@pytest.fixture
+def handler(settings: Settings, log: SagaLog, tmp_path: Path) -> Iterator[SagaHandler]:
+    made = SagaHandler(settings, FramingCodec(), tmp_path / "cache")  # type: ignore[arg-type]
+    yield made
+    made.close()
+
+
+def order_on(settings: Settings, partition: int) -> str:
+    """An order id whose saga lives on inbox ``partition``."""
+    return next(
+        order
+        for n in range(10_000)
+        if partition_for((order := f"o-{n}").encode(), settings.partitions) == partition
+    )
+
+
+def charging(order_id: str, *, since: timedelta) -> saga.SagaState:
+    """The saga of ``order_id`` charging its account since ``since`` ago."""
+    created = saga.Created(
+        order_id=order_id,
+        event_id=f"created-{order_id}",
+        correlation_id=f"flow-{order_id}",
+        account_id="a-1",
+        amount_minor=500,
+        currency="EUR",
+        at=datetime.now(UTC) - since,
+    )
+    state = saga.react(None, created, timeout=TIMEOUT).state
+    assert state is not None and state.deadline is not None
+    return state
+
+
+def logged(log: SagaLog, partition: int, state: saga.SagaState) -> None:
+    value = json.dumps(saga.state_to_json(state)).encode()
+    log.records.setdefault(partition, []).append((state.order_id.encode(), value))
+
+
+# -- whose deadlines a process fires -----------------------------------------------
+
+
+def test_a_failed_catch_up_then_a_rebalance_fires_no_deadline_of_another_owner(
+    settings: Settings, log: SagaLog, handler: SagaHandler
+) -> None:
+    """A catch-up that fails keeps what it folded; the partition then goes to
+    another process, and this one's next catch-up must not take its orders up."""
+    inbox = inbox_topic(settings)
+    kept, lost = order_on(settings, 0), order_on(settings, 1)
+    for partition, order in ((0, kept), (1, lost)):
+        logged(log, partition, charging(order, since=2 * TIMEOUT))
+
+    handler.assigned([(inbox, 0), (inbox, 1)])
+    log.fail_next = True
+    with pytest.raises(KafkaException):
+        handler.prepare(set())
+    handler.aborted()
+    handler.revoked([(inbox, 1)])  # the rebalance: another process owns it now
+    handler.prepare(set())
+    batch = Batch()
+    handler.tick(batch)
+
+    assert set(handler.deadlines) <= {kept}
+    assert batch.commands() == [(settings.topics.commands("orders"), kept)]
+    written = {(topic, key) for topic, key, _, _ in batch.sent}
+    assert (state_topic(settings), lost.encode()) not in written
