@@ -43,6 +43,7 @@ from app.adapters.saga_io import route
 from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
 from app.client import frame_command, new_envelope
+from app.runtime import state_format
 from app.settings import Settings
 
 if TYPE_CHECKING:  # the write processes run the saga without importing Faust
@@ -118,7 +119,9 @@ class SagaHandler:
         self.inbox = inbox_topic(settings)
         self.log_topic = state_topic(settings)
         self.timeout = timedelta(seconds=settings.saga_timeout_s)
-        self.cache = StateCache(cache_dir / "saga")
+        # Tagged with the shape of SagaState: a cache written in another (by an
+        # older release) is dropped and folded again from the log, not misread.
+        self.cache = StateCache(cache_dir / "saga", state_format(saga.SagaState))
         self.tail = LogTail(settings, self._fold, name="saga-state")
         self.partitions = Ownership()
         # Partitions taken over whose deadlines are not indexed yet (an abort

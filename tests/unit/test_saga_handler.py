@@ -21,6 +21,7 @@ import agents.saga
 from agents.saga import SagaHandler
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.eventlog import partition_for
+from app.adapters.logtail import StateCache
 from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
 from app.settings import Settings
@@ -189,3 +190,31 @@ def test_a_failed_catch_up_then_a_rebalance_fires_no_deadline_of_another_owner(
     assert batch.commands() == [(settings.topics.commands("orders"), kept)]
     written = {(topic, key) for topic, key, _, _ in batch.sent}
     assert (state_topic(settings), lost.encode()) not in written
+
+
+# -- the cache of states -----------------------------------------------------------
+
+
+def test_states_cached_in_another_shape_are_folded_again_from_the_log(
+    settings: Settings, log: SagaLog, tmp_path: Path
+) -> None:
+    """A release that changes SagaState finds the cache the one before wrote: it
+    is dropped, and the states come from the saga's log. (The older release here
+    tags its cache with no shape, as every release before the tag did.)"""
+    inbox, topic = inbox_topic(settings), state_topic(settings)
+    order = order_on(settings, 0)
+    state = charging(order, since=2 * TIMEOUT)
+    logged(log, 0, state)
+    older = StateCache(tmp_path / "cache" / "saga", "")
+    written = saga.state_to_json(state)
+    del written["reason"]  # a field the older release did not have
+    older.write({}, {order: json.dumps(written).encode()}, {(topic, 0): 1})
+    older.close()
+
+    handler = SagaHandler(settings, FramingCodec(), tmp_path / "cache")  # type: ignore[arg-type]
+    try:
+        handler.assigned([(inbox, 0)])
+        handler.prepare(set())
+        assert handler.deadlines == {order: state.deadline}
+    finally:
+        handler.close()
