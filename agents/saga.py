@@ -8,7 +8,8 @@
   Per message it reacts, and in one transaction sends the commands, writes the new
   state to the compacted ``<app_id>-saga-state`` topic (the saga's log, which its
   state is derived from) and commits the inbox offset. Deadlines fire from the same
-  loop (``tick``), also inside a transaction, so a timeout acts once.
+  loop (``tick``), also inside a transaction, so a timeout acts once, and only once
+  the inbox is read as far as it reached when they came due (an answer there first).
 - A Faust agent folds ``<app_id>-saga-state`` into the ``sagas`` table behind
   ``GET /sagas/{order_id}`` (routed to the key's owner).
 
@@ -38,7 +39,7 @@ from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import LogTail, StateCache
-from app.adapters.processor import TRANSIENT, Batch, Ownership
+from app.adapters.processor import TRANSIENT, Batch, Ownership, Reading
 from app.adapters.saga_io import route
 from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
@@ -131,6 +132,9 @@ class SagaHandler:
         self.deadlines: dict[str, datetime] = {}
         self.pending: dict[str, saga.SagaState] = {}
         self._folded: dict[str, bytes] = {}
+        # Per inbox partition with deadlines due: its end when they were found due
+        # (they fire once it is read that far).
+        self._due_ends: dict[int, int] = {}
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -168,17 +172,17 @@ class SagaHandler:
             self._dead_letter(message, str(error), batch)
 
     def tick(self, batch: Batch) -> None:
-        """Fire the deadlines that passed on the partitions owned here, once the
-        inbox is read to its end (an answer waiting there comes first)."""
-        if not batch.drained:
-            return
+        """Fire the deadlines that passed on the partitions owned here, each once
+        its inbox partition is read as far as it reached when the deadline was
+        found due: an answer that came before the deadline is acted on first (after
+        an assignment or a rewind too, when the inbox may hold a backlog)."""
         now = datetime.now(UTC)
-        for order_id, deadline in list(self.deadlines.items()):
-            if (
-                deadline <= now
-                and order_id not in self.pending
-                and self._owns(order_id)
-            ):
+        due = self._due(now)
+        self._due_ends = {p: end for p, end in self._due_ends.items() if p in due}
+        for partition, orders in due.items():
+            if not self._read_to_due_end(partition, batch.reading):
+                continue
+            for order_id, deadline in orders:
                 with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
                     self._react(
                         saga.TimedOut(order_id=order_id, deadline=deadline, at=now),
@@ -261,6 +265,39 @@ class SagaHandler:
             self.deadlines.pop(order_id, None)
         else:
             self.deadlines[order_id] = state.deadline
+
+    def _due(self, now: datetime) -> dict[int, list[tuple[str, datetime]]]:
+        """The passed deadlines of orders owned here and not acted on in this
+        batch, by inbox partition."""
+        due: dict[int, list[tuple[str, datetime]]] = {}
+        for order_id, deadline in self.deadlines.items():
+            if (
+                deadline <= now
+                and order_id not in self.pending
+                and self._owns(order_id)
+            ):
+                partition = self._partition(order_id)
+                due.setdefault(partition, []).append((order_id, deadline))
+        return due
+
+    def _read_to_due_end(self, partition: int, reading: Reading) -> bool:
+        """Whether the inbox partition is read up to where it ended when its due
+        deadlines were found due (noted then). A fixed offset: full batches hold
+        a deadline back only as long as the backlog there was then takes."""
+        tp = (self.inbox, partition)
+        position = reading.position(tp)
+        if position is None:
+            return False  # just assigned or rewound: nothing fetched yet
+        end = self._due_ends.get(partition)
+        if end is None:
+            end = reading.end(tp)
+            if end is None:
+                return False
+            self._due_ends[partition] = end
+        if position < end:
+            return False
+        del self._due_ends[partition]
+        return True
 
     def _partition(self, order_id: str) -> int:
         return partition_for(order_id.encode(), self.settings.partitions)

@@ -22,6 +22,7 @@ from agents.saga import SagaHandler
 from app.adapters.catalog import SchemaCatalog
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import StateCache
+from app.adapters.saga_io import encode_message
 from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
 from app.settings import Settings
@@ -190,6 +191,89 @@ def test_a_failed_catch_up_then_a_rebalance_fires_no_deadline_of_another_owner(
     assert batch.commands() == [(settings.topics.commands("orders"), kept)]
     written = {(topic, key) for topic, key, _, _ in batch.sent}
     assert (state_topic(settings), lost.encode()) not in written
+
+
+# -- when a deadline fires ----------------------------------------------------------
+
+
+def overdue(settings: Settings, log: SagaLog, handler: SagaHandler) -> tuple[str, TP]:
+    """An order on inbox partition 0 whose deadline passed, taken over by
+    ``handler``: the order and its inbox partition."""
+    order = order_on(settings, 0)
+    logged(log, 0, charging(order, since=2 * TIMEOUT))
+    tp = (inbox_topic(settings), 0)
+    handler.assigned([tp])
+    handler.prepare(set())
+    assert order in handler.deadlines
+    return order, tp
+
+
+def inbox_message(tp: TP, offset: int, message: saga.Message) -> Consumed:
+    key, value = encode_message(message)
+    return Consumed(tp[0], tp[1], offset, value, key)
+
+
+def test_after_an_assignment_an_answer_in_the_inbox_comes_before_the_deadline(
+    settings: Settings, log: SagaLog, handler: SagaHandler
+) -> None:
+    """Taken over with a backlog in its inbox, a deadline passed meanwhile waits
+    for the backlog: the account's answer there pays the order, nothing cancels
+    it (a short batch is no sign that the inbox is read to its end)."""
+    order, tp = overdue(settings, log, handler)
+    reading = Reading()
+    reading.positions[tp], reading.ends[tp] = 3, 5  # the backlog: offsets 3 and 4
+    before = Batch(reading)
+    handler.tick(before)
+    assert before.sent == []
+
+    withdrawn = saga.Withdrawn(
+        order_id=order,
+        event_id="withdrawn-1",
+        account_id="a-1",
+        amount_minor=500,
+        at=datetime.now(UTC) - TIMEOUT,  # the account answered in time
+    )
+    batch = Batch(reading)
+    handler.handle(inbox_message(tp, 3, withdrawn), batch)
+    reading.positions[tp] = 5
+    handler.tick(batch)
+    handler.committed()
+    assert [c for c, _ in batch.commands()] == [settings.topics.commands("orders")]
+    [(_, _, _, pay)] = [s for s in batch.sent if s[0].endswith(".commands")]
+    assert pay == b"streamfold.orders.ProcessPayment"
+    assert order not in handler.deadlines
+
+
+def test_a_deadline_waits_while_the_position_is_unknown(
+    settings: Settings, log: SagaLog, handler: SagaHandler
+) -> None:
+    """Just after an assignment or a rewind, until the consumer's first fetch."""
+    order, tp = overdue(settings, log, handler)
+    reading = Reading()
+    reading.positions[tp] = None  # nothing fetched since
+    batch = Batch(reading)
+    handler.tick(batch)
+    assert batch.sent == []
+    reading.positions[tp] = 0  # read: the inbox is empty
+    handler.tick(batch)
+    assert batch.commands() == [(settings.topics.commands("orders"), order)]
+
+
+def test_a_deadline_fires_once_read_past_where_the_inbox_ended_when_it_was_due(
+    settings: Settings, log: SagaLog, handler: SagaHandler
+) -> None:
+    """Traffic that keeps coming (full batches, an end that moves on) holds a
+    deadline back only until the inbox is read as far as it reached when the
+    deadline was found due."""
+    order, tp = overdue(settings, log, handler)
+    reading = Reading()
+    reading.positions[tp], reading.ends[tp] = 3, 5
+    batch = Batch(reading)
+    handler.tick(batch)
+    assert batch.sent == []
+    reading.positions[tp], reading.ends[tp] = 5, 500
+    handler.tick(batch)
+    assert batch.commands() == [(settings.topics.commands("orders"), order)]
 
 
 # -- the cache of states -----------------------------------------------------------
