@@ -41,7 +41,7 @@ from app.adapters.eventlog import partition_for
 from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Reading
 from app.adapters.saga_io import route
-from app.adapters.topics import TP, inbox_topic, state_topic
+from app.adapters.topics import TP, headers_of, inbox_topic, state_topic
 from app.application import saga
 from app.client import frame_command, new_envelope
 from app.runtime import state_format
@@ -74,15 +74,10 @@ class FeedHandler:
         try:
             routed = route(self.codec, self.settings, message)
         except (DecodeError, mapper.MappingError, LookupError, TypeError) as error:
-            # The projections dead-letter undecodable events; the saga cannot act
-            # on one, so it says so and moves on.
-            log.warning(
-                "saga feed skipped %s[%d]@%d: %s",
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                error,
-            )
+            # What the saga may have to act on is never skipped silently: an
+            # operator re-drives it to where it was read, and the feed reads it
+            # again (once its cause is fixed), or discards it.
+            self.dead_letter(message, f"{type(error).__name__}: {error}", batch)
             return
         if routed is not None:
             key, value = routed
@@ -92,6 +87,11 @@ class FeedHandler:
                 key=key,
                 partition=partition_for(key, self.settings.partitions),
             )
+
+    def dead_letter(self, message: Message, reason: str, batch: Batch) -> None:
+        """``message`` as it was read, on the saga inbox's dead-letter topic, with
+        where it was read: a re-drive puts the same record back there."""
+        dead_letter(batch, f"{self.inbox}.dlq", message, reason)
 
     def prepare(self, partitions: set[TP]) -> None:
         return None
@@ -351,25 +351,35 @@ class SagaHandler:
         self._folded.clear()
 
     def _dead_letter(self, message: Message, reason: str, batch: Batch) -> None:
-        log.error(
-            "saga dead-lettering %s[%d]@%d: %s",
-            self.inbox,
-            message.partition(),
-            message.offset(),
-            reason,
-        )
-        batch.send(
-            f"{self.inbox}.dlq",
-            message.value(),
-            # The order id: the console shows it, and re-drives an order's together.
-            key=message.key(),
-            headers=[
-                ("dlq-source-topic", self.inbox.encode()),
-                ("dlq-source-partition", str(message.partition()).encode()),
-                ("dlq-source-offset", str(message.offset()).encode()),
-                ("dlq-reason", reason.encode()[:4000]),
-            ],
-        )
+        # The key is the order id: the console shows it, and re-drives an order's
+        # messages together.
+        dead_letter(batch, f"{self.inbox}.dlq", message, reason)
+
+
+def dead_letter(batch: Batch, topic: str, message: Message, reason: str) -> None:
+    """``message`` (key, value, headers) to dead-letter ``topic`` in ``batch``, with
+    the headers that name its source and the reason (``app.deadletters``): a
+    re-drive puts the record back where it was read, headers and all."""
+    log.error(
+        "saga dead-lettering %s[%d]@%d: %s",
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        reason,
+    )
+    kept = [(n, v) for n, v in headers_of(message) if v is not None]
+    batch.send(
+        topic,
+        message.value(),
+        key=message.key(),
+        headers=[
+            *kept,
+            ("dlq-source-topic", (message.topic() or "").encode()),
+            ("dlq-source-partition", str(message.partition()).encode()),
+            ("dlq-source-offset", str(message.offset()).encode()),
+            ("dlq-reason", reason.encode()[:4000]),
+        ],
+    )
 
 
 def register_view(app: faust.App, settings: Settings) -> Any:

@@ -18,13 +18,15 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 import agents.saga
-from agents.saga import SagaHandler
+from agents.saga import FeedHandler, SagaHandler
 from app.adapters.catalog import SchemaCatalog
+from app.adapters.codec import Codec, ConfluentRegistry
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import StateCache
 from app.adapters.saga_io import encode_message
 from app.adapters.topics import TP, inbox_topic, state_topic
 from app.application import saga
+from app.deadletters import DeadLetter, redrive_of
 from app.settings import Settings
 from tests.support import Consumed
 
@@ -96,15 +98,18 @@ class Reading:
 
 
 class Batch:
-    """What a handler writes in one batch (topic, key, partition, value)."""
+    """What a handler writes in one batch (topic, key, partition, value), and the
+    headers of each."""
 
     def __init__(self, reading: Reading | None = None) -> None:
         self.sent: list[tuple[str, bytes | None, int | None, bytes | None]] = []
+        self.headers: list[list[tuple[str, bytes]]] = []
         self.reading = reading or Reading()
         self.drained = True  # what the processor said of a short batch
 
     def send(self, topic: str, value: bytes | None, **options: Any) -> None:
         self.sent.append((topic, options.get("key"), options.get("partition"), value))
+        self.headers.append(list(options.get("headers") or []))
 
     def commands(self) -> list[tuple[str, str]]:
         """(command topic, order id) of each command sent."""
@@ -302,3 +307,49 @@ def test_states_cached_in_another_shape_are_folded_again_from_the_log(
         assert handler.deadlines == {order: state.deadline}
     finally:
         handler.close()
+
+
+# -- what the feed cannot read -------------------------------------------------------
+
+
+class WithHeaders(Consumed):
+    def __init__(self, *args: Any, headers: list[tuple[str, bytes]]) -> None:
+        super().__init__(*args)
+        self.kept = headers
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self.kept
+
+
+def test_the_feed_dead_letters_what_it_cannot_read_for_a_redrive(
+    settings: Settings,
+) -> None:
+    """Not skipped: kept on the saga inbox's dead-letter topic with its source, and
+    re-driven to where the feed read it, headers and all, to be read again."""
+    codec = Codec(ConfluentRegistry("http://127.0.0.1:1"), SchemaCatalog.load())
+    feed = FeedHandler(settings, codec)
+    events = settings.topics.events("orders")
+    headers = [("event-type", b"OrderCreated"), ("aggregate-id", b"o-1")]
+    unreadable = WithHeaders(events, 2, 7, b"not avro", b"o-1", headers=headers)
+    batch = Batch()
+    feed.handle(unreadable, batch)  # type: ignore[arg-type]
+
+    dlq = f"{inbox_topic(settings)}.dlq"
+    [(topic, key, _, value)] = batch.sent
+    assert (topic, key, value) == (dlq, b"o-1", b"not avro")
+    letter = DeadLetter(dlq, 0, 0, key, value, tuple(batch.headers[0]), 0)
+    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+        events,
+        2,
+        7,
+    )
+    assert (letter.kind, letter.aggregate_id) == ("saga", "o-1")
+    assert "NotFramed" in letter.reason
+    again = redrive_of(letter, "act-1")
+    assert (again.topic, again.partition, again.key, again.value) == (
+        events,
+        2,
+        b"o-1",
+        b"not avro",
+    )
+    assert again.headers[:2] == tuple(headers)
