@@ -132,9 +132,9 @@ class SagaHandler:
         self.deadlines: dict[str, datetime] = {}
         self.pending: dict[str, saga.SagaState] = {}
         self._folded: dict[str, bytes] = {}
-        # Per inbox partition with deadlines due: its end when they were found due
-        # (they fire once it is read that far).
-        self._due_ends: dict[int, int] = {}
+        # Per order whose deadline is due: where its inbox partition ended when
+        # the deadline was found due (it fires once the inbox is read that far).
+        self._due_ends: dict[str, int] = {}
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -178,16 +178,15 @@ class SagaHandler:
         an assignment or a rewind too, when the inbox may hold a backlog)."""
         now = datetime.now(UTC)
         due = self._due(now)
-        self._due_ends = {p: end for p, end in self._due_ends.items() if p in due}
-        for partition, orders in due.items():
-            if not self._read_to_due_end(partition, batch.reading):
+        self._due_ends = {o: end for o, end in self._due_ends.items() if o in due}
+        ends: dict[int, int | None] = {}  # asked once a tick per partition
+        for order_id, deadline in due.items():
+            if not self._read_to_due_end(order_id, batch.reading, ends):
                 continue
-            for order_id, deadline in orders:
-                with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
-                    self._react(
-                        saga.TimedOut(order_id=order_id, deadline=deadline, at=now),
-                        batch,
-                    )
+            with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
+                self._react(
+                    saga.TimedOut(order_id=order_id, deadline=deadline, at=now), batch
+                )
 
     def committed(self) -> None:
         if not self.pending:
@@ -266,38 +265,35 @@ class SagaHandler:
         else:
             self.deadlines[order_id] = state.deadline
 
-    def _due(self, now: datetime) -> dict[int, list[tuple[str, datetime]]]:
+    def _due(self, now: datetime) -> dict[str, datetime]:
         """The passed deadlines of orders owned here and not acted on in this
-        batch, by inbox partition."""
-        due: dict[int, list[tuple[str, datetime]]] = {}
-        for order_id, deadline in self.deadlines.items():
-            if (
-                deadline <= now
-                and order_id not in self.pending
-                and self._owns(order_id)
-            ):
-                partition = self._partition(order_id)
-                due.setdefault(partition, []).append((order_id, deadline))
-        return due
+        batch."""
+        return {
+            order_id: deadline
+            for order_id, deadline in self.deadlines.items()
+            if deadline <= now and order_id not in self.pending and self._owns(order_id)
+        }
 
-    def _read_to_due_end(self, partition: int, reading: Reading) -> bool:
-        """Whether the inbox partition is read up to where it ended when its due
-        deadlines were found due (noted then). A fixed offset: full batches hold
-        a deadline back only as long as the backlog there was then takes."""
+    def _read_to_due_end(
+        self, order_id: str, reading: Reading, ends: dict[int, int | None]
+    ) -> bool:
+        """Whether the order's inbox partition is read up to where it ended when
+        its deadline was found due (noted then; ``ends``: those asked this tick).
+        A fixed offset: full batches hold a deadline back only as long as the
+        backlog of that moment takes."""
+        partition = self._partition(order_id)
         tp = (self.inbox, partition)
         position = reading.position(tp)
         if position is None:
             return False  # just assigned or rewound: nothing fetched yet
-        end = self._due_ends.get(partition)
-        if end is None:
-            end = reading.end(tp)
+        if order_id not in self._due_ends:
+            if partition not in ends:
+                ends[partition] = reading.end(tp)
+            end = ends[partition]
             if end is None:
                 return False
-            self._due_ends[partition] = end
-        if position < end:
-            return False
-        del self._due_ends[partition]
-        return True
+            self._due_ends[order_id] = end
+        return position >= self._due_ends[order_id]
 
     def _partition(self, order_id: str) -> int:
         return partition_for(order_id.encode(), self.settings.partitions)

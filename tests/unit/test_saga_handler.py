@@ -139,26 +139,31 @@ def handler(settings: Settings, log: SagaLog, tmp_path: Path) -> Iterator[SagaHa
     made.close()
 
 
-def order_on(settings: Settings, partition: int) -> str:
-    """An order id whose saga lives on inbox ``partition``."""
+def order_on(settings: Settings, partition: int, *, after: str = "") -> str:
+    """An order id whose saga lives on inbox ``partition`` (not ``after``)."""
     return next(
         order
         for n in range(10_000)
         if partition_for((order := f"o-{n}").encode(), settings.partitions) == partition
+        and order != after
     )
 
 
-def charging(order_id: str, *, since: timedelta) -> saga.SagaState:
-    """The saga of ``order_id`` charging its account since ``since`` ago."""
-    created = saga.Created(
+def created_message(order_id: str) -> saga.Created:
+    return saga.Created(
         order_id=order_id,
         event_id=f"created-{order_id}",
         correlation_id=f"flow-{order_id}",
         account_id="a-1",
         amount_minor=500,
         currency="EUR",
-        at=datetime.now(UTC) - since,
+        at=datetime.now(UTC),
     )
+
+
+def charging(order_id: str, *, since: timedelta) -> saga.SagaState:
+    """The saga of ``order_id`` charging its account since ``since`` ago."""
+    created = replace(created_message(order_id), at=datetime.now(UTC) - since)
     state = saga.react(None, created, timeout=TIMEOUT).state
     assert state is not None and state.deadline is not None
     return state
@@ -279,6 +284,35 @@ def test_a_deadline_fires_once_read_past_where_the_inbox_ended_when_it_was_due(
     reading.positions[tp], reading.ends[tp] = 5, 500
     handler.tick(batch)
     assert batch.commands() == [(settings.topics.commands("orders"), order)]
+
+
+def test_each_deadline_waits_for_where_the_inbox_ended_when_it_was_due(
+    settings: Settings, log: SagaLog, handler: SagaHandler
+) -> None:
+    """A deadline found due later on the same partition waits for the inbox's end
+    of its own moment, not the one an earlier deadline noted."""
+    first, tp = overdue(settings, log, handler)
+    reading = Reading()
+    reading.positions[tp], reading.ends[tp] = 3, 5
+    batch = Batch(reading)
+    handler.tick(batch)
+    assert batch.sent == []
+
+    # A second order there, its deadline passed by the time its creation is read.
+    second = order_on(settings, 0, after=first)
+    late = replace(created_message(second), at=datetime.now(UTC) - 2 * TIMEOUT)
+    handler.handle(inbox_message(tp, 3, late), batch)
+    handler.committed()
+    assert second in handler.deadlines
+    reading.positions[tp], reading.ends[tp] = 5, 8
+    batch = Batch(reading)
+    handler.tick(batch)
+    assert batch.commands() == [(settings.topics.commands("orders"), first)]
+    handler.committed()
+    reading.positions[tp] = 8
+    batch = Batch(reading)
+    handler.tick(batch)
+    assert batch.commands() == [(settings.topics.commands("orders"), second)]
 
 
 # -- the cache of states -----------------------------------------------------------
