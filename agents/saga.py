@@ -3,13 +3,15 @@
 
 - The feed (``FeedHandler``, consumer group ``<app_id>.saga``) routes order events,
   the saga's own account movements and the rejections of its commands into
-  ``<app_id>-saga-inbox``, keyed by order id, in transactions of its own.
+  ``<app_id>-saga-inbox``, keyed by order id, in transactions of its own; what it
+  cannot read goes to the inbox's dead-letter topic, as read.
 - ``SagaHandler`` owns the inbox's partitions (in the command processor's group).
   Per message it reacts, and in one transaction sends the commands, writes the new
   state to the compacted ``<app_id>-saga-state`` topic (the saga's log, which its
   state is derived from) and commits the inbox offset. Deadlines fire from the same
   loop (``tick``), also inside a transaction, so a timeout acts once, and only once
-  the inbox is read as far as it reached when they came due (an answer there first).
+  the inbox is read as far as it reached when it came due (an answer there first),
+  and only for the orders of the partitions owned here.
 - A Faust agent folds ``<app_id>-saga-state`` into the ``sagas`` table behind
   ``GET /sagas/{order_id}`` (routed to the key's owner).
 
