@@ -3,12 +3,15 @@
 
 - The feed (``FeedHandler``, consumer group ``<app_id>.saga``) routes order events,
   the saga's own account movements and the rejections of its commands into
-  ``<app_id>-saga-inbox``, keyed by order id, in transactions of its own.
+  ``<app_id>-saga-inbox``, keyed by order id, in transactions of its own; what it
+  cannot read goes to the inbox's dead-letter topic, as read.
 - ``SagaHandler`` owns the inbox's partitions (in the command processor's group).
   Per message it reacts, and in one transaction sends the commands, writes the new
   state to the compacted ``<app_id>-saga-state`` topic (the saga's log, which its
   state is derived from) and commits the inbox offset. Deadlines fire from the same
-  loop (``tick``), also inside a transaction, so a timeout acts once.
+  loop (``tick``), also inside a transaction, so a timeout acts once, and only once
+  the inbox is read as far as it reached when it came due (an answer there first),
+  and only for the orders of the partitions owned here.
 - A Faust agent folds ``<app_id>-saga-state`` into the ``sagas`` table behind
   ``GET /sagas/{order_id}`` (routed to the key's owner).
 
@@ -38,11 +41,12 @@ from app.adapters import mapper
 from app.adapters.codec import Codec, DecodeError
 from app.adapters.eventlog import partition_for
 from app.adapters.logtail import LogTail, StateCache
-from app.adapters.processor import TRANSIENT, Batch, Ownership
+from app.adapters.processor import TRANSIENT, Batch, Ownership, Reading
 from app.adapters.saga_io import route
-from app.adapters.topics import TP, inbox_topic, state_topic
+from app.adapters.topics import TP, headers_of, inbox_topic, state_topic
 from app.application import saga
 from app.client import frame_command, new_envelope
+from app.runtime import state_format
 from app.settings import Settings
 
 if TYPE_CHECKING:  # the write processes run the saga without importing Faust
@@ -72,15 +76,10 @@ class FeedHandler:
         try:
             routed = route(self.codec, self.settings, message)
         except (DecodeError, mapper.MappingError, LookupError, TypeError) as error:
-            # The projections dead-letter undecodable events; the saga cannot act
-            # on one, so it says so and moves on.
-            log.warning(
-                "saga feed skipped %s[%d]@%d: %s",
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                error,
-            )
+            # What the saga may have to act on is never skipped silently: an
+            # operator re-drives it to where it was read, and the feed reads it
+            # again (once its cause is fixed), or discards it.
+            self.dead_letter(message, f"{type(error).__name__}: {error}", batch)
             return
         if routed is not None:
             key, value = routed
@@ -90,6 +89,11 @@ class FeedHandler:
                 key=key,
                 partition=partition_for(key, self.settings.partitions),
             )
+
+    def dead_letter(self, message: Message, reason: str, batch: Batch) -> None:
+        """``message`` as it was read, on the saga inbox's dead-letter topic, with
+        where it was read: a re-drive puts the same record back there."""
+        dead_letter(batch, f"{self.inbox}.dlq", message, reason)
 
     def prepare(self, partitions: set[TP]) -> None:
         return None
@@ -118,7 +122,9 @@ class SagaHandler:
         self.inbox = inbox_topic(settings)
         self.log_topic = state_topic(settings)
         self.timeout = timedelta(seconds=settings.saga_timeout_s)
-        self.cache = StateCache(cache_dir / "saga")
+        # Tagged with the shape of SagaState: a cache written in another (by an
+        # older release) is dropped and folded again from the log, not misread.
+        self.cache = StateCache(cache_dir / "saga", state_format(saga.SagaState))
         self.tail = LogTail(settings, self._fold, name="saga-state")
         self.partitions = Ownership()
         # Partitions taken over whose deadlines are not indexed yet (an abort
@@ -128,6 +134,9 @@ class SagaHandler:
         self.deadlines: dict[str, datetime] = {}
         self.pending: dict[str, saga.SagaState] = {}
         self._folded: dict[str, bytes] = {}
+        # Per order whose deadline is due: where its inbox partition ended when
+        # the deadline was found due (it fires once the inbox is read that far).
+        self._due_ends: dict[str, int] = {}
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -140,11 +149,10 @@ class SagaHandler:
         for partition in self.partitions.give_up(partitions):
             self._unindexed.discard(partition)
             self.tail.drop([(self.log_topic, partition)])
-        self.deadlines = {
-            order: due
-            for order, due in self.deadlines.items()
-            if self._partition(order) in self.partitions.owned
-        }
+        # States folded by a catch-up that failed are the next owner's now: left
+        # here, the next catch-up would index their deadlines and fire them.
+        self._folded = {o: raw for o, raw in self._folded.items() if self._owns(o)}
+        self.deadlines = {o: due for o, due in self.deadlines.items() if self._owns(o)}
 
     def prepare(self, partitions: set[TP]) -> None:
         self._catch_up_stale()
@@ -166,18 +174,21 @@ class SagaHandler:
             self._dead_letter(message, str(error), batch)
 
     def tick(self, batch: Batch) -> None:
-        """Fire the deadlines that passed on the partitions owned here, once the
-        inbox is read to its end (an answer waiting there comes first)."""
-        if not batch.drained:
-            return
+        """Fire the deadlines that passed on the partitions owned here, each once
+        its inbox partition is read as far as it reached when the deadline was
+        found due: an answer that came before the deadline is acted on first (after
+        an assignment or a rewind too, when the inbox may hold a backlog)."""
         now = datetime.now(UTC)
-        for order_id, deadline in list(self.deadlines.items()):
-            if deadline <= now and order_id not in self.pending:
-                with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
-                    self._react(
-                        saga.TimedOut(order_id=order_id, deadline=deadline, at=now),
-                        batch,
-                    )
+        due = self._due(now)
+        self._due_ends = {o: end for o, end in self._due_ends.items() if o in due}
+        ends: dict[int, int | None] = {}  # asked once a tick per partition
+        for order_id, deadline in due.items():
+            if not self._read_to_due_end(order_id, batch.reading, ends):
+                continue
+            with contextlib.suppress(SagaFailed):  # logged; its deadline dropped
+                self._react(
+                    saga.TimedOut(order_id=order_id, deadline=deadline, at=now), batch
+                )
 
     def committed(self) -> None:
         if not self.pending:
@@ -250,13 +261,47 @@ class SagaHandler:
         return None if raw is None else saga.state_from_json(json.loads(raw))
 
     def _index(self, order_id: str, state: saga.SagaState) -> None:
-        if state.deadline is None or state.settled:
+        # Only an owner fires a deadline: another process acts on the others.
+        if state.deadline is None or state.settled or not self._owns(order_id):
             self.deadlines.pop(order_id, None)
         else:
             self.deadlines[order_id] = state.deadline
 
+    def _due(self, now: datetime) -> dict[str, datetime]:
+        """The passed deadlines of orders owned here and not acted on in this
+        batch."""
+        return {
+            order_id: deadline
+            for order_id, deadline in self.deadlines.items()
+            if deadline <= now and order_id not in self.pending and self._owns(order_id)
+        }
+
+    def _read_to_due_end(
+        self, order_id: str, reading: Reading, ends: dict[int, int | None]
+    ) -> bool:
+        """Whether the order's inbox partition is read up to where it ended when
+        its deadline was found due (noted then; ``ends``: those asked this tick).
+        A fixed offset: full batches hold a deadline back only as long as the
+        backlog of that moment takes."""
+        partition = self._partition(order_id)
+        tp = (self.inbox, partition)
+        position = reading.position(tp)
+        if position is None:
+            return False  # just assigned or rewound: nothing fetched yet
+        if order_id not in self._due_ends:
+            if partition not in ends:
+                ends[partition] = reading.end(tp)
+            end = ends[partition]
+            if end is None:
+                return False
+            self._due_ends[order_id] = end
+        return position >= self._due_ends[order_id]
+
     def _partition(self, order_id: str) -> int:
         return partition_for(order_id.encode(), self.settings.partitions)
+
+    def _owns(self, order_id: str) -> bool:
+        return self._partition(order_id) in self.partitions.owned
 
     def _catch_up_stale(self) -> None:
         """Fold the log of partitions taken over (or after an abort) to its end. Only
@@ -304,25 +349,35 @@ class SagaHandler:
         self._folded.clear()
 
     def _dead_letter(self, message: Message, reason: str, batch: Batch) -> None:
-        log.error(
-            "saga dead-lettering %s[%d]@%d: %s",
-            self.inbox,
-            message.partition(),
-            message.offset(),
-            reason,
-        )
-        batch.send(
-            f"{self.inbox}.dlq",
-            message.value(),
-            # The order id: the console shows it, and re-drives an order's together.
-            key=message.key(),
-            headers=[
-                ("dlq-source-topic", self.inbox.encode()),
-                ("dlq-source-partition", str(message.partition()).encode()),
-                ("dlq-source-offset", str(message.offset()).encode()),
-                ("dlq-reason", reason.encode()[:4000]),
-            ],
-        )
+        # The key is the order id: the console shows it, and re-drives an order's
+        # messages together.
+        dead_letter(batch, f"{self.inbox}.dlq", message, reason)
+
+
+def dead_letter(batch: Batch, topic: str, message: Message, reason: str) -> None:
+    """``message`` (key, value, headers) to dead-letter ``topic`` in ``batch``, with
+    the headers that name its source and the reason (``app.deadletters``): a
+    re-drive puts the record back where it was read, headers and all."""
+    log.error(
+        "saga dead-lettering %s[%d]@%d: %s",
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        reason,
+    )
+    kept = [(n, v) for n, v in headers_of(message) if v is not None]
+    batch.send(
+        topic,
+        message.value(),
+        key=message.key(),
+        headers=[
+            *kept,
+            ("dlq-source-topic", (message.topic() or "").encode()),
+            ("dlq-source-partition", str(message.partition()).encode()),
+            ("dlq-source-offset", str(message.offset()).encode()),
+            ("dlq-reason", reason.encode()[:4000]),
+        ],
+    )
 
 
 def register_view(app: faust.App, settings: Settings) -> Any:

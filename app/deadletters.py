@@ -82,7 +82,10 @@ class DeadLetter:
             return "projection"
         if self.source_topic.endswith(".commands"):
             return "command"
-        if self.source_topic.endswith("-saga-inbox"):
+        # The saga's, or its feed's (read from an events topic or command-results).
+        if self.topic.endswith("-saga-inbox.dlq") or self.source_topic.endswith(
+            "-saga-inbox"
+        ):
             return "saga"
         return "event"
 

@@ -76,17 +76,57 @@ class Sent:
     offset: int = -1
 
 
+class Reading(Protocol):
+    """How far the processor has read a partition of its input: what a timer asks
+    before it acts on something whose answer may still be on its way."""
+
+    def position(self, tp: TP) -> int | None:
+        """The next offset the processor takes; None until known (after an
+        assignment or a rewind, until the consumer's first fetch)."""
+        ...
+
+    def end(self, tp: TP) -> int | None:
+        """The partition's end for a read_committed reader (its last stable
+        offset) now; None when the broker does not say."""
+        ...
+
+
+# How long a timer waits for the broker to say where a partition ends.
+END_LOOKUP_S = 5.0
+
+
+class ConsumerReading:
+    """``Reading`` of the processor's consumer."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+
+    def position(self, tp: TP) -> int | None:
+        [found] = self.consumer.position([TopicPartition(*tp)])
+        return found.offset if found.offset >= 0 else None
+
+    def end(self, tp: TP) -> int | None:
+        # Asked of the broker, not the consumer's cache: a partition just taken
+        # back may still have its end from before.
+        try:
+            found = self.consumer.get_watermark_offsets(
+                TopicPartition(*tp), timeout=END_LOOKUP_S
+            )
+        except KafkaException as error:
+            log.info("the end of %s[%d] is not known now: %s", *tp, error)
+            return None
+        return None if found is None or found[1] < 0 else int(found[1])
+
+
 class Batch:
     """What one transaction writes. Outputs are produced as they are added; work that
     needs the positions of earlier outputs (a result naming its events' offsets) is
     registered with ``later`` and runs once those are acknowledged, still inside the
-    transaction."""
+    transaction. ``reading`` says how far the input is read (for timers)."""
 
-    def __init__(self, producer: Producer, *, drained: bool = True) -> None:
+    def __init__(self, producer: Producer, reading: Reading) -> None:
         self._producer = producer
-        # The consumer had no more than this batch to hand over: its partitions
-        # are read to their ends (timers may act on a state that is current).
-        self.drained = drained
+        self.reading = reading
         self._later: list[Callable[[], None]] = []
         self.size = 0
         self.begun = False
@@ -370,7 +410,7 @@ class Processor:
     def _transact(
         self, consumer: Consumer, producer: Producer, messages: list[Message]
     ) -> None:
-        batch = Batch(producer, drained=len(messages) < self.batch_size)
+        batch = Batch(producer, ConsumerReading(consumer))
         # Where each partition's part of the batch begins, known before any is
         # handled: a failure rewinds every partition the batch holds.
         starts: dict[TP, int] = {}

@@ -27,7 +27,6 @@ SAGA = "order-payment"
 # Who the saga's commands are issued by (the envelope's user id).
 ACTOR = "saga:order-payment"
 NAMESPACE = uuid.UUID("0b6f3f5e-3c1a-4b7e-9d0e-51a6a9c7e2d4")
-PAYMENT_TRANSACTION = "order-payment:"
 REFUND_TRANSACTION = "order-refund:"
 # Order and account event types the saga listens to (routing filters on them).
 EVENT_TYPES = frozenset(
@@ -72,7 +71,8 @@ def parse_command_id(value: str) -> tuple[Step, str] | None:
 
 
 def payment_transaction(order_id: str) -> str:
-    return f"{PAYMENT_TRANSACTION}{order_id}"
+    # The one payment the orders decider takes on an order created with an account.
+    return orders.account_payment_transaction(order_id)
 
 
 def refund_transaction(order_id: str) -> str:

@@ -2,7 +2,8 @@
 operators racing on the same records re-drive each once; an action committed behind
 another's open transaction still counts; a projection's dead letter, re-driven from
 the CLI once its cause is fixed, reaches the read model; a saga inbox's, re-driven
-once its cause is fixed, gets the order paid."""
+once its cause is fixed, gets the order paid; the saga feed's, re-driven, reaches the
+saga through the feed."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ import threading
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
+from agents.saga import FeedHandler
 from app.adapters.codec import ConfluentRegistry
 from app.adapters.deadletters import (
     DeadLetterError,
@@ -27,8 +36,10 @@ from app.adapters.deadletters import (
     read_dead_letters,
     transactional_id,
 )
+from app.adapters.eventlog import partition_for
+from app.adapters.saga_io import feed_group
 from app.adapters.topics import inbox_topic
-from app.audit import read_topic
+from app.audit import new_codec, read_topic
 from app.client import CommandClient
 from app.deadletters import REDRIVEN_FROM, Action, ActionRefused, record_id
 from app.domain.accounts import OpenAccount
@@ -36,6 +47,7 @@ from app.projections.engine import dead_letter_topic
 from app.settings import ApiToken, Settings
 from app.waiting import eventually
 from app.workload import charged_order, deposit, funded_account
+from app.writer import command_group
 from tests.support import (
     eventually_equal,
     get_until,
@@ -335,3 +347,152 @@ def _order_status(settings: Settings, order: str) -> str | None:
             "SELECT status FROM order_summaries WHERE order_id = %s", (order,)
         ).fetchone()
     return None if row is None else str(row[0])
+
+
+class _Producing:
+    """A batch that produces at once: where a test writes what the saga's feed
+    writes in its transactions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.producer = Producer(settings.producer_config())
+
+    def send(self, topic: str, value: bytes | None, **options: Any) -> None:
+        self.producer.produce(
+            topic, value, key=options.get("key"), headers=options.get("headers")
+        )
+
+    def flush(self) -> None:
+        assert self.producer.flush(30) == 0
+
+
+def _feed_sources(settings: Settings) -> list[str]:
+    topics = settings.topics
+    return [topics.events("orders"), topics.events("accounts"), topics.results]
+
+
+def _feed_past_everything(settings: Settings) -> None:
+    """The saga feed's group committed at the end of its sources, as a feed that
+    went past every record there (dead-lettering what it could not read) leaves it."""
+    consumer = Consumer(
+        {**settings.consumer_config(), "group.id": f"ends-{uuid.uuid4().hex[:6]}"}
+    )
+    try:
+        ends = [
+            TopicPartition(
+                topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p))[1]
+            )
+            for topic in _feed_sources(settings)
+            for p in range(settings.partitions)
+        ]
+    finally:
+        consumer.close()
+    group = feed_group(settings)
+    admin = AdminClient(dict(settings.kafka_client_config()))
+    request = ConsumerGroupTopicPartitions(group, ends)
+    done = admin.alter_consumer_group_offsets([request])[group].result(timeout=30)
+    assert not [tp for tp in done.topic_partitions if tp.error]
+
+
+def _until_no_members(settings: Settings, group: str) -> None:
+    admin = AdminClient(dict(settings.kafka_client_config()))
+
+    def members() -> int:
+        found = admin.describe_consumer_groups([group])[group].result(timeout=30)
+        return len(found.members)
+
+    assert eventually(members, lambda n: n == 0, timeout=WAIT_S, every=0.5) == 0
+
+
+def _event_at(settings: Settings, topic: str, partition: int, offset: int) -> Any:
+    consumer = Consumer(
+        {**settings.consumer_config(), "group.id": f"one-{uuid.uuid4().hex[:6]}"}
+    )
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        found = eventually(
+            lambda: consumer.poll(0.5), lambda m: m is not None, timeout=WAIT_S
+        )
+        assert found is not None and found.error() is None, found
+        return found
+    finally:
+        consumer.close()
+
+
+def test_a_saga_feed_dead_letter_redriven_reaches_the_saga(
+    deployment: Settings,
+) -> None:
+    """The saga's feed dead-letters what it cannot read, with where it read it; a
+    re-drive puts the record back there for the feed to read again. An unreadable
+    record comes back as a new dead letter. An order's creation the feed could not
+    read at the time (here: one it went past while the saga was off, dead-lettered
+    as the feed does) reaches the saga once re-driven: the account is charged and
+    the order paid, the write side counting the copy as the event it is."""
+    settings = dataclasses.replace(deployment, saga_timeout_s=600.0)
+    account, order = f"acc-{uuid.uuid4().hex[:8]}", f"ord-{uuid.uuid4().hex[:8]}"
+    events = settings.topics.events("orders")
+    with (
+        running_worker(dataclasses.replace(settings, saga=False)),
+        CommandClient(settings) as client,
+    ):
+        for command in funded_account(account, 5000):
+            assert client.send(command, timeout=60).accepted
+        created = client.send(charged_order(order, account, 900), timeout=60)
+        assert created.accepted and created.partition is not None
+    _feed_past_everything(settings)
+    # A static member that comes back within its session is given its assignment
+    # again, without the inbox it now subscribes to as well: start once it is gone.
+    _until_no_members(settings, command_group(settings))
+
+    dlq = f"{inbox_topic(settings)}.dlq"
+    poison = f"ord-{uuid.uuid4().hex[:8]}"
+    with running_worker(settings):
+        producing = _Producing(settings)
+        producing.producer.produce(
+            events,
+            b"not avro",
+            key=poison.encode(),
+            partition=partition_for(poison.encode(), settings.partitions),
+            headers=[("event-type", b"OrderCreated")],
+        )
+        producing.flush()
+        [unreadable] = _records(settings, dlq, 1)
+        [letter] = read_dead_letters(settings, [dlq])
+        assert (letter.source_topic, letter.kind, letter.aggregate_id) == (
+            events,
+            "saga",
+            poison,
+        )
+        assert "NotFramed" in letter.reason, letter.reason
+        # The order's creation, dead-lettered as the feed does.
+        original = _event_at(settings, events, created.partition, created.offset or 0)
+        FeedHandler(settings, new_codec(settings)).dead_letter(
+            original,
+            "made by the test",
+            producing,  # type: ignore[arg-type]
+        )
+        producing.flush()
+        [_, missed] = _records(settings, dlq, 2)
+
+        operations = Operations(settings, _now)
+        for record in (unreadable, missed):
+            [action] = operations.act("redrive", "grace", "fixed", record=record)
+            assert action.produced is not None
+            assert action.produced.startswith(f"{events}:")
+        saga = get_until(
+            f"{settings.web_url}/sagas/{order}",
+            lambda r: r.status_code == 200 and r.json()["settled"],
+            timeout=WAIT_S,
+        ).json()
+        assert saga["phase"] == "PAID", saga
+        assert [s["message_type"] for s in saga["history"]] == [
+            "Created",
+            "Withdrawn",
+            "Paid",
+        ]
+        eventually_equal(lambda: _order_status(settings, order), "PAID", WAIT_S)
+        # The unreadable record, read again from where it was put back, is
+        # dead-lettered again: a new open letter naming the re-driven copy.
+        _records(settings, dlq, 3)
+    again = read_dead_letters(settings, [dlq])[2]
+    assert again.header(REDRIVEN_FROM) == unreadable
+    assert again.aggregate_id == poison

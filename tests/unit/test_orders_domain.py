@@ -430,13 +430,9 @@ def test_payment_of_the_total_pays_the_order() -> None:
     assert state.paid_minor == 2080
 
 
-@pytest.mark.parametrize(
-    "method", ["credit_card", "paypal", "bank_transfer", "account"]
-)
-def test_every_payment_method_is_accepted(method: str) -> None:
-    given(orders, created(account_id="a-1")).when(pay(method=method)).then(
-        replace(PAID, method=method)
-    )
+@pytest.mark.parametrize("method", ["credit_card", "paypal", "bank_transfer"])
+def test_an_order_without_an_account_takes_every_other_method(method: str) -> None:
+    given(orders, created()).when(pay(method=method)).then(replace(PAID, method=method))
 
 
 def test_payment_must_match_the_total_after_item_changes() -> None:
@@ -493,6 +489,65 @@ def test_payment_rejects_invalid_fields(changes: dict[str, Any], field: str) -> 
 def test_payment_only_while_created(status: OrderStatus) -> None:
     error = given(orders, *history(status)).when(pay()).rejects(ErrorCode.INVALID_STATE)
     assert status.value in error.message
+
+
+# --- an order created with an account: the payment saga pays it ----------------
+
+ACCOUNT_ORDER = created(account_id="a-1")
+SAGA_PAYMENT = pay(method="account", transaction_id="order-payment:o-1")
+
+
+def _names_the_order_the_account_and_the_saga(error: DomainError) -> None:
+    assert "order o-1" in error.message
+    assert "account a-1" in error.message
+    assert "payment saga" in error.message
+
+
+def test_the_sagas_payment_pays_an_order_created_with_an_account() -> None:
+    assert orders.account_payment_transaction(ORDER_ID) == "order-payment:o-1"
+    given(orders, ACCOUNT_ORDER).when(SAGA_PAYMENT).then(
+        recorded(PaymentProcessed, SAGA_PAYMENT)
+    )
+
+
+@pytest.mark.parametrize(
+    "payment",
+    [
+        pay(method="credit_card"),
+        pay(method="paypal"),
+        pay(method="bank_transfer"),
+        pay(method="account", transaction_id="tx-1"),  # not the saga's transaction
+    ],
+    ids=["credit_card", "paypal", "bank_transfer", "account-not-the-sagas"],
+)
+def test_an_order_created_with_an_account_takes_no_other_payment(
+    payment: ProcessPayment,
+) -> None:
+    error = given(orders, ACCOUNT_ORDER).when(payment).rejects(ErrorCode.INVALID_STATE)
+    _names_the_order_the_account_and_the_saga(error)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        AddItem(order_id=ORDER_ID, item=EXTRA),
+        RemoveItem(order_id=ORDER_ID, product_id="p-1"),
+    ],
+    ids=["AddItem", "RemoveItem"],
+)
+def test_an_order_created_with_an_account_keeps_its_items(command: Any) -> None:
+    """The saga charges the total the order was created with."""
+    error = given(orders, ACCOUNT_ORDER).when(command).rejects(ErrorCode.INVALID_STATE)
+    _names_the_order_the_account_and_the_saga(error)
+
+
+@pytest.mark.parametrize("paid", [False, True])
+def test_an_order_created_with_an_account_can_be_cancelled(paid: bool) -> None:
+    """Its owner may cancel it, paid or not: the saga refunds what it took."""
+    paid_events = (recorded(PaymentProcessed, SAGA_PAYMENT),) if paid else ()
+    given(orders, ACCOUNT_ORDER, *paid_events).when(
+        CancelOrder(order_id=ORDER_ID, reason="changed mind")
+    ).then(replace(CANCELLED, refund_due_minor=2080 if paid else 0))
 
 
 # --- ShipOrder / DeliverOrder -------------------------------------------------

@@ -352,6 +352,28 @@ def test_a_zero_total_is_paid_without_a_withdrawal() -> None:
     )
 
 
+@pytest.mark.parametrize("total", [4200, 0])
+def test_the_orders_decider_takes_the_sagas_payment(total: int) -> None:
+    """An order created with an account takes no payment but the saga's: the one the
+    saga sends passes, and the event it records is the one the saga follows."""
+    order = replace(_order_created(ACCOUNT), total_minor=total)
+    state = orders.evolve(orders.initial_state(), order)
+    start = created(amount_minor=total)
+    # A zero total is paid at once; any other once the withdrawal is taken.
+    before, trigger = (
+        (None, start) if total == 0 else (given(start).state(), withdrawn())
+    )
+    reaction = saga.react(before, trigger, timeout=TIMEOUT)
+    [pay] = [c.command for c in reaction.commands]
+    assert isinstance(pay, orders.ProcessPayment)
+    [payment] = orders.decide(state, pay)
+    assert isinstance(payment, orders.PaymentProcessed)
+    followed = saga.message_for_event(
+        payment, event_id="ev-paid", correlation_id="corr", command_id="x", at=T0
+    )
+    assert isinstance(followed, Paid)
+
+
 # -- idempotency ---------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from app.domain.orders.commands import (
     ProcessPayment,
     RemoveItem,
     ShipOrder,
+    account_payment_transaction,
 )
 from app.domain.orders.decider import decide
 from app.domain.orders.events import (
@@ -57,6 +58,7 @@ __all__ = [
     "ProcessPayment",
     "RemoveItem",
     "ShipOrder",
+    "account_payment_transaction",
     "decide",
     "evolve",
     "initial_state",

@@ -10,6 +10,12 @@ from app.domain.orders.values import Address, LineItem
 PAYMENT_METHODS = frozenset({"credit_card", "paypal", "bank_transfer", "account"})
 
 
+def account_payment_transaction(order_id: str) -> str:
+    """The transaction id of the one payment an order created with an ``account_id``
+    takes: the payment saga's, by method "account" (``app/application/saga.py``)."""
+    return f"order-payment:{order_id}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CreateOrder:
     order_id: str

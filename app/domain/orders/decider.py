@@ -1,4 +1,12 @@
-"""``decide`` for orders: turn a command into events, or refuse it."""
+"""``decide`` for orders: turn a command into events, or refuse it.
+
+An order created with an ``account_id`` is paid by the payment saga from that account,
+at the total it was created with: its items stay as they are (no ``AddItem`` or
+``RemoveItem``), and the one payment it takes is the saga's (method "account",
+transaction ``account_payment_transaction``). Anything else would have the saga
+charge an amount the order no longer has, or cancel an order paid another way.
+Cancelling it stays allowed (the saga refunds what it took).
+"""
 
 from __future__ import annotations
 
@@ -59,6 +67,19 @@ def _require_status(state: OrderState, action: str, *allowed: OrderStatus) -> No
         raise DomainError(
             ErrorCode.INVALID_STATE,
             f"cannot {action} a {state.status.value} order",
+        )
+
+
+def _refuse_on_a_saga_paid_order(state: OrderState, action: str) -> None:
+    """The payment saga pays an order created with an account, at its created
+    total: nothing else may change what it charges."""
+    if state.account_id is not None:
+        raise DomainError(
+            ErrorCode.INVALID_STATE,
+            f"cannot {action} order {state.order_id}: the payment saga pays it from "
+            f"account {state.account_id} (transaction "
+            f"{commands.account_payment_transaction(state.order_id)}), at the total "
+            "it was created with",
         )
 
 
@@ -123,6 +144,7 @@ def _require_email(value: str, field: str) -> str:
 
 def _add_item(state: OrderState, command: commands.AddItem) -> Decided:
     _require_status(state, "add items to", OrderStatus.CREATED)
+    _refuse_on_a_saga_paid_order(state, "add items to")
     line = to_order_line(command.item, "item")
     if any(existing.product_id == line.product_id for existing in state.items):
         raise invalid(
@@ -137,6 +159,7 @@ def _add_item(state: OrderState, command: commands.AddItem) -> Decided:
 
 def _remove_item(state: OrderState, command: commands.RemoveItem) -> Decided:
     _require_status(state, "remove items from", OrderStatus.CREATED)
+    _refuse_on_a_saga_paid_order(state, "remove items from")
     product_id = require_id(command.product_id, "product_id")
     remaining = tuple(i for i in state.items if i.product_id != product_id)
     if len(remaining) == len(state.items):
@@ -157,6 +180,8 @@ def _remove_item(state: OrderState, command: commands.RemoveItem) -> Decided:
 
 def _pay(state: OrderState, command: commands.ProcessPayment) -> Decided:
     _require_status(state, "pay for", OrderStatus.CREATED)
+    if not _is_the_sagas_payment(state, command):
+        _refuse_on_a_saga_paid_order(state, f"pay by {command.method!r} for")
     payment_id = require_id(command.payment_id, "payment_id")
     transaction_id = require_id(command.transaction_id, "transaction_id")
     if command.method not in commands.PAYMENT_METHODS:
@@ -192,6 +217,12 @@ def _pay(state: OrderState, command: commands.ProcessPayment) -> Decided:
             method=command.method,
             transaction_id=transaction_id,
         ),
+    )
+
+
+def _is_the_sagas_payment(state: OrderState, command: commands.ProcessPayment) -> bool:
+    return command.method == "account" and (
+        command.transaction_id == commands.account_payment_transaction(state.order_id)
     )
 
 
