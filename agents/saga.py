@@ -27,6 +27,7 @@ on) and ``STREAMFOLD_SAGA_TIMEOUT`` (seconds to wait for the account, default 30
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -43,7 +44,13 @@ from app.adapters.eventlog import partition_for
 from app.adapters.logtail import LogTail, StateCache
 from app.adapters.processor import TRANSIENT, Batch, Ownership, Reading
 from app.adapters.saga_io import route
-from app.adapters.topics import TP, headers_of, inbox_topic, state_topic
+from app.adapters.topics import (
+    TP,
+    headers_of,
+    inbox_topic,
+    records_of_key,
+    state_topic,
+)
 from app.application import saga
 from app.client import frame_command, new_envelope
 from app.runtime import state_format
@@ -380,6 +387,18 @@ def dead_letter(batch: Batch, topic: str, message: Message, reason: str) -> None
     )
 
 
+def after_an_abort(shown: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether ``new`` shows that ``shown`` came from a transaction that aborted:
+    each committed state of an order's saga has a longer history than the one
+    before it, so a new state no longer than the shown one, and not the same, was
+    written after something that never committed (a fenced zombie's step)."""
+    return (
+        shown is not None
+        and len(new["history"]) <= len(shown["history"])
+        and new != shown
+    )
+
+
 def register_view(app: faust.App, settings: Settings) -> Any:
     """The ``sagas`` table (folded from the saga's log) behind ``/sagas/{order_id}``;
     returns the table."""
@@ -391,8 +410,37 @@ def register_view(app: faust.App, settings: Settings) -> Any:
     @app.agent(source, name="saga-views")
     async def saga_views(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            if event.key is not None and event.value is not None:
-                sagas[event.key] = json.loads(event.value)
+            key, value = event.key, event.value
+            if key is None or value is None:
+                continue
+            state = json.loads(value)
+            if after_an_abort(sagas.get(key), state):
+                state = await committed_state(event.message, key)
+            if state is None:
+                sagas.pop(key, None)
+            else:
+                sagas[key] = state
+
+    async def committed_state(message: Any, key: bytes) -> Any:
+        """The key's state as its last committed record up to ``message`` has it
+        (Faust's consumer reads uncommitted records too)."""
+        values = await asyncio.get_running_loop().run_in_executor(
+            None,
+            records_of_key,
+            settings,
+            message.topic,
+            message.partition,
+            key,
+            message.offset + 1,
+        )
+        log.warning(
+            "saga view of %s rebuilt from %d committed records of %s[%d]",
+            key.decode(errors="replace"),
+            len(values),
+            message.topic,
+            message.partition,
+        )
+        return json.loads(values[-1]) if values else None
 
     @app.page("/sagas/{order_id}")
     @routed(app, sagas, "order_id")

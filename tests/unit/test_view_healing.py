@@ -1,10 +1,12 @@
-"""When a Faust-table view must be folded again from the committed log."""
+"""When a Faust-table view must be folded again from the committed log (the
+order and account views by version, the saga view by its history)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
+from agents.saga import after_an_abort
 from app.projections.views import fold_account, needs_healing, refold
 
 
@@ -66,3 +68,18 @@ def test_refold_folds_in_order_and_skips_repeats() -> None:
     assert row is not None
     assert (row["version"], row["balance_minor"], row["gap"]) == (2, 10, False)
     assert refold(fold_account, []) is None
+
+
+def saga_state(*steps: str, phase: str = "CHARGING") -> dict[str, Any]:
+    return {"order_id": "o-1", "phase": phase, "history": [{"step": s} for s in steps]}
+
+
+def test_a_saga_state_no_longer_than_the_shown_one_heals_the_view() -> None:
+    shown = saga_state("created", "withdraw sent")
+    # The next committed state, or the same one written again: no healing.
+    assert not after_an_abort(shown, saga_state("created", "withdraw sent", "paid"))
+    assert not after_an_abort(shown, saga_state("created", "withdraw sent"))
+    assert not after_an_abort(None, saga_state("created"))
+    # What the owner wrote after a zombie's step that aborted: the view heals.
+    assert after_an_abort(shown, saga_state("created", "timed out", phase="CANCELLING"))
+    assert after_an_abort(shown, saga_state("created"))
