@@ -59,7 +59,7 @@ NOT_RUN = {
     "--group streamfold.projection.orders --reset-offsets --to-earliest --all-topics "
     "--execute": "rewinds the default deployment's projection group with its worker "
     "stopped; tests/integration/test_replay.py does it to a test deployment's group",
-    ".venv/bin/python -m bench.run": "the full benchmark, about 10 minutes",
+    ".venv/bin/python -m bench.run": "the full benchmark, about 6 minutes",
     ".venv/bin/python -m bench.run --quick": "about 2 minutes; "
     "tests/integration/test_bench.py runs it",
     ".venv/bin/python -m bench.run --seed 7 --size e2e_orders=10000 --only "
