@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,6 +61,9 @@ if TYPE_CHECKING:  # the write processes run the saga without importing Faust
     import faust
 
 log = logging.getLogger("streamfold.saga")
+# After the broker did not say where an inbox partition ends, how long its due
+# deadlines wait before it is asked again.
+END_RETRY_S = 5.0
 
 
 class SagaFailed(RuntimeError):
@@ -144,6 +148,9 @@ class SagaHandler:
         # Per order whose deadline is due: where its inbox partition ended when
         # the deadline was found due (it fires once the inbox is read that far).
         self._due_ends: dict[str, int] = {}
+        # Inbox partitions whose end the broker did not say, until when not to ask
+        # again (the question blocks the processor's thread).
+        self._end_unknown: dict[int, float] = {}
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -296,10 +303,13 @@ class SagaHandler:
         if position is None:
             return False  # just assigned or rewound: nothing fetched yet
         if order_id not in self._due_ends:
+            if time.monotonic() < self._end_unknown.get(partition, 0.0):
+                return False
             if partition not in ends:
                 ends[partition] = reading.end(tp)
             end = ends[partition]
             if end is None:
+                self._end_unknown[partition] = time.monotonic() + END_RETRY_S
                 return False
             self._due_ends[order_id] = end
         return position >= self._due_ends[order_id]
@@ -387,16 +397,19 @@ def dead_letter(batch: Batch, topic: str, message: Message, reason: str) -> None
     )
 
 
+# Kept with each state in the saga view: the offset of the record it was folded
+# from (not shown).
+AT = "_offset"
+
+
 def after_an_abort(shown: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     """Whether ``new`` shows that ``shown`` came from a transaction that aborted:
     each committed state of an order's saga has a longer history than the one
     before it, so a new state no longer than the shown one, and not the same, was
     written after something that never committed (a fenced zombie's step)."""
-    return (
-        shown is not None
-        and len(new["history"]) <= len(shown["history"])
-        and new != shown
-    )
+    if shown is None or len(new["history"]) > len(shown["history"]):
+        return False
+    return new != {k: v for k, v in shown.items() if k != AT}
 
 
 def register_view(app: faust.App, settings: Settings) -> Any:
@@ -410,16 +423,17 @@ def register_view(app: faust.App, settings: Settings) -> Any:
     @app.agent(source, name="saga-views")
     async def saga_views(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            key, value = event.key, event.value
-            if key is None or value is None:
-                continue
+            key, value, at = event.key, event.value, event.message.offset
+            shown = sagas.get(key) if key is not None else None
+            if key is None or value is None or at <= (shown or {}).get(AT, -1):
+                continue  # read again after a restart: folded already
             state = json.loads(value)
-            if after_an_abort(sagas.get(key), state):
+            if after_an_abort(shown, state):
                 state = await committed_state(event.message, key)
             if state is None:
                 sagas.pop(key, None)
             else:
-                sagas[key] = state
+                sagas[key] = {**state, AT: at}
 
     async def committed_state(message: Any, key: bytes) -> Any:
         """The key's state as its last committed record up to ``message`` has it
@@ -445,9 +459,10 @@ def register_view(app: faust.App, settings: Settings) -> Any:
     @app.page("/sagas/{order_id}")
     @routed(app, sagas, "order_id")
     async def get_saga(web: Any, request: Any, order_id: str) -> Any:
-        raw = sagas.get(order_id.encode())
-        if raw is None:
+        held = sagas.get(order_id.encode())
+        if held is None:
             return web.json({"error": f"no saga for order {order_id}"}, status=404)
+        raw = {k: v for k, v in held.items() if k != AT}
         return web.json({**raw, "settled": saga.state_from_json(raw).settled})
 
     return sagas

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
@@ -81,8 +81,8 @@ class Reading(Protocol):
     before it acts on something whose answer may still be on its way."""
 
     def position(self, tp: TP) -> int | None:
-        """The next offset the processor takes; None until known (after an
-        assignment or a rewind, until the consumer's first fetch)."""
+        """The next offset the processor takes; None when it is not known (a
+        partition assigned with nothing committed, until a record comes)."""
         ...
 
     def end(self, tp: TP) -> int | None:
@@ -92,18 +92,26 @@ class Reading(Protocol):
 
 
 # How long a timer waits for the broker to say where a partition ends.
-END_LOOKUP_S = 5.0
+END_LOOKUP_S = 1.0
 
 
 class ConsumerReading:
-    """``Reading`` of the processor's consumer."""
+    """``Reading`` of the processor's consumer; ``committed`` holds the group's
+    committed offsets of the partitions it owns, where the consumer was assigned
+    or rewound to."""
 
-    def __init__(self, consumer: Consumer) -> None:
+    def __init__(self, consumer: Consumer, committed: Mapping[TP, int]) -> None:
         self.consumer = consumer
+        self.committed = committed
 
     def position(self, tp: TP) -> int | None:
         [found] = self.consumer.position([TopicPartition(*tp)])
-        return found.offset if found.offset >= 0 else None
+        if found.offset >= 0:
+            return int(found.offset)
+        # librdkafka knows no position after an assignment or a seek until it hands
+        # over a record: a partition read to its end stays unknown for good, so the
+        # offset it was assigned or rewound to (the committed one) stands for it.
+        return self.committed.get(tp)
 
     def end(self, tp: TP) -> int | None:
         # Asked of the broker, not the consumer's cache: a partition just taken
@@ -410,7 +418,7 @@ class Processor:
     def _transact(
         self, consumer: Consumer, producer: Producer, messages: list[Message]
     ) -> None:
-        batch = Batch(producer, ConsumerReading(consumer))
+        batch = Batch(producer, ConsumerReading(consumer, self._committed))
         # Where each partition's part of the batch begins, known before any is
         # handled: a failure rewinds every partition the batch holds.
         starts: dict[TP, int] = {}

@@ -9,7 +9,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_INVALID,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from app import writer
 from app.adapters import processor as processor_module
@@ -18,6 +24,7 @@ from app.adapters.processor import (
     CALL_LIMIT_S,
     OFFSETS_LIMIT_S,
     Batch,
+    ConsumerReading,
     Processor,
 )
 from app.settings import Settings
@@ -570,3 +577,23 @@ def test_records_of_a_partition_taken_away_meanwhile_are_left_to_its_next_owner(
     taken = [Consumed("in", 0, 5), Consumed("in", 1, 7), Consumed("in", 0, 6)]
     kept = processor.still_mine(taken)  # type: ignore[arg-type]
     assert [(m.partition(), m.offset()) for m in kept] == [(0, 5), (0, 6)]
+
+
+def test_a_partition_read_to_its_end_since_its_assignment_has_a_position() -> None:
+    # librdkafka knows no position after an assignment or a seek until a record is
+    # handed over: a quiet partition would stay unknown, and the saga's deadlines on
+    # it never fire. The offset it was assigned or rewound to stands for it.
+    class Positions:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+        def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+            return [
+                TopicPartition(p.topic, p.partition, self.offset) for p in partitions
+            ]
+
+    committed = {("inbox", 1): 7}
+    unknown = ConsumerReading(Positions(OFFSET_INVALID), committed)  # type: ignore[arg-type]
+    assert unknown.position(("inbox", 1)) == 7
+    assert unknown.position(("inbox", 2)) is None  # nothing committed there
+    assert ConsumerReading(Positions(9), committed).position(("inbox", 1)) == 9  # type: ignore[arg-type]

@@ -269,6 +269,34 @@ def test_a_deadline_waits_while_the_position_is_unknown(
     assert batch.commands() == [(settings.topics.commands("orders"), order)]
 
 
+def test_an_end_the_broker_does_not_say_is_not_asked_again_at_once(
+    settings: Settings,
+    log: SagaLog,
+    handler: SagaHandler,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The question blocks the processor's thread: after no answer, the partition's
+    deadlines wait ``END_RETRY_S`` before it is asked again."""
+    order, tp = overdue(settings, log, handler)
+    asked = []
+
+    class Silent(Reading):
+        def end(self, tp: TP) -> int | None:
+            asked.append(tp)
+            return None
+
+    reading = Silent()
+    now = [1000.0]
+    monkeypatch.setattr(agents.saga.time, "monotonic", lambda: now[0])
+    for _ in range(3):
+        handler.tick(Batch(reading))
+    assert asked == [tp]
+    now[0] += agents.saga.END_RETRY_S
+    answered = Batch(Reading())
+    handler.tick(answered)
+    assert answered.commands() == [(settings.topics.commands("orders"), order)]
+
+
 def test_a_deadline_fires_once_read_past_where_the_inbox_ended_when_it_was_due(
     settings: Settings, log: SagaLog, handler: SagaHandler
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from agents.saga import after_an_abort
+from agents.saga import AT, after_an_abort
 from app.projections.views import fold_account, needs_healing, refold
 
 
@@ -80,6 +80,8 @@ def test_a_saga_state_no_longer_than_the_shown_one_heals_the_view() -> None:
     assert not after_an_abort(shown, saga_state("created", "withdraw sent", "paid"))
     assert not after_an_abort(shown, saga_state("created", "withdraw sent"))
     assert not after_an_abort(None, saga_state("created"))
+    # The view keeps where it read the shown state beside it; that is no change.
+    assert not after_an_abort({**shown, AT: 4}, saga_state("created", "withdraw sent"))
     # What the owner wrote after a zombie's step that aborted: the view heals.
     assert after_an_abort(shown, saga_state("created", "timed out", phase="CANCELLING"))
     assert after_an_abort(shown, saga_state("created"))
