@@ -25,6 +25,7 @@ from app.adapters.eventlog import metadata_record, partition_for
 from app.adapters.topics import init_transactions
 from app.application.commands import Aggregate, Metadata
 from app.audit import new_codec, read_topic
+from app.domain.errors import MAX_ID_LENGTH, MAX_REFERENCE_LENGTH, id_problem
 from app.settings import Settings
 
 REQUIRED = (
@@ -127,7 +128,7 @@ def _event(settings: Settings, codec: Codec, number: int, text: str) -> _Event:
             f"(has {', '.join(f'v{v}' for v in catalog.versions(full))})"
         )
     stream_version = _integer(line, "stream_version")
-    aggregate_id = _text(line, "aggregate_id")
+    aggregate_id = _text(line, "aggregate_id", most=MAX_ID_LENGTH)
     area = full.split(".")[1]
     aggregate = _aggregate(area)
     aggregate_type = aggregate.type
@@ -276,18 +277,27 @@ def _integer(line: dict[str, Any], name: str) -> int:
     return value
 
 
-def _text(line: dict[str, Any], name: str, default: str | None = None) -> str:
+def _text(
+    line: dict[str, Any],
+    name: str,
+    default: str | None = None,
+    most: int = MAX_REFERENCE_LENGTH,
+) -> str:
+    """An id of the line's, held to the rule the write side holds commands to (the
+    saga sends commands under an imported order's correlation id)."""
     value = line.get(name, default)
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string, not {value!r}")
+    problem = id_problem(value, most)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}")
     return value
 
 
 def _optional_text(line: dict[str, Any], name: str) -> str | None:
-    value = line.get(name)
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string or null, not {value!r}")
-    return value
+    if line.get(name) is None:
+        return None
+    return _text(line, name)
 
 
 def _timestamp(line: dict[str, Any]) -> datetime:

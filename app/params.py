@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TypeVar
 
-from app.domain.errors import id_problem
+from app.domain.errors import MAX_ID_LENGTH, id_problem
 from app.domain.money import CURRENCY_DECIMALS
 
 MAX_PAGE_SIZE = 100
@@ -53,23 +53,26 @@ def accepted(
     return params
 
 
-def identifier(value: str, field: str) -> str:
+def identifier(value: str, field: str, most: int = MAX_ID_LENGTH) -> str:
     """An id from a path or a parameter: as an id in a command (``id_problem``)."""
-    problem = id_problem(value)
+    problem = id_problem(value, most)
     if problem is not None:
         raise BadParameter(field, problem)
     return value
 
 
-def unpaired_surrogates(value: object) -> bool:
-    """Whether decoded JSON holds a string (a key or a value) with an unpaired
-    surrogate: ``"\\ud800"`` parses, but has no UTF-8, so no Avro string and no
-    JSON answer that could echo it."""
+def json_problem(value: object) -> str | None:
+    """What a client's decoded JSON holds that no record or answer could, or None:
+    a string (a key or a value) with an unpaired surrogate (``"\\ud800"`` parses,
+    but has no UTF-8, so no Avro string and no JSON answer that could echo it), or
+    nesting just too deep to write back."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        return True
-    return False
+        return "holds an unpaired surrogate escape (such as \\ud800)"
+    except RecursionError:
+        return "is nested too deeply"
+    return None
 
 
 def shown(text: str) -> str:

@@ -16,7 +16,7 @@ from datetime import datetime
 from types import ModuleType
 from typing import Any, Protocol
 
-from app.domain.errors import DomainError, require_id
+from app.domain.errors import MAX_REFERENCE_LENGTH, DomainError, require_id
 
 EVENT_ID_NAMESPACE = uuid.UUID("5f0ad1c0-57e4-4e6f-9a0b-2f4c8d1b7e10")
 CONCURRENCY_CONFLICT = "ConcurrencyConflict"
@@ -35,12 +35,17 @@ class Envelope:
 
     def check(self) -> None:
         """``DomainError`` (VALIDATION) naming the first of its ids that is not
-        one (see ``require_id``): they go into every event's metadata."""
-        require_id(self.command_id, "command_id")
-        require_id(self.correlation_id, "correlation_id")
-        require_id(self.causation_id, "causation_id")
+        one (see ``require_id``; up to ``MAX_REFERENCE_LENGTH`` characters): they
+        go into every event's metadata."""
+        ids = {
+            "command_id": self.command_id,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+        }
         if self.user_id is not None:
-            require_id(self.user_id, "user_id")
+            ids["user_id"] = self.user_id
+        for field, value in ids.items():
+            require_id(value, field, MAX_REFERENCE_LENGTH)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

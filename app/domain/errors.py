@@ -8,6 +8,10 @@ from enum import StrEnum
 # Longer than any id Streamfold or its clients make (uuids, prefixed uuids), short
 # enough that an absurd one is refused before it keys a stream, a row or a log line.
 MAX_ID_LENGTH = 200
+# Ids that name no aggregate (command, correlation and causation ids, transaction
+# and payment ids) may be longer: the saga makes its own from an order id, a prefix
+# and the order id.
+MAX_REFERENCE_LENGTH = 512
 # Room for a name, an address line or a reason a person writes.
 MAX_TEXT_LENGTH = 1000
 # Never in free text: control characters but whitespace (NUL above all: Postgres
@@ -82,27 +86,27 @@ def optional_text(value: str, field: str) -> str:
     return value.strip()
 
 
-def require_id(value: str, field: str) -> str:
-    """An identifier: 1 to ``MAX_ID_LENGTH`` printable characters, kept verbatim.
+def require_id(value: str, field: str, most: int = MAX_ID_LENGTH) -> str:
+    """An identifier: 1 to ``most`` printable characters, kept verbatim.
 
     Surrounding whitespace is refused rather than stripped, because ids key streams and
     partitions: silently rewriting one would split an aggregate in two.
     """
     if not isinstance(value, str):
         raise invalid(field, f"must be a string, got {type(value).__name__}")
-    problem = id_problem(value)
+    problem = id_problem(value, most)
     if problem is not None:
         raise invalid(field, problem)
     return value
 
 
-def id_problem(value: str) -> str | None:
+def id_problem(value: str, most: int = MAX_ID_LENGTH) -> str | None:
     """What keeps ``value`` from being an id (see ``require_id``), or None; the
     query views' parameters are held to the same rule."""
     if not value:
         return "must not be empty"
-    if len(value) > MAX_ID_LENGTH:
-        return f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}"
+    if len(value) > most:
+        return f"must be at most {most} characters, got {len(value)}"
     if not value.isprintable():
         return "must not contain control or unprintable characters"
     if value != value.strip():

@@ -1,10 +1,11 @@
 """An operation's cost, checked before it runs: each field counts once for every
-item of the lists around it, so a list of orders each naming its customer's
-orders (a read per item) costs what answering it would.
+item of the lists around it, so a page of orders each naming its customer's orders
+(a read per item) costs what answering it would.
 
 A field taking ``page_size`` or ``limit`` yields up to that many items (the
-argument's default when it is left out, its largest value when it is a variable),
-and what is selected under it counts that many times.
+argument's default when it is left out, its largest value when it is a variable):
+the list inside what it returns (a page's ``items``) counts that many times, the
+page's own fields (``total_count``) once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from graphql import (
     FragmentSpreadNode,
     GraphQLError,
     GraphQLField,
+    GraphQLList,
     GraphQLObjectType,
     GraphQLSchema,
     InlineFragmentNode,
@@ -27,6 +29,7 @@ from graphql import (
     ValidationContext,
     ValidationRule,
     get_named_type,
+    get_nullable_type,
 )
 from strawberry.extensions import AddValidationRules
 
@@ -87,7 +90,10 @@ def _cost(
     parent: GraphQLObjectType,
     fragments: Fragments,
     entered: set[str],
+    pending: int = 1,
 ) -> int:
+    """What ``selections`` cost; ``pending``: the items a page above asked for,
+    which the next list down has."""
     total = 0
     for node in selections.selections:
         if isinstance(node, FieldNode):
@@ -96,15 +102,17 @@ def _cost(
             if field is None or node.selection_set is None:
                 continue  # __typename, or a field the schema's own rules refuse
             inner = get_named_type(field.type)
-            if isinstance(inner, GraphQLObjectType):
-                total += items(node, field) * _cost(
-                    node.selection_set, inner, fragments, entered
-                )
+            if not isinstance(inner, GraphQLObjectType):
+                continue
+            asked = pending * items(node, field)
+            listed = isinstance(get_nullable_type(field.type), GraphQLList)
+            times, below = (asked, 1) if listed else (1, asked)
+            total += times * _cost(node.selection_set, inner, fragments, entered, below)
         else:
             found = _fragment(node, parent, fragments, entered)
             if found is not None:
                 selection, condition, name = found
-                total += _cost(selection, condition, fragments, entered | name)
+                total += _cost(selection, condition, fragments, entered | name, pending)
     return total
 
 

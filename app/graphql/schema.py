@@ -60,10 +60,10 @@ log = logging.getLogger("streamfold.graphql")
 MAX_DEPTH = 8
 MAX_ALIASES = 15
 MAX_TOKENS = 2000
-# Fields counted once per item of the lists around them (see graphql.cost): a page
-# of 100 orders with 40 fields each is 4,000; the same with each one's customer's
-# orders is far past it.
-MAX_COST = 5000
+# Fields counted once per item of the lists around them (see graphql.cost): the
+# largest page of orders with every field (500 x 18) fits; a page of 100 orders
+# each with its customer's 100 orders does not.
+MAX_COST = 10_000
 # Subscriptions one worker serves at once, over every connection: each holds a
 # Kafka consumer and a thread (a connection holds at most 10, see graphql.web).
 MAX_FEEDS = 100

@@ -47,10 +47,23 @@ class StreamfoldGraphQLView(GraphQLView[Context, None]):
     def decode_json(self, data: str | bytes) -> object:
         return decode_request(data)
 
+    def parse_query_params(self, params: Any) -> dict[str, Any]:
+        return super().parse_query_params(without_nulls(params))
+
     async def get_context(
         self, request: web.Request, response: web.Response | web.WebSocketResponse
     ) -> Context:
         return Context(self.services, request.headers.get("Authorization"))
+
+
+def without_nulls(params: Any) -> dict[str, Any]:
+    """A GET's query parameters with ``variables=null`` (or ``extensions``) taken
+    as none given: ``decode_request`` takes objects only, as a body must be."""
+    return {
+        name: value
+        for name, value in dict(params).items()
+        if not (name in ("variables", "extensions") and value == "null")
+    }
 
 
 def decode_request(data: str | bytes) -> object:
@@ -63,8 +76,9 @@ def decode_request(data: str | bytes) -> object:
         raise json.JSONDecodeError(type(error).__name__, "", 0) from None
     if not isinstance(value, dict | list):
         raise json.JSONDecodeError("not a JSON object", "", 0)
-    if checked.unpaired_surrogates(value):
-        raise json.JSONDecodeError("an unpaired surrogate escape", "", 0)
+    problem = checked.json_problem(value)
+    if problem is not None:
+        raise json.JSONDecodeError(problem, "", 0)
     return value
 
 

@@ -92,8 +92,9 @@ def parse(
         raise BadRequest(None, "not a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest(None, "not a JSON object")
-    if checked.unpaired_surrogates(body):
-        raise BadRequest(None, "holds an unpaired surrogate escape (such as \\ud800)")
+    problem = checked.json_problem(body)
+    if problem is not None:
+        raise BadRequest(None, problem)
     raw_id = body.get("id")
     request_id = raw_id if isinstance(raw_id, str) else None
     try:

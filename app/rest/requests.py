@@ -106,10 +106,9 @@ def json_body(raw: bytes, content_type: str | None) -> Any:
         ) from None
     except RecursionError:
         raise BodyError(None, "the body is nested too deeply") from None
-    if checked.unpaired_surrogates(body):
-        raise BodyError(
-            None, "the body holds an unpaired surrogate escape (such as \\ud800)"
-        )
+    problem = checked.json_problem(body)
+    if problem is not None:
+        raise BodyError(None, f"the body {problem}")
     return body
 
 

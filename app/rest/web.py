@@ -31,6 +31,7 @@ from app.adapters.gateway import (
     KeyReused,
 )
 from app.client import CommandTimeout, new_envelope
+from app.domain.errors import MAX_REFERENCE_LENGTH
 from app.rest import openapi, requests
 from app.rest.auth import Credentials, Unauthorized
 from app.rest.bodies import BodyError
@@ -210,7 +211,8 @@ class CommandApi:
         self.caller(request)
         assert self.gateway is not None
         checked.accepted(request.query.items(), ())
-        checked.identifier(command_id, "command_id")
+        # A command id may be one the saga made, longer than a client's.
+        checked.identifier(command_id, "command_id", MAX_REFERENCE_LENGTH)
         wait = requests.prefer_wait(request.headers.get("Prefer")) or 0
         result = await self.gateway.result(command_id, wait=wait)
         if result is None:

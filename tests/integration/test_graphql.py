@@ -634,7 +634,7 @@ def test_limits_refuse_a_query_before_it_runs(api: Api) -> None:
     assert any("exceeds maximum operation depth" in e["message"] for e in deep)
 
     # Lists in lists: 100 orders, each naming its customer's 100 orders.
-    fan = "customer { orders(page_size: 100) { items { customer_id } } }"
+    fan = "customer { orders(page_size: 100) { items { customer_id status } } }"
     [dear] = api.refused(
         f'{{ order(order_id: "o-1") {{ customer {{ orders(page_size: 100) {{'
         f" items {{ {fan} }} }} }} }} }}"

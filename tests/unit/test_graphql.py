@@ -289,18 +289,25 @@ def cost_of(document: str) -> int:
 
 def test_a_field_costs_once_per_item_of_the_lists_around_it() -> None:
     assert cost_of('{ account(account_id: "a") { version balance_minor } }') == 3
-    # A page of orders: 20 by default, page_size when given, its largest when a
-    # variable; a fragment costs what it selects.
+    # A page of orders: its items 20 by default, page_size when given, its largest
+    # when a variable; the page's own fields once; a fragment what it selects.
     page = '{{ customer(customer_id: "c") {{ orders{} {{ items {{ order_id }} }} }} }}'
-    assert cost_of(page.format("")) == 2 + 20 * 2
-    assert cost_of(page.format("(page_size: 5)")) == 2 + 5 * 2
-    assert cost_of(f"query Q($n: Int) {page.format('(page_size: $n)')}") == 2 + 100 * 2
+    assert cost_of(page.format("")) == 3 + 20 * 1
+    assert cost_of(page.format("(page_size: 5)")) == 3 + 5 * 1
+    assert cost_of(f"query Q($n: Int) {page.format('(page_size: $n)')}") == 3 + 100
+    assert (
+        cost_of(
+            '{ customer(customer_id: "c") { orders { total_count page'
+            " items { order_id status } } } }"
+        )
+        == 5 + 20 * 2
+    )
     assert (
         cost_of(
             'query { customer(customer_id: "c") { ...O } } '
             "fragment O on Customer { orders { items { order_id status } } }"
         )
-        == 2 + 20 * 3
+        == 3 + 20 * 2
     )
 
 
@@ -316,10 +323,15 @@ def test_an_operation_costing_more_than_the_limit_is_refused_before_it_runs() ->
     [refused] = errors_of(document)
     assert refused.startswith(f"the operation costs {cost_of(document)}, over the ")
     assert f"limit of {graphql.MAX_COST}" in refused
-    # A page of 100 orders with every field a list item has runs.
+    # The largest page of orders with every field a list item has runs, its
+    # size given or not.
     every = " ".join(f.name for f in dataclasses.fields(graphql.OrderSummary))
-    ran = errors_of(f"{{ orders(limit: 100) {{ items {{ {every} }} }} }}")
-    assert not any("costs" in error for error in ran), ran
+    for document in (
+        f"{{ orders(limit: 500) {{ items {{ {every} }} }} }}",
+        f"query Q($l: Int) {{ orders(limit: $l) {{ items {{ {every} }} }} }}",
+    ):
+        ran = errors_of(document)
+        assert not any("costs" in error for error in ran), ran
 
 
 def refused_as(error: Exception) -> GraphQLError:

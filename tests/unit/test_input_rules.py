@@ -27,7 +27,7 @@ from app.domain.errors import (
     require_text,
 )
 from app.domain.orders import LineItem
-from app.graphql.web import decode_request
+from app.graphql.web import decode_request, without_nulls
 from app.push import protocol
 from app.rest import requests
 from app.rest.auth import Credentials, Unauthorized
@@ -198,3 +198,19 @@ def test_a_worker_runs_at_most_its_limit_of_feeds() -> None:
     feeds.give_back()
     feeds.take()
     assert feeds.running == 2
+
+
+def test_json_too_deep_to_write_back_is_a_problem_not_a_crash() -> None:
+    # Where a request is parsed a few frames deeper than it is written back, some
+    # depth parses but cannot be written: that is refused, never a RecursionError.
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert params.json_problem(deep) == "is nested too deeply"
+    assert params.json_problem({"a": [1, "é", None]}) is None
+
+
+def test_graphql_query_parameters_may_say_null() -> None:
+    given = {"query": "{ x }", "variables": "null", "extensions": "null"}
+    assert without_nulls(given) == {"query": "{ x }"}
+    assert without_nulls({"variables": '{"a": 1}'}) == {"variables": '{"a": 1}'}

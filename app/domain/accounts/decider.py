@@ -7,6 +7,7 @@ from typing import TypeAlias, TypedDict, assert_never
 from app.domain.accounts import commands, events
 from app.domain.accounts.state import AccountState, AccountStatus
 from app.domain.errors import (
+    MAX_REFERENCE_LENGTH,
     DomainError,
     ErrorCode,
     invalid,
@@ -99,7 +100,9 @@ def _movement(
     """The fields ``command`` shares with the other kind of movement, validated."""
     return _Movement(
         account_id=state.account_id,
-        transaction_id=require_id(command.transaction_id, "transaction_id"),
+        transaction_id=require_id(
+            command.transaction_id, "transaction_id", MAX_REFERENCE_LENGTH
+        ),
         amount_minor=require_amount(command.amount_minor),
         currency=require_currency(command.currency),
         reference=optional_text(command.reference, "reference"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TypeAlias, assert_never
 
 from app.domain.errors import (
+    MAX_REFERENCE_LENGTH,
     DomainError,
     ErrorCode,
     invalid,
@@ -182,8 +183,10 @@ def _pay(state: OrderState, command: commands.ProcessPayment) -> Decided:
     _require_status(state, "pay for", OrderStatus.CREATED)
     if not _is_the_sagas_payment(state, command):
         _refuse_on_a_saga_paid_order(state, f"pay by {command.method!r} for")
-    payment_id = require_id(command.payment_id, "payment_id")
-    transaction_id = require_id(command.transaction_id, "transaction_id")
+    payment_id = require_id(command.payment_id, "payment_id", MAX_REFERENCE_LENGTH)
+    transaction_id = require_id(
+        command.transaction_id, "transaction_id", MAX_REFERENCE_LENGTH
+    )
     if command.method not in commands.PAYMENT_METHODS:
         raise invalid(
             "method",
