@@ -214,3 +214,17 @@ def test_graphql_query_parameters_may_say_null() -> None:
     given = {"query": "{ x }", "variables": "null", "extensions": "null"}
     assert without_nulls(given) == {"query": "{ x }"}
     assert without_nulls({"variables": '{"a": 1}'}) == {"variables": '{"a": 1}'}
+
+
+def test_the_ids_the_saga_makes_from_the_longest_order_id_are_taken() -> None:
+    from app.application import saga
+    from app.domain.errors import MAX_REFERENCE_LENGTH
+
+    order = "o" * MAX_ID_LENGTH
+    made = [saga.command_id(order, step) for step in saga.Step]
+    made += [saga.payment_transaction(order), saga.refund_transaction(order)]
+    for value in made:
+        assert require_id(value, "command_id", MAX_REFERENCE_LENGTH) == value
+    # …and would not all be with the aggregates' limit.
+    with pytest.raises(DomainError):
+        require_id(max(made, key=len), "command_id")
