@@ -27,7 +27,6 @@ on) and ``STREAMFOLD_SAGA_TIMEOUT`` (seconds to wait for the account, default 30
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -49,11 +48,12 @@ from app.adapters.topics import (
     TP,
     headers_of,
     inbox_topic,
-    records_of_key,
+    source_of,
     state_topic,
 )
 from app.application import saga
 from app.client import frame_command, new_envelope
+from app.deadletters import dead_letter_headers
 from app.runtime import state_format
 from app.settings import Settings
 
@@ -382,18 +382,11 @@ def dead_letter(batch: Batch, topic: str, message: Message, reason: str) -> None
         message.offset(),
         reason,
     )
-    kept = [(n, v) for n, v in headers_of(message) if v is not None]
     batch.send(
         topic,
         message.value(),
         key=message.key(),
-        headers=[
-            *kept,
-            ("dlq-source-topic", (message.topic() or "").encode()),
-            ("dlq-source-partition", str(message.partition()).encode()),
-            ("dlq-source-offset", str(message.offset()).encode()),
-            ("dlq-reason", reason.encode()[:4000]),
-        ],
+        headers=dead_letter_headers(headers_of(message), source_of(message), reason),
     )
 
 
@@ -415,7 +408,8 @@ def after_an_abort(shown: dict[str, Any] | None, new: dict[str, Any]) -> bool:
 def register_view(app: faust.App, settings: Settings) -> Any:
     """The ``sagas`` table (folded from the saga's log) behind ``/sagas/{order_id}``;
     returns the table."""
-    from agents.views import raw_topic, routed  # Faust: in the worker's process only
+    # Faust: in the worker's process only
+    from agents.views import committed_values, raw_topic, routed
 
     sagas = app.Table("sagas", key_type=bytes, partitions=settings.partitions)
     source = raw_topic(app, state_topic(settings), settings.partitions)
@@ -438,15 +432,8 @@ def register_view(app: faust.App, settings: Settings) -> Any:
     async def committed_state(message: Any, key: bytes) -> Any:
         """The key's state as its last committed record up to ``message`` has it
         (Faust's consumer reads uncommitted records too)."""
-        values = await asyncio.get_running_loop().run_in_executor(
-            None,
-            records_of_key,
-            settings,
-            message.topic,
-            message.partition,
-            key,
-            message.offset + 1,
-        )
+        where = (message.topic, message.partition, message.offset)
+        values = await committed_values(settings, where, key)
         log.warning(
             "saga view of %s rebuilt from %d committed records of %s[%d]",
             key.decode(errors="replace"),

@@ -82,9 +82,7 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
 
     async def healed(fold_view: Fold, key: bytes, where: tuple[str, int, int]) -> Any:
         topic, partition, offset = where
-        values = await asyncio.get_running_loop().run_in_executor(
-            None, topics.records_of_key, settings, topic, partition, key, offset + 1
-        )
+        values = await committed_values(settings, where, key)
         view = views.refold(
             fold_view,
             (f for f in (decoded(v, where) for v in values) if f is not None),
@@ -139,6 +137,18 @@ def register(app: faust.App, settings: Settings, codec: Codec) -> None:
             return _found(web, None, f"customer {customer_id}")
         page = views.page(held, dict(request.query))
         return web.json({"customer_id": customer_id, **page})
+
+
+async def committed_values(
+    settings: Settings, where: tuple[str, int, int], key: bytes
+) -> list[bytes]:
+    """The values of ``key``'s committed records up to ``where`` (topic, partition,
+    offset) included, off the event loop: what a view read uncommitted heals from
+    (Faust's consumer reads records of transactions that then abort)."""
+    topic, partition, offset = where
+    return await asyncio.get_running_loop().run_in_executor(
+        None, topics.records_of_key, settings, topic, partition, key, offset + 1
+    )
 
 
 def raw_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:

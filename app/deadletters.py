@@ -15,12 +15,32 @@ Kind = Literal["command", "projection", "saga", "event"]
 Verb = Literal["redrive", "discard", "replay"]
 Standing = Literal["open", "redriven", "discarded"]
 
-# Headers the dead-lettering adds (app/runtime.py, app/projections/engine.py,
-# agents/saga.py); a re-driven record leaves them behind.
+# Headers the dead-lettering adds (``dead_letter_headers``, for the write side, the
+# projections and the saga); a re-driven record leaves them behind.
 DLQ_PREFIX = "dlq-"
 REDRIVEN_FROM = "streamfold-redriven-from"
 REDRIVE_ACTION = "streamfold-redrive-action"
 MAX_REASON = 1000
+
+
+def dead_letter_headers(
+    headers: Iterable[tuple[str, bytes | None]],
+    source: tuple[str, int, int],
+    reason: str,
+    *more: tuple[str, bytes],
+) -> list[tuple[str, str | bytes | None]]:
+    """A dead letter's headers: the record's own ``headers``, then where it was read
+    (``source``: topic, partition, offset), ``more`` and why, as ``DeadLetter``
+    reads them back."""
+    topic, partition, offset = source
+    return [
+        *headers,
+        ("dlq-source-topic", topic.encode()),
+        ("dlq-source-partition", str(partition).encode()),
+        ("dlq-source-offset", str(offset).encode()),
+        *more,
+        ("dlq-reason", reason.encode()[:4000]),
+    ]
 
 
 class ActionRefused(Exception):

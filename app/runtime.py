@@ -54,6 +54,7 @@ from app.adapters.topics import (
     inbox_topic,
     read_range,
     reader,
+    source_of,
     state_topic,
     topic_ids,
     watermarks,
@@ -69,6 +70,7 @@ from app.application.commands import (
     VersionedState,
     fold,
 )
+from app.deadletters import dead_letter_headers
 from app.domain import accounts, orders
 from app.settings import Settings
 
@@ -845,18 +847,13 @@ class CommandHandler:
     def dead_letter(self, message: Message, reason: str, batch: Batch) -> None:
         """Keep the original bytes and say where they came from and why."""
         topic = message.topic() or ""
-        headers = [
-            *(message.headers() or []),
-            ("dlq-source-topic", topic.encode()),
-            ("dlq-source-partition", str(message.partition()).encode()),
-            ("dlq-source-offset", str(message.offset()).encode()),
-            ("dlq-reason", reason.encode()[:4000]),
-        ]
         batch.send(
             self.settings.topics.dead_letter(topic),
             message.value(),
             key=message.key(),
-            headers=headers,
+            headers=dead_letter_headers(
+                headers_of(message), source_of(message), reason
+            ),
         )
         log.warning("dead-lettering %s: %s", _where(message), reason)
 

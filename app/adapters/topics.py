@@ -532,6 +532,11 @@ def headers_of(message: Message) -> list[tuple[str, bytes | None]]:
     return cast(list[tuple[str, bytes | None]], message.headers() or [])
 
 
+def source_of(message: Message) -> tuple[str, int, int]:
+    """Where a consumed record was read: topic, partition, offset."""
+    return (message.topic() or "", message.partition() or 0, message.offset() or 0)
+
+
 # How long a new assignment's committed offsets are asked for, and the answers
 # worth asking again: the group's coordinator moved or is loading (a broker
 # restart), or the broker is away for a moment.

@@ -49,6 +49,7 @@ from psycopg import sql
 from app.adapters import topics
 from app.adapters.codec import Codec, DecodeError, RegistryUnavailable
 from app.adapters.rows import Rows, Table, describe
+from app.deadletters import dead_letter_headers
 from app.settings import Settings
 from app.waiting import Backoff
 
@@ -790,7 +791,7 @@ class ProjectionRunner:
             )
             self._dead_lettered = dead_lettered(self.settings, topic)
             self._producer = Producer(self.settings.producer_config())
-        source = (message.topic(), message.partition(), message.offset())
+        source = topics.source_of(message)
         if source in self._dead_lettered:
             log.info(
                 "projection %s: %s[%d]@%d is already dead-lettered",
@@ -798,14 +799,12 @@ class ProjectionRunner:
                 *source,
             )
             return
-        headers = [
-            *(message.headers() or []),
-            ("dlq-source-topic", message.topic().encode()),
-            ("dlq-source-partition", str(message.partition()).encode()),
-            ("dlq-source-offset", str(message.offset()).encode()),
+        headers = dead_letter_headers(
+            topics.headers_of(message),
+            source,
+            reason,
             ("dlq-projection", self.projection.name.encode()),
-            ("dlq-reason", reason.encode()[:4000]),
-        ]
+        )
         self._producer.produce(
             dead_letter_topic(self.settings, self.projection.name),
             message.value(),
