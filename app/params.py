@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app.domain.errors import MAX_ID_LENGTH, id_problem
 from app.domain.money import CURRENCY_DECIMALS
@@ -58,6 +58,33 @@ def identifier(value: str, field: str, most: int = MAX_ID_LENGTH) -> str:
     problem = id_problem(value, most)
     if problem is not None:
         raise BadParameter(field, problem)
+    return value
+
+
+class NotJson(ValueError):
+    """A client's text that is not JSON Streamfold takes; the message says why."""
+
+
+def client_json(text: str | bytes, **hooks: Any) -> Any:
+    """A client's JSON (a body, a GraphQL request, a WebSocket request) parsed, or
+    ``NotJson``: not UTF-8, not JSON, nested too deeply, or holding what no record
+    or answer could (``json_problem``). ``hooks`` go to ``json.loads``; what they
+    raise goes through."""
+    try:
+        value = json.loads(
+            text.decode("utf-8") if isinstance(text, bytes) else text, **hooks
+        )
+    except UnicodeDecodeError as error:
+        raise NotJson(f"is not UTF-8: {error.reason}") from None
+    except json.JSONDecodeError as error:
+        raise NotJson(
+            f"is not JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    except RecursionError:
+        raise NotJson("is nested too deeply") from None
+    problem = json_problem(value)
+    if problem is not None:
+        raise NotJson(problem)
     return value
 
 

@@ -71,14 +71,11 @@ def decode_request(data: str | bytes) -> object:
     batch). Anything else is refused as not JSON, which strawberry answers with 400
     over HTTP and by closing a WebSocket (4400), never by failing on it later."""
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, RecursionError) as error:
-        raise json.JSONDecodeError(type(error).__name__, "", 0) from None
+        value = checked.client_json(data)
+    except checked.NotJson as error:
+        raise json.JSONDecodeError(f"the request {error}", "", 0) from None
     if not isinstance(value, dict | list):
         raise json.JSONDecodeError("not a JSON object", "", 0)
-    problem = checked.json_problem(value)
-    if problem is not None:
-        raise json.JSONDecodeError(problem, "", 0)
     return value
 
 

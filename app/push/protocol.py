@@ -13,7 +13,6 @@ above, and ``Cursor.takes`` drops anything the two hand over twice.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,14 +86,11 @@ def parse(
     if len(text) > MAX_REQUEST_BYTES:
         raise BadRequest(None, f"a request must be at most {MAX_REQUEST_BYTES} bytes")
     try:
-        body = json.loads(text)
-    except (ValueError, RecursionError):
-        raise BadRequest(None, "not a JSON object") from None
+        body = checked.client_json(text)
+    except checked.NotJson as error:
+        raise BadRequest(None, f"the request {error}") from None
     if not isinstance(body, dict):
         raise BadRequest(None, "not a JSON object")
-    problem = checked.json_problem(body)
-    if problem is not None:
-        raise BadRequest(None, problem)
     raw_id = body.get("id")
     request_id = raw_id if isinstance(raw_id, str) else None
     try:

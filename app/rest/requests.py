@@ -5,7 +5,6 @@ body that is not JSON ``BodyError`` (400), a body of another media type
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -92,24 +91,11 @@ def json_body(raw: bytes, content_type: str | None) -> Any:
             f"not {checked.shown(media) or 'no Content-Type'}"
         )
     try:
-        text = raw.decode("utf-8")
-        body = json.loads(
-            text, object_pairs_hook=_no_repeats, parse_constant=_no_constant
+        return checked.client_json(
+            raw, object_pairs_hook=_no_repeats, parse_constant=_no_constant
         )
-    except UnicodeDecodeError as error:
-        raise BodyError(None, f"the body is not UTF-8: {error.reason}") from None
-    except json.JSONDecodeError as error:
-        raise BodyError(
-            None,
-            f"the body is not JSON: {error.msg} at line {error.lineno} column "
-            f"{error.colno}",
-        ) from None
-    except RecursionError:
-        raise BodyError(None, "the body is nested too deeply") from None
-    problem = checked.json_problem(body)
-    if problem is not None:
-        raise BodyError(None, f"the body {problem}")
-    return body
+    except checked.NotJson as error:
+        raise BodyError(None, f"the body {error}") from None
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
